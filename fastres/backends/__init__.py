@@ -1,0 +1,131 @@
+"""Backends and dispatch: which implementation serves a call.
+
+Names: ``"auto"`` (default), ``"reference"`` (plain PyTorch), ``"triton"``, ``"cuda"`` (the compiled
+extension ``fastres._C``). Chosen by :func:`set_backend`, :func:`use_backend`, or the environment
+variable ``FASTRES_BACKEND``. Asking for a backend that cannot serve a call raises
+:class:`BackendUnavailableError` naming why; ``"auto"`` falls back to ``reference``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+
+from .base import Backend, CallInfo, ConvParams
+
+NAMES = ("auto", "reference", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot serve this call (the message says why)."""
+
+
+def _check_name(name: str) -> str:
+    name = name.lower()
+    if name not in NAMES:
+        raise ValueError(f"unknown fastres backend {name!r}; choose one of {', '.join(NAMES)}")
+    return name
+
+
+_state = threading.local()
+_default = _check_name(os.environ.get("FASTRES_BACKEND", "auto"))
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide backend (overridden inside :func:`use_backend`)."""
+    global _default
+    _default = _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend name in force in this thread."""
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else _default
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Use backend ``name`` inside the ``with`` block (this thread only)."""
+    name = _check_name(name)
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    _state.stack.append(name)
+    try:
+        yield
+    finally:
+        _state.stack.pop()
+
+
+_instances: dict[str, Backend] = {}
+_load_errors: dict[str, str] = {}
+
+
+def load(name: str) -> Backend | None:
+    """The backend object, or None (reason in :func:`load_error`) if it cannot load here."""
+    if name in _instances:
+        return _instances[name]
+    if name in _load_errors:
+        return None
+    try:
+        if name == "reference":
+            from .reference import ReferenceBackend as cls
+        elif name == "triton":
+            from .triton import TritonBackend as cls
+        elif name == "cuda":
+            from .cuda import CudaBackend as cls
+        else:
+            raise ValueError(name)
+        _instances[name] = cls()
+    except Exception as e:  # ImportError, missing extension, no toolchain...
+        _load_errors[name] = f"{type(e).__name__}: {e}"
+        return None
+    return _instances[name]
+
+
+def load_error(name: str) -> str | None:
+    return _load_errors.get(name)
+
+
+def availability(name: str, call: CallInfo) -> str | None:
+    """None if backend ``name`` can serve ``call``, else the reason it cannot."""
+    backend = load(name)
+    if backend is None:
+        return f"the {name} backend is not available: {load_error(name)}"
+    return backend.unsupported_reason(call)
+
+
+def auto_order(call: CallInfo) -> tuple[str, ...]:
+    """Preference order of ``"auto"``: compiled kernels on CUDA, PyTorch elsewhere."""
+    if call.device.type == "cuda":
+        return ("triton", "cuda", "reference")
+    return ("reference",)
+
+
+def select(call: CallInfo, name: str | None = None) -> str:
+    """Resolve the backend name that will serve ``call``."""
+    name = _check_name(name) if name is not None else get_backend()
+    if name == "auto":
+        for candidate in auto_order(call):
+            if availability(candidate, call) is None:
+                return candidate
+        return "reference"
+    reason = availability(name, call)
+    if reason is not None:
+        raise BackendUnavailableError(f"fastres backend {name!r} cannot serve this call: {reason}")
+    return name
+
+
+__all__ = [
+    "NAMES",
+    "BackendUnavailableError",
+    "CallInfo",
+    "ConvParams",
+    "availability",
+    "get_backend",
+    "load",
+    "select",
+    "set_backend",
+    "use_backend",
+]

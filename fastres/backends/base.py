@@ -1,0 +1,117 @@
+"""The contract every backend implements.
+
+A backend computes the whole fused op ``relu(bn(conv(x)) + residual)`` forward and backward.
+The op layer (:mod:`fastres.ops.conv_bn_relu`) validates arguments, converts layouts and dtypes,
+updates BN running statistics, and picks the backend; a backend only computes.
+
+Inputs a backend receives (already validated by the op layer):
+
+* ``x``: (N, C, H, W), channels_last contiguous, dtype fp32/fp16/bf16 (fp64 for ``reference``).
+* ``weight``: (K, C // groups, R, S), same dtype as ``x``, any layout.
+* ``bias``: (K,) or None, same dtype as ``x``.
+* ``bn_weight`` / ``bn_bias``: (K,) or None (affine=False), any float dtype.
+* ``running_mean`` / ``running_var``: (K,) float; only read when ``batch_stats`` is False.
+* ``residual``: (N, K, OH, OW) channels_last contiguous, same dtype as ``x``, or None.
+
+Outputs are fresh tensors (never views of inputs): ``z`` and ``y`` channels_last in ``x``'s dtype,
+``mean``/``var`` (K,) fp32, ``var`` the *biased* batch variance (or the running values in eval).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+Tensor = torch.Tensor
+OptTensor = Tensor | None
+
+
+@dataclass(frozen=True)
+class ConvParams:
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    def out_hw(self, h: int, w: int, r: int, s: int) -> tuple[int, int]:
+        oh = (h + 2 * self.padding[0] - self.dilation[0] * (r - 1) - 1) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - self.dilation[1] * (s - 1) - 1) // self.stride[1] + 1
+        return oh, ow
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What dispatch looks at to decide whether a backend can serve a call."""
+
+    device: torch.device
+    dtype: torch.dtype
+    x_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    conv: ConvParams
+    batch_stats: bool
+    has_residual: bool
+    relu: bool
+
+    @property
+    def channels_per_group(self) -> int:
+        return self.x_shape[1] // self.conv.groups
+
+
+class Backend(Protocol):
+    name: str
+
+    def unsupported_reason(self, call: CallInfo) -> str | None:
+        """None if this backend can serve ``call``, else a sentence saying why not."""
+
+    def forward(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: OptTensor,
+        bn_weight: OptTensor,
+        bn_bias: OptTensor,
+        running_mean: OptTensor,
+        running_var: OptTensor,
+        residual: OptTensor,
+        *,
+        conv: ConvParams,
+        batch_stats: bool,
+        eps: float,
+        relu: bool,
+        save_for_backward: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return ``(z, y, mean, var)``.
+
+        ``y`` is the raw conv output (+bias) when ``save_for_backward``; otherwise an empty tensor
+        (eval inference then runs one fused kernel). ``mean``/``var`` are the batch statistics
+        when ``batch_stats`` else fp32 copies of the running statistics.
+        """
+
+    def backward(
+        self,
+        dz: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        y: Tensor,
+        z: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        bn_weight: OptTensor,
+        *,
+        conv: ConvParams,
+        batch_stats: bool,
+        eps: float,
+        relu: bool,
+        has_bias: bool,
+        output_mask: tuple[bool, bool, bool, bool, bool, bool],
+    ) -> tuple[OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor]:
+        """Return grads ``(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual)``.
+
+        ``dz`` is channels_last contiguous. An entry is None where ``output_mask`` is False.
+        ``dbn_weight``/``dbn_bias`` are fp32 (the op layer casts them to the parameters' dtype).
+        With batch statistics: g = dz·[z>0]; dβ = Σg; dγ = Σg·ŷ;
+        dy = γ·invstd·(g − mean(g) − ŷ·mean(g·ŷ)); dresidual = g; then conv dgrad/wgrad of dy.
+        With running statistics dy = γ·invstd·g.
+        """

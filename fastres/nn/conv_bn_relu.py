@@ -1,0 +1,115 @@
+"""``ConvBNReLU``: an ``nn.Conv2d`` + ``nn.BatchNorm2d`` (+ ReLU) pair run as one fused op."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import conv_bn_relu
+
+Tensor = torch.Tensor
+
+
+def bn_momentum(bn: nn.BatchNorm2d) -> tuple[bool, float]:
+    """``(use_batch_stats, momentum)`` as ``nn.BatchNorm2d.forward`` computes them.
+
+    Also advances ``num_batches_tracked`` in training, exactly as BatchNorm does.
+    """
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    return use_batch_stats, momentum
+
+
+class ConvBNReLU(nn.Module):
+    """Conv2d → BatchNorm2d → (+ residual) → (ReLU), fused.
+
+    Holds ordinary ``conv`` (``nn.Conv2d``) and ``bn`` (``nn.BatchNorm2d``) children, so its
+    state_dict has the keys of the unfused pair and loads their weights as is.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        relu: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **kw
+        )
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **kw)
+        self.relu = relu
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> ConvBNReLU:
+        """Wrap existing modules; parameters and buffers are shared, not copied."""
+        check_fusable(conv, bn)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.conv = conv
+        self.bn = bn
+        self.relu = relu
+        return self
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        conv, bn = self.conv, self.bn
+        use_batch_stats, momentum = bn_momentum(bn)
+        track = not bn.training or bn.track_running_stats
+        return conv_bn_relu(
+            x,
+            conv.weight,
+            bn.weight,
+            bn.bias,
+            bn.running_mean if track else None,
+            bn.running_var if track else None,
+            bias=conv.bias,
+            training=use_batch_stats,
+            momentum=momentum,
+            eps=bn.eps,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            residual=residual,
+            relu=self.relu,
+        )
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+def fusable_reason(conv: nn.Module, bn: nn.Module) -> str | None:
+    """None if ``conv`` → ``bn`` can run as :class:`ConvBNReLU` exactly, else why not."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if type(bn) is not nn.BatchNorm2d:
+        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d"
+    if conv.padding_mode != "zeros":
+        return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
+    if isinstance(conv.padding, str):
+        return f"conv padding={conv.padding!r} (only explicit padding is fused)"
+    if conv.out_channels != bn.num_features:
+        return f"conv has {conv.out_channels} outputs but bn has {bn.num_features} features"
+    return None
+
+
+def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
+    reason = fusable_reason(conv, bn)
+    if reason is not None:
+        raise ValueError(f"cannot fuse {type(conv).__name__} + {type(bn).__name__}: {reason}")

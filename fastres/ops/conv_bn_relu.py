@@ -1,0 +1,348 @@
+"""``conv_bn_relu``: conv2d → batch_norm → (+ residual) → (ReLU) as one autograd-aware op.
+
+Stack, top to bottom:
+
+* :func:`conv_bn_relu`: the public functional op. Validates arguments, applies autocast, converts
+  to channels_last, picks the backend, calls the custom op, updates BN running statistics.
+* ``fastres::conv_bn_relu_fwd`` / ``fastres::conv_bn_relu_bwd``: ``torch.library`` custom ops (with
+  fake kernels and an autograd formula) so ``torch.compile(fullgraph=True)`` traces through them.
+* the backend chosen by :mod:`fastres.backends` computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import backends
+from ..backends import BackendUnavailableError, CallInfo, ConvParams
+
+Tensor = torch.Tensor
+CL = torch.channels_last
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)
+
+
+def _pair(name: str, v: int | Sequence[int], minimum: int) -> tuple[int, int]:
+    if isinstance(v, int):
+        v = (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"conv_bn_relu: {name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"conv_bn_relu: {name} must be >= {minimum}, got {v!r}")
+    return v  # type: ignore[return-value]
+
+
+def _check_vector(name: str, t: Tensor | None, k: int, device: torch.device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"conv_bn_relu: {name} must be a Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"conv_bn_relu: {name} has unsupported dtype {t.dtype}; expected a float")
+    if t.shape != (k,):
+        raise ValueError(
+            f"conv_bn_relu: {name} must have shape ({k},) (one per output channel), "
+            f"got {tuple(t.shape)}"
+        )
+    if t.device != device:
+        raise ValueError(f"conv_bn_relu: {name} is on {t.device} but x is on {device}")
+
+
+def _validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv):
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"conv_bn_relu: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"conv_bn_relu: {name} has unsupported dtype {t.dtype}; "
+                "expected float32, float16 or bfloat16"
+            )
+        if t.dim() != 4:
+            raise ValueError(
+                f"conv_bn_relu: expected {name} of rank 4 "
+                f"({'N, C, H, W' if name == 'x' else 'K, C/groups, R, S'}), "
+                f"got rank {t.dim()} with shape {tuple(t.shape)}"
+            )
+    if weight.device != x.device:
+        raise ValueError(f"conv_bn_relu: weight is on {weight.device} but x is on {x.device}")
+    if weight.dtype != x.dtype:
+        raise TypeError(
+            f"conv_bn_relu: weight dtype {weight.dtype} does not match x dtype {x.dtype}"
+        )
+    n, c, h, w = x.shape
+    k, cg, r, s = weight.shape
+    g = conv.groups
+    if c % g or k % g:
+        raise ValueError(
+            f"conv_bn_relu: groups={g} must divide both input channels ({c}) "
+            f"and output channels ({k})"
+        )
+    if cg * g != c:
+        raise ValueError(
+            f"conv_bn_relu: channel mismatch: x has {c} channels but weight {tuple(weight.shape)} "
+            f"with groups={g} expects {cg * g}"
+        )
+    oh, ow = conv.out_hw(h, w, r, s)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(
+            f"conv_bn_relu: output would be empty ({oh}x{ow}) for input {h}x{w}, kernel {r}x{s}, "
+            f"padding {conv.padding}, dilation {conv.dilation}"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"conv_bn_relu: x is empty, shape {tuple(x.shape)}")
+    if bias is not None:
+        _check_vector("bias", bias, k, x.device)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"conv_bn_relu: bias dtype {bias.dtype} does not match x {x.dtype}")
+    for name, t in (
+        ("bn_weight", bn_weight),
+        ("bn_bias", bn_bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        _check_vector(name, t, k, x.device)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("conv_bn_relu: pass both running_mean and running_var, or neither")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"conv_bn_relu: residual must be a Tensor, got {type(residual)}")
+        if tuple(residual.shape) != (n, k, oh, ow):
+            raise ValueError(
+                f"conv_bn_relu: residual has shape {tuple(residual.shape)} but the conv output "
+                f"has shape {(n, k, oh, ow)}"
+            )
+        if residual.device != x.device:
+            raise ValueError(f"conv_bn_relu: residual is on {residual.device}, x on {x.device}")
+        if residual.dtype != x.dtype:
+            raise TypeError(
+                f"conv_bn_relu: residual dtype {residual.dtype} does not match x {x.dtype}"
+            )
+    return n, k, oh, ow
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------
+
+
+def _params(stride, padding, dilation, groups) -> ConvParams:
+    return ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+@torch.library.custom_op("fastres::conv_bn_relu_fwd", mutates_args=())
+def conv_bn_relu_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    residual: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    batch_stats: bool,
+    eps: float,
+    relu: bool,
+    save_for_backward: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(z, y, mean, var)``; see :class:`fastres.backends.base.Backend`."""
+    impl = backends.load(backend)
+    return impl.forward(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+        conv=_params(stride, padding, dilation, groups),
+        batch_stats=batch_stats, eps=eps, relu=relu, save_for_backward=save_for_backward,
+    )
+
+
+@conv_bn_relu_fwd.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+      dilation, groups, batch_stats, eps, relu, save_for_backward, backend):
+    n, _, h, w = x.shape
+    k, _, r, s = weight.shape
+    oh, ow = _params(stride, padding, dilation, groups).out_hw(h, w, r, s)
+    z = x.new_empty((n, k, oh, ow), memory_format=CL)
+    y = x.new_empty((n, k, oh, ow), memory_format=CL) if save_for_backward else x.new_empty(0)
+    stat = x.new_empty((k,), dtype=torch.float32)
+    return z, y, stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("fastres::conv_bn_relu_bwd", mutates_args=())
+def conv_bn_relu_bwd(
+    dz: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    y: Tensor,
+    z: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    bn_weight: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    batch_stats: bool,
+    eps: float,
+    relu: bool,
+    has_bias: bool,
+    output_mask: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual)``, empty where not asked."""
+    impl = backends.load(backend)
+    grads = impl.backward(
+        dz, x, weight, y, z, mean, var, bn_weight,
+        conv=_params(stride, padding, dilation, groups),
+        batch_stats=batch_stats, eps=eps, relu=relu, has_bias=has_bias,
+        output_mask=tuple(output_mask),
+    )
+    # custom ops return fresh tensors, never None
+    return tuple(dz.new_empty(0) if t is None else t for t in grads)
+
+
+@conv_bn_relu_bwd.register_fake
+def _(dz, x, weight, y, z, mean, var, bn_weight, stride, padding, dilation, groups, batch_stats,
+      eps, relu, has_bias, output_mask, backend):
+    k = weight.shape[0]
+    shapes = [
+        lambda: torch.empty_like(x),
+        lambda: torch.empty_like(weight),
+        lambda: weight.new_empty((k,)),
+        lambda: mean.new_empty((k,)),
+        lambda: mean.new_empty((k,)),
+        lambda: torch.empty_like(dz),
+    ]
+    if not has_bias:
+        output_mask = [*output_mask[:2], False, *output_mask[3:]]
+    return tuple(make() if m else dz.new_empty(0) for make, m in zip(shapes, output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+     dilation, groups, batch_stats, eps, relu, save_for_backward, backend) = inputs
+    z, y, mean, var = output
+    ctx.save_for_backward(x, weight, y, z, mean, var, bn_weight)
+    ctx.args = (list(stride), list(padding), list(dilation), groups, batch_stats, eps, relu)
+    ctx.has_bias = bias is not None
+    ctx.backend = backend
+    ctx.bn_dtypes = (
+        None if bn_weight is None else bn_weight.dtype,
+        None if bn_bias is None else bn_bias.dtype,
+    )
+
+
+def _backward(ctx, dz, dy_unused, dmean_unused, dvar_unused):
+    x, weight, y, z, mean, var, bn_weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    # inputs: x weight bias bn_weight bn_bias running_mean running_var residual ...
+    mask = [needs[0], needs[1], needs[2], needs[3], needs[4], needs[7]]
+    if dz is None or not any(mask):
+        return (None,) * 17
+    dz = dz.contiguous(memory_format=CL)
+    grads = conv_bn_relu_bwd(
+        dz, x, weight, y, z, mean, var, bn_weight, *ctx.args, ctx.has_bias, mask, ctx.backend
+    )
+    dx, dw, db, dgamma, dbeta, dres = (g if m else None for g, m in zip(grads, mask))
+    if dgamma is not None:
+        dgamma = dgamma.to(ctx.bn_dtypes[0])
+    if dbeta is not None:
+        dbeta = dbeta.to(ctx.bn_dtypes[1])
+    return (dx, dw, db, dgamma, dbeta, None, None, dres) + (None,) * 9
+
+
+conv_bn_relu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functional op
+# ---------------------------------------------------------------------------------------------
+
+
+def conv_bn_relu(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    *,
+    bias: Tensor | None = None,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    backend: str | None = None,
+) -> Tensor:
+    """Exactly ``relu(batch_norm(conv2d(x, weight, bias)) + residual)``, fused.
+
+    Same semantics as::
+
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+        if residual is not None: y = y + residual
+        if relu: y = F.relu(y)
+
+    except that batch statistics are also used in eval when the running statistics are None (as
+    ``nn.BatchNorm2d(track_running_stats=False)`` does), and the result is channels_last. In
+    training, ``running_mean``/``running_var`` are updated in place (unbiased variance).
+    ``backend`` overrides the backend in force (see :func:`fastres.set_backend`).
+    """
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"conv_bn_relu: groups must be a positive int, got {groups!r}")
+    conv = ConvParams(
+        _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1),
+        groups,
+    )
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+
+        def cast(t):
+            return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+        x, weight, bias, residual = cast(x), cast(weight), cast(bias), cast(residual)
+    n, k, oh, ow = _validate(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv
+    )
+    batch_stats = training or running_mean is None
+    count = n * oh * ow
+    if batch_stats and count == 1:
+        raise ValueError(
+            "conv_bn_relu: expected more than 1 value per channel when using batch statistics, "
+            f"got output shape {(n, k, oh, ow)}"
+        )
+    call = CallInfo(
+        device=x.device, dtype=x.dtype, x_shape=tuple(x.shape), weight_shape=tuple(weight.shape),
+        conv=conv, batch_stats=batch_stats, has_residual=residual is not None, relu=relu,
+    )
+    name = backends.select(call, backend)
+    x = x.contiguous(memory_format=CL)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=CL)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias, residual)
+    )
+    z, _, mean, var = conv_bn_relu_fwd(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+        list(conv.stride), list(conv.padding), list(conv.dilation), groups,
+        batch_stats, float(eps), bool(relu), save, name,
+    )
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            unbiased = var * (count / (count - 1))
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    return z
+
+
+__all__ = ["BackendUnavailableError", "conv_bn_relu"]

@@ -1,0 +1,156 @@
+"""The equivalence grid of DESIGN.md section 4, and the runner every backend's test uses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import fastres
+from tests.numerics import assert_close_ratio, eager_conv_bn_relu
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    n: int = 2
+    c: int = 16
+    h: int = 9
+    w: int = 9
+    k: int = 16
+    r: int = 3
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+    groups: int = 1
+    bias: bool = False
+    affine: bool = True
+    running: bool = True
+    residual: bool = False
+    relu: bool = True
+    layout: str = "channels_last"  # or "contiguous" or "sliced"
+    mean_offset: float = 0.0  # conv outputs centred far from zero
+
+    @property
+    def id(self) -> str:
+        d = dataclasses.asdict(self)
+        default = dataclasses.asdict(Case())
+        return "-".join(f"{k}{v}" for k, v in d.items() if v != default[k]) or "default"
+
+
+CASES = [
+    Case(),
+    Case(r=1, padding=0),
+    Case(r=1, padding=0, stride=2, c=32, k=64),  # projection shortcut
+    Case(stride=2, h=11, w=10),
+    Case(r=7, stride=2, padding=3, c=3, h=17, w=15, k=16),  # stem
+    Case(n=1, h=5, w=7, residual=True),
+    Case(residual=True, relu=False),
+    Case(relu=False, bias=True),
+    Case(affine=False, running=False),
+    Case(groups=2, c=32, k=32),
+    Case(groups=8, c=32, k=32, stride=2),  # 4 channels per group (ResNeXt 32x4d)
+    Case(groups=16, c=16, k=16),  # depthwise
+    Case(dilation=2, padding=2),
+    Case(layout="contiguous", residual=True),
+    Case(layout="sliced", c=8, k=24, h=7, w=6),
+    Case(n=3, c=5, h=6, w=5, k=7, bias=True),  # odd sizes everywhere
+    Case(mean_offset=1000.0, bias=True),
+]
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":  # non-contiguous view: every other column of a wider tensor
+        wide = torch.repeat_interleave(t, 2, dim=-1)
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor | None]:
+    """Fresh random inputs in float64 on the CPU (non-trivial BN statistics)."""
+    f64 = torch.float64
+    k, cg = case.k, case.c // case.groups
+    fan_in = cg * case.r * case.r
+    oh = (case.h + 2 * case.padding - case.dilation * (case.r - 1) - 1) // case.stride + 1
+    ow = (case.w + 2 * case.padding - case.dilation * (case.r - 1) - 1) // case.stride + 1
+    t = {
+        "x": torch.randn(case.n, case.c, case.h, case.w, dtype=f64) + 0.5,
+        "weight": torch.randn(k, cg, case.r, case.r, dtype=f64) / fan_in**0.5,
+        "bias": (torch.randn(k, dtype=f64) + case.mean_offset) if case.bias else None,
+        "bn_weight": torch.rand(k, dtype=f64) + 0.5 if case.affine else None,
+        "bn_bias": torch.randn(k, dtype=f64) if case.affine else None,
+        "running_mean": torch.randn(k, dtype=f64) * 0.5 if case.running else None,
+        "running_var": torch.rand(k, dtype=f64) * 2 + 0.5 if case.running else None,
+        "residual": torch.randn(case.n, k, oh, ow, dtype=f64) if case.residual else None,
+    }
+    if case.mean_offset and case.running:
+        t["running_mean"] = t["running_mean"] + case.mean_offset
+    return t
+
+
+ACT_ARGS = ("x", "weight", "bias", "residual")  # cast to the test dtype
+BN_ARGS = ("bn_weight", "bn_bias", "running_mean", "running_var")  # stay fp32, as nn.BatchNorm2d
+
+
+def _prepare(inputs, case, dtype, device, grad=True):
+    out = {}
+    for name, t in inputs.items():
+        if t is None:
+            out[name] = None
+            continue
+        dt = dtype if (name in ACT_ARGS or dtype == torch.float64) else torch.float32
+        t = t.to(device=device, dtype=dt)
+        if name in ("x", "residual"):
+            t = _layout(t, case.layout)
+        if grad and name not in ("running_mean", "running_var"):
+            t = t.detach().requires_grad_(True)
+        out[name] = t
+    return out
+
+
+def run_case(
+    case: Case, dtype: torch.dtype, training: bool, backend: str, device: str = "cpu",
+    steps: int = 1,
+) -> None:
+    """Forward, every gradient and the running statistics of ``backend`` vs float64 and eager."""
+    inputs = make_inputs(case, dtype, device)
+    kwargs = dict(
+        training=training, stride=case.stride, padding=case.padding,
+        dilation=case.dilation, groups=case.groups, relu=case.relu,
+    )
+
+    def call(fn, args):
+        a = dict(args)
+        return fn(
+            a.pop("x"), a.pop("weight"), a.pop("bn_weight"), a.pop("bn_bias"),
+            a.pop("running_mean"), a.pop("running_var"), **a, **kwargs,
+        )
+
+    ref = _prepare(inputs, case, torch.float64, "cpu")
+    base = _prepare(inputs, case, dtype, device)
+    fused = _prepare(inputs, case, dtype, device)
+    for _ in range(steps):
+        for args in (ref, base, fused):
+            for t in args.values():
+                if t is not None and t.grad is not None:
+                    t.grad = None
+        z_ref = call(eager_conv_bn_relu, ref)
+        z_base = call(eager_conv_bn_relu, base)
+        with fastres.use_backend(backend):
+            z = call(fastres.ops.conv_bn_relu, fused)
+        assert z.dtype == dtype
+        assert z.is_contiguous(memory_format=torch.channels_last)
+        assert_close_ratio("output", z, z_ref, z_base)
+        dz = torch.randn_like(z_ref)
+        z_ref.backward(dz)
+        z_base.backward(dz.to(device=device, dtype=dtype))
+        z.backward(dz.to(device=device, dtype=dtype))
+    for name, t in fused.items():
+        if t is None:
+            continue
+        if t.requires_grad:
+            assert t.grad is not None, f"no gradient for {name}"
+            assert_close_ratio(f"grad {name}", t.grad, ref[name].grad, base[name].grad)
+        else:  # running statistics
+            assert_close_ratio(name, t, ref[name], base[name])

@@ -1,4 +1,4 @@
-"""Plain PyTorch: the ground truth every kernel is tested against, and the fallback on any device."""
+"""Plain PyTorch: the ground truth kernels are tested against, and the fallback on any device."""
 
 from __future__ import annotations
 

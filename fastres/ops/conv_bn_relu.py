@@ -167,8 +167,8 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, 
     n, _, h, w = x.shape
     k, _, r, s = weight.shape
     oh, ow = _params(stride, padding, dilation, groups).out_hw(h, w, r, s)
-    z = x.new_empty((n, k, oh, ow), memory_format=CL)
-    y = x.new_empty((n, k, oh, ow), memory_format=CL) if save_for_backward else x.new_empty(0)
+    z = torch.empty((n, k, oh, ow), dtype=x.dtype, device=x.device, memory_format=CL)
+    y = torch.empty_like(z) if save_for_backward else x.new_empty(0)
     stat = x.new_empty((k,), dtype=torch.float32)
     return z, y, stat, torch.empty_like(stat)
 
@@ -202,8 +202,17 @@ def conv_bn_relu_bwd(
         batch_stats=batch_stats, eps=eps, relu=relu, has_bias=has_bias,
         output_mask=tuple(output_mask),
     )
-    # custom ops return fresh tensors, never None
-    return tuple(dz.new_empty(0) if t is None else t for t in grads)
+    # custom ops return fresh tensors, never None, with the strides the fake kernel promises
+    likes = (x, weight, None, None, None, dz)
+    return tuple(
+        dz.new_empty(0) if t is None else _strided_like(t, like) for t, like in zip(grads, likes)
+    )
+
+
+def _strided_like(t: Tensor, like: Tensor | None) -> Tensor:
+    if like is None or t.stride() == like.stride():
+        return t
+    return torch.empty_like(like).copy_(t)
 
 
 @conv_bn_relu_bwd.register_fake
@@ -224,8 +233,8 @@ def _(dz, x, weight, y, z, mean, var, bn_weight, stride, padding, dilation, grou
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-     dilation, groups, batch_stats, eps, relu, save_for_backward, backend) = inputs
+    x, weight, bias, bn_weight, bn_bias = inputs[:5]
+    stride, padding, dilation, groups, batch_stats, eps, relu, _, backend = inputs[8:]
     z, y, mean, var = output
     ctx.save_for_backward(x, weight, y, z, mean, var, bn_weight)
     ctx.args = (list(stride), list(padding), list(dilation), groups, batch_stats, eps, relu)
@@ -304,8 +313,9 @@ def conv_bn_relu(
         _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1),
         groups,
     )
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
 
         def cast(t):
             return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t

@@ -1,0 +1,59 @@
+"""Backend selection: names, context, environment variable, reasons, auto fallback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastres
+from fastres import backends
+from fastres.backends import BackendUnavailableError, CallInfo, ConvParams
+
+
+def _call(device="cpu", dtype=torch.float32):
+    return CallInfo(
+        device=torch.device(device), dtype=dtype, x_shape=(2, 8, 5, 5), weight_shape=(8, 8, 3, 3),
+        conv=ConvParams((1, 1), (1, 1), (1, 1), 1), batch_stats=True, has_residual=False,
+        relu=True,
+    )
+
+
+def test_auto_on_cpu_is_reference():
+    assert backends.select(_call(), "auto") == "reference"
+
+
+def test_auto_never_fails_where_reference_works():
+    assert backends.select(_call(dtype=torch.float64), "auto") == "reference"
+
+
+def test_cuda_backend_on_cpu_call_names_the_reason():
+    with pytest.raises(BackendUnavailableError, match="'cuda' cannot serve this call"):
+        backends.select(_call(), "cuda")
+
+
+def test_use_backend_nests_and_restores():
+    fastres.set_backend("auto")
+    with fastres.use_backend("reference"):
+        with fastres.use_backend("auto"):
+            assert fastres.get_backend() == "auto"
+        assert fastres.get_backend() == "reference"
+    assert fastres.get_backend() == "auto"
+
+
+def test_set_backend_is_process_wide():
+    try:
+        fastres.set_backend("reference")
+        assert fastres.get_backend() == "reference"
+    finally:
+        fastres.set_backend("auto")
+
+
+def test_environment_variable_sets_default():
+    env = dict(os.environ, FASTRES_BACKEND="reference")
+    out = subprocess.run(
+        [sys.executable, "-c", "import fastres; print(fastres.get_backend())"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == "reference"

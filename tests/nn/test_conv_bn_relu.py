@@ -1,0 +1,92 @@
+"""ConvBNReLU behaves as nn.Conv2d → nn.BatchNorm2d → ReLU, state and all."""
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from fastres.nn import ConvBNReLU
+from tests.numerics import assert_close_ratio
+
+
+def _eager(m: ConvBNReLU) -> nn.Sequential:
+    layers = [m.conv, m.bn] + ([nn.ReLU()] if m.relu else [])
+    return nn.Sequential(*layers)
+
+
+def _clone_pair(m: ConvBNReLU, dtype=torch.float64) -> ConvBNReLU:
+    twin = ConvBNReLU.from_modules(
+        nn.Conv2d(m.conv.in_channels, m.conv.out_channels, m.conv.kernel_size, m.conv.stride,
+                  m.conv.padding, m.conv.dilation, m.conv.groups, m.conv.bias is not None),
+        nn.BatchNorm2d(m.bn.num_features, m.bn.eps, m.bn.momentum, m.bn.affine,
+                       m.bn.track_running_stats),
+        relu=m.relu,
+    )
+    twin.load_state_dict(m.state_dict())
+    return twin.to(dtype)
+
+
+def test_state_dict_keys_are_those_of_conv_and_bn():
+    m = ConvBNReLU(4, 8, 3, padding=1, bias=True)
+    assert set(m.state_dict()) == {
+        "conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+        "bn.num_batches_tracked",
+    }
+    assert isinstance(m.conv, nn.Conv2d)
+    assert isinstance(m.bn, nn.BatchNorm2d)
+
+
+def test_from_modules_shares_parameters_and_buffers():
+    conv, bn = nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+    m = ConvBNReLU.from_modules(conv, bn)
+    assert m.conv.weight is conv.weight and m.bn.running_mean is bn.running_mean
+    m(torch.randn(2, 4, 5, 5))
+    assert int(bn.num_batches_tracked) == 1  # the shared buffer moved
+    assert not torch.equal(bn.running_mean, torch.zeros(8))
+
+
+def test_from_modules_rejects_what_it_cannot_fuse():
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        ConvBNReLU.from_modules(nn.Conv2d(4, 8, 3, padding_mode="reflect"), nn.BatchNorm2d(8))
+    with pytest.raises(ValueError, match="is not a plain nn.BatchNorm2d"):
+        ConvBNReLU.from_modules(nn.Conv2d(4, 8, 3), nn.BatchNorm1d(8))
+
+
+@pytest.mark.parametrize(
+    "momentum, affine, track", [(0.1, True, True), (None, True, True), (0.3, False, True),
+                                (0.1, True, False)],
+)
+@pytest.mark.parametrize("relu", [True, False])
+def test_matches_eager_modules_over_train_and_eval_steps(momentum, affine, track, relu):
+    m = ConvBNReLU(6, 12, 3, stride=2, padding=1, momentum=momentum, relu=relu)
+    m.bn = nn.BatchNorm2d(12, momentum=momentum, affine=affine, track_running_stats=track)
+    base = _eager(_clone_pair(m, torch.float32))
+    ref = _eager(_clone_pair(m, torch.float64))
+    for step, training in enumerate([True, True, True, False]):
+        for mod in (m, base, ref):
+            mod.train(training)
+        x = torch.randn(3, 6, 9, 9) + step
+        z = m(x)
+        assert_close_ratio(f"step {step}", z, ref(x.double()), base(x))
+    if track:
+        assert int(m.bn.num_batches_tracked) == 3
+        assert_close_ratio("running_var", m.bn.running_var, ref[1].running_var, base[1].running_var)
+        assert_close_ratio("running_mean", m.bn.running_mean, ref[1].running_mean,
+                           base[1].running_mean)
+
+
+def test_residual_input_and_channels_last_output():
+    m = ConvBNReLU(4, 8, 1).eval()
+    m.bn.running_mean.normal_()
+    x, r = torch.randn(2, 4, 5, 5), torch.randn(2, 8, 5, 5)
+    z = m(x, r)
+    assert z.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(z, torch.relu(m.bn(m.conv(x)) + r))
+
+
+def test_backend_context_is_used():
+    m = ConvBNReLU(4, 8, 3, padding=1)
+    with fastres.use_backend("reference"):
+        assert fastres.get_backend() == "reference"
+        m(torch.randn(2, 4, 5, 5))
+    assert fastres.get_backend() == "auto"

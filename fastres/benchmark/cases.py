@@ -1,0 +1,476 @@
+"""What is benchmarked: layer cases derived from the architectures, and model-level steps.
+
+Layer cases are not typed in by hand: the plain-PyTorch model is built on the meta device (no
+memory, no arithmetic), traced with ``torch.fx``, and its shapes propagated; each conv is read
+off the graph with the epilogue that follows it (BN, residual add, ReLU). Layers with the same
+geometry are one case; the case remembers every layer that uses it.
+
+Each case then offers callables for every system compared: eager PyTorch (conv2d → batch_norm
+→ add → relu, cuDNN, channels_last), ``torch.compile`` of that same function (default and
+max-autotune), and ``fastres.ops.conv_bn_relu`` on each available backend.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import backends as fastres_backends
+from .roofline import DTYPE_BYTES, ConvShape, Epilogue, conv_flops, conv_min_bytes
+from .timing import copies_to_defeat_l2
+
+CL = torch.channels_last
+MODEL_NAMES = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "preact_resnet50")
+LAYER_MODEL_NAMES = ("resnet50", "resnext50_32x4d")
+BACKEND_NAMES = ("reference", "triton", "cuda")
+
+# ---------------------------------------------------------------------------------------------
+# Building models
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_model(name: str, **kwargs) -> nn.Module:
+    """The plain-PyTorch model: torchvision's where it has one, else ``fastres.unfuse`` of ours."""
+    try:
+        import torchvision.models as tvm
+    except ImportError:
+        tvm = None
+    if tvm is not None and hasattr(tvm, name):
+        return getattr(tvm, name)(**kwargs)
+    fused = fastres_model(name, **kwargs)
+    unfuse = _fastres_attr("unfuse")
+    return unfuse(fused)
+
+
+def fastres_model(name: str, **kwargs) -> nn.Module:
+    """fastres's own model if ``fastres.models`` has it, else ``fastres.fuse`` of torchvision's."""
+    try:
+        models = importlib.import_module("fastres.models")
+    except ImportError:
+        models = None
+    if models is not None and hasattr(models, name):
+        return getattr(models, name)(**kwargs)
+    import torchvision.models as tvm  # needed only for the fuse path
+
+    if not hasattr(tvm, name):
+        raise RuntimeError(f"fastres.models has no {name!r} and torchvision has none to fuse")
+    fuse = _fastres_attr("fuse")
+    return fuse(getattr(tvm, name)(**kwargs))
+
+
+def _fastres_attr(name: str):
+    import fastres
+
+    fn = getattr(fastres, name, None)
+    if fn is None:
+        try:
+            fn = getattr(importlib.import_module("fastres.swap"), name)
+        except (ImportError, AttributeError) as e:
+            raise RuntimeError(f"fastres.{name} is not available in this build: {e}") from e
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv layers of a model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One conv of a model, as the traced graph shows it."""
+
+    name: str
+    shape: ConvShape
+    epilogue: Epilogue
+    has_bn: bool
+    input_grad: bool  # False for the stem: nothing needs the gradient of the image
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_RELUS = {F.relu, torch.relu, torch.relu_}
+
+
+def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELUS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def conv_layers(model: nn.Module, batch: int, resolution: int) -> list[ConvLayer]:
+    """Every ``nn.Conv2d`` of ``model`` in execution order, with its shape and epilogue.
+
+    ``model`` should live on the meta device (build it under ``with torch.device("meta")``):
+    shapes are propagated through the traced graph without allocating or computing anything.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    # eval: training-mode BN refuses a batch of one at 1×1 spatial size; shapes are the same
+    gm = torch.fx.symbolic_trace(model.eval())
+    device = next(iter(model.parameters())).device
+    ShapeProp(gm).propagate(torch.empty(batch, 3, resolution, resolution, device=device))
+    layers = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        conv = gm.get_submodule(node.target)
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        inp = node.args[0]
+        n, c, h, w = inp.meta["tensor_meta"].shape
+        shape = ConvShape(
+            n=n, c=c, h=h, w=w, k=conv.out_channels, r=conv.kernel_size[0],
+            s=conv.kernel_size[1], stride=tuple(conv.stride), padding=tuple(conv.padding),
+            dilation=tuple(conv.dilation), groups=conv.groups,
+        )
+        # follow conv → BN → (add) → (relu): the fused op's epilogue
+        has_bn = residual = relu = False
+        cur = _only_user(node)
+        if cur is not None and cur.op == "call_module" and isinstance(
+            gm.get_submodule(cur.target), nn.BatchNorm2d
+        ):
+            has_bn = True
+            nxt = _only_user(cur)
+            if nxt is not None and nxt.op == "call_function" and nxt.target in _ADDS:
+                # ``out += identity``: the main path is the add's first operand; a conv on the
+                # second (the downsample shortcut) ends at its BN, with no add or ReLU of its own
+                if nxt.args[0] is cur:
+                    residual = True
+                    nxt = _only_user(nxt)
+                else:
+                    nxt = None
+            relu = nxt is not None and _is_relu(gm, nxt)
+        layers.append(
+            ConvLayer(
+                name=str(node.target), shape=shape, epilogue=Epilogue(residual, relu),
+                has_bn=has_bn, input_grad=inp.op != "placeholder",
+            )
+        )
+    return layers
+
+
+def model_conv_layers(name: str, batch: int = 1, resolution: int = 224) -> list[ConvLayer]:
+    """The conv layers of the named model, from its plain-PyTorch definition on the meta device."""
+    with torch.device("meta"):
+        model = reference_model(name)
+    return conv_layers(model, batch, resolution)
+
+
+@dataclass
+class LayerCase:
+    """One distinct conv geometry of a model, and the layers that share it."""
+
+    model: str
+    shape: ConvShape
+    layers: list[ConvLayer] = field(default_factory=list)
+
+    @property
+    def epilogue(self) -> Epilogue:
+        """The most common epilogue among the layers (ties: the one with the residual add)."""
+        counts = collections.Counter(layer.epilogue for layer in self.layers)
+        return max(counts, key=lambda e: (counts[e], e.residual, e.relu))
+
+    @property
+    def input_grad(self) -> bool:
+        return any(layer.input_grad for layer in self.layers)
+
+    @property
+    def id(self) -> str:
+        s = self.shape
+        g = f"g{s.groups}" if s.groups > 1 else ""
+        return (f"{self.model}-c{s.c}k{s.k}-{s.r}x{s.s}s{s.stride[0]}{g}-{s.h}x{s.w}-"
+                f"{self.epilogue.label().replace('+', '')}")
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "shape": self.shape.__dict__ | {"out_hw": self.shape.out_hw},
+            "label": self.shape.label(),
+            "epilogue": self.epilogue.label(),
+            "uses": [f"{layer.name} ({layer.epilogue.label()})" for layer in self.layers],
+        }
+
+
+def distinct_layer_cases(layers: Sequence[ConvLayer], model: str) -> list[LayerCase]:
+    """Group layers by geometry (batch size aside), in order of first appearance."""
+    cases: dict[tuple, LayerCase] = {}
+    for layer in layers:
+        key = layer.shape.key()
+        if key not in cases:
+            cases[key] = LayerCase(model=model, shape=layer.shape)
+        cases[key].layers.append(layer)
+    return list(cases.values())
+
+
+def layer_cases(name: str, batch: int, resolution: int) -> list[LayerCase]:
+    return distinct_layer_cases(model_conv_layers(name, batch, resolution), name)
+
+
+def quick_layer_cases(cases: Sequence[LayerCase]) -> list[LayerCase]:
+    """Two representative cases: the first 3×3 conv, and the first conv with a residual add."""
+    picked: list[LayerCase] = []
+    for want in (lambda c: c.shape.r == 3, lambda c: c.epilogue.residual):
+        for case in cases:
+            if want(case) and case not in picked:
+                picked.append(case)
+                break
+    return picked or list(cases[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Roofline of a whole model
+# ---------------------------------------------------------------------------------------------
+
+
+def model_roofline(layers: Sequence[ConvLayer], *, training: bool, dtype: torch.dtype) -> dict:
+    """Per-image FLOPs, bytes and the per-layer roofline bound (convs only) at batch 1 shapes.
+
+    The bound sums, over conv layers, the larger of each layer's arithmetic and memory time at
+    the ceilings; it is filled in by :func:`roofline_img_s` once the ceilings are known.
+    """
+    nbytes = DTYPE_BYTES[dtype]
+    per_layer = []
+    for layer in layers:
+        one = layer.shape.with_batch(1)
+        per_layer.append((
+            conv_flops(one, training=training, input_grad=layer.input_grad),
+            conv_min_bytes(one, layer.epilogue, nbytes, training=training,
+                           input_grad=layer.input_grad),
+        ))
+    return {
+        "flops_per_image": sum(f for f, _ in per_layer),
+        "bytes_per_image": sum(b for _, b in per_layer),
+        "per_layer": per_layer,
+    }
+
+
+def roofline_img_s(roofline: dict, ceilings) -> float:
+    seconds = sum(ceilings.bound_seconds(f, b) for f, b in roofline["per_layer"])
+    return 1.0 / seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-level systems
+# ---------------------------------------------------------------------------------------------
+
+
+def _eager_conv_bn_relu(x, w, gamma, beta, mean, var, residual, *, training, stride, padding,
+                        dilation, groups, relu):
+    y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    y = F.batch_norm(y, mean, var, gamma, beta, training, 0.1, 1e-5)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+class LayerBench:
+    """Tensors for one layer case and a callable per system; each callable takes one input set.
+
+    Inference runs under ``torch.no_grad``; training runs forward and backward (the gradient of
+    every input that needs one, via ``torch.autograd.grad`` so nothing accumulates). BN
+    parameters and statistics are fp32, as in an autocast model; activations and weights are in
+    ``dtype``. Input sets (x, residual, upstream gradient) rotate among enough copies to defeat L2.
+    """
+
+    def __init__(self, case: LayerCase, *, training: bool, dtype: torch.dtype,
+                 device: torch.device, seed: int = 0):
+        self.case, self.training, self.dtype, self.device = case, training, dtype, device
+        s = case.shape
+        self.epilogue = case.epilogue
+        self.input_grad = case.input_grad
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+        def rand(*shape, dtype=dtype, scale=1.0, offset=0.0):
+            return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).mul_(
+                scale).add_(offset).to(dtype)
+
+        fan_in = (s.c // s.groups) * s.r * s.s
+        self.weight = rand(s.k, s.c // s.groups, s.r, s.s, scale=fan_in**-0.5).to(
+            memory_format=CL).requires_grad_(training)
+        self.gamma = rand(s.k, dtype=torch.float32, scale=0.1, offset=1.0).requires_grad_(training)
+        self.beta = rand(s.k, dtype=torch.float32, scale=0.1).requires_grad_(training)
+        self.mean = rand(s.k, dtype=torch.float32, scale=0.1)
+        self.var = rand(s.k, dtype=torch.float32).abs_().add_(0.5)
+        oh, ow = s.out_hw
+        nbytes = DTYPE_BYTES[dtype]
+        per_set = s.x_elems + (s.z_elems if self.epilogue.residual else 0)
+        per_set += s.z_elems if training else 0
+        self.copies = copies_to_defeat_l2(per_set * nbytes, device)
+        self.inputs = []
+        for _ in range(self.copies):
+            x = rand(s.n, s.c, s.h, s.w).to(memory_format=CL)
+            inp = {"x": x.requires_grad_(training and self.input_grad)}
+            if self.epilogue.residual:
+                inp["residual"] = rand(s.n, s.k, oh, ow).to(memory_format=CL).requires_grad_(
+                    training)
+            if training:
+                inp["dz"] = rand(s.n, s.k, oh, ow).to(memory_format=CL)
+            self.inputs.append(inp)
+        self.flops = conv_flops(s, training=training, input_grad=self.input_grad)
+        self.bytes = conv_min_bytes(s, self.epilogue, nbytes, training=training,
+                                    input_grad=self.input_grad)
+        self.call_info = fastres_backends.CallInfo(
+            device=device, dtype=dtype, x_shape=(s.n, s.c, s.h, s.w),
+            weight_shape=tuple(self.weight.shape),
+            conv=fastres_backends.ConvParams(s.stride, s.padding, s.dilation, s.groups),
+            batch_stats=training, has_residual=self.epilogue.residual, relu=self.epilogue.relu,
+        )
+
+    def _step(self, core: Callable) -> Callable[[dict], object]:
+        if not self.training:
+            def infer(inp):
+                with torch.no_grad():
+                    return core(inp["x"], inp.get("residual"))
+            return infer
+
+        def train(inp):
+            z = core(inp["x"], inp.get("residual"))
+            wanted = [self.weight, self.gamma, self.beta]
+            if self.input_grad:
+                wanted.append(inp["x"])
+            if "residual" in inp:
+                wanted.append(inp["residual"])
+            return torch.autograd.grad(z, wanted, inp["dz"])
+        return train
+
+    def _eager_core(self) -> Callable:
+        s, e = self.case.shape, self.epilogue
+
+        def core(x, residual):
+            return _eager_conv_bn_relu(
+                x, self.weight, self.gamma, self.beta, self.mean, self.var, residual,
+                training=self.training, stride=s.stride, padding=s.padding,
+                dilation=s.dilation, groups=s.groups, relu=e.relu,
+            )
+        return core
+
+    def eager(self) -> Callable[[dict], object]:
+        return self._step(self._eager_core())
+
+    def compiled(self, mode: str = "default") -> Callable[[dict], object]:
+        # a fresh cache: the same Python code compiled for many shapes would otherwise hit the
+        # recompile limit or go dynamic-shape, and time something other than what is asked
+        torch._dynamo.reset()
+        core = torch.compile(self._eager_core(), mode=None if mode == "default" else mode,
+                             dynamic=False)
+        return self._step(core)
+
+    def fused_unavailable(self, backend: str) -> str | None:
+        """Why ``backend`` cannot serve this case here, or None."""
+        if backend == "triton" and self.device.type != "cuda":
+            return "Triton on CPU runs only under the interpreter: a timing would mean nothing"
+        return fastres_backends.availability(backend, self.call_info)
+
+    def fused(self, backend: str) -> Callable[[dict], object]:
+        from ..ops import conv_bn_relu
+
+        s, e = self.case.shape, self.epilogue
+
+        def core(x, residual):
+            return conv_bn_relu(
+                x, self.weight, self.gamma, self.beta, self.mean, self.var,
+                training=self.training, stride=s.stride, padding=s.padding,
+                dilation=s.dilation, groups=s.groups, residual=residual, relu=e.relu,
+                backend=backend,
+            )
+        return self._step(core)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level systems
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelBench:
+    """A training step (forward, backward, SGD) or an inference pass of one model and system.
+
+    ``system``: ``"eager"`` (plain PyTorch, channels_last, autocast), ``"compile"``
+    (``torch.compile`` of that model) or ``"fastres"`` (fastres's model, or ``fastres.fuse``).
+    Half-precision dtypes run under autocast with fp32 parameters, as mixed-precision training
+    does; float32 runs without autocast.
+    """
+
+    def __init__(self, name: str, system: str, *, training: bool, batch: int, resolution: int,
+                 dtype: torch.dtype, device: torch.device, compile_mode: str = "default",
+                 seed: int = 0, num_classes: int = 1000):
+        self.name, self.system, self.training = name, system, training
+        self.batch, self.dtype, self.device = batch, dtype, device
+        torch.manual_seed(seed)
+        if system == "fastres":
+            model = fastres_model(name, num_classes=num_classes)
+            self.source = "fastres.models" if _has_native(name) else "fastres.fuse(torchvision)"
+        else:
+            model = reference_model(name, num_classes=num_classes)
+            self.source = "torchvision" if _in_torchvision(name) else "fastres.unfuse"
+        model = model.to(device=device, memory_format=CL).train(training)
+        self.model = model
+        if system == "compile":
+            torch._dynamo.reset()
+            self.runner = torch.compile(model, mode=None if compile_mode == "default" else
+                                        compile_mode)
+        else:
+            self.runner = model
+        self.optimizer = (torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+                          if training else None)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        image_bytes = batch * 3 * resolution * resolution * 4
+        copies = copies_to_defeat_l2(image_bytes, device, max_copies=4)
+        self.inputs = [
+            (
+                torch.randn(batch, 3, resolution, resolution, generator=gen,
+                            device=device).contiguous(memory_format=CL),
+                torch.randint(0, num_classes, (batch,), generator=gen, device=device),
+            )
+            for _ in range(copies)
+        ]
+
+    def _autocast(self):
+        if self.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def step(self) -> Callable[[tuple], object]:
+        if not self.training:
+            def infer(inp):
+                with torch.no_grad(), self._autocast():
+                    return self.runner(inp[0])
+            return infer
+
+        def train(inp):
+            images, labels = inp
+            with self._autocast():
+                loss = F.cross_entropy(self.runner(images).float(), labels)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss
+        return train
+
+
+def _in_torchvision(name: str) -> bool:
+    try:
+        import torchvision.models as tvm
+    except ImportError:
+        return False
+    return hasattr(tvm, name)
+
+
+def _has_native(name: str) -> bool:
+    try:
+        return hasattr(importlib.import_module("fastres.models"), name)
+    except ImportError:
+        return False

@@ -1,0 +1,187 @@
+"""Results as a table, a JSON file and a PNG plot.
+
+The table uses ``rich`` when it is installed and plain text otherwise; the plot needs
+``matplotlib`` (Agg backend, no display) and is skipped with a note when it is missing, so the
+benchmark runs on a machine with only torch and triton.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _num(value: float | None, fmt: str = "{:,.0f}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def _cell(system: dict | None, key: str = "img_s", fmt: str = "{:,.0f}") -> str:
+    if not system:
+        return "-"
+    if system.get("status") != "ok":
+        return system.get("status", "?")
+    return _num(system.get(key), fmt)
+
+
+def model_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "mode", "fastres img/s", "eager img/s", "compile img/s", "vs eager",
+              "vs compile", "fastres / roofline", "roofline img/s"]
+    rows = []
+    for e in results.get("models", []):
+        s = e["systems"]
+        rows.append([
+            e["model"], e["mode"], _cell(s.get("fastres")), _cell(s.get("eager")),
+            _cell(s.get("compile")), _num(e.get("speedup_vs_eager"), "{:.2f}x"),
+            _num(e.get("speedup_vs_compile"), "{:.2f}x"),
+            _cell(s.get("fastres"), "frac_roofline", "{:.1%}"), _num(e.get("roofline_img_s")),
+        ])
+    return header, rows
+
+
+_SHORT = {"resnet50": "R50", "resnext50_32x4d": "RX50", "resnet18": "R18",
+          "wide_resnet50_2": "WRN50", "preact_resnet50": "PA50"}
+
+
+def layer_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    systems: list[str] = []
+    for e in results.get("layers", []):
+        for k in e.get("systems", {}):
+            if k not in systems:
+                systems.append(k)
+    header = ["layer", "mode", *[f"{k.replace('fastres-', 'fr-')} µs" for k in systems],
+              "best", "vs eager", "vs compile", "bound µs", "best/bound"]
+    rows = []
+    for e in results.get("layers", []):
+        s = e.get("systems", {})
+        best = s.get(e.get("best_fastres", ""), {})
+        rows.append([
+            f"{_SHORT.get(e['model'], e['model'])} {e['label']} {e['epilogue']}", e["mode"],
+            *[_us(s.get(k)) for k in systems],
+            e.get("best_fastres", "-").removeprefix("fastres-"),
+            _num(e.get("speedup_vs_eager"), "{:.2f}x"),
+            _num(e.get("speedup_vs_compile-default"), "{:.2f}x"),
+            _num(e["bound_s"] * 1e6 if "bound_s" in e else None, "{:,.1f}"),
+            _num(best.get("frac_roofline"), "{:.1%}"),
+        ])
+    return header, rows
+
+
+def _us(system: dict | None) -> str:
+    if not system:
+        return "-"
+    if system.get("status") != "ok":
+        return system.get("status", "?")
+    return f"{system['median_s'] * 1e6:,.1f}"
+
+
+def render_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain-text table (monospace, right-aligned numbers)."""
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(header)]
+    lines = [title, "  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(
+            str(c).ljust(w) if i < 2 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths))
+        ))
+    return "\n".join(lines)
+
+
+def print_report(results: dict, *, use_rich: bool = True) -> None:
+    """Print the model table (and the layer table if layers were measured)."""
+    tables = [("Model level (img/s)", *model_rows(results))]
+    if results.get("layers"):
+        tables.append(("Layer level (median µs per call)", *layer_rows(results)))
+    console = None
+    if use_rich:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+
+            console = Console()
+            if not console.is_terminal:  # a log file: no reason to squeeze columns into 80
+                console = Console(width=200)
+        except ImportError:
+            console = None
+    note = results.get("note")
+    for title, header, rows in tables:
+        if not rows:
+            continue
+        if console is not None:
+            table = Table(title=title)
+            for i, h in enumerate(header):
+                table.add_column(h, justify="left" if i < 2 else "right")
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
+        else:
+            print(render_table(title, header, rows))
+            print()
+    ceil = results.get("ceilings") or {}
+    if ceil:
+        print(f"ceilings measured on {ceil.get('device')}: {ceil.get('tflops', 0):.3g} TFLOP/s "
+              f"({ceil.get('dtype')} matmul), {ceil.get('tbps', 0):.3g} TB/s (device copy)")
+    if note:
+        print(f"NOTE: {note}")
+
+
+def write_json(results: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(path)  # a reader (or a killed run) never sees half a file
+    return path
+
+
+def write_plot(results: dict, path: Path) -> Path | None:
+    """Bar chart: img/s per model and mode, fastres / eager / compile side by side.
+
+    Returns None (and writes nothing) when matplotlib is missing or there is nothing to plot.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    entries = results.get("models", [])
+    if not entries:
+        return None
+    systems = ["fastres", "eager", "compile"]
+    labels = [f"{e['model']}\n{e['mode']}" for e in entries]
+    width = 0.8 / len(systems)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(entries) + 2), 4.5))
+    for i, system in enumerate(systems):
+        values = []
+        for e in entries:
+            s = e["systems"].get(system, {})
+            values.append(s.get("img_s", 0.0) if s.get("status") == "ok" else 0.0)
+        xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(entries))]
+        ax.bar(xs, values, width, label=system)
+    roof = [e.get("roofline_img_s") for e in entries]
+    if any(roof):
+        ax.scatter(range(len(entries)), [r or float("nan") for r in roof], marker="_", s=400,
+                   color="black", label="conv roofline bound", zorder=3)
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(entries)), labels, fontsize=8)
+    ax.set_ylabel("images / s")
+    env = results.get("environment", {})
+    card = (env.get("gpu") or {}).get("name", "CPU")
+    cfg = results.get("config", {})
+    title = f"fastres bench on {card}: batch {cfg.get('batch')}, {cfg.get('resolution')}px, " \
+            f"{cfg.get('dtype')}"
+    if results.get("cpu_only"):
+        title += "\n(tiny CPU configuration: says nothing about GPU speed)"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,289 @@
+"""Run the benchmark: model-level img/s and layer-level times, fastres vs eager vs compile.
+
+:func:`run` measures everything a :class:`BenchConfig` asks for and returns one JSON-ready dict
+(schema in :data:`SCHEMA`). Every baseline is timed in the same run on the same card; the card's
+ceilings are measured once at the start and stored with the results. A case that fails (out of
+memory, a backend error) is recorded with its reason and the run goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .cases import (
+    BACKEND_NAMES,
+    LAYER_MODEL_NAMES,
+    MODEL_NAMES,
+    LayerBench,
+    ModelBench,
+    layer_cases,
+    model_conv_layers,
+    model_roofline,
+    quick_layer_cases,
+    roofline_img_s,
+)
+from .env import environment
+from .roofline import Ceilings, achieved
+from .timing import measure_ceilings, time_calls
+
+SCHEMA = "fastres-bench/1"
+CPU_BANNER = "no CUDA device: tiny CPU configuration, numbers say nothing about GPU speed"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class BenchConfig:
+    models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
+    modes: list[str] = field(default_factory=lambda: ["train", "infer"])
+    batch: int = 256
+    resolution: int = 224
+    dtype: str = "bf16"
+    compile: bool = True
+    compile_modes: list[str] = field(default_factory=lambda: ["default"])  # layer level
+    model_compile_mode: str = "default"
+    layers: bool = False
+    layer_models: list[str] = field(default_factory=lambda: list(LAYER_MODEL_NAMES))
+    layer_limit: int | None = None  # first N distinct shapes per model
+    backend: str = "auto"  # "auto": every backend that can serve the case
+    warmup: int = 5
+    repeats: int = 20
+    model_warmup: int = 3
+    model_repeats: int = 10
+    time_limit_s: float | None = None
+    quick: bool = False
+    device: str | None = None
+
+    def resolved_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def tiny_cpu(config: BenchConfig) -> BenchConfig:
+    """The configuration a machine without a GPU runs: small enough for CI, every path touched."""
+    config.batch = min(config.batch, 2)
+    config.resolution = min(config.resolution, 32)
+    config.warmup, config.repeats = 1, 3
+    config.model_warmup, config.model_repeats = 1, 2
+    if config.quick:
+        config.models = config.models[:1]
+    return config
+
+
+def quick(config: BenchConfig) -> BenchConfig:
+    """A short GPU run: fewer repeats, two layer cases per model."""
+    config.warmup, config.repeats = 3, 10
+    config.model_warmup, config.model_repeats = 2, 5
+    return config
+
+
+def _fastres_backends(config: BenchConfig) -> list[str]:
+    return list(BACKEND_NAMES) if config.backend == "auto" else [config.backend]
+
+
+def _layer_systems(config: BenchConfig) -> list[str]:
+    systems = ["eager"]
+    if config.compile:
+        systems += [f"compile-{m}" for m in config.compile_modes]
+    systems += [f"fastres-{b}" for b in _fastres_backends(config)]
+    return systems
+
+
+def _model_systems(config: BenchConfig) -> list[str]:
+    return ["eager", *(["compile"] if config.compile else []), "fastres"]
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _failure(e: BaseException) -> dict:
+    reason = f"{type(e).__name__}: {e}".strip()
+    return {"status": "error", "reason": reason[:2000],
+            "traceback": traceback.format_exc(limit=6)[-4000:]}
+
+
+class _Clock:
+    def __init__(self, limit_s: float | None):
+        self.start, self.limit_s = time.monotonic(), limit_s
+
+    def expired(self) -> bool:
+        return self.limit_s is not None and time.monotonic() - self.start > self.limit_s
+
+
+def plan(config: BenchConfig) -> dict:
+    """The work a run will do: (model, mode) pairs and layer cases, and the task count."""
+    model_tasks = [(m, mode) for m in config.models for mode in config.modes]
+    layer_tasks = []
+    if config.layers:
+        for name in config.layer_models:
+            cases = layer_cases(name, config.batch, config.resolution)
+            if config.quick:
+                cases = quick_layer_cases(cases)
+            if config.layer_limit is not None:
+                cases = cases[: config.layer_limit]
+            layer_tasks += [(case, mode) for case in cases for mode in config.modes]
+    total = (len(model_tasks) * len(_model_systems(config))
+             + len(layer_tasks) * len(_layer_systems(config)))
+    return {"models": model_tasks, "layers": layer_tasks, "total": total}
+
+
+def run(
+    config: BenchConfig,
+    *,
+    progress: Callable[[str], None] | None = None,
+    on_update: Callable[[dict], None] | None = None,
+) -> dict:
+    """Measure what ``config`` asks; ``progress(label)`` is called once per timed system, and
+    ``on_update(results)`` after each, so a caller can save partial results."""
+    device = config.resolved_device()
+    if device.type != "cuda":
+        config = tiny_cpu(config)
+    elif config.quick:
+        config = quick(config)
+    dtype = DTYPES[config.dtype]
+    progress = progress or (lambda label: None)
+    on_update = on_update or (lambda results: None)
+    clock = _Clock(config.time_limit_s)
+    work = plan(config)
+
+    results: dict = {
+        "schema": SCHEMA,
+        "cpu_only": device.type != "cuda",
+        "note": CPU_BANNER if device.type != "cuda" else None,
+        "environment": environment(),
+        "config": asdict(config) | {"device": str(device)},
+        "ceilings": None,
+        "models": [],
+        "layers": [],
+    }
+    progress("measuring the card's ceilings")
+    ceilings = measure_ceilings(device, dtype, quick=config.quick)
+    results["ceilings"] = ceilings.to_dict()
+    on_update(results)
+
+    for name, mode in work["models"]:
+        entry = _run_model(name, mode, config, device, dtype, ceilings, clock, progress)
+        results["models"].append(entry)
+        on_update(results)
+    for case, mode in work["layers"]:
+        entry = _run_layer(case, mode, config, device, dtype, ceilings, clock, progress)
+        results["layers"].append(entry)
+        on_update(results)
+    results["elapsed_s"] = round(time.monotonic() - clock.start, 1)
+    on_update(results)
+    return results
+
+
+def _ratios(entry: dict, candidate: str, baselines: list[str], rate_key: str) -> None:
+    """speedup_vs_<baseline> = rate(candidate) / rate(baseline), where both were measured."""
+    systems = entry["systems"]
+    mine = systems.get(candidate, {}).get(rate_key)
+    for base in baselines:
+        theirs = systems.get(base, {}).get(rate_key)
+        if mine and theirs:
+            entry[f"speedup_vs_{base}"] = mine / theirs
+
+
+def _run_model(name, mode, config, device, dtype, ceilings: Ceilings, clock, progress) -> dict:
+    training = mode == "train"
+    entry: dict = {"model": name, "mode": mode, "batch": config.batch,
+                   "resolution": config.resolution, "dtype": config.dtype, "systems": {}}
+    try:
+        roof = model_roofline(model_conv_layers(name, 1, config.resolution), training=training,
+                              dtype=dtype)
+        entry["flops_per_image"] = roof["flops_per_image"]
+        entry["bytes_per_image"] = roof["bytes_per_image"]
+        entry["roofline_img_s"] = roofline_img_s(roof, ceilings)
+    except Exception as e:
+        entry["roofline_error"] = f"{type(e).__name__}: {e}"
+    for system in _model_systems(config):
+        progress(f"{name} {mode} {system}")
+        if clock.expired():
+            entry["systems"][system] = {"status": "skipped", "reason": "time limit reached"}
+            continue
+        try:
+            bench = ModelBench(name, system, training=training, batch=config.batch,
+                               resolution=config.resolution, dtype=dtype, device=device,
+                               compile_mode=config.model_compile_mode)
+            timing = time_calls(bench.step(), bench.inputs, device,
+                                warmup=config.model_warmup, repeats=config.model_repeats)
+            img_s = config.batch / timing.median_s
+            result = {"status": "ok", "source": bench.source, "img_s": img_s,
+                      **timing.to_dict()}
+            if "roofline_img_s" in entry:
+                result["frac_roofline"] = img_s / entry["roofline_img_s"]
+                result.update(achieved(entry["flops_per_image"] * config.batch,
+                                       entry["bytes_per_image"] * config.batch,
+                                       timing.median_s, None))
+                result["frac_peak_tflops"] = result["tflops"] / ceilings.tflops
+                result["frac_peak_tbps"] = result["tbps"] / ceilings.tbps
+            entry["systems"][system] = result
+            del bench
+        except Exception as e:
+            entry["systems"][system] = _failure(e)
+        _free(device)
+    _ratios(entry, "fastres", ["eager", "compile"], "img_s")
+    return entry
+
+
+def _run_layer(case, mode, config, device, dtype, ceilings: Ceilings, clock, progress) -> dict:
+    training = mode == "train"
+    entry: dict = case.to_dict() | {"mode": mode, "dtype": config.dtype, "systems": {}}
+    try:
+        bench = LayerBench(case, training=training, dtype=dtype, device=device)
+    except Exception as e:
+        entry["error"] = _failure(e)
+        return entry
+    entry.update(flops=bench.flops, bytes=bench.bytes, copies=bench.copies,
+                 bound_s=ceilings.bound_seconds(bench.flops, bench.bytes))
+    for system in _layer_systems(config):
+        progress(f"{case.id} {mode} {system}")
+        if clock.expired():
+            entry["systems"][system] = {"status": "skipped", "reason": "time limit reached"}
+            continue
+        try:
+            if system == "eager":
+                fn = bench.eager()
+            elif system.startswith("compile-"):
+                fn = bench.compiled(system.removeprefix("compile-"))
+            else:
+                backend = system.removeprefix("fastres-")
+                reason = bench.fused_unavailable(backend)
+                if reason is not None:
+                    entry["systems"][system] = {"status": "unavailable", "reason": reason}
+                    continue
+                fn = bench.fused(backend)
+            timing = time_calls(fn, bench.inputs, device, warmup=config.warmup,
+                                repeats=config.repeats)
+            entry["systems"][system] = {
+                "status": "ok",
+                "img_s": case.shape.n / timing.median_s,
+                **timing.to_dict(),
+                **achieved(bench.flops, bench.bytes, timing.median_s, ceilings),
+            }
+        except Exception as e:
+            entry["systems"][system] = _failure(e)
+    fused = {k: v for k, v in entry["systems"].items()
+             if k.startswith("fastres-") and v.get("status") == "ok"}
+    if fused:
+        best = min(fused, key=lambda k: fused[k]["median_s"])
+        entry["best_fastres"] = best
+        entry["systems"]["fastres-best"] = fused[best] | {"backend": best}
+        _ratios(entry, "fastres-best", _compile_and_eager(entry), "img_s")
+        del entry["systems"]["fastres-best"]
+    del bench
+    _free(device)
+    return entry
+
+
+def _compile_and_eager(entry: dict) -> list[str]:
+    return [k for k in entry["systems"] if k == "eager" or k.startswith("compile-")]

@@ -1,0 +1,274 @@
+"""The ``fastres`` command: ``fastres bench`` and ``fastres info``.
+
+``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, and
+per-layer times with ``--layers``), prints a table, and writes ``results.json`` and
+``results.png`` to ``--out``. ``fastres info`` lists versions, the GPU, and which backends can
+run here and why not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+BACKENDS = ("reference", "triton", "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# fastres info
+# ---------------------------------------------------------------------------------------------
+
+
+def backend_report() -> list[tuple[str, bool, str]]:
+    """``(name, available, note)`` for each backend; the note says why not, or any caveat."""
+    import torch
+
+    from . import backends
+
+    has_cuda = torch.cuda.is_available()
+    rows = []
+    for name in BACKENDS:
+        impl = backends.load(name)
+        if impl is None:
+            rows.append((name, False, backends.load_error(name) or "failed to load"))
+            continue
+        note = ""
+        if name == "triton" and not has_cuda:
+            interp = os.environ.get("TRITON_INTERPRET") == "1"
+            note = ("no CUDA device: kernels run under the Triton interpreter (correctness only)"
+                    if interp else
+                    "no CUDA device: usable only under the interpreter (TRITON_INTERPRET=1)")
+        elif name == "cuda" and not has_cuda:
+            note = "extension loaded, but its kernels need a CUDA device"
+        elif name == "reference":
+            note = "plain PyTorch; ground truth and CPU fallback"
+        rows.append((name, True, note))
+    return rows
+
+
+def info_lines() -> list[str]:
+    import torch
+
+    import fastres
+
+    from .benchmark.env import driver_version, gpu_record, triton_version
+
+    gpu = gpu_record()
+    lines = [
+        f"fastres  {fastres.__version__}",
+        f"python   {platform.python_version()}",
+        f"torch    {torch.__version__}",
+        f"triton   {triton_version() or 'not installed'}",
+        f"CUDA     {torch.version.cuda or 'none (CPU build of torch)'}",
+        f"driver   {driver_version() or 'none'}",
+        "GPU      " + (f"{gpu['name']} (capability {gpu['capability']}, "
+                       f"{gpu['memory_gib']} GiB, {gpu['multiprocessors']} SMs)"
+                       if gpu else "none"),
+        f"backend in force: {fastres.get_backend()}",
+        "backends:",
+    ]
+    for name, ok, note in backend_report():
+        status = "available" if ok else "unavailable"
+        lines.append(f"  {name:<10} {status:<12} {note}")
+    return lines
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print("\n".join(info_lines()))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fastres bench
+# ---------------------------------------------------------------------------------------------
+
+
+def _module_or_none(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A progress callback: a rich bar, else tqdm, else one plain line per step.
+
+    The first call announces the ceiling measurement, which ``total`` does not count.
+    """
+    rich_progress = _module_or_none("rich.progress") if enabled else None
+    tqdm_module = _module_or_none("tqdm") if enabled and rich_progress is None else None
+    started = [False]
+    if rich_progress is not None:
+        rp = rich_progress
+        with rp.Progress(rp.TextColumn("{task.description:<60}"), rp.BarColumn(),
+                         rp.MofNCompleteColumn(), rp.TimeElapsedColumn()) as bar:
+            task = bar.add_task("fastres bench", total=total)
+
+            def advance(label: str) -> None:
+                if started[0]:
+                    bar.advance(task)
+                started[0] = True
+                bar.update(task, description=label[:60])
+
+            yield advance
+            bar.update(task, completed=total, description="done")
+    elif tqdm_module is not None:
+        with tqdm_module.tqdm(total=total, dynamic_ncols=True) as bar:
+
+            def advance_tqdm(label: str) -> None:
+                if started[0]:
+                    bar.update(1)
+                started[0] = True
+                bar.set_description(label[:60])
+
+            yield advance_tqdm
+            bar.update(total - bar.n)
+    else:
+        step = [0]
+
+        def plain(label: str) -> None:
+            if enabled:
+                print(f"[{step[0]}/{total}] {label}", flush=True)
+            step[0] += 1
+
+        yield plain
+
+
+def bench_config(args: argparse.Namespace):
+    from .benchmark.cases import LAYER_MODEL_NAMES, MODEL_NAMES
+    from .benchmark.runner import BenchConfig
+
+    modes = ["train", "infer"] if args.mode == "both" else [args.mode]
+    models = args.model or list(MODEL_NAMES)
+    for name in models:
+        if name not in MODEL_NAMES:
+            raise SystemExit(f"fastres bench: unknown model {name!r}; choose from "
+                             f"{', '.join(MODEL_NAMES)}")
+    layer_models = [m for m in models if m in LAYER_MODEL_NAMES] or list(LAYER_MODEL_NAMES)
+    if args.model is None:
+        layer_models = list(LAYER_MODEL_NAMES)
+    return BenchConfig(
+        models=[] if args.layers_only else models,
+        modes=modes,
+        batch=args.batch,
+        resolution=args.resolution,
+        dtype=args.dtype,
+        compile=args.compile,
+        compile_modes=args.compile_modes.split(","),
+        model_compile_mode=args.model_compile_mode,
+        layers=args.layers or args.layers_only,
+        layer_models=layer_models,
+        layer_limit=args.layer_limit,
+        backend=args.backend,
+        time_limit_s=args.time_limit,
+        quick=args.quick,
+        device=args.device,
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .benchmark import report
+    from .benchmark.runner import CPU_BANNER, plan, run
+
+    config = bench_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "results.json"
+    cpu = not torch.cuda.is_available() if args.device is None else args.device == "cpu"
+    if cpu:
+        print("=" * len(CPU_BANNER))
+        print(CPU_BANNER)
+        print("=" * len(CPU_BANNER), flush=True)
+    total = plan(config if not cpu else _tiny_preview(config))["total"]
+    with _progress_bar(total, not args.no_progress) as advance:
+        results = run(config, progress=advance,
+                      on_update=lambda r: report.write_json(r, json_path))
+    report.write_json(results, json_path)
+    png = report.write_plot(results, out / "results.png")
+    report.print_report(results, use_rich=not args.no_progress)
+    print(f"results: {json_path}")
+    print(f"plot:    {png}" if png else "plot:    not written (matplotlib is not installed)")
+    failed = [
+        f"{e.get('model')} {e.get('id', '')} {e['mode']} {name}"
+        for e in results["models"] + results["layers"]
+        for name, s in e.get("systems", {}).items() if s.get("status") == "error"
+    ]
+    if failed:
+        print(f"{len(failed)} measurement(s) failed (reasons in the JSON):")
+        for line in failed[:20]:
+            print("  " + line)
+    return 1 if failed and args.strict else 0
+
+
+def _tiny_preview(config):
+    """The configuration :func:`run` will use on CPU (for sizing the progress bar)."""
+    import copy
+
+    from .benchmark.runner import tiny_cpu
+
+    return tiny_cpu(copy.deepcopy(config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastres", description="Fused conv + BN + ReLU for ResNet-family CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, GPU, and which backends are available")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser(
+        "bench", help="fastres vs eager vs torch.compile: img/s, per-layer times",
+        description="Time fastres against PyTorch eager (channels_last, autocast) and "
+                    "torch.compile on the same card in the same run. Without a CUDA device a "
+                    "tiny CPU configuration runs (its numbers say nothing about GPU speed).")
+    bench.add_argument("--model", action="append", metavar="NAME",
+                       help="model to time (repeatable); default: all five")
+    bench.add_argument("--mode", choices=("train", "infer", "both"), default="both")
+    bench.add_argument("--batch", type=int, default=256)
+    bench.add_argument("--resolution", type=int, default=224)
+    bench.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time torch.compile (default: yes)")
+    bench.add_argument("--compile-modes", default="default",
+                       help="torch.compile modes for the layer level, comma-separated "
+                            "(e.g. default,max-autotune)")
+    bench.add_argument("--model-compile-mode", default="default",
+                       help="torch.compile mode for the model level")
+    bench.add_argument("--layers", action="store_true",
+                       help="also time every distinct conv shape of ResNet-50 and ResNeXt-50")
+    bench.add_argument("--layers-only", action="store_true", help="only the layer level")
+    bench.add_argument("--layer-limit", type=int, default=None,
+                       help="only the first N distinct shapes of each model")
+    bench.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                       help="fastres backend for the layer level; auto: every available one")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    bench.add_argument("--out", default="fastres-bench", help="output folder")
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer repeats, two layer shapes per model")
+    bench.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                       help="skip (and record as skipped) what is left after this long")
+    bench.add_argument("--no-progress", action="store_true",
+                       help="plain output: no progress bar, plain-text table")
+    bench.add_argument("--strict", action="store_true",
+                       help="exit 1 if any measurement failed")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Build script: the pure-Python package, plus the CUDA extension ``fastres._C`` when it can be built.
+"""Build script: the pure-Python package, plus the CUDA extension ``fastres._C`` where buildable.
 
 Install torch first, then ``pip install --no-build-isolation -e .`` (torch is deliberately not a
 build requirement). The extension is built when torch is importable, torch is a CUDA build and a
@@ -101,7 +101,7 @@ def _extension_config() -> tuple[list, dict]:
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     _say(f"building the CUDA extension fastres._C with the toolkit at {cuda_home}")
-    sources = sorted(glob.glob("csrc/*.cu")) + ["csrc/ops.cpp"]
+    sources = [*sorted(glob.glob("csrc/*.cu")), "csrc/ops.cpp"]
     ext = CUDAExtension(
         name="fastres._C",
         sources=sources,

@@ -1,0 +1,167 @@
+"""The ``cuda`` backend: the compiled CUDA C++ kernels of ``fastres._C`` (csrc/).
+
+The extension registers the ``fastres_cuda`` ops (``torch.ops.fastres_cuda.*``); this module
+orchestrates them into the fused op of :class:`fastres.backends.base.Backend`:
+
+* eval, no grad:       ``conv`` with scale/shift, residual and ReLU in its epilogue: one kernel;
+* eval, with grad:     ``conv`` (raw y) then ``bn_apply``;
+* batch statistics:    ``conv`` (raw y + per-tile partials) → ``bn_finalize`` → ``bn_apply``;
+* backward:            ``bn_backward`` (dReLU + dBN, fp32 reductions) then PyTorch's convolution
+                       backward (:func:`fastres.backends.reference.conv_backward`) for dx / dw / db.
+
+Importing this module raises ImportError, with the reason, when the extension is not built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers torch.ops.fastres_cuda)
+except ImportError as e:  # pragma: no cover - depends on the build
+    raise ImportError(
+        f"the CUDA extension fastres._C is not available ({e}); build it with a CUDA build of "
+        "torch and a CUDA toolkit: `pip install --no-build-isolation -e .` (see setup.py)"
+    ) from e
+
+from . import _alloc
+from .base import CallInfo, ConvParams, OptTensor, Tensor
+from .reference import conv_backward
+
+CL = torch.channels_last
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PATHS = {0: "direct", 1: "implicit_gemm"}
+
+ops = torch.ops.fastres_cuda
+
+
+def plan(
+    x_shape: tuple[int, ...], weight_shape: tuple[int, ...], conv: ConvParams, dtype: torch.dtype
+) -> tuple[str, int, str | None]:
+    """``(kernel, stat_tiles, reason)``: which conv kernel serves this shape, the number of rows of
+    its BN partials, and None or why the extension cannot run it."""
+    path, tiles, reason = ops.conv_plan(
+        list(x_shape), list(weight_shape), list(conv.stride), list(conv.padding),
+        list(conv.dilation), conv.groups, dtype,
+    )
+    return PATHS.get(path, str(path)), tiles, reason or None
+
+
+def _register_fakes() -> None:
+    """Meta kernels so the ops can be traced: they only mutate their output arguments."""
+
+    @torch.library.register_fake("fastres_cuda::conv")
+    def _conv(x, weight, bias, scale, shift, residual, stride, padding, dilation, groups, relu,
+              out, partials):
+        return None
+
+    @torch.library.register_fake("fastres_cuda::bn_finalize")
+    def _finalize(partials, gamma, beta, eps, mean, var, scale, shift):
+        return None
+
+    @torch.library.register_fake("fastres_cuda::bn_apply")
+    def _apply(y, scale, shift, residual, relu, z):
+        return None
+
+    @torch.library.register_fake("fastres_cuda::bn_backward")
+    def _backward(dz, y, z, mean, var, gamma, eps, batch_stats, relu, dy, dres, dgamma, dbeta):
+        return None
+
+
+_register_fakes()
+
+
+def _f32(t: OptTensor) -> OptTensor:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def unsupported_reason(self, call: CallInfo) -> str | None:
+        if call.device.type != "cuda":
+            return (
+                f"the cuda backend runs on CUDA tensors only, got a tensor on {call.device.type}"
+            )
+        if call.dtype not in DTYPES:
+            return f"the cuda backend supports float32, float16 and bfloat16, not {call.dtype}"
+        _, _, reason = plan(call.x_shape, call.weight_shape, call.conv, call.dtype)
+        if reason is not None:
+            return f"the cuda kernels cannot run this convolution: {reason}"
+        return None
+
+    def _conv(
+        self, x: Tensor, weight: Tensor, bias: OptTensor, conv: ConvParams, *,
+        scale: OptTensor = None, shift: OptTensor = None, residual: OptTensor = None,
+        relu: bool = False, stats: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """``(out, partials)``: out = epilogue(conv(x) + bias); partials (3, T, K) if ``stats``."""
+        n, _, h, w = x.shape
+        k, _, r, s = weight.shape
+        oh, ow = conv.out_hw(h, w, r, s)
+        _, tiles, _ = plan(tuple(x.shape), tuple(weight.shape), conv, x.dtype)
+        out = _alloc.empty(n, k, oh, ow, dtype=x.dtype, device=x.device, channels_last=True)
+        if stats:
+            partials = _alloc.empty(3, tiles, k, dtype=torch.float32, device=x.device)
+        else:
+            partials = x.new_empty(0, dtype=torch.float32)
+        ops.conv(
+            x, weight.contiguous(memory_format=CL), None if bias is None else bias.contiguous(),
+            scale, shift, residual, list(conv.stride), list(conv.padding), list(conv.dilation),
+            conv.groups, relu, out, partials,
+        )
+        return out, partials
+
+    def forward(
+        self, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *,
+        conv, batch_stats, eps, relu, save_for_backward,
+    ):
+        k = weight.shape[0]
+        gamma, beta = _f32(bn_weight), _f32(bn_bias)
+        if batch_stats:
+            y, partials = self._conv(x, weight, bias, conv, stats=True)
+            mean, var, scale, shift = (
+                _alloc.empty(k, dtype=torch.float32, device=x.device) for _ in range(4)
+            )
+            ops.bn_finalize(partials, gamma, beta, float(eps), mean, var, scale, shift)
+        else:
+            mean = running_mean.to(torch.float32, copy=True)
+            var = running_var.to(torch.float32, copy=True)
+            scale = torch.rsqrt(var + eps)
+            if gamma is not None:
+                scale = scale * gamma
+            shift = -mean * scale
+            if beta is not None:
+                shift = shift + beta
+            if not save_for_backward:  # inference: one kernel
+                z, _ = self._conv(
+                    x, weight, bias, conv, scale=scale, shift=shift, residual=residual, relu=relu
+                )
+                return z, x.new_empty(0), mean, var
+            y, _ = self._conv(x, weight, bias, conv)
+        z = _alloc.empty_like(y)
+        ops.bn_apply(y, scale, shift, residual, relu, z)
+        if not save_for_backward:
+            y = x.new_empty(0)
+        return z, y, mean, var
+
+    def backward(
+        self, dz, x, weight, y, z, mean, var, bn_weight, *,
+        conv, batch_stats, eps, relu, has_bias, output_mask,
+    ):
+        k = weight.shape[0]
+        dy = _alloc.empty_like(y)
+        dres = _alloc.empty_like(dz) if output_mask[5] else dz.new_empty(0)
+        dgamma = _alloc.empty(k, dtype=torch.float32, device=dz.device)
+        dbeta = _alloc.empty(k, dtype=torch.float32, device=dz.device)
+        ops.bn_backward(
+            dz, y, z, mean, var, _f32(bn_weight), float(eps), batch_stats, relu,
+            dy, dres, dgamma, dbeta,
+        )
+        dx, dw, db = conv_backward(dy, x, weight, conv, has_bias, output_mask)
+        return (
+            dx, dw, db,
+            dgamma if output_mask[3] else None,
+            dbeta if output_mask[4] else None,
+            dres if output_mask[5] else None,
+        )

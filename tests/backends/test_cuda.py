@@ -1,0 +1,383 @@
+"""The ``cuda`` backend: the compiled extension ``fastres._C`` and its ``fastres_cuda`` ops.
+
+Without a GPU (CI): the extension must be built and import wherever a CUDA build of torch and a
+CUDA toolkit are present, its op schemas must be registered, the .so must hold sm_80 and sm_90a
+code for every kernel file, the Python orchestration must trace under FakeTensorMode with fake CUDA
+tensors, and dispatch must say why the backend cannot serve CPU calls. Tests marked ``gpu`` run the
+kernels: the equivalence grid of tests/ops/cases.py against float64 (tests/numerics.py) and
+``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fastres
+from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, availability
+from tests.ops.cases import CASES, Case, run_case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CL = torch.channels_last
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _toolkit() -> str | None:
+    """A CUDA toolkit root as setup.py would find it (CUDA_HOME or the usual install folders)."""
+    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", *glob.glob("/usr/local/cuda-*")]
+    for r in roots:
+        if r and os.path.isfile(os.path.join(r, "include", "cuda_runtime.h")):
+            return r
+    return None
+
+
+def _extension_expected() -> str | None:
+    """None when setup.py builds the extension here, else why it does not."""
+    if os.environ.get("FASTRES_NO_CUDA_EXT", "0") == "1":
+        return "FASTRES_NO_CUDA_EXT=1"
+    if not torch.version.cuda:
+        return "torch is not a CUDA build"
+    if _toolkit() is None:
+        return "no CUDA toolkit"
+    return None
+
+
+def _C():
+    """The extension module; fails (does not skip) where it should have been built."""
+    why_not = _extension_expected()
+    try:
+        import fastres._C as ext
+    except ImportError as e:
+        if why_not is None:
+            pytest.fail(
+                f"fastres._C is missing although torch {torch.__version__} is a CUDA build and a "
+                f"CUDA toolkit is at {_toolkit()}: {e}. Rebuild: pip install --no-build-isolation "
+                "--no-deps -e ."
+            )
+        pytest.skip(f"the extension is not built here on purpose: {why_not}")
+    return ext
+
+
+def _cuda_backend():
+    _C()
+    from fastres.backends import cuda
+
+    return cuda
+
+
+# ---------------------------------------------------------------------------------------------
+# Build
+# ---------------------------------------------------------------------------------------------
+
+
+def test_extension_builds_and_imports():
+    ext = _C()
+    assert ext.__name__ == "fastres._C"
+    assert fastres.backends.load("cuda") is not None, fastres.backends.load_error("cuda")
+
+
+SCHEMAS = {
+    "conv_plan": (
+        "fastres_cuda::conv_plan(int[] x_shape, int[] weight_shape, int[] stride, int[] padding, "
+        "int[] dilation, int groups, ScalarType dtype) -> (int, int, str)"
+    ),
+    "conv": (
+        "fastres_cuda::conv(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+        "Tensor? residual, int[] stride, int[] padding, int[] dilation, int groups, bool relu, "
+        "Tensor(a!) out, Tensor(b!) partials) -> ()"
+    ),
+    "bn_finalize": (
+        "fastres_cuda::bn_finalize(Tensor partials, Tensor? gamma, Tensor? beta, float eps, "
+        "Tensor(a!) mean, Tensor(b!) var, Tensor(c!) scale, Tensor(d!) shift) -> ()"
+    ),
+    "bn_apply": (
+        "fastres_cuda::bn_apply(Tensor y, Tensor scale, Tensor shift, Tensor? residual, "
+        "bool relu, Tensor(a!) z) -> ()"
+    ),
+    "bn_backward": (
+        "fastres_cuda::bn_backward(Tensor dz, Tensor y, Tensor z, Tensor mean, Tensor var, "
+        "Tensor? gamma, float eps, bool batch_stats, bool relu, Tensor(a!) dy, Tensor(b!) dres, "
+        "Tensor(c!) dgamma, Tensor(d!) dbeta) -> ()"
+    ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(SCHEMAS))
+def test_schema_registered(op):
+    _C()
+    assert str(getattr(torch.ops.fastres_cuda, op).default._schema) == SCHEMAS[op]
+
+
+@pytest.mark.parametrize("op", ["conv", "bn_finalize", "bn_apply", "bn_backward"])
+def test_ops_have_cuda_kernels_and_fakes(op):
+    _C()
+    name = f"fastres_cuda::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    _cuda_backend()  # registers the fake kernels
+    assert torch._library.simple_registry.singleton.find(name).fake_impl.kernel is not None
+
+
+def test_cubins_for_sm80_and_sm90a():
+    ext = _C()
+    tool = os.path.join(
+        os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "cuobjdump"
+    )
+    if not os.path.isfile(tool):
+        pytest.fail(f"Triton's bundled cuobjdump is missing at {tool}")
+    out = subprocess.run(
+        [tool, "--list-elf", ext.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    elfs = {line.split(":")[-1].strip() for line in out.splitlines() if "ELF file" in line}
+    sources = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "csrc/*.cu")))
+    assert sources, "no csrc/*.cu files found"
+    for src in sources:
+        for arch in ("sm_80", "sm_90a"):
+            assert f"{src}.{arch}.cubin" in elfs, f"{src}.{arch}.cubin not in {sorted(elfs)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning and dispatch (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+
+def _call(device: str, dtype=torch.float16, groups=1, c=16, k=16, r=3, padding=1):
+    conv = ConvParams((1, 1), (padding, padding), (1, 1), groups)
+    return CallInfo(
+        device=torch.device(device), dtype=dtype, x_shape=(2, c, 9, 9),
+        weight_shape=(k, c // groups, r, r), conv=conv, batch_stats=True, has_residual=False,
+        relu=True,
+    )
+
+
+def test_availability_on_cpu_names_the_reason():
+    _C()
+    reason = availability("cuda", _call("cpu"))
+    assert reason is not None and "CUDA tensors" in reason and "cpu" in reason
+
+
+def test_unsupported_dtype_reason():
+    cuda = _cuda_backend()
+    reason = cuda.CudaBackend().unsupported_reason(_call("cuda", dtype=torch.float64))
+    assert reason is not None and "float64" in reason
+
+
+def test_unsupported_filter_reason():
+    cuda = _cuda_backend()
+    reason = cuda.CudaBackend().unsupported_reason(_call("cuda", r=25, padding=12))
+    assert reason is not None and "too large" in reason
+
+
+def test_cuda_backend_on_cpu_tensors_raises_with_reason():
+    _C()
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(4, 4, 3, 3)
+    with pytest.raises(BackendUnavailableError, match="CUDA tensors"):
+        fastres.ops.conv_bn_relu(
+            x, w, None, None, None, None, training=True, padding=1, backend="cuda"
+        )
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype", "path"),
+    [
+        (Case(groups=8, c=32, k=32), torch.float16, "direct"),  # 4 channels per group
+        (Case(groups=16, c=16, k=16), torch.bfloat16, "direct"),  # depthwise
+        (Case(c=5, k=7), torch.float16, "direct"),  # odd channels
+        (Case(c=64, k=64), torch.float32, "direct"),  # fp32 stays on CUDA cores
+    ],
+)
+def test_plan_path_and_tiles(case, dtype, path):
+    cuda = _cuda_backend()
+    conv = ConvParams((case.stride,) * 2, (case.padding,) * 2, (case.dilation,) * 2, case.groups)
+    got, tiles, reason = cuda.plan(
+        (case.n, case.c, case.h, case.w), (case.k, case.c // case.groups, case.r, case.r), conv,
+        dtype,
+    )
+    assert reason is None
+    assert got == path
+    oh, ow = conv.out_hw(case.h, case.w, case.r, case.r)
+    assert tiles == case.n * -(-oh // 8) * -(-ow // 8)  # 8x8 output tiles fit these shapes
+
+
+def test_plan_validates_shapes():
+    _C()
+    with pytest.raises(RuntimeError, match="groups=3 must divide"):
+        torch.ops.fastres_cuda.conv_plan(
+            [2, 16, 9, 9], [16, 16, 3, 3], [1, 1], [1, 1], [1, 1], 3, torch.float16
+        )
+    with pytest.raises(RuntimeError, match="stride must have 2 entries"):
+        torch.ops.fastres_cuda.conv_plan(
+            [2, 16, 9, 9], [16, 16, 3, 3], [1], [1, 1], [1, 1], 1, torch.float16
+        )
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        torch.ops.fastres_cuda.conv_plan(
+            [2, 16, 9, 9], [16, 16, 3, 3], [1, 1], [1, 1], [1, 1], 1, torch.float64
+        )
+
+
+def test_ops_have_no_cpu_kernel():
+    _C()
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=CL)
+    w = torch.randn(4, 4, 3, 3).contiguous(memory_format=CL)
+    out = torch.empty(1, 4, 5, 5).contiguous(memory_format=CL)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.fastres_cuda.conv(
+            x, w, None, None, None, None, [1, 1], [1, 1], [1, 1], 1, True, out, torch.empty(0)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The orchestration traced with fake CUDA tensors (no GPU needed): shapes, dtypes, layouts
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_stats", [True, False])
+@pytest.mark.parametrize("save", [True, False])
+@pytest.mark.parametrize("residual", [True, False])
+def test_forward_backward_trace_with_fake_cuda_tensors(batch_stats, save, residual):
+    cuda = _cuda_backend()
+    backend = cuda.CudaBackend()
+    conv = ConvParams((2, 2), (1, 1), (1, 1), 8)
+    with FakeTensorMode():
+        dev = torch.device("cuda")
+        x = torch.empty(2, 32, 9, 9, device=dev, dtype=torch.bfloat16).contiguous(memory_format=CL)
+        w = torch.empty(32, 4, 3, 3, device=dev, dtype=torch.bfloat16)
+        vec = torch.empty(32, device=dev)
+        res = (
+            torch.empty(2, 32, 5, 5, device=dev, dtype=torch.bfloat16).contiguous(
+                memory_format=CL
+            )
+            if residual
+            else None
+        )
+        z, y, mean, var = backend.forward(
+            x, w, None, vec, vec, vec, vec, res, conv=conv, batch_stats=batch_stats, eps=1e-5,
+            relu=True, save_for_backward=save,
+        )
+        assert z.shape == (2, 32, 5, 5) and z.dtype == torch.bfloat16 and z.device.type == "cuda"
+        assert z.is_contiguous(memory_format=CL)
+        assert mean.shape == var.shape == (32,) and mean.dtype == torch.float32
+        assert y.shape == ((2, 32, 5, 5) if save else (0,))
+        if not save:
+            return
+        dz = torch.empty_like(z)
+        grads = backend.backward(
+            dz, x, w, y, z, mean, var, vec, conv=conv, batch_stats=batch_stats, eps=1e-5,
+            relu=True, has_bias=False, output_mask=(True, True, False, True, True, residual),
+        )
+        dx, dw, db, dgamma, dbeta, dres = grads
+        assert dx.shape == x.shape and dw.shape == w.shape and db is None
+        assert dgamma.shape == dbeta.shape == (32,) and dgamma.dtype == torch.float32
+        assert (dres is not None) == residual
+        if residual:
+            assert dres.shape == z.shape and dres.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the kernels themselves
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_equivalence_grid(case, dtype, training):
+    _C()
+    run_case(case, dtype, training, backend="cuda", device="cuda", steps=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_eval_inference_single_kernel_path(dtype):
+    """Eval without grad takes the fused-epilogue conv (scale/shift/residual/ReLU in one kernel)."""
+    _C()
+    case = Case(groups=8, c=32, k=32, residual=True, bias=True)
+    with torch.no_grad():
+        run_case_no_grad(case, dtype)
+
+
+def run_case_no_grad(case: Case, dtype: torch.dtype) -> None:
+    from tests.numerics import assert_close_ratio, eager_conv_bn_relu
+    from tests.ops.cases import make_inputs
+
+    t = make_inputs(case, dtype, "cuda")
+    kw = dict(training=False, stride=case.stride, padding=case.padding, groups=case.groups)
+
+    def args(dt, dev, bn_dt):
+        out = {}
+        for name, v in t.items():
+            if v is None:
+                out[name] = None
+            else:
+                is_act = name in ("x", "weight", "bias", "residual")
+                out[name] = v.to(device=dev, dtype=dt if is_act else bn_dt)
+        return out
+
+    def call(fn, a):
+        a = dict(a)
+        return fn(a.pop("x"), a.pop("weight"), a.pop("bn_weight"), a.pop("bn_bias"),
+                  a.pop("running_mean"), a.pop("running_var"), **a, **kw)
+
+    ref = call(eager_conv_bn_relu, args(torch.float64, "cpu", torch.float64))
+    base = call(eager_conv_bn_relu, args(dtype, "cuda", torch.float32))
+    with fastres.use_backend("cuda"):
+        z = call(fastres.ops.conv_bn_relu, args(dtype, "cuda", torch.float32))
+    assert_close_ratio("output", z, ref, base)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_opcheck(dtype):
+    _cuda_backend()
+    dev = "cuda"
+    x = torch.randn(2, 32, 9, 9, device=dev, dtype=dtype).contiguous(memory_format=CL)
+    w = torch.randn(32, 4, 3, 3, device=dev, dtype=dtype).contiguous(memory_format=CL)
+    out = torch.empty(2, 32, 9, 9, device=dev, dtype=dtype).contiguous(memory_format=CL)
+    _, tiles, _ = torch.ops.fastres_cuda.conv_plan(
+        [2, 32, 9, 9], [32, 4, 3, 3], [1, 1], [1, 1], [1, 1], 8, dtype
+    )
+    partials = torch.empty(3, tiles, 32, device=dev)
+    torch.library.opcheck(
+        torch.ops.fastres_cuda.conv.default,
+        (x, w, None, None, None, None, [1, 1], [1, 1], [1, 1], 8, True, out, partials),
+    )
+    vec = lambda: torch.rand(32, device=dev) + 0.5
+    torch.library.opcheck(
+        torch.ops.fastres_cuda.bn_finalize.default,
+        (partials.abs() + 1, vec(), vec(), 1e-5, vec(), vec(), vec(), vec()),
+    )
+    z = torch.empty_like(out)
+    torch.library.opcheck(
+        torch.ops.fastres_cuda.bn_apply.default, (out, vec(), vec(), None, True, z)
+    )
+    dz = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.fastres_cuda.bn_backward.default,
+        (dz, out, z, vec(), vec(), vec(), 1e-5, True, True, torch.empty_like(out),
+         torch.empty_like(out), vec(), vec()),
+    )
+
+
+@pytest.mark.gpu
+def test_conv_rejects_bad_tensors():
+    _C()
+    x = torch.randn(2, 8, 5, 5, device="cuda").contiguous(memory_format=CL)
+    w = torch.randn(8, 8, 3, 3, device="cuda").contiguous(memory_format=CL)
+    out = torch.empty(2, 8, 5, 5, device="cuda").contiguous(memory_format=CL)
+    none = torch.empty(0, device="cuda")
+    args = [None, None, None, None, [1, 1], [1, 1], [1, 1], 1, True]
+    with pytest.raises(RuntimeError, match="channels_last"):
+        torch.ops.fastres_cuda.conv(x.contiguous(), w, *args, out, none)
+    with pytest.raises(RuntimeError, match="weight has dtype"):
+        torch.ops.fastres_cuda.conv(x, w.half(), *args, out, none)
+    with pytest.raises(RuntimeError, match="out has shape"):
+        torch.ops.fastres_cuda.conv(x, w, *args, out[:1], none)
+    with pytest.raises(RuntimeError, match="partials must be"):
+        torch.ops.fastres_cuda.conv(x, w, *args, out, torch.empty(3, 1, 8, device="cuda"))

@@ -1,5 +1,13 @@
 """Fused nn.Modules: same parameters and state_dict keys as the unfused PyTorch modules."""
 
+from .blocks import BasicBlock, Bottleneck, FusedBlock, PreActBasicBlock, PreActBottleneck
 from .conv_bn_relu import ConvBNReLU
 
-__all__ = ["ConvBNReLU"]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "ConvBNReLU",
+    "FusedBlock",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+]

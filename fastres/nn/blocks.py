@@ -1,0 +1,345 @@
+"""Residual blocks built on :class:`ConvBNReLU`, with torchvision's parameter names.
+
+State-dict layout
+-----------------
+A block registers its ``nn.Conv2d`` / ``nn.BatchNorm2d`` children directly under torchvision's
+names (``conv1``, ``bn1``, ..., ``downsample.0``, ``downsample.1``), so ``state_dict()``,
+``named_parameters()`` and ``load_state_dict()`` are key for key those of
+``torchvision.models.resnet.BasicBlock`` / ``Bottleneck`` with no renaming hooks, and
+``block.conv1`` is an ``nn.Conv2d`` as torchvision users expect.
+
+The fused execution goes through :class:`ConvBNReLU` *views*: ``ConvBNReLU.from_modules(conv, bn)``
+objects that share those very modules (no parameter or buffer is duplicated). The views are kept
+in a plain dict (``self._views``), not registered as children, so they add no state-dict keys and
+``.to()``/``.train()`` reach the shared modules exactly once through the block's own children.
+
+Each forward checks that a view still wraps the block's current children. If a child was replaced
+after construction (``nn.SyncBatchNorm.convert_sync_batchnorm``, a user swapping ``bn1``), that
+pair runs unfused, through the replacement module's own forward, so it is never silently stale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conv_bn_relu import ConvBNReLU, fusable_reason
+
+Tensor = torch.Tensor
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
+            dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride, padding=dilation, dilation=dilation,
+                     groups=groups, bias=False)
+
+
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+
+def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """torchvision's projection shortcut: 1×1 conv (stride) + BN, keys ``0.*`` and ``1.*``."""
+    return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+
+
+def conv_bn_act(view: ConvBNReLU | None, conv: nn.Module, bn: nn.Module, x: Tensor,
+                residual: Tensor | None = None, relu: bool = True) -> Tensor:
+    """``relu(bn(conv(x)) + residual)``: fused through ``view`` if it still wraps ``conv``/``bn``.
+
+    Otherwise (no view, or a child replaced since) plain PyTorch through the modules themselves.
+    """
+    if view is not None and view.conv is conv and view.bn is bn:
+        return view(x, residual)
+    y = bn(conv(x))
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+class FusedBlock(nn.Module):
+    """Base of the fused blocks: holds the unregistered :class:`ConvBNReLU` views.
+
+    Subclasses list their pairs in :meth:`fusion_pairs`. ``fused=False`` (see :meth:`set_fused`,
+    used by :func:`fastres.unfuse`) runs every pair in plain PyTorch. ``unfused_reasons`` says
+    why a pair that should be fused is not (e.g. its BN is a ``SyncBatchNorm``).
+    """
+
+    fused: bool
+
+    def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
+        """``{name: (conv, bn, relu)}`` for every conv → BN (→ ReLU) pair of the block."""
+        raise NotImplementedError
+
+    def set_fused(self, fused: bool = True) -> FusedBlock:
+        """(Re)build the fused views from the current children; ``False`` drops them."""
+        views: dict[str, ConvBNReLU] = {}
+        reasons: dict[str, str] = {}
+        if fused:
+            for name, (conv, bn, relu) in self.fusion_pairs().items():
+                reason = fusable_reason(conv, bn)
+                if reason is None:
+                    views[name] = ConvBNReLU.from_modules(conv, bn, relu=relu)
+                else:
+                    reasons[name] = reason
+        self.fused = fused
+        # A plain dict is not registered by nn.Module.__setattr__: the views add no state.
+        self._views = views
+        self.unfused_reasons = reasons
+        return self
+
+    def _run(self, name: str, conv: nn.Module, bn: nn.Module, x: Tensor,
+             residual: Tensor | None = None, relu: bool = True) -> Tensor:
+        return conv_bn_act(self._views.get(name), conv, bn, x, residual, relu)
+
+    def _shortcut(self, x: Tensor) -> Tensor:
+        """Projection ``downsample`` (leading modules such as an avg-pool, then conv + BN)."""
+        ds = self.downsample
+        if not isinstance(ds, nn.Sequential) or len(ds) < 2:
+            return ds(x)
+        for m in list(ds)[:-2]:
+            x = m(x)
+        return self._run("downsample", ds[-2], ds[-1], x, relu=False)
+
+    def _downsample_pair(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
+        ds = getattr(self, "downsample", None)
+        if isinstance(ds, nn.Sequential) and len(ds) >= 2:
+            return {"downsample": (ds[-2], ds[-1], False)}
+        return {}
+
+    def extra_repr(self) -> str:
+        fused = ", ".join(self._views) or "none"
+        return f"fused=[{fused}]"
+
+
+class BasicBlock(FusedBlock):
+    """torchvision's ``BasicBlock``: conv3×3-BN-ReLU, conv3×3-BN, + shortcut, ReLU.
+
+    Runs as two fused calls: ``conv1+bn1+relu`` and ``conv2+bn2+residual+relu``, the projection
+    shortcut (if any) as a third (``downsample.0+downsample.1``, no ReLU).
+    """
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, *, groups: int = 1,
+                 base_width: int = 64, dilation: int = 1, previous_dilation: int | None = None,
+                 downsample: nn.Module | bool | None = None) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        out_channels = channels * self.expansion
+        first_dilation = dilation if previous_dilation is None else previous_dilation
+        self.conv1 = conv3x3(in_channels, channels, stride, dilation=first_dilation)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = conv3x3(channels, out_channels, dilation=dilation)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = _make_downsample(downsample, in_channels, out_channels, stride)
+        self.stride = stride
+        self.set_fused(True)
+
+    @classmethod
+    def from_modules(cls, conv1: nn.Module, bn1: nn.Module, conv2: nn.Module, bn2: nn.Module,
+                     downsample: nn.Module | None = None) -> BasicBlock:
+        """A block over existing modules (shared, not copied), e.g. a torchvision block's."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.conv1, self.bn1, self.conv2, self.bn2 = conv1, bn1, conv2, bn2
+        self.downsample = downsample
+        self.stride = conv1.stride[0] if isinstance(conv1, nn.Conv2d) else 1
+        return self.set_fused(True)
+
+    def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
+        return {"conv1": (self.conv1, self.bn1, True), "conv2": (self.conv2, self.bn2, True),
+                **self._downsample_pair()}
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self._shortcut(x)
+        out = self._run("conv1", self.conv1, self.bn1, x)
+        return self._run("conv2", self.conv2, self.bn2, out, residual=identity)
+
+
+class Bottleneck(FusedBlock):
+    """torchvision's ``Bottleneck`` (ResNet v1.5: stride on the 3×3), with ``groups`` and
+    ``base_width`` for ResNeXt (``groups=32, base_width=4``) and Wide ResNet (``base_width=128``).
+
+    Three fused calls; the last one adds the shortcut before its ReLU.
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, *, groups: int = 1,
+                 base_width: int = 64, dilation: int = 1, previous_dilation: int | None = None,
+                 downsample: nn.Module | bool | None = None) -> None:
+        super().__init__()
+        width = int(channels * (base_width / 64.0)) * groups
+        if width == 0:
+            raise ValueError(f"Bottleneck width is 0 (channels={channels}, base_width="
+                             f"{base_width}, groups={groups}); widen the block")
+        out_channels = channels * self.expansion
+        first_dilation = dilation if previous_dilation is None else previous_dilation
+        self.conv1 = conv1x1(in_channels, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, groups, first_dilation)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, out_channels)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.downsample = _make_downsample(downsample, in_channels, out_channels, stride)
+        self.stride = stride
+        self.set_fused(True)
+
+    @classmethod
+    def from_modules(cls, conv1: nn.Module, bn1: nn.Module, conv2: nn.Module, bn2: nn.Module,
+                     conv3: nn.Module, bn3: nn.Module,
+                     downsample: nn.Module | None = None) -> Bottleneck:
+        """A block over existing modules (shared, not copied), e.g. a torchvision block's."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.conv1, self.bn1, self.conv2, self.bn2 = conv1, bn1, conv2, bn2
+        self.conv3, self.bn3 = conv3, bn3
+        self.downsample = downsample
+        self.stride = conv2.stride[0] if isinstance(conv2, nn.Conv2d) else 1
+        return self.set_fused(True)
+
+    def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
+        return {"conv1": (self.conv1, self.bn1, True), "conv2": (self.conv2, self.bn2, True),
+                "conv3": (self.conv3, self.bn3, True), **self._downsample_pair()}
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self._shortcut(x)
+        out = self._run("conv1", self.conv1, self.bn1, x)
+        out = self._run("conv2", self.conv2, self.bn2, out)
+        return self._run("conv3", self.conv3, self.bn3, out, residual=identity)
+
+
+def _make_downsample(downsample: nn.Module | bool | None, in_channels: int, out_channels: int,
+                     stride: int) -> nn.Module | None:
+    """``None`` → a projection exactly when torchvision would make one; a module → used as is."""
+    if isinstance(downsample, nn.Module):
+        return downsample
+    if downsample is None:
+        downsample = stride != 1 or in_channels != out_channels
+    return projection(in_channels, out_channels, stride) if downsample else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Pre-activation blocks (He et al. 2016, "Identity Mappings in Deep Residual Networks")
+# ------------------------------------------------------------------------------------------------
+#
+# x ─ bn1 ─ relu ─┬─ conv1 ─ bn2 ─ relu ─ conv2 (─ bn3 ─ relu ─ conv3) ─ (+) ─ out
+#                 └─ [downsample: 1×1 conv, when the shape changes] ─────┘ (else x itself)
+#
+# What is fused here: every conv followed by the next BN + ReLU (``conv1+bn2+relu``,
+# ``conv2+bn3+relu``), one ConvBNReLU call each. What is not, and is left for the prologue fusion
+# of DESIGN.md §3 ("Training fusion target"): the block's entry ``bn1+relu`` on its input, and
+# the last conv with the residual add, because there the BN follows the add of the *previous*
+# block (relu(bn(conv(h) + x)) is not conv_bn_relu's relu(bn(conv(h)) + x)). That fusion applies
+# relu(scale·y + shift) while the next conv loads its input, from statistics gathered in the
+# previous conv's epilogue.
+
+
+class _PreActBlock(FusedBlock):
+    expansion = 1
+
+    def _preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(activated input, shortcut)``."""
+        # bn1 is None when the input is already activated (the stem's BN + ReLU did it)
+        a = x if self.bn1 is None else F.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(a)
+        return a, shortcut
+
+
+class PreActBasicBlock(_PreActBlock):
+    """Pre-activation basic block; ``dropout`` between the convs gives the Wide ResNet block.
+
+    ``preact=False`` drops the entry BN + ReLU, for the first block after a stem that ends in
+    BN + ReLU (as fb.resnet.torch's pre-activation ResNets and Wide ResNets do); the shortcut
+    then takes the already activated input.
+    """
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, *, groups: int = 1,
+                 base_width: int = 64, dilation: int = 1, previous_dilation: int | None = None,
+                 preact: bool = True, dropout: float = 0.0,
+                 downsample: nn.Module | bool | None = None) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("PreActBasicBlock only supports groups=1 and base_width=64")
+        out_channels = channels * self.expansion
+        first_dilation = dilation if previous_dilation is None else previous_dilation
+        self.bn1 = nn.BatchNorm2d(in_channels) if preact else None
+        self.conv1 = conv3x3(in_channels, channels, stride, dilation=first_dilation)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.conv2 = conv3x3(channels, out_channels, dilation=dilation)
+        self.downsample = _make_preact_downsample(downsample, in_channels, out_channels, stride)
+        self.set_fused(True)
+
+    def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
+        return {"conv1": (self.conv1, self.bn2, True)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, shortcut = self._preact(x)
+        h = self._run("conv1", self.conv1, self.bn2, a)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        return self.conv2(h) + shortcut
+
+
+class PreActBottleneck(_PreActBlock):
+    """Pre-activation bottleneck (1×1, 3×3 with stride/groups, 1×1), ``groups``/``base_width``
+    as in :class:`Bottleneck`. ``preact=False`` as in :class:`PreActBasicBlock`."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, *, groups: int = 1,
+                 base_width: int = 64, dilation: int = 1, previous_dilation: int | None = None,
+                 preact: bool = True, dropout: float = 0.0,
+                 downsample: nn.Module | bool | None = None) -> None:
+        super().__init__()
+        if dropout:
+            raise ValueError("PreActBottleneck has no dropout option")
+        width = int(channels * (base_width / 64.0)) * groups
+        if width == 0:
+            raise ValueError(f"PreActBottleneck width is 0 (channels={channels}, base_width="
+                             f"{base_width}, groups={groups}); widen the block")
+        out_channels = channels * self.expansion
+        first_dilation = dilation if previous_dilation is None else previous_dilation
+        self.bn1 = nn.BatchNorm2d(in_channels) if preact else None
+        self.conv1 = conv1x1(in_channels, width)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, groups, first_dilation)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, out_channels)
+        self.downsample = _make_preact_downsample(downsample, in_channels, out_channels, stride)
+        self.set_fused(True)
+
+    def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
+        return {"conv1": (self.conv1, self.bn2, True), "conv2": (self.conv2, self.bn3, True)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, shortcut = self._preact(x)
+        h = self._run("conv1", self.conv1, self.bn2, a)
+        h = self._run("conv2", self.conv2, self.bn3, h)
+        return self.conv3(h) + shortcut
+
+
+def _make_preact_downsample(downsample: nn.Module | bool | None, in_channels: int,
+                            out_channels: int, stride: int) -> nn.Module | None:
+    """Pre-activation projection: a bare 1×1 conv on the activated input (no BN after it)."""
+    if isinstance(downsample, nn.Module):
+        return downsample
+    if downsample is None:
+        downsample = stride != 1 or in_channels != out_channels
+    return conv1x1(in_channels, out_channels, stride) if downsample else None
+
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "FusedBlock",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+    "conv_bn_act",
+]

@@ -1,0 +1,206 @@
+"""The benchmark library: formulas, layer extraction, timing, and that each system computes the
+same function (a benchmark comparing different functions would be meaningless)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastres.benchmark import cases, report, roofline, timing
+from fastres.benchmark.env import card_slug, environment
+from fastres.benchmark.roofline import Ceilings, ConvShape, Epilogue, conv_flops, conv_min_bytes
+
+pytest.importorskip("torchvision")
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and bytes, checked by hand
+# ---------------------------------------------------------------------------------------------
+
+# 2 images, 4 → 6 channels, 3×3, padding 1, 5×5: output 2×6×5×5
+SMALL = ConvShape(n=2, c=4, h=5, w=5, k=6, r=3, s=3, padding=(1, 1))
+
+
+def test_conv_flops_by_hand():
+    assert SMALL.out_hw == (5, 5)
+    # 2 · (2·5·5 output positions) · 6 out channels · (4·3·3 reduction) = 21 600
+    assert conv_flops(SMALL) == 21_600
+    assert conv_flops(SMALL, training=True) == 3 * 21_600  # + dgrad + wgrad
+    assert conv_flops(SMALL, training=True, input_grad=False) == 2 * 21_600
+    grouped = ConvShape(n=2, c=4, h=5, w=5, k=6, r=3, s=3, padding=(1, 1), groups=2)
+    assert conv_flops(grouped) == 10_800  # each output sees C/g = 2 channels
+
+
+def test_conv_min_bytes_by_hand():
+    # elements: x 2·4·25 = 200, w 6·4·9 = 216, z 2·6·25 = 300; bf16 = 2 bytes
+    assert conv_min_bytes(SMALL, Epilogue(), 2) == (200 + 216 + 300) * 2
+    assert conv_min_bytes(SMALL, Epilogue(residual=True), 2) == (200 + 216 + 300 + 300) * 2
+    # training: forward 716; backward reads dz, z, x, w (300+300+200+216), writes dw, dx (216+200)
+    assert conv_min_bytes(SMALL, Epilogue(), 2, training=True) == (716 + 1432) * 2
+    # no dx written for the stem
+    assert conv_min_bytes(SMALL, Epilogue(), 4, training=True, input_grad=False) == (
+        716 + 1232) * 4
+    # residual in training: read it forward, write its gradient backward
+    assert conv_min_bytes(SMALL, Epilogue(residual=True), 2, training=True) == (
+        1016 + 1432 + 300) * 2
+
+
+def test_stride_and_output_size():
+    stem = ConvShape(n=1, c=3, h=224, w=224, k=64, r=7, s=7, stride=(2, 2), padding=(3, 3))
+    assert stem.out_hw == (112, 112)
+    # 2 · 112² · 64 · 3 · 49
+    assert conv_flops(stem) == 2 * 112 * 112 * 64 * 3 * 49
+
+
+def test_roofline_bound_and_fractions():
+    ceil = Ceilings(tflops=100.0, tbps=2.0)
+    # 1e12 FLOPs → 10 ms of arithmetic; 1e9 bytes → 0.5 ms of memory: compute-bound
+    assert ceil.bound_seconds(1e12, 1e9) == pytest.approx(0.01)
+    got = roofline.achieved(1e12, 1e9, 0.02, ceil)
+    assert got["tflops"] == pytest.approx(50.0)
+    assert got["tbps"] == pytest.approx(0.05)
+    assert got["frac_peak_tflops"] == pytest.approx(0.5)
+    assert got["frac_roofline"] == pytest.approx(0.5)
+    assert got["bound_by"] == "compute"
+    assert roofline.achieved(1e6, 4e9, 0.004, ceil)["bound_by"] == "memory"
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer shapes read off the architectures
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resnet50_distinct_conv_shapes():
+    """ResNet-50 (torchvision, stride on the 3×3) has 23 distinct conv shapes:
+    stem 1; layer1 4 (64→64 1×1, 64→64 3×3, 64→256 1×1, which the downsample shares, 256→64);
+    layers 2, 3, 4 six each (conv1 of block 0, strided 3×3, conv3, strided downsample,
+    conv1 of later blocks, unstrided 3×3)."""
+    layers = cases.model_conv_layers("resnet50", batch=256, resolution=224)
+    assert len(layers) == 53
+    found = cases.distinct_layer_cases(layers, "resnet50")
+    assert len(found) == 23
+    assert sum(len(c.layers) for c in found) == 53
+    assert all(c.shape.n == 256 for c in found)
+    stem = found[0]
+    assert stem.shape.key() == (3, 224, 224, 64, 7, 7, (2, 2), (3, 3), (1, 1), 1)
+    assert not stem.input_grad
+    by_name = {layer.name: layer for layer in layers}
+    assert by_name["layer1.0.conv3"].epilogue == Epilogue(residual=True, relu=True)
+    assert by_name["layer1.0.downsample.0"].epilogue == Epilogue(residual=False, relu=False)
+    assert by_name["layer1.0.conv1"].epilogue == Epilogue(residual=False, relu=True)
+    assert all(layer.has_bn for layer in layers)
+
+
+def test_resnext50_distinct_conv_shapes():
+    """ResNeXt-50 32x4d has 24: as ResNet-50, except that layer1's downsample (64→256) no
+    longer matches conv3 (128→256), and every 3×3 is grouped (32 groups)."""
+    found = cases.layer_cases("resnext50_32x4d", batch=8, resolution=224)
+    assert len(found) == 24
+    grouped = [c for c in found if c.shape.groups > 1]
+    assert len(grouped) == 7 and all(c.shape.groups == 32 and c.shape.r == 3 for c in grouped)
+
+
+@pytest.mark.parametrize(
+    "name, gmac, mega_outputs",
+    [("resnet50", 4.09, 11.1), ("resnext50_32x4d", 4.23, 14.4), ("wide_resnet50_2", 11.4, 14.4)],
+)
+def test_model_work_matches_published_figures(name, gmac, mega_outputs):
+    """Per-image conv MACs and conv output elements against DESIGN.md section 6."""
+    layers = cases.model_conv_layers(name, batch=1, resolution=224)
+    assert sum(conv_flops(layer.shape) for layer in layers) / 2e9 == pytest.approx(gmac, rel=5e-3)
+    assert sum(layer.shape.z_elems for layer in layers) / 1e6 == pytest.approx(
+        mega_outputs, rel=5e-3)
+
+
+def test_quick_cases_pick_a_3x3_and_a_residual():
+    picked = cases.quick_layer_cases(cases.layer_cases("resnet50", 2, 32))
+    assert len(picked) == 2
+    assert picked[0].shape.r == 3
+    assert picked[1].epilogue.residual
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_time_calls_rotates_inputs_and_reports_median():
+    seen = []
+    t = timing.time_calls(seen.append, ["a", "b", "c"], torch.device("cpu"), warmup=2, repeats=5)
+    assert seen == ["a", "b", "c", "a", "b", "c", "a"]
+    assert t.repeats == 5 and t.copies == 3 and t.timer == "perf_counter"
+    assert len(t.samples_s) == 5
+    assert t.min_s <= t.median_s <= t.max_s
+
+
+def test_copies_to_defeat_l2_on_cpu_is_one():
+    assert timing.copies_to_defeat_l2(10**6, torch.device("cpu")) == 1
+
+
+def test_cpu_ceilings_are_positive_and_finite():
+    ceil = timing.measure_ceilings(torch.device("cpu"), torch.bfloat16)
+    assert ceil.device == "cpu" and ceil.dtype == "float32"
+    assert 0 < ceil.tflops < math.inf and 0 < ceil.tbps < math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# Every system computes the same function
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
+def test_layer_systems_agree(training):
+    case = cases.quick_layer_cases(cases.layer_cases("resnet50", 2, 32))[1]  # has a residual
+    bench = cases.LayerBench(case, training=training, dtype=torch.float32,
+                             device=torch.device("cpu"))
+    assert bench.copies == 1
+    inp = bench.inputs[0]
+    # the running statistics change in training: compare from the same starting point
+    mean0, var0 = bench.mean.clone(), bench.var.clone()
+    eager = bench.eager()(inp)
+    bench.mean.copy_(mean0)
+    bench.var.copy_(var0)
+    assert bench.fused_unavailable("reference") is None
+    assert "interpreter" in bench.fused_unavailable("triton")
+    fused = bench.fused("reference")(inp)
+    if training:
+        assert len(eager) == len(fused) == 5  # weight, gamma, beta, x, residual
+        for a, b in zip(eager, fused):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    else:
+        torch.testing.assert_close(eager, fused, rtol=1e-4, atol=1e-4)
+
+
+def test_model_bench_step_runs_on_cpu():
+    bench = cases.ModelBench("resnet18", "eager", training=True, batch=2, resolution=32,
+                             dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert bench.source == "torchvision"
+    before = next(bench.model.parameters()).detach().clone()
+    loss = bench.step()(bench.inputs[0])
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, next(bench.model.parameters()))  # SGD stepped
+
+
+# ---------------------------------------------------------------------------------------------
+# Report and environment
+# ---------------------------------------------------------------------------------------------
+
+
+def test_render_table_plain_text():
+    text = report.render_table("T", ["model", "mode", "img/s"], [["resnet50", "train", "1,234"]])
+    lines = text.splitlines()
+    assert lines[0] == "T"
+    assert lines[1].split() == ["model", "mode", "img/s"]
+    assert lines[3].endswith("1,234")
+
+
+def test_environment_record():
+    env = environment()
+    for key in ("date_utc", "python", "torch", "torch_cuda", "triton", "fastres",
+                "fastres_commit", "gpu", "driver"):
+        assert key in env
+    assert env["torch"] == torch.__version__
+    if not torch.cuda.is_available():
+        assert env["gpu"] is None and card_slug(env) == "cpu"
+    assert card_slug({"gpu": {"name": "NVIDIA H100 80GB HBM3"}}) == "nvidia-h100-80gb-hbm3"

@@ -1,0 +1,115 @@
+"""``fastres info`` and ``fastres bench`` on a machine without a GPU (tiny CPU configuration)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastres import cli
+from fastres.benchmark.runner import CPU_BANNER, SCHEMA
+
+pytest.importorskip("torchvision")
+NO_GPU = not torch.cuda.is_available()
+
+
+def _has_fastres_models() -> bool:
+    """fastres.models / fastres.fuse land separately; until then the fastres column errors."""
+    try:
+        from fastres.benchmark.cases import fastres_model
+
+        fastres_model("resnet18")
+    except Exception:
+        return False
+    return True
+
+
+def test_info_lists_every_backend(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("fastres", "torch", "triton", "CUDA", "GPU"):
+        assert word in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert set(rows) == {"reference", "triton", "cuda"}
+    assert "available" in rows["reference"] and "unavailable" not in rows["reference"]
+    if NO_GPU:
+        assert "GPU      none" in out
+        assert "interpreter" in rows["triton"] or "unavailable" in rows["triton"]
+
+
+def test_info_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "fastres.cli", "info"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "reference" in done.stdout
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the CPU configuration")
+def test_bench_quick_cpu_writes_json_and_png(tmp_path, capsys):
+    out = tmp_path / "bench"
+    models_ready = _has_fastres_models()
+    code = cli.main(["bench", "--quick", "--no-compile", "--layers", "--model", "resnet18",
+                     "--model", "resnet50", "--out", str(out),
+                     *(["--strict"] if models_ready else [])])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert CPU_BANNER in printed
+    assert (out / "results.png").stat().st_size > 1000
+    results = json.loads((out / "results.json").read_text())
+
+    assert results["schema"] == SCHEMA
+    assert results["cpu_only"] is True and results["note"] == CPU_BANNER
+    env = results["environment"]
+    for key in ("date_utc", "torch", "triton", "fastres", "fastres_commit", "gpu", "driver"):
+        assert key in env
+    assert results["ceilings"]["tflops"] > 0 and results["ceilings"]["tbps"] > 0
+    cfg = results["config"]
+    assert cfg["batch"] == 2 and cfg["resolution"] == 32 and cfg["compile"] is False
+
+    # tiny CPU configuration: one model, both modes, eager and fastres
+    assert [(e["model"], e["mode"]) for e in results["models"]] == [
+        ("resnet18", "train"), ("resnet18", "infer")]
+    for entry in results["models"]:
+        assert set(entry["systems"]) == {"eager", "fastres"}
+        if not models_ready:
+            assert entry["systems"]["fastres"]["status"] == "error"
+            continue
+        for system in entry["systems"].values():
+            assert system["status"] == "ok"
+            assert system["img_s"] > 0 and system["median_s"] > 0
+            assert system["frac_roofline"] > 0
+        assert entry["roofline_img_s"] > 0 and entry["flops_per_image"] > 0
+        assert entry["speedup_vs_eager"] > 0
+
+    # layer level: two ResNet-50 shapes (from --model resnet50), both modes
+    assert len(results["layers"]) == 4
+    for entry in results["layers"]:
+        assert entry["model"] == "resnet50"
+        assert entry["flops"] > 0 and entry["bytes"] > 0 and entry["bound_s"] > 0
+        systems = entry["systems"]
+        assert systems["eager"]["status"] == "ok"
+        assert systems["fastres-reference"]["status"] == "ok"
+        assert systems["fastres-triton"]["status"] == "unavailable"
+        for key in ("tflops", "tbps", "frac_peak_tflops", "frac_peak_tbps", "frac_roofline"):
+            assert systems["eager"][key] > 0
+        assert entry["best_fastres"].startswith("fastres-")
+        assert entry["speedup_vs_eager"] > 0
+
+
+def test_bench_time_limit_records_skips(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = cli.main(["bench", "--quick", "--no-compile", "--model", "resnet18", "--mode",
+                     "infer", "--time-limit", "0", "--no-progress", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    statuses = {s["status"] for e in results["models"] for s in e["systems"].values()}
+    assert statuses == {"skipped"}
+    assert "Model level" in capsys.readouterr().out  # plain-text table
+
+
+def test_bench_rejects_unknown_model():
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--model", "vgg16"])

@@ -1,0 +1,675 @@
+"""Triton BatchNorm kernels around the fused convolution: statistics, normalisation, backward.
+
+Every activation tensor here is an NHWC (channels_last contiguous) 4-d tensor viewed as a 2-d
+row-major matrix: rows are the M = N·H·W pixels, columns the K channels, so element (m, k) sits at
+``m * K + k``. Statistics and all arithmetic are fp32 whatever the storage dtype.
+
+Kernels, in the order a training step uses them:
+
+* ``_bn_merge_kernel`` / ``_bn_finalize_kernel``: merge the conv epilogue's per-tile (count, mean,
+  M2) partials with Chan's parallel formula into the batch mean and biased variance, and turn them
+  into the per-channel affine map ``scale = γ·rsqrt(var + eps)``, ``shift = β − mean·scale``.
+  (Never E[y²] − E[y]²: a channel with mean ≫ std keeps its precision.)
+* ``_bn_running_kernel``: the same affine map from the running statistics (eval).
+* ``_bn_apply_kernel``: ``z = relu(y·scale + shift (+ residual))``.
+* ``_bn_bwd_reduce_kernel`` + ``_bn_bwd_sum_kernel``: ``g = dz·[z > 0]``; per-channel Σg and
+  Σg·ŷ as per-program partial sums, then a small deterministic reduction (no atomics, no host
+  synchronisation).
+* ``_bn_bwd_dx_kernel``: ``dy = γ·invstd·(g − Σg/M − ŷ·Σgŷ/M)`` (batch statistics) or
+  ``dy = γ·invstd·g`` (running statistics), and ``dresidual = g``.
+
+Running-statistic updates are the op layer's job, not this module's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ._compile import CompileSpec
+
+Tensor = torch.Tensor
+
+# The interpreter runs one autotune config only (several fail there), and bigger blocks make it
+# faster: it executes each program with numpy.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(blocks: list[tuple[int, int]]) -> list[triton.Config]:
+    """Autotune configs from (BLOCK_M, num_warps) pairs; one fixed config under the interpreter."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in blocks]
+
+
+# Elementwise and row-reduction kernels see BLOCK_M x BLOCK_K tiles; BLOCK_K is picked by the
+# launcher from K (see _block_k), so the configs only vary the rows per tile and the warps.
+_ELEMENTWISE_BLOCKS = [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]
+_REDUCE_BLOCKS = [(16, 4), (32, 4), (64, 8)]
+
+# Tiles of partial statistics each finalize/merge program reads per loop step, and channels per
+# program; these kernels touch (tiles x K) floats, too little to be worth autotuning.
+_BLOCK_T = 32
+_BLOCK_K_STATS = 32
+# Above this many tiles the finalize runs in two levels (merge groups of _MERGE_GROUP tiles first)
+# so that a large batch does not leave a handful of programs looping over thousands of tiles.
+_MERGE_THRESHOLD = 512
+_MERGE_GROUP = 64
+
+
+def _block_k(k: int) -> int:
+    """Channels per tile: all of them up to 128 (powers of two; masked past K)."""
+    return min(triton.next_power_of_2(k), 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: merge partials, finalize, running statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _merge_tiles(
+    count_ptr, mean_ptr, m2_ptr, t_begin, t_end, K, offs_k, mask_k, c,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Chan-merge tiles [t_begin, t_end) of (count, mean, M2) partials for channels ``offs_k``.
+
+    Each loop step takes BLOCK_T tiles, combines them two-pass (block mean first, then the
+    squared deviations of the tile means from it) and merges that block into the running result
+    with Chan's pairwise update, so no step subtracts two large nearly equal sums.
+    Tile means are taken relative to ``c`` (per channel, subtracted on load): with c close to the
+    mean, the merged mean is small and every rounding is relative to the spread of the tile means,
+    not to |mean| (which matters when mean ≫ std and for the fp32 two-level intermediates).
+    Returns per-channel (count, mean − c, M2) vectors, fp32.
+    """
+    n_a = tl.zeros([BLOCK_K], dtype=tl.float32)
+    mean_a = tl.zeros([BLOCK_K], dtype=tl.float32)
+    m2_a = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_end
+        n_i = tl.load(count_ptr + offs_t, mask=mask_t, other=0.0)
+        # a tile with no rows contributes nothing, whatever its mean/M2 slots hold
+        valid = (mask_t & (n_i > 0))[:, None] & mask_k[None, :]
+        idx = offs_t.to(tl.int64)[:, None] * K + offs_k[None, :]
+        mu_i = tl.where(valid, tl.load(mean_ptr + idx, mask=valid, other=0.0) - c[None, :], 0.0)
+        m2_i = tl.load(m2_ptr + idx, mask=valid, other=0.0)
+        n_b = tl.sum(n_i, axis=0)
+        mean_b = tl.sum(n_i[:, None] * mu_i, axis=0) / tl.maximum(n_b, 1.0)
+        d = tl.where(valid, mu_i - mean_b[None, :], 0.0)
+        m2_b = tl.sum(m2_i, axis=0) + tl.sum(n_i[:, None] * d * d, axis=0)
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        w_b = n_b / tl.maximum(n, 1.0)  # the new block's share of the merged count
+        mean_a = mean_a + delta * w_b
+        m2_a = m2_a + m2_b + delta * delta * n_a * w_b
+        n_a = n
+    return n_a, mean_a, m2_a
+
+
+@triton.jit
+def _affine(
+    mean, var, gamma_ptr, beta_ptr, offs_k, mask_k, eps,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+):
+    """scale = γ·rsqrt(var + eps), shift = β − mean·scale (γ = 1, β = 0 when absent)."""
+    scale = tl.math.rsqrt(var + eps)
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + offs_k, mask=mask_k, other=1.0).to(tl.float32)
+    shift = -mean * scale
+    if HAS_BETA:
+        shift = shift + tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    return scale, shift
+
+
+@triton.jit
+def _bn_merge_kernel(
+    count_ptr,  # (T,) fp32: rows in each input tile
+    mean_ptr,  # (T, K) fp32: per-tile channel means (row 0 also serves as the shift)
+    m2_ptr,  # (T, K) fp32: per-tile sums of squared deviations from the tile mean
+    out_count_ptr,  # (G,) fp32: rows in each group of tiles (written by the first channel block)
+    out_mean_ptr,  # (G, K) fp32: per-group channel means minus the first tile's means
+    out_m2_ptr,  # (G, K) fp32: per-group M2
+    T,  # number of input tiles
+    K,  # channels
+    group,  # input tiles per output group: program (g, ·) merges tiles [g·group, (g+1)·group)
+    BLOCK_T: tl.constexpr,  # tiles per loop step
+    BLOCK_K: tl.constexpr,  # channels per program
+):
+    """First level of a two-level finalize: T tile partials -> G = cdiv(T, group) partials.
+
+    The group means are written relative to the first tile's mean (see _merge_tiles), which the
+    second level (_bn_finalize_kernel with INPUT_SHIFTED) adds back once at the end.
+    """
+    pid_g = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    c = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)  # tile 0's means: the shift
+    t_begin = pid_g * group
+    t_end = tl.minimum(t_begin + group, T)
+    n, mean, m2 = _merge_tiles(
+        count_ptr, mean_ptr, m2_ptr, t_begin, t_end, K, offs_k, mask_k, c, BLOCK_T, BLOCK_K
+    )
+    out = pid_g.to(tl.int64) * K + offs_k
+    tl.store(out_mean_ptr + out, mean, mask=mask_k)
+    tl.store(out_m2_ptr + out, m2, mask=mask_k)
+    if pid_k == 0:
+        # n holds the same count for every channel; store it once
+        tl.store(out_count_ptr + pid_g, tl.max(n, axis=0))
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    count_ptr,  # (T,) fp32: rows in each tile
+    mean_ptr,  # (T, K) fp32: per-tile channel means (minus shift_ref if INPUT_SHIFTED)
+    m2_ptr,  # (T, K) fp32: per-tile M2
+    shift_ref_ptr,  # (K,) fp32: per-channel shift of the means (the first tile's means)
+    gamma_ptr,  # (K,) any float: BN weight (read only if HAS_GAMMA)
+    beta_ptr,  # (K,) any float: BN bias (read only if HAS_BETA)
+    out_mean_ptr,  # (K,) fp32: batch mean
+    out_var_ptr,  # (K,) fp32: biased batch variance
+    scale_ptr,  # (K,) fp32: γ·invstd (written only if AFFINE)
+    shift_ptr,  # (K,) fp32: β − mean·scale (written only if AFFINE)
+    T,  # number of tiles
+    K,  # channels
+    eps,  # BN epsilon
+    INPUT_SHIFTED: tl.constexpr,  # means arrive already relative to shift_ref (from the merge)
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    AFFINE: tl.constexpr,  # also produce scale/shift
+    BLOCK_T: tl.constexpr,  # tiles per loop step
+    BLOCK_K: tl.constexpr,  # channels per program
+):
+    pid_k = tl.program_id(0)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    c = tl.load(shift_ref_ptr + offs_k, mask=mask_k, other=0.0)
+    n, mean, m2 = _merge_tiles(
+        count_ptr, mean_ptr, m2_ptr, 0, T, K, offs_k, mask_k,
+        tl.zeros_like(c) if INPUT_SHIFTED else c, BLOCK_T, BLOCK_K,
+    )
+    mean = mean + c  # the one rounding at |mean| scale
+    var = tl.maximum(m2, 0.0) / tl.maximum(n, 1.0)
+    tl.store(out_mean_ptr + offs_k, mean, mask=mask_k)
+    tl.store(out_var_ptr + offs_k, var, mask=mask_k)
+    if AFFINE:
+        scale, shift = _affine(
+            mean, var, gamma_ptr, beta_ptr, offs_k, mask_k, eps, HAS_GAMMA, HAS_BETA
+        )
+        tl.store(scale_ptr + offs_k, scale, mask=mask_k)
+        tl.store(shift_ptr + offs_k, shift, mask=mask_k)
+
+
+@triton.jit
+def _bn_running_kernel(
+    rmean_ptr,  # (K,) any float: running mean
+    rvar_ptr,  # (K,) any float: running variance
+    gamma_ptr,  # (K,) any float: BN weight (read only if HAS_GAMMA)
+    beta_ptr,  # (K,) any float: BN bias (read only if HAS_BETA)
+    out_mean_ptr,  # (K,) fp32: copy of the running mean
+    out_var_ptr,  # (K,) fp32: copy of the running variance
+    scale_ptr,  # (K,) fp32: γ·rsqrt(running_var + eps)
+    shift_ptr,  # (K,) fp32: β − running_mean·scale
+    K,  # channels
+    eps,  # BN epsilon
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # channels per program
+):
+    """Eval: the affine map from the running statistics, plus fp32 copies of them."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mean = tl.load(rmean_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    var = tl.load(rvar_ptr + offs_k, mask=mask_k, other=1.0).to(tl.float32)
+    scale, shift = _affine(mean, var, gamma_ptr, beta_ptr, offs_k, mask_k, eps, HAS_GAMMA, HAS_BETA)
+    tl.store(out_mean_ptr + offs_k, mean, mask=mask_k)
+    tl.store(out_var_ptr + offs_k, var, mask=mask_k)
+    tl.store(scale_ptr + offs_k, scale, mask=mask_k)
+    tl.store(shift_ptr + offs_k, shift, mask=mask_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Apply: z = relu(y·scale + shift (+ residual))
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_K) tile of an (M, K) matrix: flat int64 offsets, masks."""
+    # int64 rows: M·K passes 2^31 for large batches (256·112·112·64 ≈ 2^27.6 per tensor is fine,
+    # but wide layers and bigger batches are not)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mask = (offs_m < M)[:, None] & mask_k[None, :]
+    return offs_m[:, None] * K + offs_k[None, :], offs_k, mask_k, mask
+
+
+@triton.autotune(configs=_configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K"])
+@triton.jit
+def _bn_apply_kernel(
+    y_ptr,  # (M, K) x dtype: raw conv output
+    scale_ptr,  # (K,) fp32
+    shift_ptr,  # (K,) fp32
+    res_ptr,  # (M, K) x dtype: residual (read only if HAS_RES)
+    z_ptr,  # (M, K) x dtype: output
+    M,  # rows (pixels)
+    K,  # channels
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
+    BLOCK_M: tl.constexpr,  # rows per tile (autotuned)
+):
+    idx, offs_k, mask_k, mask = _tile(M, K, BLOCK_M, BLOCK_K)
+    scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
+    shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
+    y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    z = y * scale[None, :] + shift[None, :]
+    if HAS_RES:
+        z += tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        z = tl.where(z < 0.0, 0.0, z)  # not maximum(): NaN must propagate as in torch.relu
+    tl.store(z_ptr + idx, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_configs(_REDUCE_BLOCKS), key=["M", "K", "BLOCK_K"])
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    dz_ptr,  # (M, K) x dtype: gradient of the output z
+    z_ptr,  # (M, K) x dtype: forward output (read only if RELU, for the ReLU mask)
+    y_ptr,  # (M, K) x dtype: raw conv output
+    mean_ptr,  # (K,) fp32: the mean used to normalise
+    part_g_ptr,  # (P, K) fp32: per-program Σg
+    part_gy_ptr,  # (P, K) fp32: per-program Σg·(y − mean)
+    M,  # rows (pixels)
+    K,  # channels
+    rows_per_prog,  # program p reduces rows [p·rows_per_prog, (p+1)·rows_per_prog)
+    RELU: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
+    BLOCK_M: tl.constexpr,  # rows per loop step (autotuned)
+):
+    """Per-program partial sums; rows_per_prog is fixed by the launcher, not by the autotuned
+    BLOCK_M, so the partial buffers have the same shape whichever config runs."""
+    pid_p = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+    row_begin = pid_p.to(tl.int64) * rows_per_prog
+    row_end = tl.minimum(row_begin + rows_per_prog, M)
+    # elementwise accumulators, reduced over rows once at the end (fewer, better-ordered adds)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc_gy = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for step in range(0, tl.cdiv(rows_per_prog, BLOCK_M)):
+        offs_m = row_begin + step * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (offs_m < row_end)[:, None] & mask_k[None, :]
+        idx = offs_m[:, None] * K + offs_k[None, :]
+        g = tl.load(dz_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            z = tl.load(z_ptr + idx, mask=mask, other=0.0)
+            g = tl.where(z > 0, g, 0.0)
+        y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        acc_g += g
+        # centred before multiplying: y − mean is exact-ish even when mean ≫ std
+        acc_gy += g * (y - mean[None, :])  # masked lanes have g = 0
+    out = pid_p.to(tl.int64) * K + offs_k
+    tl.store(part_g_ptr + out, tl.sum(acc_g, axis=0), mask=mask_k)
+    tl.store(part_gy_ptr + out, tl.sum(acc_gy, axis=0), mask=mask_k)
+
+
+@triton.jit
+def _bn_bwd_sum_kernel(
+    part_g_ptr,  # (P, K) fp32: per-program Σg
+    part_gy_ptr,  # (P, K) fp32: per-program Σg·(y − mean)
+    var_ptr,  # (K,) fp32: the variance used to normalise
+    dbeta_ptr,  # (K,) fp32 out: Σg
+    dgamma_ptr,  # (K,) fp32 out: Σg·ŷ = invstd·Σg·(y − mean)
+    P,  # number of partial rows
+    K,  # channels
+    eps,  # BN epsilon
+    BLOCK_T: tl.constexpr,  # partial rows per loop step
+    BLOCK_K: tl.constexpr,  # channels per program
+):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    acc_g = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    acc_gy = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_T):
+        offs_p = p0 + tl.arange(0, BLOCK_T)
+        mask = (offs_p < P)[:, None] & mask_k[None, :]
+        idx = offs_p.to(tl.int64)[:, None] * K + offs_k[None, :]
+        acc_g += tl.load(part_g_ptr + idx, mask=mask, other=0.0)
+        acc_gy += tl.load(part_gy_ptr + idx, mask=mask, other=0.0)
+    invstd = tl.math.rsqrt(tl.load(var_ptr + offs_k, mask=mask_k, other=1.0) + eps)
+    tl.store(dbeta_ptr + offs_k, tl.sum(acc_g, axis=0), mask=mask_k)
+    tl.store(dgamma_ptr + offs_k, tl.sum(acc_gy, axis=0) * invstd, mask=mask_k)
+
+
+@triton.autotune(configs=_configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K"])
+@triton.jit
+def _bn_bwd_dx_kernel(
+    dz_ptr,  # (M, K) x dtype: gradient of z
+    z_ptr,  # (M, K) x dtype: forward output (read only if RELU)
+    y_ptr,  # (M, K) x dtype: raw conv output (read only if BATCH_STATS)
+    mean_ptr,  # (K,) fp32: mean used to normalise (read only if BATCH_STATS)
+    var_ptr,  # (K,) fp32: variance used to normalise
+    gamma_ptr,  # (K,) any float: BN weight (read only if HAS_GAMMA)
+    sum_g_ptr,  # (K,) fp32: Σg (read only if BATCH_STATS)
+    sum_gyhat_ptr,  # (K,) fp32: Σg·ŷ (read only if BATCH_STATS)
+    dy_ptr,  # (M, K) x dtype out: gradient of y (written only if WRITE_DY)
+    dres_ptr,  # (M, K) x dtype out: gradient of the residual, g (written only if WRITE_DRES)
+    M,  # rows (pixels); also the BN count
+    K,  # channels
+    eps,  # BN epsilon
+    RELU: tl.constexpr,
+    BATCH_STATS: tl.constexpr,  # mean/var came from this batch (their gradient flows)
+    HAS_GAMMA: tl.constexpr,
+    WRITE_DY: tl.constexpr,
+    WRITE_DRES: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
+    BLOCK_M: tl.constexpr,  # rows per tile (autotuned)
+):
+    idx, offs_k, mask_k, mask = _tile(M, K, BLOCK_M, BLOCK_K)
+    g = tl.load(dz_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        z = tl.load(z_ptr + idx, mask=mask, other=0.0)
+        g = tl.where(z > 0, g, 0.0)
+    if WRITE_DRES:
+        tl.store(dres_ptr + idx, g.to(dres_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DY:
+        invstd = tl.math.rsqrt(tl.load(var_ptr + offs_k, mask=mask_k, other=1.0) + eps)
+        a = invstd
+        if HAS_GAMMA:
+            a = a * tl.load(gamma_ptr + offs_k, mask=mask_k, other=1.0).to(tl.float32)
+        if BATCH_STATS:
+            inv_m = 1.0 / M  # fp32 (M may arrive as a constexpr when it is 1)
+            mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+            mean_g = tl.load(sum_g_ptr + offs_k, mask=mask_k, other=0.0) * inv_m
+            # ŷ·Σgŷ/M = (y − mean)·invstd·Σgŷ/M: fold invstd into the per-channel factor
+            c = tl.load(sum_gyhat_ptr + offs_k, mask=mask_k, other=0.0) * (invstd * inv_m)
+            y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            dy = a[None, :] * (g - mean_g[None, :] - (y - mean[None, :]) * c[None, :])
+        else:
+            dy = a[None, :] * g
+        tl.store(dy_ptr + idx, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(t: Tensor) -> tuple[int, int]:
+    """(M, K) of an NHWC activation; checks the layout the kernels index by."""
+    assert t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last), (
+        f"expected a channels_last contiguous 4-d tensor, got shape {tuple(t.shape)}, "
+        f"strides {t.stride()}"
+    )
+    n, k, h, w = t.shape
+    return n * h * w, k
+
+
+def _vec(k: int, like: Tensor) -> Tensor:
+    return _alloc.empty(k, dtype=torch.float32, device=like.device)
+
+
+def finalize(
+    count: Tensor,
+    mean: Tensor,
+    m2: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    eps: float,
+    *,
+    affine: bool = True,
+    group: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Batch statistics from per-tile partials: ``(mean, var, scale, shift)``, all (K,) fp32.
+
+    ``count`` (T,), ``mean``/``m2`` (T, K) fp32 as the conv epilogue writes them. ``var`` is the
+    biased variance. ``scale``/``shift`` are None unless ``affine``. ``group`` forces the two-level
+    merge with that many tiles per first-level group (chosen automatically when None).
+    """
+    t, k = mean.shape
+    assert count.shape == (t,) and m2.shape == (t, k)
+    assert count.dtype == mean.dtype == m2.dtype == torch.float32
+    count, mean, m2 = count.contiguous(), mean.contiguous(), m2.contiguous()
+    shift_ref = mean[0]  # tile 0's means, a per-channel estimate of the batch mean
+    if group is None and t > _MERGE_THRESHOLD:
+        group = _MERGE_GROUP
+    if group is not None:
+        g = triton.cdiv(t, group)
+        g_count = _alloc.empty(g, dtype=torch.float32, device=mean.device)
+        g_mean = _alloc.empty(g, k, dtype=torch.float32, device=mean.device)
+        g_m2 = _alloc.empty(g, k, dtype=torch.float32, device=mean.device)
+        _bn_merge_kernel[(g, triton.cdiv(k, _BLOCK_K_STATS))](
+            count, mean, m2, g_count, g_mean, g_m2, t, k, group,
+            BLOCK_T=_BLOCK_T, BLOCK_K=_BLOCK_K_STATS,
+        )
+        count, mean, m2, t = g_count, g_mean, g_m2, g
+    out_mean, out_var = _vec(k, mean), _vec(k, mean)
+    scale = _vec(k, mean) if affine else None
+    shift = _vec(k, mean) if affine else None
+    _bn_finalize_kernel[(triton.cdiv(k, _BLOCK_K_STATS),)](
+        count, mean, m2, shift_ref,
+        bn_weight.contiguous() if bn_weight is not None else out_mean,  # dummies: never read
+        bn_bias.contiguous() if bn_bias is not None else out_mean,
+        out_mean, out_var,
+        scale if affine else out_mean, shift if affine else out_var,
+        t, k, eps,
+        INPUT_SHIFTED=group is not None, HAS_GAMMA=bn_weight is not None,
+        HAS_BETA=bn_bias is not None, AFFINE=affine,
+        BLOCK_T=_BLOCK_T, BLOCK_K=_BLOCK_K_STATS,
+    )
+    return out_mean, out_var, scale, shift
+
+
+def running_affine(
+    running_mean: Tensor,
+    running_var: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eval: ``(mean, var, scale, shift)`` (K,) fp32 from the running statistics (fresh copies)."""
+    k = running_mean.shape[0]
+    mean, var, scale, shift = (_vec(k, running_mean) for _ in range(4))
+    _bn_running_kernel[(triton.cdiv(k, _BLOCK_K_STATS),)](
+        running_mean.contiguous(), running_var.contiguous(),
+        bn_weight.contiguous() if bn_weight is not None else mean,  # dummies are never read
+        bn_bias.contiguous() if bn_bias is not None else mean,
+        mean, var, scale, shift, k, eps,
+        HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None,
+        BLOCK_K=_BLOCK_K_STATS,
+    )
+    return mean, var, scale, shift
+
+
+def _grid(m: int, k: int, block_k: int):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, block_k))
+
+
+def apply(
+    y: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool
+) -> Tensor:
+    """``relu(y·scale + shift (+ residual))`` in y's dtype, channels_last; fp32 math."""
+    m, k = _rows(y)
+    if residual is not None:
+        assert residual.shape == y.shape and residual.dtype == y.dtype
+        _rows(residual)
+    z = _alloc.empty(*y.shape, dtype=y.dtype, device=y.device, channels_last=True)
+    block_k = _block_k(k)
+    _bn_apply_kernel[_grid(m, k, block_k)](
+        y, scale, shift, residual if residual is not None else y, z, m, k,
+        HAS_RES=residual is not None, RELU=relu, BLOCK_K=block_k,
+    )
+    return z
+
+
+def _rows_per_prog(m: int) -> int:
+    """Rows each backward-reduction program covers: at most ~1024 programs per channel block
+    (a cheap second pass), at least 256 rows each (enough work per program)."""
+    return max(256, triton.cdiv(m, 1024))
+
+
+def backward(
+    dz: Tensor,
+    y: Tensor,
+    z: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    bn_weight: Tensor | None,
+    *,
+    batch_stats: bool,
+    eps: float,
+    relu: bool,
+    need_dy: bool = True,
+    need_stats_grad: bool = True,
+    need_dres: bool = False,
+    rows_per_prog: int | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """dReLU + dBN: ``(dy, dgamma, dbeta, dresidual)``.
+
+    ``dy``/``dresidual`` are in dz's dtype, channels_last; ``dgamma`` (Σg·ŷ) and ``dbeta`` (Σg)
+    fp32 (K,). Entries not asked for are None (``need_stats_grad`` covers dgamma and dbeta).
+    ``y`` is only read with batch statistics or ``need_stats_grad``; ``z`` only with ``relu``.
+    ``rows_per_prog`` overrides how many rows each reduction program sums (tests).
+    """
+    m, k = _rows(dz)
+    if relu:
+        assert z.shape == dz.shape
+        _rows(z)
+    block_k = _block_k(k)
+    dgamma = dbeta = None
+    if batch_stats or need_stats_grad:
+        _rows(y)
+        rows = rows_per_prog or _rows_per_prog(m)
+        p = triton.cdiv(m, rows)
+        part_g = _alloc.empty(p, k, dtype=torch.float32, device=dz.device)
+        part_gy = _alloc.empty(p, k, dtype=torch.float32, device=dz.device)
+        _bn_bwd_reduce_kernel[(p, triton.cdiv(k, block_k))](
+            dz, z if relu else dz, y, mean, part_g, part_gy, m, k, rows,
+            RELU=relu, BLOCK_K=block_k,
+        )
+        dbeta, dgamma = _vec(k, dz), _vec(k, dz)
+        _bn_bwd_sum_kernel[(triton.cdiv(k, _BLOCK_K_STATS),)](
+            part_g, part_gy, var, dbeta, dgamma, p, k, eps,
+            BLOCK_T=_BLOCK_T, BLOCK_K=_BLOCK_K_STATS,
+        )
+    dy = dres = None
+    if need_dy or need_dres:
+        new = lambda: _alloc.empty(*dz.shape, dtype=dz.dtype, device=dz.device, channels_last=True)
+        dy = new() if need_dy else None
+        dres = new() if need_dres else None
+        _bn_bwd_dx_kernel[_grid(m, k, block_k)](
+            dz, z if relu else dz, y if batch_stats else dz, mean, var,
+            bn_weight.contiguous() if bn_weight is not None else var,  # dummies are never read
+            dbeta if batch_stats else var, dgamma if batch_stats else var,
+            dy if need_dy else dz, dres if need_dres else dz,
+            m, k, eps,
+            RELU=relu, BATCH_STATS=batch_stats, HAS_GAMMA=bn_weight is not None,
+            WRITE_DY=need_dy, WRITE_DRES=need_dres, BLOCK_K=block_k,
+        )
+    if not need_stats_grad:
+        dgamma = dbeta = None
+    return dy, dgamma, dbeta, dres
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/backends/triton_compile_check.py)
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every kernel in this module: each flag combination and activation dtype with one block
+    config, plus each autotune config (and BLOCK_K of 16/64/128) for one flag combination."""
+    specs: list[CompileSpec] = []
+    f32 = "*fp32"
+    stats = dict(BLOCK_T=_BLOCK_T, BLOCK_K=_BLOCK_K_STATS)
+    specs.append(CompileSpec(
+        "bn_merge", _bn_merge_kernel,
+        dict(count_ptr=f32, mean_ptr=f32, m2_ptr=f32, out_count_ptr=f32, out_mean_ptr=f32,
+             out_m2_ptr=f32, T="i32", K="i32", group="i32"),
+        stats,
+    ))
+    for has_gamma in (False, True):
+        for affine in (False, True):
+            for shifted in (False, True):
+                specs.append(CompileSpec(
+                    f"bn_finalize[gamma={has_gamma},affine={affine},shifted={shifted}]",
+                    _bn_finalize_kernel,
+                    dict(count_ptr=f32, mean_ptr=f32, m2_ptr=f32, shift_ref_ptr=f32,
+                         gamma_ptr=f32, beta_ptr=f32, out_mean_ptr=f32, out_var_ptr=f32,
+                         scale_ptr=f32, shift_ptr=f32, T="i32", K="i32", eps="fp32"),
+                    dict(INPUT_SHIFTED=shifted, HAS_GAMMA=has_gamma, HAS_BETA=has_gamma,
+                         AFFINE=affine, **stats),
+                ))
+        specs.append(CompileSpec(
+            f"bn_running[gamma={has_gamma}]", _bn_running_kernel,
+            dict(rmean_ptr=f32, rvar_ptr=f32, gamma_ptr=f32, beta_ptr=f32, out_mean_ptr=f32,
+                 out_var_ptr=f32, scale_ptr=f32, shift_ptr=f32, K="i32", eps="fp32"),
+            dict(HAS_GAMMA=has_gamma, HAS_BETA=has_gamma, BLOCK_K=_BLOCK_K_STATS),
+        ))
+    specs.append(CompileSpec(
+        "bn_bwd_sum", _bn_bwd_sum_kernel,
+        dict(part_g_ptr=f32, part_gy_ptr=f32, var_ptr=f32, dbeta_ptr=f32, dgamma_ptr=f32,
+             P="i32", K="i32", eps="fp32"),
+        stats,
+    ))
+
+    # autotuned kernels: (name, kernel, signature(dtype), flag sets, blocks)
+    def apply_sig(t: str) -> dict[str, str]:
+        return dict(y_ptr=t, scale_ptr=f32, shift_ptr=f32, res_ptr=t, z_ptr=t, M="i32", K="i32")
+
+    def reduce_sig(t: str) -> dict[str, str]:
+        return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, part_g_ptr=f32, part_gy_ptr=f32,
+                    M="i32", K="i32", rows_per_prog="i32")
+
+    def dx_sig(t: str) -> dict[str, str]:
+        return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, var_ptr=f32, gamma_ptr=f32,
+                    sum_g_ptr=f32, sum_gyhat_ptr=f32, dy_ptr=t, dres_ptr=t, M="i32", K="i32",
+                    eps="fp32")
+
+    tuned = [
+        ("bn_apply", _bn_apply_kernel, apply_sig, _ELEMENTWISE_BLOCKS,
+         [dict(HAS_RES=r, RELU=u) for r in (False, True) for u in (False, True)]),
+        ("bn_bwd_reduce", _bn_bwd_reduce_kernel, reduce_sig, _REDUCE_BLOCKS,
+         [dict(RELU=u) for u in (False, True)]),
+        ("bn_bwd_dx", _bn_bwd_dx_kernel, dx_sig, _ELEMENTWISE_BLOCKS,
+         [dict(RELU=u, BATCH_STATS=b, HAS_GAMMA=True, WRITE_DY=True, WRITE_DRES=d)
+          for u in (False, True) for b in (False, True) for d in (False, True)]
+         + [dict(RELU=True, BATCH_STATS=True, HAS_GAMMA=False, WRITE_DY=False, WRITE_DRES=True)]),
+    ]
+    for name, kernel, sig, blocks, flag_sets in tuned:
+        fn = kernel.fn  # the @triton.jit function under the autotuner
+        bm0, w0 = blocks[0]
+        for t in _DTYPES.values():
+            for flags in flag_sets:
+                label = ",".join(f"{k}={int(v)}" for k, v in flags.items())
+                specs.append(CompileSpec(
+                    f"{name}[{t},{label},BLOCK_M={bm0},BLOCK_K=64]", fn, sig(t),
+                    dict(flags, BLOCK_K=64, BLOCK_M=bm0), num_warps=w0,
+                ))
+        flags = flag_sets[-1]
+        label = ",".join(f"{k}={int(v)}" for k, v in flags.items())
+        for bm, w in blocks:
+            for bk in (16, 64, 128):
+                specs.append(CompileSpec(
+                    f"{name}[bf16,{label},BLOCK_M={bm},BLOCK_K={bk},warps={w}]", fn, sig("bf16"),
+                    dict(flags, BLOCK_K=bk, BLOCK_M=bm), num_warps=w,
+                ))
+    return specs
+
+
+__all__ = ["apply", "backward", "compile_specs", "finalize", "running_affine"]

@@ -1,0 +1,327 @@
+"""The Triton backend: its BN kernels one by one, then the whole fused op against float64.
+
+On a machine without a GPU everything runs under the Triton interpreter (tests/conftest.py sets
+``TRITON_INTERPRET=1``); tests marked ``gpu`` run the compiled kernels on CUDA.
+Every comparison follows tests/numerics.py: error vs float64 at most 2x plain PyTorch's error in
+the same dtype (plus a few ulps), NaN never passes; kernel outputs are NaN-poisoned before use.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastres
+from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, select
+from fastres.backends.reference import bn_relu_backward
+from fastres.backends.triton import bn
+from tests.numerics import assert_close_ratio
+from tests.ops.cases import CASES, Case, run_case
+
+CL = torch.channels_last
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _nhwc(n: int, k: int, h: int, w: int, *, offset: float = 0.0, scale: float = 1.0):
+    """float64 NHWC activation with per-channel offsets and spreads (non-trivial statistics)."""
+    mu = torch.randn(k, dtype=torch.float64) + offset
+    sd = (torch.rand(k, dtype=torch.float64) + 0.25) * scale
+    t = torch.randn(n, k, h, w, dtype=torch.float64) * sd.view(1, -1, 1, 1) + mu.view(1, -1, 1, 1)
+    return t.contiguous(memory_format=CL)
+
+
+def _tile_partials(y: torch.Tensor, tile: int):
+    """Per-tile (count, mean, M2) partials of an NHWC tensor, as the conv epilogue writes them:
+    computed exactly (float64) and rounded once to fp32."""
+    k = y.shape[1]
+    rows = y.permute(0, 2, 3, 1).reshape(-1, k)
+    counts, means, m2s = [], [], []
+    for r0 in range(0, rows.shape[0], tile):
+        block = rows[r0 : r0 + tile]
+        mu = block.mean(0)
+        counts.append(block.shape[0])
+        means.append(mu)
+        m2s.append(((block - mu) ** 2).sum(0))
+    f32 = torch.float32
+    return (
+        torch.tensor(counts, dtype=f32),
+        torch.stack(means).to(f32),
+        torch.stack(m2s).to(f32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels, directly
+# ---------------------------------------------------------------------------------------------
+
+
+def _merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
+    """Plain PyTorch merge of all tiles at once, in the partials' dtype (two-pass over tiles)."""
+    n = count.sum()
+    mu = (count[:, None] * mean).sum(0) / n
+    d = mean - mu
+    return mu, (m2.sum(0) + (count[:, None] * d * d).sum(0)) / n
+
+
+@pytest.mark.parametrize(
+    "k, tile, group, offset",
+    [
+        (7, 16, None, 0.0),  # single level, odd K, last tile partial
+        (40, 8, None, 0.0),  # two channel blocks, > BLOCK_T tiles
+        (40, 8, 5, 0.0),  # forced two-level merge, last group partial
+        (9, 16, 3, 1000.0),  # mean ≫ std, two levels
+        (9, 4, None, 1000.0),  # mean ≫ std, many tiles
+    ],
+)
+def test_finalize_vs_float64(k: int, tile: int, group: int | None, offset: float) -> None:
+    """The merge itself: float64 truth and the plain-PyTorch fp32 baseline both start from the
+    same fp32 partials (the information the conv epilogue hands over)."""
+    y64 = _nhwc(3, k, 10, 9, offset=offset)
+    count, pmean, pm2 = _tile_partials(y64, tile)
+    assert pmean.shape[0] > 1
+    gamma = torch.rand(k) + 0.5
+    beta = torch.randn(k)
+    eps = 1e-5
+    dev = DEVICE
+    mean, var, scale, shift = bn.finalize(
+        count.to(dev), pmean.to(dev), pm2.to(dev), gamma.to(dev), beta.to(dev), eps, group=group,
+    )
+    mean_ref, var_ref = _merge(count.double(), pmean.double(), pm2.double())
+    scale_ref = gamma.double() / torch.sqrt(var_ref + eps)
+    shift_ref = beta.double() - mean_ref * scale_ref
+    mean_base, var_base = _merge(count.to(dev), pmean.to(dev), pm2.to(dev))
+    scale_base = gamma.to(dev) * torch.rsqrt(var_base + eps)
+    shift_base = beta.to(dev) - mean_base * scale_base
+    assert mean.dtype == var.dtype == scale.dtype == shift.dtype == torch.float32
+    assert_close_ratio("mean", mean, mean_ref, mean_base)
+    assert_close_ratio("var", var, var_ref, var_base)
+    assert_close_ratio("scale", scale, scale_ref, scale_base)
+    assert_close_ratio("shift", shift, shift_ref, shift_base)
+    # and the merged statistics are those of the data (up to the fp32 rounding of the partials)
+    var_data, mean_data = torch.var_mean(y64, dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.cpu().double(), mean_data, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.cpu().double(), var_data, rtol=1e-4, atol=0)
+
+
+def test_finalize_without_affine_and_gamma() -> None:
+    y64 = _nhwc(2, 5, 7, 7)
+    count, pmean, pm2 = _tile_partials(y64, 16)
+    dev = DEVICE
+    mean, var, scale, shift = bn.finalize(
+        count.to(dev), pmean.to(dev), pm2.to(dev), None, None, 1e-5, affine=False
+    )
+    assert scale is None and shift is None
+    mean_ref, var_ref = _merge(count.double(), pmean.double(), pm2.double())
+    mean_base, var_base = _merge(count.to(dev), pmean.to(dev), pm2.to(dev))
+    assert_close_ratio("mean", mean, mean_ref, mean_base)
+    assert_close_ratio("var", var, var_ref, var_base)
+    # affine with gamma = beta = None: scale = invstd, shift = -mean·invstd
+    _, _, scale, shift = bn.finalize(
+        count.to(dev), pmean.to(dev), pm2.to(dev), None, None, 1e-5
+    )
+    inv_ref = 1 / torch.sqrt(var_ref + 1e-5)
+    inv_base = torch.rsqrt(var_base + 1e-5)
+    assert_close_ratio("scale", scale, inv_ref, inv_base)
+    assert_close_ratio("shift", shift, -mean_ref * inv_ref, -mean_base * inv_base)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float16])
+def test_running_affine_vs_float64(affine: bool, stat_dtype: torch.dtype) -> None:
+    k, eps = 37, 1e-3
+    rm = (torch.randn(k, dtype=torch.float64) * 3).to(stat_dtype)
+    rv = (torch.rand(k, dtype=torch.float64) * 2 + 0.1).to(stat_dtype)
+    gamma = (torch.rand(k) + 0.5) if affine else None
+    beta = torch.randn(k) if affine else None
+    dev = DEVICE
+    to = lambda t: None if t is None else t.to(dev)
+    mean, var, scale, shift = bn.running_affine(to(rm), to(rv), to(gamma), to(beta), eps)
+    g = 1.0 if gamma is None else gamma.double()
+    b = 0.0 if beta is None else beta.double()
+    scale_ref = g / torch.sqrt(rv.double() + eps)
+    shift_ref = b - rm.double() * scale_ref
+    scale_base = (1.0 if gamma is None else to(gamma)) * torch.rsqrt(to(rv).float() + eps)
+    shift_base = (0.0 if beta is None else to(beta)) - to(rm).float() * scale_base
+    assert mean.dtype == var.dtype == torch.float32
+    assert torch.equal(mean.cpu(), rm.float()) and torch.equal(var.cpu(), rv.float())
+    assert_close_ratio("scale", scale, scale_ref, scale_base)
+    assert_close_ratio("shift", shift, shift_ref, shift_base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "residual, relu, k", [(True, True, 130), (False, True, 7), (True, False, 24)]
+)
+def test_apply_vs_float64(dtype: torch.dtype, residual: bool, relu: bool, k: int) -> None:
+    dev = DEVICE
+    y64 = _nhwc(2, k, 5, 7, offset=0.5)
+    res64 = _nhwc(2, k, 5, 7) if residual else None
+    scale = (torch.rand(k) + 0.5).to(dev)
+    shift = torch.randn(k).to(dev)
+    y = y64.to(dev, dtype)
+    res = res64.to(dev, dtype) if residual else None
+    z = bn.apply(y, scale, shift, res, relu)
+    assert z.dtype == dtype and z.is_contiguous(memory_format=CL)
+
+    def compute(y, s, b, r):
+        out = y * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+        if r is not None:
+            out = out + r
+        return out.relu() if relu else out
+
+    ref = compute(y.double().cpu(), scale.double().cpu(), shift.double().cpu(),
+                  None if res is None else res.double().cpu())
+    base = compute(y, scale, shift, res).to(dtype)  # PyTorch promotes to fp32, rounds once
+    assert_close_ratio("z", z, ref, base)
+
+
+def test_apply_propagates_nan_through_relu() -> None:
+    y = _nhwc(1, 4, 3, 3).float().to(DEVICE)
+    y[0, 1, 1, 1] = float("nan")
+    z = bn.apply(y, torch.ones(4, device=DEVICE), torch.zeros(4, device=DEVICE), None, True)
+    assert torch.isnan(z[0, 1, 1, 1]) and torch.isnan(z).sum() == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "batch_stats, relu, affine, k, rows_per_prog, offset",
+    [
+        (True, True, True, 7, None, 0.0),
+        (True, False, False, 40, 16, 0.0),  # many partial rows: > BLOCK_T in the second pass
+        (False, True, True, 130, 32, 0.0),  # running statistics, two channel blocks
+        (True, True, True, 9, 24, 1000.0),  # mean ≫ std
+    ],
+)
+def test_backward_vs_float64(
+    dtype: torch.dtype, batch_stats: bool, relu: bool, affine: bool, k: int,
+    rows_per_prog: int | None, offset: float,
+) -> None:
+    dev, eps = DEVICE, 1e-5
+    y64 = _nhwc(3, k, 9, 7, offset=offset)
+    y = y64.to(dev, dtype)
+    if batch_stats:
+        var64, mean64 = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    else:
+        mean64 = torch.randn(k, dtype=torch.float64) * 0.3 + offset
+        var64 = torch.rand(k, dtype=torch.float64) + 0.5
+    mean, var = mean64.float().to(dev), var64.float().to(dev)
+    gamma = (torch.rand(k) + 0.5).to(dev) if affine else None
+    # a forward output with a real ReLU mask (about half the elements clipped)
+    z = torch.randn(y.shape, dtype=torch.float64).to(dev, dtype).contiguous(memory_format=CL)
+    if relu:
+        z = z.relu()
+    dz = torch.randn(y.shape, dtype=torch.float64).to(dev, dtype).contiguous(memory_format=CL)
+
+    dy, dgamma, dbeta, dres = bn.backward(
+        dz, y, z, mean, var, gamma, batch_stats=batch_stats, eps=eps, relu=relu,
+        need_dy=True, need_stats_grad=True, need_dres=True, rows_per_prog=rows_per_prog,
+    )
+    kw = dict(batch_stats=batch_stats, eps=eps, relu=relu, need_gamma=True)
+    g64, dy64, dgamma64, dbeta64 = bn_relu_backward(
+        dz.double().cpu(), y.double().cpu(), z.double().cpu(), mean.double().cpu(),
+        var.double().cpu(), None if gamma is None else gamma.double().cpu(), **kw,
+    )
+    g_b, dy_b, dgamma_b, dbeta_b = bn_relu_backward(dz, y, z, mean, var, gamma, **kw)
+    assert dy.dtype == dres.dtype == dtype and dgamma.dtype == dbeta.dtype == torch.float32
+    assert dy.is_contiguous(memory_format=CL) and dres.is_contiguous(memory_format=CL)
+    assert_close_ratio("dy", dy, dy64, dy_b.to(dtype))
+    assert_close_ratio("dresidual", dres, g64, g_b.to(dtype))
+    assert_close_ratio("dgamma", dgamma, dgamma64, dgamma_b)
+    assert_close_ratio("dbeta", dbeta, dbeta64, dbeta_b)
+
+
+def test_backward_only_what_is_asked() -> None:
+    dev = DEVICE
+    y = _nhwc(2, 6, 4, 4).float().to(dev)
+    z, dz = torch.randn_like(y).relu(), torch.randn_like(y)
+    mean, var = torch.zeros(6, device=dev), torch.ones(6, device=dev)
+    dy, dgamma, dbeta, dres = bn.backward(
+        dz, y, z, mean, var, None, batch_stats=False, eps=1e-5, relu=True,
+        need_dy=False, need_stats_grad=False, need_dres=True,
+    )
+    assert dy is None and dgamma is None and dbeta is None
+    torch.testing.assert_close(dres, dz * (z > 0), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend through the public op
+# ---------------------------------------------------------------------------------------------
+
+
+def test_float64_is_refused_naming_the_dtype() -> None:
+    call = CallInfo(
+        device=torch.device(DEVICE), dtype=torch.float64, x_shape=(2, 16, 9, 9),
+        weight_shape=(16, 16, 3, 3), conv=ConvParams((1, 1), (1, 1), (1, 1), 1),
+        batch_stats=True, has_residual=False, relu=True,
+    )
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        select(call, "triton")
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(16, 16, 3, 3, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        fastres.ops.conv_bn_relu(x, w, None, None, None, None, training=True, padding=1,
+                                 backend="triton")
+
+
+# The full grid costs ~N s per dtype under the interpreter (measured, see the module's commit):
+# fp32 runs whole, fp16/bf16 a representative subset, the rest is marked slow.
+_FAST_HALF = {
+    Case().id,
+    Case(residual=True, relu=False).id,
+    Case(groups=8, c=32, k=32, stride=2).id,
+    Case(mean_offset=1000.0, bias=True).id,
+    Case(n=3, c=5, h=6, w=5, k=7, bias=True).id,
+}
+
+
+def _grid_params():
+    for case in CASES:
+        for dtype in DTYPES:
+            for training in (True, False):
+                marks = []
+                if dtype != torch.float32 and case.id not in _FAST_HALF:
+                    marks.append(pytest.mark.slow)
+                yield pytest.param(
+                    case, dtype, training, marks=marks,
+                    id=f"{case.id}-{str(dtype).split('.')[-1]}-{'train' if training else 'eval'}",
+                )
+
+
+@pytest.mark.parametrize("case, dtype, training", list(_grid_params()))
+def test_grid_interpreter(case: Case, dtype: torch.dtype, training: bool) -> None:
+    run_case(case, dtype, training, "triton", device="cpu")
+
+
+def test_running_stats_after_three_steps() -> None:
+    run_case(Case(residual=True, bias=True), torch.float32, True, "triton", steps=3)
+
+
+def test_mean_much_larger_than_std() -> None:
+    # conv output mean ~1000x its std: the statistics must not come from E[y²] − E[y]²
+    run_case(Case(mean_offset=1000.0, bias=True, residual=True), torch.float32, True, "triton")
+
+
+@pytest.fixture
+def _tf32_as_pytorch_default():
+    """Fused fp32 convolutions use TF32 (tl.dot's default), as cuDNN does under PyTorch's default
+    ``cudnn.allow_tf32 = True``; pin that default so the baseline is held to the same precision."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("_tf32_as_pytorch_default")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_grid_cuda(case: Case, dtype: torch.dtype, training: bool) -> None:
+    run_case(case, dtype, training, "triton", device="cuda")
+
+
+@pytest.mark.gpu
+def test_running_stats_after_three_steps_cuda() -> None:
+    run_case(Case(residual=True, bias=True), torch.float32, True, "triton", device="cuda", steps=3)

@@ -1,0 +1,567 @@
+"""Triton convolutions with a fused epilogue (bias, BN statistics, scale/shift, residual, ReLU).
+
+Everything is NHWC (channels_last) inside and accumulates in fp32. Two kernels serve
+:func:`conv2d_fused`:
+
+* ``_conv_gemm_kernel``: implicit GEMM on tensor cores (``tl.dot``). Rows are output pixels
+  (M = N·OH·OW), columns output channels of one group (Kg), the reduction runs over R·S·Cg.
+  Used when a group has >= 16 input channels, one launch covering every group through a group
+  program axis, and, with ``FLAT_K``, for ungrouped convolutions with few input channels (the
+  7x7 stem on RGB), where the reduction index is decoded into (r, s, c) per element so that the
+  3 channels do not waste a 16-wide ``tl.dot`` slab per filter tap.
+* ``_conv_direct_kernel``: direct convolution with CUDA-core FMAs for grouped convolutions with
+  few channels per group (ResNeXt's 4–8, depthwise 1), where a ``tl.dot`` tile would be mostly
+  zeros. Each output channel reads only the Cg input channels of its own group.
+
+The epilogue (shared, ``_epilogue``) adds the bias, optionally writes per-tile BN partial
+statistics of that raw fp32 value, then applies ``acc * scale + shift``, adds the residual,
+applies ReLU and stores in the input dtype.
+
+BN partials (:class:`Partials`) are per M tile: each tile of BLOCK_M output rows yields, for
+every channel, the count of valid rows, their mean and M2 (sum of squared deviations from the
+tile mean). M2 is computed from the fp32 tile in registers with the corrected two-pass algorithm
+(mean, deviations from it, correction), on the accumulator before the bias is added (the bias
+only shifts the mean), so it stays accurate when |mean| >> std; tiles are merged with Chan's
+formula downstream. Remaining limit: the fp32 tile means carry a rounding error of half an ulp
+of |mean|, which enters the merged variance like a rounding of each output to fp32 would.
+
+Tile boundaries depend on BLOCK_M, which autotuning chooses. The partial buffers are allocated
+for the smallest BLOCK_M of all configurations (the most tiles); the kernel writes rows
+``[0, cdiv(M, BLOCK_M))`` for the BLOCK_M it ran with, and :func:`conv2d_fused` returns the
+buffers sliced to those rows, reading the configuration that ran from the autotuner
+(``best_config``, set on every launch) and computing the counts on the host from M and BLOCK_M
+(no device sync). Rows past the slice are never read.
+
+Precision: fp32 inputs go through ``tl.dot`` with its default TF32 input precision on GPU, like
+cuDNN's fp32 convolution under PyTorch's default ``torch.backends.cudnn.allow_tf32 = True``;
+fp16/bf16 operands are multiplied exactly and accumulated in fp32. Under the Triton interpreter
+(``TRITON_INTERPRET=1`` at import) bf16 ``tl.dot`` is broken, so operands are upcast to fp32 there
+(``DOT_FP32``), and each autotuner gets exactly one small configuration (the interpreter cannot
+benchmark several).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ..base import ConvParams
+from ._compile import CompileSpec
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# A group needs at least this many input channels for the tensor-core kernel: tl.dot's reduction
+# tile is at least 16 wide, so fewer channels would multiply mostly zeros.
+MIN_DENSE_CHANNELS = 16
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+@dataclasses.dataclass
+class Partials:
+    """Per-tile BN partial statistics of the raw conv output (acc + bias), fp32."""
+
+    count: torch.Tensor  # (T,) float32: number of valid output rows (pixels) in each M tile
+    mean: torch.Tensor  # (T, K) float32: per-tile, per-channel mean
+    m2: torch.Tensor  # (T, K) float32: per-tile, per-channel sum of squared deviations from it
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning configurations
+# ---------------------------------------------------------------------------------------------
+
+# BLOCK_M >= 64 everywhere: the partial-statistics buffers hold one row per BLOCK_M output
+# pixels, so a larger minimum keeps them (and the finalize pass over them) small.
+GPU_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in (
+        (128, 128, 32, 8, 3),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4),
+        (128, 128, 64, 8, 3),
+        (64, 64, 64, 4, 3),
+    )
+]
+GPU_DIRECT_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in (
+        (64, 32, 4, 2),
+        (128, 32, 4, 2),
+        (64, 64, 4, 2),
+        (128, 64, 8, 2),
+        (256, 16, 4, 2),
+    )
+]
+if _INTERPRET:  # one small configuration each: the interpreter cannot benchmark several
+    _GEMM_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
+    _DIRECT_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
+else:
+    _GEMM_CONFIGS = GPU_GEMM_CONFIGS
+    _DIRECT_CONFIGS = GPU_DIRECT_CONFIGS
+
+_MIN_BLOCK_M = min(
+    c.kwargs["BLOCK_M"] for c in (*_GEMM_CONFIGS, *_DIRECT_CONFIGS)
+)
+
+# What selects a configuration: the problem shape and the epilogue (tensor dtypes are added by
+# the autotuner itself).
+_KEY = ["M", "C", "K", "Cg", "Kg", "R", "S", "stride_h", "STATS", "HAS_RES"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _epilogue(
+    acc,  # [BLOCK_M, BLOCK_N] fp32 accumulator of the convolution
+    offs_m,  # [BLOCK_M] int32 output row (pixel) indices of this tile
+    m_ok,  # [BLOCK_M] bool: row < M
+    offs_k,  # [BLOCK_N] int32 global output channel indices
+    k_ok,  # [BLOCK_N] bool: channel exists (in this group)
+    pid_m,  # this tile's index along M (row of the partial-statistics buffers)
+    M,  # number of output rows N·OH·OW
+    K,  # total output channels (row stride of out / residual / partials)
+    bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, mean_ptr, m2_ptr,  # see the kernels
+    HAS_BIAS: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    if STATS:
+        # Statistics of acc + bias, taken on acc and shifted by the bias afterwards (M2 does
+        # not change under a shift): a large bias then costs no precision in the deviations.
+        # Corrected two-pass algorithm over the fp32 tile in registers: a first mean, the
+        # deviations from it, then the mean corrected by the (small, accurately summed) mean
+        # deviation and M2 = sum(d^2) - (sum d)^2 / n. Robust when |mean| >> std, unlike
+        # E[y^2] - E[y]^2; the correction matters because Chan's merge assumes each tile's mean
+        # is exact, and the first mean's rounding (a sum of BLOCK_M values of size |mean|)
+        # would otherwise enter the merged variance to first order.
+        n_valid = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        valid = m_ok[:, None]
+        t_mean = tl.sum(tl.where(valid, acc, 0.0), axis=0) / n_valid
+        dev = tl.where(valid, acc - t_mean[None, :], 0.0)
+        d_sum = tl.sum(dev, axis=0)
+        t_m2 = tl.sum(dev * dev, axis=0) - d_sum * d_sum / n_valid
+        t_mean += d_sum / n_valid
+        if HAS_BIAS:
+            t_mean += bias
+        p_off = pid_m.to(tl.int64) * K + offs_k
+        tl.store(mean_ptr + p_off, t_mean, mask=k_ok)
+        tl.store(m2_ptr + p_off, t_m2, mask=k_ok)
+    if HAS_BIAS:
+        acc += bias[None, :]
+    if HAS_AFFINE:
+        scale = tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)
+        shift = tl.load(shift_ptr + offs_k, mask=k_ok, other=0.0)
+        acc = acc * scale[None, :] + shift[None, :]
+    # int64: M·K passes 2^31 for large batches.
+    o_off = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    o_mask = m_ok[:, None] & k_ok[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + o_off, mask=o_mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _conv_gemm_kernel(
+    x_ptr,  # input, NHWC contiguous (N, H, W, C)
+    w_ptr,  # weight packed as (groups, R, S, Cg, Kg) contiguous: per group a (R·S·Cg, Kg) matrix
+    bias_ptr,  # (K,) conv bias in x's dtype (read only if HAS_BIAS)
+    scale_ptr,  # (K,) fp32 epilogue scale (read only if HAS_AFFINE)
+    shift_ptr,  # (K,) fp32 epilogue shift (read only if HAS_AFFINE)
+    res_ptr,  # residual, NHWC contiguous (N, OH, OW, K) in x's dtype (read only if HAS_RES)
+    out_ptr,  # output, NHWC contiguous (N, OH, OW, K) in x's dtype
+    mean_ptr,  # (tiles, K) fp32 per-tile channel means (written only if STATS)
+    m2_ptr,  # (tiles, K) fp32 per-tile channel M2 (written only if STATS)
+    M,  # output rows N·OH·OW
+    H, W, C,  # input height, width, channels (all groups)
+    OH, OW, K,  # output height, width, channels (all groups)
+    Cg, Kg,  # input / output channels per group
+    R, S,  # filter height, width
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,  # convolution geometry
+    HAS_BIAS: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    FLAT_K: tl.constexpr,  # reduction index runs over R·S·Cg jointly (few input channels)
+    DOT_FP32: tl.constexpr,  # upcast tl.dot operands to fp32 (interpreter: bf16 dot is broken)
+    BLOCK_M: tl.constexpr,  # output rows per program
+    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_K: tl.constexpr,  # reduction slab per tl.dot
+):
+    # Program axis 0 walks the (M tile, N tile) pairs with the channel tile fastest, so the
+    # programs sharing an input tile run together (L2 reuse); axis 1 is the group.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_n = tl.cdiv(Kg, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    img = (t // OH).to(tl.int64)  # int64: later multiplied by H·W·C
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Kg
+    offs_kk = tl.arange(0, BLOCK_K)
+    x_g = x_ptr + g * Cg  # this group's first input channel
+    w_g = w_ptr + g.to(tl.int64) * (R * S * Cg * Kg)  # this group's weight matrix
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        # Reduction index kk = (r·S + s)·Cg + c, decoded per element: the packed weight matrix
+        # has exactly this row order, so its tile load is a plain 2-D block.
+        KTOT = R * S * Cg
+        for k0 in range(0, KTOT, BLOCK_K):
+            kk = k0 + offs_kk
+            kk_ok = kk < KTOT
+            c = kk % Cg
+            rs = kk // Cg
+            r = rs // S
+            s = rs % S
+            ih = ih0[:, None] + (r * dil_h)[None, :]
+            iw = iw0[:, None] + (s * dil_w)[None, :]
+            a_mask = (
+                m_ok[:, None] & kk_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            )
+            a_off = ((img[:, None] * H + ih) * W + iw) * C + c[None, :]
+            a = tl.load(x_g + a_off, mask=a_mask, other=0.0)
+            b = tl.load(
+                w_g + kk[:, None] * Kg + offs_n[None, :],
+                mask=kk_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+    else:
+        # One filter tap (r, s) at a time: the input row addresses and the padding mask are
+        # computed once per tap, then the tap's Cg channels are reduced in BLOCK_K slabs.
+        for rs in range(0, R * S):
+            r = rs // S
+            s = rs - r * S
+            ih = ih0 + r * dil_h
+            iw = iw0 + s * dil_w
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = x_g + ((img * H + ih) * W + iw) * C  # [BLOCK_M] pointers, int64 offsets
+            w_rs = w_g + rs * Cg * Kg
+            for c0 in range(0, Cg, BLOCK_K):
+                ck = c0 + offs_kk
+                ck_ok = ck < Cg
+                a = tl.load(
+                    x_row[:, None] + ck[None, :], mask=row_ok[:, None] & ck_ok[None, :], other=0.0
+                )
+                b = tl.load(
+                    w_rs + ck[:, None] * Kg + offs_n[None, :],
+                    mask=ck_ok[:, None] & n_ok[None, :],
+                    other=0.0,
+                )
+                if DOT_FP32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc)
+
+    _epilogue(
+        acc, offs_m, m_ok, g * Kg + offs_n, n_ok, pid_m, M, K,
+        bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, mean_ptr, m2_ptr,
+        HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, STATS, BLOCK_M,
+    )
+
+
+@triton.jit
+def _conv_direct_kernel(
+    x_ptr,  # input, NHWC contiguous (N, H, W, C)
+    w_ptr,  # weight packed as (R, S, Cg, K) contiguous: per tap and group channel, a K vector
+    bias_ptr,  # (K,) conv bias in x's dtype (read only if HAS_BIAS)
+    scale_ptr,  # (K,) fp32 epilogue scale (read only if HAS_AFFINE)
+    shift_ptr,  # (K,) fp32 epilogue shift (read only if HAS_AFFINE)
+    res_ptr,  # residual, NHWC contiguous (N, OH, OW, K) in x's dtype (read only if HAS_RES)
+    out_ptr,  # output, NHWC contiguous (N, OH, OW, K) in x's dtype
+    mean_ptr,  # (tiles, K) fp32 per-tile channel means (written only if STATS)
+    m2_ptr,  # (tiles, K) fp32 per-tile channel M2 (written only if STATS)
+    M,  # output rows N·OH·OW
+    H, W, C,  # input height, width, channels (all groups)
+    OH, OW, K,  # output height, width, channels (all groups)
+    Cg, Kg,  # input / output channels per group
+    R, S,  # filter height, width
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,  # convolution geometry
+    HAS_BIAS: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # output rows per program
+    BLOCK_N: tl.constexpr,  # output channels per program (may span several groups)
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    img = (t // OH).to(tl.int64)  # int64: later multiplied by H·W·C
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+
+    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < K
+    # Each output channel reads the Cg input channels of its own group, starting here.
+    c_first = (offs_k // Kg) * Cg
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rs in range(0, R * S):
+        r = rs // S
+        s = rs - r * S
+        ih = ih0 + r * dil_h
+        iw = iw0 + s * dil_w
+        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_row = x_ptr + ((img * H + ih) * W + iw) * C  # [BLOCK_M] pointers, int64 offsets
+        x_mask = row_ok[:, None] & k_ok[None, :]
+        w_rs = w_ptr + rs * Cg * K
+        for ci in range(0, Cg):
+            # Neighbouring output channels of one group read the same input element (a cache
+            # hit); in depthwise convolutions the reads are contiguous along the channels.
+            xv = tl.load(x_row[:, None] + (c_first + ci)[None, :], mask=x_mask, other=0.0)
+            wv = tl.load(w_rs + ci * K + offs_k, mask=k_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+
+    _epilogue(
+        acc, offs_m, m_ok, offs_k, k_ok, pid_m, M, K,
+        bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, mean_ptr, m2_ptr,
+        HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, STATS, BLOCK_M,
+    )
+
+
+_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=_KEY)(_conv_gemm_kernel)
+_direct = triton.autotune(configs=_DIRECT_CONFIGS, key=_KEY)(_conv_direct_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+
+
+def kernel_for(c_per_group: int, groups: int) -> str:
+    """Which kernel serves a convolution: ``"gemm"``, ``"gemm_flat"`` or ``"direct"``."""
+    if c_per_group >= MIN_DENSE_CHANNELS:
+        return "gemm"
+    if groups == 1:
+        return "gemm_flat"
+    return "direct"
+
+
+def _check_vec(name: str, t: torch.Tensor | None, k: int, dtype: torch.dtype, dev) -> None:
+    if t is None:
+        return
+    assert t.shape == (k,), f"conv2d_fused: {name} must have shape ({k},), got {tuple(t.shape)}"
+    assert t.dtype == dtype, f"conv2d_fused: {name} must be {dtype}, got {t.dtype}"
+    assert t.device == dev, f"conv2d_fused: {name} is on {t.device}, x on {dev}"
+
+
+def conv2d_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv: ConvParams,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    stats: bool = False,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Partials | None]:
+    """``relu(conv2d(x, weight, bias) * scale + shift + residual)`` in one kernel, NHWC.
+
+    ``x`` (N, C, H, W) channels_last contiguous, fp32/fp16/bf16; ``weight`` (K, C/groups, R, S)
+    same dtype, any layout; ``bias`` (K,) same dtype or None; ``scale``/``shift`` (K,) fp32 or
+    None (both or neither); ``residual`` (N, K, OH, OW) channels_last contiguous in x's dtype,
+    added after scale/shift; ReLU last. With ``stats`` also returns :class:`Partials` of the raw
+    output ``conv + bias`` (before scale/shift). ``out`` optionally receives the result (N, K, OH,
+    OW) channels_last contiguous, x's dtype; it must not overlap the inputs. Returns ``(out,
+    partials or None)``, ``out`` channels_last in x's dtype.
+    """
+    cl = torch.channels_last
+    assert x.dim() == 4 and weight.dim() == 4, "conv2d_fused: x and weight must be 4-D"
+    assert x.dtype in DTYPES, f"conv2d_fused: unsupported dtype {x.dtype}"
+    assert x.is_contiguous(memory_format=cl), "conv2d_fused: x must be channels_last contiguous"
+    assert weight.dtype == x.dtype, f"conv2d_fused: weight is {weight.dtype}, x is {x.dtype}"
+    assert weight.device == x.device, f"conv2d_fused: weight on {weight.device}, x on {x.device}"
+    n, c, h, w = x.shape
+    k, cg, r, s = weight.shape
+    groups = conv.groups
+    assert c == cg * groups and k % groups == 0, (
+        f"conv2d_fused: x {tuple(x.shape)}, weight {tuple(weight.shape)}, groups={groups} mismatch"
+    )
+    kg = k // groups
+    oh, ow = conv.out_hw(h, w, r, s)
+    assert oh > 0 and ow > 0, f"conv2d_fused: empty output {oh}x{ow}"
+    assert (scale is None) == (shift is None), "conv2d_fused: pass both scale and shift or neither"
+    _check_vec("bias", bias, k, x.dtype, x.device)
+    _check_vec("scale", scale, k, torch.float32, x.device)
+    _check_vec("shift", shift, k, torch.float32, x.device)
+    if residual is not None:
+        assert residual.shape == (n, k, oh, ow), (
+            f"conv2d_fused: residual {tuple(residual.shape)} != output {(n, k, oh, ow)}"
+        )
+        assert residual.dtype == x.dtype and residual.device == x.device, (
+            "conv2d_fused: residual must have x's dtype and device"
+        )
+        assert residual.is_contiguous(memory_format=cl), (
+            "conv2d_fused: residual must be channels_last contiguous"
+        )
+    m = n * oh * ow
+    if out is None:
+        out = _alloc.empty(n, k, oh, ow, dtype=x.dtype, device=x.device, channels_last=True)
+    else:
+        assert out.shape == (n, k, oh, ow) and out.dtype == x.dtype and out.device == x.device, (
+            f"conv2d_fused: out must be {(n, k, oh, ow)} {x.dtype} on {x.device}"
+        )
+        assert out.is_contiguous(memory_format=cl), "conv2d_fused: out must be channels_last"
+        # Autotuning runs the kernel several times: an out aliasing an input would be corrupted.
+        out_mem = out.untyped_storage().data_ptr()
+        for name, t in (("x", x), ("residual", residual)):
+            assert t is None or t.untyped_storage().data_ptr() != out_mem, (
+                f"conv2d_fused: out must not share memory with {name}"
+            )
+
+    which = kernel_for(cg, groups)
+    if which == "direct":
+        # (K, Cg, R, S) -> (R, S, Cg, K): per tap and group channel, one vector over all K.
+        w_packed = weight.permute(2, 3, 1, 0).contiguous()
+    else:
+        # (K, Cg, R, S) -> (groups, R, S, Cg, Kg): per group the (R·S·Cg, Kg) GEMM operand.
+        w_packed = weight.view(groups, kg, cg, r, s).permute(0, 3, 4, 2, 1).contiguous()
+
+    if stats:
+        max_tiles = triton.cdiv(m, _MIN_BLOCK_M)
+        mean = _alloc.empty(max_tiles, k, dtype=torch.float32, device=x.device)
+        m2 = _alloc.empty(max_tiles, k, dtype=torch.float32, device=x.device)
+    else:
+        mean = m2 = out  # never touched (STATS=False); any pointer will do
+    dummy = out  # stands in for absent optional tensors; never read
+    args = (
+        x, w_packed,
+        bias if bias is not None else dummy,
+        scale if scale is not None else dummy,
+        shift if shift is not None else dummy,
+        residual if residual is not None else dummy,
+        out, mean, m2,
+        m, h, w, c, oh, ow, k, cg, kg, r, s,
+        conv.stride[0], conv.stride[1], conv.padding[0], conv.padding[1],
+        conv.dilation[0], conv.dilation[1],
+    )
+    flags = dict(
+        HAS_BIAS=bias is not None,
+        HAS_AFFINE=scale is not None,
+        HAS_RES=residual is not None,
+        RELU=bool(relu),
+        STATS=bool(stats),
+    )
+    if which == "direct":
+        tuner = _direct
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"]))
+        tuner[grid](*args, **flags)
+    else:
+        tuner = _gemm
+        grid = lambda meta: (
+            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]),
+            groups,
+        )
+        tuner[grid](*args, **flags, FLAT_K=which == "gemm_flat", DOT_FP32=_INTERPRET)
+    if not stats:
+        return out, None
+
+    block_m = tuner.best_config.kwargs["BLOCK_M"]  # the configuration that just ran
+    tiles = triton.cdiv(m, block_m)
+    count = torch.full((tiles,), float(block_m), dtype=torch.float32, device=x.device)
+    count[-1] = m - (tiles - 1) * block_m  # the last tile may be partial
+    return out, Partials(count=count, mean=mean[:tiles], m2=m2[:tiles])
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile check
+# ---------------------------------------------------------------------------------------------
+
+_INT_ARGS = (
+    "M", "H", "W", "C", "OH", "OW", "K", "Cg", "Kg", "R", "S",
+    "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+)
+
+# The two uses of the epilogue: training (raw output + bias + BN partials) and fused eval
+# (bias, folded BN scale/shift, residual, ReLU). Other flag combinations only drop code.
+EPILOGUES = {
+    "train": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, STATS=True),
+    "eval": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, STATS=False),
+}
+
+
+def _signature(dtype: torch.dtype) -> dict[str, str]:
+    p = _TL_PTR[dtype]
+    sig = {
+        "x_ptr": p, "w_ptr": p, "bias_ptr": p, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+        "res_ptr": p, "out_ptr": p, "mean_ptr": "*fp32", "m2_ptr": "*fp32",
+    }
+    sig.update({a: "i32" for a in _INT_ARGS})
+    return sig
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every kernel x autotune configuration x dtype x epilogue, for the real-target compile check.
+
+    Lists the GPU configurations even under the interpreter (they are what runs on a GPU).
+    """
+    gemm_cfgs, direct_cfgs = GPU_GEMM_CONFIGS, GPU_DIRECT_CONFIGS
+    specs = []
+    for dtype in DTYPES:
+        dname = str(dtype).removeprefix("torch.")
+        sig = _signature(dtype)
+        for epi, flags in EPILOGUES.items():
+            for cfg in gemm_cfgs:
+                for flat in (False, True):
+                    specs.append(CompileSpec(
+                        name=f"conv_gemm{'_flat' if flat else ''}-{dname}-{epi}-{_cfg_name(cfg)}",
+                        kernel=_conv_gemm_kernel,
+                        signature=sig,
+                        constexprs={**flags, "FLAT_K": flat, "DOT_FP32": False, **cfg.kwargs},
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                    ))
+            for cfg in direct_cfgs:
+                specs.append(CompileSpec(
+                    name=f"conv_direct-{dname}-{epi}-{_cfg_name(cfg)}",
+                    kernel=_conv_direct_kernel,
+                    signature=sig,
+                    constexprs={**flags, **cfg.kwargs},
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                ))
+    return specs
+
+
+def _cfg_name(cfg: triton.Config) -> str:
+    return "_".join(f"{v}" for v in cfg.kwargs.values()) + f"_w{cfg.num_warps}s{cfg.num_stages}"

@@ -90,7 +90,7 @@ __global__ void bn_bwd_reduce_kernel(const T* __restrict__ dz, const T* __restri
   float sg = 0.0f, sgy = 0.0f;
   if (c < k) {
     const float mu = mean[c], invstd = 1.0f / sqrtf(var[c] + eps);
-    const int64_t row_end = min(m, (tile + 1) * kRows);
+    const int64_t row_end = imin(m, (tile + 1) * kRows);
     for (int64_t row = tile * kRows + ty; row < row_end; row += kLanes) {
       const int64_t i = row * k + c;
       const float g = relu_grad(dz, z, i, relu);

@@ -85,11 +85,11 @@ __global__ void __launch_bounds__(kThreads)
         if (x_vec && nv == kVec && c % kVec == 0) {
           load8(src, v);
         } else {
-          for (int j = 0; j < nv; ++j) v[j] = to_f32(src[j]);
+          for (int j = 0; j < kVec; ++j) if (j < nv) v[j] = to_f32(src[j]);
         }
       }
       float* dst = halo + static_cast<int64_t>(hp) * p.cc + seg * kVec;
-      for (int j = 0; j < nv; ++j) dst[j] = v[j];
+      for (int j = 0; j < kVec; ++j) if (j < nv) dst[j] = v[j];
     }
     // Stage the weights of this chunk: wts[kk][tap][ci] = weight[k][tap][c - group start], zero
     // where input channel c is outside output channel k's group.
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kThreads)
     if (vec) {
       load8(res, rv);
     } else {
-      for (int v = 0; v < nv; ++v) rv[v] = to_f32(res[v]);
+      for (int v = 0; v < kVec; ++v) if (v < nv) rv[v] = to_f32(res[v]);
     }
   }
 #pragma unroll
@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kThreads)
   if (vec) {
     store8(out, acc);
   } else {
-    for (int v = 0; v < nv; ++v) out[v] = from_f32<T>(acc[v]);
+    for (int v = 0; v < kVec; ++v) if (v < nv) out[v] = from_f32<T>(acc[v]);
   }
 }
 

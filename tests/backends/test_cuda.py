@@ -169,7 +169,9 @@ def test_unsupported_dtype_reason():
 
 def test_unsupported_filter_reason():
     cuda = _cuda_backend()
-    reason = cuda.CudaBackend().unsupported_reason(_call("cuda", r=25, padding=12))
+    reason = cuda.CudaBackend().unsupported_reason(
+        _call("cuda", dtype=torch.float32, r=25, padding=12)
+    )
     assert reason is not None and "too large" in reason
 
 
@@ -203,6 +205,27 @@ def test_plan_path_and_tiles(case, dtype, path):
     assert got == path
     oh, ow = conv.out_hw(case.h, case.w, case.r, case.r)
     assert tiles == case.n * -(-oh // 8) * -(-ow // 8)  # 8x8 output tiles fit these shapes
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [
+        (Case(c=64, k=64), torch.float16),  # dense
+        (Case(groups=2, c=32, k=32), torch.bfloat16),  # 16 channels per group
+        (Case(n=3, c=32, k=24, h=7, w=6, stride=2), torch.float16),  # partial row and column tiles
+    ],
+)
+def test_plan_implicit_gemm(case, dtype):
+    cuda = _cuda_backend()
+    conv = ConvParams((case.stride,) * 2, (case.padding,) * 2, (case.dilation,) * 2, case.groups)
+    got, tiles, reason = cuda.plan(
+        (case.n, case.c, case.h, case.w), (case.k, case.c // case.groups, case.r, case.r), conv,
+        dtype,
+    )
+    assert reason is None
+    assert got == "implicit_gemm"
+    oh, ow = conv.out_hw(case.h, case.w, case.r, case.r)
+    assert tiles == -(-(case.n * oh * ow) // 64)  # 64-row blocks of M = N * OH * OW
 
 
 def test_plan_validates_shapes():

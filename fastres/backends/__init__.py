@@ -97,10 +97,21 @@ def availability(name: str, call: CallInfo) -> str | None:
 
 
 def auto_order(call: CallInfo) -> tuple[str, ...]:
-    """Preference order of ``"auto"``: compiled kernels on CUDA, PyTorch elsewhere."""
-    if call.device.type == "cuda":
-        return ("triton", "cuda", "reference")
-    return ("reference",)
+    """Preference order of ``"auto"``: compiled kernels on CUDA, PyTorch elsewhere.
+
+    On CUDA the static order puts triton first (the CUDA C++ kernels are younger). With
+    ``FASTRES_AUTOTUNE_BACKEND=1`` the faster of triton and cuda is measured once per (device,
+    shape, dtype, op) and cached under ``~/.cache/fastres/`` (see
+    :func:`fastres.backends.cuda.autotuned_order`).
+    """
+    if call.device.type != "cuda":
+        return ("reference",)
+    static = ("triton", "cuda", "reference")
+    if os.environ.get("FASTRES_AUTOTUNE_BACKEND", "0") == "1" and load("cuda") is not None:
+        from .cuda import autotuned_order
+
+        return autotuned_order(call, static)
+    return static
 
 
 def select(call: CallInfo, name: str | None = None) -> str:

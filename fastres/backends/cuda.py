@@ -14,6 +14,10 @@ Importing this module raises ImportError, with the reason, when the extension is
 
 from __future__ import annotations
 
+import json
+import os
+import statistics
+
 import torch
 
 try:
@@ -165,3 +169,127 @@ class CudaBackend:
             dbeta if output_mask[4] else None,
             dres if output_mask[5] else None,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Opt-in measured choice between the triton and cuda backends (FASTRES_AUTOTUNE_BACKEND=1)
+# ---------------------------------------------------------------------------------------------
+
+AUTOTUNE_ENV = "FASTRES_AUTOTUNE_BACKEND"
+_tuned: dict[str, list[str]] | None = None
+
+
+def autotune_cache_path() -> str:
+    """JSON file of measured choices: ``$XDG_CACHE_HOME/fastres`` or ``~/.cache/fastres``."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "fastres", "backend_autotune.json")
+
+
+def _key(call: CallInfo) -> str:
+    c = call.conv
+    return "|".join(
+        str(v)
+        for v in (
+            torch.cuda.get_device_name(call.device), str(call.dtype).split(".")[-1],
+            call.x_shape, call.weight_shape, c.stride, c.padding, c.dilation, c.groups,
+            "train" if call.batch_stats else "eval", call.has_residual, call.relu,
+        )
+    )
+
+
+def _load_cache() -> dict[str, list[str]]:
+    global _tuned
+    if _tuned is None:
+        try:
+            with open(autotune_cache_path()) as f:
+                data = json.load(f)
+            _tuned = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            _tuned = {}
+    return _tuned
+
+
+def _save_cache(cache: dict[str, list[str]]) -> None:
+    path = autotune_cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(cache, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+    except OSError:
+        pass  # a read-only home only costs re-measuring in the next process
+
+
+def _time_backend(name: str, call: CallInfo, reps: int = 10) -> float:
+    """Median milliseconds of one forward (+ backward when training) of ``call`` on ``name``."""
+    from ..ops import conv_bn_relu
+
+    dev, dt = call.device, call.dtype
+    n, _, h, w = call.x_shape
+    k = call.weight_shape[0]
+    oh, ow = call.conv.out_hw(h, w, call.weight_shape[2], call.weight_shape[3])
+    train = call.batch_stats
+    x = torch.randn(call.x_shape, device=dev, dtype=dt).contiguous(memory_format=CL)
+    wt = torch.randn(call.weight_shape, device=dev, dtype=dt) * 0.1
+    gamma = torch.ones(k, device=dev, requires_grad=train)
+    beta = torch.zeros(k, device=dev, requires_grad=train)
+    rm, rv = torch.zeros(k, device=dev), torch.ones(k, device=dev)
+    res = (
+        torch.randn(n, k, oh, ow, device=dev, dtype=dt).contiguous(memory_format=CL)
+        if call.has_residual
+        else None
+    )
+    x.requires_grad_(train)
+    wt.requires_grad_(train)
+
+    def step() -> None:
+        with torch.set_grad_enabled(train):
+            z = conv_bn_relu(
+                x, wt, gamma, beta, rm, rv, training=train, stride=call.conv.stride,
+                padding=call.conv.padding, dilation=call.conv.dilation, groups=call.conv.groups,
+                residual=res, relu=call.relu, backend=name,
+            )
+            if train:
+                z.sum().backward()
+
+    for _ in range(3):  # compile / autotune / cache warm-up
+        step()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def autotuned_order(call: CallInfo, static: tuple[str, ...]) -> tuple[str, ...]:
+    """``static`` reordered by a once-per-(device, shape, dtype, op) measurement of the triton and
+    cuda backends, cached on disk. Falls back to ``static`` while tracing or capturing a CUDA graph
+    (measuring would sync the host), and for candidates that cannot serve the call."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if torch.compiler.is_compiling() or capturing:
+        return static
+    cache = _load_cache()
+    key = _key(call)
+    order = cache.get(key)
+    if order is None:
+        from . import availability
+
+        timings: dict[str, float] = {}
+        for name in ("triton", "cuda"):
+            if availability(name, call) is not None:
+                continue
+            try:
+                with torch.random.fork_rng(devices=[call.device]):
+                    timings[name] = _time_backend(name, call)
+            except Exception:  # a backend that fails here is simply not preferred
+                continue
+        order = sorted(timings, key=timings.__getitem__)
+        cache[key] = order
+        _save_cache(cache)
+    return (*order, *(s for s in static if s not in order))

@@ -11,6 +11,7 @@ kernels: the equivalence grid of tests/ops/cases.py against float64 (tests/numer
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 
@@ -253,6 +254,41 @@ def test_ops_have_no_cpu_kernel():
         torch.ops.fastres_cuda.conv(
             x, w, None, None, None, None, [1, 1], [1, 1], [1, 1], 1, True, out, torch.empty(0)
         )
+
+
+def test_autotune_uses_cached_choice(tmp_path, monkeypatch):
+    cuda = _cuda_backend()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cuda, "_tuned", None)
+    monkeypatch.setattr(cuda, "_key", lambda call: "the-key")
+    path = cuda.autotune_cache_path()
+    assert path == str(tmp_path / "fastres" / "backend_autotune.json")
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        json.dump({"the-key": ["cuda", "triton"]}, f)
+    order = cuda.autotuned_order(_call("cuda"), ("triton", "cuda", "reference"))
+    assert order == ("cuda", "triton", "reference")
+
+
+def test_auto_order_static_without_autotune(monkeypatch):
+    monkeypatch.delenv("FASTRES_AUTOTUNE_BACKEND", raising=False)
+    assert fastres.backends.auto_order(_call("cuda")) == ("triton", "cuda", "reference")
+    monkeypatch.setenv("FASTRES_AUTOTUNE_BACKEND", "1")
+    assert fastres.backends.auto_order(_call("cpu")) == ("reference",)
+
+
+@pytest.mark.gpu
+def test_autotune_measures_and_caches(tmp_path, monkeypatch):
+    cuda = _cuda_backend()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("FASTRES_AUTOTUNE_BACKEND", "1")
+    monkeypatch.setattr(cuda, "_tuned", None)
+    call = _call("cuda")
+    order = fastres.backends.auto_order(call)
+    assert set(order[:2]) <= {"triton", "cuda"} and order[-1] == "reference"
+    with open(cuda.autotune_cache_path()) as f:
+        cached = json.load(f)
+    assert cached[cuda._key(call)] == [o for o in order if o != "reference"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,25 +51,48 @@ def plan(
     return PATHS.get(path, str(path)), tiles, reason or None
 
 
+def _check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise RuntimeError(f"fastres_cuda::{op}: {msg}")
+
+
 def _register_fakes() -> None:
-    """Meta kernels so the ops can be traced: they only mutate their output arguments."""
+    """Meta kernels so the ops can be traced. They only mutate their output arguments, so they
+    return nothing, but they check the output shapes as the CUDA kernels' binding does."""
 
     @torch.library.register_fake("fastres_cuda::conv")
     def _conv(x, weight, bias, scale, shift, residual, stride, padding, dilation, groups, relu,
               out, partials):
-        return None
+        conv = ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups)
+        n, _, h, w = x.shape
+        k, _, r, s = weight.shape
+        oh, ow = conv.out_hw(h, w, r, s)
+        _check(tuple(out.shape) == (n, k, oh, ow), "conv", f"out has shape {tuple(out.shape)}")
+        _check(out.dtype == x.dtype and weight.dtype == x.dtype, "conv", "dtype mismatch")
+        if residual is not None:
+            _check(residual.shape == out.shape, "conv", "residual shape != out shape")
+        if partials.numel():
+            _, tiles, _ = plan(tuple(x.shape), tuple(weight.shape), conv, x.dtype)
+            _check(
+                tuple(partials.shape) == (3, tiles, k), "conv",
+                f"partials must be (3, {tiles}, {k}), got {tuple(partials.shape)}",
+            )
 
     @torch.library.register_fake("fastres_cuda::bn_finalize")
     def _finalize(partials, gamma, beta, eps, mean, var, scale, shift):
-        return None
+        k = partials.shape[-1]
+        for t in (mean, var, scale, shift):
+            _check(tuple(t.shape) == (k,), "bn_finalize", "outputs must be (K,)")
 
     @torch.library.register_fake("fastres_cuda::bn_apply")
     def _apply(y, scale, shift, residual, relu, z):
-        return None
+        _check(z.shape == y.shape and z.dtype == y.dtype, "bn_apply", "z must be like y")
 
     @torch.library.register_fake("fastres_cuda::bn_backward")
     def _backward(dz, y, z, mean, var, gamma, eps, batch_stats, relu, dy, dres, dgamma, dbeta):
-        return None
+        for t in (dz, z, dy):
+            _check(t.shape == y.shape and t.dtype == y.dtype, "bn_backward", "must be like y")
+        _check(dres.numel() == 0 or dres.shape == y.shape, "bn_backward", "dres shape")
 
 
 _register_fakes()

@@ -338,6 +338,60 @@ def test_forward_backward_trace_with_fake_cuda_tensors(batch_stats, save, residu
             assert dres.shape == z.shape and dres.dtype == torch.bfloat16
 
 
+def test_fake_conv_checks_partials_shape():
+    _cuda_backend()
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 9, 9, device="cuda", dtype=torch.float16)
+        x = x.contiguous(memory_format=CL)
+        w = torch.empty(16, 16, 3, 3, device="cuda", dtype=torch.float16)
+        out = torch.empty_like(x)
+        good = torch.empty(3, 3, 16, device="cuda")  # 162 rows of M in 64-row tiles
+        torch.ops.fastres_cuda.conv(
+            x, w, None, None, None, None, [1, 1], [1, 1], [1, 1], 1, False, out, good
+        )
+        with pytest.raises(RuntimeError, match="partials must be"):
+            torch.ops.fastres_cuda.conv(
+                x, w, None, None, None, None, [1, 1], [1, 1], [1, 1], 1, False, out,
+                torch.empty(3, 2, 16, device="cuda"),
+            )
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_grid_traces_with_fake_cuda_tensors(case, dtype, batch_stats):
+    """Every case of the equivalence grid through the backend with fake CUDA tensors: the fake
+    kernels check output and partials shapes against the plan the binding enforces."""
+    cuda = _cuda_backend()
+    backend = cuda.CudaBackend()
+    conv = ConvParams((case.stride,) * 2, (case.padding,) * 2, (case.dilation,) * 2, case.groups)
+    k, cg = case.k, case.c // case.groups
+    oh, ow = conv.out_hw(case.h, case.w, case.r, case.r)
+    with FakeTensorMode():
+        dev = torch.device("cuda")
+        x = torch.empty(case.n, case.c, case.h, case.w, device=dev, dtype=dtype)
+        x = x.contiguous(memory_format=CL)
+        w = torch.empty(k, cg, case.r, case.r, device=dev, dtype=dtype)
+        bias = torch.empty(k, device=dev, dtype=dtype) if case.bias else None
+        vec = torch.empty(k, device=dev)
+        res = None
+        if case.residual:
+            res = torch.empty(case.n, k, oh, ow, device=dev, dtype=dtype)
+            res = res.contiguous(memory_format=CL)
+        for save in (False, True):
+            z, y, mean, var = backend.forward(
+                x, w, bias, vec, vec, vec, vec, res, conv=conv, batch_stats=batch_stats,
+                eps=1e-5, relu=case.relu, save_for_backward=save,
+            )
+            assert z.shape == (case.n, k, oh, ow) and z.is_contiguous(memory_format=CL)
+        grads = backend.backward(
+            torch.empty_like(z), x, w, y, z, mean, var, vec, conv=conv, batch_stats=batch_stats,
+            eps=1e-5, relu=case.relu, has_bias=case.bias, output_mask=(True,) * 6,
+        )
+        assert grads[0].shape == x.shape and grads[1].shape == w.shape
+        assert (grads[2] is not None) == case.bias
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the kernels themselves
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,237 @@
+"""What the pytest-benchmark suites under ``bench/`` share with ``fastres bench``.
+
+The suites measure the same cases as the command: :func:`suite_config` sizes them (full on a
+GPU, tiny on CPU), :func:`layer_params` / :func:`model_params` list them with the baselines
+first, so that each fastres measurement can be divided by baselines timed earlier in the same
+session, and :func:`timed_layer` / :func:`timed_model` run one under ``benchmark.pedantic``.
+
+Each timed call synchronises the GPU before returning (and the untimed setup synchronises before
+it starts), so pytest-benchmark's host clock sees the whole GPU time of the call; that includes
+one launch-and-sync latency (a few µs), which ``fastres bench`` (CUDA events) does not.
+
+Environment variables narrow a run: ``FASTRES_BENCH_MODELS`` (comma list),
+``FASTRES_BENCH_MODES`` (``train,infer``), ``FASTRES_BENCH_LAYER_LIMIT`` (first N shapes per
+model), ``FASTRES_BENCH_COMPILE`` (``0`` to skip torch.compile), ``FASTRES_BENCH_COMPILE_MODES``
+(layer level, default ``default,max-autotune`` on GPU), ``FASTRES_BENCH_BATCH``,
+``FASTRES_BENCH_ROUNDS``.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .cases import (
+    BACKEND_NAMES,
+    LAYER_MODEL_NAMES,
+    MODEL_NAMES,
+    LayerBench,
+    LayerCase,
+    ModelBench,
+    layer_cases,
+    model_conv_layers,
+    model_roofline,
+    quick_layer_cases,
+    roofline_img_s,
+)
+from .roofline import Ceilings, achieved
+from .runner import CPU_BANNER, DTYPES
+
+
+def _env_list(name: str, default: list[str]) -> list[str]:
+    value = os.environ.get(name)
+    return [v.strip() for v in value.split(",") if v.strip()] if value else default
+
+
+@dataclass
+class SuiteConfig:
+    device: torch.device
+    batch: int
+    resolution: int
+    dtype: str
+    models: list[str]
+    layer_models: list[str]
+    modes: list[str]
+    compile: bool
+    compile_modes: list[str]
+    layer_limit: int | None
+    rounds: int
+    warmup_rounds: int
+    tiny: bool
+    store: dict = field(default_factory=dict)  # (case id, mode) -> {system: img/s}
+
+    @property
+    def note(self) -> str | None:
+        return CPU_BANNER if self.tiny else None
+
+
+def suite_config() -> SuiteConfig:
+    gpu = torch.cuda.is_available()
+    limit = os.environ.get("FASTRES_BENCH_LAYER_LIMIT")
+    return SuiteConfig(
+        device=torch.device("cuda" if gpu else "cpu"),
+        batch=int(os.environ.get("FASTRES_BENCH_BATCH", 256 if gpu else 2)),
+        resolution=224 if gpu else 32,
+        dtype=os.environ.get("FASTRES_BENCH_DTYPE", "bf16"),
+        models=_env_list("FASTRES_BENCH_MODELS", list(MODEL_NAMES) if gpu else ["resnet18"]),
+        layer_models=_env_list("FASTRES_BENCH_LAYER_MODELS", list(LAYER_MODEL_NAMES)),
+        modes=_env_list("FASTRES_BENCH_MODES", ["train", "infer"]),
+        compile=os.environ.get("FASTRES_BENCH_COMPILE", "1") != "0",
+        compile_modes=_env_list("FASTRES_BENCH_COMPILE_MODES",
+                                ["default", "max-autotune"] if gpu else ["default"]),
+        layer_limit=int(limit) if limit else None,
+        rounds=int(os.environ.get("FASTRES_BENCH_ROUNDS", 20 if gpu else 3)),
+        warmup_rounds=5 if gpu else 1,
+        tiny=not gpu,
+    )
+
+
+def layer_params(cfg: SuiteConfig) -> list[tuple[LayerCase, str, str]]:
+    """(case, mode, system) in the order they run: per case and mode, baselines first.
+
+    On CPU: one case per model (the first 3×3), inference and training.
+    """
+    params = []
+    for name in cfg.layer_models:
+        found = layer_cases(name, cfg.batch, cfg.resolution)
+        if cfg.tiny:
+            found = quick_layer_cases(found)[:1]
+        if cfg.layer_limit is not None:
+            found = found[: cfg.layer_limit]
+        systems = ["eager"]
+        if cfg.compile:
+            systems += [f"compile-{m}" for m in cfg.compile_modes]
+        systems += [f"fastres-{b}" for b in BACKEND_NAMES]
+        params += [(case, mode, s) for case in found for mode in cfg.modes for s in systems]
+    return params
+
+
+def model_params(cfg: SuiteConfig) -> list[tuple[str, str, str]]:
+    systems = ["eager", *(["compile"] if cfg.compile else []), "fastres"]
+    return [(m, mode, s) for m in cfg.models for mode in cfg.modes for s in systems]
+
+
+class _Slot:
+    """Keeps the tensors of one layer case alive across its systems, and no more."""
+
+    key: tuple | None = None
+    bench: LayerBench | None = None
+
+
+_slot = _Slot()
+
+
+def _layer_bench(case: LayerCase, mode: str, cfg: SuiteConfig) -> LayerBench:
+    key = (case.id, mode)
+    if _slot.key != key:
+        _slot.bench = None
+        gc.collect()
+        if cfg.device.type == "cuda":
+            torch.cuda.empty_cache()
+        _slot.bench = LayerBench(case, training=mode == "train", dtype=DTYPES[cfg.dtype],
+                                 device=cfg.device)
+        _slot.key = key
+    return _slot.bench
+
+
+def _pedantic(benchmark, fn: Callable, inputs: list, cfg: SuiteConfig) -> float:
+    """Time ``fn`` over rotating inputs under pytest-benchmark; returns the median seconds."""
+    cycle = itertools.cycle(inputs)
+    cuda = cfg.device.type == "cuda"
+
+    def setup():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def call():
+        fn(next(cycle))
+        if cuda:
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(call, setup=setup, rounds=cfg.rounds, iterations=1,
+                       warmup_rounds=cfg.warmup_rounds)
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable: ran once, nothing measured
+        return float("nan")
+    return stats.stats.median
+
+
+def _ratios(info: dict, mine: float, baselines: dict[str, float]) -> None:
+    for name, theirs in baselines.items():
+        info[f"speedup_vs_{name}"] = mine / theirs if theirs and mine == mine else None
+
+
+def timed_layer(benchmark, case: LayerCase, mode: str, system: str, cfg: SuiteConfig,
+                ceilings: Ceilings) -> dict:
+    """Time one layer system; fills and returns ``benchmark.extra_info``. Skips if unavailable."""
+    import pytest
+
+    bench = _layer_bench(case, mode, cfg)
+    if system == "eager":
+        fn = bench.eager()
+    elif system.startswith("compile-"):
+        fn = bench.compiled(system.removeprefix("compile-"))
+    else:
+        backend = system.removeprefix("fastres-")
+        reason = bench.fused_unavailable(backend)
+        if reason is not None:
+            pytest.skip(reason)
+        fn = bench.fused(backend)
+    median = _pedantic(benchmark, fn, bench.inputs, cfg)
+    info = benchmark.extra_info
+    info.update(case=case.id, layer=case.shape.label(), epilogue=case.epilogue.label(),
+                mode=mode, system=system, batch=case.shape.n, dtype=cfg.dtype,
+                flops=bench.flops, bytes=bench.bytes, input_copies=bench.copies,
+                bound_s=ceilings.bound_seconds(bench.flops, bench.bytes))
+    if median == median:
+        info["img_s"] = case.shape.n / median
+        info.update(achieved(bench.flops, bench.bytes, median, ceilings))
+        seen = cfg.store.setdefault((case.id, mode), {})
+        if system.startswith("fastres-"):
+            _ratios(info, info["img_s"], {k: v for k, v in seen.items()
+                                          if not k.startswith("fastres-")})
+        seen[system] = info["img_s"]
+    if cfg.note:
+        info["note"] = cfg.note
+    return info
+
+
+def timed_model(benchmark, name: str, mode: str, system: str, cfg: SuiteConfig,
+                ceilings: Ceilings) -> dict:
+    training = mode == "train"
+    bench = ModelBench(name, system, training=training, batch=cfg.batch,
+                       resolution=cfg.resolution, dtype=DTYPES[cfg.dtype], device=cfg.device)
+    try:
+        median = _pedantic(benchmark, bench.step(), bench.inputs, cfg)
+    finally:
+        source = bench.source
+        del bench
+        gc.collect()
+        if cfg.device.type == "cuda":
+            torch.cuda.empty_cache()
+    info = benchmark.extra_info
+    info.update(model=name, mode=mode, system=system, source=source, batch=cfg.batch,
+                resolution=cfg.resolution, dtype=cfg.dtype)
+    roof = model_roofline(model_conv_layers(name, 1, cfg.resolution), training=training,
+                          dtype=DTYPES[cfg.dtype])
+    bound = roofline_img_s(roof, ceilings)
+    info["roofline_img_s"] = bound
+    if median == median:
+        img_s = cfg.batch / median
+        info.update(img_s=img_s, frac_roofline=img_s / bound,
+                    **achieved(roof["flops_per_image"] * cfg.batch,
+                               roof["bytes_per_image"] * cfg.batch, median, None))
+        info["frac_peak_tflops"] = info["tflops"] / ceilings.tflops
+        info["frac_peak_tbps"] = info["tbps"] / ceilings.tbps
+        seen = cfg.store.setdefault((name, mode), {})
+        if system == "fastres":
+            _ratios(info, img_s, dict(seen))
+        seen[system] = img_s
+    if cfg.note:
+        info["note"] = cfg.note
+    return info

@@ -257,31 +257,36 @@ def _conv_gemm_kernel(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc)
     else:
-        # One filter tap (r, s) at a time: the input row addresses and the padding mask are
-        # computed once per tap, then the tap's Cg channels are reduced in BLOCK_K slabs.
-        for rs in range(0, R * S):
+        # One loop over (filter tap, channel slab) pairs rather than two nested loops: the
+        # software pipeliner only overlaps loads with tl.dot across iterations of the innermost
+        # loop, and a tap alone has few slabs (Cg / BLOCK_K). Each iteration recomputes its
+        # tap's input rows and padding mask (a few integer ops per row, cheap next to the dot).
+        n_slabs = tl.cdiv(Cg, BLOCK_K)
+        for it in range(0, R * S * n_slabs):
+            rs = it // n_slabs
+            c0 = (it - rs * n_slabs) * BLOCK_K
             r = rs // S
             s = rs - r * S
             ih = ih0 + r * dil_h
             iw = iw0 + s * dil_w
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_row = x_g + ((img * H + ih) * W + iw) * C  # [BLOCK_M] pointers, int64 offsets
-            w_rs = w_g + rs * Cg * Kg
-            for c0 in range(0, Cg, BLOCK_K):
-                ck = c0 + offs_kk
-                ck_ok = ck < Cg
-                a = tl.load(
-                    x_row[:, None] + ck[None, :], mask=row_ok[:, None] & ck_ok[None, :], other=0.0
-                )
-                b = tl.load(
-                    w_rs + ck[:, None] * Kg + offs_n[None, :],
-                    mask=ck_ok[:, None] & n_ok[None, :],
-                    other=0.0,
-                )
-                if DOT_FP32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc)
+            x_row = ((img * H + ih) * W + iw) * C  # [BLOCK_M] int64 offsets of the input pixels
+            ck = c0 + offs_kk
+            ck_ok = ck < Cg
+            a = tl.load(
+                x_g + x_row[:, None] + ck[None, :],
+                mask=row_ok[:, None] & ck_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_g + (rs * Cg + ck)[:, None] * Kg + offs_n[None, :],
+                mask=ck_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
 
     _epilogue(
         acc, offs_m, m_ok, g * Kg + offs_n, n_ok, pid_m, M, K,

@@ -299,11 +299,14 @@ def test_compile_specs_cover_every_kernel_config_dtype():
 # ---------------------------------------------------------------------------------------------
 
 
-def _round_tf32(t: torch.Tensor) -> torch.Tensor:
-    """fp32 rounded to TF32 (10 explicit mantissa bits), as tl.dot's default fp32 path does."""
-    i = t.float().contiguous().view(torch.int32)
-    i = (i + 0x1000) & ~0x1FFF  # round half away from zero on the dropped 13 bits
-    return i.view(torch.float32).view_as(t)
+def _to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 cut to TF32 (10 explicit mantissa bits), the operands of tl.dot's default fp32 path.
+
+    Truncated rather than rounded: whether an operand is rounded (cvt.rna) or read truncated by
+    the tensor cores depends on the instruction path, and truncation is the larger error.
+    """
+    i = t.to(torch.float32).contiguous().view(torch.int32) & ~0x1FFF  # drop 13 low bits
+    return i.view(torch.float32).to(t.dtype).view_as(t)
 
 
 GPU_SHAPES = [
@@ -319,6 +322,10 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: s.id)
 def test_conv_gpu(shape: Shape, dtype: torch.dtype):
+    _check_tuned(shape, dtype, "cuda")
+
+
+def _check_tuned(shape: Shape, dtype: torch.dtype, device: str) -> None:
     for name in ("raw_bias", "eval_res"):
         epi = EPILOGUES[name]
         inp = _inputs(shape, epi, mean_offset=10.0)
@@ -327,20 +334,23 @@ def test_conv_gpu(shape: Shape, dtype: torch.dtype):
             shape.c // shape.groups, shape.groups
         ) != "direct"
         if uses_tf32:  # the fair fp32 baseline for a TF32 tensor-core kernel
-            inp_base = dict(inp, x=_round_tf32(inp["x"]), weight=_round_tf32(inp["weight"]))
+            inp_base = dict(inp, x=_to_tf32(inp["x"]), weight=_to_tf32(inp["weight"]))
         else:
             inp_base = inp
         prev = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = False
         try:
-            y_base, z_base = _eager(inp_base, shape, dtype, "cuda", epi["relu"])
+            y_base, z_base = _eager(inp_base, shape, dtype, device, epi["relu"])
         finally:
             torch.backends.cudnn.allow_tf32 = prev
         y_ref, z_ref = _eager(inp, shape, torch.float64, "cpu", epi["relu"])
-        z, part = _fused(inp, shape, dtype, "cuda", epi["relu"], stats)
-        torch.cuda.synchronize()
+        z, part = _fused(inp, shape, dtype, device, epi["relu"], stats)
         assert_close_ratio(f"{shape.id} {dtype} {name}: out", z, z_ref, z_base)
         if stats:
             m = shape.n * y_ref.shape[2] * y_ref.shape[3]
             assert part.count.sum().item() == m
+            # every tile but the last is full, with a BLOCK_M of one of the configurations
+            block_ms = {c.kwargs["BLOCK_M"] for c in (*tconv._GEMM_CONFIGS, *tconv._DIRECT_CONFIGS)}
+            assert int(part.count[0]) in block_ms or part.count.numel() == 1
+            assert (part.count[:-1] == part.count[0]).all()
             _check_batch_stats(f"gpu {shape.id} {dtype}", part, y_ref, y_base)

@@ -29,20 +29,29 @@ def tensors_by_key(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.state_dict(keep_vars=True))
 
 
+CL = torch.channels_last
+
+
 def check_equivalent(original: nn.Module, fused: nn.Module, x: torch.Tensor, *, train: bool,
                      backward: bool = True) -> None:
     """Fused vs original by the error-ratio rule, float64 copy of the original as the truth.
+
+    The plain-PyTorch baseline runs channels_last, the layout fastres computes in (and the eager
+    baseline of DESIGN.md §5): on CPU, PyTorch's NCHW and NHWC convolutions differ by ~2.5× in
+    float32 error, so an NCHW baseline would measure the layout, not the fusion.
 
     Forward output; in training also every parameter's gradient, the input's gradient and the
     BN running statistics after the step. ``fused`` and ``original`` must hold equal weights and
     have the same state_dict keys.
     """
     reference = copy.deepcopy(original).double()
+    original.to(memory_format=CL)
     for m in (original, fused, reference):
         m.train(train)
     outs, grads_x = [], []
     upstream = None
-    for m, inp in ((fused, x), (original, x), (reference, x.double())):
+    for m, inp in ((fused, x), (original, x.contiguous(memory_format=CL)),
+                   (reference, x.double())):
         inp = inp.detach().clone().requires_grad_(backward)
         y = m(inp)
         if backward:
@@ -64,3 +73,35 @@ def check_equivalent(original: nn.Module, fused: nn.Module, x: torch.Tensor, *, 
             assert_close_ratio(key, t, sr[key], so[key])
         elif key.endswith("num_batches_tracked"):
             assert int(t) == int(so[key]), key
+
+
+def check_sgd_step(original: nn.Module, fused: nn.Module, x: torch.Tensor,
+                   target: torch.Tensor) -> None:
+    """One SGD step (momentum, weight decay) from the same weights: loss, gradients, updated
+    parameters and BN buffers of ``fused`` vs ``original``, float64 copy of it as the truth.
+    The baseline runs channels_last, as in :func:`check_equivalent`."""
+    reference = copy.deepcopy(original).double()
+    original.to(memory_format=CL)
+    losses, states = [], []
+    for m, inp in ((fused, x), (original, x.contiguous(memory_format=CL)),
+                   (reference, x.double())):
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(m(inp), target)
+        loss.backward()
+        grads = {k: t.grad.detach().clone() for k, t in tensors_by_key(m).items()
+                 if isinstance(t, nn.Parameter)}
+        opt.step()
+        losses.append(loss.detach())
+        states.append((grads, {k: t.detach() for k, t in m.state_dict().items()}))
+    assert_close_ratio("loss", *losses)
+    (gf, sf), (go, so), (gr, sr) = states
+    assert list(sf) == list(so) and list(gf) == list(go)
+    for key in gf:
+        assert_close_ratio(f"{key}.grad", gf[key], gr[key], go[key])
+    for key in sf:
+        if key.endswith("num_batches_tracked"):
+            assert int(sf[key]) == int(so[key]) == 1, key
+        else:
+            assert_close_ratio(f"updated {key}", sf[key], sr[key], so[key])

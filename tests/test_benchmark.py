@@ -204,3 +204,33 @@ def test_environment_record():
     if not torch.cuda.is_available():
         assert env["gpu"] is None and card_slug(env) == "cpu"
     assert card_slug({"gpu": {"name": "NVIDIA H100 80GB HBM3"}}) == "nvidia-h100-80gb-hbm3"
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/ scripts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gpu_check_script_parses():
+    import pathlib
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh"
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_sanitizer_script_dry_run():
+    """The memcheck driver's own logic, on CPU (reference against reference)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "sanitize_cuda.py"
+    done = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "8 calls ran" in done.stdout

@@ -70,6 +70,49 @@ def layer_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def layer_summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Per model and mode: shapes measured, geometric-mean speed-up of the best fastres backend
+    vs eager and vs compile, and the median fraction of the roofline bound it reaches."""
+    header = ["model", "mode", "shapes", "geomean vs eager", "geomean vs compile",
+              "median best/bound"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for e in results.get("layers", []):
+        groups.setdefault((e["model"], e["mode"]), []).append(e)
+    rows = []
+    def geomean(entries: list[dict], key: str) -> float | None:
+        vals = [e[key] for e in entries if e.get(key)]
+        return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
+
+    for (model, mode), entries in groups.items():
+        fracs = sorted(e["systems"][e["best_fastres"]]["frac_roofline"] for e in entries
+                       if e.get("best_fastres"))
+        rows.append([
+            model, mode, str(len(entries)),
+            _num(geomean(entries, "speedup_vs_eager"), "{:.2f}x"),
+            _num(geomean(entries, "speedup_vs_compile-default"), "{:.2f}x"),
+            _num(fracs[len(fracs) // 2] if fracs else None, "{:.1%}"),
+        ])
+    return header, rows
+
+
+def summary_text(results: dict) -> str:
+    """Plain-text model table and layer summary (what a log's last lines should show)."""
+    parts = []
+    header, rows = model_rows(results)
+    if rows:
+        parts.append(render_table("Model level (img/s)", header, rows))
+    header, rows = layer_summary_rows(results)
+    if rows:
+        parts.append(render_table("Layer level (best fastres backend)", header, rows))
+    ceil = results.get("ceilings") or {}
+    if ceil:
+        parts.append(f"ceilings on {ceil.get('device')}: {ceil.get('tflops', 0):.3g} TFLOP/s, "
+                     f"{ceil.get('tbps', 0):.3g} TB/s")
+    if results.get("note"):
+        parts.append(f"NOTE: {results['note']}")
+    return "\n\n".join(parts)
+
+
 def _us(system: dict | None) -> str:
     if not system:
         return "-"
@@ -185,3 +228,24 @@ def write_plot(results: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastres.benchmark.report RESULTS.json ...``: print each file's summary."""
+    import sys
+
+    paths = list(sys.argv[1:] if argv is None else argv)
+    for path in paths:
+        try:
+            results = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            print(f"{path}: cannot read ({e})")
+            continue
+        print(f"== {path}")
+        print(summary_text(results))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -150,6 +150,9 @@ def run(
     elif config.quick:
         config = quick(config)
     dtype = DTYPES[config.dtype]
+    if device.type == "cuda":
+        # what a tuned eager training script does; every system gets cuDNN's best algorithm
+        torch.backends.cudnn.benchmark = True
     progress = progress or (lambda label: None)
     on_update = on_update or (lambda results: None)
     clock = _Clock(config.time_limit_s)
@@ -160,7 +163,8 @@ def run(
         "cpu_only": device.type != "cuda",
         "note": CPU_BANNER if device.type != "cuda" else None,
         "environment": environment(),
-        "config": asdict(config) | {"device": str(device)},
+        "config": asdict(config) | {"device": str(device),
+                                    "cudnn_benchmark": torch.backends.cudnn.benchmark},
         "ceilings": None,
         "models": [],
         "layers": [],

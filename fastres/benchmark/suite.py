@@ -72,6 +72,8 @@ class SuiteConfig:
 
 def suite_config() -> SuiteConfig:
     gpu = torch.cuda.is_available()
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # as in fastres bench: cuDNN's best algorithm
     limit = os.environ.get("FASTRES_BENCH_LAYER_LIMIT")
     return SuiteConfig(
         device=torch.device("cuda" if gpu else "cpu"),

@@ -261,6 +261,16 @@ def test_kernel_choice():
     assert tconv.kernel_for(1, 64) == "direct"
 
 
+def test_autotune_pruning_keeps_fitting_tiles():
+    gemm, direct = tconv.GPU_GEMM_CONFIGS, tconv.GPU_DIRECT_CONFIGS
+    # ResNeXt stage 3: 16 channels per group, nothing wider than 32 output channels survives
+    kept = tconv._prune_gemm(gemm, {"Kg": 16, "Cg": 16})
+    assert kept and all(c.kwargs["BLOCK_N"] <= 32 and c.kwargs["BLOCK_K"] <= 32 for c in kept)
+    assert tconv._prune_gemm(gemm, {"Kg": 512, "Cg": 512}) == gemm  # wide layers: all tiles
+    kept = tconv._prune_direct(direct, {"K": 16})
+    assert kept and all(c.kwargs["BLOCK_N"] <= 16 for c in kept)
+
+
 def test_rejects_bad_inputs():
     conv = Shape().conv
     x = torch.randn(1, 16, 5, 5)

@@ -87,6 +87,10 @@ GPU_GEMM_CONFIGS = [
         (64, 64, 32, 4, 4),
         (128, 128, 64, 8, 3),
         (64, 64, 64, 4, 3),
+        # narrow channel tiles for grouped convolutions (ResNeXt: 16-32 channels per group)
+        (128, 32, 32, 4, 4),
+        (64, 32, 32, 4, 4),
+        (128, 16, 32, 4, 4),
     )
 ]
 GPU_DIRECT_CONFIGS = [
@@ -105,6 +109,25 @@ if _INTERPRET:  # one small configuration each: the interpreter cannot benchmark
 else:
     _GEMM_CONFIGS = GPU_GEMM_CONFIGS
     _DIRECT_CONFIGS = GPU_DIRECT_CONFIGS
+
+
+
+def _prune_gemm(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """Drop GEMM tiles much wider than a group's output channels or its reduction slab."""
+    n_cap = max(32, triton.next_power_of_2(nargs["Kg"]))
+    k_cap = max(32, triton.next_power_of_2(nargs["Cg"]))
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_N"] <= n_cap and (kwargs.get("FLAT_K") or c.kwargs["BLOCK_K"] <= k_cap)
+    ]
+    return kept or configs
+
+
+def _prune_direct(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """Drop channel tiles much wider than the number of output channels."""
+    n_cap = max(16, triton.next_power_of_2(nargs["K"]))
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap] or configs
+
 
 _MIN_BLOCK_M = min(
     c.kwargs["BLOCK_M"] for c in (*_GEMM_CONFIGS, *_DIRECT_CONFIGS)
@@ -361,8 +384,12 @@ def _conv_direct_kernel(
     )
 
 
-_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=_KEY)(_conv_gemm_kernel)
-_direct = triton.autotune(configs=_DIRECT_CONFIGS, key=_KEY)(_conv_direct_kernel)
+_gemm = triton.autotune(
+    configs=_GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_gemm}
+)(_conv_gemm_kernel)
+_direct = triton.autotune(
+    configs=_DIRECT_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_direct}
+)(_conv_direct_kernel)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,7 +111,6 @@ else:
     _DIRECT_CONFIGS = GPU_DIRECT_CONFIGS
 
 
-
 def _prune_gemm(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     """Drop GEMM tiles much wider than a group's output channels or its reduction slab."""
     n_cap = max(32, triton.next_power_of_2(nargs["Kg"]))
@@ -129,9 +128,8 @@ def _prune_direct(configs: list[triton.Config], nargs: dict, **kwargs) -> list[t
     return [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap] or configs
 
 
-_MIN_BLOCK_M = min(
-    c.kwargs["BLOCK_M"] for c in (*_GEMM_CONFIGS, *_DIRECT_CONFIGS)
-)
+# Partial-statistics buffers are sized for this many rows per tile (the most tiles).
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in (*_GEMM_CONFIGS, *_DIRECT_CONFIGS))
 
 # What selects a configuration: the problem shape and the epilogue (tensor dtypes are added by
 # the autotuner itself).
@@ -406,7 +404,9 @@ def kernel_for(c_per_group: int, groups: int) -> str:
     return "direct"
 
 
-def _check_vec(name: str, t: torch.Tensor | None, k: int, dtype: torch.dtype, dev) -> None:
+def _check_vec(
+    name: str, t: torch.Tensor | None, k: int, dtype: torch.dtype, dev: torch.device
+) -> None:
     if t is None:
         return
     assert t.shape == (k,), f"conv2d_fused: {name} must have shape ({k},), got {tuple(t.shape)}"
@@ -456,6 +456,8 @@ def conv2d_fused(
     _check_vec("bias", bias, k, x.dtype, x.device)
     _check_vec("scale", scale, k, torch.float32, x.device)
     _check_vec("shift", shift, k, torch.float32, x.device)
+    # The kernels index the (K,) vectors densely; copies only if a caller passes a strided view.
+    bias, scale, shift = (None if t is None else t.contiguous() for t in (bias, scale, shift))
     if residual is not None:
         assert residual.shape == (n, k, oh, ow), (
             f"conv2d_fused: residual {tuple(residual.shape)} != output {(n, k, oh, ow)}"
@@ -489,19 +491,21 @@ def conv2d_fused(
         # (K, Cg, R, S) -> (groups, R, S, Cg, Kg): per group the (R·S·Cg, Kg) GEMM operand.
         w_packed = weight.view(groups, kg, cg, r, s).permute(0, 3, 4, 2, 1).contiguous()
 
+    # Absent optional tensors are replaced by placeholders of the pointer type the kernel
+    # declares (so the compiled variants are those compile_specs() lists); they are never read.
+    f32_dummy = torch.empty(1, dtype=torch.float32, device=x.device)
     if stats:
         max_tiles = triton.cdiv(m, _MIN_BLOCK_M)
         mean = _alloc.empty(max_tiles, k, dtype=torch.float32, device=x.device)
         m2 = _alloc.empty(max_tiles, k, dtype=torch.float32, device=x.device)
     else:
-        mean = m2 = out  # never touched (STATS=False); any pointer will do
-    dummy = out  # stands in for absent optional tensors; never read
+        mean = m2 = f32_dummy
     args = (
         x, w_packed,
-        bias if bias is not None else dummy,
-        scale if scale is not None else dummy,
-        shift if shift is not None else dummy,
-        residual if residual is not None else dummy,
+        bias if bias is not None else out,
+        scale if scale is not None else f32_dummy,
+        shift if shift is not None else f32_dummy,
+        residual if residual is not None else out,
         out, mean, m2,
         m, h, w, c, oh, ow, k, cg, kg, r, s,
         conv.stride[0], conv.stride[1], conv.padding[0], conv.padding[1],

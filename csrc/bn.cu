@@ -174,8 +174,8 @@ const char* bn_finalize_launch(const float* partials, int64_t tiles, int64_t k,
                                float* var, float* scale, float* shift, cudaStream_t stream) {
   if (tiles <= 0 || k <= 0) return "bn_finalize needs at least one tile and one channel";
   const dim3 block(kCh, kLanes);
-  bn_finalize_kernel<<<static_cast<unsigned>(ceil_div(k, kCh)), block, 0, stream>>>(
-      partials, tiles, k, gamma, beta, eps, mean, var, scale, shift);
+  FASTRES_LAUNCH(bn_finalize_kernel, dim3(static_cast<unsigned>(ceil_div(k, kCh))), block, 0,
+                 stream, partials, tiles, k, gamma, beta, eps, mean, var, scale, shift);
   return launch_error();
 }
 
@@ -187,9 +187,9 @@ const char* bn_apply_launch(const void* y, const float* scale, const float* shif
   return dispatch_dtype(dtype, [&](auto tag) -> const char* {
     using T = decltype(tag);
     constexpr int threads = 256;
-    bn_apply_kernel<T><<<elementwise_blocks(total, threads), threads, 0, stream>>>(
-        static_cast<const T*>(y), scale, shift, static_cast<const T*>(residual),
-        static_cast<T*>(z), total, k, relu);
+    FASTRES_LAUNCH(bn_apply_kernel<T>, dim3(elementwise_blocks(total, threads)), dim3(threads),
+                   0, stream, static_cast<const T*>(y), scale, shift,
+                   static_cast<const T*>(residual), static_cast<T*>(z), total, k, relu);
     return launch_error();
   });
 }
@@ -210,17 +210,17 @@ const char* bn_backward_launch(const void* dz, const void* y, const void* z, con
     const T* y_ = static_cast<const T*>(y);
     const T* z_ = static_cast<const T*>(z);
     const dim3 block(kCh, kLanes);
-    bn_bwd_reduce_kernel<T>
-        <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div(k, kCh))), block, 0,
-           stream>>>(dz_, y_, z_, mean, var, eps, relu, workspace, m, k);
+    FASTRES_LAUNCH(bn_bwd_reduce_kernel<T>,
+                   dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div(k, kCh))),
+                   block, 0, stream, dz_, y_, z_, mean, var, eps, relu, workspace, m, k);
     if (const char* e = launch_error()) return e;
-    bn_bwd_final_kernel<<<static_cast<unsigned>(ceil_div(k, kCh)), block, 0, stream>>>(
-        workspace, tiles, k, dgamma, dbeta);
+    FASTRES_LAUNCH(bn_bwd_final_kernel, dim3(static_cast<unsigned>(ceil_div(k, kCh))), block, 0,
+                   stream, workspace, tiles, k, dgamma, dbeta);
     if (const char* e = launch_error()) return e;
     constexpr int threads = 256;
-    bn_bwd_dy_kernel<T><<<elementwise_blocks(m * k, threads), threads, 0, stream>>>(
-        dz_, y_, z_, mean, var, gamma, dgamma, dbeta, eps, batch_stats, relu, static_cast<T*>(dy),
-        static_cast<T*>(dres), m, k);
+    FASTRES_LAUNCH(bn_bwd_dy_kernel<T>, dim3(elementwise_blocks(m * k, threads)), dim3(threads),
+                   0, stream, dz_, y_, z_, mean, var, gamma, dgamma, dbeta, eps, batch_stats, relu,
+                   static_cast<T*>(dy), static_cast<T*>(dres), m, k);
     return launch_error();
   });
 }

@@ -10,6 +10,19 @@
 
 #include "kernels.h"
 
+#ifdef FASTRES_EMU
+// Host emulation of the CUDA execution model, for running these kernels on a CPU in tests.
+#include "emu/cuda_emu.h"
+#define FASTRES_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::fastres_emu::launch(kernel, grid, block, smem, stream, __VA_ARGS__)
+#define FASTRES_DYNAMIC_SMEM(type, name) type* name = ::fastres_emu::dynamic_smem<type>()
+#else
+// kernel<<<grid, block, smem, stream>>>(args...)
+#define FASTRES_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define FASTRES_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
+
 namespace fastres {
 
 // fp32 view of a stored element, and back (round to nearest).
@@ -93,6 +106,9 @@ const char* dispatch_dtype(DType dt, Fn&& f) {
 
 // Error of the launch just made (configuration or earlier asynchronous fault), or nullptr.
 inline const char* launch_error() {
+#ifdef FASTRES_EMU
+  return nullptr;  // the emulator runs kernels synchronously and has no launch errors
+#endif
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }

@@ -25,7 +25,7 @@ constexpr int kThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     conv_direct_kernel(const ConvArgs a, const DirectPlan p) {
-  extern __shared__ float smem[];
+  FASTRES_DYNAMIC_SMEM(float, smem);
   // Shared memory, reused by phase:
   //   main loop: halo[hh * hw][cc] then wts[kBlockK][r * s][cc]
   //   epilogue:  ytile[th * tw][kBlockK] then red[2][kThreads]
@@ -142,6 +142,10 @@ __global__ void __launch_bounds__(kThreads)
       if (k0 + v < kb1) acc[v] += to_f32(bias[k0 + v]);
   }
   if (a.partials) {
+    // Statistics of y as stored (rounded to T): normalisation and the backward pass see that y,
+    // and with mean >> std the rounding is not negligible against the spread (as in PyTorch).
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) acc[v] = to_f32(from_f32<T>(acc[v]));
     // Two-pass statistics of the raw y over the tile's valid pixels, per channel.
     float* ytile = smem;  // [th * tw][kBlockK]
     float* red = smem + p.th * p.tw * kBlockK;
@@ -269,7 +273,7 @@ const char* direct_launch(const ConvArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(ceil_div(a.k, kBlockK)));
   return dispatch_dtype(a.dtype, [&](auto tag) -> const char* {
     using T = decltype(tag);
-    conv_direct_kernel<T><<<grid, kThreads, p.smem_bytes, stream>>>(a, p);
+    FASTRES_LAUNCH(conv_direct_kernel<T>, grid, dim3(kThreads), p.smem_bytes, stream, a, p);
     return launch_error();
   });
 }

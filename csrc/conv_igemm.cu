@@ -15,7 +15,9 @@
 // Epilogue, as the direct kernel: + bias, per-tile (count, mean, M2) statistics of the raw y, then
 // scale/shift, + residual, ReLU, stored 8 channels at a time.
 
+#ifndef FASTRES_EMU
 #include <mma.h>
+#endif
 
 #include "common.cuh"
 #include "conv_plan.h"
@@ -140,11 +142,16 @@ __global__ void __launch_bounds__(kThreads) conv_igemm_kernel(const ConvArgs a) 
   const int rows_valid = static_cast<int>(imin(kBM, m_total - m0));
   const int cols_valid = static_cast<int>(imin(kBN, ng - n0));
   const int64_t kbase = g * ng + n0;  // global channel of tile column 0
-  if (a.bias) {
+  if (a.bias || a.partials) {
+    // y = acc + bias; with statistics, y as stored (rounded to T): normalisation and the
+    // backward pass see that y, and with mean >> std its rounding matters (as in PyTorch).
     const T* bias = static_cast<const T*>(a.bias);
     for (int e = tid; e < kBM * kBN; e += kThreads) {
       const int col = e % kBN;
-      if (col < cols_valid) cs[(e / kBN) * kLdC + col] += to_f32(bias[kbase + col]);
+      if (col >= cols_valid) continue;
+      float& y = cs[(e / kBN) * kLdC + col];
+      if (bias) y += to_f32(bias[kbase + col]);
+      if (a.partials) y = to_f32(from_f32<T>(y));
     }
     __syncthreads();
   }
@@ -225,9 +232,9 @@ const char* igemm_launch(const ConvArgs& a, cudaStream_t stream) {
                   static_cast<unsigned>(ceil_div(a.k / a.groups, kBN)),
                   static_cast<unsigned>(a.groups));
   if (a.dtype == DType::kF16) {
-    conv_igemm_kernel<__half><<<grid, kThreads, 0, stream>>>(a);
+    FASTRES_LAUNCH(conv_igemm_kernel<__half>, grid, dim3(kThreads), 0, stream, a);
   } else {
-    conv_igemm_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(a);
+    FASTRES_LAUNCH(conv_igemm_kernel<__nv_bfloat16>, grid, dim3(kThreads), 0, stream, a);
   }
   return launch_error();
 }

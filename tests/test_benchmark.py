@@ -234,3 +234,45 @@ def test_sanitizer_script_dry_run():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "8 calls ran" in done.stdout
+
+
+def test_suite_params_put_baselines_first(monkeypatch):
+    from fastres.benchmark import suite
+
+    monkeypatch.setenv("FASTRES_BENCH_COMPILE_MODES", "default,max-autotune")
+    cfg = suite.suite_config()
+    if not cfg.tiny:
+        pytest.skip("checks the CPU configuration")
+    params = suite.layer_params(cfg)
+    # CPU: one shape per model, both modes, eager + 2 compile modes + 3 backends
+    assert len(params) == 2 * 2 * 6
+    for i in range(0, len(params), 6):
+        assert [s for _, _, s in params[i:i + 6]] == [
+            "eager", "compile-default", "compile-max-autotune", "fastres-reference",
+            "fastres-triton", "fastres-cuda"]
+    assert suite.model_params(cfg)[:3] == [("resnet18", "train", "eager"),
+                                           ("resnet18", "train", "compile"),
+                                           ("resnet18", "train", "fastres")]
+
+
+def test_summary_text_from_results():
+    results = {
+        "models": [{"model": "resnet50", "mode": "train", "roofline_img_s": 15000.0,
+                    "speedup_vs_eager": 1.5,
+                    "systems": {"fastres": {"status": "ok", "img_s": 3000.0,
+                                            "frac_roofline": 0.2},
+                                "eager": {"status": "ok", "img_s": 2000.0},
+                                "compile": {"status": "skipped"}}}],
+        "layers": [{"model": "resnet50", "mode": "infer", "best_fastres": "fastres-triton",
+                    "speedup_vs_eager": 2.0, "speedup_vs_compile-default": 0.5,
+                    "systems": {"fastres-triton": {"status": "ok", "frac_roofline": 0.4}}},
+                   {"model": "resnet50", "mode": "infer", "best_fastres": "fastres-triton",
+                    "speedup_vs_eager": 8.0,
+                    "systems": {"fastres-triton": {"status": "ok", "frac_roofline": 0.6}}}],
+        "ceilings": {"device": "x", "tflops": 800.0, "tbps": 3.0},
+    }
+    text = report.summary_text(results)
+    assert "3,000" in text and "2,000" in text and "skipped" in text and "1.50x" in text
+    assert "15,000" in text
+    layer_line = next(line for line in text.splitlines() if line.startswith("resnet50  infer"))
+    assert layer_line.split()[2:] == ["2", "4.00x", "0.50x", "50.0%"]  # geomean of 2 and 8

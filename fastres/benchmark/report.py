@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,12 +20,19 @@ def _num(value: float | None, fmt: str = "{:,.0f}") -> str:
     return fmt.format(value)
 
 
-def _cell(system: dict | None, key: str = "img_s", fmt: str = "{:,.0f}") -> str:
+def _rate(value: float | None) -> str:
+    """Images per second: whole numbers when large, three significant digits when small."""
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _cell(system: dict | None, key: str = "img_s", fmt: str | None = None) -> str:
     if not system:
         return "-"
     if system.get("status") != "ok":
         return system.get("status", "?")
-    return _num(system.get(key), fmt)
+    return _rate(system.get(key)) if fmt is None else _num(system.get(key), fmt)
 
 
 def model_rows(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -37,7 +45,7 @@ def model_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             e["model"], e["mode"], _cell(s.get("fastres")), _cell(s.get("eager")),
             _cell(s.get("compile")), _num(e.get("speedup_vs_eager"), "{:.2f}x"),
             _num(e.get("speedup_vs_compile"), "{:.2f}x"),
-            _cell(s.get("fastres"), "frac_roofline", "{:.1%}"), _num(e.get("roofline_img_s")),
+            _cell(s.get("fastres"), "frac_roofline", "{:.1%}"), _rate(e.get("roofline_img_s")),
         ])
     return header, rows
 
@@ -90,7 +98,7 @@ def layer_summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             model, mode, str(len(entries)),
             _num(geomean(entries, "speedup_vs_eager"), "{:.2f}x"),
             _num(geomean(entries, "speedup_vs_compile-default"), "{:.2f}x"),
-            _num(fracs[len(fracs) // 2] if fracs else None, "{:.1%}"),
+            _num(statistics.median(fracs) if fracs else None, "{:.1%}"),
         ])
     return header, rows
 

@@ -14,7 +14,8 @@
 #   FASTRES_CHECK_MODELS      model-level models, comma list (default: all five, resnet50 first)
 #   FASTRES_CHECK_MODES       train,infer (default both)
 #   FASTRES_CHECK_LAYER_ARGS  extra `fastres bench` arguments for the layer step, e.g.
-#                             "--compile --layer-limit 6" for compile baselines on 6 shapes
+#                             "--compile --compile-modes default --layer-limit 6" for
+#                             torch.compile baselines on the first 6 shapes of each model
 #   FASTRES_CHECK_SKIP        steps to skip, comma list: install,tests,sanitizer,layers,models
 #   PYTHON                    interpreter (default python3)
 

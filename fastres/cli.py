@@ -239,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                        help="also time torch.compile (default: yes)")
-    bench.add_argument("--compile-modes", default="default",
+    bench.add_argument("--compile-modes", default="default,max-autotune",
                        help="torch.compile modes for the layer level, comma-separated "
-                            "(e.g. default,max-autotune)")
+                            "(default: default,max-autotune; max-autotune compiles slowly)")
     bench.add_argument("--model-compile-mode", default="default",
                        help="torch.compile mode for the model level")
     bench.add_argument("--layers", action="store_true",

@@ -45,7 +45,8 @@ class BenchConfig:
     resolution: int = 224
     dtype: str = "bf16"
     compile: bool = True
-    compile_modes: list[str] = field(default_factory=lambda: ["default"])  # layer level
+    compile_modes: list[str] = field(  # layer level
+        default_factory=lambda: ["default", "max-autotune"])
     model_compile_mode: str = "default"
     layers: bool = False
     layer_models: list[str] = field(default_factory=lambda: list(LAYER_MODEL_NAMES))
@@ -71,6 +72,7 @@ def tiny_cpu(config: BenchConfig) -> BenchConfig:
     config.resolution = min(config.resolution, 32)
     config.warmup, config.repeats = 1, 3
     config.model_warmup, config.model_repeats = 1, 2
+    config.compile_modes = config.compile_modes[:1]  # each compile costs seconds on CPU
     if config.quick:
         config.models = config.models[:1]
     return config

@@ -147,6 +147,7 @@ class BasicBlock(FusedBlock):
         self.conv1, self.bn1, self.conv2, self.bn2 = conv1, bn1, conv2, bn2
         self.downsample = downsample
         self.stride = conv1.stride[0] if isinstance(conv1, nn.Conv2d) else 1
+        self.training = conv1.training
         return self.set_fused(True)
 
     def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
@@ -199,6 +200,7 @@ class Bottleneck(FusedBlock):
         self.conv3, self.bn3 = conv3, bn3
         self.downsample = downsample
         self.stride = conv2.stride[0] if isinstance(conv2, nn.Conv2d) else 1
+        self.training = conv1.training
         return self.set_fused(True)
 
     def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:

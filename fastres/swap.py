@@ -1,0 +1,522 @@
+"""``fastres.fuse`` / ``fastres.unfuse``: swap fused blocks into existing models, and back.
+
+What is swapped (module *instances* are replaced; no third-party class is patched):
+
+* torchvision ``ResNet`` (ResNet, ResNeXt, Wide ResNet): every ``BasicBlock``/``Bottleneck`` becomes
+  :class:`fastres.nn.BasicBlock`/:class:`fastres.nn.Bottleneck` over the very same conv/BN
+  modules, and the stem's conv1 + bn1 + relu becomes one :class:`FusedStem`;
+* timm ``ResNet`` (``resnet*``, ``resnext*``, ``wide_resnet*``, ...): the same, when the block's
+  extras are no-ops (no SE/attention, no anti-aliasing, drop-block/drop-path off, ReLU);
+* timm ``ResNetV2`` pre-activation blocks (``resnetv2_*`` with BatchNorm): :class:`FusedPreAct`;
+* any plain ``nn.Sequential`` holding Conv2d → BatchNorm2d (→ ReLU) runs: :class:`FusedSequential`;
+* fastres' own blocks and models: their fused views are rebuilt (e.g. after a BN was replaced).
+
+Parameters and buffers are shared, never copied (with ``inplace=False`` the model is deep-copied
+first), so an optimizer built on the model before ``fuse(model, inplace=True)`` keeps working.
+The state_dict keys stay those of the original model; so do the parameter names, except in a
+fused stem, whose conv and BN parameters are named ``conv1.conv.*`` / ``conv1.bn.*`` while its
+state_dict (through hooks on the model, see :class:`FusedStem`) keeps ``conv1.*`` / ``bn1.*``.
+
+What cannot be fused exactly stays as it was, with the reason: a ``warnings.warn`` lists them,
+:func:`fuse_report` returns them, and ``strict=True`` raises :class:`FuseError` listing them all
+before anything is changed. ``nn.SyncBatchNorm`` is left unfused (its statistics must be
+all-reduced across processes, which the fused op does not do yet).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nn.blocks import BasicBlock, Bottleneck, FusedBlock
+from .nn.conv_bn_relu import ConvBNReLU, fusable_reason
+
+Tensor = torch.Tensor
+
+REPORT_ATTR = "_fastres_fuse_report"
+
+
+class FuseError(ValueError):
+    """``fuse(..., strict=True)`` found modules it cannot fuse exactly (the message lists why)."""
+
+
+def _optional_classes() -> dict[str, tuple[type, ...]]:
+    """The third-party classes fuse knows, by role; empty where the library is not installed."""
+    found: dict[str, tuple[type, ...]] = {}
+    try:
+        from torchvision.models import resnet as tv
+
+        found["tv_resnet"] = (tv.ResNet,)
+        found["tv_basic"] = (tv.BasicBlock,)
+        found["tv_bottleneck"] = (tv.Bottleneck,)
+    except ImportError:
+        pass
+    try:
+        from timm.models import resnet as tr
+        from timm.models import resnetv2 as tr2
+
+        found["timm_resnet"] = (tr.ResNet,)
+        found["timm_basic"] = (tr.BasicBlock,)
+        found["timm_bottleneck"] = (tr.Bottleneck,)
+        found["timm_preact"] = (tr2.PreActBasic, tr2.PreActBottleneck)
+        found["timm_v2_other"] = (tr2.Bottleneck,)
+    except ImportError:
+        pass
+    return found
+
+
+def _is(m: nn.Module, classes: dict[str, tuple[type, ...]], role: str) -> bool:
+    # exact types: a subclass may override forward, and then the swap would not be exact
+    return type(m) in classes.get(role, ())
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused replacement modules
+# ------------------------------------------------------------------------------------------------
+
+
+def _relu_reason(act: nn.Module | None, where: str) -> str | None:
+    if act is None or type(act) is nn.ReLU:
+        return None
+    return f"{where} is {type(act).__name__}, not ReLU (only ReLU is fused)"
+
+
+def _noop_reason(m: nn.Module | None, where: str) -> str | None:
+    """None if ``m`` does nothing (None, Identity, or a drop layer with probability 0)."""
+    if m is None or type(m) is nn.Identity:
+        return None
+    prob = getattr(m, "drop_prob", getattr(m, "p", None))
+    if type(m).__name__ in ("DropPath", "DropBlock2d", "Dropout", "Dropout2d") and prob == 0:
+        return None
+    detail = f" with drop probability {prob}" if prob is not None else ""
+    return f"{where} is {type(m).__name__}{detail}, not a no-op"
+
+
+class FusedStem(ConvBNReLU):
+    """A model's stem (``conv1`` → ``bn1`` → ``relu``) as one fused module in the conv's slot.
+
+    The model calls ``conv1``, ``bn1`` and the activation one after the other, so this module
+    takes ``conv1``'s place and ``bn1``/the activation become ``nn.Identity``. The state_dict keys
+    stay the model's: a state_dict hook and a load pre-hook on the *model instance* (the BN's
+    keys belong to the model's namespace, not this module's) map ``conv1.conv.*`` ↔ ``conv1.*``
+    and ``conv1.bn.*`` ↔ ``bn1.*``. :func:`unfuse` removes them. If the BN is replaced later
+    (e.g. by ``convert_sync_batchnorm``) the stem runs it unfused.
+    """
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if fusable_reason(self.conv, self.bn) is None:
+            return super().forward(x, residual)
+        y = self.bn(self.conv(x))
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.relu else y
+
+
+def _install_stem(model: nn.Module, conv_name: str, bn_name: str, act_name: str) -> None:
+    conv, bn, act = (getattr(model, n) for n in (conv_name, bn_name, act_name))
+    stem = FusedStem.from_modules(conv, bn, relu=True)
+    to_ours = {f"{conv_name}.": f"{conv_name}.conv.", f"{bn_name}.": f"{conv_name}.bn."}
+    to_theirs = {v: k for k, v in to_ours.items()}
+
+    def rename(keys: list[str], prefix: str, table: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for key in keys:
+            for old, new in table.items():
+                if key.startswith(prefix + old):
+                    out[key] = prefix + new + key[len(prefix + old):]
+                    break
+        return out
+
+    def save_hook(module, state_dict, prefix, local_metadata):
+        mapping = rename(list(state_dict), prefix, to_theirs)
+        items = [(mapping.get(k, k), v) for k, v in state_dict.items()]
+        state_dict.clear()
+        state_dict.update(items)  # same order: the stem's keys stay first
+        meta = getattr(state_dict, "_metadata", None)
+        if meta is not None:  # per-module versions, keyed by module path without the dot
+            for old, new in rename([k + "." for k in meta], prefix, to_theirs).items():
+                meta[new[:-1]] = meta.pop(old[:-1])
+
+    def load_hook(state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        for old, new in rename(list(state_dict), prefix, to_ours).items():
+            state_dict[new] = state_dict.pop(old)
+
+    handles = (model._register_state_dict_hook(save_hook),
+               model._register_load_state_dict_pre_hook(load_hook))
+    # hidden (plain attribute, not a child): what unfuse needs to put the model back
+    stem._restore = {"names": (conv_name, bn_name, act_name), "act": act, "handles": handles}
+    stem.training = conv.training
+    setattr(model, conv_name, stem)
+    for name, old in ((bn_name, bn), (act_name, act)):
+        placeholder = nn.Identity()
+        placeholder.training = old.training
+        setattr(model, name, placeholder)
+
+
+class FusedSequential(nn.Sequential):
+    """``nn.Sequential`` whose Conv2d → BatchNorm2d (→ ReLU) runs execute fused.
+
+    Same children under the same names as the original Sequential, so the same keys; the
+    :class:`ConvBNReLU` views are kept unregistered (as in :class:`fastres.nn.FusedBlock`) and
+    checked against the current children at each call.
+    """
+
+    def __init__(self, *args: nn.Module) -> None:
+        super().__init__(*args)
+        self.rebuild()
+
+    def rebuild(self) -> list[tuple[str, str]]:
+        """Find the runs again; returns ``(child index, reason)`` for conv→norm left unfused."""
+        mods = list(self._modules.values())
+        runs: dict[int, tuple[ConvBNReLU, int]] = {}
+        reasons = []
+        i = 0
+        while i < len(mods) - 1:
+            conv, bn = mods[i], mods[i + 1]
+            if isinstance(conv, nn.Conv2d) and _looks_like_norm(bn):
+                reason = fusable_reason(conv, bn)
+                if reason is None:
+                    relu = i + 2 < len(mods) and type(mods[i + 2]) is nn.ReLU
+                    runs[i] = (ConvBNReLU.from_modules(conv, bn, relu=relu), 3 if relu else 2)
+                    i += runs[i][1]
+                    continue
+                reasons.append((str(i), reason))
+            i += 1
+        self._runs = runs
+        return reasons
+
+    def forward(self, x: Tensor) -> Tensor:
+        mods = list(self._modules.values())
+        i = 0
+        while i < len(mods):
+            run = self._runs.get(i)
+            if run is not None:
+                view, n = run
+                if view.conv is mods[i] and view.bn is mods[i + 1] and (
+                    n == 2 or type(mods[i + 2]) is nn.ReLU
+                ):
+                    x = view(x)
+                    i += n
+                    continue
+            x = mods[i](x)
+            i += 1
+        return x
+
+
+def _looks_like_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._NormBase) or "BatchNorm" in type(m).__name__
+
+
+class FusedPreAct(FusedBlock):
+    """timm ``resnetv2`` ``PreActBasic`` / ``PreActBottleneck`` with each conv → norm+ReLU fused.
+
+    Keeps timm's children and names (``norm1``, ``conv1``, ``norm2``, ..., ``downsample``). timm's
+    ``BatchNormAct2d`` is a BatchNorm2d that also applies its ``act``; the pair conv_i →
+    norm_{i+1} is fused as conv + BN + ReLU. ``norm1`` on the block input and the last conv with
+    the residual add are left as they are (see the pre-activation notes in fastres.nn.blocks).
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        for name, child in block.named_children():
+            setattr(self, name, child)
+        self.downsample = getattr(block, "downsample", None)
+        self.n_convs = 3 if hasattr(block, "conv3") else 2
+        self.set_fused(True)
+
+    def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
+        return {f"conv{i}": (getattr(self, f"conv{i}"), getattr(self, f"norm{i + 1}"), True)
+                for i in range(1, self.n_convs)}
+
+    def set_fused(self, fused: bool = True) -> FusedPreAct:
+        views, reasons = {}, {}
+        if fused:
+            for name, (conv, norm, _) in self.fusion_pairs().items():
+                reason = _bn_act_reason(conv, norm)
+                if reason is None:
+                    views[name] = _bn_act_view(conv, norm)
+                else:
+                    reasons[name] = reason
+        self.fused = fused
+        self._views, self.unfused_reasons = views, reasons
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_preact = self.norm1(x)
+        shortcut = x if self.downsample is None else self.downsample(x_preact)
+        h = x_preact
+        for i in range(1, self.n_convs):
+            conv, norm = getattr(self, f"conv{i}"), getattr(self, f"norm{i + 1}")
+            view = self._views.get(f"conv{i}")
+            if view is not None and view.conv is conv and view.bn is norm:
+                h = view(h)
+            else:  # norm applies its own activation
+                h = norm(conv(h))
+        h = getattr(self, f"conv{self.n_convs}")(h)
+        return self.drop_path(h) + shortcut
+
+
+def _bn_act_reason(conv: nn.Module, norm: nn.Module) -> str | None:
+    """timm BatchNormAct2d: a plain BatchNorm2d apart from its (drop, act) tail."""
+    if type(norm).__name__ != "BatchNormAct2d":
+        return fusable_reason(conv, norm) or f"{type(norm).__name__} has no ReLU"
+    plain = nn.BatchNorm2d(norm.num_features, device="meta")
+    reason = fusable_reason(conv, plain) if type(conv) is nn.Conv2d else (
+        f"{type(conv).__name__} is not a plain nn.Conv2d")
+    return (reason or _noop_reason(getattr(norm, "drop", None), "norm's drop")
+            or (None if type(getattr(norm, "act", None)) is nn.ReLU
+                else f"norm's activation is {type(norm.act).__name__}, not ReLU"))
+
+
+def _bn_act_view(conv: nn.Conv2d, norm: nn.Module) -> ConvBNReLU:
+    """A ConvBNReLU over timm's BatchNormAct2d (checked by :func:`_bn_act_reason`).
+
+    ``from_modules`` insists on an exact ``nn.BatchNorm2d``; BatchNormAct2d holds the same
+    parameters, buffers and attributes, which is all ConvBNReLU reads, and its ReLU is the fused
+    one. So the view is assembled here instead.
+    """
+    view = ConvBNReLU.__new__(ConvBNReLU)
+    nn.Module.__init__(view)
+    view.conv, view.bn, view.relu = conv, norm, True
+    return view
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning: what to replace, and why not
+# ------------------------------------------------------------------------------------------------
+
+Action = Callable[[], None]
+
+
+def _block_reasons(block: nn.Module, pairs, extras) -> list[str]:
+    reasons = [f"{c}+{b}: {r}" for c, b, r in
+               ((c, b, fusable_reason(getattr(block, c), getattr(block, b))) for c, b in pairs)
+               if r is not None]
+    ds = getattr(block, "downsample", None)
+    if ds is not None:
+        if isinstance(ds, nn.Sequential) and len(ds) >= 2:
+            r = fusable_reason(ds[-2], ds[-1])
+            if r is not None:
+                reasons.append(f"downsample: {r}")
+        else:
+            reasons.append(f"downsample is {type(ds).__name__}, not Sequential(..., conv, bn)")
+    for r in extras:
+        if r is not None:
+            reasons.append(r)
+    return reasons
+
+
+def _hide_original(fused: nn.Module, original: nn.Module) -> nn.Module:
+    # kept out of the module tree (no keys, no double .to()): unfuse hands it back
+    fused.__dict__["_fastres_original"] = original
+    return fused
+
+
+def _plan_module(parent: nn.Module, name: str, m: nn.Module, path: str, classes,
+                 actions: list[Action], reasons: list[tuple[str, str]]) -> bool:
+    """Plan the swap of ``m`` (child ``name`` of ``parent``). True: do not recurse into it."""
+
+    def replace(new_factory: Callable[[], nn.Module]) -> None:
+        def action() -> None:
+            new = new_factory()
+            new.training = m.training  # the flag only: the shared children keep theirs
+            setattr(parent, name, new)
+
+        actions.append(action)
+
+    def refuse(why: list[str]) -> bool:
+        reasons.extend((path, r) for r in why)
+        return True
+
+    if _is(m, classes, "tv_basic") or _is(m, classes, "timm_basic"):
+        extras = [_relu_reason(getattr(m, a, None), a) for a in ("relu", "act1", "act2")]
+        extras += [_noop_reason(getattr(m, a, None), a) for a in ("drop_block", "drop_path")]
+        extras += [_noop_reason(getattr(m, "aa", None), "aa (anti-aliasing)"),
+                   _noop_reason(getattr(m, "se", None), "se (attention)")]
+        why = _block_reasons(m, [("conv1", "bn1"), ("conv2", "bn2")], extras)
+        if why:
+            return refuse(why)
+        replace(lambda: _hide_original(BasicBlock.from_modules(
+            m.conv1, m.bn1, m.conv2, m.bn2, m.downsample), m))
+        return True
+    if _is(m, classes, "tv_bottleneck") or _is(m, classes, "timm_bottleneck"):
+        extras = [_relu_reason(getattr(m, a, None), a) for a in ("relu", "act1", "act2", "act3")]
+        extras += [_noop_reason(getattr(m, a, None), a) for a in ("drop_block", "drop_path")]
+        extras += [_noop_reason(getattr(m, "aa", None), "aa (anti-aliasing)"),
+                   _noop_reason(getattr(m, "se", None), "se (attention)")]
+        why = _block_reasons(m, [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")], extras)
+        if why:
+            return refuse(why)
+        replace(lambda: _hide_original(Bottleneck.from_modules(
+            m.conv1, m.bn1, m.conv2, m.bn2, m.conv3, m.bn3, m.downsample), m))
+        return True
+    if _is(m, classes, "timm_preact"):
+        n = 3 if hasattr(m, "conv3") else 2
+        why = [f"conv{i}+norm{i + 1}: {r}" for i in range(1, n)
+               if (r := _bn_act_reason(getattr(m, f"conv{i}"), getattr(m, f"norm{i + 1}")))]
+        r = _noop_reason(m.drop_path, "drop_path")
+        if r:
+            why.append(r)
+        if why:
+            return refuse(why)
+        replace(lambda: _hide_original(FusedPreAct(m), m))
+        return True
+    if _is(m, classes, "timm_v2_other"):
+        return refuse(["timm resnetv2 post-activation Bottleneck is not swapped"])
+    if isinstance(m, FusedBlock) and not isinstance(m, FusedPreAct):
+        actions.append(lambda: m.set_fused(True))
+        for pair, r in _fusable_pairs_reasons(m).items():
+            reasons.append((path, f"{pair}: {r}"))
+        # a fastres ResNet: recurse into its stages; a block: done
+        return not isinstance(m, _models_resnet())
+    if type(m) is nn.Sequential:
+        probe = FusedSequential.__new__(FusedSequential)
+        nn.Module.__init__(probe)
+        probe._modules = OrderedDict(m._modules)
+        why = probe.rebuild()
+        reasons.extend((path, f"[{i}]: {r}") for i, r in why)
+        if probe._runs:
+            # children first (nested Sequentials), then this one over the possibly new children
+            _plan_children(m, path, classes, actions, reasons)
+            replace(lambda: FusedSequential(OrderedDict(m._modules)))
+            return True
+    return False
+
+
+def _models_resnet() -> type:
+    from .models.resnet import ResNet
+
+    return ResNet
+
+
+def _fusable_pairs_reasons(block: FusedBlock) -> dict[str, str]:
+    out = {}
+    for pair, (conv, bn, _) in block.fusion_pairs().items():
+        r = fusable_reason(conv, bn)
+        if r is not None:
+            out[pair] = r
+    return out
+
+
+def _plan_stem(model: nn.Module, path: str, classes, actions: list[Action],
+               reasons: list[tuple[str, str]]) -> None:
+    act_name = "relu" if _is(model, classes, "tv_resnet") else "act1"
+    conv, bn, act = (getattr(model, n, None) for n in ("conv1", "bn1", act_name))
+    where = f"{path}.stem" if path else "stem"
+    if isinstance(conv, FusedStem):  # fused before
+        return
+    if isinstance(conv, nn.Sequential):
+        reasons.append((where, "deep stem: its last conv is not fused with bn1 (inner runs are)"))
+        return
+    r = fusable_reason(conv, bn) or _relu_reason(act, act_name)
+    if r is not None:
+        reasons.append((where, r))
+        return
+    actions.append(lambda: _install_stem(model, "conv1", "bn1", act_name))
+
+
+def _plan_children(module: nn.Module, path: str, classes, actions, reasons) -> None:
+    for name, child in list(module.named_children()):
+        child_path = f"{path}.{name}" if path else name
+        if _is(child, classes, "tv_resnet") or _is(child, classes, "timm_resnet"):
+            _plan_stem(child, child_path, classes, actions, reasons)
+        if not _plan_module(module, name, child, child_path, classes, actions, reasons):
+            _plan_children(child, child_path, classes, actions, reasons)
+
+
+def _format(reasons: list[tuple[str, str]]) -> str:
+    return "\n".join(f"  {path or '<model>'}: {why}" for path, why in reasons)
+
+
+def fuse(model: nn.Module, *, inplace: bool = False, strict: bool = False) -> nn.Module:
+    """Swap fused blocks into ``model``; what cannot be fused exactly stays as it was.
+
+    Args:
+        model: a torchvision or timm ResNet-family model, a fastres model, or any module tree
+            with ``nn.Sequential`` Conv2d → BatchNorm2d (→ ReLU) runs.
+        inplace: modify ``model`` itself (parameters stay the same objects, so existing
+            optimizers keep working). Otherwise a deep copy is fused and returned.
+        strict: raise :class:`FuseError` listing every reason if anything is left unfused
+            (nothing is changed then).
+
+    Returns the fused model. The reasons are in :func:`fuse_report` and, if any, a warning.
+    """
+    classes = _optional_classes()
+    if not inplace:
+        model = copy.deepcopy(model)
+    actions: list[Action] = []
+    reasons: list[tuple[str, str]] = []
+    if _is(model, classes, "tv_resnet") or _is(model, classes, "timm_resnet"):
+        _plan_stem(model, "", classes, actions, reasons)
+    holder = nn.Module()  # lets the root itself be planned (e.g. a root Sequential / block)
+    holder.root = model
+    if not _plan_module(holder, "root", model, "", classes, actions, reasons):
+        _plan_children(model, "", classes, actions, reasons)
+    if strict and reasons:
+        raise FuseError(f"fastres.fuse(strict=True): cannot fuse exactly:\n{_format(reasons)}")
+    for action in actions:
+        action()
+    model = holder.root
+    model.__dict__[REPORT_ATTR] = list(reasons)
+    if reasons:
+        warnings.warn(f"fastres.fuse left these unfused:\n{_format(reasons)}", stacklevel=2)
+    return model
+
+
+def fuse_report(model: nn.Module) -> list[tuple[str, str]]:
+    """``[(module path, reason), ...]`` of what the last :func:`fuse` left unfused."""
+    return list(model.__dict__.get(REPORT_ATTR, []))
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Give back plain PyTorch modules (in place; returns ``model``).
+
+    Swapped third-party blocks become the original block objects again (over the current
+    children), fused stems are split back into conv/bn/activation (hooks removed), and
+    FusedSequentials become ``nn.Sequential``. fastres' own blocks and models stay fastres
+    classes but run every conv → BN → ReLU through plain PyTorch modules (``set_fused(False)``).
+    """
+
+    def restore(m: nn.Module) -> nn.Module:
+        for name, child in list(m.named_children()):
+            new = restore(child)
+            if new is not child:
+                setattr(m, name, new)
+        if isinstance(m, FusedStem) and hasattr(m, "_restore"):
+            return m  # handled by its parent below
+        original = m.__dict__.get("_fastres_original")
+        if original is not None:
+            for name, child in m.named_children():
+                if name in original._modules:
+                    original._modules[name] = child
+            original.training = m.training
+            return original
+        if isinstance(m, FusedSequential):
+            plain = nn.Sequential(OrderedDict(m._modules))
+            plain.training = m.training
+            return plain
+        if isinstance(m, FusedBlock):
+            m.set_fused(False)
+        for child in list(m.children()):
+            if isinstance(child, FusedStem) and hasattr(child, "_restore"):
+                conv_name, bn_name, act_name = child._restore["names"]
+                for h in child._restore["handles"]:
+                    h.remove()
+                setattr(m, conv_name, child.conv)
+                setattr(m, bn_name, child.bn)
+                setattr(m, act_name, child._restore["act"])
+        return m
+
+    model = restore(model)
+    model.__dict__.pop(REPORT_ATTR, None)
+    return model
+
+
+__all__ = ["FuseError", "FusedPreAct", "FusedSequential", "FusedStem", "fuse", "fuse_report",
+           "unfuse"]

@@ -113,6 +113,22 @@ def test_model_work_matches_published_figures(name, gmac, mega_outputs):
         mega_outputs, rel=5e-3)
 
 
+def test_resnet50_roofline_matches_design_estimate():
+    """At the H100 ceilings of DESIGN.md section 6 (800 TFLOP/s, 3.0 TB/s), ResNet-50's per-layer
+    bound is ~46 k img/s inference and ~15 k training; weights amortise over batch 256."""
+    layers = cases.model_conv_layers("resnet50", batch=1, resolution=224)
+    ceil = Ceilings(tflops=800.0, tbps=3.0)
+    infer = cases.model_roofline(layers, training=False, dtype=torch.bfloat16, batch=256)
+    train = cases.model_roofline(layers, training=True, dtype=torch.bfloat16, batch=256)
+    assert cases.roofline_img_s(infer, ceil) == pytest.approx(46_000, rel=0.1)
+    assert 13_000 < cases.roofline_img_s(train, ceil) < 18_000
+    assert train["flops_per_image"] == pytest.approx(3 * infer["flops_per_image"], rel=0.01)
+    # at batch 1 the weights (23.45 M conv parameters, bf16) are read for every image
+    single = cases.model_roofline(layers, training=False, dtype=torch.bfloat16, batch=1)
+    assert single["bytes_per_image"] - infer["bytes_per_image"] == pytest.approx(
+        2 * 23.45e6 * (1 - 1 / 256), rel=0.02)
+
+
 def test_quick_cases_pick_a_3x3_and_a_residual():
     picked = cases.quick_layer_cases(cases.layer_cases("resnet50", 2, 32))
     assert len(picked) == 2

@@ -236,20 +236,22 @@ def quick_layer_cases(cases: Sequence[LayerCase]) -> list[LayerCase]:
 # ---------------------------------------------------------------------------------------------
 
 
-def model_roofline(layers: Sequence[ConvLayer], *, training: bool, dtype: torch.dtype) -> dict:
-    """Per-image FLOPs, bytes and the per-layer roofline bound (convs only) at batch 1 shapes.
+def model_roofline(layers: Sequence[ConvLayer], *, training: bool, dtype: torch.dtype,
+                   batch: int) -> dict:
+    """Per-image FLOPs and bytes of the conv layers at batch ``batch``, layer by layer.
 
-    The bound sums, over conv layers, the larger of each layer's arithmetic and memory time at
-    the ceilings; it is filled in by :func:`roofline_img_s` once the ceilings are known.
+    Weights are read once per batch, so their bytes per image shrink as the batch grows: the
+    figures are computed for the whole batch and divided by it. :func:`roofline_img_s` turns
+    them into the per-layer roofline bound once the ceilings are known.
     """
     nbytes = DTYPE_BYTES[dtype]
     per_layer = []
     for layer in layers:
-        one = layer.shape.with_batch(1)
+        full = layer.shape.with_batch(batch)
         per_layer.append((
-            conv_flops(one, training=training, input_grad=layer.input_grad),
-            conv_min_bytes(one, layer.epilogue, nbytes, training=training,
-                           input_grad=layer.input_grad),
+            conv_flops(full, training=training, input_grad=layer.input_grad) / batch,
+            conv_min_bytes(full, layer.epilogue, nbytes, training=training,
+                           input_grad=layer.input_grad) / batch,
         ))
     return {
         "flops_per_image": sum(f for f, _ in per_layer),
@@ -259,6 +261,7 @@ def model_roofline(layers: Sequence[ConvLayer], *, training: bool, dtype: torch.
 
 
 def roofline_img_s(roofline: dict, ceilings) -> float:
+    """Images per second if every conv layer ran at its roofline bound, one after another."""
     seconds = sum(ceilings.bound_seconds(f, b) for f, b in roofline["per_layer"])
     return 1.0 / seconds
 

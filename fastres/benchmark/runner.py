@@ -205,7 +205,7 @@ def _run_model(name, mode, config, device, dtype, ceilings: Ceilings, clock, pro
                    "resolution": config.resolution, "dtype": config.dtype, "systems": {}}
     try:
         roof = model_roofline(model_conv_layers(name, 1, config.resolution), training=training,
-                              dtype=dtype)
+                              dtype=dtype, batch=config.batch)
         entry["flops_per_image"] = roof["flops_per_image"]
         entry["bytes_per_image"] = roof["bytes_per_image"]
         entry["roofline_img_s"] = roofline_img_s(roof, ceilings)

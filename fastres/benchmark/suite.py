@@ -220,7 +220,7 @@ def timed_model(benchmark, name: str, mode: str, system: str, cfg: SuiteConfig,
     info.update(model=name, mode=mode, system=system, source=source, batch=cfg.batch,
                 resolution=cfg.resolution, dtype=cfg.dtype)
     roof = model_roofline(model_conv_layers(name, 1, cfg.resolution), training=training,
-                          dtype=DTYPES[cfg.dtype])
+                          dtype=DTYPES[cfg.dtype], batch=cfg.batch)
     bound = roofline_img_s(roof, ceilings)
     info["roofline_img_s"] = bound
     if median == median:

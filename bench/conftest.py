@@ -53,6 +53,7 @@ def pytest_report_header(config):
     return lines
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-benchmark, absent without it
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Put the environment record and the card's ceilings in pytest-benchmark's JSON."""
     from fastres.benchmark.env import environment

@@ -16,7 +16,10 @@
 #define FASTRES_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::fastres_emu::launch(kernel, grid, block, smem, stream, __VA_ARGS__)
 #define FASTRES_DYNAMIC_SMEM(type, name) type* name = ::fastres_emu::dynamic_smem<type>()
+// x86 forgives misaligned vector accesses, a GPU faults: the emulator records them.
+#define FASTRES_CHECK_ALIGNED16(p) ::fastres_emu::check_aligned16(p)
 #else
+#define FASTRES_CHECK_ALIGNED16(p)
 // kernel<<<grid, block, smem, stream>>>(args...)
 #define FASTRES_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
@@ -52,11 +55,13 @@ __device__ __forceinline__ bool is_aligned16(const void* p) {
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float (&v)[kVec]) {
   if constexpr (sizeof(T) == 4) {
+    FASTRES_CHECK_ALIGNED16(p);
     const float4 a = *reinterpret_cast<const float4*>(p);
     const float4 b = *reinterpret_cast<const float4*>(p + 4);
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
     v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
   } else {
+    FASTRES_CHECK_ALIGNED16(p);
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -67,6 +72,7 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[kVec]) {
 template <typename T>
 __device__ __forceinline__ void store8(T* p, const float (&v)[kVec]) {
   if constexpr (sizeof(T) == 4) {
+    FASTRES_CHECK_ALIGNED16(p);
     *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
     *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
   } else {
@@ -74,6 +80,7 @@ __device__ __forceinline__ void store8(T* p, const float (&v)[kVec]) {
     T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) e[i] = from_f32<T>(v[i]);
+    FASTRES_CHECK_ALIGNED16(p);
     *reinterpret_cast<uint4*>(p) = raw;
   }
 }
@@ -107,7 +114,7 @@ const char* dispatch_dtype(DType dt, Fn&& f) {
 // Error of the launch just made (configuration or earlier asynchronous fault), or nullptr.
 inline const char* launch_error() {
 #ifdef FASTRES_EMU
-  return nullptr;  // the emulator runs kernels synchronously and has no launch errors
+  return ::fastres_emu::take_error();  // kernels ran synchronously; faults they recorded
 #endif
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);

@@ -79,6 +79,7 @@ __global__ void __launch_bounds__(kThreads) conv_igemm_kernel(const ConvArgs a) 
     if (m_ok && ih >= 0 && ih < a.h && iw >= 0 && iw < a.w) {
       const T* src = x + ((img * a.h + ih) * a.w + iw) * a.c + g * cg + c;
       if (x_vec) {
+        FASTRES_CHECK_ALIGNED16(src);
         ra = *reinterpret_cast<const uint4*>(src);
       } else {
         T* e = reinterpret_cast<T*>(&ra);
@@ -88,6 +89,7 @@ __global__ void __launch_bounds__(kThreads) conv_igemm_kernel(const ConvArgs a) 
     if (n_ok) {
       const T* src = wrow + tap * cg + c;
       if (w_vec) {
+        FASTRES_CHECK_ALIGNED16(src);
         rb = *reinterpret_cast<const uint4*>(src);
       } else {
         T* e = reinterpret_cast<T*>(&rb);
@@ -96,6 +98,8 @@ __global__ void __launch_bounds__(kThreads) conv_igemm_kernel(const ConvArgs a) 
     }
   };
   auto stash = [&](const uint4& ra, const uint4& rb) {
+    FASTRES_CHECK_ALIGNED16(&as[lrow * kLd + lhalf * kVec]);
+    FASTRES_CHECK_ALIGNED16(&bs[lrow * kLd + lhalf * kVec]);
     *reinterpret_cast<uint4*>(&as[lrow * kLd + lhalf * kVec]) = ra;
     *reinterpret_cast<uint4*>(&bs[lrow * kLd + lhalf * kVec]) = rb;
   };

@@ -14,6 +14,7 @@
 // shared memory and registers; the real-target compile (nvcc for sm_80 / sm_90a) covers those.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
@@ -53,6 +54,18 @@ T* dynamic_smem() {
 }
 
 inline void syncthreads() { block_barrier->arrive_and_wait(); }
+
+// First fault recorded by a kernel (returned, and cleared, by the launchers' error check).
+inline std::atomic<const char*> fault{nullptr};
+
+inline void check_aligned16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    const char* none = nullptr;
+    fault.compare_exchange_strong(none, "misaligned 16-byte vector access");
+  }
+}
+
+inline const char* take_error() { return fault.exchange(nullptr); }
 
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,

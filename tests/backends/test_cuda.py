@@ -446,17 +446,54 @@ def emu_lib(tmp_path_factory):
     return lib
 
 
-def _ptr(t: torch.Tensor | None):
-    return None if t is None or t.numel() == 0 else ctypes.c_void_p(t.data_ptr())
-
-
 def _check_ok(err: bytes | None) -> None:
     assert err is None, err.decode()
 
 
+class _Guarded:
+    """Guard buffers (DESIGN.md section 4): each tensor a kernel sees sits between two runs of
+    NaN. An out-of-bounds read then turns an output into NaN (caught by the NaN check), and an
+    out-of-bounds write shows as a guard that is no longer NaN."""
+
+    GUARD = 256  # elements on each side; keeps 16-byte alignment for every dtype
+
+    def __init__(self):
+        self.outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _place(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        buf = torch.full((t.numel() + 2 * self.GUARD,), float("nan"), dtype=t.dtype)
+        return buf, buf.as_strided(t.shape, t.stride(), self.GUARD)
+
+    def inp(self, t: torch.Tensor | None):
+        if t is None or t.numel() == 0:
+            return None
+        buf, view = self._place(t)
+        view.copy_(t)
+        self.inputs.append((buf, t))
+        return ctypes.c_void_p(view.data_ptr())
+
+    def out(self, t: torch.Tensor | None):
+        if t is None or t.numel() == 0:
+            return None
+        buf, view = self._place(t)
+        self.outputs.append((buf, view, t))
+        return ctypes.c_void_p(view.data_ptr())
+
+    def finish(self, err: bytes | None) -> None:
+        _check_ok(err)
+        g = self.GUARD
+        for buf, _ in self.inputs:
+            assert buf[:g].isnan().all() and buf[-g:].isnan().all(), "write before/after an input"
+        for buf, view, t in self.outputs:
+            assert buf[:g].isnan().all(), "a kernel wrote before the start of an output"
+            assert buf[-g:].isnan().all(), "a kernel wrote past the end of an output"
+            t.copy_(view)
+
+
 class EmuOps:
-    """Stands in for ``torch.ops.fastres_cuda`` with the emulated kernels on CPU tensors; checks
-    layouts as csrc/ops.cpp does."""
+    """Stands in for ``torch.ops.fastres_cuda`` with the emulated kernels on CPU tensors, each
+    behind guard buffers; checks layouts as csrc/ops.cpp does."""
 
     def __init__(self, lib):
         self.lib = lib
@@ -486,21 +523,24 @@ class EmuOps:
         for t in (x, weight, out, residual):
             assert t is None or t.is_contiguous(memory_format=CL)
         sizes, params = self._shape(x.shape, weight.shape, stride, padding, dilation, groups)
-        _check_ok(self.lib.emu_conv(
-            sizes, params, _EMU_DTYPES[x.dtype], _ptr(x), _ptr(weight), _ptr(bias), _ptr(scale),
-            _ptr(shift), _ptr(residual), _ptr(out), _ptr(partials), int(relu),
+        g = _Guarded()
+        g.finish(self.lib.emu_conv(
+            sizes, params, _EMU_DTYPES[x.dtype], g.inp(x), g.inp(weight), g.inp(bias),
+            g.inp(scale), g.inp(shift), g.inp(residual), g.out(out), g.out(partials), int(relu),
         ))
 
     def bn_finalize(self, partials, gamma, beta, eps, mean, var, scale, shift):
-        _check_ok(self.lib.emu_bn_finalize(
-            _ptr(partials), partials.shape[1], partials.shape[2], _ptr(gamma), _ptr(beta), eps,
-            _ptr(mean), _ptr(var), _ptr(scale), _ptr(shift),
+        g = _Guarded()
+        g.finish(self.lib.emu_bn_finalize(
+            g.inp(partials), partials.shape[1], partials.shape[2], g.inp(gamma), g.inp(beta), eps,
+            g.out(mean), g.out(var), g.out(scale), g.out(shift),
         ))
 
     def bn_apply(self, y, scale, shift, residual, relu, z):
         k = y.shape[1]
-        _check_ok(self.lib.emu_bn_apply(
-            _ptr(y), _ptr(scale), _ptr(shift), _ptr(residual), _ptr(z), y.numel() // k, k,
+        g = _Guarded()
+        g.finish(self.lib.emu_bn_apply(
+            g.inp(y), g.inp(scale), g.inp(shift), g.inp(residual), g.out(z), y.numel() // k, k,
             int(relu), _EMU_DTYPES[y.dtype],
         ))
 
@@ -509,11 +549,23 @@ class EmuOps:
         k = y.shape[1]
         m = y.numel() // k
         work = torch.empty(self.lib.emu_bn_backward_workspace(m, k))
-        _check_ok(self.lib.emu_bn_backward(
-            _ptr(dz), _ptr(y), _ptr(z), _ptr(mean), _ptr(var), _ptr(gamma), eps,
-            int(batch_stats), int(relu), _ptr(dy), _ptr(dres), _ptr(dgamma), _ptr(dbeta),
-            _ptr(work), m, k, _EMU_DTYPES[y.dtype],
+        g = _Guarded()
+        g.finish(self.lib.emu_bn_backward(
+            g.inp(dz), g.inp(y), g.inp(z), g.inp(mean), g.inp(var), g.inp(gamma), eps,
+            int(batch_stats), int(relu), g.out(dy), g.out(dres), g.out(dgamma), g.out(dbeta),
+            g.out(work), m, k, _EMU_DTYPES[y.dtype],
         ))
+
+
+def test_guard_buffers_catch_out_of_bounds_writes(emu_lib):
+    """The emulation's guards can fail: an output one image too small is overrun."""
+    x = torch.randn(2, 8, 2, 2).contiguous(memory_format=CL)
+    w = torch.randn(8, 8, 1, 1).contiguous(memory_format=CL)
+    small = torch.empty(1, 8, 2, 2).contiguous(memory_format=CL)
+    ops = EmuOps(emu_lib)
+    with pytest.raises(AssertionError, match="past the end"):
+        ops.conv(x, w, None, None, None, None, [1, 1], [0, 0], [1, 1], 1, False, small,
+                 torch.empty(0))
 
 
 @pytest.fixture
@@ -538,6 +590,7 @@ def emulated_cuda_backend(emu_lib, monkeypatch):
 _MASK_FLIP = {(Case(n=1, h=5, w=7, residual=True), torch.bfloat16, False)}
 
 
+@pytest.mark.slow  # ~3.5 min on two cores: 102 cases, each a few thousand emulated threads
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

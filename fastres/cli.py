@@ -201,7 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{e.get('model')} {e.get('id', '')} {e['mode']} {name}"
         for e in results["models"] + results["layers"]
         for name, s in e.get("systems", {}).items() if s.get("status") == "error"
-    ]
+    ] + [f"{e.get('id')} {e['mode']}: setup failed" for e in results["layers"] if "error" in e]
     if failed:
         print(f"{len(failed)} measurement(s) failed (reasons in the JSON):")
         for line in failed[:20]:

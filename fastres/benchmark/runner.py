@@ -216,6 +216,7 @@ def _run_model(name, mode, config, device, dtype, ceilings: Ceilings, clock, pro
         if clock.expired():
             entry["systems"][system] = {"status": "skipped", "reason": "time limit reached"}
             continue
+        bench = None
         try:
             bench = ModelBench(name, system, training=training, batch=config.batch,
                                resolution=config.resolution, dtype=dtype, device=device,
@@ -233,10 +234,11 @@ def _run_model(name, mode, config, device, dtype, ceilings: Ceilings, clock, pro
                 result["frac_peak_tflops"] = result["tflops"] / ceilings.tflops
                 result["frac_peak_tbps"] = result["tbps"] / ceilings.tbps
             entry["systems"][system] = result
-            del bench
         except Exception as e:
             entry["systems"][system] = _failure(e)
-        _free(device)
+        finally:
+            bench = None  # the model, its optimizer state and inputs go before the next system
+            _free(device)
     _ratios(entry, "fastres", ["eager", "compile"], "img_s")
     return entry
 
@@ -248,6 +250,7 @@ def _run_layer(case, mode, config, device, dtype, ceilings: Ceilings, clock, pro
         bench = LayerBench(case, training=training, dtype=dtype, device=device)
     except Exception as e:
         entry["error"] = _failure(e)
+        _free(device)
         return entry
     entry.update(flops=bench.flops, bytes=bench.bytes, copies=bench.copies,
                  bound_s=ceilings.bound_seconds(bench.flops, bench.bytes))

@@ -17,6 +17,8 @@
 #                             "--compile --compile-modes default --layer-limit 6" for
 #                             torch.compile baselines on the first 6 shapes of each model
 #   FASTRES_CHECK_SKIP        steps to skip, comma list: install,tests,sanitizer,layers,models
+#   FASTRES_CHECK_INSTALL_SECS, FASTRES_CHECK_TESTS_SECS, FASTRES_CHECK_SANITIZER_SECS
+#                             per-step caps (default 240, 150, 90), always within the budget
 #   PYTHON                    interpreter (default python3)
 
 set -u
@@ -87,14 +89,14 @@ fi
 echo "CUDA_HOME=${CUDA_HOME:-unset}" >>"$SETUP_LOG"
 
 # 1. install (builds fastres._C where a toolkit is found)
-run_step install 240 "$SETUP_LOG" \
+run_step install "${FASTRES_CHECK_INSTALL_SECS:-240}" "$SETUP_LOG" \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 
 # 2. versions and backends
 run_step info 60 "$SETUP_LOG" "$PY" -m fastres.cli info
 
 # 3. every GPU test
-run_step tests 150 "$OUT/gpu-tests.log" \
+run_step tests "${FASTRES_CHECK_TESTS_SECS:-150}" "$OUT/gpu-tests.log" \
     "$PY" -m pytest tests -m gpu -q -p no:cacheprovider
 
 # 4. memcheck of a small cuda-backend run, when the extension built and the tool exists
@@ -104,7 +106,7 @@ if ! command -v compute-sanitizer >/dev/null 2>&1; then
 elif ! "$PY" -c "import fastres._C" >/dev/null 2>&1; then
     STEPS+=("sanitizer|skipped (fastres._C not built)|0")
 else
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer 90 "$SAN_LOG" \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer "${FASTRES_CHECK_SANITIZER_SECS:-90}" "$SAN_LOG" \
         compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
         "$PY" bench/sanitize_cuda.py
 fi

@@ -1,9 +1,29 @@
 """Run the benchmark: model-level img/s and layer-level times, fastres vs eager vs compile.
 
-:func:`run` measures everything a :class:`BenchConfig` asks for and returns one JSON-ready dict
-(schema in :data:`SCHEMA`). Every baseline is timed in the same run on the same card; the card's
-ceilings are measured once at the start and stored with the results. A case that fails (out of
-memory, a backend error) is recorded with its reason and the run goes on.
+:func:`run` measures everything a :class:`BenchConfig` asks for and returns one JSON-ready dict.
+Every baseline is timed in the same run on the same card; the card's ceilings are measured once
+at the start and stored with the results. A case that fails (out of memory, a backend error) is
+recorded with its reason and the run goes on.
+
+Schema ``fastres-bench/1``::
+
+    schema, cpu_only, note (the CPU banner or None), elapsed_s
+    environment: date_utc, host, python, torch, torch_cuda, cudnn, triton, fastres,
+                 fastres_commit, gpu {name, capability, memory_gib, multiprocessors, l2_bytes},
+                 driver
+    config:      the BenchConfig as run (after the CPU or --quick adjustments), device
+    ceilings:    tflops, tbps, device, dtype, details
+    models[]:    model, mode, batch, resolution, dtype, flops_per_image, bytes_per_image,
+                 roofline_img_s, speedup_vs_eager, speedup_vs_compile,
+                 systems {eager | compile | fastres: status ("ok", "error", "skipped"),
+                          reason, source, img_s, median_s, min_s, max_s, repeats, warmup,
+                          copies, timer, tflops, tbps, frac_peak_tflops, frac_peak_tbps,
+                          frac_roofline}
+    layers[]:    id, model, shape, label, epilogue, uses, mode, dtype, flops, bytes, copies,
+                 bound_s, best_fastres, speedup_vs_eager, speedup_vs_compile-<mode>,
+                 systems {eager | compile-<mode> | fastres-<backend>: status ("ok", "error",
+                          "unavailable", "skipped"), reason, img_s, median_s, ..., tflops, tbps,
+                          frac_peak_tflops, frac_peak_tbps, bound_s, frac_roofline, bound_by}
 """
 
 from __future__ import annotations

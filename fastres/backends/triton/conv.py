@@ -34,10 +34,12 @@ buffers sliced to those rows, reading the configuration that ran from the autotu
 
 Precision: fp32 inputs go through ``tl.dot`` with its default TF32 input precision on GPU, like
 cuDNN's fp32 convolution under PyTorch's default ``torch.backends.cudnn.allow_tf32 = True``;
-fp16/bf16 operands are multiplied exactly and accumulated in fp32. Under the Triton interpreter
-(``TRITON_INTERPRET=1`` at import) bf16 ``tl.dot`` is broken, so operands are upcast to fp32 there
-(``DOT_FP32``), and each autotuner gets exactly one small configuration (the interpreter cannot
-benchmark several).
+fp16/bf16 operands are multiplied exactly and accumulated in fp32.
+
+Interpreter (``TRITON_INTERPRET=1`` at import): its bf16 ``tl.dot`` is broken, so operands are
+upcast to fp32 there, and its fp32 -> bf16 conversion truncates, so the epilogue rounds to
+nearest even itself (both under the ``INTERPRET`` constexpr, False on GPU); each autotuner gets
+exactly one small configuration (the interpreter cannot benchmark several).
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ def _epilogue(
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
     STATS: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     if HAS_BIAS:
@@ -195,6 +198,13 @@ def _epilogue(
         acc += tl.load(res_ptr + o_off, mask=o_mask, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
+    if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
+        # The interpreter converts fp32 -> bf16 by truncation (GPUs round to nearest even),
+        # a bias that would show in every mean; round to nearest even on the bits first, so
+        # the conversion below is exact. Finite values only (inf stays inf).
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        acc = bits.to(tl.float32, bitcast=True)
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
@@ -221,7 +231,7 @@ def _conv_gemm_kernel(
     RELU: tl.constexpr,
     STATS: tl.constexpr,
     FLAT_K: tl.constexpr,  # reduction index runs over R·S·Cg jointly (few input channels)
-    DOT_FP32: tl.constexpr,  # upcast tl.dot operands to fp32 (interpreter: bf16 dot is broken)
+    INTERPRET: tl.constexpr,  # running in the interpreter: work around its bf16 gaps
     BLOCK_M: tl.constexpr,  # output rows per program
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # reduction slab per tl.dot
@@ -273,7 +283,7 @@ def _conv_gemm_kernel(
                 mask=kk_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
-            if DOT_FP32:
+            if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 products are exact
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc)
@@ -304,7 +314,7 @@ def _conv_gemm_kernel(
                 mask=ck_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
-            if DOT_FP32:
+            if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 products are exact
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc)
@@ -312,7 +322,7 @@ def _conv_gemm_kernel(
     _epilogue(
         acc, offs_m, m_ok, g * Kg + offs_n, n_ok, pid_m, M, K,
         bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, mean_ptr, m2_ptr,
-        HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, STATS, BLOCK_M,
+        HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, STATS, INTERPRET, BLOCK_M,
     )
 
 
@@ -338,6 +348,7 @@ def _conv_direct_kernel(
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
     STATS: tl.constexpr,
+    INTERPRET: tl.constexpr,  # running in the interpreter: work around its bf16 gaps
     BLOCK_M: tl.constexpr,  # output rows per program
     BLOCK_N: tl.constexpr,  # output channels per program (may span several groups)
 ):
@@ -378,7 +389,7 @@ def _conv_direct_kernel(
     _epilogue(
         acc, offs_m, m_ok, offs_k, k_ok, pid_m, M, K,
         bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, mean_ptr, m2_ptr,
-        HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, STATS, BLOCK_M,
+        HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, STATS, INTERPRET, BLOCK_M,
     )
 
 
@@ -517,6 +528,7 @@ def conv2d_fused(
         HAS_RES=residual is not None,
         RELU=bool(relu),
         STATS=bool(stats),
+        INTERPRET=_INTERPRET,
     )
     if which == "direct":
         tuner = _direct
@@ -528,7 +540,7 @@ def conv2d_fused(
             triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]),
             groups,
         )
-        tuner[grid](*args, **flags, FLAT_K=which == "gemm_flat", DOT_FP32=_INTERPRET)
+        tuner[grid](*args, **flags, FLAT_K=which == "gemm_flat")
     if not stats:
         return out, None
 
@@ -583,7 +595,9 @@ def compile_specs() -> list[CompileSpec]:
                         name=f"conv_gemm{'_flat' if flat else ''}-{dname}-{epi}-{_cfg_name(cfg)}",
                         kernel=_conv_gemm_kernel,
                         signature=sig,
-                        constexprs={**flags, "FLAT_K": flat, "DOT_FP32": False, **cfg.kwargs},
+                        constexprs={
+                            **flags, "FLAT_K": flat, "INTERPRET": False, **cfg.kwargs
+                        },
                         num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages,
                     ))
@@ -592,7 +606,7 @@ def compile_specs() -> list[CompileSpec]:
                     name=f"conv_direct-{dname}-{epi}-{_cfg_name(cfg)}",
                     kernel=_conv_direct_kernel,
                     signature=sig,
-                    constexprs={**flags, **cfg.kwargs},
+                    constexprs={**flags, "INTERPRET": False, **cfg.kwargs},
                     num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages,
                 ))

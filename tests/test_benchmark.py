@@ -3,6 +3,7 @@ same function (a benchmark comparing different functions would be meaningless)."
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -12,7 +13,10 @@ from fastres.benchmark import cases, report, roofline, timing
 from fastres.benchmark.env import card_slug, environment
 from fastres.benchmark.roofline import Ceilings, ConvShape, Epilogue, conv_flops, conv_min_bytes
 
-pytest.importorskip("torchvision")
+# the layer shapes are read off torchvision's definitions (the formulas need nothing)
+needs_torchvision = pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None, reason="needs torchvision"
+)
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs and bytes, checked by hand
@@ -71,6 +75,7 @@ def test_roofline_bound_and_fractions():
 # ---------------------------------------------------------------------------------------------
 
 
+@needs_torchvision
 def test_resnet50_distinct_conv_shapes():
     """ResNet-50 (torchvision, stride on the 3×3) has 23 distinct conv shapes:
     stem 1; layer1 4 (64→64 1×1, 64→64 3×3, 64→256 1×1, which the downsample shares, 256→64);
@@ -92,6 +97,7 @@ def test_resnet50_distinct_conv_shapes():
     assert all(layer.has_bn for layer in layers)
 
 
+@needs_torchvision
 def test_resnext50_distinct_conv_shapes():
     """ResNeXt-50 32x4d has 24: as ResNet-50, except that layer1's downsample (64→256) no
     longer matches conv3 (128→256), and every 3×3 is grouped (32 groups)."""
@@ -101,6 +107,7 @@ def test_resnext50_distinct_conv_shapes():
     assert len(grouped) == 7 and all(c.shape.groups == 32 and c.shape.r == 3 for c in grouped)
 
 
+@needs_torchvision
 @pytest.mark.parametrize(
     "name, gmac, mega_outputs",
     [("resnet50", 4.09, 11.1), ("resnext50_32x4d", 4.23, 14.4), ("wide_resnet50_2", 11.4, 14.4)],
@@ -113,6 +120,7 @@ def test_model_work_matches_published_figures(name, gmac, mega_outputs):
         mega_outputs, rel=5e-3)
 
 
+@needs_torchvision
 def test_resnet50_roofline_matches_design_estimate():
     """At the H100 ceilings of DESIGN.md section 6 (800 TFLOP/s, 3.0 TB/s), ResNet-50's per-layer
     bound is ~46 k img/s inference and ~15 k training; weights amortise over batch 256."""
@@ -129,6 +137,7 @@ def test_resnet50_roofline_matches_design_estimate():
         2 * 23.45e6 * (1 - 1 / 256), rel=0.02)
 
 
+@needs_torchvision
 def test_quick_cases_pick_a_3x3_and_a_residual():
     picked = cases.quick_layer_cases(cases.layer_cases("resnet50", 2, 32))
     assert len(picked) == 2
@@ -165,6 +174,7 @@ def test_cpu_ceilings_are_positive_and_finite():
 # ---------------------------------------------------------------------------------------------
 
 
+@needs_torchvision
 @pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
 def test_layer_systems_agree(training):
     case = cases.quick_layer_cases(cases.layer_cases("resnet50", 2, 32))[1]  # has a residual
@@ -188,6 +198,7 @@ def test_layer_systems_agree(training):
         torch.testing.assert_close(eager, fused, rtol=1e-4, atol=1e-4)
 
 
+@needs_torchvision
 def test_model_bench_step_runs_on_cpu():
     bench = cases.ModelBench("resnet18", "eager", training=True, batch=2, resolution=32,
                              dtype=torch.bfloat16, device=torch.device("cpu"))
@@ -252,6 +263,7 @@ def test_sanitizer_script_dry_run():
     assert "8 calls ran" in done.stdout
 
 
+@needs_torchvision
 def test_suite_params_put_baselines_first(monkeypatch):
     from fastres.benchmark import suite
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import torch
 from fastres import cli
 from fastres.benchmark.runner import CPU_BANNER, SCHEMA
 
-pytest.importorskip("torchvision")
+needs_torchvision = pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None, reason="needs torchvision"
+)
 NO_GPU = not torch.cuda.is_available()
 
 
@@ -47,6 +50,7 @@ def test_info_runs_as_a_module():
     assert "reference" in done.stdout
 
 
+@needs_torchvision
 @pytest.mark.skipif(not NO_GPU, reason="checks the CPU configuration")
 def test_bench_quick_cpu_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "bench"
@@ -99,6 +103,7 @@ def test_bench_quick_cpu_writes_json_and_png(tmp_path, capsys):
         assert entry["speedup_vs_eager"] > 0
 
 
+@needs_torchvision
 def test_bench_time_limit_records_skips(tmp_path, capsys):
     out = tmp_path / "bench"
     code = cli.main(["bench", "--quick", "--no-compile", "--model", "resnet18", "--mode",

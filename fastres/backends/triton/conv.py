@@ -560,9 +560,12 @@ _INT_ARGS = (
     "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
 )
 
-# The two uses of the epilogue: training (raw output + bias + BN partials) and fused eval
-# (bias, folded BN scale/shift, residual, ReLU). Other flag combinations only drop code.
+# Epilogue flag sets compiled ahead of time. "all" turns every feature on (the most code and
+# registers; a flag that is off only removes code) and is compiled with every configuration;
+# the two real uses, training (raw output + bias + BN partials) and fused eval (bias, folded BN
+# scale/shift, residual, ReLU), are compiled with each kernel's largest tile.
 EPILOGUES = {
+    "all": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, STATS=True),
     "train": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, STATS=True),
     "eval": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, STATS=False),
 }
@@ -579,37 +582,33 @@ def _signature(dtype: torch.dtype) -> dict[str, str]:
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every kernel x autotune configuration x dtype x epilogue, for the real-target compile check.
+    """Every kernel x autotune configuration x dtype, for the real-target compile check.
 
-    Lists the GPU configurations even under the interpreter (they are what runs on a GPU).
+    Each configuration is compiled with the "all" epilogue, and each kernel's largest tile also
+    with the "train" and "eval" epilogues (see ``EPILOGUES``). Lists the GPU configurations even
+    under the interpreter (they are what runs on a GPU).
     """
-    gemm_cfgs, direct_cfgs = GPU_GEMM_CONFIGS, GPU_DIRECT_CONFIGS
+    kernels = [  # (name, kernel, configurations, extra constexprs)
+        ("conv_gemm", _conv_gemm_kernel, GPU_GEMM_CONFIGS, {"FLAT_K": False}),
+        ("conv_gemm_flat", _conv_gemm_kernel, GPU_GEMM_CONFIGS, {"FLAT_K": True}),
+        ("conv_direct", _conv_direct_kernel, GPU_DIRECT_CONFIGS, {}),
+    ]
     specs = []
     for dtype in DTYPES:
         dname = str(dtype).removeprefix("torch.")
         sig = _signature(dtype)
-        for epi, flags in EPILOGUES.items():
-            for cfg in gemm_cfgs:
-                for flat in (False, True):
+        for kname, kernel, cfgs, extra in kernels:
+            largest = max(cfgs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+            for epi, flags in EPILOGUES.items():
+                for cfg in cfgs if epi == "all" else [largest]:
                     specs.append(CompileSpec(
-                        name=f"conv_gemm{'_flat' if flat else ''}-{dname}-{epi}-{_cfg_name(cfg)}",
-                        kernel=_conv_gemm_kernel,
+                        name=f"{kname}-{dname}-{epi}-{_cfg_name(cfg)}",
+                        kernel=kernel,
                         signature=sig,
-                        constexprs={
-                            **flags, "FLAT_K": flat, "INTERPRET": False, **cfg.kwargs
-                        },
+                        constexprs={**flags, **extra, "INTERPRET": False, **cfg.kwargs},
                         num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages,
                     ))
-            for cfg in direct_cfgs:
-                specs.append(CompileSpec(
-                    name=f"conv_direct-{dname}-{epi}-{_cfg_name(cfg)}",
-                    kernel=_conv_direct_kernel,
-                    signature=sig,
-                    constexprs={**flags, "INTERPRET": False, **cfg.kwargs},
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
-                ))
     return specs
 
 

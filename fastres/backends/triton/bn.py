@@ -61,6 +61,23 @@ _MERGE_THRESHOLD = 512
 _MERGE_GROUP = 64
 
 
+# The interpreter converts fp32 to bf16 by truncation (round toward zero); GPUs round to nearest
+# even. Under the interpreter the stores round explicitly (_cast_out), so the CPU tests see the
+# GPU's rounding rather than a biased one. A global constexpr: the compiled kernels skip it.
+_RNE_BF16 = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _cast_out(x, ptr):
+    """fp32 ``x`` converted to ``ptr``'s element type, rounding to nearest even."""
+    if _RNE_BF16 and ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)  # carry into the kept bits: ties to even
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), rounded)  # NaN stays NaN
+    return x.to(ptr.dtype.element_ty)
+
+
 def _block_k(k: int) -> int:
     """Channels per tile: all of them up to 128 (powers of two; masked past K)."""
     return min(triton.next_power_of_2(k), 128)
@@ -274,7 +291,7 @@ def _bn_apply_kernel(
         z += tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         z = tl.where(z < 0.0, 0.0, z)  # not maximum(): NaN must propagate as in torch.relu
-    tl.store(z_ptr + idx, z.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(z_ptr + idx, _cast_out(z, z_ptr), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,10 +308,12 @@ def _bn_bwd_reduce_kernel(
     mean_ptr,  # (K,) fp32: the mean used to normalise
     part_g_ptr,  # (P, K) fp32: per-program Σg
     part_gy_ptr,  # (P, K) fp32: per-program Σg·(y − mean)
+    part_y_ptr,  # (P, K) fp32: per-program Σ(y − mean) (written only if CENTER)
     M,  # rows (pixels)
     K,  # channels
     rows_per_prog,  # program p reduces rows [p·rows_per_prog, (p+1)·rows_per_prog)
     RELU: tl.constexpr,
+    CENTER: tl.constexpr,  # batch statistics: also sum y − mean (see _bn_bwd_sum_kernel)
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per loop step (autotuned)
 ):
@@ -309,6 +328,7 @@ def _bn_bwd_reduce_kernel(
     # elementwise accumulators, reduced over rows once at the end (fewer, better-ordered adds)
     acc_g = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     acc_gy = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc_y = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for step in range(0, tl.cdiv(rows_per_prog, BLOCK_M)):
         offs_m = row_begin + step * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (offs_m < row_end)[:, None] & mask_k[None, :]
@@ -318,40 +338,65 @@ def _bn_bwd_reduce_kernel(
             z = tl.load(z_ptr + idx, mask=mask, other=0.0)
             g = tl.where(z > 0, g, 0.0)
         y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        acc_g += g
         # centred before multiplying: y − mean is exact-ish even when mean ≫ std
-        acc_gy += g * (y - mean[None, :])  # masked lanes have g = 0
+        d = tl.where(mask, y - mean[None, :], 0.0)
+        acc_g += g
+        acc_gy += g * d
+        if CENTER:
+            acc_y += d
     out = pid_p.to(tl.int64) * K + offs_k
     tl.store(part_g_ptr + out, tl.sum(acc_g, axis=0), mask=mask_k)
     tl.store(part_gy_ptr + out, tl.sum(acc_gy, axis=0), mask=mask_k)
+    if CENTER:
+        tl.store(part_y_ptr + out, tl.sum(acc_y, axis=0), mask=mask_k)
 
 
 @triton.jit
 def _bn_bwd_sum_kernel(
     part_g_ptr,  # (P, K) fp32: per-program Σg
     part_gy_ptr,  # (P, K) fp32: per-program Σg·(y − mean)
+    part_y_ptr,  # (P, K) fp32: per-program Σ(y − mean) (read only if CENTER)
     var_ptr,  # (K,) fp32: the variance used to normalise
     dbeta_ptr,  # (K,) fp32 out: Σg
-    dgamma_ptr,  # (K,) fp32 out: Σg·ŷ = invstd·Σg·(y − mean)
+    dgamma_ptr,  # (K,) fp32 out: Σg·ŷ
+    delta_ptr,  # (K,) fp32 out: mean of the stored y minus `mean` (written only if CENTER)
     P,  # number of partial rows
     K,  # channels
+    M,  # rows of the activation (the BN count)
     eps,  # BN epsilon
+    CENTER: tl.constexpr,  # batch statistics: centre ŷ on the stored y (see below)
     BLOCK_T: tl.constexpr,  # partial rows per loop step
     BLOCK_K: tl.constexpr,  # channels per program
 ):
+    """Σg, Σg·ŷ and, with batch statistics, the centring correction δ.
+
+    The batch mean comes from the fp32 accumulator, but y is stored in x's dtype: in fp16/bf16
+    its rounding (0.5 at |y| = 1000 in fp16) leaves Σ(y − mean) ≠ 0, and then Σdy — the bias
+    gradient, exactly 0 in theory — picks up that defect times Σg·ŷ. With ŷ taken as
+    (y − mean − δ)·invstd, δ = Σ(y − mean)/M, ŷ sums to zero over the stored values again.
+    """
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     acc_g = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     acc_gy = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    acc_y = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_T):
         offs_p = p0 + tl.arange(0, BLOCK_T)
         mask = (offs_p < P)[:, None] & mask_k[None, :]
         idx = offs_p.to(tl.int64)[:, None] * K + offs_k[None, :]
         acc_g += tl.load(part_g_ptr + idx, mask=mask, other=0.0)
         acc_gy += tl.load(part_gy_ptr + idx, mask=mask, other=0.0)
+        if CENTER:
+            acc_y += tl.load(part_y_ptr + idx, mask=mask, other=0.0)
     invstd = tl.math.rsqrt(tl.load(var_ptr + offs_k, mask=mask_k, other=1.0) + eps)
-    tl.store(dbeta_ptr + offs_k, tl.sum(acc_g, axis=0), mask=mask_k)
-    tl.store(dgamma_ptr + offs_k, tl.sum(acc_gy, axis=0) * invstd, mask=mask_k)
+    sum_g = tl.sum(acc_g, axis=0)
+    sum_gy = tl.sum(acc_gy, axis=0)
+    if CENTER:
+        delta = tl.sum(acc_y, axis=0) / M
+        sum_gy = sum_gy - delta * sum_g  # Σg·(y − mean − δ)
+        tl.store(delta_ptr + offs_k, delta, mask=mask_k)
+    tl.store(dbeta_ptr + offs_k, sum_g, mask=mask_k)
+    tl.store(dgamma_ptr + offs_k, sum_gy * invstd, mask=mask_k)
 
 
 @triton.autotune(configs=_configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K"])
@@ -365,6 +410,7 @@ def _bn_bwd_dx_kernel(
     gamma_ptr,  # (K,) any float: BN weight (read only if HAS_GAMMA)
     sum_g_ptr,  # (K,) fp32: Σg (read only if BATCH_STATS)
     sum_gyhat_ptr,  # (K,) fp32: Σg·ŷ (read only if BATCH_STATS)
+    delta_ptr,  # (K,) fp32: centring correction δ of _bn_bwd_sum_kernel (read only if BATCH_STATS)
     dy_ptr,  # (M, K) x dtype out: gradient of y (written only if WRITE_DY)
     dres_ptr,  # (M, K) x dtype out: gradient of the residual, g (written only if WRITE_DRES)
     M,  # rows (pixels); also the BN count
@@ -384,7 +430,7 @@ def _bn_bwd_dx_kernel(
         z = tl.load(z_ptr + idx, mask=mask, other=0.0)
         g = tl.where(z > 0, g, 0.0)
     if WRITE_DRES:
-        tl.store(dres_ptr + idx, g.to(dres_ptr.dtype.element_ty), mask=mask)
+        tl.store(dres_ptr + idx, _cast_out(g, dres_ptr), mask=mask)
     if WRITE_DY:
         invstd = tl.math.rsqrt(tl.load(var_ptr + offs_k, mask=mask_k, other=1.0) + eps)
         a = invstd
@@ -393,14 +439,16 @@ def _bn_bwd_dx_kernel(
         if BATCH_STATS:
             inv_m = 1.0 / M  # fp32 (M may arrive as a constexpr when it is 1)
             mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+            delta = tl.load(delta_ptr + offs_k, mask=mask_k, other=0.0)
             mean_g = tl.load(sum_g_ptr + offs_k, mask=mask_k, other=0.0) * inv_m
             # ŷ·Σgŷ/M = (y − mean)·invstd·Σgŷ/M: fold invstd into the per-channel factor
             c = tl.load(sum_gyhat_ptr + offs_k, mask=mask_k, other=0.0) * (invstd * inv_m)
             y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            dy = a[None, :] * (g - mean_g[None, :] - (y - mean[None, :]) * c[None, :])
+            d = (y - mean[None, :]) - delta[None, :]  # centred on the stored y (see δ above)
+            dy = a[None, :] * (g - mean_g[None, :] - d * c[None, :])
         else:
             dy = a[None, :] * g
-        tl.store(dy_ptr + idx, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(dy_ptr + idx, _cast_out(dy, dy_ptr), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,14 +604,18 @@ def backward(
         p = triton.cdiv(m, rows)
         part_g = _alloc.empty(p, k, dtype=torch.float32, device=dz.device)
         part_gy = _alloc.empty(p, k, dtype=torch.float32, device=dz.device)
+        part_y = _alloc.empty(p, k, dtype=torch.float32, device=dz.device) if batch_stats else None
         _bn_bwd_reduce_kernel[(p, triton.cdiv(k, block_k))](
-            dz, z if relu else dz, y, mean, part_g, part_gy, m, k, rows,
-            RELU=relu, BLOCK_K=block_k,
+            dz, z if relu else dz, y, mean, part_g, part_gy,
+            part_y if batch_stats else part_g,  # dummy: never written without CENTER
+            m, k, rows, RELU=relu, CENTER=batch_stats, BLOCK_K=block_k,
         )
         dbeta, dgamma = _vec(k, dz), _vec(k, dz)
+        delta = _vec(k, dz) if batch_stats else None
         _bn_bwd_sum_kernel[(triton.cdiv(k, _BLOCK_K_STATS),)](
-            part_g, part_gy, var, dbeta, dgamma, p, k, eps,
-            BLOCK_T=_BLOCK_T, BLOCK_K=_BLOCK_K_STATS,
+            part_g, part_gy, part_y if batch_stats else part_g, var, dbeta, dgamma,
+            delta if batch_stats else dbeta, p, k, m, eps,
+            CENTER=batch_stats, BLOCK_T=_BLOCK_T, BLOCK_K=_BLOCK_K_STATS,
         )
     dy = dres = None
     if need_dy or need_dres:
@@ -574,6 +626,7 @@ def backward(
             dz, z if relu else dz, y if batch_stats else dz, mean, var,
             bn_weight.contiguous() if bn_weight is not None else var,  # dummies are never read
             dbeta if batch_stats else var, dgamma if batch_stats else var,
+            delta if batch_stats else var,
             dy if need_dy else dz, dres if need_dres else dz,
             m, k, eps,
             RELU=relu, BATCH_STATS=batch_stats, HAS_GAMMA=bn_weight is not None,
@@ -588,7 +641,7 @@ def backward(
 # Ahead-of-time compile specs (tests/backends/triton_compile_check.py)
 # ---------------------------------------------------------------------------------------------
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_PTR_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}  # activation pointers
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -621,12 +674,13 @@ def compile_specs() -> list[CompileSpec]:
                  out_var_ptr=f32, scale_ptr=f32, shift_ptr=f32, K="i32", eps="fp32"),
             dict(HAS_GAMMA=has_gamma, HAS_BETA=has_gamma, BLOCK_K=_BLOCK_K_STATS),
         ))
-    specs.append(CompileSpec(
-        "bn_bwd_sum", _bn_bwd_sum_kernel,
-        dict(part_g_ptr=f32, part_gy_ptr=f32, var_ptr=f32, dbeta_ptr=f32, dgamma_ptr=f32,
-             P="i32", K="i32", eps="fp32"),
-        stats,
-    ))
+    for center in (False, True):
+        specs.append(CompileSpec(
+            f"bn_bwd_sum[center={center}]", _bn_bwd_sum_kernel,
+            dict(part_g_ptr=f32, part_gy_ptr=f32, part_y_ptr=f32, var_ptr=f32, dbeta_ptr=f32,
+                 dgamma_ptr=f32, delta_ptr=f32, P="i32", K="i32", M="i32", eps="fp32"),
+            dict(CENTER=center, **stats),
+        ))
 
     # autotuned kernels: (name, kernel, signature(dtype), flag sets, blocks)
     def apply_sig(t: str) -> dict[str, str]:
@@ -634,18 +688,18 @@ def compile_specs() -> list[CompileSpec]:
 
     def reduce_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, part_g_ptr=f32, part_gy_ptr=f32,
-                    M="i32", K="i32", rows_per_prog="i32")
+                    part_y_ptr=f32, M="i32", K="i32", rows_per_prog="i32")
 
     def dx_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, var_ptr=f32, gamma_ptr=f32,
-                    sum_g_ptr=f32, sum_gyhat_ptr=f32, dy_ptr=t, dres_ptr=t, M="i32", K="i32",
-                    eps="fp32")
+                    sum_g_ptr=f32, sum_gyhat_ptr=f32, delta_ptr=f32, dy_ptr=t, dres_ptr=t,
+                    M="i32", K="i32", eps="fp32")
 
     tuned = [
         ("bn_apply", _bn_apply_kernel, apply_sig, _ELEMENTWISE_BLOCKS,
          [dict(HAS_RES=r, RELU=u) for r in (False, True) for u in (False, True)]),
         ("bn_bwd_reduce", _bn_bwd_reduce_kernel, reduce_sig, _REDUCE_BLOCKS,
-         [dict(RELU=u) for u in (False, True)]),
+         [dict(RELU=u, CENTER=c) for u in (False, True) for c in (False, True)]),
         ("bn_bwd_dx", _bn_bwd_dx_kernel, dx_sig, _ELEMENTWISE_BLOCKS,
          [dict(RELU=u, BATCH_STATS=b, HAS_GAMMA=True, WRITE_DY=True, WRITE_DRES=d)
           for u in (False, True) for b in (False, True) for d in (False, True)]
@@ -654,11 +708,11 @@ def compile_specs() -> list[CompileSpec]:
     for name, kernel, sig, blocks, flag_sets in tuned:
         fn = kernel.fn  # the @triton.jit function under the autotuner
         bm0, w0 = blocks[0]
-        for t in _DTYPES.values():
+        for t, ptr in _PTR_TYPES.items():
             for flags in flag_sets:
                 label = ",".join(f"{k}={int(v)}" for k, v in flags.items())
                 specs.append(CompileSpec(
-                    f"{name}[{t},{label},BLOCK_M={bm0},BLOCK_K=64]", fn, sig(t),
+                    f"{name}[{t},{label},BLOCK_M={bm0},BLOCK_K=64]", fn, sig(ptr),
                     dict(flags, BLOCK_K=64, BLOCK_M=bm0), num_warps=w0,
                 ))
         flags = flag_sets[-1]
@@ -666,7 +720,7 @@ def compile_specs() -> list[CompileSpec]:
         for bm, w in blocks:
             for bk in (16, 64, 128):
                 specs.append(CompileSpec(
-                    f"{name}[bf16,{label},BLOCK_M={bm},BLOCK_K={bk},warps={w}]", fn, sig("bf16"),
+                    f"{name}[bf16,{label},BLOCK_M={bm},BLOCK_K={bk},warps={w}]", fn, sig("*bf16"),
                     dict(flags, BLOCK_K=bk, BLOCK_M=bm), num_warps=w,
                 ))
     return specs

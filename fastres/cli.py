@@ -16,6 +16,10 @@ import platform
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the benchmark modules import torch: only when a command needs them
+    from .benchmark.runner import BenchConfig
 
 BACKENDS = ("reference", "triton", "cuda")
 
@@ -141,7 +145,7 @@ def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
         yield plain
 
 
-def bench_config(args: argparse.Namespace):
+def bench_config(args: argparse.Namespace) -> BenchConfig:
     from .benchmark.cases import LAYER_MODEL_NAMES, MODEL_NAMES
     from .benchmark.runner import BenchConfig
 
@@ -151,9 +155,8 @@ def bench_config(args: argparse.Namespace):
         if name not in MODEL_NAMES:
             raise SystemExit(f"fastres bench: unknown model {name!r}; choose from "
                              f"{', '.join(MODEL_NAMES)}")
+    # the layer level covers ResNet-50 and ResNeXt-50, narrowed to those named with --model
     layer_models = [m for m in models if m in LAYER_MODEL_NAMES] or list(LAYER_MODEL_NAMES)
-    if args.model is None:
-        layer_models = list(LAYER_MODEL_NAMES)
     return BenchConfig(
         models=[] if args.layers_only else models,
         modes=modes,
@@ -209,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed and args.strict else 0
 
 
-def _tiny_preview(config):
+def _tiny_preview(config: BenchConfig) -> BenchConfig:
     """The configuration :func:`run` will use on CPU (for sizing the progress bar)."""
     import copy
 
@@ -232,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "torch.compile on the same card in the same run. Without a CUDA device a "
                     "tiny CPU configuration runs (its numbers say nothing about GPU speed).")
     bench.add_argument("--model", action="append", metavar="NAME",
-                       help="model to time (repeatable); default: all five")
+                       help="model to time (repeatable): resnet18, resnet50, resnext50_32x4d, "
+                            "wide_resnet50_2, preact_resnet50; default: all five")
     bench.add_argument("--mode", choices=("train", "infer", "both"), default="both")
     bench.add_argument("--batch", type=int, default=256)
     bench.add_argument("--resolution", type=int, default=224)
@@ -245,14 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model-compile-mode", default="default",
                        help="torch.compile mode for the model level")
     bench.add_argument("--layers", action="store_true",
-                       help="also time every distinct conv shape of ResNet-50 and ResNeXt-50")
+                       help="also time every distinct conv shape of ResNet-50 and ResNeXt-50 "
+                            "(only those of them named with --model, if any is)")
     bench.add_argument("--layers-only", action="store_true", help="only the layer level")
     bench.add_argument("--layer-limit", type=int, default=None,
                        help="only the first N distinct shapes of each model")
     bench.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                        help="fastres backend for the layer level; auto: every available one")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    bench.add_argument("--out", default="fastres-bench", help="output folder")
+    bench.add_argument("--out", default="fastres-bench",
+                       help="output folder for results.json and results.png "
+                            "(default: ./fastres-bench)")
     bench.add_argument("--quick", action="store_true",
                        help="fewer repeats, two layer shapes per model")
     bench.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",

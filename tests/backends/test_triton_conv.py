@@ -229,7 +229,13 @@ def test_partials_when_mean_far_exceeds_std(shape: Shape, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize(
-    "shape", [Shape(h=7, w=5, k=20), Shape(c=8, k=20, groups=4, h=7, w=5)], ids=lambda s: s.id
+    "shape",
+    [  # one per kernel: GEMM, flattened-reduction GEMM, direct
+        Shape(h=7, w=5, k=20),
+        Shape(c=3, k=20, r=7, padding=3, h=7, w=5),
+        Shape(c=8, k=20, groups=4, h=7, w=5),
+    ],
+    ids=lambda s: s.id,
 )
 def test_no_writes_outside_output(shape: Shape):
     # M = 70 and K = 20 are not multiples of any tile: the ragged tiles must stay inside ``out``.

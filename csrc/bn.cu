@@ -55,18 +55,40 @@ __global__ void bn_finalize_kernel(const float* __restrict__ partials, int64_t t
   shift_out[c] = (beta ? beta[c] : 0.0f) - m * scale;
 }
 
-// z = y * scale + shift (+ residual) (ReLU); one element per thread, grid-stride, int64 indices.
+// Elementwise kernels work on runs of kVec = 8 consecutive elements per thread (grid-stride,
+// int64 indices). With `vec` (K % 8 == 0 and 16-byte aligned buffers) a run is 8 channels of one
+// pixel, moved with 16-byte accesses; otherwise element by element.
+
+// z = y * scale + shift (+ residual) (ReLU).
 template <typename T>
 __global__ void bn_apply_kernel(const T* __restrict__ y, const float* __restrict__ scale,
                                 const float* __restrict__ shift, const T* __restrict__ residual,
-                                T* __restrict__ z, int64_t total, int64_t k, bool relu) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = i % k;
-    float v = fmaf(to_f32(y[i]), scale[c], shift[c]);
-    if (residual) v += to_f32(residual[i]);
-    if (relu) v = fmaxf(v, 0.0f);
-    z[i] = from_f32<T>(v);
+                                T* __restrict__ z, int64_t total, int64_t k, bool relu, bool vec) {
+  const int64_t runs = ceil_div(total, kVec);
+  for (int64_t run = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; run < runs;
+       run += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = run * kVec;
+    if (vec) {
+      const int64_t c0 = i0 % k;
+      float v[kVec], r[kVec];
+      load8(y + i0, v);
+      if (residual) load8(residual + i0, r);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        v[j] = fmaf(v[j], scale[c0 + j], shift[c0 + j]);
+        if (residual) v[j] += r[j];
+        if (relu) v[j] = fmaxf(v[j], 0.0f);
+      }
+      store8(z + i0, v);
+      continue;
+    }
+    for (int64_t i = i0; i < imin(i0 + kVec, total); ++i) {
+      const int64_t c = i % k;
+      float v = fmaf(to_f32(y[i]), scale[c], shift[c]);
+      if (residual) v += to_f32(residual[i]);
+      if (relu) v = fmaxf(v, 0.0f);
+      z[i] = from_f32<T>(v);
+    }
   }
 }
 
@@ -136,31 +158,61 @@ __global__ void bn_bwd_final_kernel(const float* __restrict__ work, int64_t tile
 }
 
 // dy = gamma * invstd * (g - dbeta / M - yhat * dgamma / M) (batch statistics) or
-// gamma * invstd * g (running statistics); dres = g.
+// gamma * invstd * g (running statistics); dres = g. Runs of 8 as bn_apply_kernel.
+__device__ __forceinline__ void bn_dy_one(float dzv, float yv, float zv, int64_t c,
+                                          const float* mean, const float* var, const float* gamma,
+                                          const float* dgamma, const float* dbeta, float eps,
+                                          float inv_m, bool batch_stats, bool relu, float& dy,
+                                          float& g) {
+  g = (relu && !(zv > 0.0f)) ? 0.0f : dzv;
+  const float invstd = 1.0f / sqrtf(var[c] + eps);
+  float d = g;
+  if (batch_stats) {
+    const float yhat = (yv - mean[c]) * invstd;
+    d = g - dbeta[c] * inv_m - yhat * (dgamma[c] * inv_m);
+  }
+  dy = (gamma ? gamma[c] : 1.0f) * invstd * d;
+}
+
 template <typename T>
 __global__ void bn_bwd_dy_kernel(const T* __restrict__ dz, const T* __restrict__ y,
                                  const T* __restrict__ z, const float* __restrict__ mean,
                                  const float* __restrict__ var, const float* __restrict__ gamma,
                                  const float* __restrict__ dgamma, const float* __restrict__ dbeta,
                                  float eps, bool batch_stats, bool relu, T* __restrict__ dy,
-                                 T* __restrict__ dres, int64_t m, int64_t k) {
+                                 T* __restrict__ dres, int64_t m, int64_t k, bool vec) {
   const int64_t total = m * k;
+  const int64_t runs = ceil_div(total, kVec);
   const float inv_m = 1.0f / static_cast<float>(m);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = i % k;
-    const float g = relu_grad(dz, z, i, relu);
-    const float invstd = 1.0f / sqrtf(var[c] + eps);
-    const float a = (gamma ? gamma[c] : 1.0f) * invstd;
-    float d = g;
-    if (batch_stats) {
-      const float yhat = (to_f32(y[i]) - mean[c]) * invstd;
-      d = g - dbeta[c] * inv_m - yhat * (dgamma[c] * inv_m);
+  for (int64_t run = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; run < runs;
+       run += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = run * kVec;
+    if (vec) {
+      const int64_t c0 = i0 % k;
+      float dzv[kVec], yv[kVec], zv[kVec], dyv[kVec], gv[kVec];
+      load8(dz + i0, dzv);
+      load8(y + i0, yv);
+      load8(z + i0, zv);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j)
+        bn_dy_one(dzv[j], yv[j], zv[j], c0 + j, mean, var, gamma, dgamma, dbeta, eps, inv_m,
+                  batch_stats, relu, dyv[j], gv[j]);
+      store8(dy + i0, dyv);
+      if (dres) store8(dres + i0, gv);
+      continue;
     }
-    dy[i] = from_f32<T>(a * d);
-    if (dres) dres[i] = from_f32<T>(g);
+    for (int64_t i = i0; i < imin(i0 + kVec, total); ++i) {
+      float d, g;
+      bn_dy_one(to_f32(dz[i]), to_f32(y[i]), to_f32(z[i]), i % k, mean, var, gamma, dgamma,
+                dbeta, eps, inv_m, batch_stats, relu, d, g);
+      dy[i] = from_f32<T>(d);
+      if (dres) dres[i] = from_f32<T>(g);
+    }
   }
 }
+
+// Host-side: is a buffer 16-byte aligned (vector path allowed)?
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // Grid for a grid-stride elementwise loop: enough blocks to fill any current GPU several times.
 unsigned elementwise_blocks(int64_t total, int threads) {
@@ -187,9 +239,11 @@ const char* bn_apply_launch(const void* y, const float* scale, const float* shif
   return dispatch_dtype(dtype, [&](auto tag) -> const char* {
     using T = decltype(tag);
     constexpr int threads = 256;
-    FASTRES_LAUNCH(bn_apply_kernel<T>, dim3(elementwise_blocks(total, threads)), dim3(threads),
-                   0, stream, static_cast<const T*>(y), scale, shift,
-                   static_cast<const T*>(residual), static_cast<T*>(z), total, k, relu);
+    const bool vec = k % kVec == 0 && aligned16(y) && aligned16(z) &&
+                     (residual == nullptr || aligned16(residual));
+    FASTRES_LAUNCH(bn_apply_kernel<T>, dim3(elementwise_blocks(ceil_div(total, kVec), threads)),
+                   dim3(threads), 0, stream, static_cast<const T*>(y), scale, shift,
+                   static_cast<const T*>(residual), static_cast<T*>(z), total, k, relu, vec);
     return launch_error();
   });
 }
@@ -218,9 +272,11 @@ const char* bn_backward_launch(const void* dz, const void* y, const void* z, con
                    stream, workspace, tiles, k, dgamma, dbeta);
     if (const char* e = launch_error()) return e;
     constexpr int threads = 256;
-    FASTRES_LAUNCH(bn_bwd_dy_kernel<T>, dim3(elementwise_blocks(m * k, threads)), dim3(threads),
-                   0, stream, dz_, y_, z_, mean, var, gamma, dgamma, dbeta, eps, batch_stats, relu,
-                   static_cast<T*>(dy), static_cast<T*>(dres), m, k);
+    const bool vec = k % kVec == 0 && aligned16(dz) && aligned16(y) && aligned16(z) &&
+                     aligned16(dy) && (dres == nullptr || aligned16(dres));
+    FASTRES_LAUNCH(bn_bwd_dy_kernel<T>, dim3(elementwise_blocks(ceil_div(m * k, kVec), threads)),
+                   dim3(threads), 0, stream, dz_, y_, z_, mean, var, gamma, dgamma, dbeta, eps,
+                   batch_stats, relu, static_cast<T*>(dy), static_cast<T*>(dres), m, k, vec);
     return launch_error();
   });
 }

@@ -43,7 +43,7 @@ void check_cuda(const Tensor& t, const char* op, const char* name, const Tensor&
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(),
-              " but x is on ", like.device());
+              " but the first tensor argument is on ", like.device());
 }
 
 void check_dtype(const Tensor& t, at::ScalarType want, const char* op, const char* name) {

@@ -6,7 +6,7 @@
 //    std::barrier and a thread that returns early drops out of it (as on a GPU, where an exited
 //    thread no longer counts);
 //  * __shared__ variables become statics (one block runs at a time); dynamic shared memory is a
-//    host buffer sized by the launch;
+//    host buffer sized by the launch and filled with NaN before each block;
 //  * WMMA fragments hold the whole 16 x 16 tile in every lane: each lane of the warp performs the
 //    same load / multiply / store (identical values), with fp32 products and accumulation.
 //
@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <thread>
 #include <vector>
@@ -78,6 +79,10 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         block_idx = dim3(bx, by, bz);
+        // Shared memory starts as garbage on a GPU: all-ones bytes are NaN in fp32/fp16/bf16,
+        // so a read of an element this block did not write shows up in the results.
+        std::memset(static_cast<void*>(dyn_smem.data()), 0xff,
+                    dyn_smem.size() * sizeof(std::max_align_t));
         std::barrier<> bar(nthreads);
         block_barrier = &bar;
         std::vector<std::thread> threads;

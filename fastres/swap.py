@@ -15,7 +15,7 @@ Parameters and buffers are shared, never copied (with ``inplace=False`` the mode
 first), so an optimizer built on the model before ``fuse(model, inplace=True)`` keeps working.
 The state_dict keys stay those of the original model; so do the parameter names, except in a
 fused stem, whose conv and BN parameters are named ``conv1.conv.*`` / ``conv1.bn.*`` while its
-state_dict (through hooks on the model, see :class:`FusedStem`) keeps ``conv1.*`` / ``bn1.*``.
+state_dict (through hooks on the model, see :class:`StemKeys`) keeps ``conv1.*`` / ``bn1.*``.
 
 What cannot be fused exactly stays as it was, with the reason: a ``warnings.warn`` lists them,
 :func:`fuse_report` returns them, and ``strict=True`` raises :class:`FuseError` listing them all
@@ -118,13 +118,20 @@ class FusedStem(ConvBNReLU):
         return F.relu(y) if self.relu else y
 
 
-def _install_stem(model: nn.Module, conv_name: str, bn_name: str, act_name: str) -> None:
-    conv, bn, act = (getattr(model, n) for n in (conv_name, bn_name, act_name))
-    stem = FusedStem.from_modules(conv, bn, relu=True)
-    to_ours = {f"{conv_name}.": f"{conv_name}.conv.", f"{bn_name}.": f"{conv_name}.bn."}
-    to_theirs = {v: k for k, v in to_ours.items()}
+class StemKeys:
+    """The state_dict hooks of a fused stem: ``conv1.conv.*`` ↔ ``conv1.*``, ``conv1.bn.*`` ↔
+    ``bn1.*`` in the namespace of the model that holds the stem.
 
-    def rename(keys: list[str], prefix: str, table: dict[str, str]) -> dict[str, str]:
+    A class rather than closures so that a fused model still pickles (``torch.save(model)``) and
+    deep-copies, and so :func:`unfuse` can find its hooks on a copy too.
+    """
+
+    def __init__(self, conv_name: str, bn_name: str) -> None:
+        self.to_ours = {f"{conv_name}.": f"{conv_name}.conv.", f"{bn_name}.": f"{conv_name}.bn."}
+        self.to_theirs = {v: k for k, v in self.to_ours.items()}
+
+    @staticmethod
+    def _rename(keys: list[str], prefix: str, table: dict[str, str]) -> dict[str, str]:
         out = {}
         for key in keys:
             for old, new in table.items():
@@ -133,24 +140,39 @@ def _install_stem(model: nn.Module, conv_name: str, bn_name: str, act_name: str)
                     break
         return out
 
-    def save_hook(module, state_dict, prefix, local_metadata):
-        mapping = rename(list(state_dict), prefix, to_theirs)
+    def save(self, module, state_dict, prefix, local_metadata) -> None:
+        mapping = self._rename(list(state_dict), prefix, self.to_theirs)
         items = [(mapping.get(k, k), v) for k, v in state_dict.items()]
         state_dict.clear()
         state_dict.update(items)  # same order: the stem's keys stay first
         meta = getattr(state_dict, "_metadata", None)
         if meta is not None:  # per-module versions, keyed by module path without the dot
-            for old, new in rename([k + "." for k in meta], prefix, to_theirs).items():
+            for old, new in self._rename([k + "." for k in meta], prefix, self.to_theirs).items():
                 meta[new[:-1]] = meta.pop(old[:-1])
 
-    def load_hook(state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        for old, new in rename(list(state_dict), prefix, to_ours).items():
+    def load(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        ours = tuple(prefix + k for k in self.to_theirs)
+        keys = [k for k in state_dict if not k.startswith(ours)]  # already ours: leave as is
+        for old, new in self._rename(keys, prefix, self.to_ours).items():
             state_dict[new] = state_dict.pop(old)
 
-    handles = (model._register_state_dict_hook(save_hook),
-               model._register_load_state_dict_pre_hook(load_hook))
+    @staticmethod
+    def remove_from(model: nn.Module) -> None:
+        for hooks in (model._state_dict_hooks, model._load_state_dict_pre_hooks):
+            for key, hook in list(hooks.items()):
+                hook = getattr(hook, "hook", hook)  # load pre-hooks come wrapped
+                if isinstance(getattr(hook, "__self__", None), StemKeys):
+                    del hooks[key]
+
+
+def _install_stem(model: nn.Module, conv_name: str, bn_name: str, act_name: str) -> None:
+    conv, bn, act = (getattr(model, n) for n in (conv_name, bn_name, act_name))
+    stem = FusedStem.from_modules(conv, bn, relu=True)
+    keys = StemKeys(conv_name, bn_name)
+    model._register_state_dict_hook(keys.save)
+    model._register_load_state_dict_pre_hook(keys.load)
     # hidden (plain attribute, not a child): what unfuse needs to put the model back
-    stem._restore = {"names": (conv_name, bn_name, act_name), "act": act, "handles": handles}
+    stem._restore = {"names": (conv_name, bn_name, act_name), "act": act}
     stem.training = conv.training
     setattr(model, conv_name, stem)
     for name, old in ((bn_name, bn), (act_name, act)):
@@ -506,8 +528,7 @@ def unfuse(model: nn.Module) -> nn.Module:
         for child in list(m.children()):
             if isinstance(child, FusedStem) and hasattr(child, "_restore"):
                 conv_name, bn_name, act_name = child._restore["names"]
-                for h in child._restore["handles"]:
-                    h.remove()
+                StemKeys.remove_from(m)
                 setattr(m, conv_name, child.conv)
                 setattr(m, bn_name, child.bn)
                 setattr(m, act_name, child._restore["act"])
@@ -518,5 +539,5 @@ def unfuse(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["FuseError", "FusedPreAct", "FusedSequential", "FusedStem", "fuse", "fuse_report",
-           "unfuse"]
+__all__ = ["FuseError", "FusedPreAct", "FusedSequential", "FusedStem", "StemKeys", "fuse",
+           "fuse_report", "unfuse"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -50,10 +51,10 @@ def test_torchvision_fused_matches_original_eval(name):
     check_equivalent(original, fused, torch.randn(2, 3, 32, 32), train=False, backward=False)
 
 
-# Training with gradients: full resnet18/resnet50, and one-block-per-stage torchvision ResNets
-# for the ResNeXt and Wide blocks (same torchvision classes, a quarter of the CPU time).
+# Training with gradients: full resnet50, and one-block-per-stage torchvision ResNets for the
+# ResNeXt and Wide blocks (same torchvision classes, a quarter of the CPU time). resnet18 in
+# training: test_sgd_step_matches_and_optimizer_survives_inplace_fuse.
 TRAIN = {
-    "resnet18": TORCHVISION["resnet18"],
     "resnet50": TORCHVISION["resnet50"],
     "resnext50_32x4d-blocks": lambda: tv.ResNet(tv.Bottleneck, [1, 1, 1, 1], num_classes=10,
                                                 groups=32, width_per_group=4),
@@ -222,3 +223,22 @@ def test_compile_fullgraph_forward_backward():
         grads.append(inp.grad)
     assert_close_ratio("compiled output", *outs)
     assert_close_ratio("compiled input grad", *grads)
+
+
+def test_fused_model_pickles_copies_and_unfuses_a_copy():
+    original = randomize_bn(torchvision.models.resnet18(num_classes=4)).eval()
+    fused = fastres.fuse(original)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    twin = copy.deepcopy(fused)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x)) and torch.equal(twin(x), fused(x))
+    plain = fastres.unfuse(twin)
+    assert type(plain.conv1) is nn.Conv2d
+    plain.load_state_dict(original.state_dict())  # no stem key hooks left on the copy
+    assert list(plain.state_dict()) == list(original.state_dict())
+    assert list(fused.state_dict()) == list(original.state_dict())  # the fused one keeps its
+    assert list(loaded.state_dict()) == list(original.state_dict())

@@ -70,7 +70,8 @@ def test_every_factory_runs_and_matches_plain_pytorch(name):
     model.train(name == "preact_resnet1001")
     fused_blocks = [m for m in model.modules() if isinstance(m, FusedBlock) and m._views]
     assert len(fused_blocks) >= 3
-    x = torch.randn(2, 3, *((8, 8) if name == "preact_resnet1001" else (32, 32)))
+    # eval is per-pixel, so tiny images do (CIFAR nets: 8×8 for the 1001-layer one)
+    x = torch.randn(2, 3, *((8, 8) if name == "preact_resnet1001" else (16, 16)))
     with torch.no_grad():
         out = model(x)
         base = plain_copy(model)(x)
@@ -92,7 +93,9 @@ def test_preact_structure():
     assert wrn.fc.in_features == 2 * 4 * 10 and len(wrn.layer3) == 4
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+# resnext50_32x4d / wide_resnet50_2 weights: same keys and shapes (test_torchvision_layout...),
+# and their blocks against torchvision's in tests/nn/test_blocks.py and tests/test_swap.py
+@pytest.mark.parametrize("name", ["resnet50"])
 def test_loads_torchvision_weights_and_matches_eval(name):
     original = randomize_bn(getattr(torchvision.models, name)(num_classes=10))
     ours = getattr(models, name)(num_classes=10)

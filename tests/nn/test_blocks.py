@@ -157,3 +157,19 @@ def test_bad_configs_raise():
         BasicBlock(8, 8, groups=2)
     with pytest.raises(ValueError, match="width is 0"):
         Bottleneck(8, 8, groups=2, base_width=4)
+
+
+# ---- one tiny run through the Triton kernels (under the interpreter on CPU) -----------------
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_bottleneck_on_triton_backend(train):
+    import fastres
+    from fastres import backends
+
+    if backends.load("triton") is None:
+        pytest.skip(f"triton backend unavailable: {backends.load_error('triton')}")
+    case = ("resnext-s2", tv.Bottleneck, Bottleneck, 16, 8, 2, 4, 16)
+    original, fused, cin = build_pair(case)
+    with fastres.use_backend("triton"):
+        check_equivalent(original, fused, torch.randn(2, cin, 6, 6), train=train)

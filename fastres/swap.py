@@ -8,7 +8,8 @@ What is swapped (module *instances* are replaced; no third-party class is patche
 * timm ``ResNet`` (``resnet*``, ``resnext*``, ``wide_resnet*``, ...): the same, when the block's
   extras are no-ops (no SE/attention, no anti-aliasing, drop-block/drop-path off, ReLU);
 * timm ``ResNetV2`` pre-activation blocks (``resnetv2_*`` with BatchNorm): :class:`FusedPreAct`;
-* any plain ``nn.Sequential`` holding Conv2d → BatchNorm2d (→ ReLU) runs: :class:`FusedSequential`;
+* any plain ``nn.Sequential`` holding Conv2d → BatchNorm2d (→ ReLU) runs (or Conv2d → timm's
+  BatchNormAct2d with ReLU, as in ``resnetv2_*d`` deep stems): :class:`FusedSequential`;
 * fastres' own blocks and models: their fused views are rebuilt (e.g. after a BN was replaced).
 
 Parameters and buffers are shared, never copied (with ``inplace=False`` the model is deep-copied
@@ -203,7 +204,13 @@ class FusedSequential(nn.Sequential):
             conv, bn = mods[i], mods[i + 1]
             if isinstance(conv, nn.Conv2d) and _looks_like_norm(bn):
                 reason = fusable_reason(conv, bn)
-                if reason is None:
+                if type(bn).__name__ == "BatchNormAct2d":  # timm: BN with its ReLU inside
+                    reason = _bn_act_reason(conv, bn)
+                    if reason is None:
+                        runs[i] = (_bn_act_view(conv, bn), 2)
+                        i += 2
+                        continue
+                elif reason is None:
                     relu = i + 2 < len(mods) and type(mods[i + 2]) is nn.ReLU
                     runs[i] = (ConvBNReLU.from_modules(conv, bn, relu=relu), 3 if relu else 2)
                     i += runs[i][1]

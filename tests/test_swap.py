@@ -82,7 +82,7 @@ def test_timm_resnet50(train):
 
 
 def test_timm_resnetv2_preact_and_avg_down():
-    for name in ("resnetv2_50", "resnet26d"):
+    for name in ("resnetv2_50", "resnetv2_50d", "resnet26d"):
         original = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10)).eval()
         fused = fuse_quietly(original)
         assert list(fused.state_dict()) == list(original.state_dict())

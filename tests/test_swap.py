@@ -242,3 +242,14 @@ def test_fused_model_pickles_copies_and_unfuses_a_copy():
     assert list(plain.state_dict()) == list(original.state_dict())
     assert list(fused.state_dict()) == list(original.state_dict())  # the fused one keeps its
     assert list(loaded.state_dict()) == list(original.state_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
+def test_fused_torchvision_on_cuda(name, train):
+    """The default ("auto") backend on a GPU against float64 on the CPU, PyTorch on the GPU as
+    the baseline."""
+    original = randomize_bn(TORCHVISION[name]()).cuda()
+    fused = fastres.fuse(original)
+    check_equivalent(original, fused, torch.randn(4, 3, 64, 64, device="cuda"), train=train)

@@ -44,20 +44,20 @@ def check_equivalent(original: nn.Module, fused: nn.Module, x: torch.Tensor, *, 
     BN running statistics after the step. ``fused`` and ``original`` must hold equal weights and
     have the same state_dict keys.
     """
-    reference = copy.deepcopy(original).double()
+    reference = copy.deepcopy(original).cpu().double()  # the truth: float64 on the CPU
     original.to(memory_format=CL)
     for m in (original, fused, reference):
         m.train(train)
     outs, grads_x = [], []
     upstream = None
     for m, inp in ((fused, x), (original, x.contiguous(memory_format=CL)),
-                   (reference, x.double())):
+                   (reference, x.cpu().double())):
         inp = inp.detach().clone().requires_grad_(backward)
         y = m(inp)
         if backward:
             if upstream is None:
                 upstream = torch.randn(y.shape, dtype=torch.float64)
-            y.backward(upstream.to(y.dtype))
+            y.backward(upstream.to(y.device, y.dtype))
             grads_x.append(inp.grad)
         outs.append(y)
     assert_close_ratio("output", *outs)

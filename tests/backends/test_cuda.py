@@ -15,6 +15,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -143,6 +144,23 @@ def test_cubins_for_sm80_and_sm90a():
     for src in sources:
         for arch in ("sm_80", "sm_90a"):
             assert f"{src}.{arch}.cubin" in elfs, f"{src}.{arch}.cubin not in {sorted(elfs)}"
+
+
+def test_kernels_use_no_local_memory():
+    """No register spills or local arrays in any kernel, for either target (ptxas's verdict)."""
+    ext = _C()
+    tool = os.path.join(
+        os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "cuobjdump"
+    )
+    out = subprocess.run(
+        [tool, "--dump-resource-usage", ext.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    pattern = r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)"
+    usage = re.findall(pattern, out)
+    assert len(usage) >= 2 * 12, f"expected every kernel for sm_80 and sm_90a, got {len(usage)}"
+    for fn, reg, stack, shared, local in usage:
+        assert int(stack) == 0 and int(local) == 0, f"{fn}: stack {stack} B, local {local} B"
+        assert int(reg) <= 128 and int(shared) <= 48 * 1024, f"{fn}: {reg} regs, {shared} B smem"
 
 
 # ---------------------------------------------------------------------------------------------

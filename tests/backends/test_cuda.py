@@ -587,6 +587,24 @@ def test_guard_buffers_catch_out_of_bounds_writes(emu_lib):
 
 
 @pytest.fixture
+def emulated_cpu_kernels(emu_lib):
+    """The emulated kernels registered as the CPU kernels of the fastres_cuda ops (removed after
+    the test), so torch.library.opcheck can exercise schemas, fakes and mutation on CPU."""
+    _cuda_backend()
+    ops = EmuOps(emu_lib)
+    lib = torch.library.Library("fastres_cuda", "IMPL")
+    for name in ("conv", "bn_finalize", "bn_apply", "bn_backward"):
+        lib.impl(name, getattr(ops, name), "CPU")
+    yield
+    lib._destroy()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_opcheck_with_emulated_kernels(emulated_cpu_kernels, dtype):
+    _opcheck_all(dtype, "cpu")
+
+
+@pytest.fixture
 def emulated_cuda_backend(emu_lib, monkeypatch):
     """The real CudaBackend, serving CPU tensors with the emulated kernels."""
     cuda = _cuda_backend()
@@ -712,11 +730,7 @@ def run_case_no_grad(case: Case, dtype: torch.dtype, device: str = "cuda") -> No
     assert_close_ratio("output", z, ref, base)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_opcheck(dtype):
-    _cuda_backend()
-    dev = "cuda"
+def _opcheck_all(dtype: torch.dtype, dev: str) -> None:
     x = torch.randn(2, 32, 9, 9, device=dev, dtype=dtype).contiguous(memory_format=CL)
     w = torch.randn(32, 4, 3, 3, device=dev, dtype=dtype).contiguous(memory_format=CL)
     out = torch.empty(2, 32, 9, 9, device=dev, dtype=dtype).contiguous(memory_format=CL)
@@ -743,6 +757,13 @@ def test_opcheck(dtype):
         (dz, out, z, vec(), vec(), vec(), 1e-5, True, True, torch.empty_like(out),
          torch.empty_like(out), vec(), vec()),
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_opcheck(dtype):
+    _cuda_backend()
+    _opcheck_all(dtype, "cuda")
 
 
 @pytest.mark.gpu

@@ -16,7 +16,9 @@ Kernels, in the order a training step uses them:
   Σg·ŷ as per-program partial sums, then a small deterministic reduction (no atomics, no host
   synchronisation).
 * ``_bn_bwd_dx_kernel``: ``dy = γ·invstd·(g − Σg/M − ŷ·Σgŷ/M)`` (batch statistics) or
-  ``dy = γ·invstd·g`` (running statistics), and ``dresidual = g``.
+  ``dy = γ·invstd·g`` (running statistics), and ``dresidual = g``. With batch statistics ŷ is
+  centred on the *stored* y (whose fp16/bf16 rounding moves its mean off the fp32 batch mean),
+  so Σŷ = 0 and the bias gradient stays ≈ 0 as it must (see ``_bn_bwd_sum_kernel``).
 
 Running-statistic updates are the op layer's job, not this module's.
 """

@@ -19,11 +19,14 @@ applies ReLU and stores in the input dtype.
 
 BN partials (:class:`Partials`) are per M tile: each tile of BLOCK_M output rows yields, for
 every channel, the count of valid rows, their mean and M2 (sum of squared deviations from the
-tile mean). M2 is computed from the fp32 tile in registers with the corrected two-pass algorithm
-(mean, deviations from it, correction), on the accumulator before the bias is added (the bias
-only shifts the mean), so it stays accurate when |mean| >> std; tiles are merged with Chan's
-formula downstream. Remaining limit: the fp32 tile means carry a rounding error of half an ulp
-of |mean|, which enters the merged variance like a rounding of each output to fp32 would.
+tile mean) of the raw output y = conv + bias. M2 is computed from the fp32 tile in registers with
+the corrected two-pass algorithm (mean, deviations from it, correction), so it stays accurate
+when |mean| >> std; tiles are merged with Chan's formula downstream. For fp32 outputs the
+statistics are taken on the accumulator before the bias is added (the bias only shifts the
+mean); for fp16/bf16 outputs on y as stored, rounded to its dtype, as PyTorch's batch_norm would
+see it, so the mean and variance stay consistent with the y that BN apply and backward read.
+Remaining limit: the fp32 tile means carry a rounding error of half an ulp of |mean|, which
+enters the merged variance like a rounding of each output to fp32 would.
 
 Tile boundaries depend on BLOCK_M, which autotuning chooses. The partial buffers are allocated
 for the smallest BLOCK_M of all configurations (the most tiles); the kernel writes rows
@@ -67,7 +70,10 @@ _TL_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf1
 
 @dataclasses.dataclass
 class Partials:
-    """Per-tile BN partial statistics of the raw conv output (acc + bias), fp32."""
+    """Per-tile BN partial statistics of the raw conv output (acc + bias), fp32.
+
+    For fp16/bf16 outputs the statistics are of the output as stored (rounded to its dtype).
+    """
 
     count: torch.Tensor  # (T,) float32: number of valid output rows (pixels) in each M tile
     mean: torch.Tensor  # (T, K) float32: per-tile, per-channel mean
@@ -144,6 +150,24 @@ _KEY = ["M", "C", "K", "Cg", "Kg", "R", "S", "stride_h", "STATS", "HAS_RES"]
 
 
 @triton.jit
+def _round_to_output(
+    v,  # fp32 values
+    out_ptr,  # the output pointer: its element type is the dtype to round to
+    INTERPRET: tl.constexpr,  # running in the interpreter
+):
+    """``v`` rounded to nearest even in the output dtype, returned as (exact) fp32."""
+    if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
+        # The interpreter converts fp32 -> bf16 by truncation (GPUs round to nearest even),
+        # a bias that would show in every mean: round on the bits instead. Finite values only
+        # (inf stays inf).
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return v.to(out_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _epilogue(
     acc,  # [BLOCK_M, BLOCK_N] fp32 accumulator of the convolution
     offs_m,  # [BLOCK_M] int32 output row (pixel) indices of this tile
@@ -165,8 +189,18 @@ def _epilogue(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     if STATS:
-        # Statistics of acc + bias, taken on acc and shifted by the bias afterwards (M2 does
-        # not change under a shift): a large bias then costs no precision in the deviations.
+        if out_ptr.dtype.element_ty == tl.float32:
+            # Statistics of acc + bias, taken on acc and shifted by the bias afterwards (M2
+            # does not change under a shift): a large bias then costs no precision.
+            vals = acc
+        else:
+            # fp16/bf16: statistics of the raw output as stored, rounded to its dtype, as
+            # PyTorch's batch_norm sees it; the mean and variance the BN apply and backward
+            # passes use are then consistent with the y they read (normalised y sums to 0).
+            vals = acc
+            if HAS_BIAS:
+                vals += bias[None, :]
+            vals = _round_to_output(vals, out_ptr, INTERPRET)
         # Corrected two-pass algorithm over the fp32 tile in registers: a first mean, the
         # deviations from it, then the mean corrected by the (small, accurately summed) mean
         # deviation and M2 = sum(d^2) - (sum d)^2 / n. Robust when |mean| >> std, unlike
@@ -175,12 +209,12 @@ def _epilogue(
         # would otherwise enter the merged variance to first order.
         n_valid = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         valid = m_ok[:, None]
-        t_mean = tl.sum(tl.where(valid, acc, 0.0), axis=0) / n_valid
-        dev = tl.where(valid, acc - t_mean[None, :], 0.0)
+        t_mean = tl.sum(tl.where(valid, vals, 0.0), axis=0) / n_valid
+        dev = tl.where(valid, vals - t_mean[None, :], 0.0)
         d_sum = tl.sum(dev, axis=0)
         t_m2 = tl.sum(dev * dev, axis=0) - d_sum * d_sum / n_valid
         t_mean += d_sum / n_valid
-        if HAS_BIAS:
+        if HAS_BIAS and out_ptr.dtype.element_ty == tl.float32:
             t_mean += bias
         p_off = pid_m.to(tl.int64) * K + offs_k
         tl.store(mean_ptr + p_off, t_mean, mask=k_ok)
@@ -198,13 +232,8 @@ def _epilogue(
         acc += tl.load(res_ptr + o_off, mask=o_mask, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
-        # The interpreter converts fp32 -> bf16 by truncation (GPUs round to nearest even),
-        # a bias that would show in every mean; round to nearest even on the bits first, so
-        # the conversion below is exact. Finite values only (inf stays inf).
-        bits = acc.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        acc = bits.to(tl.float32, bitcast=True)
+    if INTERPRET:
+        acc = _round_to_output(acc, out_ptr, INTERPRET)
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 

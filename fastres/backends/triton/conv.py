@@ -14,8 +14,8 @@ Everything is NHWC (channels_last) inside and accumulates in fp32. Two kernels s
   zeros. Each output channel reads only the Cg input channels of its own group.
 
 The epilogue (shared, ``_epilogue``) adds the bias, optionally writes per-tile BN partial
-statistics of that raw fp32 value, then applies ``acc * scale + shift``, adds the residual,
-applies ReLU and stores in the input dtype.
+statistics of that raw output, then applies ``acc * scale + shift``, adds the residual, applies
+ReLU and stores in the input dtype, all in fp32 registers.
 
 BN partials (:class:`Partials`) are per M tile: each tile of BLOCK_M output rows yields, for
 every channel, the count of valid rows, their mean and M2 (sum of squared deviations from the

@@ -618,23 +618,11 @@ def emulated_cuda_backend(emu_lib, monkeypatch):
     return cuda
 
 
-# ReLU-mask flips: where float64 z is within bf16 rounding of 0, the fused z (more accurate than
-# eager's) and eager's z can fall on different sides of 0 at different elements; each flip moves
-# the gradients by a full |dz| term, so the 2x rule fails by luck of the draw. With dz zeroed where
-# the masks disagree, this case's gradients match PyTorch's errors to the last digit (checked by
-# hand). The rule, not the kernels, needs the fix (tests/numerics.py is not this backend's file).
-_MASK_FLIP = {(Case(n=1, h=5, w=7, residual=True), torch.bfloat16, False)}
-
-
 @pytest.mark.slow  # ~3.5 min on two cores: 102 cases, each a few thousand emulated threads
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_emulated_kernels_equivalence_grid(emulated_cuda_backend, case, dtype, training, request):
-    if (case, dtype, training) in _MASK_FLIP:
-        request.applymarker(
-            pytest.mark.xfail(reason="ReLU-mask flip vs float64 (see _MASK_FLIP)", strict=False)
-        )
+def test_emulated_kernels_equivalence_grid(emulated_cuda_backend, case, dtype, training):
     run_case(case, dtype, training, backend="cuda", device="cpu", steps=2)
 
 

@@ -14,54 +14,65 @@ exits 1 if anything failed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import sys
 import time
 import traceback
 
-TARGETS = ((80, "sm_80"), (90, "sm_90"))
+TARGETS = (80, 90)  # compute capabilities: A100 and H100
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="compile only specs whose name contains this")
-    args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("TRITON_INTERPRET=1 is set: unset it, the check needs the real compiler")
-        return 2
-
+def _compile(task: tuple[str, int, int]) -> tuple[str, str, str, float, str]:
+    """Compile spec ``index`` of module ``mod_name`` for compute capability ``cc`` (a worker)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from fastres.backends.triton import bn, conv
 
+    mod_name, index, cc = task
+    spec = {"conv": conv, "bn": bn}[mod_name].compile_specs()[index]
+    t0 = time.perf_counter()
+    try:
+        src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+        triton.compile(
+            src, target=GPUTarget("cuda", cc, 32),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        )
+        status = "ok"
+    except Exception as e:  # report every failure, not just the first
+        first = str(e).splitlines()[0] if str(e) else ""
+        status = f"FAILED {type(e).__name__}: {first}\n{traceback.format_exc()}"
+    return mod_name, spec.name, f"sm_{cc}", time.perf_counter() - t0, status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="compile only specs whose name contains this")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("TRITON_INTERPRET=1 is set: unset it, the check needs the real compiler")
+        return 2
+
+    from fastres.backends.triton import bn, conv
+
     modules = {"conv": conv, "bn": bn}
-    failures = 0
     counts = dict.fromkeys(modules, 0)
-    start = time.perf_counter()
+    tasks = []
     for mod_name, module in modules.items():
-        for spec in module.compile_specs():
-            if args.only not in spec.name:
-                continue
-            for cc, label in TARGETS:
-                t0 = time.perf_counter()
-                try:
-                    src = ASTSource(fn=spec.kernel, signature=spec.signature,
-                                    constexprs=spec.constexprs)
-                    triton.compile(
-                        src, target=GPUTarget("cuda", cc, 32),
-                        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
-                    )
-                    status = "ok"
-                except Exception as e:  # report every failure, not just the first
-                    failures += 1
-                    first = str(e).splitlines()[0] if str(e) else ""
-                    status = f"FAILED {type(e).__name__}: {first}"
-                    traceback.print_exc(file=sys.stdout)
-                took = time.perf_counter() - t0
-                print(f"{mod_name:5s} {label} {took:6.2f}s {status}  {spec.name}", flush=True)
-            counts[mod_name] += 1
+        for index, spec in enumerate(module.compile_specs()):
+            if args.only in spec.name:
+                counts[mod_name] += 1
+                tasks.extend((mod_name, index, cc) for cc in TARGETS)
+    start = time.perf_counter()
+    failures = 0
+    # Compiling is CPU-bound and independent per spec: one process per core.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for mod_name, name, label, took, status in pool.map(_compile, tasks):
+            failures += status != "ok"
+            print(f"{mod_name:5s} {label} {took:6.2f}s {status}  {name}", flush=True)
     total = sum(counts.values())
     detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
     print(f"compiled {total} specs ({detail}) for {len(TARGETS)} targets in "

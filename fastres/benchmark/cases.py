@@ -378,6 +378,17 @@ class LayerBench:
             return "Triton on CPU runs only under the interpreter: a timing would mean nothing"
         return fastres_backends.availability(backend, self.call_info)
 
+    def system(self, name: str) -> tuple[Callable[[dict], object] | None, str | None]:
+        """``(step, None)`` for system ``name`` ("eager", "compile-<mode>", "fastres-<backend>"),
+        or ``(None, reason)`` when it cannot run here."""
+        if name == "eager":
+            return self.eager(), None
+        if name.startswith("compile-"):
+            return self.compiled(name.removeprefix("compile-")), None
+        backend = name.removeprefix("fastres-")
+        reason = self.fused_unavailable(backend)
+        return (None, reason) if reason is not None else (self.fused(backend), None)
+
     def fused(self, backend: str) -> Callable[[dict], object]:
         from ..ops import conv_bn_relu
 

@@ -280,17 +280,10 @@ def _run_layer(case, mode, config, device, dtype, ceilings: Ceilings, clock, pro
             entry["systems"][system] = {"status": "skipped", "reason": "time limit reached"}
             continue
         try:
-            if system == "eager":
-                fn = bench.eager()
-            elif system.startswith("compile-"):
-                fn = bench.compiled(system.removeprefix("compile-"))
-            else:
-                backend = system.removeprefix("fastres-")
-                reason = bench.fused_unavailable(backend)
-                if reason is not None:
-                    entry["systems"][system] = {"status": "unavailable", "reason": reason}
-                    continue
-                fn = bench.fused(backend)
+            fn, reason = bench.system(system)
+            if fn is None:
+                entry["systems"][system] = {"status": "unavailable", "reason": reason}
+                continue
             timing = time_calls(fn, bench.inputs, device, warmup=config.warmup,
                                 repeats=config.repeats)
             entry["systems"][system] = {

@@ -174,16 +174,9 @@ def timed_layer(benchmark, case: LayerCase, mode: str, system: str, cfg: SuiteCo
     import pytest
 
     bench = _layer_bench(case, mode, cfg)
-    if system == "eager":
-        fn = bench.eager()
-    elif system.startswith("compile-"):
-        fn = bench.compiled(system.removeprefix("compile-"))
-    else:
-        backend = system.removeprefix("fastres-")
-        reason = bench.fused_unavailable(backend)
-        if reason is not None:
-            pytest.skip(reason)
-        fn = bench.fused(backend)
+    fn, reason = bench.system(system)
+    if fn is None:
+        pytest.skip(reason)
     median = _pedantic(benchmark, fn, bench.inputs, cfg)
     info = benchmark.extra_info
     info.update(case=case.id, layer=case.shape.label(), epilogue=case.epilogue.label(),

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/include/cuda_runtime.h),/usr/local/cuda,)
 export CUDA_HOME
 
-.PHONY: venv test test-all lint bench clean
+.PHONY: venv test test-all lint bench bench-suite clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-all: venv
 
 bench: venv
 	$(BIN)/fastres bench
+
+# the pytest-benchmark suites (a tiny CPU configuration without a GPU, so CI exercises them)
+bench-suite: venv
+	$(BIN)/python -m pytest bench --benchmark-only -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastres/_C*.so

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from . import _tuning
 from ._compile import CompileSpec
 
 Tensor = torch.Tensor
@@ -45,7 +46,7 @@ def _configs(blocks: list[tuple[int, int]]) -> list[triton.Config]:
     """Autotune configs from (BLOCK_M, num_warps) pairs; one fixed config under the interpreter."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in blocks]
+    return _tuning.limit([triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in blocks])
 
 
 # Elementwise and row-reduction kernels see BLOCK_M x BLOCK_K tiles; BLOCK_K is picked by the

@@ -56,6 +56,7 @@ import triton.language as tl
 
 from .. import _alloc
 from ..base import ConvParams
+from . import _tuning
 from ._compile import CompileSpec
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -127,13 +128,13 @@ def _prune_gemm(configs: list[triton.Config], nargs: dict, **kwargs) -> list[tri
         c for c in configs
         if c.kwargs["BLOCK_N"] <= n_cap and (kwargs.get("FLAT_K") or c.kwargs["BLOCK_K"] <= k_cap)
     ]
-    return kept or configs
+    return _tuning.limit(kept or configs)
 
 
 def _prune_direct(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     """Drop channel tiles much wider than the number of output channels."""
     n_cap = max(16, triton.next_power_of_2(nargs["K"]))
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap] or configs
+    return _tuning.limit([c for c in configs if c.kwargs["BLOCK_N"] <= n_cap] or configs)
 
 
 # Partial-statistics buffers are sized for this many rows per tile (the most tiles).

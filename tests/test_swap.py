@@ -7,18 +7,20 @@ import io
 import warnings
 
 import pytest
-import timm
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import resnet as tv
-from torchvision.ops import FrozenBatchNorm2d
 
 import fastres
 from fastres.nn import BasicBlock, Bottleneck
 from fastres.swap import FusedPreAct, FusedSequential, FusedStem, FuseError, fuse_report
 from tests.models._util import check_equivalent, check_sgd_step, randomize_bn
 from tests.numerics import assert_close_ratio
+
+# absent on the GPU machines (no package registry there): the module is skipped
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+tv = pytest.importorskip("torchvision.models.resnet")
+FrozenBatchNorm2d = pytest.importorskip("torchvision.ops").FrozenBatchNorm2d
 
 
 def fuse_quietly(model: nn.Module, **kw) -> nn.Module:

@@ -314,7 +314,9 @@ def conv_bn_relu(
         groups,
     )
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # only the devices fastres serves; torch.amp.is_autocast_available would break torch 2.11's
+    # dynamo (a skipped function), and is_autocast_enabled raises for e.g. "meta"
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
 
         def cast(t):

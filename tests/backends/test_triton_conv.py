@@ -10,61 +10,35 @@ interpreter with one small tile configuration; the ``gpu`` tests run the autotun
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres.backends.base import ConvParams
 from fastres.backends.triton import conv as tconv
 from tests.numerics import assert_close_ratio
+from tests.ops.cases import Case
 
 CL = torch.channels_last
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    n: int = 2
-    c: int = 16
-    h: int = 9
-    w: int = 9
-    k: int = 16
-    r: int = 3
-    stride: int = 1
-    padding: int = 1
-    dilation: int = 1
-    groups: int = 1
-
-    @property
-    def conv(self) -> ConvParams:
-        s, p, d = self.stride, self.padding, self.dilation
-        return ConvParams((s, s), (p, p), (d, d), self.groups)
-
-    @property
-    def id(self) -> str:
-        d, default = dataclasses.asdict(self), dataclasses.asdict(Shape())
-        return "-".join(f"{k}{v}" for k, v in d.items() if v != default[k]) or "default"
-
-
 SHAPES = [
-    Shape(),
-    Shape(r=1, padding=0),  # 1x1
-    Shape(c=32, k=48, r=1, padding=0, stride=2, h=10, w=11),  # projection shortcut, K % 16 != 0
-    Shape(c=3, k=16, r=7, stride=2, padding=3, h=17, w=15),  # stem: flattened-reduction GEMM
-    Shape(c=40, k=24, h=7, w=6),  # channels not a multiple of the reduction slab
-    Shape(n=1, h=5, w=7),
-    Shape(dilation=2, padding=2, h=11, w=10),
-    Shape(stride=2, padding=0, h=10, w=10),  # no padding, stride 2
-    Shape(c=32, k=32, groups=2),  # 16 channels per group: tensor-core kernel, group axis
-    Shape(c=32, k=48, groups=2, stride=2, h=10, w=9),  # 16 in / 24 out per group
-    Shape(c=32, k=32, groups=8, stride=2),  # 4 per group (ResNeXt 32x4d): direct kernel
-    Shape(c=24, k=48, groups=3, h=7, w=8),  # 8 in / 16 out per group: direct kernel
-    Shape(c=16, k=16, groups=16),  # depthwise
-    Shape(c=8, k=16, groups=8, r=5, padding=2, dilation=2, h=12, w=11),  # depthwise multiplier 2
-    Shape(n=3, c=5, k=7, h=6, w=5, groups=1),  # odd everything, few channels: flattened GEMM
-    Shape(n=3, c=6, k=9, h=6, w=5, groups=3),  # odd everything, 2 in / 3 out per group
+    Case(),
+    Case(r=1, padding=0),  # 1x1
+    Case(c=32, k=48, r=1, padding=0, stride=2, h=10, w=11),  # projection shortcut, K % 16 != 0
+    Case(c=3, k=16, r=7, stride=2, padding=3, h=17, w=15),  # stem: flattened-reduction GEMM
+    Case(c=40, k=24, h=7, w=6),  # channels not a multiple of the reduction slab
+    Case(n=1, h=5, w=7),
+    Case(dilation=2, padding=2, h=11, w=10),
+    Case(stride=2, padding=0, h=10, w=10),  # no padding, stride 2
+    Case(c=32, k=32, groups=2),  # 16 channels per group: tensor-core kernel, group axis
+    Case(c=32, k=48, groups=2, stride=2, h=10, w=9),  # 16 in / 24 out per group
+    Case(c=32, k=32, groups=8, stride=2),  # 4 per group (ResNeXt 32x4d): direct kernel
+    Case(c=24, k=48, groups=3, h=7, w=8),  # 8 in / 16 out per group: direct kernel
+    Case(c=16, k=16, groups=16),  # depthwise
+    Case(c=8, k=16, groups=8, r=5, padding=2, dilation=2, h=12, w=11),  # depthwise multiplier 2
+    Case(n=3, c=5, k=7, h=6, w=5, groups=1),  # odd everything, few channels: flattened GEMM
+    Case(n=3, c=6, k=9, h=6, w=5, groups=3),  # odd everything, 2 in / 3 out per group
 ]
 
 # Epilogue variants: the two real uses (training raw output + stats, fused eval) and pieces.
@@ -78,7 +52,7 @@ EPILOGUES = {
 }
 
 
-def _inputs(shape: Shape, epi: dict, mean_offset: float = 0.0) -> dict:
+def _inputs(shape: Case, epi: dict, mean_offset: float = 0.0) -> dict:
     """Fresh random float64 inputs (never zeros); outputs O(1) unless ``mean_offset``."""
     f64 = torch.float64
     cg = shape.c // shape.groups
@@ -100,7 +74,7 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype, device: str) -> torch.Tens
     return t.contiguous(memory_format=CL) if t.dim() == 4 else t
 
 
-def _eager(inp: dict, shape: Shape, dtype: torch.dtype, device: str, relu: bool):
+def _eager(inp: dict, shape: Case, dtype: torch.dtype, device: str, relu: bool):
     """Plain PyTorch in ``dtype``: returns (raw conv output, epilogue output)."""
     x, w, b = (_cast(inp[n], dtype, device) for n in ("x", "weight", "bias"))
     s, p, d = shape.stride, shape.padding, shape.dilation
@@ -118,7 +92,7 @@ def _eager(inp: dict, shape: Shape, dtype: torch.dtype, device: str, relu: bool)
     return y, z
 
 
-def _fused(inp: dict, shape: Shape, dtype: torch.dtype, device: str, relu: bool, stats: bool,
+def _fused(inp: dict, shape: Case, dtype: torch.dtype, device: str, relu: bool, stats: bool,
            **kwargs):
     f32 = torch.float32
     return tconv.conv2d_fused(
@@ -146,7 +120,7 @@ def merge_partials(p: tconv.Partials) -> tuple[torch.Tensor, torch.Tensor]:
     return gmean, gm2 / total
 
 
-def _check(shape: Shape, dtype: torch.dtype, epi_name: str, device: str, mean_offset=0.0):
+def _check(shape: Case, dtype: torch.dtype, epi_name: str, device: str, mean_offset=0.0):
     epi = EPILOGUES[epi_name]
     inp = _inputs(shape, epi, mean_offset)
     stats = not epi["affine"] or epi["residual"]  # stats with and without the full epilogue
@@ -205,7 +179,7 @@ def _check_batch_stats(name: str, part: tconv.Partials, y_ref: torch.Tensor, y_b
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.id)
-def test_conv_matches_float64(shape: Shape, dtype: torch.dtype):
+def test_conv_matches_float64(shape: Case, dtype: torch.dtype):
     # Two epilogue variants per shape and dtype, rotating through all of them over the grid.
     names = list(EPILOGUES)
     i = SHAPES.index(shape) + DTYPES.index(dtype)
@@ -215,15 +189,15 @@ def test_conv_matches_float64(shape: Shape, dtype: torch.dtype):
 
 @pytest.mark.parametrize("epi", list(EPILOGUES))
 def test_every_epilogue_dense_and_direct(epi: str):
-    for shape in (Shape(c=32, k=24, groups=2, h=7, w=6), Shape(c=16, k=24, groups=4, h=7, w=6)):
+    for shape in (Case(c=32, k=24, groups=2, h=7, w=6), Case(c=16, k=24, groups=4, h=7, w=6)):
         _check(shape, torch.float16, epi, "cpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "shape", [Shape(), Shape(c=32, k=32, groups=8), Shape(c=3, r=7, padding=3)], ids=lambda s: s.id
+    "shape", [Case(), Case(c=32, k=32, groups=8), Case(c=3, r=7, padding=3)], ids=lambda s: s.id
 )
-def test_partials_when_mean_far_exceeds_std(shape: Shape, dtype: torch.dtype):
+def test_partials_when_mean_far_exceeds_std(shape: Case, dtype: torch.dtype):
     # Outputs ~1000 with std ~1: E[y^2] - E[y]^2 in fp32 would lose the variance entirely.
     _check(shape, dtype, "raw_bias", "cpu", mean_offset=1000.0)
 
@@ -231,13 +205,13 @@ def test_partials_when_mean_far_exceeds_std(shape: Shape, dtype: torch.dtype):
 @pytest.mark.parametrize(
     "shape",
     [  # one per kernel: GEMM, flattened-reduction GEMM, direct
-        Shape(h=7, w=5, k=20),
-        Shape(c=3, k=20, r=7, padding=3, h=7, w=5),
-        Shape(c=8, k=20, groups=4, h=7, w=5),
+        Case(h=7, w=5, k=20),
+        Case(c=3, k=20, r=7, padding=3, h=7, w=5),
+        Case(c=8, k=20, groups=4, h=7, w=5),
     ],
     ids=lambda s: s.id,
 )
-def test_no_writes_outside_output(shape: Shape):
+def test_no_writes_outside_output(shape: Case):
     # M = 70 and K = 20 are not multiples of any tile: the ragged tiles must stay inside ``out``.
     dtype = torch.float16
     inp = _inputs(shape, EPILOGUES["eval_res"])
@@ -278,7 +252,7 @@ def test_autotune_pruning_keeps_fitting_tiles():
 
 
 def test_rejects_bad_inputs():
-    conv = Shape().conv
+    conv = Case().conv
     x = torch.randn(1, 16, 5, 5)
     w = torch.randn(16, 16, 3, 3)
     with pytest.raises(AssertionError, match="channels_last"):
@@ -335,22 +309,22 @@ def _to_tf32(t: torch.Tensor) -> torch.Tensor:
 
 
 GPU_SHAPES = [
-    Shape(n=4, c=64, k=64, h=15, w=15),
-    Shape(n=3, c=64, k=256, r=1, padding=0, h=14, w=13),
-    Shape(n=2, c=3, k=64, r=7, stride=2, padding=3, h=33, w=31),
-    Shape(n=4, c=128, k=128, groups=32, h=14, w=14),  # ResNeXt 32x4d
-    Shape(n=4, c=64, k=64, groups=64, stride=2, h=15, w=15),  # depthwise
+    Case(n=4, c=64, k=64, h=15, w=15),
+    Case(n=3, c=64, k=256, r=1, padding=0, h=14, w=13),
+    Case(n=2, c=3, k=64, r=7, stride=2, padding=3, h=33, w=31),
+    Case(n=4, c=128, k=128, groups=32, h=14, w=14),  # ResNeXt 32x4d
+    Case(n=4, c=64, k=64, groups=64, stride=2, h=15, w=15),  # depthwise
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: s.id)
-def test_conv_gpu(shape: Shape, dtype: torch.dtype):
+def test_conv_gpu(shape: Case, dtype: torch.dtype):
     _check_tuned(shape, dtype, "cuda")
 
 
-def _check_tuned(shape: Shape, dtype: torch.dtype, device: str) -> None:
+def _check_tuned(shape: Case, dtype: torch.dtype, device: str) -> None:
     for name in ("raw_bias", "eval_res"):
         epi = EPILOGUES[name]
         inp = _inputs(shape, epi, mean_offset=10.0)

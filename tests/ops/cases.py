@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 import fastres
+from fastres.backends import ConvParams
 from tests.numerics import assert_close_ratio, eager_conv_bn_relu
 
 
@@ -29,6 +30,11 @@ class Case:
     relu: bool = True
     layout: str = "channels_last"  # or "contiguous" or "sliced"
     mean_offset: float = 0.0  # conv outputs centred far from zero
+
+    @property
+    def conv(self) -> ConvParams:
+        s, p, d = self.stride, self.padding, self.dilation
+        return ConvParams((s, s), (p, p), (d, d), self.groups)
 
     @property
     def id(self) -> str:

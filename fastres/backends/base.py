@@ -54,10 +54,6 @@ class CallInfo:
     has_residual: bool
     relu: bool
 
-    @property
-    def channels_per_group(self) -> int:
-        return self.x_shape[1] // self.conv.groups
-
 
 class Backend(Protocol):
     name: str

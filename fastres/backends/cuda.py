@@ -126,9 +126,9 @@ class CudaBackend:
         n, _, h, w = x.shape
         k, _, r, s = weight.shape
         oh, ow = conv.out_hw(h, w, r, s)
-        _, tiles, _ = plan(tuple(x.shape), tuple(weight.shape), conv, x.dtype)
         out = _alloc.empty(n, k, oh, ow, dtype=x.dtype, device=x.device, channels_last=True)
         if stats:
+            _, tiles, _ = plan(tuple(x.shape), tuple(weight.shape), conv, x.dtype)
             partials = _alloc.empty(3, tiles, k, dtype=torch.float32, device=x.device)
         else:
             partials = x.new_empty(0, dtype=torch.float32)
@@ -144,22 +144,21 @@ class CudaBackend:
         conv, batch_stats, eps, relu, save_for_backward,
     ):
         k = weight.shape[0]
-        gamma, beta = _f32(bn_weight), _f32(bn_bias)
         if batch_stats:
             y, partials = self._conv(x, weight, bias, conv, stats=True)
-            mean, var, scale, shift = (
-                _alloc.empty(k, dtype=torch.float32, device=x.device) for _ in range(4)
-            )
-            ops.bn_finalize(partials, gamma, beta, float(eps), mean, var, scale, shift)
         else:
-            mean = running_mean.to(torch.float32, copy=True)
-            var = running_var.to(torch.float32, copy=True)
-            scale = torch.rsqrt(var + eps)
-            if gamma is not None:
-                scale = scale * gamma
-            shift = -mean * scale
-            if beta is not None:
-                shift = shift + beta
+            # The running statistics as the partials of one tile of count 1 (mean, M2 = var): the
+            # same finalize kernel then gives mean, var, scale and shift exactly, in one launch.
+            partials = _alloc.empty(3, 1, k, dtype=torch.float32, device=x.device)
+            partials[0].fill_(1.0)
+            partials[1, 0].copy_(running_mean)
+            partials[2, 0].copy_(running_var)
+        mean, var, scale, shift = (
+            _alloc.empty(k, dtype=torch.float32, device=x.device) for _ in range(4)
+        )
+        gamma, beta = _f32(bn_weight), _f32(bn_bias)
+        ops.bn_finalize(partials, gamma, beta, float(eps), mean, var, scale, shift)
+        if not batch_stats:
             if not save_for_backward:  # inference: one kernel
                 z, _ = self._conv(
                     x, weight, bias, conv, scale=scale, shift=shift, residual=residual, relu=relu

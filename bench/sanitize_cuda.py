@@ -59,23 +59,24 @@ def main(dry_run: bool = False) -> int:
             gamma = torch.rand(k, device=dev) + 0.5
             beta = torch.randn(k, device=dev)
             res = torch.randn(n, k, oh, ow, device=dev, dtype=dtype) if has_res else None
-            outs = {}
+            mean = torch.randn(k, device=dev) * 0.1
+            var = torch.rand(k, device=dev) + 0.5
+            outs = []  # by position: under_test and "reference" may be the same name (--dry-run)
             for backend in (under_test, "reference"):
                 leaves = [t.detach().clone().requires_grad_(training) for t in (x, wt, gamma,
                                                                                   beta)]
-                mean = torch.randn(k, device=dev) * 0.1
-                var = torch.rand(k, device=dev) + 0.5
                 z = fastres.ops.conv_bn_relu(
-                    leaves[0], leaves[1], leaves[2], leaves[3], mean, var, training=training,
+                    leaves[0], leaves[1], leaves[2], leaves[3], mean.clone(), var.clone(),
+                    training=training,
                     stride=stride, padding=padding, groups=groups, residual=res,
                     backend=backend)
                 grads = torch.autograd.grad(z.float().square().sum(), leaves) if training else ()
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
-                outs[backend] = (z.float(), *[g.float() for g in grads])
+                outs.append((z.float(), *[g.float() for g in grads]))
             ok = all(
                 torch.allclose(a, b, rtol=5e-2, atol=5e-2 * max(1.0, b.abs().max().item()))
-                for a, b in zip(outs[under_test], outs["reference"])
+                for a, b in zip(*outs)
             )
             ran += 1
             bad += not ok

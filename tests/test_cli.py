@@ -19,17 +19,6 @@ needs_torchvision = pytest.mark.skipif(
 NO_GPU = not torch.cuda.is_available()
 
 
-def _has_fastres_models() -> bool:
-    """fastres.models / fastres.fuse land separately; until then the fastres column errors."""
-    try:
-        from fastres.benchmark.cases import fastres_model
-
-        fastres_model("resnet18")
-    except Exception:
-        return False
-    return True
-
-
 def test_info_lists_every_backend(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
@@ -54,10 +43,8 @@ def test_info_runs_as_a_module():
 @pytest.mark.skipif(not NO_GPU, reason="checks the CPU configuration")
 def test_bench_quick_cpu_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "bench"
-    models_ready = _has_fastres_models()
     code = cli.main(["bench", "--quick", "--no-compile", "--layers", "--model", "resnet18",
-                     "--model", "resnet50", "--out", str(out),
-                     *(["--strict"] if models_ready else [])])
+                     "--model", "resnet50", "--out", str(out), "--strict"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert CPU_BANNER in printed
@@ -78,9 +65,6 @@ def test_bench_quick_cpu_writes_json_and_png(tmp_path, capsys):
         ("resnet18", "train"), ("resnet18", "infer")]
     for entry in results["models"]:
         assert set(entry["systems"]) == {"eager", "fastres"}
-        if not models_ready:
-            assert entry["systems"]["fastres"]["status"] == "error"
-            continue
         for system in entry["systems"].values():
             assert system["status"] == "ok"
             assert system["img_s"] > 0 and system["median_s"] > 0

@@ -194,8 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     total = plan(config if not cpu else _tiny_preview(config))["total"]
     with _progress_bar(total, not args.no_progress) as advance:
         results = run(config, progress=advance,
-                      on_update=lambda r: report.write_json(r, json_path))
-    report.write_json(results, json_path)
+                      on_update=lambda r: report.write_json(r, json_path))  # last: final
     png = report.write_plot(results, out / "results.png")
     report.print_report(results, use_rich=not args.no_progress)
     print(f"results: {json_path}")

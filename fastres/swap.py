@@ -32,10 +32,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .nn.blocks import BasicBlock, Bottleneck, FusedBlock
+from .nn.blocks import BasicBlock, Bottleneck, FusedBlock, conv_bn_act
 from .nn.conv_bn_relu import ConvBNReLU, fusable_reason
 
 Tensor = torch.Tensor
@@ -113,10 +112,7 @@ class FusedStem(ConvBNReLU):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if fusable_reason(self.conv, self.bn) is None:
             return super().forward(x, residual)
-        y = self.bn(self.conv(x))
-        if residual is not None:
-            y = y + residual
-        return F.relu(y) if self.relu else y
+        return conv_bn_act(None, self.conv, self.bn, x, residual, self.relu)
 
 
 class StemKeys:
@@ -296,9 +292,7 @@ def _bn_act_reason(conv: nn.Module, norm: nn.Module) -> str | None:
     if type(norm).__name__ != "BatchNormAct2d":
         return fusable_reason(conv, norm) or f"{type(norm).__name__} has no ReLU"
     plain = nn.BatchNorm2d(norm.num_features, device="meta")
-    reason = fusable_reason(conv, plain) if type(conv) is nn.Conv2d else (
-        f"{type(conv).__name__} is not a plain nn.Conv2d")
-    return (reason or _noop_reason(getattr(norm, "drop", None), "norm's drop")
+    return (fusable_reason(conv, plain) or _noop_reason(getattr(norm, "drop", None), "norm's drop")
             or (None if type(getattr(norm, "act", None)) is nn.ReLU
                 else f"norm's activation is {type(norm.act).__name__}, not ReLU"))
 

@@ -2,8 +2,8 @@
 
 Forward, batch statistics (training, or eval without running statistics)::
 
-    y, partials = conv2d_fused(x, w, bias, stats=True)     # raw conv + per-tile (count, mean, M2)
-    mean, var, scale, shift = bn.finalize(partials, γ, β)  # Chan merge, fp32
+    y, p = conv2d_fused(x, w, bias, conv, stats=True)  # raw conv + per-tile (count, mean, M2)
+    mean, var, scale, shift = bn.finalize(p.count, p.mean, p.m2, γ, β, eps)  # Chan merge, fp32
     z = bn.apply(y, scale, shift, residual, relu)
 
 Forward, running statistics: scale/shift come from the running statistics; without autograd the
@@ -18,20 +18,10 @@ Importing this package needs no GPU; kernels compile on first launch.
 
 from __future__ import annotations
 
-import os
-
-import torch
-
 from ..base import CallInfo, ConvParams, OptTensor, Tensor
 from ..reference import conv_backward
-from . import bn
+from . import _tuning, bn
 from . import conv as _conv
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class TritonBackend:
@@ -40,12 +30,12 @@ class TritonBackend:
     name = "triton"
 
     def unsupported_reason(self, call: CallInfo) -> str | None:
-        if call.device.type != "cuda" and not _interpreting():
+        if call.device.type != "cuda" and not _tuning.INTERPRET:
             return (
                 f"Triton needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter); "
                 f"the input is on {call.device}"
             )
-        if call.dtype not in _DTYPES:
+        if call.dtype not in _conv.DTYPES:
             return (
                 f"the Triton kernels support float32, float16 and bfloat16, not {call.dtype} "
                 f"(use the reference backend for {call.dtype})"

@@ -1,4 +1,7 @@
-"""How many configurations the Triton autotuners may try.
+"""Where the Triton kernels run and how many configurations their autotuners may try.
+
+``INTERPRET``: ``TRITON_INTERPRET=1`` at import, when ``@triton.jit`` builds interpreted kernels
+(CPU tests); every module of this package reads it from here.
 
 ``FASTRES_TRITON_AUTOTUNE=0`` (read at import) makes every autotuned kernel run the first
 configuration that fits the shape, without compiling and timing the others: correctness runs on a
@@ -13,6 +16,7 @@ import os
 
 import triton
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("FASTRES_TRITON_AUTOTUNE", "1") != "0"
 
 

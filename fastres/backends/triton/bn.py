@@ -25,8 +25,6 @@ Running-statistic updates are the op layer's job, not this module's.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -39,7 +37,7 @@ Tensor = torch.Tensor
 
 # The interpreter runs one autotune config only (several fail there), and bigger blocks make it
 # faster: it executes each program with numpy.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = _tuning.INTERPRET
 
 
 def _configs(blocks: list[tuple[int, int]]) -> list[triton.Config]:

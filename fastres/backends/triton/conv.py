@@ -48,7 +48,6 @@ exactly one small configuration (the interpreter cannot benchmark several).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
@@ -59,7 +58,7 @@ from ..base import ConvParams
 from . import _tuning
 from ._compile import CompileSpec
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = _tuning.INTERPRET
 
 # A group needs at least this many input channels for the tensor-core kernel: tl.dot's reduction
 # tile is at least 16 wide, so fewer channels would multiply mostly zeros.

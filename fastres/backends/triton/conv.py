@@ -177,7 +177,8 @@ def _epilogue(
     pid_m,  # this tile's index along M (row of the partial-statistics buffers)
     M,  # number of output rows N·OH·OW
     K,  # total output channels (row stride of out / residual / partials)
-    bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, mean_ptr, m2_ptr,  # see the kernels
+    bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,  # see the kernels
+    count_ptr, mean_ptr, m2_ptr,
     HAS_BIAS: tl.constexpr,
     HAS_AFFINE: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -219,6 +220,8 @@ def _epilogue(
         p_off = pid_m.to(tl.int64) * K + offs_k
         tl.store(mean_ptr + p_off, t_mean, mask=k_ok)
         tl.store(m2_ptr + p_off, t_m2, mask=k_ok)
+        # the tile's row count, once per tile: by the program holding output channel 0
+        tl.store(count_ptr + pid_m + 0 * offs_k, tl.zeros_like(t_mean) + n_valid, mask=offs_k == 0)
     if HAS_BIAS:
         acc += bias[None, :]
     if HAS_AFFINE:
@@ -246,6 +249,7 @@ def _conv_gemm_kernel(
     shift_ptr,  # (K,) fp32 epilogue shift (read only if HAS_AFFINE)
     res_ptr,  # residual, NHWC contiguous (N, OH, OW, K) in x's dtype (read only if HAS_RES)
     out_ptr,  # output, NHWC contiguous (N, OH, OW, K) in x's dtype
+    count_ptr,  # (tiles,) fp32 valid rows per tile (written only if STATS)
     mean_ptr,  # (tiles, K) fp32 per-tile channel means (written only if STATS)
     m2_ptr,  # (tiles, K) fp32 per-tile channel M2 (written only if STATS)
     M,  # output rows N·OH·OW
@@ -350,7 +354,7 @@ def _conv_gemm_kernel(
 
     _epilogue(
         acc, offs_m, m_ok, g * Kg + offs_n, n_ok, pid_m, M, K,
-        bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, mean_ptr, m2_ptr,
+        bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, count_ptr, mean_ptr, m2_ptr,
         HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, STATS, INTERPRET, BLOCK_M,
     )
 
@@ -364,6 +368,7 @@ def _conv_direct_kernel(
     shift_ptr,  # (K,) fp32 epilogue shift (read only if HAS_AFFINE)
     res_ptr,  # residual, NHWC contiguous (N, OH, OW, K) in x's dtype (read only if HAS_RES)
     out_ptr,  # output, NHWC contiguous (N, OH, OW, K) in x's dtype
+    count_ptr,  # (tiles,) fp32 valid rows per tile (written only if STATS)
     mean_ptr,  # (tiles, K) fp32 per-tile channel means (written only if STATS)
     m2_ptr,  # (tiles, K) fp32 per-tile channel M2 (written only if STATS)
     M,  # output rows N·OH·OW
@@ -417,7 +422,7 @@ def _conv_direct_kernel(
 
     _epilogue(
         acc, offs_m, m_ok, offs_k, k_ok, pid_m, M, K,
-        bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, mean_ptr, m2_ptr,
+        bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, count_ptr, mean_ptr, m2_ptr,
         HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, STATS, INTERPRET, BLOCK_M,
     )
 
@@ -536,17 +541,18 @@ def conv2d_fused(
     f32_dummy = torch.empty(1, dtype=torch.float32, device=x.device)
     if stats:
         max_tiles = triton.cdiv(m, _MIN_BLOCK_M)
+        count = _alloc.empty(max_tiles, dtype=torch.float32, device=x.device)
         mean = _alloc.empty(max_tiles, k, dtype=torch.float32, device=x.device)
         m2 = _alloc.empty(max_tiles, k, dtype=torch.float32, device=x.device)
     else:
-        mean = m2 = f32_dummy
+        count = mean = m2 = f32_dummy
     args = (
         x, w_packed,
         bias if bias is not None else out,
         scale if scale is not None else f32_dummy,
         shift if shift is not None else f32_dummy,
         residual if residual is not None else out,
-        out, mean, m2,
+        out, count, mean, m2,
         m, h, w, c, oh, ow, k, cg, kg, r, s,
         conv.stride[0], conv.stride[1], conv.padding[0], conv.padding[1],
         conv.dilation[0], conv.dilation[1],
@@ -573,11 +579,8 @@ def conv2d_fused(
     if not stats:
         return out, None
 
-    block_m = tuner.best_config.kwargs["BLOCK_M"]  # the configuration that just ran
-    tiles = triton.cdiv(m, block_m)
-    count = torch.full((tiles,), float(block_m), dtype=torch.float32, device=x.device)
-    count[-1] = m - (tiles - 1) * block_m  # the last tile may be partial
-    return out, Partials(count=count, mean=mean[:tiles], m2=m2[:tiles])
+    tiles = triton.cdiv(m, tuner.best_config.kwargs["BLOCK_M"])  # the configuration that ran
+    return out, Partials(count=count[:tiles], mean=mean[:tiles], m2=m2[:tiles])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +607,8 @@ def _signature(dtype: torch.dtype) -> dict[str, str]:
     p = _TL_PTR[dtype]
     sig = {
         "x_ptr": p, "w_ptr": p, "bias_ptr": p, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
-        "res_ptr": p, "out_ptr": p, "mean_ptr": "*fp32", "m2_ptr": "*fp32",
+        "res_ptr": p, "out_ptr": p, "count_ptr": "*fp32", "mean_ptr": "*fp32",
+        "m2_ptr": "*fp32",
     }
     sig.update({a: "i32" for a in _INT_ARGS})
     return sig

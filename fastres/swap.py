@@ -259,18 +259,11 @@ class FusedPreAct(FusedBlock):
         return {f"conv{i}": (getattr(self, f"conv{i}"), getattr(self, f"norm{i + 1}"), True)
                 for i in range(1, self.n_convs)}
 
-    def set_fused(self, fused: bool = True) -> FusedPreAct:
-        views, reasons = {}, {}
-        if fused:
-            for name, (conv, norm, _) in self.fusion_pairs().items():
-                reason = _bn_act_reason(conv, norm)
-                if reason is None:
-                    views[name] = _bn_act_view(conv, norm)
-                else:
-                    reasons[name] = reason
-        self.fused = fused
-        self._views, self.unfused_reasons = views, reasons
-        return self
+    def pair_reason(self, conv: nn.Module, bn: nn.Module) -> str | None:
+        return _bn_act_reason(conv, bn)
+
+    def make_view(self, conv: nn.Module, bn: nn.Module, relu: bool) -> ConvBNReLU:
+        return _bn_act_view(conv, bn)  # the norm's own activation is the ReLU
 
     def forward(self, x: Tensor) -> Tensor:
         x_preact = self.norm1(x)
@@ -394,7 +387,7 @@ def _plan_module(parent: nn.Module, name: str, m: nn.Module, path: str, classes,
         return refuse(["timm resnetv2 post-activation Bottleneck is not swapped"])
     if isinstance(m, FusedBlock) and not isinstance(m, FusedPreAct):
         actions.append(lambda: m.set_fused(True))
-        for pair, r in _fusable_pairs_reasons(m).items():
+        for pair, r in m.fusion_reasons().items():
             reasons.append((path, f"{pair}: {r}"))
         # a fastres ResNet: recurse into its stages; a block: done
         return not isinstance(m, _models_resnet())
@@ -416,15 +409,6 @@ def _models_resnet() -> type:
     from .models.resnet import ResNet
 
     return ResNet
-
-
-def _fusable_pairs_reasons(block: FusedBlock) -> dict[str, str]:
-    out = {}
-    for pair, (conv, bn, _) in block.fusion_pairs().items():
-        r = fusable_reason(conv, bn)
-        if r is not None:
-            out[pair] = r
-    return out
 
 
 def _plan_stem(model: nn.Module, path: str, classes, actions: list[Action],

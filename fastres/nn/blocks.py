@@ -72,17 +72,28 @@ class FusedBlock(nn.Module):
         """``{name: (conv, bn, relu)}`` for every conv → BN (→ ReLU) pair of the block."""
         raise NotImplementedError
 
+    def pair_reason(self, conv: nn.Module, bn: nn.Module) -> str | None:
+        """None if the pair can run fused exactly, else why not."""
+        return fusable_reason(conv, bn)
+
+    def make_view(self, conv: nn.Module, bn: nn.Module, relu: bool) -> ConvBNReLU:
+        """The fused view of a pair :meth:`pair_reason` accepted (shares its modules)."""
+        return ConvBNReLU.from_modules(conv, bn, relu=relu)
+
+    def fusion_reasons(self) -> dict[str, str]:
+        """``{pair: reason}`` for every pair of the block that cannot run fused."""
+        pairs = self.fusion_pairs().items()
+        reasons = {name: self.pair_reason(conv, bn) for name, (conv, bn, _) in pairs}
+        return {name: r for name, r in reasons.items() if r is not None}
+
     def set_fused(self, fused: bool = True) -> FusedBlock:
         """(Re)build the fused views from the current children; ``False`` drops them."""
-        views: dict[str, ConvBNReLU] = {}
-        reasons: dict[str, str] = {}
-        if fused:
-            for name, (conv, bn, relu) in self.fusion_pairs().items():
-                reason = fusable_reason(conv, bn)
-                if reason is None:
-                    views[name] = ConvBNReLU.from_modules(conv, bn, relu=relu)
-                else:
-                    reasons[name] = reason
+        reasons = self.fusion_reasons() if fused else {}
+        views = {
+            name: self.make_view(conv, bn, relu)
+            for name, (conv, bn, relu) in self.fusion_pairs().items()
+            if fused and name not in reasons
+        }
         self.fused = fused
         # A plain dict is not registered by nn.Module.__setattr__: the views add no state.
         self._views = views

@@ -242,27 +242,3 @@ def preact_resnet164(num_classes: int = 10, **kw: Any) -> ResNet:
 def preact_resnet1001(num_classes: int = 10, **kw: Any) -> ResNet:
     return build_resnet(PreActBottleneck, [111, 111, 111], num_classes=num_classes,
                         **_with_defaults(kw, stem="cifar"))
-
-
-__all__ = [
-    "ResNet",
-    "build_resnet",
-    "preact_resnet18",
-    "preact_resnet34",
-    "preact_resnet50",
-    "preact_resnet101",
-    "preact_resnet152",
-    "preact_resnet164",
-    "preact_resnet1001",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-    "wrn28_10",
-]

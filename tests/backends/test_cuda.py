@@ -713,9 +713,32 @@ def run_case_no_grad(case: Case, dtype: torch.dtype, device: str = "cuda") -> No
 
     ref = call(eager_conv_bn_relu, args(torch.float64, "cpu", torch.float64))
     base = call(eager_conv_bn_relu, args(dtype, device, torch.float32))
-    with fastres.use_backend("cuda"):
+    cuda = _cuda_backend()
+    recorder = _RecordingOps(cuda.ops)
+    with fastres.use_backend("cuda"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda, "ops", recorder)
         z = call(fastres.ops.conv_bn_relu, args(dtype, device, torch.float32))
     assert_close_ratio("output", z, ref, base)
+    # one conv with BN, residual and ReLU in its epilogue; no separate apply pass
+    launches = [(name, a) for name, a in recorder.calls if name in ("conv", "bn_apply")]
+    assert [name for name, _ in launches] == ["conv"], recorder.calls
+    assert launches[0][1][3] is not None, "the conv ran without the folded BN scale"
+
+
+class _RecordingOps:
+    """Stands in for ``fastres.backends.cuda.ops`` and records which ops are called."""
+
+    def __init__(self, ops):
+        self._ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        op = getattr(self._ops, name)
+
+        def call(*args, **kwargs):
+            self.calls.append((name, args))
+            return op(*args, **kwargs)
+
+        return call
 
 
 def _opcheck_all(dtype: torch.dtype, dev: str) -> None:

@@ -10,6 +10,7 @@ kernels: the equivalence grid of tests/ops/cases.py against float64 (tests/numer
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import glob
@@ -158,6 +159,8 @@ def test_kernels_use_no_local_memory():
     pattern = r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)"
     usage = re.findall(pattern, out)
     assert len(usage) >= 2 * 12, f"expected every kernel for sm_80 and sm_90a, got {len(usage)}"
+    per_arch = collections.Counter(fn for fn, *_ in usage)
+    assert set(per_arch.values()) == {2}, f"kernels not built for both targets: {per_arch}"
     for fn, reg, stack, shared, local in usage:
         assert int(stack) == 0 and int(local) == 0, f"{fn}: stack {stack} B, local {local} B"
         assert int(reg) <= 128 and int(shared) <= 48 * 1024, f"{fn}: {reg} regs, {shared} B smem"

@@ -211,9 +211,6 @@ __global__ void bn_bwd_dy_kernel(const T* __restrict__ dz, const T* __restrict__
   }
 }
 
-// Host-side: is a buffer 16-byte aligned (vector path allowed)?
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 // Grid for a grid-stride elementwise loop: enough blocks to fill any current GPU several times.
 unsigned elementwise_blocks(int64_t total, int threads) {
   return static_cast<unsigned>(std::min<int64_t>(ceil_div(total, threads), 65536));
@@ -239,8 +236,8 @@ const char* bn_apply_launch(const void* y, const float* scale, const float* shif
   return dispatch_dtype(dtype, [&](auto tag) -> const char* {
     using T = decltype(tag);
     constexpr int threads = 256;
-    const bool vec = k % kVec == 0 && aligned16(y) && aligned16(z) &&
-                     (residual == nullptr || aligned16(residual));
+    const bool vec = k % kVec == 0 && is_aligned16(y) && is_aligned16(z) &&
+                     (residual == nullptr || is_aligned16(residual));
     FASTRES_LAUNCH(bn_apply_kernel<T>, dim3(elementwise_blocks(ceil_div(total, kVec), threads)),
                    dim3(threads), 0, stream, static_cast<const T*>(y), scale, shift,
                    static_cast<const T*>(residual), static_cast<T*>(z), total, k, relu, vec);
@@ -272,8 +269,8 @@ const char* bn_backward_launch(const void* dz, const void* y, const void* z, con
                    stream, workspace, tiles, k, dgamma, dbeta);
     if (const char* e = launch_error()) return e;
     constexpr int threads = 256;
-    const bool vec = k % kVec == 0 && aligned16(dz) && aligned16(y) && aligned16(z) &&
-                     aligned16(dy) && (dres == nullptr || aligned16(dres));
+    const bool vec = k % kVec == 0 && is_aligned16(dz) && is_aligned16(y) && is_aligned16(z) &&
+                     is_aligned16(dy) && (dres == nullptr || is_aligned16(dres));
     FASTRES_LAUNCH(bn_bwd_dy_kernel<T>, dim3(elementwise_blocks(ceil_div(m * k, kVec), threads)),
                    dim3(threads), 0, stream, dz_, y_, z_, mean, var, gamma, dgamma, dbeta, eps,
                    batch_stats, relu, static_cast<T*>(dy), static_cast<T*>(dres), m, k, vec);

@@ -48,7 +48,7 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
 // guarantees `p` is 16-byte aligned (see is_aligned16).
 constexpr int kVec = 8;
 
-__device__ __forceinline__ bool is_aligned16(const void* p) {
+__host__ __device__ __forceinline__ bool is_aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 

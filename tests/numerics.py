@@ -55,3 +55,14 @@ def eager_conv_bn_relu(
     if residual is not None:
         y = y + residual
     return F.relu(y) if relu else y
+
+
+def merge_partials(
+    count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile BN partials (count (T,), mean and M2 (T, K)) merged in plain PyTorch, in their
+    dtype, all tiles at once (two-pass over the tile means): (mean, biased var) per channel."""
+    n = count.sum()
+    mu = (count[:, None] * mean).sum(0) / n
+    d = mean - mu
+    return mu, (m2.sum(0) + (count[:, None] * d * d).sum(0)) / n

@@ -16,7 +16,7 @@ import fastres
 from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, select
 from fastres.backends.reference import bn_relu_backward
 from fastres.backends.triton import bn
-from tests.numerics import assert_close_ratio
+from tests.numerics import assert_close_ratio, merge_partials
 from tests.ops.cases import CASES, Case, run_case
 
 CL = torch.channels_last
@@ -58,14 +58,6 @@ def _tile_partials(y: torch.Tensor, tile: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def _merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
-    """Plain PyTorch merge of all tiles at once, in the partials' dtype (two-pass over tiles)."""
-    n = count.sum()
-    mu = (count[:, None] * mean).sum(0) / n
-    d = mean - mu
-    return mu, (m2.sum(0) + (count[:, None] * d * d).sum(0)) / n
-
-
 @pytest.mark.parametrize(
     "k, tile, group, offset",
     [
@@ -89,10 +81,10 @@ def test_finalize_vs_float64(k: int, tile: int, group: int | None, offset: float
     mean, var, scale, shift = bn.finalize(
         count.to(dev), pmean.to(dev), pm2.to(dev), gamma.to(dev), beta.to(dev), eps, group=group,
     )
-    mean_ref, var_ref = _merge(count.double(), pmean.double(), pm2.double())
+    mean_ref, var_ref = merge_partials(count.double(), pmean.double(), pm2.double())
     scale_ref = gamma.double() / torch.sqrt(var_ref + eps)
     shift_ref = beta.double() - mean_ref * scale_ref
-    mean_base, var_base = _merge(count.to(dev), pmean.to(dev), pm2.to(dev))
+    mean_base, var_base = merge_partials(count.to(dev), pmean.to(dev), pm2.to(dev))
     scale_base = gamma.to(dev) * torch.rsqrt(var_base + eps)
     shift_base = beta.to(dev) - mean_base * scale_base
     assert mean.dtype == var.dtype == scale.dtype == shift.dtype == torch.float32
@@ -114,8 +106,8 @@ def test_finalize_without_affine_and_gamma() -> None:
         count.to(dev), pmean.to(dev), pm2.to(dev), None, None, 1e-5, affine=False
     )
     assert scale is None and shift is None
-    mean_ref, var_ref = _merge(count.double(), pmean.double(), pm2.double())
-    mean_base, var_base = _merge(count.to(dev), pmean.to(dev), pm2.to(dev))
+    mean_ref, var_ref = merge_partials(count.double(), pmean.double(), pm2.double())
+    mean_base, var_base = merge_partials(count.to(dev), pmean.to(dev), pm2.to(dev))
     assert_close_ratio("mean", mean, mean_ref, mean_base)
     assert_close_ratio("var", var, var_ref, var_base)
     # affine with gamma = beta = None: scale = invstd, shift = -mean·invstd

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.backends.triton import conv as tconv
-from tests.numerics import assert_close_ratio
+from tests.numerics import assert_close_ratio, merge_partials
 from tests.ops.cases import Case
 
 CL = torch.channels_last
@@ -109,17 +109,6 @@ def _fused(inp: dict, shape: Case, dtype: torch.dtype, device: str, relu: bool, 
     )
 
 
-def merge_partials(p: tconv.Partials) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chan's parallel merge of per-tile (count, mean, M2) in float64: (mean, biased var)."""
-    cnt = p.count.double().cpu()[:, None]
-    mean = p.mean.double().cpu()
-    m2 = p.m2.double().cpu()
-    total = cnt.sum(0)
-    gmean = (cnt * mean).sum(0) / total
-    gm2 = m2.sum(0) + (cnt * (mean - gmean) ** 2).sum(0)
-    return gmean, gm2 / total
-
-
 def _check(shape: Case, dtype: torch.dtype, epi_name: str, device: str, mean_offset=0.0):
     epi = EPILOGUES[epi_name]
     inp = _inputs(shape, epi, mean_offset)
@@ -151,7 +140,7 @@ def _check_batch_stats(name: str, part: tconv.Partials, y_ref: torch.Tensor, y_b
     error (it matters only when |mean| >> std; a naive E[y^2] - E[y]^2 in fp32 would be off by
     ~|mean|^2 * 1e-7, orders of magnitude more).
     """
-    mean, var = merge_partials(part)
+    mean, var = merge_partials(*(t.double().cpu() for t in (part.count, part.mean, part.m2)))
     var_ref, mean_ref = torch.var_mean(y_ref, dim=(0, 2, 3), correction=0)
     var_base, mean_base = torch.var_mean(y_base.float(), dim=(0, 2, 3), correction=0)
     assert_close_ratio(f"{name}: batch mean", mean.float(), mean_ref, mean_base)

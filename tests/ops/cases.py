@@ -78,8 +78,7 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str) -> dict[str, torch.
     f64 = torch.float64
     k, cg = case.k, case.c // case.groups
     fan_in = cg * case.r * case.r
-    oh = (case.h + 2 * case.padding - case.dilation * (case.r - 1) - 1) // case.stride + 1
-    ow = (case.w + 2 * case.padding - case.dilation * (case.r - 1) - 1) // case.stride + 1
+    oh, ow = case.conv.out_hw(case.h, case.w, case.r, case.r)
     t = {
         "x": torch.randn(case.n, case.c, case.h, case.w, dtype=f64) + 0.5,
         "weight": torch.randn(k, cg, case.r, case.r, dtype=f64) / fan_in**0.5,

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the benchmark modules import torch: only when a command needs them
     from .benchmark.runner import BenchConfig
 
-BACKENDS = ("reference", "triton", "cuda")
+from .backends import NAMES as _BACKEND_NAMES
+
+BACKENDS = tuple(n for n in _BACKEND_NAMES if n != "auto")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .timing import copies_to_defeat_l2
 CL = torch.channels_last
 MODEL_NAMES = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "preact_resnet50")
 LAYER_MODEL_NAMES = ("resnet50", "resnext50_32x4d")
-BACKEND_NAMES = ("reference", "triton", "cuda")
+BACKEND_NAMES = tuple(n for n in fastres_backends.NAMES if n != "auto")
 
 # ---------------------------------------------------------------------------------------------
 # Building models

@@ -10,16 +10,19 @@ from ..ops import conv_bn_relu
 Tensor = torch.Tensor
 
 
-def bn_momentum(bn: nn.BatchNorm2d) -> tuple[bool, float]:
+def bn_momentum(bn: nn.BatchNorm2d) -> tuple[bool, float | Tensor]:
     """``(use_batch_stats, momentum)`` as ``nn.BatchNorm2d.forward`` computes them.
 
-    Also advances ``num_batches_tracked`` in training, exactly as BatchNorm does.
+    Also advances ``num_batches_tracked`` in training, exactly as BatchNorm does. With
+    ``momentum=None`` (cumulative moving average) the factor 1 / num_batches_tracked stays a
+    tensor on the module's device: BatchNorm2d's ``float(num_batches_tracked)`` would wait for the
+    GPU on every step (and break CUDA-graph capture).
     """
-    momentum = 0.0 if bn.momentum is None else bn.momentum
+    momentum: float | Tensor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
-            momentum = 1.0 / float(bn.num_batches_tracked)
+            momentum = bn.num_batches_tracked.reciprocal()
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     return use_batch_stats, momentum
 

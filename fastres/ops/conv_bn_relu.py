@@ -11,6 +11,7 @@ Stack, top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -132,6 +133,12 @@ def _params(stride, padding, dilation, groups) -> ConvParams:
     return ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
+def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Kernels launch on the current CUDA device and stream: make that ``t``'s device (on a
+    multi-GPU machine the current device need not be the one holding the tensors)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("fastres::conv_bn_relu_fwd", mutates_args=())
 def conv_bn_relu_fwd(
     x: Tensor,
@@ -154,11 +161,12 @@ def conv_bn_relu_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(z, y, mean, var)``; see :class:`fastres.backends.base.Backend`."""
     impl = backends.load(backend)
-    return impl.forward(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-        conv=_params(stride, padding, dilation, groups),
-        batch_stats=batch_stats, eps=eps, relu=relu, save_for_backward=save_for_backward,
-    )
+    with _on_device_of(x):
+        return impl.forward(
+            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+            conv=_params(stride, padding, dilation, groups),
+            batch_stats=batch_stats, eps=eps, relu=relu, save_for_backward=save_for_backward,
+        )
 
 
 @conv_bn_relu_fwd.register_fake
@@ -196,12 +204,13 @@ def conv_bn_relu_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual)``, empty where not asked."""
     impl = backends.load(backend)
-    grads = impl.backward(
-        dz, x, weight, y, z, mean, var, bn_weight,
-        conv=_params(stride, padding, dilation, groups),
-        batch_stats=batch_stats, eps=eps, relu=relu, has_bias=has_bias,
-        output_mask=tuple(output_mask),
-    )
+    with _on_device_of(dz):
+        grads = impl.backward(
+            dz, x, weight, y, z, mean, var, bn_weight,
+            conv=_params(stride, padding, dilation, groups),
+            batch_stats=batch_stats, eps=eps, relu=relu, has_bias=has_bias,
+            output_mask=tuple(output_mask),
+        )
     # custom ops return fresh tensors, never None, with the strides the fake kernel promises
     likes = (x, weight, None, None, None, dz)
     return tuple(
@@ -283,7 +292,7 @@ def conv_bn_relu(
     *,
     bias: Tensor | None = None,
     training: bool,
-    momentum: float = 0.1,
+    momentum: float | Tensor = 0.1,
     eps: float = 1e-5,
     stride: int | Sequence[int] = 1,
     padding: int | Sequence[int] = 0,
@@ -305,6 +314,8 @@ def conv_bn_relu(
     except that batch statistics are also used in eval when the running statistics are None (as
     ``nn.BatchNorm2d(track_running_stats=False)`` does), and the result is channels_last. In
     training, ``running_mean``/``running_var`` are updated in place (unbiased variance).
+    ``momentum`` may be a 0-d tensor (e.g. 1 / num_batches_tracked for a cumulative average,
+    kept on the device so that no step waits for the GPU).
     ``backend`` overrides the backend in force (see :func:`fastres.set_backend`).
     """
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
@@ -351,6 +362,8 @@ def conv_bn_relu(
     )
     if training and running_mean is not None:
         with torch.no_grad():
+            if isinstance(momentum, Tensor):
+                momentum = momentum.to(running_mean.dtype)
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
             unbiased = var * (count / (count - 1))
             running_var.lerp_(unbiased.to(running_var.dtype), momentum)

@@ -44,7 +44,7 @@ def _configs(blocks: list[tuple[int, int]]) -> list[triton.Config]:
     """Autotune configs from (BLOCK_M, num_warps) pairs; one fixed config under the interpreter."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 64}, num_warps=4)]
-    return _tuning.limit([triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in blocks])
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in blocks]
 
 
 # Elementwise and row-reduction kernels see BLOCK_M x BLOCK_K tiles; BLOCK_K is picked by the
@@ -268,7 +268,7 @@ def _tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     return offs_m[:, None] * K + offs_k[None, :], offs_k, mask_k, mask
 
 
-@triton.autotune(configs=_configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K"])
+@_tuning.autotune(_configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K"])
 @triton.jit
 def _bn_apply_kernel(
     y_ptr,  # (M, K) x dtype: raw conv output
@@ -300,7 +300,7 @@ def _bn_apply_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs(_REDUCE_BLOCKS), key=["M", "K", "BLOCK_K"])
+@_tuning.autotune(_configs(_REDUCE_BLOCKS), key=["M", "K", "BLOCK_K"])
 @triton.jit
 def _bn_bwd_reduce_kernel(
     dz_ptr,  # (M, K) x dtype: gradient of the output z
@@ -400,7 +400,7 @@ def _bn_bwd_sum_kernel(
     tl.store(dgamma_ptr + offs_k, sum_gy * invstd, mask=mask_k)
 
 
-@triton.autotune(configs=_configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K"])
+@_tuning.autotune(_configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K"])
 @triton.jit
 def _bn_bwd_dx_kernel(
     dz_ptr,  # (M, K) x dtype: gradient of z

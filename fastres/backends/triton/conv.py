@@ -32,7 +32,7 @@ Tile boundaries depend on BLOCK_M, which autotuning chooses. The partial buffers
 for the smallest BLOCK_M of all configurations (the most tiles); the kernel writes rows
 ``[0, cdiv(M, BLOCK_M))`` for the BLOCK_M it ran with, and :func:`conv2d_fused` returns the
 buffers sliced to those rows, reading the configuration that ran from the autotuner
-(``best_config``, set on every launch) and computing the counts on the host from M and BLOCK_M
+(``last_config``, set on every launch) and computing the counts on the host from M and BLOCK_M
 (no device sync). Rows past the slice are never read.
 
 Precision: fp32 inputs go through ``tl.dot`` with its default TF32 input precision on GPU, like
@@ -127,21 +127,25 @@ def _prune_gemm(configs: list[triton.Config], nargs: dict, **kwargs) -> list[tri
         c for c in configs
         if c.kwargs["BLOCK_N"] <= n_cap and (kwargs.get("FLAT_K") or c.kwargs["BLOCK_K"] <= k_cap)
     ]
-    return _tuning.limit(kept or configs)
+    return kept or configs
 
 
 def _prune_direct(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     """Drop channel tiles much wider than the number of output channels."""
     n_cap = max(16, triton.next_power_of_2(nargs["K"]))
-    return _tuning.limit([c for c in configs if c.kwargs["BLOCK_N"] <= n_cap] or configs)
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap] or configs
 
 
 # Partial-statistics buffers are sized for this many rows per tile (the most tiles).
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in (*_GEMM_CONFIGS, *_DIRECT_CONFIGS))
 
-# What selects a configuration: the problem shape and the epilogue (tensor dtypes are added by
+# What selects a configuration: the whole problem geometry (the image size, padding and dilation
+# change how many rows a tile wastes at the borders) and the epilogue (tensor dtypes are added by
 # the autotuner itself).
-_KEY = ["M", "C", "K", "Cg", "Kg", "R", "S", "stride_h", "STATS", "HAS_RES"]
+_KEY = [
+    "M", "H", "W", "C", "K", "Cg", "Kg", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w",
+    "dil_h", "dil_w", "STATS", "HAS_RES",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,12 +431,8 @@ def _conv_direct_kernel(
     )
 
 
-_gemm = triton.autotune(
-    configs=_GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_gemm}
-)(_conv_gemm_kernel)
-_direct = triton.autotune(
-    configs=_DIRECT_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_direct}
-)(_conv_direct_kernel)
+_gemm = _tuning.autotune(_GEMM_CONFIGS, _KEY, _prune_gemm)(_conv_gemm_kernel)
+_direct = _tuning.autotune(_DIRECT_CONFIGS, _KEY, _prune_direct)(_conv_direct_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +579,7 @@ def conv2d_fused(
     if not stats:
         return out, None
 
-    tiles = triton.cdiv(m, tuner.best_config.kwargs["BLOCK_M"])  # the configuration that ran
+    tiles = triton.cdiv(m, tuner.last_config.kwargs["BLOCK_M"])  # the configuration that ran
     return out, Partials(count=count[:tiles], mean=mean[:tiles], m2=m2[:tiles])
 
 

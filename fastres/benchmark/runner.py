@@ -3,7 +3,9 @@
 :func:`run` measures everything a :class:`BenchConfig` asks for and returns one JSON-ready dict.
 Every baseline is timed in the same run on the same card; the card's ceilings are measured once
 at the start and stored with the results. A case that fails (out of memory, a backend error) is
-recorded with its reason and the run goes on.
+recorded with its reason and the run goes on. Model-level work runs most valuable first (see
+:func:`model_work`), and ``time_limit_s`` stops a measurement in the middle when it passes, so a
+run cut short keeps what matters and every result so far is handed to ``on_update``.
 
 Schema ``fastres-bench/1``::
 
@@ -17,7 +19,8 @@ Schema ``fastres-bench/1``::
                  roofline_img_s, speedup_vs_eager, speedup_vs_compile,
                  systems {eager | compile | fastres: status ("ok", "error", "skipped"),
                           reason, source, img_s, median_s, min_s, max_s, repeats, warmup,
-                          copies, timer, tflops, tbps, frac_peak_tflops, frac_peak_tbps,
+                          first_call_s (the first step: compilation, autotuning), copies,
+                          timer, tflops, tbps, frac_peak_tflops, frac_peak_tbps,
                           frac_roofline}
     layers[]:    id, model, shape, label, epilogue, uses, mode, dtype, flops, bytes, copies,
                  bound_s, best_fastres, speedup_vs_eager, speedup_vs_compile-<mode>,
@@ -28,10 +31,14 @@ Schema ``fastres-bench/1``::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -106,19 +113,35 @@ def quick(config: BenchConfig) -> BenchConfig:
 
 
 def _fastres_backends(config: BenchConfig) -> list[str]:
-    return list(BACKEND_NAMES) if config.backend == "auto" else [config.backend]
+    """The backends the layer level times: with "auto", the kernel backends on CUDA (reference
+    is eager PyTorch again), the reference backend alone on CPU (the tiny configuration)."""
+    if config.backend != "auto":
+        return [config.backend]
+    if config.resolved_device().type == "cuda":
+        return [b for b in BACKEND_NAMES if b != "reference"]
+    return ["reference"]
 
 
 def _layer_systems(config: BenchConfig) -> list[str]:
-    systems = ["eager"]
+    systems = [f"fastres-{b}" for b in _fastres_backends(config)] + ["eager"]
     if config.compile:
         systems += [f"compile-{m}" for m in config.compile_modes]
-    systems += [f"fastres-{b}" for b in _fastres_backends(config)]
     return systems
 
 
 def _model_systems(config: BenchConfig) -> list[str]:
-    return ["eager", *(["compile"] if config.compile else []), "fastres"]
+    return ["fastres", "eager", *(["compile"] if config.compile else [])]
+
+
+def model_work(config: BenchConfig) -> list[tuple[str, str, str]]:
+    """``(model, mode, system)`` in the order they are measured: the most valuable first, so
+    that a run cut short by its time limit has them. fastres and eager for every model and
+    mode (in the order given: ResNet-50 first by default) before any torch.compile, whose
+    cold compile of a training step takes a minute or more."""
+    pairs = [(m, mode) for m in config.models for mode in config.modes]
+    first = [(m, mode, s) for m, mode in pairs for s in ("fastres", "eager")]
+    compiled = [(m, mode, "compile") for m, mode in pairs] if config.compile else []
+    return first + compiled
 
 
 def _free(device: torch.device) -> None:
@@ -133,12 +156,50 @@ def _failure(e: BaseException) -> dict:
             "traceback": traceback.format_exc(limit=6)[-4000:]}
 
 
+class TimeLimitReached(BaseException):
+    """Raised inside a measurement when the run's time limit passes.
+
+    A BaseException, so that code under measurement (torch.compile, autotuners) that catches
+    ``Exception`` to try something else does not swallow it.
+    """
+
+
 class _Clock:
+    """The run's time limit: checked between measurements, and enforced *within* one (a cold
+    torch.compile or a first autotuning step can outlast the whole budget) by a SIGALRM timer
+    that raises :class:`TimeLimitReached` where the main thread is, between Python bytecodes."""
+
     def __init__(self, limit_s: float | None):
         self.start, self.limit_s = time.monotonic(), limit_s
 
+    def left(self) -> float | None:
+        if self.limit_s is None:
+            return None
+        return self.limit_s - (time.monotonic() - self.start)
+
     def expired(self) -> bool:
-        return self.limit_s is not None and time.monotonic() - self.start > self.limit_s
+        left = self.left()
+        return left is not None and left <= 0
+
+    @contextlib.contextmanager
+    def enforced(self) -> Iterator[None]:
+        left = self.left()
+        can_alarm = (hasattr(signal, "setitimer")
+                     and threading.current_thread() is threading.main_thread())
+        if left is None or not can_alarm:
+            yield
+            return
+
+        def stop(signum, frame):
+            raise TimeLimitReached
+
+        previous = signal.signal(signal.SIGALRM, stop)
+        signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 def plan(config: BenchConfig) -> dict:
@@ -196,9 +257,16 @@ def run(
     results["ceilings"] = ceilings.to_dict()
     on_update(results)
 
+    entries = {}
     for name, mode in work["models"]:
-        entry = _run_model(name, mode, config, device, dtype, ceilings, clock, progress)
-        results["models"].append(entry)
+        entries[name, mode] = _model_entry(name, mode, config)
+        results["models"].append(entries[name, mode])
+    for name, mode, system in model_work(config):
+        progress(f"{name} {mode} {system}")
+        entry = entries[name, mode]
+        entry["systems"][system] = _run_model_system(entry, system, config, device, dtype,
+                                                     ceilings, clock)
+        _ratios(entry, "fastres", ["eager", "compile"], "img_s")
         on_update(results)
     for case, mode in work["layers"]:
         entry = _run_layer(case, mode, config, device, dtype, ceilings, clock, progress)
@@ -219,48 +287,65 @@ def _ratios(entry: dict, candidate: str, baselines: list[str], rate_key: str) ->
             entry[f"speedup_vs_{base}"] = mine / theirs
 
 
-def _run_model(name, mode, config, device, dtype, ceilings: Ceilings, clock, progress) -> dict:
-    training = mode == "train"
-    entry: dict = {"model": name, "mode": mode, "batch": config.batch,
-                   "resolution": config.resolution, "dtype": config.dtype, "systems": {}}
+def _model_entry(name, mode, config) -> dict:
+    """The result entry of one (model, mode); systems are added as they are measured."""
+    return {"model": name, "mode": mode, "batch": config.batch,
+            "resolution": config.resolution, "dtype": config.dtype, "systems": {}}
+
+
+@functools.cache
+def _conv_layers(name: str, resolution: int) -> tuple:
+    return tuple(model_conv_layers(name, 1, resolution))
+
+
+def _add_roofline(entry: dict, dtype, ceilings: Ceilings) -> None:
+    """The entry's per-image FLOPs, bytes and roofline bound (once, when first measured)."""
+    if "roofline_img_s" in entry or "roofline_error" in entry:
+        return
     try:
-        roof = model_roofline(model_conv_layers(name, 1, config.resolution), training=training,
-                              dtype=dtype, batch=config.batch)
+        roof = model_roofline(_conv_layers(entry["model"], entry["resolution"]),
+                              training=entry["mode"] == "train", dtype=dtype,
+                              batch=entry["batch"])
         entry["flops_per_image"] = roof["flops_per_image"]
         entry["bytes_per_image"] = roof["bytes_per_image"]
         entry["roofline_img_s"] = roofline_img_s(roof, ceilings)
     except Exception as e:
         entry["roofline_error"] = f"{type(e).__name__}: {e}"
-    for system in _model_systems(config):
-        progress(f"{name} {mode} {system}")
-        if clock.expired():
-            entry["systems"][system] = {"status": "skipped", "reason": "time limit reached"}
-            continue
-        bench = None
-        try:
-            bench = ModelBench(name, system, training=training, batch=config.batch,
-                               resolution=config.resolution, dtype=dtype, device=device,
-                               compile_mode=config.model_compile_mode)
+
+
+def _run_model_system(entry, system, config, device, dtype, ceilings: Ceilings, clock) -> dict:
+    """Measure one system of a model entry; never raises (failures are recorded)."""
+    if clock.expired():
+        return {"status": "skipped", "reason": "time limit reached"}
+    _add_roofline(entry, dtype, ceilings)
+    bench = None
+    t0 = time.monotonic()
+    try:
+        with clock.enforced():
+            bench = ModelBench(entry["model"], system, training=entry["mode"] == "train",
+                               batch=config.batch, resolution=config.resolution, dtype=dtype,
+                               device=device, compile_mode=config.model_compile_mode)
             timing = time_calls(bench.step(), bench.inputs, device,
                                 warmup=config.model_warmup, repeats=config.model_repeats)
-            img_s = config.batch / timing.median_s
-            result = {"status": "ok", "source": bench.source, "img_s": img_s,
-                      **timing.to_dict()}
-            if "roofline_img_s" in entry:
-                result["frac_roofline"] = img_s / entry["roofline_img_s"]
-                result.update(achieved(entry["flops_per_image"] * config.batch,
-                                       entry["bytes_per_image"] * config.batch,
-                                       timing.median_s, None))
-                result["frac_peak_tflops"] = result["tflops"] / ceilings.tflops
-                result["frac_peak_tbps"] = result["tbps"] / ceilings.tbps
-            entry["systems"][system] = result
-        except Exception as e:
-            entry["systems"][system] = _failure(e)
-        finally:
-            bench = None  # the model, its optimizer state and inputs go before the next system
-            _free(device)
-    _ratios(entry, "fastres", ["eager", "compile"], "img_s")
-    return entry
+        img_s = config.batch / timing.median_s
+        result = {"status": "ok", "source": bench.source, "img_s": img_s, **timing.to_dict()}
+        if "roofline_img_s" in entry:
+            result["frac_roofline"] = img_s / entry["roofline_img_s"]
+            result.update(achieved(entry["flops_per_image"] * config.batch,
+                                   entry["bytes_per_image"] * config.batch,
+                                   timing.median_s, None))
+            result["frac_peak_tflops"] = result["tflops"] / ceilings.tflops
+            result["frac_peak_tbps"] = result["tbps"] / ceilings.tbps
+        return result
+    except TimeLimitReached:
+        return {"status": "skipped",
+                "reason": f"time limit reached after {time.monotonic() - t0:.1f} s in this "
+                          "system (set-up, compilation or warm-up did not finish)"}
+    except Exception as e:
+        return _failure(e)
+    finally:
+        bench = None  # the model, its optimizer state and inputs go before the next system
+        _free(device)
 
 
 def _run_layer(case, mode, config, device, dtype, ceilings: Ceilings, clock, progress) -> dict:
@@ -280,18 +365,22 @@ def _run_layer(case, mode, config, device, dtype, ceilings: Ceilings, clock, pro
             entry["systems"][system] = {"status": "skipped", "reason": "time limit reached"}
             continue
         try:
-            fn, reason = bench.system(system)
-            if fn is None:
-                entry["systems"][system] = {"status": "unavailable", "reason": reason}
-                continue
-            timing = time_calls(fn, bench.inputs, device, warmup=config.warmup,
-                                repeats=config.repeats)
+            with clock.enforced():
+                fn, reason = bench.system(system)
+                if fn is None:
+                    entry["systems"][system] = {"status": "unavailable", "reason": reason}
+                    continue
+                timing = time_calls(fn, bench.inputs, device, warmup=config.warmup,
+                                    repeats=config.repeats)
             entry["systems"][system] = {
                 "status": "ok",
                 "img_s": case.shape.n / timing.median_s,
                 **timing.to_dict(),
                 **achieved(bench.flops, bench.bytes, timing.median_s, ceilings),
             }
+        except TimeLimitReached:
+            entry["systems"][system] = {"status": "skipped",
+                                        "reason": "time limit reached within this system"}
         except Exception as e:
             entry["systems"][system] = _failure(e)
     fused = {k: v for k, v in entry["systems"].items()

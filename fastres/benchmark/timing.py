@@ -33,6 +33,7 @@ class Timing:
     warmup: int
     copies: int
     timer: str
+    first_call_s: float | None = None  # the first warm-up call: compilation, autotuning, caches
     samples_s: list[float] = field(default_factory=list)
 
     def to_dict(self, with_samples: bool = False) -> dict:
@@ -73,12 +74,19 @@ def time_calls(
     """Time ``fn(inputs[i % len(inputs)])``; returns the median over ``repeats`` calls.
 
     On CUDA each call sits between two events recorded on the current stream, and all events
-    are read after one final synchronize, so the host never stalls the queue between calls.
+    are read after one final synchronize, so the host never stalls the queue between calls. The
+    first warm-up call is timed on its own with the host clock (``first_call_s``): what a user
+    waits for before the first result (compilation, autotuning).
     """
     if not inputs:
         raise ValueError("time_calls needs at least one input set")
+    first_call_s = None
     for i in range(warmup):
+        t0 = time.perf_counter()
         fn(inputs[i % len(inputs)])
+        if i == 0:
+            synchronize(device)
+            first_call_s = time.perf_counter() - t0
     synchronize(device)
     samples: list[float] = []
     if device.type == "cuda":
@@ -109,6 +117,7 @@ def time_calls(
         warmup=warmup,
         copies=len(inputs),
         timer=timer,
+        first_call_s=first_call_s,
         samples_s=samples,
     )
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: install, GPU tests, memcheck, layer and model benchmarks.
+# One command for a GPU machine: install, GPU tests, model and layer benchmarks, memcheck.
 #
 #   OUT=/some/folder bash bench/gpu_check.sh
 #
@@ -9,17 +9,27 @@
 # exits non-zero if any step failed. Results go to $OUT (default /tmp/fastres-gpu-check), copied
 # to bench/results/<date>-<card>/. A short summary is printed last.
 #
+# Order: what a short GPU session must not lose comes first. Correctness (the GPU tests, in
+# parallel shards with a cap each), then fastres and eager img/s of ResNet-50 and ResNeXt-50
+# (`fastres bench` measures fastres and eager of every model before any torch.compile and stops a
+# measurement midway at its --time-limit, writing its JSON after each), then the per-layer times,
+# then memcheck of the CUDA C++ kernels.
+#
 # Knobs (environment):
-#   FASTRES_CHECK_BUDGET      overall seconds (default 470)
-#   FASTRES_CHECK_MODELS      model-level models, comma list (default: all five, resnet50 first)
-#   FASTRES_CHECK_MODES       train,infer (default both)
-#   FASTRES_CHECK_LAYER_ARGS  extra `fastres bench` arguments for the layer step, e.g.
-#                             "--compile --compile-modes default --layer-limit 6" for
-#                             torch.compile baselines on the first 6 shapes of each model
-#   FASTRES_CHECK_SKIP        steps to skip, comma list: install,tests,sanitizer,layers,models
-#   FASTRES_CHECK_INSTALL_SECS, FASTRES_CHECK_TESTS_SECS, FASTRES_CHECK_SANITIZER_SECS
-#                             per-step caps (default 240, 150, 90), always within the budget
-#   PYTHON                    interpreter (default python3)
+#   FASTRES_CHECK_BUDGET        overall seconds (default 470)
+#   FASTRES_CHECK_MODELS        model-level models, comma list (default: resnet50 and
+#                               resnext50_32x4d first, then the other three)
+#   FASTRES_CHECK_MODES         train,infer (default both)
+#   FASTRES_CHECK_MODEL_AUTOTUNE  1: the model step autotunes Triton configurations (default 0:
+#                               the first fitting configuration per kernel, one compile each; the
+#                               layer step autotunes, and its tuning is cached on disk)
+#   FASTRES_CHECK_LAYER_ARGS    extra `fastres bench` arguments for the layer step
+#   FASTRES_CHECK_SKIP          steps to skip, comma list: install,info,tests-triton,tests-cuda,
+#                               models,layers,sanitizer
+#   FASTRES_CHECK_DRY_RUN=1     rehearse on a machine without a GPU (CI does): pip --dry-run,
+#                               the GPU test shards collect and skip, tiny CPU benchmarks, the
+#                               sanitizer script's CPU dry run; nothing copied to bench/results
+#   PYTHON                      interpreter (default python3)
 
 set -u
 
@@ -29,12 +39,20 @@ PY="${PYTHON:-python3}"
 OUT="${OUT:-/tmp/fastres-gpu-check}"
 mkdir -p "$OUT"
 BUDGET="${FASTRES_CHECK_BUDGET:-470}"
+DRY="${FASTRES_CHECK_DRY_RUN:-0}"
 MODELS="${FASTRES_CHECK_MODELS:-resnet50,resnext50_32x4d,wide_resnet50_2,resnet18,preact_resnet50}"
 MODES="${FASTRES_CHECK_MODES:-train,infer}"
 SKIP=",${FASTRES_CHECK_SKIP:-},"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+MODEL_EXTRA=()
+LAYER_EXTRA=()
+if [[ "$DRY" == 1 ]]; then
+    MODELS="${FASTRES_CHECK_MODELS:-resnet18}"
+    MODEL_EXTRA=(--no-compile)       # a CPU torch.compile of a training step takes minutes
+    LAYER_EXTRA=(--layer-limit 1)
+fi
 
 STEPS=()     # "name|status|seconds" in order
 FAILED=0
@@ -65,6 +83,13 @@ run_step() {
     echo "=== [$name] $status in ${dt}s"
 }
 
+# cap_of MAX: the cap a step may use, leaving RESERVE seconds for the steps after it
+cap_of() {
+    local max="$1" reserve="$2" left; left=$(( $(remaining) - reserve ))
+    (( left < 30 )) && left=30
+    echo $(( max < left ? max : left ))
+}
+
 SETUP_LOG="$OUT/setup.log"
 GPU_LINE="no nvidia-smi"
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -77,6 +102,7 @@ command -v nvcc >/dev/null 2>&1 && NVCC_LINE=$(nvcc --version 2>&1 | tail -n 1)
     echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
     echo "gpu: $GPU_LINE"
     echo "nvcc: $NVCC_LINE"
+    echo "dry run: $DRY"
 } >"$SETUP_LOG"
 
 # CUDA_HOME: the toolkit root holding include/cuda_runtime.h (nvcc on PATH may be a wrapper)
@@ -88,60 +114,75 @@ if [[ -z "${CUDA_HOME:-}" ]]; then
 fi
 echo "CUDA_HOME=${CUDA_HOME:-unset}" >>"$SETUP_LOG"
 
-# 1. install (builds fastres._C where a toolkit is found)
-run_step install "${FASTRES_CHECK_INSTALL_SECS:-240}" "$SETUP_LOG" \
-    "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+# 1. install, building fastres._C where a toolkit is found. Budget: 5 translation units, ops.cpp
+# the slowest (~100 s on 2 cores, well under a minute with MAX_JOBS=16): cap 200 s.
+PIP_DRY=(); [[ "$DRY" == 1 ]] && PIP_DRY=(--dry-run)
+run_step install 200 "$SETUP_LOG" \
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index "${PIP_DRY[@]}" -e .
 
-# 2. versions and backends
-run_step info 60 "$SETUP_LOG" "$PY" -m fastres.cli info
+# 2. versions and backends (seconds).
+run_step info 30 "$SETUP_LOG" "$PY" -m fastres.cli info
 
-# 3. every GPU test; one Triton configuration per kernel and shape (FASTRES_TRITON_AUTOTUNE=0):
-# tuning every tiny test shape would spend the budget compiling (every configuration compiles in
-# CI's real-target check; the benchmarks below autotune)
-run_step tests "${FASTRES_CHECK_TESTS_SECS:-150}" "$OUT/gpu-tests.log" \
-    env FASTRES_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider
+# 3 and 4. every GPU test, one Triton configuration per kernel and shape (FASTRES_TRITON_AUTOTUNE=0;
+# the all-configs test forces each configuration once). Budget: ~200 distinct Triton compilations
+# plus ~70 in the all-configs test, ~1.5 s each on one core, dealt to up to 8 parallel pytest
+# shards (16 cores): ~50 s of compiling per shard plus collection (~15 s) and the float64
+# references: cap 140 s. The cuda group compiles nothing (the extension is built): cap 50 s.
+# Each shard is stopped with SIGINT at its cap, so its log still lists the failures so far.
+TESTS_LOG="$OUT/gpu-tests.log"
+cap=$(cap_of 140 240)
+run_step tests-triton $(( cap + 25 )) "$TESTS_LOG" \
+    env FASTRES_TRITON_AUTOTUNE=0 "$PY" bench/run_gpu_tests.py triton --timeout "$cap" \
+    --logs "$OUT/gpu-tests"
+cap=$(cap_of 50 200)
+run_step tests-cuda $(( cap + 25 )) "$TESTS_LOG" \
+    env FASTRES_TRITON_AUTOTUNE=0 "$PY" bench/run_gpu_tests.py cuda --timeout "$cap" \
+    --logs "$OUT/gpu-tests"
 
-# 4. memcheck of a small cuda-backend run, when the extension built and the tool exists
-SAN_LOG="$OUT/sanitizer.log"
-if ! command -v compute-sanitizer >/dev/null 2>&1; then
-    STEPS+=("sanitizer|skipped (no compute-sanitizer)|0")
-elif ! "$PY" -c "import fastres._C" >/dev/null 2>&1; then
-    STEPS+=("sanitizer|skipped (fastres._C not built)|0")
-else
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer "${FASTRES_CHECK_SANITIZER_SECS:-90}" "$SAN_LOG" \
-        compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
-        "$PY" bench/sanitize_cuda.py
-fi
-
-# 5 and 6. benchmarks: the budget left, 40% to layers and 60% to models. `fastres bench` stops
-# starting new measurements at --time-limit (recording the rest as skipped) and writes its JSON
-# after every one, so a step killed by `timeout` still leaves what it measured. The layer step
-# leaves torch.compile out by default: compiling 47 shapes × 2 modes would not fit the budget
-# (the model step times compile; `fastres bench --layers` or `pytest bench/` do it per layer).
-left=$(remaining)
-LAYER_SECS=$(( left * 2 / 5 - 20 ))
-(( LAYER_SECS < 30 )) && LAYER_SECS=30
+# 5. model level: 55% of what is left (after 45 s for memcheck). fastres and eager of every model
+# first (a ResNet-50 training step at batch 256 is ~0.1-0.3 s; with warm-up and 10 repeats ~5 s
+# per system, plus the first step's compilations), torch.compile last (about a minute per cold
+# training-step compile); `--time-limit` stops within a measurement.
 IFS=',' read -r -a MODEL_LIST <<<"$MODELS"
 MODEL_ARGS=(); for m in "${MODEL_LIST[@]}"; do MODEL_ARGS+=(--model "$m"); done
 MODE_ARG=both; [[ "$MODES" == "train" ]] && MODE_ARG=train; [[ "$MODES" == "infer" ]] && MODE_ARG=infer
+left=$(( $(remaining) - 45 ))
+MODEL_SECS=$(( left * 55 / 100 )); (( MODEL_SECS < 30 )) && MODEL_SECS=30
+run_step models $(( MODEL_SECS + 40 )) "$OUT/bench.log" \
+    env FASTRES_TRITON_AUTOTUNE="${FASTRES_CHECK_MODEL_AUTOTUNE:-0}" \
+    "$PY" -m fastres.cli bench "${MODEL_ARGS[@]}" --mode "$MODE_ARG" "${MODEL_EXTRA[@]}" \
+    --time-limit "$MODEL_SECS" --no-progress --strict --out "$OUT/models"
 
+# 6. layer level: what is left but 45 s for memcheck. Every distinct conv of ResNet-50 and
+# ResNeXt-50, the triton and cuda backends (autotuned; tuning cached on disk) against eager;
+# torch.compile per layer would not fit (`fastres bench --layers` or `pytest bench/` time it).
+LAYER_SECS=$(( $(remaining) - 45 - 40 )); (( LAYER_SECS < 30 )) && LAYER_SECS=30
 # shellcheck disable=SC2086
 run_step layers $(( LAYER_SECS + 40 )) "$OUT/bench.log" \
     "$PY" -m fastres.cli bench --layers-only --mode "$MODE_ARG" --no-compile \
-    --time-limit "$LAYER_SECS" --no-progress --strict --out "$OUT/layers" \
+    "${LAYER_EXTRA[@]}" --time-limit "$LAYER_SECS" --no-progress --strict --out "$OUT/layers" \
     ${FASTRES_CHECK_LAYER_ARGS:-}
 
-left=$(remaining)
-MODEL_SECS=$(( left - 45 ))
-(( MODEL_SECS < 30 )) && MODEL_SECS=30
-run_step models $(( MODEL_SECS + 40 )) "$OUT/bench.log" \
-    "$PY" -m fastres.cli bench "${MODEL_ARGS[@]}" --mode "$MODE_ARG" \
-    --time-limit "$MODEL_SECS" --no-progress --strict --out "$OUT/models"
+# 7. memcheck of a small cuda-backend run: expected outputs by the reference backend first
+# (no sanitizer), then only the cuda backend's kernels under compute-sanitizer (~10x slower).
+SAN_LOG="$OUT/sanitizer.log"
+if [[ "$DRY" == 1 ]]; then
+    run_step sanitizer 60 "$SAN_LOG" "$PY" bench/sanitize_cuda.py --dry-run "$OUT/expected.pt"
+elif ! command -v compute-sanitizer >/dev/null 2>&1; then
+    STEPS+=("sanitizer|skipped (no compute-sanitizer)|0")
+elif ! "$PY" -c "import fastres._C" >/dev/null 2>&1; then
+    STEPS+=("sanitizer|skipped (fastres._C not built)|0"); FAILED=1
+else
+    run_step sanitizer-expect 30 "$SAN_LOG" "$PY" bench/sanitize_cuda.py --expect "$OUT/expected.pt"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer 60 "$SAN_LOG" \
+        compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
+        "$PY" bench/sanitize_cuda.py --check "$OUT/expected.pt"
+fi
 
 # keep a copy in the repository's results folder
 CARD=$("$PY" -c "from fastres.benchmark.env import environment, card_slug; print(card_slug(environment()))" 2>/dev/null || echo unknown)
 DEST="$ROOT/bench/results/$(date -u +%Y-%m-%d)-$CARD"
-if [[ "$CARD" == cpu ]]; then
+if [[ "$CARD" == cpu || "$DRY" == 1 ]]; then
     DEST="(not copied to bench/results: no GPU)"
 else
     mkdir -p "$DEST"
@@ -158,12 +199,13 @@ fi
     echo
     echo "================ fastres gpu_check summary ================"
     echo "gpu: $GPU_LINE; nvcc: $NVCC_LINE; commit: $(git rev-parse --short HEAD 2>/dev/null)"
-    printf '%-10s %-32s %s\n' step status seconds
+    printf '%-16s %-32s %s\n' step status seconds
     for s in "${STEPS[@]}"; do
         IFS='|' read -r n st dt <<<"$s"
-        printf '%-10s %-32s %s\n' "$n" "$st" "$dt"
+        printf '%-16s %-32s %s\n' "$n" "$st" "$dt"
     done
     echo "total: $(( $(date +%s) - START ))s of a ${BUDGET}s budget; results in $OUT and $DEST"
+    [[ -f "$TESTS_LOG" ]] && grep -E '^(triton|cuda): |^  (FAILED|ERROR) ' "$TESTS_LOG" | head -n 40
     for f in "$OUT/models/results.json" "$OUT/layers/results.json"; do
         [[ -f "$f" ]] && "$PY" -m fastres.benchmark.report "$f" 2>&1
     done

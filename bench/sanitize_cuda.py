@@ -1,15 +1,22 @@
 """A small run of the ``cuda`` backend for ``compute-sanitizer --tool memcheck``.
 
-Runs a few fused calls (dense, grouped, 1×1 with residual; eval and training with backward) at
-odd sizes on the cuda backend, skipping what it does not serve, and checks each against the
-reference backend loosely (memcheck is the point; tests/ check numerics). Run it with
+A few fused calls (dense, grouped, 1×1 with residual; eval and training with backward) at odd
+sizes. Two steps, so that only the cuda backend's own kernels run under the (slow) sanitizer:
+
+    python bench/sanitize_cuda.py --expect FILE        # reference backend (cuDNN): inputs and
+                                                       # expected outputs to FILE, no sanitizer
+    compute-sanitizer --tool memcheck python bench/sanitize_cuda.py --check FILE
+                                                       # the cuda backend on those inputs
+
+The comparison is loose (memcheck is the point; tests/ check numerics). Run the check with
 ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` so every tensor is its own allocation and memcheck sees its
 true bounds. Exit status: 0 if every call that ran matched, 1 otherwise, 2 without CUDA.
-``--dry-run`` runs the same calls on CPU, reference against reference, to check this script.
+``--dry-run`` runs both steps on CPU with the reference backend, to check this script.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -23,67 +30,119 @@ CASES = [
 ]
 
 
-def main(dry_run: bool = False) -> int:
-    """``dry_run``: on CPU, the reference backend against itself (checks this script only)."""
+def _inputs(case: tuple, training: bool, dev: torch.device, dtype: torch.dtype) -> dict:
+    _, n, c, h, w, k, r, stride, padding, groups, has_res = case
+    oh = (h + 2 * padding - r) // stride + 1
+    ow = (w + 2 * padding - r) // stride + 1
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0, offset=0.0, positive=False):
+        t = torch.rand(*shape, generator=gen) if positive else torch.randn(*shape, generator=gen)
+        return (t * scale + offset).to(dev)
+
+    return {
+        "x": rand(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last),
+        "weight": rand(k, c // groups, r, r, scale=0.1).to(dtype),
+        "bn_weight": rand(k, positive=True, offset=0.5),
+        "bn_bias": rand(k),
+        "running_mean": rand(k, scale=0.1),
+        "running_var": rand(k, positive=True, offset=0.5),
+        "residual": rand(n, k, oh, ow).to(dtype) if has_res else None,
+        "kwargs": dict(training=training, stride=stride, padding=padding, groups=groups),
+    }
+
+
+def _call(backend: str, inp: dict) -> list[torch.Tensor]:
+    """The fused op's output and, in training, the gradients of x, weight, γ and β (fp32, CPU)."""
     import fastres
+
+    training = inp["kwargs"]["training"]
+    leaves = [inp[k].detach().clone().requires_grad_(training)
+              for k in ("x", "weight", "bn_weight", "bn_bias")]
+    z = fastres.ops.conv_bn_relu(
+        *leaves, inp["running_mean"].clone(), inp["running_var"].clone(),
+        residual=inp["residual"], backend=backend, **inp["kwargs"])
+    grads = torch.autograd.grad(z.float().square().sum(), leaves) if training else ()
+    return [t.detach().float().cpu() for t in (z, *grads)]
+
+
+def _labelled_cases(backend: str, dev: torch.device, dtype: torch.dtype):
+    """``(label, inputs)`` of every case the backend serves (those it does not are reported)."""
     from fastres import backends
     from fastres.backends import CallInfo, ConvParams
 
-    if dry_run:
-        dev, dtype, under_test = torch.device("cpu"), torch.float32, "reference"
-    else:
-        if not torch.cuda.is_available():
-            print("sanitize_cuda: no CUDA device")
-            return 2
-        if backends.load("cuda") is None:
-            print(f"sanitize_cuda: cuda backend not available: {backends.load_error('cuda')}")
-            return 0
-        dev, dtype, under_test = torch.device("cuda"), torch.bfloat16, "cuda"
-    ran, bad = 0, 0
-    for name, n, c, h, w, k, r, stride, padding, groups, has_res in CASES:
+    for case in CASES:
+        name, n, c, h, w, k, r, stride, padding, groups, has_res = case
         for training in (False, True):
-            conv = ConvParams((stride, stride), (padding, padding), (1, 1), groups)
-            oh, ow = conv.out_hw(h, w, r, r)
-            call = CallInfo(device=dev, dtype=dtype, x_shape=(n, c, h, w),
-                            weight_shape=(k, c // groups, r, r), conv=conv, batch_stats=training,
-                            has_residual=has_res, relu=True)
-            reason = backends.availability(under_test, call)
             label = f"{name}-{'train' if training else 'eval'}"
+            call = CallInfo(device=dev, dtype=dtype, x_shape=(n, c, h, w),
+                            weight_shape=(k, c // groups, r, r),
+                            conv=ConvParams((stride, stride), (padding, padding), (1, 1), groups),
+                            batch_stats=training, has_residual=has_res, relu=True)
+            reason = backends.availability(backend, call)
             if reason is not None:
                 print(f"  skip {label}: {reason}")
                 continue
-            torch.manual_seed(0)
-            x = torch.randn(n, c, h, w, device=dev, dtype=dtype).to(
-                memory_format=torch.channels_last)
-            wt = torch.randn(k, c // groups, r, r, device=dev, dtype=dtype) * 0.1
-            gamma = torch.rand(k, device=dev) + 0.5
-            beta = torch.randn(k, device=dev)
-            res = torch.randn(n, k, oh, ow, device=dev, dtype=dtype) if has_res else None
-            mean = torch.randn(k, device=dev) * 0.1
-            var = torch.rand(k, device=dev) + 0.5
-            outs = []  # by position: under_test and "reference" may be the same name (--dry-run)
-            for backend in (under_test, "reference"):
-                leaves = [t.detach().clone().requires_grad_(training) for t in (x, wt, gamma,
-                                                                                  beta)]
-                z = fastres.ops.conv_bn_relu(
-                    leaves[0], leaves[1], leaves[2], leaves[3], mean.clone(), var.clone(),
-                    training=training,
-                    stride=stride, padding=padding, groups=groups, residual=res,
-                    backend=backend)
-                grads = torch.autograd.grad(z.float().square().sum(), leaves) if training else ()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                outs.append((z.float(), *[g.float() for g in grads]))
-            ok = all(
-                torch.allclose(a, b, rtol=5e-2, atol=5e-2 * max(1.0, b.abs().max().item()))
-                for a, b in zip(*outs)
-            )
-            ran += 1
-            bad += not ok
-            print(f"  {'ok  ' if ok else 'BAD '} {label}")
-    print(f"sanitize_cuda: {ran} calls ran on the {under_test} backend, {bad} mismatched")
-    return 1 if bad else 0
+            yield label, _inputs(case, training, dev, dtype)
+
+
+def expect(path: str, dev: torch.device, dtype: torch.dtype, under_test: str) -> int:
+    """Save to ``path`` the inputs of every case ``under_test`` serves and the reference
+    backend's outputs for them (CPU tensors)."""
+    saved = {}
+    for label, inp in _labelled_cases(under_test, dev, dtype):
+        cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+        saved[label] = {"inputs": cpu, "outputs": _call("reference", inp)}
+    torch.save(saved, path)
+    print(f"sanitize_cuda: expected outputs of {len(saved)} calls in {path}")
+    return 0
+
+
+def check(path: str, dev: torch.device, backend: str) -> int:
+    """Run ``backend`` on the saved inputs and compare with the saved outputs."""
+    saved = torch.load(path)
+    ran = bad = 0
+    for label, entry in saved.items():
+        inp = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v)
+               for k, v in entry["inputs"].items()}
+        got = _call(backend, inp)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        ok = len(got) == len(entry["outputs"]) and all(
+            torch.allclose(a, b, rtol=5e-2, atol=5e-2 * max(1.0, b.abs().max().item()))
+            for a, b in zip(got, entry["outputs"])
+        )
+        ran += 1
+        bad += not ok
+        print(f"  {'ok  ' if ok else 'BAD '} {label}")
+    print(f"sanitize_cuda: {ran} calls ran on the {backend} backend, {bad} mismatched")
+    return 1 if bad or not ran else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    step = parser.add_mutually_exclusive_group(required=True)
+    step.add_argument("--expect", metavar="FILE", help="write inputs and expected outputs")
+    step.add_argument("--check", metavar="FILE", help="run the cuda backend against FILE")
+    step.add_argument("--dry-run", metavar="FILE", help="both steps on CPU (reference backend)")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        cpu = torch.device("cpu")
+        return (expect(args.dry_run, cpu, torch.float32, "reference")
+                or check(args.dry_run, cpu, "reference"))
+    if not torch.cuda.is_available():
+        print("sanitize_cuda: no CUDA device")
+        return 2
+    from fastres import backends
+
+    if backends.load("cuda") is None:
+        print(f"sanitize_cuda: cuda backend not available: {backends.load_error('cuda')}")
+        return 1
+    dev = torch.device("cuda")
+    if args.expect:
+        return expect(args.expect, dev, torch.bfloat16, "cuda")
+    return check(args.check, dev, "cuda")
 
 
 if __name__ == "__main__":
-    sys.exit(main(dry_run="--dry-run" in sys.argv))
+    sys.exit(main())

@@ -250,17 +250,20 @@ def test_gpu_check_script_parses():
     assert done.returncode == 0, done.stderr
 
 
-def test_sanitizer_script_dry_run():
-    """The memcheck driver's own logic, on CPU (reference against reference)."""
+def test_sanitizer_script_dry_run(tmp_path):
+    """The memcheck driver's own logic, on CPU: expected outputs written, then checked."""
     import pathlib
     import subprocess
     import sys
 
     script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "sanitize_cuda.py"
-    done = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True,
-                          text=True, timeout=120)
+    expected = tmp_path / "expected.pt"
+    done = subprocess.run([sys.executable, str(script), "--dry-run", str(expected)],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "8 calls ran" in done.stdout
+    assert "expected outputs of 8 calls" in done.stdout
+    assert "8 calls ran on the reference backend, 0 mismatched" in done.stdout
+    assert expected.stat().st_size > 0
 
 
 @needs_torchvision

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import shutil
 import subprocess
@@ -77,6 +78,8 @@ def environment() -> dict:
         "fastres_commit": git_commit(),
         "gpu": gpu_record(),
         "driver": driver_version(),
+        # how fastres's Triton kernels chose their configurations in this run
+        "fastres_triton_autotune": os.environ.get("FASTRES_TRITON_AUTOTUNE", "1") != "0",
     }
 
 

@@ -37,7 +37,8 @@ def _cell(system: dict | None, key: str = "img_s", fmt: str | None = None) -> st
 
 def model_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["model", "mode", "fastres img/s", "eager img/s", "compile img/s", "vs eager",
-              "vs compile", "fastres / roofline", "roofline img/s"]
+              "vs compile", "fastres / roofline", "roofline img/s", "fastres 1st step s",
+              "compile 1st step s"]
     rows = []
     for e in results.get("models", []):
         s = e["systems"]
@@ -46,6 +47,8 @@ def model_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             _cell(s.get("compile")), _num(e.get("speedup_vs_eager"), "{:.2f}x"),
             _num(e.get("speedup_vs_compile"), "{:.2f}x"),
             _cell(s.get("fastres"), "frac_roofline", "{:.1%}"), _rate(e.get("roofline_img_s")),
+            _cell(s.get("fastres"), "first_call_s", "{:.1f}"),
+            _cell(s.get("compile"), "first_call_s", "{:.1f}"),
         ])
     return header, rows
 

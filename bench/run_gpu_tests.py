@@ -1,0 +1,125 @@
+"""Run a group of GPU tests in parallel shards, within a time cap, and say what failed.
+
+    python bench/run_gpu_tests.py {triton,cuda} --timeout SECONDS --logs DIR [--jobs N]
+
+Groups: ``cuda`` is tests/backends/test_cuda.py (the compiled extension); ``triton`` is every
+other ``gpu``-marked test (Triton kernels, the op, modules and models on the GPU).
+
+Why shards: the GPU tests spend most of their time compiling Triton kernels (about 200 distinct
+compilations with ``FASTRES_TRITON_AUTOTUNE=0``, plus one per configuration in the all-configs
+test; ~1–2 s each, single-threaded), so one pytest process would not fit its cap. The test ids
+are dealt round-robin to ``--jobs`` pytest processes (they share Triton's on-disk cache).
+
+Within the cap: at the deadline each shard gets SIGINT, on which pytest stops and still prints
+its summary with the failures so far (``-rfE``); SIGKILL follows after a grace period. Each
+shard logs one line per test (``-v``), so even a killed shard's log says how far it got.
+Prints one summary line per shard and for the group, then the failing tests; exit status 0 only
+if every shard passed (skips allowed) and none was stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_TESTS = "tests/backends/test_cuda.py"
+GRACE_S = 15
+
+
+def collect(group: str) -> list[str]:
+    """Node ids of the group's ``gpu``-marked tests."""
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+           "-p", "no:cacheprovider"]
+    cmd += [CUDA_TESTS] if group == "cuda" else ["tests", f"--ignore={CUDA_TESTS}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    ids = [line.strip() for line in out.stdout.splitlines() if "::" in line]
+    if out.returncode not in (0, 5):  # 5: nothing collected
+        raise SystemExit(f"collection failed (exit {out.returncode}):\n{out.stdout[-3000:]}"
+                         f"{out.stderr[-3000:]}")
+    return ids
+
+
+def _counts(text: str) -> dict[str, int]:
+    """The counts of pytest's last summary line (``3 passed, 1 failed, 2 skipped in ...``)."""
+    counts: dict[str, int] = {}
+    for line in reversed(text.splitlines()):
+        found = re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)",
+                           line)
+        if found and re.search(r" in [\d.]+s", line):
+            for n, what in found:
+                counts[what.rstrip("s") if what.startswith("error") else what] = int(n)
+            break
+    return counts
+
+
+def run(group: str, timeout_s: float, logs: Path, jobs: int) -> int:
+    start = time.monotonic()
+    ids = collect(group)
+    logs.mkdir(parents=True, exist_ok=True)
+    if not ids:
+        print(f"{group}: no gpu tests collected")
+        return 1
+    shards = [ids[i::jobs] for i in range(min(jobs, len(ids)))]
+    procs = []
+    for i, shard in enumerate(shards):
+        log = (logs / f"{group}-{i}.log").open("w")
+        cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *shard]
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True), log))
+    deadline = start + timeout_s
+    stopped = set()
+    for i, (proc, _) in enumerate(procs):
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            stopped.add(i)
+            proc.send_signal(signal.SIGINT)  # pytest prints its summary on KeyboardInterrupt
+            try:
+                proc.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    failures: list[str] = []
+    total: dict[str, int] = {}
+    ok = True
+    for i, (proc, log) in enumerate(procs):
+        log.close()
+        text = (logs / f"{group}-{i}.log").read_text(errors="replace")
+        counts = _counts(text)
+        for k, v in counts.items():
+            total[k] = total.get(k, 0) + v
+        failures += [line for line in text.splitlines()
+                     if line.startswith(("FAILED ", "ERROR "))]
+        state = "STOPPED at the cap" if i in stopped else f"exit {proc.returncode}"
+        ran = sum(1 for line in text.splitlines() if re.search(r"::\S+ (PASSED|FAILED|"
+                                                                 r"SKIPPED|ERROR)", line))
+        print(f"  {group}-{i}: {state}; {ran}/{len(shards[i])} tests reported; "
+              + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        ok &= i not in stopped and proc.returncode == 0
+    took = time.monotonic() - start
+    print(f"{group}: {len(ids)} tests in {len(shards)} shards, {took:.0f} s of {timeout_s:.0f}: "
+          + ", ".join(f"{v} {k}" for k, v in sorted(total.items())))
+    for line in failures:
+        print("  " + line)
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("group", choices=("triton", "cuda"))
+    parser.add_argument("--timeout", type=float, required=True, help="seconds for the group")
+    parser.add_argument("--logs", type=Path, required=True, help="folder for the shard logs")
+    parser.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    args = parser.parse_args(argv)
+    return run(args.group, args.timeout, args.logs, args.jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

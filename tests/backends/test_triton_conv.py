@@ -313,8 +313,9 @@ def test_conv_gpu(shape: Case, dtype: torch.dtype):
     _check_tuned(shape, dtype, "cuda")
 
 
-def _check_tuned(shape: Case, dtype: torch.dtype, device: str) -> None:
-    for name in ("raw_bias", "eval_res"):
+def _check_tuned(shape: Case, dtype: torch.dtype, device: str,
+                 epilogues: tuple[str, ...] = ("raw_bias", "eval_res")) -> None:
+    for name in epilogues:
         epi = EPILOGUES[name]
         inp = _inputs(shape, epi, mean_offset=10.0)
         stats = name == "raw_bias"

@@ -42,12 +42,52 @@ def assert_close_ratio(
     )
 
 
+def to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 cut to TF32 (10 explicit mantissa bits), the operands of tl.dot's default fp32 path.
+
+    Truncated rather than rounded: whether an operand is rounded (cvt.rna) or read truncated by
+    the tensor cores depends on the instruction path, and truncation is the larger error.
+    """
+    i = t.to(torch.float32).contiguous().view(torch.int32) & ~0x1FFF  # drop 13 low bits
+    return i.view(torch.float32).to(t.dtype).view_as(t)
+
+
+class _TF32Conv2d(torch.autograd.Function):
+    """conv2d whose every product takes TF32-cut operands and sums in fp32, forward and backward:
+    the fair plain-PyTorch baseline for fp32 on tensor cores. (cuDNN under ``allow_tf32`` picks
+    true fp32 for some shapes, which would hold a TF32 kernel to a tighter bound than TF32 has.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            return F.conv2d(to_tf32(x), to_tf32(weight), bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy32 = to_tf32(dy)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            dx = torch.nn.grad.conv2d_input(x.shape, to_tf32(weight), dy32, *ctx.conv)
+            dw = torch.nn.grad.conv2d_weight(to_tf32(x), weight.shape, dy32, *ctx.conv)
+        db = dy.sum((0, 2, 3)) if ctx.has_bias else None
+        return dx, dw, db, None, None, None, None
+
+
 def eager_conv_bn_relu(
     x, weight, bn_weight, bn_bias, running_mean, running_var, *, bias=None, training,
     momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, groups=1, residual=None, relu=True,
+    tf32=False,
 ):
-    """Plain PyTorch, the definition of the fused op (batch stats when running stats are None)."""
-    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    """Plain PyTorch, the definition of the fused op (batch stats when running stats are None).
+
+    ``tf32``: fp32 convolutions with TF32 operands (see ``_TF32Conv2d``)."""
+    if tf32:
+        y = _TF32Conv2d.apply(x, weight, bias, stride, padding, dilation, groups)
+    else:
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     y = F.batch_norm(
         y, running_mean, running_var, bn_weight, bn_bias,
         training or running_mean is None, momentum, eps,

@@ -348,18 +348,7 @@ def test_mean_much_larger_than_std() -> None:
     run_case(Case(mean_offset=1000.0, bias=True, residual=True), torch.float32, True, "triton")
 
 
-@pytest.fixture
-def _tf32_as_pytorch_default():
-    """Fused fp32 convolutions use TF32 (tl.dot's default), as cuDNN does under PyTorch's default
-    ``cudnn.allow_tf32 = True``; pin that default so the baseline is held to the same precision."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.mark.gpu
-@pytest.mark.usefixtures("_tf32_as_pytorch_default")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.backends.triton import conv as tconv
-from tests.numerics import assert_close_ratio, merge_partials
+from tests.numerics import assert_close_ratio, merge_partials, to_tf32
 from tests.ops.cases import Case
 
 CL = torch.channels_last
@@ -287,16 +287,6 @@ def test_compile_specs_cover_every_kernel_config_dtype():
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_tf32(t: torch.Tensor) -> torch.Tensor:
-    """fp32 cut to TF32 (10 explicit mantissa bits), the operands of tl.dot's default fp32 path.
-
-    Truncated rather than rounded: whether an operand is rounded (cvt.rna) or read truncated by
-    the tensor cores depends on the instruction path, and truncation is the larger error.
-    """
-    i = t.to(torch.float32).contiguous().view(torch.int32) & ~0x1FFF  # drop 13 low bits
-    return i.view(torch.float32).to(t.dtype).view_as(t)
-
-
 GPU_SHAPES = [
     Case(n=4, c=64, k=64, h=15, w=15),
     Case(n=3, c=64, k=256, r=1, padding=0, h=14, w=13),
@@ -323,7 +313,7 @@ def _check_tuned(shape: Case, dtype: torch.dtype, device: str,
             shape.c // shape.groups, shape.groups
         ) != "direct"
         if uses_tf32:  # the fair fp32 baseline for a TF32 tensor-core kernel
-            inp_base = dict(inp, x=_to_tf32(inp["x"]), weight=_to_tf32(inp["weight"]))
+            inp_base = dict(inp, x=to_tf32(inp["x"]), weight=to_tf32(inp["weight"]))
         else:
             inp_base = inp
         prev = torch.backends.cudnn.allow_tf32

@@ -82,6 +82,8 @@ def test_bench_quick_cpu_writes_json_and_png(tmp_path, capsys):
         # on CPU the fastres layer system is the reference backend (on CUDA: triton and cuda)
         assert [k for k in systems if k.startswith("fastres-")] == ["fastres-reference"]
         assert systems["fastres-reference"]["status"] == "ok"
+        assert systems["cudnn-conv"]["status"] == "ok"  # the conv alone, for its mainloop
+        assert systems["fastres-reference"]["time_vs_cudnn_conv"] > 0
         for key in ("tflops", "tbps", "frac_peak_tflops", "frac_peak_tbps", "frac_roofline"):
             assert systems["eager"][key] > 0
         assert entry["best_fastres"].startswith("fastres-")

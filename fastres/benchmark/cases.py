@@ -364,6 +364,25 @@ class LayerBench:
     def eager(self) -> Callable[[dict], object]:
         return self._step(self._eager_core())
 
+    def conv_only(self) -> Callable[[dict], object]:
+        """cuDNN's convolution alone (no BN, add or ReLU; in training its input and weight
+        gradients): the time a fused kernel is compared with to see its mainloop's quality."""
+        s = self.case.shape
+
+        def conv(x):
+            return F.conv2d(x, self.weight, None, s.stride, s.padding, s.dilation, s.groups)
+
+        if not self.training:
+            def infer(inp):
+                with torch.no_grad():
+                    return conv(inp["x"])
+            return infer
+
+        def train(inp):
+            wanted = [self.weight, inp["x"]] if self.input_grad else [self.weight]
+            return torch.autograd.grad(conv(inp["x"]), wanted, inp["dz"])
+        return train
+
     def compiled(self, mode: str = "default") -> Callable[[dict], object]:
         # a fresh cache: the same Python code compiled for many shapes would otherwise hit the
         # recompile limit or go dynamic-shape, and time something other than what is asked
@@ -379,10 +398,12 @@ class LayerBench:
         return fastres_backends.availability(backend, self.call_info)
 
     def system(self, name: str) -> tuple[Callable[[dict], object] | None, str | None]:
-        """``(step, None)`` for system ``name`` ("eager", "compile-<mode>", "fastres-<backend>"),
-        or ``(None, reason)`` when it cannot run here."""
+        """``(step, None)`` for system ``name`` ("eager", "cudnn-conv", "compile-<mode>",
+        "fastres-<backend>"), or ``(None, reason)`` when it cannot run here."""
         if name == "eager":
             return self.eager(), None
+        if name == "cudnn-conv":
+            return self.conv_only(), None
         if name.startswith("compile-"):
             return self.compiled(name.removeprefix("compile-")), None
         backend = name.removeprefix("fastres-")

@@ -64,7 +64,7 @@ def layer_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             if k not in systems:
                 systems.append(k)
     header = ["layer", "mode", *[f"{k.replace('fastres-', 'fr-')} µs" for k in systems],
-              "best", "vs eager", "vs compile", "bound µs", "best/bound"]
+              "best", "vs eager", "vs compile", "best/conv", "bound µs", "best/bound"]
     rows = []
     for e in results.get("layers", []):
         s = e.get("systems", {})
@@ -75,6 +75,7 @@ def layer_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             e.get("best_fastres", "-").removeprefix("fastres-"),
             _num(e.get("speedup_vs_eager"), "{:.2f}x"),
             _num(e.get("speedup_vs_compile-default"), "{:.2f}x"),
+            _num(best.get("time_vs_cudnn_conv"), "{:.2f}"),
             _num(e["bound_s"] * 1e6 if "bound_s" in e else None, "{:,.1f}"),
             _num(best.get("frac_roofline"), "{:.1%}"),
         ])

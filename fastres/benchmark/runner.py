@@ -24,9 +24,12 @@ Schema ``fastres-bench/1``::
                           frac_roofline}
     layers[]:    id, model, shape, label, epilogue, uses, mode, dtype, flops, bytes, copies,
                  bound_s, best_fastres, speedup_vs_eager, speedup_vs_compile-<mode>,
-                 systems {eager | compile-<mode> | fastres-<backend>: status ("ok", "error",
-                          "unavailable", "skipped"), reason, img_s, median_s, ..., tflops, tbps,
-                          frac_peak_tflops, frac_peak_tbps, bound_s, frac_roofline, bound_by}
+                 systems {eager | cudnn-conv (the conv alone) | compile-<mode> |
+                          fastres-<backend>: status ("ok", "error", "unavailable",
+                          "skipped"), reason, img_s, median_s, ..., tflops, tbps,
+                          frac_peak_tflops, frac_peak_tbps, bound_s, frac_roofline, bound_by;
+                          fastres-*: time_vs_cudnn_conv; fastres-triton: configs (kernel ->
+                          the configuration it ran)}
 """
 
 from __future__ import annotations
@@ -58,6 +61,15 @@ from .cases import (
 from .env import environment
 from .roofline import Ceilings, achieved
 from .timing import measure_ceilings, time_calls
+
+
+def launched_configs(clear: bool = False) -> dict[str, str]:
+    """The Triton configurations of the last launches (empty without Triton)."""
+    try:
+        from ..backends.triton._tuning import launched_configs as configs
+    except ImportError:
+        return {}
+    return configs(clear)
 
 SCHEMA = "fastres-bench/1"
 CPU_BANNER = "no CUDA device: tiny CPU configuration, numbers say nothing about GPU speed"
@@ -123,7 +135,7 @@ def _fastres_backends(config: BenchConfig) -> list[str]:
 
 
 def _layer_systems(config: BenchConfig) -> list[str]:
-    systems = [f"fastres-{b}" for b in _fastres_backends(config)] + ["eager"]
+    systems = [f"fastres-{b}" for b in _fastres_backends(config)] + ["eager", "cudnn-conv"]
     if config.compile:
         systems += [f"compile-{m}" for m in config.compile_modes]
     return systems
@@ -370,6 +382,7 @@ def _run_layer(case, mode, config, device, dtype, ceilings: Ceilings, clock, pro
                 if fn is None:
                     entry["systems"][system] = {"status": "unavailable", "reason": reason}
                     continue
+                launched_configs(clear=True)
                 timing = time_calls(fn, bench.inputs, device, warmup=config.warmup,
                                     repeats=config.repeats)
             entry["systems"][system] = {
@@ -378,6 +391,8 @@ def _run_layer(case, mode, config, device, dtype, ceilings: Ceilings, clock, pro
                 **timing.to_dict(),
                 **achieved(bench.flops, bench.bytes, timing.median_s, ceilings),
             }
+            if system == "fastres-triton":  # which configuration each kernel ran (autotuned)
+                entry["systems"][system]["configs"] = launched_configs(clear=True)
         except TimeLimitReached:
             entry["systems"][system] = {"status": "skipped",
                                         "reason": "time limit reached within this system"}
@@ -385,6 +400,10 @@ def _run_layer(case, mode, config, device, dtype, ceilings: Ceilings, clock, pro
             entry["systems"][system] = _failure(e)
     fused = {k: v for k, v in entry["systems"].items()
              if k.startswith("fastres-") and v.get("status") == "ok"}
+    conv = entry["systems"].get("cudnn-conv", {})
+    for result in fused.values():  # > 1: slower than cuDNN's convolution alone
+        if conv.get("status") == "ok":
+            result["time_vs_cudnn_conv"] = result["median_s"] / conv["median_s"]
     if fused:
         best = min(fused, key=lambda k: fused[k]["median_s"])
         entry["best_fastres"] = best

@@ -59,6 +59,8 @@ def test_forced_config_runs_and_partials_follow_its_block_m(block_m: int):
     with conv._gemm.forced(config):
         y, part = conv.conv2d_fused(x, w, None, params, stats=True)
     assert conv._gemm.last_config is config
+    assert _tuning.launched_configs()["_conv_gemm_kernel"] == (
+        f"BLOCK_M={block_m},BLOCK_N=16,BLOCK_K=16 w4 s3")
     m = 2 * 9 * 7
     assert part.count.shape == (triton.cdiv(m, block_m),)
     assert part.count.sum().item() == m

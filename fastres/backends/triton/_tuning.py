@@ -41,6 +41,25 @@ _CACHE_KW = (
 )
 
 
+_ALL: list[Tuned] = []  # every Tuned kernel, for launched_configs()
+
+
+def config_label(config: triton.Config) -> str:
+    """``BLOCK_M=128,BLOCK_N=64,... w4 s3``: a configuration in one short string."""
+    meta = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{meta} w{config.num_warps} s{config.num_stages}"
+
+
+def launched_configs(clear: bool = False) -> dict[str, str]:
+    """The configuration each kernel ran with at its last launch (kernel name -> label), e.g. to
+    record which one the autotuner chose for a benchmarked layer; ``clear`` forgets them after."""
+    seen = {t.fn.__name__: config_label(t.last_config) for t in _ALL if t.last_config}
+    if clear:
+        for t in _ALL:
+            t.last_config = None
+    return seen
+
+
 class Tuned:
     """A ``@triton.jit`` kernel with autotuning configurations; launch as ``kernel[grid](...)``.
 
@@ -57,6 +76,7 @@ class Tuned:
         self.last_config: triton.Config | None = None
         self._forced: triton.Config | None = None
         self._tuner = None
+        _ALL.append(self)
         if AUTOTUNE and len(self.configs) > 1:
             by = {"early_config_prune": prune} if prune is not None else None
             self._tuner = triton.autotune(

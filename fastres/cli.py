@@ -1,4 +1,4 @@
-"""The ``fastres`` command: ``fastres bench`` and ``fastres info``.
+"""The ``fastres`` command: ``fastres bench``, ``fastres info`` and ``fastres tune``.
 
 ``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, and
 per-layer times with ``--layers``), prints a table, and writes ``results.json`` and
@@ -222,6 +222,66 @@ def _tiny_preview(config: BenchConfig) -> BenchConfig:
     return tiny_cpu(copy.deepcopy(config))
 
 
+# ---------------------------------------------------------------------------------------------
+# fastres tune
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Run a model's first steps so that every conv shape is autotuned and the choices land in
+    Triton's on-disk cache: later processes with the same shapes start without tuning."""
+    import time
+
+    import torch
+
+    from .backends.triton import _tuning
+    from .benchmark.cases import MODEL_NAMES, ModelBench
+    from .benchmark.runner import DTYPES
+    from .benchmark.timing import synchronize
+
+    if args.model not in MODEL_NAMES and not _has_model(args.model):
+        raise SystemExit(f"fastres tune: unknown model {args.model!r}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        print("no CUDA device: the steps run, but there is nothing to tune (Triton runs on CUDA)")
+    elif not _tuning.AUTOTUNE:
+        print("FASTRES_TRITON_AUTOTUNE=0: kernels take their first fitting configuration; "
+              "nothing is tuned")
+    modes = ["train", "infer"] if args.mode == "both" else [args.mode]
+    for mode in modes:
+        bench = ModelBench(args.model, "fastres", training=mode == "train", batch=args.batch,
+                           resolution=args.resolution, dtype=DTYPES[args.dtype], device=device)
+        step, times = bench.step(), []
+        for i in range(2):
+            t0 = time.perf_counter()
+            step(bench.inputs[i % len(bench.inputs)])
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        print(f"{args.model} {mode} batch {args.batch} {args.dtype}: first step {times[0]:.2f} s "
+              f"(compiling, autotuning), second {times[1]:.3f} s")
+        del bench
+    if device.type == "cuda" and _tuning.AUTOTUNE:
+        where = (f"Triton's cache ({_triton_cache_dir()})" if _tuning._CACHE_KW
+                 else "this process only: this Triton has no on-disk autotune cache")
+        print(f"tuning results kept in {where}")
+    return 0
+
+
+def _has_model(name: str) -> bool:
+    from . import models
+
+    return hasattr(models, name)
+
+
+def _triton_cache_dir() -> str:
+    try:
+        import triton
+
+        return str(triton.knobs.cache.dir)
+    except AttributeError:
+        return os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastres", description="Fused conv + BN + ReLU for ResNet-family CNNs.")
@@ -270,6 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--strict", action="store_true",
                        help="exit 1 if any measurement failed")
     bench.set_defaults(func=cmd_bench)
+
+    tune = sub.add_parser(
+        "tune", help="autotune every conv shape of a model once; kept on disk for later runs",
+        description="Run a fused model's first training step and/or inference pass so that "
+                    "every Triton kernel is compiled and autotuned for its shapes; the choices "
+                    "are kept in Triton's on-disk cache, so later processes start warm.")
+    tune.add_argument("model", help="a fastres.models name, e.g. resnet50")
+    tune.add_argument("--mode", choices=("train", "infer", "both"), default="both")
+    tune.add_argument("--batch", type=int, default=256)
+    tune.add_argument("--resolution", type=int, default=224)
+    tune.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    tune.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 

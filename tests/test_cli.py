@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -105,3 +106,18 @@ def test_bench_time_limit_records_skips(tmp_path, capsys):
 def test_bench_rejects_unknown_model():
     with pytest.raises(SystemExit):
         cli.main(["bench", "--model", "vgg16"])
+
+
+@needs_torchvision
+def test_tune_runs_the_first_steps_and_says_what_it_did(capsys):
+    code = cli.main(["tune", "resnet18", "--batch", "2", "--resolution", "32", "--device", "cpu",
+                     "--mode", "infer"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "nothing to tune" in out  # no GPU: honest about it
+    assert re.search(r"resnet18 infer batch 2 bf16: first step [\d.]+ s", out), out
+
+
+def test_tune_rejects_unknown_model():
+    with pytest.raises(SystemExit, match="unknown model"):
+        cli.main(["tune", "vgg16", "--device", "cpu"])

@@ -290,9 +290,10 @@ def _time_backend(name: str, call: CallInfo, reps: int = 10) -> float:
 
 
 def autotuned_order(call: CallInfo, static: tuple[str, ...]) -> tuple[str, ...]:
-    """``static`` reordered by a once-per-(device, shape, dtype, op) measurement of the triton and
-    cuda backends, cached on disk. Falls back to ``static`` while tracing or capturing a CUDA graph
-    (measuring would sync the host), and for candidates that cannot serve the call."""
+    """``static`` reordered by a once-per-(device, shape, dtype, op) measurement of the triton,
+    cuda and reference (cuDNN) backends, cached on disk. Falls back to ``static`` while tracing
+    or capturing a CUDA graph (measuring would sync the host), and for candidates that cannot
+    serve the call."""
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     if torch.compiler.is_compiling() or capturing:
         return static
@@ -303,7 +304,8 @@ def autotuned_order(call: CallInfo, static: tuple[str, ...]) -> tuple[str, ...]:
         from . import availability
 
         timings: dict[str, float] = {}
-        for name in ("triton", "cuda"):
+        # reference (cuDNN) competes too: auto never serves a shape with something slower
+        for name in ("triton", "cuda", "reference"):
             if availability(name, call) is not None:
                 continue
             try:

@@ -11,6 +11,7 @@ kernels: the equivalence grid of tests/ops/cases.py against float64 (tests/numer
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import glob
@@ -292,6 +293,24 @@ def test_autotune_uses_cached_choice(tmp_path, monkeypatch):
         json.dump({"the-key": ["cuda", "triton"]}, f)
     order = cuda.autotuned_order(_call("cuda"), ("triton", "cuda", "reference"))
     assert order == ("cuda", "triton", "reference")
+
+
+def test_autotune_lets_pytorch_win_where_it_is_faster(tmp_path, monkeypatch):
+    cuda = _cuda_backend()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("FASTRES_AUTOTUNE_BACKEND", "1")
+    monkeypatch.setattr(cuda, "_tuned", None)
+    measured = {"triton": 2.0, "cuda": 3.0, "reference": 1.0}
+    monkeypatch.setattr(cuda, "_time_backend", lambda name, call: measured[name])
+    monkeypatch.setattr(cuda, "_key", lambda call: "the-key")  # the real key names the GPU
+    # no GPU here: the measurement's RNG fork on the CUDA device is not the point
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices: contextlib.nullcontext())
+    call = _call("cuda")
+    assert cuda.autotuned_order(call, ("triton", "cuda", "reference")) == (
+        "reference", "triton", "cuda")
+    assert fastres.backends.select(call, "auto") == "reference"
+    with open(cuda.autotune_cache_path()) as f:  # kept for the next process
+        assert json.load(f) == {"the-key": ["reference", "triton", "cuda"]}
 
 
 def test_auto_order_static_without_autotune(monkeypatch):

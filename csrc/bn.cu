@@ -77,7 +77,7 @@ __global__ void bn_apply_kernel(const T* __restrict__ y, const float* __restrict
       for (int j = 0; j < kVec; ++j) {
         v[j] = fmaf(v[j], scale[c0 + j], shift[c0 + j]);
         if (residual) v[j] += r[j];
-        if (relu) v[j] = fmaxf(v[j], 0.0f);
+        if (relu) v[j] = relu_f32(v[j]);
       }
       store8(z + i0, v);
       continue;
@@ -86,7 +86,7 @@ __global__ void bn_apply_kernel(const T* __restrict__ y, const float* __restrict
       const int64_t c = i % k;
       float v = fmaf(to_f32(y[i]), scale[c], shift[c]);
       if (residual) v += to_f32(residual[i]);
-      if (relu) v = fmaxf(v, 0.0f);
+      if (relu) v = relu_f32(v);
       z[i] = from_f32<T>(v);
     }
   }

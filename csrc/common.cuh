@@ -44,6 +44,9 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// ReLU as torch.relu: NaN propagates (fmaxf(NaN, 0) would return 0 and hide it).
+__device__ __forceinline__ float relu_f32(float v) { return v < 0.0f ? 0.0f : v; }
+
 // Eight consecutive elements: one 16-byte access for 16-bit types, two for fp32. The caller
 // guarantees `p` is 16-byte aligned (see is_aligned16).
 constexpr int kVec = 8;

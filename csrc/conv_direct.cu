@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     float o = acc[v];
     if (a.scale && v < nv) o = fmaf(o, a.scale[k0 + v], a.shift[k0 + v]);
     if (res && v < nv) o += rv[v];
-    if (a.relu) o = fmaxf(o, 0.0f);
+    if (a.relu) o = relu_f32(o);
     acc[v] = o;
   }
   if (vec) {

@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) conv_igemm_kernel(const ConvArgs a) 
       if (j >= nv) continue;
       if (a.scale) v[j] = fmaf(v[j], a.scale[kbase + col0 + j], a.shift[kbase + col0 + j]);
       if (res) v[j] += rv[j];
-      if (a.relu) v[j] = fmaxf(v[j], 0.0f);
+      if (a.relu) v[j] = relu_f32(v[j]);
     }
     if (vec) {
       store8(out + off, v);

@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from .base import Backend, CallInfo, ConvParams
 
@@ -114,6 +115,38 @@ def auto_order(call: CallInfo) -> tuple[str, ...]:
     return static
 
 
+@dataclass(frozen=True)
+class ServedCall:
+    """One fused-op pass as the op layer dispatched it (see :func:`record_calls`)."""
+
+    direction: str  # "forward" or "backward"
+    backend: str  # the backend that computed it
+    batch_stats: bool
+    inference: bool  # forward without saving for backward (eval: the one-kernel path)
+
+
+_records: list[ServedCall] | None = None  # the innermost active record_calls() list
+
+
+@contextlib.contextmanager
+def record_calls() -> Iterator[list[ServedCall]]:
+    """Record which backend serves each forward and backward pass inside the block (all
+    threads: autograd may run backward on its own). Tests use it to prove a call ran where it
+    was sent; outside the block recording costs one global lookup per pass."""
+    global _records
+    outer, _records = _records, []
+    try:
+        yield _records
+    finally:
+        _records = outer
+
+
+def record(direction: str, backend: str, *, batch_stats: bool, inference: bool) -> None:
+    """Called by the op layer for each pass; a no-op unless :func:`record_calls` is active."""
+    if _records is not None:
+        _records.append(ServedCall(direction, backend, batch_stats, inference))
+
+
 def select(call: CallInfo, name: str | None = None) -> str:
     """Resolve the backend name that will serve ``call``."""
     name = _check_name(name) if name is not None else get_backend()
@@ -133,9 +166,11 @@ __all__ = [
     "BackendUnavailableError",
     "CallInfo",
     "ConvParams",
+    "ServedCall",
     "availability",
     "get_backend",
     "load",
+    "record_calls",
     "select",
     "set_backend",
     "use_backend",

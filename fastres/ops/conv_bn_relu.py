@@ -161,6 +161,9 @@ def conv_bn_relu_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(z, y, mean, var)``; see :class:`fastres.backends.base.Backend`."""
     impl = backends.load(backend)
+    backends.record(
+        "forward", impl.name, batch_stats=batch_stats, inference=not save_for_backward
+    )
     with _on_device_of(x):
         return impl.forward(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
@@ -204,6 +207,7 @@ def conv_bn_relu_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual)``, empty where not asked."""
     impl = backends.load(backend)
+    backends.record("backward", impl.name, batch_stats=batch_stats, inference=False)
     with _on_device_of(dz):
         grads = impl.backward(
             dz, x, weight, y, z, mean, var, bn_weight,

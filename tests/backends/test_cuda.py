@@ -27,7 +27,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastres
 from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, availability
-from tests.ops.cases import CASES, Case, run_case
+from tests.ops.cases import CASES, MODES, Case, run_case
+from tests.ops.nonfinite import check_nonfinite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CL = torch.channels_last
@@ -222,14 +223,14 @@ def test_cuda_backend_on_cpu_tensors_raises_with_reason():
 )
 def test_plan_path_and_tiles(case, dtype, path):
     cuda = _cuda_backend()
-    conv = ConvParams((case.stride,) * 2, (case.padding,) * 2, (case.dilation,) * 2, case.groups)
+    conv = case.conv
     got, tiles, reason = cuda.plan(
-        (case.n, case.c, case.h, case.w), (case.k, case.c // case.groups, case.r, case.r), conv,
+        (case.n, case.c, case.h, case.w), (case.k, case.c // case.groups, *case.kernel), conv,
         dtype,
     )
     assert reason is None
     assert got == path
-    oh, ow = conv.out_hw(case.h, case.w, case.r, case.r)
+    oh, ow = case.out_hw
     assert tiles == case.n * -(-oh // 8) * -(-ow // 8)  # 8x8 output tiles fit these shapes
 
 
@@ -243,14 +244,14 @@ def test_plan_path_and_tiles(case, dtype, path):
 )
 def test_plan_implicit_gemm(case, dtype):
     cuda = _cuda_backend()
-    conv = ConvParams((case.stride,) * 2, (case.padding,) * 2, (case.dilation,) * 2, case.groups)
+    conv = case.conv
     got, tiles, reason = cuda.plan(
-        (case.n, case.c, case.h, case.w), (case.k, case.c // case.groups, case.r, case.r), conv,
+        (case.n, case.c, case.h, case.w), (case.k, case.c // case.groups, *case.kernel), conv,
         dtype,
     )
     assert reason is None
     assert got == "implicit_gemm"
-    oh, ow = conv.out_hw(case.h, case.w, case.r, case.r)
+    oh, ow = case.out_hw
     assert tiles == -(-(case.n * oh * ow) // 64)  # 64-row blocks of M = N * OH * OW
 
 
@@ -407,14 +408,14 @@ def test_grid_traces_with_fake_cuda_tensors(case, dtype, batch_stats):
     kernels check output and partials shapes against the plan the binding enforces."""
     cuda = _cuda_backend()
     backend = cuda.CudaBackend()
-    conv = ConvParams((case.stride,) * 2, (case.padding,) * 2, (case.dilation,) * 2, case.groups)
+    conv = case.conv
     k, cg = case.k, case.c // case.groups
-    oh, ow = conv.out_hw(case.h, case.w, case.r, case.r)
+    oh, ow = case.out_hw
     with FakeTensorMode():
         dev = torch.device("cuda")
         x = torch.empty(case.n, case.c, case.h, case.w, device=dev, dtype=dtype)
         x = x.contiguous(memory_format=CL)
-        w = torch.empty(k, cg, case.r, case.r, device=dev, dtype=dtype)
+        w = torch.empty(k, cg, *case.kernel, device=dev, dtype=dtype)
         bias = torch.empty(k, device=dev, dtype=dtype) if case.bias else None
         vec = torch.empty(k, device=dev)
         res = None
@@ -640,12 +641,61 @@ def emulated_cuda_backend(emu_lib, monkeypatch):
     return cuda
 
 
-@pytest.mark.slow  # ~3.5 min on two cores: 102 cases, each a few thousand emulated threads
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_emulated_kernels_equivalence_grid(emulated_cuda_backend, case, dtype, training):
-    run_case(case, dtype, training, backend="cuda", device="cpu", steps=2)
+def run_cuda_case(
+    case: Case, dtype: torch.dtype, training: bool, grad: bool, device: str, steps: int = 1
+) -> None:
+    """run_case on the cuda backend; inference with running statistics must be one conv launch
+    with the folded BN scale/shift, residual and ReLU in its epilogue (no bn_apply)."""
+    cuda = _cuda_backend()
+    recorder = _RecordingOps(cuda.ops)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda, "ops", recorder)
+        run_case(case, dtype, training, "cuda", device=device, steps=steps, grad=grad)
+    if training or grad or not case.running:
+        return
+    launches = [(name, a) for name, a in recorder.calls if name in ("conv", "bn_apply")]
+    assert [name for name, _ in launches] == ["conv"] * steps, recorder.calls
+    assert all(a[3] is not None for _, a in launches), "a conv ran without the folded BN scale"
+
+
+# The emulation is slow (~2 s a case): by default a subset that still reaches every kernel path
+# and option: 1x1 / 7x7 / rectangular, dilation, residual in apply and in the epilogue, eval-mode
+# backward, affine=False, bias in training, mean ≫ std; the whole grid is marked slow.
+_F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
+_EMU_DEFAULT = {
+    (Case(r=1, padding=0, stride=2, c=32, k=64).id, _F16, "train"),
+    (Case(r=7, stride=2, padding=3, c=3, h=17, w=15, k=16).id, _F32, "eval"),
+    (Case(n=1, h=5, w=7, residual=True).id, _BF16, "train"),
+    (Case(relu=False, bias=True).id, _F32, "train"),
+    (Case(affine=False, running=False).id, _F16, "train"),
+    (Case(dilation=2, padding=2).id, _BF16, "eval"),
+    (Case(groups=8, c=32, k=32, stride=2).id, _BF16, "infer"),
+    (Case(layout="contiguous", residual=True).id, _F16, "eval"),
+    (Case(mean_offset=True, padding=0, residual=True).id, _F32, "train"),
+    (Case(r=(1, 3), padding=(0, 1), residual=True, h=7, w=8).id, _F32, "infer"),
+    (CASES[-1].id, _F16, "train"),  # rectangular, asymmetric everything, grouped
+}
+
+
+def _emulated_grid():
+    for case in CASES:
+        for dtype in DTYPES:
+            for mode in MODES:
+                default = (case.id, dtype, mode.id) in _EMU_DEFAULT
+                yield pytest.param(
+                    case, dtype, *mode.values, marks=() if default else (pytest.mark.slow,),
+                    id=f"{case.id}-{str(dtype).split('.')[-1]}-{mode.id}",
+                )
+
+
+def test_emulated_default_subset_exists():
+    ids = {(c.id, d, m.id) for c in CASES for d in DTYPES for m in MODES}
+    assert ids >= _EMU_DEFAULT, _EMU_DEFAULT - ids
+
+
+@pytest.mark.parametrize(("case", "dtype", "training", "grad"), list(_emulated_grid()))
+def test_emulated_kernels_equivalence_grid(emulated_cuda_backend, case, dtype, training, grad):
+    run_cuda_case(case, dtype, training, grad, device="cpu", steps=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -659,8 +709,29 @@ def test_emulated_kernels_equivalence_grid(emulated_cuda_backend, case, dtype, t
     ids=lambda c: c.id,
 )
 def test_emulated_eval_inference_single_kernel(emulated_cuda_backend, case, dtype):
-    with torch.no_grad():
-        run_case_no_grad(case, dtype, device="cpu")
+    run_cuda_case(case, dtype, False, False, device="cpu")
+
+
+# (case, dtype) for each conv kernel: implicit GEMM (fp16, 16+ channels per group) and direct
+_NONFINITE = [
+    (Case(c=32, k=48, h=11, w=10, residual=True), torch.float16),
+    (Case(groups=8, c=32, k=32, residual=True), torch.float32),
+]
+
+
+@pytest.mark.parametrize("training, grad", MODES)
+@pytest.mark.parametrize(("case", "dtype"), _NONFINITE, ids=lambda v: getattr(v, "id", str(v)))
+def test_emulated_nan_and_inf_as_eager(emulated_cuda_backend, case, dtype, training, grad):
+    """The host's fmaxf drops NaN like the GPU's, so the emulation shows a max-based ReLU."""
+    check_nonfinite(case, dtype, training, grad, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training, grad", MODES)
+@pytest.mark.parametrize(("case", "dtype"), _NONFINITE, ids=lambda v: getattr(v, "id", str(v)))
+def test_nan_and_inf_as_eager(case, dtype, training, grad):
+    _C()
+    check_nonfinite(case, dtype, training, grad, "cuda", device="cuda")
 
 
 @pytest.mark.parametrize(
@@ -675,9 +746,9 @@ def test_emulated_eval_inference_single_kernel(emulated_cuda_backend, case, dtyp
     ids=lambda v: getattr(v, "id", str(v)),
 )
 def test_emulated_kernel_paths(emulated_cuda_backend, case, dtype, path):
-    conv = ConvParams((case.stride,) * 2, (case.padding,) * 2, (case.dilation,) * 2, case.groups)
+    conv = case.conv
     got, _, _ = emulated_cuda_backend.plan(
-        (case.n, case.c, case.h, case.w), (case.k, case.c // case.groups, case.r, case.r), conv,
+        (case.n, case.c, case.h, case.w), (case.k, case.c // case.groups, *case.kernel), conv,
         dtype,
     )
     assert got == path
@@ -690,61 +761,12 @@ def test_emulated_kernel_paths(emulated_cuda_backend, case, dtype, path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("training, grad", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_equivalence_grid(case, dtype, training):
+def test_equivalence_grid(case, dtype, training, grad):
     _C()
-    run_case(case, dtype, training, backend="cuda", device="cuda", steps=2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_eval_inference_single_kernel_path(dtype):
-    """Eval without grad takes the fused-epilogue conv (scale/shift/residual/ReLU in one kernel)."""
-    _C()
-    case = Case(groups=8, c=32, k=32, residual=True, bias=True)
-    with torch.no_grad():
-        run_case_no_grad(case, dtype)
-
-
-def run_case_no_grad(case: Case, dtype: torch.dtype, device: str = "cuda") -> None:
-    from tests.numerics import assert_close_ratio, eager_conv_bn_relu
-    from tests.ops.cases import make_inputs
-
-    t = make_inputs(case, dtype, device)
-    kw = dict(
-        training=False, stride=case.stride, padding=case.padding, dilation=case.dilation,
-        groups=case.groups, relu=case.relu,
-    )
-
-    def args(dt, dev, bn_dt):
-        out = {}
-        for name, v in t.items():
-            if v is None:
-                out[name] = None
-            else:
-                is_act = name in ("x", "weight", "bias", "residual")
-                out[name] = v.to(device=dev, dtype=dt if is_act else bn_dt)
-        return out
-
-    def call(fn, a):
-        a = dict(a)
-        return fn(a.pop("x"), a.pop("weight"), a.pop("bn_weight"), a.pop("bn_bias"),
-                  a.pop("running_mean"), a.pop("running_var"), **a, **kw)
-
-    ref = call(eager_conv_bn_relu, args(torch.float64, "cpu", torch.float64))
-    base = call(eager_conv_bn_relu, args(dtype, device, torch.float32))
-    cuda = _cuda_backend()
-    recorder = _RecordingOps(cuda.ops)
-    with fastres.use_backend("cuda"), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cuda, "ops", recorder)
-        z = call(fastres.ops.conv_bn_relu, args(dtype, device, torch.float32))
-    assert_close_ratio("output", z, ref, base)
-    # one conv with BN, residual and ReLU in its epilogue; no separate apply pass
-    launches = [(name, a) for name, a in recorder.calls if name in ("conv", "bn_apply")]
-    assert [name for name, _ in launches] == ["conv"], recorder.calls
-    assert launches[0][1][3] is not None, "the conv ran without the folded BN scale"
+    run_cuda_case(case, dtype, training, grad, device="cuda", steps=2)
 
 
 class _RecordingOps:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import pytest
 import torch
 
 import fastres
-from fastres.backends import ConvParams
+from fastres.backends import ConvParams, ServedCall
 from fastres.backends.triton.conv import kernel_for
 from tests.numerics import assert_close_ratio, eager_conv_bn_relu
+
+Pair = int | tuple[int, int]
+
+
+def _pair(v: Pair) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,10 +27,10 @@ class Case:
     h: int = 9
     w: int = 9
     k: int = 16
-    r: int = 3
-    stride: int = 1
-    padding: int = 1
-    dilation: int = 1
+    r: Pair = 3  # kernel size: int or (height, width)
+    stride: Pair = 1
+    padding: Pair = 1
+    dilation: Pair = 1
     groups: int = 1
     bias: bool = False
     affine: bool = True
@@ -31,19 +38,38 @@ class Case:
     residual: bool = False
     relu: bool = True
     layout: str = "channels_last"  # or "contiguous" or "sliced"
-    mean_offset: float = 0.0  # conv outputs centred far from zero
+    # conv outputs centred far from zero (|mean| ≫ std) by an offset input, as in a ResNet after
+    # a ReLU; the offset is per dtype (MEAN_OFFSET) so that y stays representable
+    mean_offset: bool = False
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return _pair(self.r)
 
     @property
     def conv(self) -> ConvParams:
-        s, p, d = self.stride, self.padding, self.dilation
-        return ConvParams((s, s), (p, p), (d, d), self.groups)
+        return ConvParams(
+            _pair(self.stride), _pair(self.padding), _pair(self.dilation), self.groups
+        )
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.conv.out_hw(self.h, self.w, *self.kernel)
 
     @property
     def id(self) -> str:
         d = dataclasses.asdict(self)
         default = dataclasses.asdict(Case())
-        return "-".join(f"{k}{v}" for k, v in d.items() if v != default[k]) or "default"
+        return "-".join(
+            f"{k}{'x'.join(map(str, v)) if isinstance(v, tuple) else v}"
+            for k, v in d.items() if v != default[k]
+        ) or "default"
 
+
+# |mean| / std of the conv output in the mean_offset cases: large, yet with y's rounding in the
+# dtype (spacing |mean|·2^-mantissa) well below its std, so that the float64 truth is meaningful
+MEAN_OFFSET = {torch.float32: 1000.0, torch.float64: 1000.0, torch.float16: 40.0,
+               torch.bfloat16: 6.0}
 
 CASES = [
     Case(),
@@ -62,7 +88,18 @@ CASES = [
     Case(layout="contiguous", residual=True),
     Case(layout="sliced", c=8, k=24, h=7, w=6),
     Case(n=3, c=5, h=6, w=5, k=7, bias=True),  # odd sizes everywhere
-    Case(mean_offset=1000.0, bias=True),
+    Case(mean_offset=True, padding=0, residual=True),  # padding would spread the mean
+    # rectangular kernels, height and width stride / padding / dilation apart
+    Case(r=(1, 3), padding=(0, 1), residual=True, h=7, w=8),
+    Case(r=(3, 5), stride=(2, 1), padding=(1, 3), dilation=(1, 2), h=11, w=9, groups=2, c=32),
+]
+
+# (training, grad): the three paths of every backend: training, eval with autograd (raw y kept
+# for backward), eval without autograd (inference: BN, residual and ReLU in the conv epilogue)
+MODES = [
+    pytest.param(True, True, id="train"),
+    pytest.param(False, True, id="eval"),
+    pytest.param(False, False, id="infer"),
 ]
 
 
@@ -75,29 +112,43 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.contiguous()
 
 
+ACT_ARGS = ("x", "weight", "bias", "residual")  # cast to the test dtype
+BN_ARGS = ("bn_weight", "bn_bias", "running_mean", "running_var")  # stay fp32, as nn.BatchNorm2d
+
+
 def make_inputs(case: Case, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor | None]:
-    """Fresh random inputs in float64 on the CPU (non-trivial BN statistics)."""
+    """Fresh random inputs in float64 on the CPU (non-trivial BN statistics), already rounded to
+    the dtypes the op will see, so that the float64 truth is that of the very same inputs and
+    every error measured is the computation's."""
     f64 = torch.float64
     k, cg = case.k, case.c // case.groups
-    fan_in = cg * case.r * case.r
-    oh, ow = case.conv.out_hw(case.h, case.w, case.r, case.r)
+    r, s = case.kernel
+    oh, ow = case.out_hw
+    offset = MEAN_OFFSET[dtype] if case.mean_offset else 0.0
     t = {
-        "x": torch.randn(case.n, case.c, case.h, case.w, dtype=f64) + 0.5,
-        "weight": torch.randn(k, cg, case.r, case.r, dtype=f64) / fan_in**0.5,
-        "bias": (torch.randn(k, dtype=f64) + case.mean_offset) if case.bias else None,
+        "x": torch.randn(case.n, case.c, case.h, case.w, dtype=f64) + 0.5 + offset,
+        "weight": torch.randn(k, cg, r, s, dtype=f64) / (cg * r * s) ** 0.5,
+        "bias": torch.randn(k, dtype=f64) if case.bias else None,
         "bn_weight": torch.rand(k, dtype=f64) + 0.5 if case.affine else None,
         "bn_bias": torch.randn(k, dtype=f64) if case.affine else None,
         "running_mean": torch.randn(k, dtype=f64) * 0.5 if case.running else None,
         "running_var": torch.rand(k, dtype=f64) * 2 + 0.5 if case.running else None,
         "residual": torch.randn(case.n, k, oh, ow, dtype=f64) if case.residual else None,
     }
-    if case.mean_offset and case.running:
-        t["running_mean"] = t["running_mean"] + case.mean_offset
+    if case.mean_offset and case.running:  # running statistics near the offset output's
+        c = case.conv
+        y = torch.nn.functional.conv2d(
+            t["x"], t["weight"], None, c.stride, c.padding, c.dilation, c.groups
+        )
+        var, mean = torch.var_mean(y, dim=(0, 2, 3))
+        t["running_mean"] = t["running_mean"] + mean
+        t["running_var"] = t["running_var"] * var
+    for name, v in t.items():
+        if v is not None and dtype != f64:
+            t[name] = v.to(dtype if name in ACT_ARGS else torch.float32).to(f64)
     return t
 
 
-ACT_ARGS = ("x", "weight", "bias", "residual")  # cast to the test dtype
-BN_ARGS = ("bn_weight", "bn_bias", "running_mean", "running_var")  # stay fp32, as nn.BatchNorm2d
 
 
 def _prepare(inputs, case, dtype, device, grad=True):
@@ -137,13 +188,16 @@ def _ambiguous_relu_band(inputs, case, dtype, device, call, eager) -> tuple[torc
 
 def run_case(
     case: Case, dtype: torch.dtype, training: bool, backend: str, device: str = "cpu",
-    steps: int = 1,
+    steps: int = 1, grad: bool = True,
 ) -> None:
-    """Forward, every gradient and the running statistics of ``backend`` vs float64 and eager."""
+    """Forward, every gradient and the running statistics of ``backend`` vs float64 and eager,
+    and that ``backend`` served every pass. ``grad=False``: the forward without autograd (in
+    eval the one-kernel inference path) and the running statistics."""
     inputs = make_inputs(case, dtype, device)
+    c = case.conv
     kwargs = dict(
-        training=training, stride=case.stride, padding=case.padding,
-        dilation=case.dilation, groups=case.groups,
+        training=training, stride=c.stride, padding=c.padding, dilation=c.dilation,
+        groups=c.groups,
     )
 
     def call(fn, args, relu=case.relu):
@@ -157,34 +211,47 @@ def run_case(
     tf32 = (device != "cpu" and dtype == torch.float32 and backend == "triton"
             and kernel_for(case.c // case.groups, case.groups) != "direct")
     eager = functools.partial(eager_conv_bn_relu, tf32=tf32)
-    if case.relu:
+    if case.relu and grad:
         pre_ref, band = _ambiguous_relu_band(inputs, case, dtype, device, call, eager)
-    ref = _prepare(inputs, case, torch.float64, "cpu")
-    base = _prepare(inputs, case, dtype, device)
-    fused = _prepare(inputs, case, dtype, device)
-    for _ in range(steps):
-        for args in (ref, base, fused):
-            for t in args.values():
-                if t is not None and t.grad is not None:
-                    t.grad = None
-        z_ref = call(eager_conv_bn_relu, ref)
-        z_base = call(eager, base)
-        with fastres.use_backend(backend):
-            z = call(fastres.ops.conv_bn_relu, fused)
-        assert z.dtype == dtype
-        assert z.is_contiguous(memory_format=torch.channels_last)
-        assert_close_ratio("output", z, z_ref, z_base)
-        dz = torch.randn_like(z_ref)
-        if case.relu:
-            dz[pre_ref.abs() <= band] = 0.0
-        z_ref.backward(dz)
-        z_base.backward(dz.to(device=device, dtype=dtype))
-        z.backward(dz.to(device=device, dtype=dtype))
+        decided = (pre_ref.abs() > band).double().mean().item()
+        assert decided >= 0.5, (
+            f"only {decided:.0%} of the outputs are clear of the ReLU's rounding band: the "
+            "gradients would compare mostly zeros"
+        )
+    ref = _prepare(inputs, case, torch.float64, "cpu", grad)
+    base = _prepare(inputs, case, dtype, device, grad)
+    fused = _prepare(inputs, case, dtype, device, grad)
+    with fastres.backends.record_calls() as served, torch.set_grad_enabled(grad):
+        for _ in range(steps):
+            for args in (ref, base, fused):
+                for t in args.values():
+                    if t is not None and t.grad is not None:
+                        t.grad = None
+            z_ref = call(eager_conv_bn_relu, ref)
+            z_base = call(eager, base)
+            with fastres.use_backend(backend):
+                z = call(fastres.ops.conv_bn_relu, fused)
+            assert z.dtype == dtype
+            assert z.is_contiguous(memory_format=torch.channels_last)
+            assert_close_ratio("output", z, z_ref, z_base)
+            if not grad:
+                continue
+            dz = torch.randn_like(z_ref)
+            if case.relu:
+                dz[pre_ref.abs() <= band] = 0.0
+            z_ref.backward(dz)
+            z_base.backward(dz.to(device=device, dtype=dtype))
+            z.backward(dz.to(device=device, dtype=dtype))
+    batch_stats = training or not case.running
+    expected = [ServedCall("forward", backend, batch_stats, inference=not grad)] * steps
+    if grad:
+        expected += [ServedCall("backward", backend, batch_stats, inference=False)] * steps
+    assert sorted(served, key=repr) == sorted(expected, key=repr), served
     for name, t in fused.items():
         if t is None:
             continue
         if t.requires_grad:
             assert t.grad is not None, f"no gradient for {name}"
             assert_close_ratio(f"grad {name}", t.grad, ref[name].grad, base[name].grad)
-        else:  # running statistics
+        elif name in ("running_mean", "running_var"):
             assert_close_ratio(name, t, ref[name], base[name])

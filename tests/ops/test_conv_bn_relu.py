@@ -3,17 +3,23 @@
 import pytest
 import torch
 
-from tests.ops.cases import CASES, Case, run_case
+from tests.ops.cases import CASES, MODES, Case, run_case
+from tests.ops.nonfinite import check_nonfinite
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("training, grad", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_reference_backend(case: Case, dtype: torch.dtype, training: bool) -> None:
-    run_case(case, dtype, training, "reference")
+def test_reference_backend(case: Case, dtype: torch.dtype, training: bool, grad: bool) -> None:
+    run_case(case, dtype, training, "reference", grad=grad)
 
 
 def test_running_stats_after_several_steps() -> None:
     run_case(Case(residual=True), torch.float32, True, "reference", steps=3)
+
+
+@pytest.mark.parametrize("training, grad", MODES)
+def test_reference_nan_and_inf_as_eager(training: bool, grad: bool) -> None:
+    check_nonfinite(Case(residual=True), torch.float32, training, grad, "reference")

@@ -238,7 +238,7 @@ def _epilogue(
     if HAS_RES:
         acc += tl.load(res_ptr + o_off, mask=o_mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # not maximum(): max.f32 drops NaN on a GPU
     if INTERPRET:
         acc = _round_to_output(acc, out_ptr, INTERPRET)
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)

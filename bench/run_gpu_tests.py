@@ -8,7 +8,8 @@ other ``gpu``-marked test (Triton kernels, the op, modules and models on the GPU
 Why shards: the GPU tests spend most of their time compiling Triton kernels (about 200 distinct
 compilations with ``FASTRES_TRITON_AUTOTUNE=0``, plus one per configuration in the all-configs
 test; ~1–2 s each, single-threaded), so one pytest process would not fit its cap. The test ids
-are dealt round-robin to ``--jobs`` pytest processes (they share Triton's on-disk cache).
+are dealt round-robin to ``--jobs`` pytest processes (default: up to 12, two cores left over;
+they share Triton's on-disk cache).
 
 Within the cap: at the deadline each shard gets SIGINT, on which pytest stops and still prints
 its summary with the failures so far (``-rfE``); SIGKILL follows after a grace period. Each
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("group", choices=("triton", "cuda"))
     parser.add_argument("--timeout", type=float, required=True, help="seconds for the group")
     parser.add_argument("--logs", type=Path, required=True, help="folder for the shard logs")
-    parser.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    # compiling is single-threaded per process: most of the cores, two left for the rest
+    parser.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     args = parser.parse_args(argv)
     return run(args.group, args.timeout, args.logs, args.jobs)
 

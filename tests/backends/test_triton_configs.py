@@ -31,44 +31,44 @@ def _label(config: triton.Config) -> str:
         f"_w{config.num_warps}s{config.num_stages}")
 
 
-def _params(configs, dtypes):
-    return [pytest.param(c, d, id=f"{_label(c)}-{str(d).removeprefix('torch.')}")
-            for c in configs for d in dtypes]
+# (kernel, the shape it serves, dtypes, epilogues in bf16): the training epilogue in every
+# dtype, the fused eval epilogue too in bf16
+_CONV = {
+    "gemm": (tconv._gemm, tconv.GPU_GEMM_CONFIGS, DENSE, DTYPES, ("raw_bias", "eval_res")),
+    "gemm_flat": (tconv._gemm, tconv.GPU_GEMM_CONFIGS, STEM, [torch.bfloat16], ("raw_bias",)),
+    "direct": (tconv._direct, tconv.GPU_DIRECT_CONFIGS, GROUPED, DTYPES,
+               ("raw_bias", "eval_res")),
+}
 
 
-@pytest.mark.parametrize("config, dtype", _params(tconv.GPU_GEMM_CONFIGS, DTYPES))
-def test_gemm_config(config: triton.Config, dtype: torch.dtype) -> None:
-    with tconv._gemm.forced(config):
-        _check_tuned(DENSE, dtype, "cuda", epilogues=("raw_bias",) if dtype != torch.bfloat16
-                     else ("raw_bias", "eval_res"))
-    assert tconv._gemm.last_config is config
+@pytest.mark.parametrize("kernel, config, dtype", [
+    pytest.param(name, c, d, id=f"{name}-{_label(c)}-{str(d).removeprefix('torch.')}")
+    for name, (_, configs, _, dtypes, _) in _CONV.items() for c in configs for d in dtypes
+])
+def test_conv_config(kernel: str, config: triton.Config, dtype: torch.dtype) -> None:
+    tuned, _, shape, _, bf16_epilogues = _CONV[kernel]
+    assert tconv.kernel_for(shape.c // shape.groups, shape.groups) == kernel
+    with tuned.forced(config):
+        _check_tuned(shape, dtype, "cuda",
+                     epilogues=bf16_epilogues if dtype == torch.bfloat16 else ("raw_bias",))
+    assert tuned.last_config is config
 
 
-@pytest.mark.parametrize("config, dtype", _params(tconv.GPU_GEMM_CONFIGS, [torch.bfloat16]))
-def test_flat_k_config(config: triton.Config, dtype: torch.dtype) -> None:
-    with tconv._gemm.forced(config):
-        _check_tuned(STEM, dtype, "cuda", epilogues=("raw_bias",))
-    assert tconv._gemm.last_config is config
-
-
-@pytest.mark.parametrize("config, dtype", _params(tconv.GPU_DIRECT_CONFIGS, DTYPES))
-def test_direct_config(config: triton.Config, dtype: torch.dtype) -> None:
-    with tconv._direct.forced(config):
-        _check_tuned(GROUPED, dtype, "cuda", epilogues=("raw_bias",) if dtype != torch.bfloat16
-                     else ("raw_bias", "eval_res"))
-    assert tconv._direct.last_config is config
-
-
-_BN_KERNELS = {"apply": bn._bn_apply_kernel, "bwd_reduce": bn._bn_bwd_reduce_kernel,
-               "bwd_dx": bn._bn_bwd_dx_kernel}
+# (kernel, the (BLOCK_M, num_warps) pairs a GPU offers it)
+_BN = {
+    "apply": (bn._bn_apply_kernel, bn._ELEMENTWISE_BLOCKS),
+    "bwd_reduce": (bn._bn_bwd_reduce_kernel, bn._REDUCE_BLOCKS),
+    "bwd_dx": (bn._bn_bwd_dx_kernel, bn._ELEMENTWISE_BLOCKS),
+}
 
 
 @pytest.mark.parametrize("kernel, config", [
     pytest.param(name, c, id=f"{name}-{_label(c)}")
-    for name, k in _BN_KERNELS.items() for c in k.configs
+    for name, (_, blocks) in _BN.items()
+    for c in (triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in blocks)
 ])
 def test_bn_config(kernel: str, config: triton.Config) -> None:
-    tuned = _BN_KERNELS[kernel]
+    tuned = _BN[kernel][0]
     with tuned.forced(config):
         run_case(Case(n=4, c=64, k=48, h=15, w=15, residual=True), torch.bfloat16, True,
                  "triton", device="cuda")

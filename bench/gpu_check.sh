@@ -124,10 +124,10 @@ run_step install 200 "$SETUP_LOG" \
 run_step info 30 "$SETUP_LOG" "$PY" -m fastres.cli info
 
 # 3 and 4. every GPU test, one Triton configuration per kernel and shape (FASTRES_TRITON_AUTOTUNE=0;
-# the all-configs test forces each configuration once). Budget: ~200 distinct Triton compilations
-# plus ~70 in the all-configs test, ~1.5 s each on one core, dealt to up to 8 parallel pytest
-# shards (16 cores): ~50 s of compiling per shard plus collection (~15 s) and the float64
-# references: cap 140 s. The cuda group compiles nothing (the extension is built): cap 50 s.
+# the all-configs test forces each configuration once). Budget: ~450 distinct Triton
+# compilations (see bench/run_gpu_tests.py), ~10 CPU-minutes, cut into 12 contiguous shards on
+# 16 cores: ~60-80 s of compiling per shard plus collection (~15 s) and the float64 references:
+# cap 140 s. The cuda group compiles nothing (the extension is built): cap 50 s.
 # Each shard is stopped with SIGINT at its cap, so its log still lists the failures so far.
 TESTS_LOG="$OUT/gpu-tests.log"
 cap=$(cap_of 140 240)

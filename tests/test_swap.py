@@ -12,7 +12,8 @@ from torch import nn
 
 import fastres
 from fastres.nn import BasicBlock, Bottleneck
-from fastres.swap import FusedPreAct, FusedSequential, FusedStem, FuseError, fuse_report
+from fastres.nn.stem import FoldedBatchNorm2d, StemConv2d
+from fastres.swap import FusedPreAct, FusedSequential, FuseError, fuse_report
 from tests.models._util import check_equivalent, check_sgd_step, randomize_bn
 from tests.numerics import assert_close_ratio
 
@@ -46,7 +47,7 @@ def test_torchvision_fused_matches_original_eval(name):
     original = randomize_bn(TORCHVISION[name]()).eval()
     fused = fastres.fuse(original)  # nothing to report: no warning
     assert fuse_report(fused) == []
-    assert type(fused.conv1) is FusedStem
+    assert type(fused.conv1) is StemConv2d
     assert count(fused, tv.BasicBlock, tv.Bottleneck) == 0
     assert count(fused, BasicBlock, Bottleneck) == count(original, tv.BasicBlock, tv.Bottleneck)
     assert list(fused.state_dict()) == list(original.state_dict())
@@ -77,7 +78,7 @@ def test_torchvision_fused_matches_original_train(name):
 def test_timm_resnet50(train):
     original = randomize_bn(timm.create_model("resnet50", pretrained=False, num_classes=10))
     fused = fastres.fuse(original)
-    assert fuse_report(fused) == [] and type(fused.conv1) is FusedStem
+    assert fuse_report(fused) == [] and type(fused.conv1) is StemConv2d
     assert count(fused, Bottleneck) == 16
     assert list(fused.state_dict()) == list(original.state_dict())
     check_equivalent(original, fused, torch.randn(2, 3, 64, 64), train=train, backward=train)
@@ -112,7 +113,7 @@ def test_sgd_step_matches_and_optimizer_survives_inplace_fuse():
     assert not torch.equal(model.layer1[0].conv1.weight, before)
 
 
-def test_state_dict_round_trip_and_named_parameters():
+def test_state_dict_round_trip():
     original = randomize_bn(torchvision.models.resnet18())
     fused = fastres.fuse(torchvision.models.resnet18())
     fused.load_state_dict(original.state_dict())  # torchvision → fused
@@ -120,10 +121,6 @@ def test_state_dict_round_trip_and_named_parameters():
     back.load_state_dict(fused.state_dict())  # fused → torchvision
     for (k1, v1), (k2, v2) in zip(original.state_dict().items(), back.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
-    names = [n for n, _ in fused.named_parameters()]
-    # the blocks keep torchvision's parameter names; only the fused stem's are nested
-    assert names[:3] == ["conv1.conv.weight", "conv1.bn.weight", "conv1.bn.bias"]
-    assert names[3:] == [n for n, _ in original.named_parameters()][3:]
 
 
 def test_unfuse_gives_back_plain_modules_with_identical_outputs():
@@ -183,7 +180,7 @@ def test_strict_lists_every_reason_and_changes_nothing():
         fused = fastres.fuse(model)
     assert len(fuse_report(fused)) == 8
     assert count(fused, BasicBlock) == 0  # every SE block stays timm's
-    assert type(fused.conv1) is FusedStem  # the plain stem is still fused
+    assert type(fused.conv1) is StemConv2d  # the plain stem is still fused
 
 
 @pytest.mark.parametrize(("make", "expected"), [
@@ -240,7 +237,7 @@ def test_fused_model_pickles_copies_and_unfuses_a_copy():
         assert torch.equal(loaded(x), fused(x)) and torch.equal(twin(x), fused(x))
     plain = fastres.unfuse(twin)
     assert type(plain.conv1) is nn.Conv2d
-    plain.load_state_dict(original.state_dict())  # no stem key hooks left on the copy
+    plain.load_state_dict(original.state_dict())  # the copy loads plain keys
     assert list(plain.state_dict()) == list(original.state_dict())
     assert list(fused.state_dict()) == list(original.state_dict())  # the fused one keeps its
     assert list(loaded.state_dict()) == list(original.state_dict())
@@ -255,3 +252,91 @@ def test_fused_torchvision_on_cuda(name, train):
     original = randomize_bn(TORCHVISION[name]()).cuda()
     fused = fastres.fuse(original)
     check_equivalent(original, fused, torch.randn(4, 3, 64, 64, device="cuda"), train=train)
+
+
+# ------------------------------------------------------------------------------------------------
+# A fused model is the same model: names, order, attribute paths, shared tensors, round trips
+# ------------------------------------------------------------------------------------------------
+
+FAMILIES = {
+    "tv-resnet18": lambda: torchvision.models.resnet18(num_classes=4),
+    "tv-resnext-blocks": TRAIN["resnext50_32x4d-blocks"],
+    "tv-wide-blocks": TRAIN["wide_resnet50_2-blocks"],
+    "timm-resnet18": lambda: timm.create_model("resnet18", num_classes=4),
+    "timm-resnext50_32x4d": lambda: timm.create_model("resnext50_32x4d", num_classes=4),
+    "timm-resnet26d": lambda: timm.create_model("resnet26d", num_classes=4),
+    "timm-resnetv2_50": lambda: timm.create_model("resnetv2_50", num_classes=4),
+    "sequential": lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)), nn.Flatten()),
+    "fastres-resnet18": lambda: fastres.models.resnet18(num_classes=4, base_channels=8),
+    "fastres-resnext50": lambda: fastres.models.resnext50_32x4d(num_classes=4, base_channels=16),
+    "fastres-preact_resnet18": lambda: fastres.models.preact_resnet18(num_classes=4,
+                                                                     base_channels=8),
+}
+
+
+def layout(model: nn.Module) -> dict[str, list]:
+    """Every name a training script may rely on, in order, with the objects behind them."""
+    return {
+        "parameters": list(model.named_parameters()),
+        "buffers": list(model.named_buffers()),
+        "modules": [name for name, _ in model.named_modules()],
+        "state_dict": list(model.state_dict(keep_vars=True).items()),
+    }
+
+
+def resolve(model: nn.Module, path: str):
+    """``model.a.0.b`` by attribute access, as user code writes it (``model.layer1[0].bn2``)."""
+    for part in path.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+def assert_same_layout(before: dict[str, list], fused: nn.Module) -> None:
+    after = layout(fused)
+    for what in before:
+        if what == "modules":
+            assert after[what] == before[what], what
+            continue
+        assert [n for n, _ in after[what]] == [n for n, _ in before[what]], what
+        for name, tensor in before[what]:
+            assert dict(after[what])[name] is tensor, f"{what} {name}: not the same tensor"
+            assert resolve(fused, name) is tensor, f"{name}: attribute path"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fuse_keeps_every_name_and_tensor(family):
+    model = FAMILIES[family]()
+    original_types = [type(m) for m in model.modules()]
+    before = layout(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert fuse_quietly(model, inplace=True) is model
+    assert_same_layout(before, model)
+    assert [p for g in optimizer.param_groups for p in g["params"]] == list(model.parameters())
+    if family.startswith(("tv", "timm-resnet1", "timm-resnext")):
+        assert type(model.conv1) is StemConv2d and type(model.bn1) is FoldedBatchNorm2d
+        assert isinstance(model.layer1[0].bn2.weight, nn.Parameter)
+    # checkpoints load both ways, strictly, with no hook in between
+    fresh = FAMILIES[family]()
+    assert not any(m._state_dict_hooks or m._load_state_dict_pre_hooks for m in model.modules())
+    model.load_state_dict(randomize_bn(fresh).state_dict())
+    back = FAMILIES[family]()
+    back.load_state_dict(model.state_dict())
+    for (k1, v1), (k2, v2) in zip(fresh.state_dict().items(), back.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    fastres.unfuse(model)
+    assert [type(m) for m in model.modules()] == original_types
+    assert_same_layout(before, model)
+
+
+def test_stem_replaced_after_fuse_runs_unfused():
+    """A stem BN replaced after fusing (here by convert_sync_batchnorm, eval: it runs on CPU)
+    breaks the stem's link: conv1, the new bn1 and the ReLU then each run once, unfused."""
+    original = randomize_bn(tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=4)).eval()
+    fused = nn.SyncBatchNorm.convert_sync_batchnorm(fastres.fuse(original)).eval()
+    assert type(fused.bn1) is nn.SyncBatchNorm and type(fused.conv1) is StemConv2d
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outs = [fused(x), original(x), copy.deepcopy(original).double()(x.double())]
+    assert_close_ratio("output", outs[0], outs[2], outs[1])

@@ -68,30 +68,40 @@ class ConvBNReLU(nn.Module):
         return self
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        conv, bn = self.conv, self.bn
-        use_batch_stats, momentum = bn_momentum(bn)
-        track = not bn.training or bn.track_running_stats
-        return conv_bn_relu(
-            x,
-            conv.weight,
-            bn.weight,
-            bn.bias,
-            bn.running_mean if track else None,
-            bn.running_var if track else None,
-            bias=conv.bias,
-            training=use_batch_stats,
-            momentum=momentum,
-            eps=bn.eps,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            residual=residual,
-            relu=self.relu,
-        )
+        return run_fused(self.conv, self.bn, x, residual, self.relu)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
+
+
+def run_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Tensor | None = None,
+              relu: bool = True) -> Tensor:
+    """``relu(bn(conv(x)) + residual)`` as one fused op over the modules' own parameters and
+    buffers (running statistics and ``num_batches_tracked`` updated as BatchNorm does).
+
+    The modules must satisfy :func:`fusable_reason` up to their exact type (subclasses that keep
+    the parent's attributes, such as the fused stem's, are served too).
+    """
+    use_batch_stats, momentum = bn_momentum(bn)
+    track = not bn.training or bn.track_running_stats
+    return conv_bn_relu(
+        x,
+        conv.weight,
+        bn.weight,
+        bn.bias,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        bias=conv.bias,
+        training=use_batch_stats,
+        momentum=momentum,
+        eps=bn.eps,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        residual=residual,
+        relu=relu,
+    )
 
 
 def fusable_reason(conv: nn.Module, bn: nn.Module) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -340,3 +341,85 @@ def test_stem_replaced_after_fuse_runs_unfused():
     with torch.no_grad():
         outs = [fused(x), original(x), copy.deepcopy(original).double()(x.double())]
     assert_close_ratio("output", outs[0], outs[2], outs[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input stays harmless
+# ------------------------------------------------------------------------------------------------
+
+
+def structure(model: nn.Module) -> list[tuple]:
+    """Every module's path, object, type, plain attributes and hooks: what fuse could change."""
+    return [(name, id(m), type(m), sorted(m.__dict__), len(m._state_dict_hooks),
+             len(m._load_state_dict_pre_hooks), len(m._forward_hooks))
+            for name, m in model.named_modules()]
+
+
+def test_strict_failure_leaves_the_model_untouched():
+    # fusable stem, fusable Sequential, fusable blocks, and one SE block that cannot be fused
+    model = timm.create_model("resnet18", num_classes=4)
+    model.layer3[1] = timm.create_model("resnet18", block_args={"attn_layer": "se"}).layer3[1]
+    model.head_seq = nn.Sequential(nn.Conv2d(512, 8, 1), nn.BatchNorm2d(8))
+    before = structure(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FuseError, match=r"layer3\.1: se \(attention\) is SEModule"):
+        fastres.fuse(model, strict=True, inplace=True)
+    assert structure(model) == before
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["tv-resnet18", "timm-resnetv2_50", "sequential",
+                                   "fastres-resnet18"])
+def test_fusing_twice_is_a_noop(family):
+    model = randomize_bn(FAMILIES[family]()).eval()
+    once = fuse_quietly(model)
+    after_once = structure(once)
+    report = fuse_report(once)
+    assert fuse_quietly(once, inplace=True) is once
+    assert structure(once) == after_once and fuse_report(once) == report
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(once(x), fuse_quietly(model)(x))
+
+
+@pytest.mark.parametrize("family", ["tv-resnet18", "timm-resnet26d", "timm-resnetv2_50",
+                                    "sequential"])
+def test_unfuse_of_fuse_round_trips_the_state_dict(family):
+    model = randomize_bn(FAMILIES[family]())
+    expected = model.state_dict()
+    back = fastres.unfuse(fuse_quietly(model))
+    state = back.state_dict()
+    assert list(state) == list(expected)
+    assert all(torch.equal(state[k], v) and state[k].dtype == v.dtype for k, v in expected.items())
+    assert state._metadata == expected._metadata  # per-module versions, as PyTorch saves them
+    assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
+
+
+def without_num_batches_tracked(state: dict, keep_metadata: bool) -> OrderedDict:
+    old = OrderedDict((k, v) for k, v in state.items() if not k.endswith("num_batches_tracked"))
+    if keep_metadata:
+        old._metadata = state._metadata
+    return old
+
+
+def test_checkpoint_without_num_batches_tracked_loads_as_in_pytorch():
+    """A pre-1.0 checkpoint (no ``num_batches_tracked``, no version metadata) loads strictly and
+    keeps the counters; with version-2 metadata the missing keys are an error. Both exactly as
+    in the unfused model; then a training step with momentum=None (which reads the counter)."""
+    source = randomize_bn(tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=4))
+    plain = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=4)
+    fused = fastres.fuse(plain)
+    for m in (plain, fused):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.momentum = None
+                bn.num_batches_tracked.fill_(3)
+    errors = []
+    for m in (plain, fused):
+        with pytest.raises(RuntimeError) as err:
+            m.load_state_dict(without_num_batches_tracked(source.state_dict(), True))
+        errors.append(str(err.value).replace("fastres", ""))
+        m.load_state_dict(without_num_batches_tracked(source.state_dict(), False))
+    assert "Missing key(s)" in errors[0] and errors[0] == errors[1]
+    assert all(int(t) == 3 for k, t in fused.state_dict().items() if "num_batches" in k)
+    check_equivalent(plain, fused, torch.randn(2, 3, 32, 32), train=True)

@@ -24,8 +24,8 @@ which become subclasses of their own types) change; :func:`unfuse` gives the ori
 
 What cannot be fused exactly stays as it was, with the reason: a ``warnings.warn`` lists them,
 :func:`fuse_report` returns them, and ``strict=True`` raises :class:`FuseError` listing them all
-before anything is changed. ``nn.SyncBatchNorm`` is left unfused (its statistics must be
-all-reduced across processes, which the fused op does not do yet).
+before anything is changed. ``nn.SyncBatchNorm`` pairs are fused: in training across processes
+their statistics are merged over the process group (:mod:`fastres.nn.sync_conv_bn`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from torch import nn
 
 import fastres
 from fastres.nn import BasicBlock, Bottleneck
-from fastres.nn.stem import FoldedBatchNorm2d, StemConv2d
+from fastres.nn.stem import FoldedBatchNorm2d, FoldedSyncBatchNorm, StemConv2d
 from fastres.swap import FusedPreAct, FusedSequential, FuseError, fuse_report
 from tests.models._util import check_equivalent, check_sgd_step, randomize_bn
 from tests.numerics import assert_close_ratio
@@ -190,8 +190,6 @@ def test_strict_lists_every_reason_and_changes_nothing():
     (lambda: timm.create_model("resnet18", pretrained=False, aa_layer=nn.AvgPool2d),
      "anti-aliasing"),
     (lambda: torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d), "FrozenBatchNorm2d"),
-    (lambda: nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18()),
-     "SyncBatchNorm"),
 ])
 def test_unfusable_blocks_are_left_with_reason(make, expected):
     model = make()
@@ -331,16 +329,32 @@ def test_fuse_keeps_every_name_and_tensor(family):
     assert_same_layout(before, model)
 
 
-def test_stem_replaced_after_fuse_runs_unfused():
-    """A stem BN replaced after fusing (here by convert_sync_batchnorm, eval: it runs on CPU)
-    breaks the stem's link: conv1, the new bn1 and the ReLU then each run once, unfused."""
+def frozen(bn: nn.BatchNorm2d) -> nn.Module:
+    out = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(out, name).copy_(getattr(bn, name).detach())
+    return out
+
+
+@pytest.mark.parametrize("replace", ["sync", "frozen"])
+def test_stem_bn_replaced_after_fuse(replace):
+    """A stem BN replaced after fusing breaks the stem's link. A SyncBatchNorm (eval: it runs on
+    CPU) is folded in anew at the next call; a FrozenBatchNorm2d cannot be, and then conv1, bn1
+    and the ReLU each run once, unfused. Either way the output is the replaced model's."""
     original = randomize_bn(tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=4)).eval()
-    fused = nn.SyncBatchNorm.convert_sync_batchnorm(fastres.fuse(original)).eval()
-    assert type(fused.bn1) is nn.SyncBatchNorm and type(fused.conv1) is StemConv2d
+    fused = fastres.fuse(original)
+    if replace == "sync":
+        fused = nn.SyncBatchNorm.convert_sync_batchnorm(fused).eval()
+        assert type(fused.bn1) is nn.SyncBatchNorm and type(fused.conv1) is StemConv2d
+    else:
+        fused.bn1 = frozen(fused.bn1)
+        original.bn1 = frozen(original.bn1)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         outs = [fused(x), original(x), copy.deepcopy(original).double()(x.double())]
     assert_close_ratio("output", outs[0], outs[2], outs[1])
+    expected = FoldedSyncBatchNorm if replace == "sync" else FrozenBatchNorm2d
+    assert type(fused.bn1) is expected
 
 
 # ------------------------------------------------------------------------------------------------

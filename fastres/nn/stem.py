@@ -7,15 +7,16 @@ no class is patched, no parameter is copied):
 
 * ``conv1`` becomes a :class:`StemConv2d` (an ``nn.Conv2d``) that computes ``relu(bn1(conv1(x)))``
   in one fused op;
-* ``bn1`` becomes a :class:`FoldedBatchNorm2d` (an ``nn.BatchNorm2d``) and the activation a
-  :class:`FoldedReLU` (an ``nn.ReLU``); both pass their input through, since ``conv1`` did their
-  work.
+* ``bn1`` becomes a :class:`FoldedBatchNorm2d` (an ``nn.BatchNorm2d``; a SyncBatchNorm becomes
+  a :class:`FoldedSyncBatchNorm`) and the activation a :class:`FoldedReLU` (an ``nn.ReLU``);
+  both pass their input through, since ``conv1`` did their work.
 
 So ``model.conv1.weight``, ``model.bn1.running_mean``, ``named_parameters()`` and ``state_dict()``
 are exactly the original's, with no key-remapping hooks, and an optimizer built before fusing keeps
 its parameters. The three hold one :class:`StemLink`; each forward first checks that the owner
-still holds all three (a replaced ``bn1``, e.g. by ``nn.SyncBatchNorm.convert_sync_batchnorm``,
-or a replaced activation breaks the link), and if not every one of them runs as its plain class.
+still holds all three. A replaced ``bn1`` (``nn.SyncBatchNorm.convert_sync_batchnorm`` after
+fusing) or activation is folded in at the next forward if the three still are conv → BN → ReLU;
+otherwise every one of them runs as its plain class.
 :func:`unfold_stem` restores the original classes.
 """
 
@@ -52,9 +53,9 @@ class StemConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         link: StemLink = self.__dict__[LINK_ATTR]
-        if not link.intact():
+        if not link.intact() and not _refold(link):
             return super().forward(x)
-        _, bn, _ = link.modules()
+        _, bn, _ = self.__dict__[LINK_ATTR].modules()
         return run_fused(self, bn, x)
 
     def extra_repr(self) -> str:
@@ -62,8 +63,9 @@ class StemConv2d(nn.Conv2d):
         return f"{super().extra_repr()}, fused with {bn_name} and {act_name}"
 
 
-class FoldedBatchNorm2d(nn.BatchNorm2d):
-    """``bn1`` of a fused stem: its parameters and buffers are used by ``conv1``'s fused op."""
+class _Folded(nn.Module):
+    """A stem module whose work ``conv1``'s fused op does: passes its input through while the
+    stem's link is intact, else runs as its plain class."""
 
     def forward(self, x: Tensor) -> Tensor:
         if self.__dict__[LINK_ATTR].intact():
@@ -74,27 +76,48 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, folded into {self.__dict__[LINK_ATTR].names[0]}"
 
 
-class FoldedReLU(nn.ReLU):
+class FoldedBatchNorm2d(_Folded, nn.BatchNorm2d):
+    """``bn1`` of a fused stem: its parameters and buffers are used by ``conv1``'s fused op."""
+
+
+class FoldedSyncBatchNorm(_Folded, nn.SyncBatchNorm):
+    """``bn1`` of a fused stem, a SyncBatchNorm (statistics over the process group)."""
+
+
+class FoldedReLU(_Folded, nn.ReLU):
     """The stem's activation: applied by ``conv1``'s fused op."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.__dict__[LINK_ATTR].intact():
-            return x
-        return super().forward(x)
 
-
-FOLDED = {nn.Conv2d: StemConv2d, nn.BatchNorm2d: FoldedBatchNorm2d, nn.ReLU: FoldedReLU}
+FOLDED = {nn.Conv2d: StemConv2d, nn.BatchNorm2d: FoldedBatchNorm2d,
+          nn.SyncBatchNorm: FoldedSyncBatchNorm, nn.ReLU: FoldedReLU}
 PLAIN = {folded: plain for plain, folded in FOLDED.items()}
 
 
 def fold_stem(owner: nn.Module, conv_name: str, bn_name: str, act_name: str) -> None:
     """Fuse ``owner``'s stem in place. The children must be exactly ``nn.Conv2d``,
-    ``nn.BatchNorm2d`` and ``nn.ReLU`` that :func:`fastres.nn.conv_bn_relu.fusable_reason` accepts,
+    ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) and ``nn.ReLU`` that
+    :func:`fastres.nn.conv_bn_relu.fusable_reason` accepts,
     and ``owner.forward`` must call them one after the other (torchvision's and timm's ResNet)."""
     link = StemLink(owner, conv_name, bn_name, act_name)
     for m in link.modules():
-        m.__class__ = FOLDED[type(m)]
+        m.__class__ = FOLDED[_plain_type(m)]  # a module folded before is linked anew
         m.__dict__[LINK_ATTR] = link
+
+
+def _plain_type(m: nn.Module | None) -> type | None:
+    return None if m is None else PLAIN.get(type(m), type(m))
+
+
+def _refold(link: StemLink) -> bool:
+    """A stem module was replaced since folding (e.g. ``bn1`` by ``convert_sync_batchnorm``):
+    fold the owner's current three again if they still form conv → BN → ReLU. False if not."""
+    conv, bn, act = link.modules()
+    if (_plain_type(conv) is not nn.Conv2d or _plain_type(act) is not nn.ReLU
+            or _plain_type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm)
+            or bn.num_features != conv.out_channels):
+        return False
+    fold_stem(link.owner, *link.names)
+    return True
 
 
 def stem_link(owner: nn.Module, conv_name: str) -> StemLink | None:
@@ -110,5 +133,5 @@ def unfold_stem(owner: nn.Module) -> None:
             del m.__dict__[LINK_ATTR]
 
 
-__all__ = ["FoldedBatchNorm2d", "FoldedReLU", "StemConv2d", "StemLink", "fold_stem",
-           "stem_link", "unfold_stem"]
+__all__ = ["FoldedBatchNorm2d", "FoldedReLU", "FoldedSyncBatchNorm", "StemConv2d", "StemLink",
+           "fold_stem", "stem_link", "unfold_stem"]

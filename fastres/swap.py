@@ -107,8 +107,8 @@ class FusedSequential(nn.Sequential):
     """``nn.Sequential`` whose Conv2d → BatchNorm2d (→ ReLU) runs execute fused.
 
     Same children under the same names as the original Sequential, so the same keys; the
-    :class:`ConvBNReLU` views are kept unregistered (as in :class:`fastres.nn.FusedBlock`) and
-    checked against the current children at each call.
+    :class:`ConvBNReLU` views are kept unregistered (as in :class:`fastres.nn.FusedBlock`),
+    checked against the current children at each call, and found anew if a child was replaced.
     """
 
     def __init__(self, *args: nn.Module) -> None:
@@ -141,19 +141,22 @@ class FusedSequential(nn.Sequential):
         self._runs = runs
         return reasons
 
+    @staticmethod
+    def _is_current(mods: list[nn.Module], i: int, view: ConvBNReLU, n: int) -> bool:
+        return (i + n <= len(mods) and view.conv is mods[i] and view.bn is mods[i + 1]
+                and (n == 2 or type(mods[i + 2]) is nn.ReLU))
+
     def forward(self, x: Tensor) -> Tensor:
         mods = list(self._modules.values())
+        if not all(self._is_current(mods, i, view, n) for i, (view, n) in self._runs.items()):
+            self.rebuild()  # a child was replaced (e.g. convert_sync_batchnorm): runs anew
         i = 0
         while i < len(mods):
             run = self._runs.get(i)
             if run is not None:
-                view, n = run
-                if view.conv is mods[i] and view.bn is mods[i + 1] and (
-                    n == 2 or type(mods[i + 2]) is nn.ReLU
-                ):
-                    x = view(x)
-                    i += n
-                    continue
+                x = run[0](x)
+                i += run[1]
+                continue
             x = mods[i](x)
             i += 1
         return x

@@ -357,6 +357,20 @@ def test_stem_bn_replaced_after_fuse(replace):
     assert type(fused.bn1) is expected
 
 
+def test_sequential_child_replaced_after_fuse():
+    """A FusedSequential finds its runs anew when a child was replaced: a BN fuses again, a
+    module the fused op cannot serve runs plain."""
+    original = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                                          nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)))
+    fused = fastres.fuse(original)
+    new = randomize_bn(nn.BatchNorm2d(8), seed=3)
+    fused[1], original[1] = new, copy.deepcopy(new)
+    fused[4], original[4] = frozen(fused[4]), frozen(original[4])
+    check_equivalent(original.eval(), fused.eval(), torch.randn(2, 3, 9, 9), train=False,
+                     backward=False)
+    assert fused._runs[0][0].bn is new and 3 not in fused._runs
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input stays harmless
 # ------------------------------------------------------------------------------------------------

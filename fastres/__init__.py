@@ -2,6 +2,7 @@
 
 from . import models, nn, ops
 from .backends import BackendUnavailableError, get_backend, set_backend, use_backend
+from .summary import summary
 from .swap import fuse, unfuse
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "nn",
     "ops",
     "set_backend",
+    "summary",
     "unfuse",
     "use_backend",
 ]

@@ -1,9 +1,12 @@
-"""The ``fastres`` command: ``fastres bench``, ``fastres info`` and ``fastres tune``.
+"""The ``fastres`` command: ``fastres bench``, ``fastres info``, ``fastres tune`` and
+``fastres summary``.
 
 ``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, and
 per-layer times with ``--layers``), prints a table, and writes ``results.json`` and
 ``results.png`` to ``--out``. ``fastres info`` lists versions, the GPU, and which backends can
-run here and why not.
+run here and why not. ``fastres tune MODEL`` autotunes a model's conv shapes once (kept in
+Triton's disk cache). ``fastres summary MODEL`` prints a model's layer table (see
+:mod:`fastres.summary`).
 """
 
 from __future__ import annotations
@@ -282,6 +285,53 @@ def _triton_cache_dir() -> str:
         return os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
 
 
+# ---------------------------------------------------------------------------------------------
+# fastres summary
+# ---------------------------------------------------------------------------------------------
+
+
+def summary_model(name: str, fused: bool, num_classes: int):
+    """``timm:NAME`` from timm; otherwise fastres' model (``--fused``) or the plain one
+    (torchvision's where it has the name), as ``fastres bench`` builds them."""
+    import warnings
+
+    from .benchmark.cases import fastres_model, reference_model
+
+    if name.startswith("timm:"):
+        import timm
+
+        model = timm.create_model(name.removeprefix("timm:"), num_classes=num_classes)
+        if not fused:
+            return model
+        with warnings.catch_warnings():  # what stays unfused shows in the table's types
+            warnings.simplefilter("ignore")
+            from . import fuse
+
+            return fuse(model, inplace=True)
+    make = fastres_model if fused else reference_model
+    try:
+        return make(name, num_classes=num_classes)
+    except (RuntimeError, AttributeError, ImportError) as e:
+        raise SystemExit(f"fastres summary: cannot build model {name!r}: {e}") from e
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    import torch
+
+    from .summary import summary
+
+    try:
+        input_size = tuple(int(v) for v in args.input.split(","))
+    except ValueError:
+        raise SystemExit(f"fastres summary: --input wants C,H,W, got {args.input!r}") from None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = summary_model(args.model, args.fused, args.num_classes)
+    result = summary(model, input_size, batch_size=args.batch, device=args.device, dtype=dtype,
+                     training=args.train, print_summary=False)
+    result.print(use_rich=not args.plain)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastres", description="Fused conv + BN + ReLU for ResNet-family CNNs.")
@@ -343,6 +393,25 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     tune.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     tune.set_defaults(func=cmd_tune)
+
+    summ = sub.add_parser(
+        "summary", help="one row per layer or block: shape, params, FLOPs, fused kernel",
+        description="Layer table of a model: output shapes, parameters, FLOPs and, for fused "
+                    "calls, the backend and kernel dispatch would choose (nothing is timed).")
+    summ.add_argument("model", help="a torchvision / fastres model name (resnet50, "
+                                    "preact_resnet50, ...) or timm:NAME")
+    summ.add_argument("--input", default="3,224,224", metavar="C,H,W",
+                      help="one sample's shape (default: 3,224,224)")
+    summ.add_argument("--fused", action="store_true",
+                      help="the fastres model (or fastres.fuse of timm's) instead of the plain one")
+    summ.add_argument("--batch", type=int, default=1)
+    summ.add_argument("--num-classes", type=int, default=1000)
+    summ.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    summ.add_argument("--device", default=None,
+                      help="device whose dispatch to show: cuda or cpu (default: cuda if present)")
+    summ.add_argument("--train", action="store_true", help="dispatch of a training step")
+    summ.add_argument("--plain", action="store_true", help="plain-text table, not rich")
+    summ.set_defaults(func=cmd_summary)
     return parser
 
 

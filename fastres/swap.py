@@ -3,25 +3,29 @@
 What is swapped (module *instances* are replaced; no third-party class is patched):
 
 * torchvision ``ResNet`` (ResNet, ResNeXt, Wide ResNet): every ``BasicBlock``/``Bottleneck`` becomes
-  :class:`fastres.nn.BasicBlock`/:class:`fastres.nn.Bottleneck` over the very same conv/BN
-  modules, and the stem's conv1 + bn1 + relu becomes one :class:`FusedStem`;
+  :class:`fastres.nn.BasicBlock`/:class:`fastres.nn.Bottleneck` holding the very same children
+  (conv/BN modules, and the activations it does not call) under the same names, and the stem's
+  conv1 + bn1 + relu is folded in place (:mod:`fastres.nn.stem`);
 * timm ``ResNet`` (``resnet*``, ``resnext*``, ``wide_resnet*``, ...): the same, when the block's
   extras are no-ops (no SE/attention, no anti-aliasing, drop-block/drop-path off, ReLU);
 * timm ``ResNetV2`` pre-activation blocks (``resnetv2_*`` with BatchNorm): :class:`FusedPreAct`;
 * any plain ``nn.Sequential`` holding Conv2d → BatchNorm2d (→ ReLU) runs (or Conv2d → timm's
-  BatchNormAct2d with ReLU, as in ``resnetv2_*d`` deep stems): :class:`FusedSequential`;
+  BatchNormAct2d with ReLU, as in ``resnetv2_*d`` deep stems) become :class:`FusedSequential`
+  (the same object, its class changed to that subclass);
 * fastres' own blocks and models: their fused views are rebuilt (e.g. after a BN was replaced).
 
 Parameters and buffers are shared, never copied (with ``inplace=False`` the model is deep-copied
 first), so an optimizer built on the model before ``fuse(model, inplace=True)`` keeps working.
-The state_dict keys stay those of the original model; so do the parameter names, except in a
-fused stem, whose conv and BN parameters are named ``conv1.conv.*`` / ``conv1.bn.*`` while its
-state_dict (through hooks on the model, see :class:`StemKeys`) keeps ``conv1.*`` / ``bn1.*``.
+Nothing is renamed: ``named_parameters()``, ``named_buffers()``, ``named_modules()`` and
+``state_dict()`` give the original's names in the original's order, attribute paths such as
+``model.conv1.weight`` or ``model.layer1[0].bn2.running_mean`` reach the same tensors, and no
+state_dict hook is involved. Only the types of swapped blocks (and of the stem's three modules,
+which become subclasses of their own types) change; :func:`unfuse` gives the original types back.
 
 What cannot be fused exactly stays as it was, with the reason: a ``warnings.warn`` lists them,
 :func:`fuse_report` returns them, and ``strict=True`` raises :class:`FuseError` listing them all
-before anything is changed. ``nn.SyncBatchNorm`` is left unfused (its statistics must be
-all-reduced across processes, which the fused op does not do yet).
+before anything is changed. ``nn.SyncBatchNorm`` pairs are fused: in training across processes
+their statistics are merged over the process group (:mod:`fastres.nn.sync_conv_bn`).
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .nn.blocks import BasicBlock, Bottleneck, FusedBlock, conv_bn_act
+from .nn.blocks import BasicBlock, Bottleneck, FusedBlock
 from .nn.conv_bn_relu import ConvBNReLU, fusable_reason
+from .nn.stem import fold_stem, stem_link, unfold_stem
 
 Tensor = torch.Tensor
 
@@ -98,92 +103,12 @@ def _noop_reason(m: nn.Module | None, where: str) -> str | None:
     return f"{where} is {type(m).__name__}{detail}, not a no-op"
 
 
-class FusedStem(ConvBNReLU):
-    """A model's stem (``conv1`` → ``bn1`` → ``relu``) as one fused module in the conv's slot.
-
-    The model calls ``conv1``, ``bn1`` and the activation one after the other, so this module
-    takes ``conv1``'s place and ``bn1``/the activation become ``nn.Identity``. The state_dict keys
-    stay the model's: a state_dict hook and a load pre-hook on the *model instance* (the BN's
-    keys belong to the model's namespace, not this module's) map ``conv1.conv.*`` ↔ ``conv1.*``
-    and ``conv1.bn.*`` ↔ ``bn1.*``. :func:`unfuse` removes them. If the BN is replaced later
-    (e.g. by ``convert_sync_batchnorm``) the stem runs it unfused.
-    """
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if fusable_reason(self.conv, self.bn) is None:
-            return super().forward(x, residual)
-        return conv_bn_act(None, self.conv, self.bn, x, residual, self.relu)
-
-
-class StemKeys:
-    """The state_dict hooks of a fused stem: ``conv1.conv.*`` ↔ ``conv1.*``, ``conv1.bn.*`` ↔
-    ``bn1.*`` in the namespace of the model that holds the stem.
-
-    A class rather than closures so that a fused model still pickles (``torch.save(model)``) and
-    deep-copies, and so :func:`unfuse` can find its hooks on a copy too.
-    """
-
-    def __init__(self, conv_name: str, bn_name: str) -> None:
-        self.to_ours = {f"{conv_name}.": f"{conv_name}.conv.", f"{bn_name}.": f"{conv_name}.bn."}
-        self.to_theirs = {v: k for k, v in self.to_ours.items()}
-
-    @staticmethod
-    def _rename(keys: list[str], prefix: str, table: dict[str, str]) -> dict[str, str]:
-        out = {}
-        for key in keys:
-            for old, new in table.items():
-                if key.startswith(prefix + old):
-                    out[key] = prefix + new + key[len(prefix + old):]
-                    break
-        return out
-
-    def save(self, module, state_dict, prefix, local_metadata) -> None:
-        mapping = self._rename(list(state_dict), prefix, self.to_theirs)
-        items = [(mapping.get(k, k), v) for k, v in state_dict.items()]
-        state_dict.clear()
-        state_dict.update(items)  # same order: the stem's keys stay first
-        meta = getattr(state_dict, "_metadata", None)
-        if meta is not None:  # per-module versions, keyed by module path without the dot
-            for old, new in self._rename([k + "." for k in meta], prefix, self.to_theirs).items():
-                meta[new[:-1]] = meta.pop(old[:-1])
-
-    def load(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        ours = tuple(prefix + k for k in self.to_theirs)
-        keys = [k for k in state_dict if not k.startswith(ours)]  # already ours: leave as is
-        for old, new in self._rename(keys, prefix, self.to_ours).items():
-            state_dict[new] = state_dict.pop(old)
-
-    @staticmethod
-    def remove_from(model: nn.Module) -> None:
-        for hooks in (model._state_dict_hooks, model._load_state_dict_pre_hooks):
-            for key, hook in list(hooks.items()):
-                hook = getattr(hook, "hook", hook)  # load pre-hooks come wrapped
-                if isinstance(getattr(hook, "__self__", None), StemKeys):
-                    del hooks[key]
-
-
-def _install_stem(model: nn.Module, conv_name: str, bn_name: str, act_name: str) -> None:
-    conv, bn, act = (getattr(model, n) for n in (conv_name, bn_name, act_name))
-    stem = FusedStem.from_modules(conv, bn, relu=True)
-    keys = StemKeys(conv_name, bn_name)
-    model._register_state_dict_hook(keys.save)
-    model._register_load_state_dict_pre_hook(keys.load)
-    # hidden (plain attribute, not a child): what unfuse needs to put the model back
-    stem._restore = {"names": (conv_name, bn_name, act_name), "act": act}
-    stem.training = conv.training
-    setattr(model, conv_name, stem)
-    for name, old in ((bn_name, bn), (act_name, act)):
-        placeholder = nn.Identity()
-        placeholder.training = old.training
-        setattr(model, name, placeholder)
-
-
 class FusedSequential(nn.Sequential):
     """``nn.Sequential`` whose Conv2d → BatchNorm2d (→ ReLU) runs execute fused.
 
     Same children under the same names as the original Sequential, so the same keys; the
-    :class:`ConvBNReLU` views are kept unregistered (as in :class:`fastres.nn.FusedBlock`) and
-    checked against the current children at each call.
+    :class:`ConvBNReLU` views are kept unregistered (as in :class:`fastres.nn.FusedBlock`),
+    checked against the current children at each call, and found anew if a child was replaced.
     """
 
     def __init__(self, *args: nn.Module) -> None:
@@ -216,22 +141,32 @@ class FusedSequential(nn.Sequential):
         self._runs = runs
         return reasons
 
+    @staticmethod
+    def _is_current(mods: list[nn.Module], i: int, view: ConvBNReLU, n: int) -> bool:
+        return (i + n <= len(mods) and view.conv is mods[i] and view.bn is mods[i + 1]
+                and (n == 2 or type(mods[i + 2]) is nn.ReLU))
+
     def forward(self, x: Tensor) -> Tensor:
         mods = list(self._modules.values())
+        if not all(self._is_current(mods, i, view, n) for i, (view, n) in self._runs.items()):
+            self.rebuild()  # a child was replaced (e.g. convert_sync_batchnorm): runs anew
         i = 0
         while i < len(mods):
             run = self._runs.get(i)
             if run is not None:
-                view, n = run
-                if view.conv is mods[i] and view.bn is mods[i + 1] and (
-                    n == 2 or type(mods[i + 2]) is nn.ReLU
-                ):
-                    x = view(x)
-                    i += n
-                    continue
+                x = run[0](x)
+                i += run[1]
+                continue
             x = mods[i](x)
             i += 1
         return x
+
+
+def _fold_sequential(m: nn.Sequential) -> None:
+    # the same object becomes a FusedSequential (a subclass): fuse(inplace=True) on a root
+    # Sequential returns the model itself, and nothing holding it sees a different object
+    m.__class__ = FusedSequential
+    m.rebuild()
 
 
 def _looks_like_norm(m: nn.Module) -> bool:
@@ -249,9 +184,8 @@ class FusedPreAct(FusedBlock):
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
-        for name, child in block.named_children():
-            setattr(self, name, child)
-        self.downsample = getattr(block, "downsample", None)
+        self._modules = OrderedDict(block._modules)
+        self.downsample = getattr(block, "downsample", None)  # None is a plain attribute
         self.n_convs = 3 if hasattr(block, "conv3") else 2
         self.set_fused(True)
 
@@ -328,7 +262,10 @@ def _block_reasons(block: nn.Module, pairs, extras) -> list[str]:
     return reasons
 
 
-def _hide_original(fused: nn.Module, original: nn.Module) -> nn.Module:
+def _take_place_of(fused: nn.Module, original: nn.Module) -> nn.Module:
+    """``fused`` adopts all of ``original``'s children, in order and under the same names (also
+    those it does not call, such as the activations), so every module path stays as it was."""
+    fused._modules = OrderedDict(original._modules)
     # kept out of the module tree (no keys, no double .to()): unfuse hands it back
     fused.__dict__["_fastres_original"] = original
     return fused
@@ -358,7 +295,7 @@ def _plan_module(parent: nn.Module, name: str, m: nn.Module, path: str, classes,
         why = _block_reasons(m, [("conv1", "bn1"), ("conv2", "bn2")], extras)
         if why:
             return refuse(why)
-        replace(lambda: _hide_original(BasicBlock.from_modules(
+        replace(lambda: _take_place_of(BasicBlock.from_modules(
             m.conv1, m.bn1, m.conv2, m.bn2, m.downsample), m))
         return True
     if _is(m, classes, "tv_bottleneck") or _is(m, classes, "timm_bottleneck"):
@@ -369,7 +306,7 @@ def _plan_module(parent: nn.Module, name: str, m: nn.Module, path: str, classes,
         why = _block_reasons(m, [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")], extras)
         if why:
             return refuse(why)
-        replace(lambda: _hide_original(Bottleneck.from_modules(
+        replace(lambda: _take_place_of(Bottleneck.from_modules(
             m.conv1, m.bn1, m.conv2, m.bn2, m.conv3, m.bn3, m.downsample), m))
         return True
     if _is(m, classes, "timm_preact"):
@@ -381,7 +318,7 @@ def _plan_module(parent: nn.Module, name: str, m: nn.Module, path: str, classes,
             why.append(r)
         if why:
             return refuse(why)
-        replace(lambda: _hide_original(FusedPreAct(m), m))
+        replace(lambda: _take_place_of(FusedPreAct(m), m))
         return True
     if _is(m, classes, "timm_v2_other"):
         return refuse(["timm resnetv2 post-activation Bottleneck is not swapped"])
@@ -391,7 +328,7 @@ def _plan_module(parent: nn.Module, name: str, m: nn.Module, path: str, classes,
             reasons.append((path, f"{pair}: {r}"))
         # a fastres ResNet: recurse into its stages; a block: done
         return not isinstance(m, _models_resnet())
-    if type(m) is nn.Sequential:
+    if type(m) in (nn.Sequential, FusedSequential):
         probe = FusedSequential.__new__(FusedSequential)
         nn.Module.__init__(probe)
         probe._modules = OrderedDict(m._modules)
@@ -400,7 +337,7 @@ def _plan_module(parent: nn.Module, name: str, m: nn.Module, path: str, classes,
         if probe._runs:
             # children first (nested Sequentials), then this one over the possibly new children
             _plan_children(m, path, classes, actions, reasons)
-            replace(lambda: FusedSequential(OrderedDict(m._modules)))
+            actions.append(lambda: _fold_sequential(m))
             return True
     return False
 
@@ -416,7 +353,7 @@ def _plan_stem(model: nn.Module, path: str, classes, actions: list[Action],
     act_name = "relu" if _is(model, classes, "tv_resnet") else "act1"
     conv, bn, act = (getattr(model, n, None) for n in ("conv1", "bn1", act_name))
     where = f"{path}.stem" if path else "stem"
-    if isinstance(conv, FusedStem):  # fused before
+    if stem_link(model, "conv1") is not None:  # fused before
         return
     if isinstance(conv, nn.Sequential):
         reasons.append((where, "deep stem: its last conv is not fused with bn1 (inner runs are)"))
@@ -425,7 +362,7 @@ def _plan_stem(model: nn.Module, path: str, classes, actions: list[Action],
     if r is not None:
         reasons.append((where, r))
         return
-    actions.append(lambda: _install_stem(model, "conv1", "bn1", act_name))
+    actions.append(lambda: fold_stem(model, "conv1", "bn1", act_name))
 
 
 def _plan_children(module: nn.Module, path: str, classes, actions, reasons) -> None:
@@ -485,9 +422,9 @@ def unfuse(model: nn.Module) -> nn.Module:
     """Give back plain PyTorch modules (in place; returns ``model``).
 
     Swapped third-party blocks become the original block objects again (over the current
-    children), fused stems are split back into conv/bn/activation (hooks removed), and
-    FusedSequentials become ``nn.Sequential``. fastres' own blocks and models stay fastres
-    classes but run every conv → BN → ReLU through plain PyTorch modules (``set_fused(False)``).
+    children), a fused stem's modules get their plain classes back, and FusedSequentials become
+    ``nn.Sequential``. fastres' own blocks and models stay fastres classes but run every
+    conv → BN → ReLU through plain PyTorch modules (``set_fused(False)``).
     """
 
     def restore(m: nn.Module) -> nn.Module:
@@ -495,28 +432,17 @@ def unfuse(model: nn.Module) -> nn.Module:
             new = restore(child)
             if new is not child:
                 setattr(m, name, new)
-        if isinstance(m, FusedStem) and hasattr(m, "_restore"):
-            return m  # handled by its parent below
+        unfold_stem(m)
         original = m.__dict__.get("_fastres_original")
         if original is not None:
-            for name, child in m.named_children():
-                if name in original._modules:
-                    original._modules[name] = child
+            original._modules = OrderedDict(m._modules)
             original.training = m.training
             return original
         if isinstance(m, FusedSequential):
-            plain = nn.Sequential(OrderedDict(m._modules))
-            plain.training = m.training
-            return plain
+            m.__class__ = nn.Sequential
+            del m.__dict__["_runs"]
         if isinstance(m, FusedBlock):
             m.set_fused(False)
-        for child in list(m.children()):
-            if isinstance(child, FusedStem) and hasattr(child, "_restore"):
-                conv_name, bn_name, act_name = child._restore["names"]
-                StemKeys.remove_from(m)
-                setattr(m, conv_name, child.conv)
-                setattr(m, bn_name, child.bn)
-                setattr(m, act_name, child._restore["act"])
         return m
 
     model = restore(model)
@@ -524,5 +450,4 @@ def unfuse(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["FuseError", "FusedPreAct", "FusedSequential", "FusedStem", "StemKeys", "fuse",
-           "fuse_report", "unfuse"]
+__all__ = ["FuseError", "FusedPreAct", "FusedSequential", "fuse", "fuse_report", "unfuse"]

@@ -17,6 +17,7 @@ tv = pytest.importorskip("torchvision.models.resnet")  # absent on the GPU machi
 
 import fastres
 from fastres.nn import BasicBlock, FusedBlock
+from fastres.nn.stem import FoldedSyncBatchNorm
 from fastres.swap import fuse_report
 from tests.models._util import randomize_bn
 from tests.numerics import assert_close_ratio
@@ -74,46 +75,87 @@ def ddp_step_worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def sync_bn_worker(rank: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+SYNC_MODELS = {
+    # converted before fusing: every pair (the stem too) fuses with its SyncBatchNorm
+    "convert-then-fuse": lambda: fastres.fuse(
+        nn.SyncBatchNorm.convert_sync_batchnorm(small_resnet())),
+    # converted after fusing: the stem and the blocks pick the new SyncBatchNorms up
+    "fuse-then-convert": lambda: nn.SyncBatchNorm.convert_sync_batchnorm(
+        fastres.fuse(small_resnet())),
+}
+
+
+def sync_bn_worker(rank: int, port: int, device: str = "cpu", backend: str = "gloo") -> None:
+    """Each rank trains on its half of one batch; the fused SyncBatchNorm model must give the
+    plain BN model's result on the whole batch: outputs, averaged gradients, running statistics.
+    (DDP refuses SyncBatchNorm in CPU modules, so the gradients are averaged by hand, as DDP
+    would.)"""
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        # a torchvision model converted to SyncBatchNorm: every block is left as it was
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(small_resnet())
-        with pytest.warns(UserWarning, match="SyncBatchNorm"):
-            fused = fastres.fuse(model)
-        reasons = fuse_report(fused)
-        assert {p for p, _ in reasons} >= {"stem", "layer1.0", "layer4.0"}
-        assert all("SyncBatchNorm is not a plain nn.BatchNorm2d" in why for _, why in reasons)
-        assert not any(isinstance(m, FusedBlock) for m in fused.modules())
-
-        # a native fastres model converted after construction: its SyncBatchNorm pairs run
-        # unfused (through SyncBatchNorm itself), and fuse reports them
-        native = randomize_bn(fastres.models.resnet18(num_classes=4, base_channels=8))
-        plain = copy.deepcopy(native)
-        for m in plain.modules():
-            if isinstance(m, FusedBlock):
-                m.set_fused(False)
-        native = nn.SyncBatchNorm.convert_sync_batchnorm(native)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            native = fastres.fuse(native, inplace=True)
-        assert any("SyncBatchNorm" in why for _, why in fuse_report(native))
-        assert all(not m._views for m in native.modules() if isinstance(m, FusedBlock))
-        x = torch.randn(2, 3, 32, 32)
-        with torch.no_grad():  # eval: SyncBatchNorm does not communicate, so CPU can run it
-            out = native.eval()(x)  # (DDP refuses SyncBatchNorm on CPU modules)
-            base = plain.eval()(x)
-            ref = copy.deepcopy(plain).double()(x.double())
-        assert_close_ratio(f"rank {rank} sync-bn native", out, ref, base)
+        g = torch.Generator().manual_seed(7)  # the same whole batch on every rank
+        x = torch.randn(2 * WORLD, 3, 48, 48, generator=g).to(device)
+        target = torch.randint(0, 4, (2 * WORLD,), generator=g).to(device)
+        shard = slice(2 * rank, 2 * rank + 2)
+        original = small_resnet().train().to(device)
+        reference = copy.deepcopy(original).cpu().double()
+        original.to(memory_format=torch.channels_last)
+        results = []  # (output on this shard, {param: grad}, state_dict) for plain and truth
+        for model, inp in ((original, x.contiguous(memory_format=torch.channels_last)),
+                           (reference, x.cpu().double())):
+            out = model(inp)
+            nn.functional.cross_entropy(out, target.to(out.device)).backward()
+            results.append((out[shard], tensors(model)))
+        for name, make in SYNC_MODELS.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # nothing may be left unfused
+                fused = make().train().to(device)
+            out = fused(x[shard])
+            nn.functional.cross_entropy(out, target[shard]).backward()
+            assert type(fused.bn1) is FoldedSyncBatchNorm, name
+            assert all(type(v.bn) is nn.SyncBatchNorm
+                       for m in fused.modules() if isinstance(m, FusedBlock)
+                       for v in m._views.values()), name
+            mine = tensors(fused)
+            for t in mine.values():
+                if isinstance(t, nn.Parameter):
+                    dist.all_reduce(t.grad)
+                    t.grad /= WORLD
+            (base_out, base), (ref_out, ref) = results
+            where = f"rank {rank} {name}"
+            assert_close_ratio(f"{where} output", out, ref_out, base_out)
+            assert list(mine) == list(base)
+            for key, t in mine.items():
+                if isinstance(t, nn.Parameter):
+                    assert_close_ratio(f"{where} {key}.grad", t.grad, ref[key].grad,
+                                       base[key].grad)
+                elif key.endswith(("running_mean", "running_var")):
+                    assert_close_ratio(f"{where} {key}", t, ref[key], base[key])
+                elif key.endswith("num_batches_tracked"):
+                    assert int(t) == int(base[key]) == 1, key
     finally:
         dist.destroy_process_group()
+
+
+def tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.state_dict(keep_vars=True))
 
 
 def test_ddp_fused_matches_unfused_loss_and_grads():
     mp.spawn(ddp_step_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
-def test_sync_batchnorm_left_unfused_with_reason():
+def test_fused_sync_batchnorm_matches_plain_bn_on_the_whole_batch():
     mp.spawn(sync_bn_worker, args=(free_port(),), nprocs=WORLD, join=True)
+
+
+@pytest.mark.gpu
+def test_fused_sync_batchnorm_on_cuda():
+    """NCCL with a GPU per rank; on a one-GPU machine both ranks share it over gloo (NCCL
+    refuses two ranks on one device), which still runs the CUDA path of every collective."""
+    backend = "nccl" if torch.cuda.device_count() >= WORLD and dist.is_nccl_available() \
+        else "gloo"
+    mp.spawn(sync_bn_worker, args=(free_port(), "cuda", backend), nprocs=WORLD, join=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from torch import nn
 
 import fastres
 from fastres.nn import BasicBlock, Bottleneck
-from fastres.swap import FusedPreAct, FusedSequential, FusedStem, FuseError, fuse_report
+from fastres.nn.stem import FoldedBatchNorm2d, FoldedSyncBatchNorm, StemConv2d
+from fastres.swap import FusedPreAct, FusedSequential, FuseError, fuse_report
 from tests.models._util import check_equivalent, check_sgd_step, randomize_bn
 from tests.numerics import assert_close_ratio
 
@@ -46,7 +48,7 @@ def test_torchvision_fused_matches_original_eval(name):
     original = randomize_bn(TORCHVISION[name]()).eval()
     fused = fastres.fuse(original)  # nothing to report: no warning
     assert fuse_report(fused) == []
-    assert type(fused.conv1) is FusedStem
+    assert type(fused.conv1) is StemConv2d
     assert count(fused, tv.BasicBlock, tv.Bottleneck) == 0
     assert count(fused, BasicBlock, Bottleneck) == count(original, tv.BasicBlock, tv.Bottleneck)
     assert list(fused.state_dict()) == list(original.state_dict())
@@ -77,7 +79,7 @@ def test_torchvision_fused_matches_original_train(name):
 def test_timm_resnet50(train):
     original = randomize_bn(timm.create_model("resnet50", pretrained=False, num_classes=10))
     fused = fastres.fuse(original)
-    assert fuse_report(fused) == [] and type(fused.conv1) is FusedStem
+    assert fuse_report(fused) == [] and type(fused.conv1) is StemConv2d
     assert count(fused, Bottleneck) == 16
     assert list(fused.state_dict()) == list(original.state_dict())
     check_equivalent(original, fused, torch.randn(2, 3, 64, 64), train=train, backward=train)
@@ -112,7 +114,7 @@ def test_sgd_step_matches_and_optimizer_survives_inplace_fuse():
     assert not torch.equal(model.layer1[0].conv1.weight, before)
 
 
-def test_state_dict_round_trip_and_named_parameters():
+def test_state_dict_round_trip():
     original = randomize_bn(torchvision.models.resnet18())
     fused = fastres.fuse(torchvision.models.resnet18())
     fused.load_state_dict(original.state_dict())  # torchvision → fused
@@ -120,10 +122,6 @@ def test_state_dict_round_trip_and_named_parameters():
     back.load_state_dict(fused.state_dict())  # fused → torchvision
     for (k1, v1), (k2, v2) in zip(original.state_dict().items(), back.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
-    names = [n for n, _ in fused.named_parameters()]
-    # the blocks keep torchvision's parameter names; only the fused stem's are nested
-    assert names[:3] == ["conv1.conv.weight", "conv1.bn.weight", "conv1.bn.bias"]
-    assert names[3:] == [n for n, _ in original.named_parameters()][3:]
 
 
 def test_unfuse_gives_back_plain_modules_with_identical_outputs():
@@ -183,7 +181,7 @@ def test_strict_lists_every_reason_and_changes_nothing():
         fused = fastres.fuse(model)
     assert len(fuse_report(fused)) == 8
     assert count(fused, BasicBlock) == 0  # every SE block stays timm's
-    assert type(fused.conv1) is FusedStem  # the plain stem is still fused
+    assert type(fused.conv1) is StemConv2d  # the plain stem is still fused
 
 
 @pytest.mark.parametrize(("make", "expected"), [
@@ -192,8 +190,6 @@ def test_strict_lists_every_reason_and_changes_nothing():
     (lambda: timm.create_model("resnet18", pretrained=False, aa_layer=nn.AvgPool2d),
      "anti-aliasing"),
     (lambda: torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d), "FrozenBatchNorm2d"),
-    (lambda: nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18()),
-     "SyncBatchNorm"),
 ])
 def test_unfusable_blocks_are_left_with_reason(make, expected):
     model = make()
@@ -240,7 +236,7 @@ def test_fused_model_pickles_copies_and_unfuses_a_copy():
         assert torch.equal(loaded(x), fused(x)) and torch.equal(twin(x), fused(x))
     plain = fastres.unfuse(twin)
     assert type(plain.conv1) is nn.Conv2d
-    plain.load_state_dict(original.state_dict())  # no stem key hooks left on the copy
+    plain.load_state_dict(original.state_dict())  # the copy loads plain keys
     assert list(plain.state_dict()) == list(original.state_dict())
     assert list(fused.state_dict()) == list(original.state_dict())  # the fused one keeps its
     assert list(loaded.state_dict()) == list(original.state_dict())
@@ -255,3 +251,203 @@ def test_fused_torchvision_on_cuda(name, train):
     original = randomize_bn(TORCHVISION[name]()).cuda()
     fused = fastres.fuse(original)
     check_equivalent(original, fused, torch.randn(4, 3, 64, 64, device="cuda"), train=train)
+
+
+# ------------------------------------------------------------------------------------------------
+# A fused model is the same model: names, order, attribute paths, shared tensors, round trips
+# ------------------------------------------------------------------------------------------------
+
+FAMILIES = {
+    "tv-resnet18": lambda: torchvision.models.resnet18(num_classes=4),
+    "tv-resnext-blocks": TRAIN["resnext50_32x4d-blocks"],
+    "tv-wide-blocks": TRAIN["wide_resnet50_2-blocks"],
+    "timm-resnet18": lambda: timm.create_model("resnet18", num_classes=4),
+    "timm-resnext50_32x4d": lambda: timm.create_model("resnext50_32x4d", num_classes=4),
+    "timm-resnet26d": lambda: timm.create_model("resnet26d", num_classes=4),
+    "timm-resnetv2_50": lambda: timm.create_model("resnetv2_50", num_classes=4),
+    "sequential": lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)), nn.Flatten()),
+    "fastres-resnet18": lambda: fastres.models.resnet18(num_classes=4, base_channels=8),
+    "fastres-resnext50": lambda: fastres.models.resnext50_32x4d(num_classes=4, base_channels=16),
+    "fastres-preact_resnet18": lambda: fastres.models.preact_resnet18(num_classes=4,
+                                                                     base_channels=8),
+}
+
+
+def layout(model: nn.Module) -> dict[str, list]:
+    """Every name a training script may rely on, in order, with the objects behind them."""
+    return {
+        "parameters": list(model.named_parameters()),
+        "buffers": list(model.named_buffers()),
+        "modules": [name for name, _ in model.named_modules()],
+        "state_dict": list(model.state_dict(keep_vars=True).items()),
+    }
+
+
+def resolve(model: nn.Module, path: str):
+    """``model.a.0.b`` by attribute access, as user code writes it (``model.layer1[0].bn2``)."""
+    for part in path.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+def assert_same_layout(before: dict[str, list], fused: nn.Module) -> None:
+    after = layout(fused)
+    for what in before:
+        if what == "modules":
+            assert after[what] == before[what], what
+            continue
+        assert [n for n, _ in after[what]] == [n for n, _ in before[what]], what
+        for name, tensor in before[what]:
+            assert dict(after[what])[name] is tensor, f"{what} {name}: not the same tensor"
+            assert resolve(fused, name) is tensor, f"{name}: attribute path"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fuse_keeps_every_name_and_tensor(family):
+    model = FAMILIES[family]()
+    original_types = [type(m) for m in model.modules()]
+    before = layout(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert fuse_quietly(model, inplace=True) is model
+    assert_same_layout(before, model)
+    assert [p for g in optimizer.param_groups for p in g["params"]] == list(model.parameters())
+    if family.startswith(("tv", "timm-resnet1", "timm-resnext")):
+        assert type(model.conv1) is StemConv2d and type(model.bn1) is FoldedBatchNorm2d
+        assert isinstance(model.layer1[0].bn2.weight, nn.Parameter)
+    # checkpoints load both ways, strictly, with no hook in between
+    fresh = FAMILIES[family]()
+    assert not any(m._state_dict_hooks or m._load_state_dict_pre_hooks for m in model.modules())
+    model.load_state_dict(randomize_bn(fresh).state_dict())
+    back = FAMILIES[family]()
+    back.load_state_dict(model.state_dict())
+    for (k1, v1), (k2, v2) in zip(fresh.state_dict().items(), back.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    fastres.unfuse(model)
+    assert [type(m) for m in model.modules()] == original_types
+    assert_same_layout(before, model)
+
+
+def frozen(bn: nn.BatchNorm2d) -> nn.Module:
+    out = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(out, name).copy_(getattr(bn, name).detach())
+    return out
+
+
+@pytest.mark.parametrize("replace", ["sync", "frozen"])
+def test_stem_bn_replaced_after_fuse(replace):
+    """A stem BN replaced after fusing breaks the stem's link. A SyncBatchNorm (eval: it runs on
+    CPU) is folded in anew at the next call; a FrozenBatchNorm2d cannot be, and then conv1, bn1
+    and the ReLU each run once, unfused. Either way the output is the replaced model's."""
+    original = randomize_bn(tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=4)).eval()
+    fused = fastres.fuse(original)
+    if replace == "sync":
+        fused = nn.SyncBatchNorm.convert_sync_batchnorm(fused).eval()
+        assert type(fused.bn1) is nn.SyncBatchNorm and type(fused.conv1) is StemConv2d
+    else:
+        fused.bn1 = frozen(fused.bn1)
+        original.bn1 = frozen(original.bn1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outs = [fused(x), original(x), copy.deepcopy(original).double()(x.double())]
+    assert_close_ratio("output", outs[0], outs[2], outs[1])
+    expected = FoldedSyncBatchNorm if replace == "sync" else FrozenBatchNorm2d
+    assert type(fused.bn1) is expected
+
+
+def test_sequential_child_replaced_after_fuse():
+    """A FusedSequential finds its runs anew when a child was replaced: a BN fuses again, a
+    module the fused op cannot serve runs plain."""
+    original = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                                          nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)))
+    fused = fastres.fuse(original)
+    new = randomize_bn(nn.BatchNorm2d(8), seed=3)
+    fused[1], original[1] = new, copy.deepcopy(new)
+    fused[4], original[4] = frozen(fused[4]), frozen(original[4])
+    check_equivalent(original.eval(), fused.eval(), torch.randn(2, 3, 9, 9), train=False,
+                     backward=False)
+    assert fused._runs[0][0].bn is new and 3 not in fused._runs
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input stays harmless
+# ------------------------------------------------------------------------------------------------
+
+
+def structure(model: nn.Module) -> list[tuple]:
+    """Every module's path, object, type, plain attributes and hooks: what fuse could change."""
+    return [(name, id(m), type(m), sorted(m.__dict__), len(m._state_dict_hooks),
+             len(m._load_state_dict_pre_hooks), len(m._forward_hooks))
+            for name, m in model.named_modules()]
+
+
+def test_strict_failure_leaves_the_model_untouched():
+    # fusable stem, fusable Sequential, fusable blocks, and one SE block that cannot be fused
+    model = timm.create_model("resnet18", num_classes=4)
+    model.layer3[1] = timm.create_model("resnet18", block_args={"attn_layer": "se"}).layer3[1]
+    model.head_seq = nn.Sequential(nn.Conv2d(512, 8, 1), nn.BatchNorm2d(8))
+    before = structure(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FuseError, match=r"layer3\.1: se \(attention\) is SEModule"):
+        fastres.fuse(model, strict=True, inplace=True)
+    assert structure(model) == before
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["tv-resnet18", "timm-resnetv2_50", "sequential",
+                                   "fastres-resnet18"])
+def test_fusing_twice_is_a_noop(family):
+    model = randomize_bn(FAMILIES[family]()).eval()
+    once = fuse_quietly(model)
+    after_once = structure(once)
+    report = fuse_report(once)
+    assert fuse_quietly(once, inplace=True) is once
+    assert structure(once) == after_once and fuse_report(once) == report
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(once(x), fuse_quietly(model)(x))
+
+
+@pytest.mark.parametrize("family", ["tv-resnet18", "timm-resnet26d", "timm-resnetv2_50",
+                                    "sequential"])
+def test_unfuse_of_fuse_round_trips_the_state_dict(family):
+    model = randomize_bn(FAMILIES[family]())
+    expected = model.state_dict()
+    back = fastres.unfuse(fuse_quietly(model))
+    state = back.state_dict()
+    assert list(state) == list(expected)
+    assert all(torch.equal(state[k], v) and state[k].dtype == v.dtype for k, v in expected.items())
+    assert state._metadata == expected._metadata  # per-module versions, as PyTorch saves them
+    assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
+
+
+def without_num_batches_tracked(state: dict, keep_metadata: bool) -> OrderedDict:
+    old = OrderedDict((k, v) for k, v in state.items() if not k.endswith("num_batches_tracked"))
+    if keep_metadata:
+        old._metadata = state._metadata
+    return old
+
+
+def test_checkpoint_without_num_batches_tracked_loads_as_in_pytorch():
+    """A pre-1.0 checkpoint (no ``num_batches_tracked``, no version metadata) loads strictly and
+    keeps the counters; with version-2 metadata the missing keys are an error. Both exactly as
+    in the unfused model; then a training step with momentum=None (which reads the counter)."""
+    source = randomize_bn(tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=4))
+    plain = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=4)
+    fused = fastres.fuse(plain)
+    for m in (plain, fused):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.momentum = None
+                bn.num_batches_tracked.fill_(3)
+    errors = []
+    for m in (plain, fused):
+        with pytest.raises(RuntimeError) as err:
+            m.load_state_dict(without_num_batches_tracked(source.state_dict(), True))
+        errors.append(str(err.value).replace("fastres", ""))
+        m.load_state_dict(without_num_batches_tracked(source.state_dict(), False))
+    assert "Missing key(s)" in errors[0] and errors[0] == errors[1]
+    assert all(int(t) == 3 for k, t in fused.state_dict().items() if "num_batches" in k)
+    check_equivalent(plain, fused, torch.randn(2, 3, 32, 32), train=True)

@@ -13,9 +13,10 @@ objects that share those very modules (no parameter or buffer is duplicated). Th
 in a plain dict (``self._views``), not registered as children, so they add no state-dict keys and
 ``.to()``/``.train()`` reach the shared modules exactly once through the block's own children.
 
-Each forward checks that a view still wraps the block's current children. If a child was replaced
-after construction (``nn.SyncBatchNorm.convert_sync_batchnorm``, a user swapping ``bn1``), that
-pair runs unfused, through the replacement module's own forward, so it is never silently stale.
+Each forward checks that a view still wraps the block's current children, so it is never silently
+stale. If a child was replaced after construction (``nn.SyncBatchNorm.convert_sync_batchnorm``, a
+user swapping ``bn1``), the new pair is fused in its place when it can be (a SyncBatchNorm can),
+else it runs from then on unfused, through the replacement module's own forward.
 """
 
 from __future__ import annotations
@@ -102,7 +103,22 @@ class FusedBlock(nn.Module):
 
     def _run(self, name: str, conv: nn.Module, bn: nn.Module, x: Tensor,
              residual: Tensor | None = None, relu: bool = True) -> Tensor:
-        return conv_bn_act(self._views.get(name), conv, bn, x, residual, relu)
+        view = self._views.get(name)
+        if view is not None and (view.conv is not conv or view.bn is not bn):
+            view = self._replace_view(name, conv, bn, view.relu)
+        return conv_bn_act(view, conv, bn, x, residual, relu)
+
+    def _replace_view(self, name: str, conv: nn.Module, bn: nn.Module,
+                      relu: bool) -> ConvBNReLU | None:
+        """A child of pair ``name`` was replaced since the views were built: fuse the new pair if
+        it can be, else drop the view (and say why) so that it runs unfused from now on."""
+        reason = self.pair_reason(conv, bn)
+        if reason is not None:
+            del self._views[name]
+            self.unfused_reasons[name] = reason
+            return None
+        self._views[name] = view = self.make_view(conv, bn, relu)
+        return view
 
     def _shortcut(self, x: Tensor) -> Tensor:
         """Projection ``downsample`` (leading modules such as an avg-pool, then conv + BN)."""

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..ops import conv_bn_relu
+from .sync_conv_bn import sync_conv_bn_relu, sync_group
 
 Tensor = torch.Tensor
 
@@ -71,38 +72,54 @@ class ConvBNReLU(nn.Module):
         return self
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        conv, bn = self.conv, self.bn
-        use_batch_stats, momentum = bn_momentum(bn)
-        track = not bn.training or bn.track_running_stats
-        return conv_bn_relu(
-            x,
-            conv.weight,
-            bn.weight,
-            bn.bias,
-            bn.running_mean if track else None,
-            bn.running_var if track else None,
-            bias=conv.bias,
-            training=use_batch_stats,
-            momentum=momentum,
-            eps=bn.eps,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            residual=residual,
-            relu=self.relu,
-        )
+        return run_fused(self.conv, self.bn, x, residual, self.relu)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
+
+
+def run_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Tensor | None = None,
+              relu: bool = True) -> Tensor:
+    """``relu(bn(conv(x)) + residual)`` as one fused op over the modules' own parameters and
+    buffers (running statistics and ``num_batches_tracked`` updated as BatchNorm does). A
+    ``SyncBatchNorm`` that synchronises in this call (training, a process group of more than
+    one) goes through :func:`fastres.nn.sync_conv_bn.sync_conv_bn_relu`; otherwise it is
+    BatchNorm, as in PyTorch.
+
+    The modules must satisfy :func:`fusable_reason` up to their exact type (subclasses that keep
+    the parent's attributes, such as the fused stem's, are served too).
+    """
+    use_batch_stats, momentum = bn_momentum(bn)
+    group = sync_group(bn)
+    if group is not None:  # SyncBatchNorm in training: statistics over the process group
+        return sync_conv_bn_relu(conv, bn, x, residual, relu, momentum, group)
+    track = not bn.training or bn.track_running_stats
+    return conv_bn_relu(
+        x,
+        conv.weight,
+        bn.weight,
+        bn.bias,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        bias=conv.bias,
+        training=use_batch_stats,
+        momentum=momentum,
+        eps=bn.eps,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        residual=residual,
+        relu=relu,
+    )
 
 
 def fusable_reason(conv: nn.Module, bn: nn.Module) -> str | None:
     """None if ``conv`` → ``bn`` can run as :class:`ConvBNReLU` exactly, else why not."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
-    if type(bn) is not nn.BatchNorm2d:
-        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d"
+    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm"
     if conv.padding_mode != "zeros":
         return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
     if isinstance(conv.padding, str):

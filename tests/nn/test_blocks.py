@@ -64,24 +64,28 @@ def test_block_matches_torchvision(case, train):
     check_equivalent(original, fused, x, train=train)
 
 
-def test_replaced_child_runs_unfused_not_stale():
-    """After a child is swapped (e.g. convert_sync_batchnorm), that pair runs the new module."""
+def test_replaced_child_is_fused_again_or_runs_unfused_never_stale():
+    """After a child is swapped, its pair runs the new module: fused again when it can be
+    (a BatchNorm2d, a SyncBatchNorm), else unfused through the new module, with the reason."""
     original, fused, cin = build_pair(CASES[1])
     new_bn = randomize_bn(nn.BatchNorm2d(16), seed=5)
     fused.bn1 = new_bn
     original.bn1 = copy.deepcopy(new_bn)
     x = torch.randn(2, cin, 8, 8)
     check_equivalent(original.eval(), fused.eval(), x, train=False, backward=False)
-    fused.set_fused(True)  # rebuilding the views fuses the new pair again
-    assert "conv1" in fused._views and fused._views["conv1"].bn is new_bn
+    assert fused._views["conv1"].bn is new_bn
+    # a module the fused op cannot serve: that pair runs unfused from now on
+    odd = nn.Sequential(copy.deepcopy(new_bn))  # any non-BatchNorm module in bn1's place
+    fused.bn1, original.bn1 = odd, copy.deepcopy(odd)
+    check_equivalent(original.eval(), fused.eval(), x, train=False, backward=False)
+    assert "conv1" not in fused._views and "Sequential" in fused.unfused_reasons["conv1"]
 
 
-def test_sync_batchnorm_pair_is_reported_and_left_unfused():
+def test_sync_batchnorm_pairs_are_fused():
     block = nn.SyncBatchNorm.convert_sync_batchnorm(BasicBlock(8, 8))
     block.set_fused(True)
-    assert set(block.unfused_reasons) == {"conv1", "conv2"}
-    assert "SyncBatchNorm" in block.unfused_reasons["conv1"]
-    assert not block._views
+    assert set(block._views) == {"conv1", "conv2"} and not block.unfused_reasons
+    assert all(type(v.bn) is nn.SyncBatchNorm for v in block._views.values())
 
 
 # ---- pre-activation blocks against a plain functional statement of He et al. (2016) ----------

@@ -212,7 +212,8 @@ def _bn_finalize_kernel(
         tl.zeros_like(c) if INPUT_SHIFTED else c, BLOCK_T, BLOCK_K,
     )
     mean = mean + c  # the one rounding at |mean| scale
-    var = tl.maximum(m2, 0.0) / tl.maximum(n, 1.0)
+    # clamp rounding below 0, not with maximum(): on a GPU it turns NaN into 0
+    var = tl.where(m2 < 0.0, 0.0, m2) / tl.maximum(n, 1.0)
     tl.store(out_mean_ptr + offs_k, mean, mask=mask_k)
     tl.store(out_var_ptr + offs_k, var, mask=mask_k)
     if AFFINE:

@@ -29,6 +29,8 @@
 #   FASTRES_CHECK_DRY_RUN=1     rehearse on a machine without a GPU (CI does): pip --dry-run,
 #                               the GPU test shards collect and skip, tiny CPU benchmarks, the
 #                               sanitizer script's CPU dry run; nothing copied to bench/results
+#   FASTRES_COMMIT              the commit under test, where the tree is a copy without .git
+#                               (recorded in every result)
 #   PYTHON                      interpreter (default python3)
 
 set -u
@@ -99,7 +101,7 @@ NVCC_LINE="no nvcc on PATH"
 command -v nvcc >/dev/null 2>&1 && NVCC_LINE=$(nvcc --version 2>&1 | tail -n 1)
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${FASTRES_COMMIT:-unknown}")"
     echo "gpu: $GPU_LINE"
     echo "nvcc: $NVCC_LINE"
     echo "dry run: $DRY"
@@ -198,7 +200,7 @@ fi
 {
     echo
     echo "================ fastres gpu_check summary ================"
-    echo "gpu: $GPU_LINE; nvcc: $NVCC_LINE; commit: $(git rev-parse --short HEAD 2>/dev/null)"
+    echo "gpu: $GPU_LINE; nvcc: $NVCC_LINE; commit: $(git rev-parse --short HEAD 2>/dev/null || echo "${FASTRES_COMMIT:-unknown}")"
     printf '%-16s %-32s %s\n' step status seconds
     for s in "${STEPS[@]}"; do
         IFS='|' read -r n st dt <<<"$s"

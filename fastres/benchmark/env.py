@@ -23,10 +23,11 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The fastres source commit (with ``-dirty`` if the tree has changes), if in a checkout."""
+    """The fastres source commit (with ``-dirty`` if the tree has changes), if in a checkout;
+    else ``FASTRES_COMMIT`` (a copy of the tree without .git, as on a borrowed GPU machine)."""
     root = Path(fastres.__file__).resolve().parent.parent
     if not (root / ".git").exists():
-        return None
+        return os.environ.get("FASTRES_COMMIT") or None
     commit = _run(["git", "rev-parse", "HEAD"], cwd=root)
     if commit is None:
         return None

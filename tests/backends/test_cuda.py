@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastres
 from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, availability
+from tests.host_sync import op_pass_syncs
 from tests.ops.cases import CASES, MODES, Case, run_case
 from tests.ops.nonfinite import check_nonfinite
 
@@ -691,6 +692,12 @@ def test_emulated_kernels_equivalence_grid(emulated_cuda_backend, case, dtype, t
 )
 def test_emulated_eval_inference_single_kernel(emulated_cuda_backend, case, dtype):
     run_cuda_case(case, dtype, False, False, device="cpu")
+
+
+@pytest.mark.parametrize("training, grad", MODES)
+def test_emulated_backend_makes_no_host_sync(emulated_cuda_backend, training, grad):
+    syncs = op_pass_syncs(Case(residual=True, bias=True), training, grad, "cuda")
+    assert not syncs, syncs
 
 
 # (case, dtype) for each conv kernel: implicit GEMM (fp16, 16+ channels per group) and direct

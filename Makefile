@@ -1,13 +1,14 @@
 # One command for the tests, one for the main job; each creates the virtual environment first.
 #   make test    set up .venv with the pinned toolchain, build fastres (+ CUDA extension), run tests
 #   make bench   same set-up, then `fastres bench`
+#   make mutation  plant known bugs one at a time and check the default tests catch each
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/include/cuda_runtime.h),/usr/local/cuda,)
 export CUDA_HOME
 
-.PHONY: venv test test-all lint bench bench-suite clean
+.PHONY: venv test test-all lint mutation bench bench-suite clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,10 @@ test: venv lint
 
 test-all: venv
 	$(BIN)/python -m pytest tests -q
+
+# plant each bug of tests/mutation/plants.py in a scratch copy; fails if the tests miss one
+mutation: venv
+	$(BIN)/python tests/mutation/run.py
 
 bench: venv
 	$(BIN)/fastres bench

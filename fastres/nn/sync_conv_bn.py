@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.conv_bn_relu import update_running_stats
+
 Tensor = torch.Tensor
 CL = torch.channels_last
 CHANNEL_DIMS = (0, 2, 3)
@@ -66,10 +68,7 @@ class _SyncConvBNReLU(torch.autograd.Function):
         count, mean, m2 = _merge(torch.stack(parts), k)
         invstd = torch.rsqrt(m2 / count + eps)
         if running_mean is not None:
-            with torch.no_grad():
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                unbiased = m2 / (count - 1)
-                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+            update_running_stats(running_mean, running_var, mean, m2 / (count - 1), momentum)
         scale = invstd if bn_weight is None else invstd * bn_weight.float()
         shift = -mean * scale if bn_bias is None else bn_bias.float() - mean * scale
         z = yf * _per_channel(scale) + _per_channel(shift)
@@ -114,7 +113,7 @@ class _SyncConvBNReLU(torch.autograd.Function):
 
 
 def sync_conv_bn_relu(conv: nn.Conv2d, bn: nn.SyncBatchNorm, x: Tensor, residual: Tensor | None,
-                      relu: bool, momentum: float, group) -> Tensor:
+                      relu: bool, momentum: float | Tensor, group) -> Tensor:
     """``relu(sync_bn(conv(x)) + residual)`` in training over ``group`` (see the module doc).
 
     ``momentum`` is the factor :func:`fastres.nn.conv_bn_relu.bn_momentum` computed (which also

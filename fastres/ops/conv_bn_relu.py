@@ -365,13 +365,20 @@ def conv_bn_relu(
         batch_stats, float(eps), bool(relu), save, name,
     )
     if training and running_mean is not None:
-        with torch.no_grad():
-            if isinstance(momentum, Tensor):
-                momentum = momentum.to(running_mean.dtype)
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            unbiased = var * (count / (count - 1))
-            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        update_running_stats(running_mean, running_var, mean, var * (count / (count - 1)),
+                             momentum)
     return z
 
 
-__all__ = ["BackendUnavailableError", "conv_bn_relu"]
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,
+                         unbiased_var: Tensor, momentum: float | Tensor) -> None:
+    """``running = (1 − momentum)·running + momentum·batch`` in place, as BatchNorm does, in the
+    buffers' dtype; ``momentum`` a float or a 0-d tensor (no host sync either way)."""
+    with torch.no_grad():
+        if isinstance(momentum, Tensor):
+            momentum = momentum.to(running_mean.dtype)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+
+
+__all__ = ["BackendUnavailableError", "conv_bn_relu", "update_running_stats"]

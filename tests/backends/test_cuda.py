@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastres
 from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, availability
+from tests.host_sync import op_pass_syncs
 from tests.ops.cases import CASES, MODES, Case, run_case
 from tests.ops.nonfinite import check_nonfinite
 
@@ -668,7 +669,7 @@ _EMU_DEFAULT = {
     (Case(n=1, h=5, w=7, residual=True).id, _BF16, "train"),
     (Case(relu=False, bias=True).id, _F32, "train"),
     (Case(affine=False, running=False).id, _F16, "train"),
-    (Case(dilation=2, padding=2).id, _BF16, "eval"),
+    (Case(dilation=2, padding=2).id, _F32, "eval"),  # direct kernel (fp32)
     (Case(groups=8, c=32, k=32, stride=2).id, _BF16, "infer"),
     (Case(layout="contiguous", residual=True).id, _F16, "eval"),
     (Case(mean_offset=True, padding=0, residual=True).id, _F32, "train"),
@@ -710,6 +711,12 @@ def test_emulated_kernels_equivalence_grid(emulated_cuda_backend, case, dtype, t
 )
 def test_emulated_eval_inference_single_kernel(emulated_cuda_backend, case, dtype):
     run_cuda_case(case, dtype, False, False, device="cpu")
+
+
+@pytest.mark.parametrize("training, grad", MODES)
+def test_emulated_backend_makes_no_host_sync(emulated_cuda_backend, training, grad):
+    syncs = op_pass_syncs(Case(residual=True, bias=True), training, grad, "cuda")
+    assert not syncs, syncs
 
 
 # (case, dtype) for each conv kernel: implicit GEMM (fp16, 16+ channels per group) and direct

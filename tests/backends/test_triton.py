@@ -11,11 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import fastres
 from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, select
 from fastres.backends.reference import bn_relu_backward
-from fastres.backends.triton import bn
+from fastres.backends.triton import bn, conv
 from tests.numerics import assert_close_ratio, merge_partials
 from tests.ops.cases import CASES, MODES, Case, run_case
 from tests.ops.nonfinite import check_nonfinite
@@ -359,6 +360,27 @@ def test_running_stats_after_three_steps() -> None:
     run_case(Case(residual=True, bias=True), torch.float32, True, "triton", steps=3)
 
 
+@pytest.fixture
+def larger_block_m():
+    """Under the interpreter every kernel has one 16-row configuration, the size the partial
+    statistics buffers are allocated for; on a GPU the autotuner may pick larger tiles, and the
+    partials must then be cut to the tiles that ran. Force a 32-row tile to see that here."""
+    assert conv._MIN_BLOCK_M < 32
+    gemm, direct = (triton.Config({**t.configs[0].kwargs, "BLOCK_M": 32}, num_warps=4)
+                    for t in (conv._gemm, conv._direct))
+    with conv._gemm.forced(gemm), conv._direct.forced(direct):
+        yield
+
+
+@pytest.mark.parametrize("case", [Case(), Case(groups=8, c=32, k=32, stride=2)], ids=str)
+def test_partials_cut_to_the_configuration_that_ran(larger_block_m, case: Case) -> None:
+    x = torch.randn(case.n, case.c, case.h, case.w).contiguous(memory_format=CL)
+    w = torch.randn(case.k, case.c // case.groups, *case.kernel)
+    _, part = conv.conv2d_fused(x, w, None, case.conv, stats=True)
+    m = case.n * case.out_hw[0] * case.out_hw[1]
+    assert part.count.shape[0] == -(-m // 32) and part.count.sum().item() == m
+    assert (part.count[:-1] == 32).all()
+    run_case(case, torch.float32, True, "triton")
 
 
 # the GEMM kernel and the direct kernel (few channels per group) share the epilogue

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastres.backends.triton import conv as tconv
 from tests.numerics import assert_close_ratio, merge_partials, to_tf32
-from tests.ops.cases import Case
+from tests.ops.cases import MEAN_OFFSET, Case
 
 CL = torch.channels_last
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -52,13 +52,14 @@ EPILOGUES = {
 }
 
 
-def _inputs(shape: Case, epi: dict, mean_offset: float = 0.0) -> dict:
-    """Fresh random float64 inputs (never zeros); outputs O(1) unless ``mean_offset``."""
+def _inputs(shape: Case, epi: dict, mean_offset: float = 0.0, x_offset: float = 0.0) -> dict:
+    """Fresh random float64 inputs (never zeros); outputs O(1) unless ``mean_offset`` (added to
+    the bias) or ``x_offset`` (added to the input)."""
     f64 = torch.float64
     cg = shape.c // shape.groups
     oh, ow = shape.conv.out_hw(shape.h, shape.w, shape.r, shape.r)
     return {
-        "x": torch.randn(shape.n, shape.c, shape.h, shape.w, dtype=f64) + 0.5,
+        "x": torch.randn(shape.n, shape.c, shape.h, shape.w, dtype=f64) + 0.5 + x_offset,
         "weight": torch.randn(shape.k, cg, shape.r, shape.r, dtype=f64) / (cg * shape.r**2) ** 0.5,
         "bias": torch.randn(shape.k, dtype=f64) + mean_offset if epi["bias"] else None,
         "scale": torch.rand(shape.k, dtype=f64) + 0.5 if epi["affine"] else None,
@@ -109,9 +110,10 @@ def _fused(inp: dict, shape: Case, dtype: torch.dtype, device: str, relu: bool, 
     )
 
 
-def _check(shape: Case, dtype: torch.dtype, epi_name: str, device: str, mean_offset=0.0):
+def _check(shape: Case, dtype: torch.dtype, epi_name: str, device: str, mean_offset=0.0,
+           x_offset=0.0):
     epi = EPILOGUES[epi_name]
-    inp = _inputs(shape, epi, mean_offset)
+    inp = _inputs(shape, epi, mean_offset, x_offset)
     stats = not epi["affine"] or epi["residual"]  # stats with and without the full epilogue
     y_ref, z_ref = _eager(inp, shape, torch.float64, "cpu", epi["relu"])
     y_base, z_base = _eager(inp, shape, dtype, device, epi["relu"])
@@ -184,11 +186,15 @@ def test_every_epilogue_dense_and_direct(epi: str):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "shape", [Case(), Case(c=32, k=32, groups=8), Case(c=3, r=7, padding=3)], ids=lambda s: s.id
+    "shape",
+    [Case(padding=0), Case(c=32, k=32, groups=8, padding=0), Case(c=3, r=7, padding=0, h=11)],
+    ids=lambda s: s.id,
 )
 def test_partials_when_mean_far_exceeds_std(shape: Case, dtype: torch.dtype):
-    # Outputs ~1000 with std ~1: E[y^2] - E[y]^2 in fp32 would lose the variance entirely.
-    _check(shape, dtype, "raw_bias", "cpu", mean_offset=1000.0)
+    # |mean| ~ MEAN_OFFSET x std from an offset input (no padding, which would spread the mean),
+    # as after a ReLU: the fp32 epilogue's statistics see it (a large bias would only shift
+    # them afterwards); E[y^2] - E[y]^2 in fp32 would lose the variance.
+    _check(shape, dtype, "raw_bias", "cpu", x_offset=MEAN_OFFSET[dtype])
 
 
 @pytest.mark.parametrize(

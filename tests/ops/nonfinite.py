@@ -13,7 +13,7 @@ import torch
 
 import fastres
 from tests.numerics import eager_conv_bn_relu
-from tests.ops.cases import Case, make_inputs
+from tests.ops.cases import ACT_ARGS, Case, make_inputs
 
 NAN, INF = float("nan"), float("inf")
 
@@ -41,8 +41,8 @@ def check_nonfinite(
     def call(fn):
         t = {}
         for name, v in inputs.items():
-            act = name in ("x", "weight", "bias", "residual")
-            t[name] = None if v is None else v.to(device, dtype if act else torch.float32)
+            dt = dtype if name in ACT_ARGS else torch.float32
+            t[name] = None if v is None else v.to(device, dt)
             if grad and t[name] is not None and name not in ("running_mean", "running_var"):
                 t[name].requires_grad_(True)
         with torch.set_grad_enabled(grad):

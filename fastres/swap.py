@@ -1,6 +1,7 @@
 """``fastres.fuse`` / ``fastres.unfuse``: swap fused blocks into existing models, and back.
 
-What is swapped (module *instances* are replaced; no third-party class is patched):
+What is swapped (module *instances* are replaced, or change class to a fastres subclass of their
+own type; no third-party class is patched):
 
 * torchvision ``ResNet`` (ResNet, ResNeXt, Wide ResNet): every ``BasicBlock``/``Bottleneck`` becomes
   :class:`fastres.nn.BasicBlock`/:class:`fastres.nn.Bottleneck` holding the very same children

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -23,3 +24,11 @@ AUTOTUNE = os.environ.get("FASTRES_TRITON_AUTOTUNE", "1") != "0"
 def limit(configs: list[triton.Config]) -> list[triton.Config]:
     """``configs`` as offered to the autotuner: all of them, or the first with autotuning off."""
     return configs if AUTOTUNE else configs[:1]
+
+
+def target(x: torch.Tensor | None) -> int | None:
+    """The compiled target a tensor's device gets: 90 (Hopper and later) or 80; None off CUDA.
+    Keys the configurations pruned because they spill there (the kernel report)."""
+    if x is None or not x.is_cuda:
+        return None
+    return 90 if torch.cuda.get_device_capability(x.device)[0] >= 9 else 80

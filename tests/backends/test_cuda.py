@@ -17,7 +17,6 @@ import dataclasses
 import glob
 import json
 import os
-import re
 import shutil
 import subprocess
 
@@ -27,6 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastres
 from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, availability
+from fastres.backends.kernel_report import cuda_rows
 from tests.host_sync import op_pass_syncs
 from tests.ops.cases import CASES, MODES, Case, run_case
 from tests.ops.nonfinite import check_nonfinite
@@ -151,22 +151,18 @@ def test_cubins_for_sm80_and_sm90a():
 
 
 def test_kernels_use_no_local_memory():
-    """No register spills or local arrays in any kernel, for either target (ptxas's verdict)."""
-    ext = _C()
-    tool = os.path.join(
-        os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "cuobjdump"
-    )
-    out = subprocess.run(
-        [tool, "--dump-resource-usage", ext.__file__], capture_output=True, text=True, check=True
-    ).stdout
-    pattern = r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)"
-    usage = re.findall(pattern, out)
-    assert len(usage) >= 2 * 12, f"expected every kernel for sm_80 and sm_90a, got {len(usage)}"
-    per_arch = collections.Counter(fn for fn, *_ in usage)
+    """No register spills or local arrays in any kernel, for either target: the kernel report's
+    rule (fastres.backends.kernel_report), read from the extension's SASS and resource usage."""
+    _C()
+    rows = cuda_rows()
+    assert len(rows) >= 2 * 12, f"expected every kernel for sm_80 and sm_90a, got {len(rows)}"
+    per_arch = collections.Counter(r["kernel"] for r in rows)
     assert set(per_arch.values()) == {2}, f"kernels not built for both targets: {per_arch}"
-    for fn, reg, stack, shared, local in usage:
-        assert int(stack) == 0 and int(local) == 0, f"{fn}: stack {stack} B, local {local} B"
-        assert int(reg) <= 128 and int(shared) <= 48 * 1024, f"{fn}: {reg} regs, {shared} B smem"
+    for r in rows:
+        assert not r["violations"], f"{r['kernel']} {r['target']}: {r['violations']}"
+        assert r["regs"] <= 128 and r["shared"] <= 48 * 1024, (
+            f"{r['kernel']}: {r['regs']} regs, {r['shared']} B smem"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -270,18 +270,21 @@ def test_compile_specs_cover_every_kernel_config_dtype():
     specs = tconv.compile_specs()
     names = [s.name for s in specs]
     assert len(names) == len(set(names)), "duplicate spec names"
-    # every configuration of every kernel (gemm, flattened gemm, direct), every dtype
-    n_gemm, n_direct = len(tconv.GPU_GEMM_CONFIGS), len(tconv.GPU_DIRECT_CONFIGS)
-    n_extra = len(tconv.EPILOGUES) - 1  # real epilogues, with the largest tile of each kernel
-    assert len(specs) == len(DTYPES) * (2 * n_gemm + n_direct + 3 * n_extra)
+    # every configuration of every kernel (gemm, flattened gemm, direct) in each of its shape
+    # classes, every dtype; the real epilogues and one unspecialised compile per kernel
     for dtype in ("float32", "float16", "bfloat16"):
-        for kname, cfgs in (("conv_gemm", tconv.GPU_GEMM_CONFIGS),
-                            ("conv_gemm_flat", tconv.GPU_GEMM_CONFIGS),
-                            ("conv_direct", tconv.GPU_DIRECT_CONFIGS)):
+        for kname, cfgs, classes in (
+            ("conv_gemm", tconv.GPU_GEMM_CONFIGS, ("3x3s2", "1x1")),
+            ("conv_gemm_flat", tconv.GPU_GEMM_CONFIGS, ("stem",)),
+            ("conv_direct", tconv.GPU_DIRECT_CONFIGS, ("grouped",)),
+        ):
             for cfg in cfgs:
-                assert f"{kname}-{dtype}-all-{tconv._cfg_name(cfg)}" in names
+                for cls in classes:
+                    assert f"{kname}-{dtype}-all-{tconv._cfg_name(cfg)}-{cls}" in names
             for epi in ("train", "eval"):
                 assert any(n.startswith(f"{kname}-{dtype}-{epi}-") for n in names)
+            assert sum(n.startswith(f"{kname}-{dtype}-") and n.endswith("-unspecialised")
+                       for n in names) == 1
     for s in specs:
         args = s.kernel.arg_names
         assert set(s.signature) | set(s.constexprs) == set(args), s.name

@@ -42,7 +42,7 @@ def test_first_fitting_config_is_the_pruned_one():
     assert len(conv._prune_gemm(conv.GPU_GEMM_CONFIGS, {"Kg": 256, "Cg": 256})) == len(
         conv.GPU_GEMM_CONFIGS)
     tuned = _tuning.Tuned(conv._conv_gemm_kernel, conv.GPU_GEMM_CONFIGS, ["M"], conv._prune_gemm)
-    args = dict.fromkeys(conv._conv_gemm_kernel.arg_names, 0) | {"Kg": 16, "Cg": 16}
+    args = dict.fromkeys(conv._conv_gemm_kernel.arg_names) | {"Kg": 16, "Cg": 16}
     ordered = [args[name] for name in conv._conv_gemm_kernel.arg_names]
     assert tuned.candidates(ordered, {}) == narrow
 

@@ -27,6 +27,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -58,6 +59,14 @@ def launched_configs(clear: bool = False) -> dict[str, str]:
         for t in _ALL:
             t.last_config = None
     return seen
+
+
+def target(x: torch.Tensor | None) -> int | None:
+    """The compiled target a tensor's device gets: 90 (Hopper and later) or 80; None off CUDA.
+    Keys the configurations pruned because they spill there (the kernel report)."""
+    if x is None or not x.is_cuda:
+        return None
+    return 90 if torch.cuda.get_device_capability(x.device)[0] >= 9 else 80
 
 
 class Tuned:

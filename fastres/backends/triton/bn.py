@@ -25,13 +25,15 @@ Running-statistic updates are the op layer's job, not this module's.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import _alloc
 from . import _tuning
-from ._compile import CompileSpec
+from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 
 Tensor = torch.Tensor
 
@@ -401,7 +403,25 @@ def _bn_bwd_sum_kernel(
     tl.store(dgamma_ptr + offs_k, sum_gy * invstd, mask=mask_k)
 
 
-@_tuning.autotune(_configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K"])
+def _dx_spills(block_m: int, warps: int, block_k: int, dtype: torch.dtype | None,
+               cc: int | None) -> str | None:
+    """Why a _bn_bwd_dx_kernel tile is not offered: in fp32 on sm_80, tiles of 8 elements per
+    thread spill 8 bytes (kernel report, heaviest flag set); None where it is offered."""
+    if dtype == torch.float32 and cc == 80 and block_m * block_k == 8 * 32 * warps:
+        return "8 elements per thread spill registers in float32 on sm_80"
+    return None
+
+
+def _prune_bwd_dx(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """Drop the tiles that spill for this dtype, target and (launcher-chosen) BLOCK_K."""
+    dz = nargs["dz_ptr"]
+    problem = (kwargs["BLOCK_K"], dz.dtype, _tuning.target(dz))
+    kept = [c for c in configs
+            if _dx_spills(c.kwargs["BLOCK_M"], c.num_warps, *problem) is None]
+    return kept or configs
+
+
+@_tuning.autotune(_configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K"], prune=_prune_bwd_dx)
 @triton.jit
 def _bn_bwd_dx_kernel(
     dz_ptr,  # (M, K) x dtype: gradient of z
@@ -640,10 +660,16 @@ def backward(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (tests/backends/triton_compile_check.py)
+# Ahead-of-time compile specs (python -m fastres.backends.kernel_report)
 # ---------------------------------------------------------------------------------------------
 
 _PTR_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}  # activation pointers
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Integer arguments of a ResNet-shaped launch: channel counts and the merge group are multiples
+# of 16, row counts (N·H·W with 7x7 or 14x14 maps) and tile counts not; backward programs cover
+# 256 rows each up to 2^18 rows. A launch specialises on these (_compile.launch_source).
+_RESNET_INTS = dict(M=3 * 7 * 7, K=256, T=37, P=37, group=_MERGE_GROUP, rows_per_prog=256)
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -707,6 +733,11 @@ def compile_specs() -> list[CompileSpec]:
           for u in (False, True) for b in (False, True) for d in (False, True)]
          + [dict(RELU=True, BATCH_STATS=True, HAS_GAMMA=False, WRITE_DY=False, WRITE_DRES=True)]),
     ]
+    def pruned(name: str, bm: int, w: int, bk: int, dtype: torch.dtype) -> dict[int, str]:
+        if name != "bn_bwd_dx":
+            return {}
+        return {cc: why for cc in TARGETS if (why := _dx_spills(bm, w, bk, dtype, cc))}
+
     for name, kernel, sig, blocks, flag_sets in tuned:
         fn = kernel.fn  # the @triton.jit function under the autotuner
         bm0, w0 = blocks[0]
@@ -716,16 +747,27 @@ def compile_specs() -> list[CompileSpec]:
                 specs.append(CompileSpec(
                     f"{name}[{t},{label},BLOCK_M={bm0},BLOCK_K=64]", fn, sig(ptr),
                     dict(flags, BLOCK_K=64, BLOCK_M=bm0), num_warps=w0,
+                    pruned=pruned(name, bm0, w0, 64, _DTYPES[t]),
                 ))
-        flags = flag_sets[-1]
+        # every block config with the most features on, in fp32 (the most registers)
+        flags = max(flag_sets, key=lambda f: sum(f.values()))
         label = ",".join(f"{k}={int(v)}" for k, v in flags.items())
         for bm, w in blocks:
             for bk in (16, 64, 128):
                 specs.append(CompileSpec(
-                    f"{name}[bf16,{label},BLOCK_M={bm},BLOCK_K={bk},warps={w}]", fn, sig("*bf16"),
+                    f"{name}[fp32,{label},BLOCK_M={bm},BLOCK_K={bk},warps={w}]", fn, sig("*fp32"),
                     dict(flags, BLOCK_K=bk, BLOCK_M=bm), num_warps=w,
+                    pruned=pruned(name, bm, w, bk, torch.float32),
                 ))
-    return specs
+    # Each compiled as a launch on ResNet shapes specialises it; each kernel's first entry also
+    # unspecialised (odd channel counts, unaligned pointers).
+    first = {}
+    for spec in specs:
+        first.setdefault(spec.kernel, spec)
+    return [
+        *(dataclasses.replace(s, ints=_RESNET_INTS, shape_class="resnet") for s in specs),
+        *(dataclasses.replace(s, name=f"{s.name}-{UNSPECIALISED}") for s in first.values()),
+    ]
 
 
 __all__ = ["apply", "backward", "compile_specs", "finalize", "running_affine"]

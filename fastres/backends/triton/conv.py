@@ -56,7 +56,7 @@ import triton.language as tl
 from .. import _alloc
 from ..base import ConvParams
 from . import _tuning
-from ._compile import CompileSpec
+from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 
 _INTERPRET = _tuning.INTERPRET
 
@@ -119,21 +119,71 @@ else:
     _DIRECT_CONFIGS = GPU_DIRECT_CONFIGS
 
 
+# Tiles that spill registers to local memory for an input dtype on a target, as compiled for the
+# ResNet shape classes (bench/kernel_report.json, python -m fastres.backends.kernel_report): the
+# autotuner never offers them there. fp32 operands take twice the registers of fp16/bf16 ones,
+# and the flat-K kernel also holds decoded (r, s, c) indices per element; the direct kernel's
+# bf16 tiles spill 24 bytes on sm_90 (ptxas stops at 96 registers there).
+# (kernel, dtype, (BLOCK_M, BLOCK_N, BLOCK_K or 0)) -> compute capabilities
+_SPILLING_TILES = {
+    ("gemm", torch.float32, (128, 128, 32)): (90,),
+    ("gemm", torch.float32, (128, 128, 64)): (90,),
+    ("gemm_flat", torch.float32, (128, 128, 32)): (80, 90),
+    ("gemm_flat", torch.float32, (128, 128, 64)): (80, 90),
+    ("gemm_flat", torch.float32, (128, 64, 32)): (80, 90),
+    ("gemm_flat", torch.float32, (128, 32, 32)): (80,),
+    ("gemm_flat", torch.float16, (128, 128, 64)): (90,),
+    ("gemm_flat", torch.bfloat16, (128, 128, 64)): (90,),
+    ("direct", torch.bfloat16, (64, 64, 0)): (90,),
+    ("direct", torch.bfloat16, (128, 32, 0)): (90,),
+    ("direct", torch.bfloat16, (256, 16, 0)): (90,),
+}
+
+
+def _spill_reason(
+    kernel: str, cfg: triton.Config, dtype: torch.dtype | None, cc: int | None
+) -> str | None:
+    tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs.get("BLOCK_K", 0))
+    if cc in _SPILLING_TILES.get((kernel, dtype, tile), ()):
+        return f"spills registers in {str(dtype).removeprefix('torch.')} on sm_{cc}"
+    return None
+
+
+def _gemm_unfit(
+    cfg: triton.Config, kg: int, cg: int, flat: bool, dtype: torch.dtype | None, cc: int | None
+) -> str | None:
+    """Why the autotuner does not offer GEMM tile ``cfg`` for a problem (None: it does)."""
+    if cfg.kwargs["BLOCK_N"] > max(32, triton.next_power_of_2(kg)):
+        return f"BLOCK_N much wider than the {kg} output channels per group"
+    if not flat and cfg.kwargs["BLOCK_K"] > max(32, triton.next_power_of_2(cg)):
+        return f"BLOCK_K much wider than the {cg} input channels per group"
+    return _spill_reason("gemm_flat" if flat else "gemm", cfg, dtype, cc)
+
+
+def _direct_unfit(
+    cfg: triton.Config, k: int, dtype: torch.dtype | None, cc: int | None
+) -> str | None:
+    """Why the autotuner does not offer direct-conv tile ``cfg`` for a problem (None: it does)."""
+    if cfg.kwargs["BLOCK_N"] > max(16, triton.next_power_of_2(k)):
+        return f"BLOCK_N much wider than the {k} output channels"
+    return _spill_reason("direct", cfg, dtype, cc)
+
+
 def _prune_gemm(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop GEMM tiles much wider than a group's output channels or its reduction slab."""
-    n_cap = max(32, triton.next_power_of_2(nargs["Kg"]))
-    k_cap = max(32, triton.next_power_of_2(nargs["Cg"]))
-    kept = [
-        c for c in configs
-        if c.kwargs["BLOCK_N"] <= n_cap and (kwargs.get("FLAT_K") or c.kwargs["BLOCK_K"] <= k_cap)
-    ]
-    return kept or configs
+    """Drop GEMM tiles much wider than a group's output channels or its reduction slab, and
+    those that spill for this dtype and target."""
+    x = nargs.get("x_ptr")
+    problem = (nargs["Kg"], nargs["Cg"], bool(kwargs.get("FLAT_K")), getattr(x, "dtype", None),
+               _tuning.target(x))
+    return [c for c in configs if _gemm_unfit(c, *problem) is None] or configs
 
 
 def _prune_direct(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop channel tiles much wider than the number of output channels."""
-    n_cap = max(16, triton.next_power_of_2(nargs["K"]))
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap] or configs
+    """Drop channel tiles much wider than the number of output channels, and those that spill
+    for this dtype and target."""
+    x = nargs.get("x_ptr")
+    problem = (nargs["K"], getattr(x, "dtype", None), _tuning.target(x))
+    return [c for c in configs if _direct_unfit(c, *problem) is None] or configs
 
 
 # Partial-statistics buffers are sized for this many rows per tile (the most tiles).
@@ -603,6 +653,33 @@ EPILOGUES = {
 }
 
 
+def _geometry(
+    n: int, h: int, w: int, c: int, k: int, groups: int, r: int, stride: int, pad: int
+) -> dict[str, int]:
+    """The kernels' integer arguments for an n x c x h x w input and k r x r filters."""
+    oh, ow = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - r) // stride + 1
+    return dict(
+        M=n * oh * ow, H=h, W=w, C=c, OH=oh, OW=ow, K=k, Cg=c // groups, Kg=k // groups,
+        R=r, S=r, stride_h=stride, stride_w=stride, pad_h=pad, pad_w=pad, dil_h=1, dil_w=1,
+    )
+
+
+# Shape classes a ResNet-family launch falls into, by representative arguments: a launch
+# specialises on which integers are 1 and which are multiples of 16 (_compile.launch_source).
+# Channel counts are multiples of 16; spatial sizes (56, 28, 14, 7) and, for odd batches, the
+# row count M are not. Batch 3 keeps M odd where the spatial size allows.
+SHAPE_CLASSES = {
+    # stage-4 3x3 stride 2 of ResNet-50: every geometry argument a runtime value except dilation
+    "3x3s2": _geometry(3, 14, 14, 256, 256, 1, 3, 2, 1),
+    # bottleneck 1x1 stride 1: filter size and stride become constants
+    "1x1": _geometry(3, 14, 14, 1024, 256, 1, 1, 1, 0),
+    # the 7x7 stride-2 stem on RGB (FLAT_K): 3 input channels
+    "stem": _geometry(3, 224, 224, 3, 64, 1, 7, 2, 3),
+    # ResNeXt-50 32x4d stage 2 grouped 3x3 stride 2 (direct kernel): 8 channels per group
+    "grouped": _geometry(3, 56, 56, 256, 256, 32, 3, 2, 1),
+}
+
+
 def _signature(dtype: torch.dtype) -> dict[str, str]:
     p = _TL_PTR[dtype]
     sig = {
@@ -617,32 +694,57 @@ def _signature(dtype: torch.dtype) -> dict[str, str]:
 def compile_specs() -> list[CompileSpec]:
     """Every kernel x autotune configuration x dtype, for the real-target compile check.
 
-    Each configuration is compiled with the "all" epilogue, and each kernel's largest tile also
-    with the "train" and "eval" epilogues (see ``EPILOGUES``). Lists the GPU configurations even
-    under the interpreter (they are what runs on a GPU).
+    Each configuration is compiled with the "all" epilogue for each of its kernel's ResNet shape
+    classes (``SHAPE_CLASSES``); the largest tile offered for the first class also with the
+    "train" and "eval" epilogues and, once per kernel and dtype, unspecialised (odd shapes).
+    Lists the GPU configurations even under the interpreter (they are what runs on a GPU).
     """
-    kernels = [  # (name, kernel, configurations, extra constexprs)
-        ("conv_gemm", _conv_gemm_kernel, GPU_GEMM_CONFIGS, {"FLAT_K": False}),
-        ("conv_gemm_flat", _conv_gemm_kernel, GPU_GEMM_CONFIGS, {"FLAT_K": True}),
-        ("conv_direct", _conv_direct_kernel, GPU_DIRECT_CONFIGS, {}),
+    kernels = [  # (name, kernel, configurations, extra constexprs, shape classes, tensor cores)
+        ("conv_gemm", _conv_gemm_kernel, GPU_GEMM_CONFIGS, {"FLAT_K": False}, ("3x3s2", "1x1"),
+         True),
+        ("conv_gemm_flat", _conv_gemm_kernel, GPU_GEMM_CONFIGS, {"FLAT_K": True}, ("stem",), True),
+        ("conv_direct", _conv_direct_kernel, GPU_DIRECT_CONFIGS, {}, ("grouped",), False),
     ]
     specs = []
     for dtype in DTYPES:
         dname = str(dtype).removeprefix("torch.")
         sig = _signature(dtype)
-        for kname, kernel, cfgs, extra in kernels:
-            largest = max(cfgs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-            for epi, flags in EPILOGUES.items():
-                for cfg in cfgs if epi == "all" else [largest]:
-                    specs.append(CompileSpec(
-                        name=f"{kname}-{dname}-{epi}-{_cfg_name(cfg)}",
-                        kernel=kernel,
-                        signature=sig,
-                        constexprs={**flags, **extra, "INTERPRET": False, **cfg.kwargs},
-                        num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages,
-                    ))
+        for kname, kernel, cfgs, extra, classes, tensor_cores in kernels:
+            # the largest tile offered on every target for the first class (else the largest)
+            offered = [c for c in cfgs if not any(
+                _unfit(kname, c, SHAPE_CLASSES[classes[0]], dtype, cc) for cc in TARGETS)]
+            largest = max(offered or cfgs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+            variants = [  # (epilogue, configuration, shape class)
+                *(("all", cfg, cls) for cfg in cfgs for cls in classes),
+                *((epi, largest, classes[0]) for epi in EPILOGUES if epi != "all"),
+                ("all", largest, UNSPECIALISED),
+            ]
+            for epi, cfg, cls in variants:
+                ints = SHAPE_CLASSES.get(cls)
+                pruned = {} if ints is None else {
+                    cc: why for cc in TARGETS if (why := _unfit(kname, cfg, ints, dtype, cc))}
+                specs.append(CompileSpec(
+                    name=f"{kname}-{dname}-{epi}-{_cfg_name(cfg)}-{cls}",
+                    kernel=kernel,
+                    signature=sig,
+                    constexprs={**EPILOGUES[epi], **extra, "INTERPRET": False, **cfg.kwargs},
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    ints=ints,
+                    shape_class=cls,
+                    tensor_cores=tensor_cores,
+                    pruned=pruned,
+                ))
     return specs
+
+
+def _unfit(
+    kname: str, cfg: triton.Config, ints: dict[str, int], dtype: torch.dtype, cc: int
+) -> str | None:
+    """Why the autotuner would not offer ``cfg`` of kernel ``kname`` for a shape class on ``cc``."""
+    if kname == "conv_direct":
+        return _direct_unfit(cfg, ints["K"], dtype, cc)
+    return _gemm_unfit(cfg, ints["Kg"], ints["Cg"], kname == "conv_gemm_flat", dtype, cc)
 
 
 def _cfg_name(cfg: triton.Config) -> str:

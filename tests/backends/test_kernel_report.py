@@ -1,0 +1,160 @@
+"""The kernel report's parts, without compiling: launch-time specialisation as Triton's JIT does
+it, the SASS reading, the occupancy arithmetic, the rules, and the autotuner's pruning of the
+configurations the report found spilling. (The compile itself: test_triton_compile.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+from fastres.backends import kernel_report, sass
+from fastres.backends.triton import _tuning
+from fastres.backends.triton import bn as tbn
+from fastres.backends.triton import conv as tconv
+from fastres.backends.triton._compile import launch_source
+
+
+def _specs_with_classes():
+    return [s for s in (*tconv.compile_specs(), *tbn.compile_specs()) if s.ints is not None]
+
+
+def test_launch_source_specialises_as_the_jit_does():
+    """Integers equal to 1 become constants, multiples of 16 and pointers get divisibility 16:
+    exactly what triton's own launch-time specialisation gives for the same values."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    aligned = torch.empty(8, dtype=torch.float32)  # torch allocations are 16-byte aligned
+    seen = set()
+    for spec in _specs_with_classes():
+        signature, constexprs, attrs = launch_source(spec)
+        for name, ty in spec.signature.items():
+            value = aligned if ty.startswith("*") else spec.ints.get(name, 0.5)
+            kind, flag = native_specialize_impl(BaseBackend, value, False, True, True)
+            index = (spec.kernel.arg_names.index(name),)
+            if kind == "constexpr":
+                assert name not in signature and constexprs[name] == value, (spec.name, name)
+            else:
+                assert signature[name] == spec.signature[name], (spec.name, name)
+                divisible = attrs.get(index) == [["tt.divisibility", 16]]
+                assert divisible == (flag == "D"), (spec.name, name, value)
+            seen.add(kind if kind == "constexpr" else flag or "plain")
+    assert seen == {"constexpr", "D", "plain"}  # every outcome occurs in the shape classes
+
+
+def test_unspecialised_specs_compile_the_plain_signature():
+    plain = [s for s in (*tconv.compile_specs(), *tbn.compile_specs()) if s.ints is None]
+    kernels = {s.kernel for s in plain}
+    assert len(kernels) == 2 + 7  # conv gemm and direct; every BN kernel
+    for spec in plain:
+        assert launch_source(spec) == (spec.signature, spec.constexprs, {})
+
+
+_SASS = """
+        code for sm_90a
+                Function : kernel_a
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/              @!P0 LDGSTS.E.BYPASS.LTC128B.128 [R9], desc[UR14][R2.64] ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;
+        /*0030*/                   STL.64 [R1], R4 ;
+        /*1a40*/             @UP0 STL [R1+0x8], R6 ;
+        /*1a50*/                   STL.U8 [R1+0xc], R7 ;
+                Function : kernel_b
+        /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0010*/                   LDG.E R2, desc[UR4][R2.64] ;
+"""
+
+
+def test_sass_instruction_census():
+    ops = sass._sass_by_function(_SASS)
+    assert ops["kernel_a"]["STL_BYTES"] == 8 + 4 + 1
+    usage = ("x", "40", "16", "0", "0")
+    a = sass._stats(usage, ops["kernel_a"])
+    assert (a.mma, a.g2s, a.spill_store_bytes, a.local_bytes) == ("HGMMA", "LDGSTS", 13, 16)
+    b = sass._stats(usage, ops["kernel_b"])
+    assert (b.mma, b.g2s, b.spill_store_bytes) == ("HMMA", "plain", 0)
+
+
+@pytest.mark.parametrize("cc, regs, shared, threads, want", [
+    (90, 255, 98304, 256, 8 / 64),  # registers allow one 8-warp block
+    (90, 128, 33792, 128, 16 / 64),  # 16384 registers per block: 4 blocks
+    (80, 64, 0, 128, 32 / 64),  # 8 blocks of 4 warps
+    (80, 32, 100000, 128, 4 / 64),  # shared memory: one block per SM
+    (90, 32, 116224, 128, 4 / 64),  # half the SM's shared memory, plus 1 KiB reserved per block
+    (90, 32, 0, 64, 32 * 2 / 64),  # the 32-block limit
+    (80, 40, 170000, 128, 0.0),  # more shared memory than a block may have
+])
+def test_occupancy(cc, regs, shared, threads, want):
+    assert sass.occupancy(cc, regs, shared, threads) == want
+
+
+def _row(**kw):
+    row = dict(status="ok", module="conv", pruned=None, shape_class="3x3s2", target="sm_90",
+               tensor_cores=True, local_bytes=0, spill_store_bytes=0, occupancy=0.125,
+               mma="HGMMA", g2s="LDGSTS", ptx_max_f32=False)
+    row.update(kw)
+    return row
+
+
+def test_rules():
+    assert kernel_report.triton_violations(_row()) == []
+    assert kernel_report.triton_violations(_row(target="sm_80", mma="HMMA")) == []
+    assert kernel_report.triton_violations(_row(g2s="UTMALDG")) == []
+    for bad in (dict(local_bytes=8, spill_store_bytes=8), dict(occupancy=0.0),
+                dict(mma="HMMA"), dict(mma="none"), dict(g2s="plain"),
+                dict(status="FAILED CompilationError: x")):
+        assert kernel_report.triton_violations(_row(**bad)), bad
+    # not held to the rules: pruned, unspecialised, not a tensor-core kernel (but it may not spill)
+    assert kernel_report.triton_violations(_row(pruned="spills", local_bytes=8)) == []
+    assert kernel_report.triton_violations(_row(shape_class="unspecialised", g2s="plain")) == []
+    assert kernel_report.triton_violations(_row(tensor_cores=False, mma="none")) == []
+    assert kernel_report.triton_violations(_row(tensor_cores=False, local_bytes=8))
+    # a NaN-dropping max in a conv kernel, whatever its shape class; BN kernels take maxima
+    for where in (dict(), dict(shape_class="unspecialised"), dict(pruned="spills")):
+        assert kernel_report.triton_violations(_row(ptx_max_f32=True, **where))
+    assert kernel_report.triton_violations(_row(module="bn", ptx_max_f32=True)) == []
+    assert kernel_report.NAN_DROPPING_MAX.search("max.f32 %f1, %f2, 0f00000000;")
+    assert not kernel_report.NAN_DROPPING_MAX.search("max.NaN.f32 %f1, %f2, 0f00000000;")
+    assert kernel_report.cuda_violations(dict(local_bytes=0, spill_store_bytes=0)) == []
+    assert kernel_report.cuda_violations(dict(local_bytes=16, spill_store_bytes=0))
+
+
+def test_autotuner_never_offers_a_tile_that_spills_there(monkeypatch):
+    """The tiles the report found spilling are pruned for their dtype and target only."""
+    assert tconv._gemm.prune is tconv._prune_gemm
+    assert tconv._direct.prune is tconv._prune_direct
+    big = [c for c in tconv.GPU_GEMM_CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128**2]
+    nargs = {"Kg": 256, "Cg": 256}
+    for cc, dtype, offered in ((90, torch.float32, False), (80, torch.float32, True),
+                               (90, torch.bfloat16, True)):
+        monkeypatch.setattr(_tuning, "target", lambda x, cc=cc: cc)
+        x = torch.empty(1, dtype=dtype)
+        kept = tconv._prune_gemm(tconv.GPU_GEMM_CONFIGS, {**nargs, "x_ptr": x})
+        assert all((c in kept) == offered for c in big), (cc, dtype)
+        assert len(kept) >= len(tconv.GPU_GEMM_CONFIGS) - len(big)
+    monkeypatch.setattr(_tuning, "target", lambda x: 90)
+    bf16_spilling = {(64, 64), (128, 32), (256, 16)}
+    for dtype, dropped in ((torch.bfloat16, bf16_spilling), (torch.float16, set())):
+        x = torch.empty(1, dtype=dtype)
+        kept = tconv._prune_direct(tconv.GPU_DIRECT_CONFIGS, {"K": 256, "x_ptr": x})
+        tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tconv.GPU_DIRECT_CONFIGS
+                 if c not in kept}
+        assert tiles == dropped, dtype
+    # and the compile specs carry the same verdict, so the report knows what may be picked
+    specs = {s.name: s for s in tconv.compile_specs()}
+    name = f"conv_gemm-float32-all-{tconv._cfg_name(big[0])}-3x3s2"
+    assert set(specs[name].pruned) == {90}
+
+
+def test_bn_backward_never_offers_a_tile_that_spills_there(monkeypatch):
+    """fp32 tiles of 8 elements per thread spill on sm_80: not offered there, for that BLOCK_K."""
+    assert tbn._bn_bwd_dx_kernel.prune is tbn._prune_bwd_dx
+    configs = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in tbn._ELEMENTWISE_BLOCKS]
+    for cc, dtype, block_k, dropped in ((80, torch.float32, 64, [(16, 4)]),
+                                        (80, torch.float32, 16, [(64, 4), (128, 8)]),
+                                        (90, torch.float32, 64, []), (80, torch.bfloat16, 64, [])):
+        monkeypatch.setattr(_tuning, "target", lambda x, cc=cc: cc)
+        kept = tbn._prune_bwd_dx(configs, {"dz_ptr": torch.empty(1, dtype=dtype)}, BLOCK_K=block_k)
+        got = [(c.kwargs["BLOCK_M"], c.num_warps) for c in configs if c not in kept]
+        assert got == dropped, (cc, dtype, block_k)

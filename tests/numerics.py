@@ -43,12 +43,9 @@ def assert_close_ratio(
 
 
 def to_tf32(t: torch.Tensor) -> torch.Tensor:
-    """fp32 cut to TF32 (10 explicit mantissa bits), the operands of tl.dot's default fp32 path.
-
-    Truncated rather than rounded: whether an operand is rounded (cvt.rna) or read truncated by
-    the tensor cores depends on the instruction path, and truncation is the larger error.
-    """
-    i = t.to(torch.float32).contiguous().view(torch.int32) & ~0x1FFF  # drop 13 low bits
+    """fp32 rounded to TF32 (10 explicit mantissa bits), to nearest with ties away from zero:
+    the operands of the Triton kernels' fp32 tensor-core products (and of cuDNN's TF32 path)."""
+    i = (t.to(torch.float32).contiguous().view(torch.int32) + 0x1000) & ~0x1FFF
     return i.view(torch.float32).to(t.dtype).view_as(t)
 
 

@@ -6,11 +6,13 @@ import torch.nn.functional as F
 from tests.numerics import _TF32Conv2d, to_tf32
 
 
-def test_to_tf32_keeps_ten_mantissa_bits():
-    x = torch.tensor([1 + 2**-10 + 2**-11, -3.0, 1e-3], dtype=torch.float32)
+def test_to_tf32_rounds_to_ten_mantissa_bits():
+    x = torch.tensor([1 + 2**-11, 1 + 2**-12, -(1 + 3 * 2**-11), -3.0, 1e-3], dtype=torch.float32)
     cut = to_tf32(x)
-    assert cut[0] == 1 + 2**-10 and cut[1] == -3.0
+    # ties away from zero, below half an ulp down, negative values by magnitude
+    assert cut[:4].tolist() == [1 + 2**-10, 1.0, -(1 + 2**-9), -3.0]
     assert (cut.view(torch.int32) & 0x1FFF == 0).all()
+    assert abs(cut[4] - x[4]) <= 2**-11 * abs(x[4])
 
 
 def test_tf32_conv_forward_and_backward_use_tf32_operands():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from fastres.backends.triton import conv as tconv
 from tests.numerics import assert_close_ratio, merge_partials, to_tf32
@@ -342,3 +344,25 @@ def _check_tuned(shape: Case, dtype: torch.dtype, device: str,
             assert int(part.count[0]) in block_ms or part.count.numel() == 1
             assert (part.count[:-1] == part.count[0]).all()
             _check_batch_stats(f"gpu {shape.id} {dtype}", part, y_ref, y_base)
+
+
+@triton.jit
+def _tf32_probe(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    v = tl.load(x_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, tconv._tf32_rounded(v), mask=mask)
+
+
+def test_fp32_tensor_core_operands_round_to_tf32_as_the_tests_baseline():
+    """The GEMM kernels round fp32 operands to TF32 before tl.dot on a GPU (the tensor cores
+    would truncate); that rounding is the one the GPU tests' TF32 baseline assumes."""
+    x = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-30, 30, (1000,)),
+                   torch.tensor([1 + 2**-11, -(1 + 3 * 2**-11), 0.0, -0.0, 1e-40,
+                                 float("inf"), -float("inf"), 3.4e38])])
+    out = torch.full_like(x, float("nan"))
+    _tf32_probe[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    assert torch.equal(out.view(torch.int32), to_tf32(x).view(torch.int32))
+    nan = torch.full((4,), float("nan"))
+    _tf32_probe[(1,)](nan, out, 4, BLOCK=4)
+    assert out[:4].isnan().all()

@@ -36,7 +36,8 @@ buffers sliced to those rows, reading the configuration that ran from the autotu
 (no device sync). Rows past the slice are never read.
 
 Precision: fp32 inputs go through ``tl.dot`` with its default TF32 input precision on GPU, like
-cuDNN's fp32 convolution under PyTorch's default ``torch.backends.cudnn.allow_tf32 = True``;
+cuDNN's fp32 convolution under PyTorch's default ``torch.backends.cudnn.allow_tf32 = True``; the
+operands are rounded to TF32 first (the tensor cores would truncate them, a bias towards zero);
 fp16/bf16 operands are multiplied exactly and accumulated in fp32.
 
 Interpreter (``TRITON_INTERPRET=1`` at import): its bf16 ``tl.dot`` is broken, so operands are
@@ -128,6 +129,9 @@ else:
 _SPILLING_TILES = {
     ("gemm", torch.float32, (128, 128, 32)): (90,),
     ("gemm", torch.float32, (128, 128, 64)): (90,),
+    # with the operands rounded to TF32 in registers (see _tf32_rounded)
+    ("gemm", torch.float32, (128, 64, 32)): (80,),
+    ("gemm", torch.float32, (64, 128, 32)): (90,),
     ("gemm_flat", torch.float32, (128, 128, 32)): (80, 90),
     ("gemm_flat", torch.float32, (128, 128, 64)): (80, 90),
     ("gemm_flat", torch.float32, (128, 64, 32)): (80, 90),
@@ -219,6 +223,16 @@ def _round_to_output(
         return bits.to(tl.float32, bitcast=True)
     else:
         return v.to(out_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _tf32_rounded(v):
+    """fp32 ``v`` rounded to TF32 (10 mantissa bits) to nearest, ties away from zero, as cuDNN's
+    TF32 path rounds. Fed fp32, the tensor cores read TF32 by *truncation*, which would pull
+    every product towards zero by up to 2^-10 relative: a bias that batch-statistics BN hides
+    but eval outputs and running statistics keep. Inf and NaN stay what they are."""
+    bits = v.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -373,6 +387,9 @@ def _conv_gemm_kernel(
             if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 products are exact
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
+            elif x_ptr.dtype.element_ty == tl.float32:  # TF32 tensor cores: round, not truncate
+                a = _tf32_rounded(a)
+                b = _tf32_rounded(b)
             acc = tl.dot(a, b, acc)
     else:
         # One loop over (filter tap, channel slab) pairs rather than two nested loops: the
@@ -404,6 +421,9 @@ def _conv_gemm_kernel(
             if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 products are exact
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
+            elif x_ptr.dtype.element_ty == tl.float32:  # TF32 tensor cores: round, not truncate
+                a = _tf32_rounded(a)
+                b = _tf32_rounded(b)
             acc = tl.dot(a, b, acc)
 
     _epilogue(

@@ -132,7 +132,8 @@ def test_autotuner_never_offers_a_tile_that_spills_there(monkeypatch):
         x = torch.empty(1, dtype=dtype)
         kept = tconv._prune_gemm(tconv.GPU_GEMM_CONFIGS, {**nargs, "x_ptr": x})
         assert all((c in kept) == offered for c in big), (cc, dtype)
-        assert len(kept) >= len(tconv.GPU_GEMM_CONFIGS) - len(big)
+        # besides the 128x128 tiles, one more fp32 tile per target spills (TF32 rounding)
+        assert len(kept) >= len(tconv.GPU_GEMM_CONFIGS) - len(big) - (dtype == torch.float32)
     monkeypatch.setattr(_tuning, "target", lambda x: 90)
     bf16_spilling = {(64, 64), (128, 32), (256, 16)}
     for dtype, dropped in ((torch.bfloat16, bf16_spilling), (torch.float16, set())):

@@ -20,9 +20,10 @@
 #   FASTRES_CHECK_MODELS        model-level models, comma list (default: resnet50 and
 #                               resnext50_32x4d first, then the other three)
 #   FASTRES_CHECK_MODES         train,infer (default both)
-#   FASTRES_CHECK_MODEL_AUTOTUNE  1: the model step autotunes Triton configurations (default 0:
-#                               the first fitting configuration per kernel, one compile each; the
-#                               layer step autotunes, and its tuning is cached on disk)
+#   FASTRES_CHECK_MODEL_AUTOTUNE, FASTRES_CHECK_LAYER_AUTOTUNE
+#                               1: that step autotunes Triton configurations (default 0: the first
+#                               fitting configuration per kernel, one compile each; tuning results
+#                               are kept in Triton's disk cache for the next run)
 #   FASTRES_CHECK_LAYER_ARGS    extra `fastres bench` arguments for the layer step
 #   FASTRES_CHECK_SKIP          steps to skip, comma list: install,info,tests-triton,tests-cuda,
 #                               models,layers,sanitizer
@@ -116,8 +117,8 @@ if [[ -z "${CUDA_HOME:-}" ]]; then
 fi
 echo "CUDA_HOME=${CUDA_HOME:-unset}" >>"$SETUP_LOG"
 
-# 1. install, building fastres._C where a toolkit is found. Budget: 5 translation units, ops.cpp
-# the slowest (~100 s on 2 cores, well under a minute with MAX_JOBS=16): cap 200 s.
+# 1. install, building fastres._C where a toolkit is found. Budget: 5 translation units built in
+# parallel; ops.cpp (the torch binding) alone takes ~60-100 s whatever MAX_JOBS is: cap 200 s.
 PIP_DRY=(); [[ "$DRY" == 1 ]] && PIP_DRY=(--dry-run)
 run_step install 200 "$SETUP_LOG" \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index "${PIP_DRY[@]}" -e .
@@ -141,32 +142,39 @@ run_step tests-cuda $(( cap + 25 )) "$TESTS_LOG" \
     env FASTRES_TRITON_AUTOTUNE=0 "$PY" bench/run_gpu_tests.py cuda --timeout "$cap" \
     --logs "$OUT/gpu-tests"
 
-# 5. model level: 55% of what is left (after 45 s for memcheck). fastres and eager of every model
-# first (a ResNet-50 training step at batch 256 is ~0.1-0.3 s; with warm-up and 10 repeats ~5 s
-# per system, plus the first step's compilations), torch.compile last (about a minute per cold
-# training-step compile); `--time-limit` stops within a measurement.
+# What is left after the tests goes to the benchmarks, less a fixed reserve for memcheck.
+SAN_RESERVE=75
+
+# 5. model level: 55% of what is left (after the memcheck reserve). fastres and eager of every
+# model first (a ResNet-50 training step at batch 256 is ~0.1-0.3 s; with warm-up and 10 repeats
+# ~5 s per system, plus the first step's compilations: ~15 conv kernel variants per model with
+# one configuration each), torch.compile last (about a minute per cold training-step compile);
+# `--time-limit` stops within a measurement.
 IFS=',' read -r -a MODEL_LIST <<<"$MODELS"
 MODEL_ARGS=(); for m in "${MODEL_LIST[@]}"; do MODEL_ARGS+=(--model "$m"); done
 MODE_ARG=both; [[ "$MODES" == "train" ]] && MODE_ARG=train; [[ "$MODES" == "infer" ]] && MODE_ARG=infer
-left=$(( $(remaining) - 45 ))
-MODEL_SECS=$(( left * 55 / 100 )); (( MODEL_SECS < 30 )) && MODEL_SECS=30
-run_step models $(( MODEL_SECS + 40 )) "$OUT/bench.log" \
+MODEL_SECS=$(( ( $(remaining) - SAN_RESERVE ) * 55 / 100 )); (( MODEL_SECS < 30 )) && MODEL_SECS=30
+run_step models $(( MODEL_SECS + 30 )) "$OUT/bench.log" \
     env FASTRES_TRITON_AUTOTUNE="${FASTRES_CHECK_MODEL_AUTOTUNE:-0}" \
     "$PY" -m fastres.cli bench "${MODEL_ARGS[@]}" --mode "$MODE_ARG" "${MODEL_EXTRA[@]}" \
     --time-limit "$MODEL_SECS" --no-progress --strict --out "$OUT/models"
 
-# 6. layer level: what is left but 45 s for memcheck. Every distinct conv of ResNet-50 and
-# ResNeXt-50, the triton and cuda backends (autotuned; tuning cached on disk) against eager;
-# torch.compile per layer would not fit (`fastres bench --layers` or `pytest bench/` time it).
-LAYER_SECS=$(( $(remaining) - 45 - 40 )); (( LAYER_SECS < 30 )) && LAYER_SECS=30
+# 6. layer level: what is left but the memcheck reserve and 30 s of slack. Every distinct conv
+# of ResNet-50 and ResNeXt-50, the triton and cuda backends against eager and cuDNN's conv
+# alone; first-fitting Triton configurations by default (autotuning each new shape compiles
+# ~9 conv and ~13 BN configurations, 30-60 s before its first number:
+# FASTRES_CHECK_LAYER_AUTOTUNE=1 when the budget allows); torch.compile per layer would not fit
+# (`fastres bench --layers` or `pytest bench/` time it).
+LAYER_SECS=$(( $(remaining) - SAN_RESERVE - 30 )); (( LAYER_SECS < 20 )) && LAYER_SECS=20
 # shellcheck disable=SC2086
-run_step layers $(( LAYER_SECS + 40 )) "$OUT/bench.log" \
+run_step layers $(( LAYER_SECS + 25 )) "$OUT/bench.log" \
+    env FASTRES_TRITON_AUTOTUNE="${FASTRES_CHECK_LAYER_AUTOTUNE:-0}" \
     "$PY" -m fastres.cli bench --layers-only --mode "$MODE_ARG" --no-compile \
     "${LAYER_EXTRA[@]}" --time-limit "$LAYER_SECS" --no-progress --strict --out "$OUT/layers" \
     ${FASTRES_CHECK_LAYER_ARGS:-}
 
-# 7. memcheck of a small cuda-backend run: expected outputs by the reference backend first
-# (no sanitizer), then only the cuda backend's kernels under compute-sanitizer (~10x slower).
+# 7. memcheck of a small cuda-backend run (SAN_RESERVE): expected outputs by the reference
+# backend first (no sanitizer), then only the cuda backend's kernels under compute-sanitizer.
 SAN_LOG="$OUT/sanitizer.log"
 if [[ "$DRY" == 1 ]]; then
     run_step sanitizer 60 "$SAN_LOG" "$PY" bench/sanitize_cuda.py --dry-run "$OUT/expected.pt"
@@ -175,8 +183,8 @@ elif ! command -v compute-sanitizer >/dev/null 2>&1; then
 elif ! "$PY" -c "import fastres._C" >/dev/null 2>&1; then
     STEPS+=("sanitizer|skipped (fastres._C not built)|0"); FAILED=1
 else
-    run_step sanitizer-expect 30 "$SAN_LOG" "$PY" bench/sanitize_cuda.py --expect "$OUT/expected.pt"
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer 60 "$SAN_LOG" \
+    run_step sanitizer-expect 25 "$SAN_LOG" "$PY" bench/sanitize_cuda.py --expect "$OUT/expected.pt"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer 45 "$SAN_LOG" \
         compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
         "$PY" bench/sanitize_cuda.py --check "$OUT/expected.pt"
 fi

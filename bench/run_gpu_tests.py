@@ -11,8 +11,8 @@ the interpreter mirror of the GPU grid gives 283 distinct kernel variants (conv 
 21, BN 148); on the GPU with ``FASTRES_TRITON_AUTOTUNE=0`` the first fitting tile varies with
 the channel count and the all-configs test adds ~100: some 450 compilations, ~10 CPU-minutes,
 which one pytest process would not fit in its cap. The test ids are cut into ``--jobs``
-contiguous runs (default: up to 12, two cores left over) run as parallel pytest processes,
-which share Triton's on-disk cache.
+shards (default: up to 12, two cores left over; see :func:`deal`) run as parallel pytest
+processes, which share Triton's on-disk cache.
 
 Within the cap: at the deadline each shard gets SIGINT, on which pytest stops and still prints
 its summary with the failures so far (``-rfE``); SIGKILL follows after a grace period. Each
@@ -50,6 +50,23 @@ def collect(group: str) -> list[str]:
     return ids
 
 
+# Model-level tests (whole networks, CUDA graphs, spawned processes): each compiles many kernel
+# variants of its own, so they are spread over the shards and run first in each.
+HEAVY = ("tests/models/", "tests/nn/", "tests/test_swap.py", "tests/test_served_backend.py",
+         "tests/test_distributed.py")
+
+
+def deal(ids: list[str], jobs: int) -> list[list[str]]:
+    """``jobs`` shards: the heavy tests round-robin at the front, then contiguous runs of the
+    rest in collected order (neighbouring tests, same case and dtype, launch the same kernel
+    variants, so each shard compiles mostly its own share)."""
+    heavy = [i for i in ids if i.startswith(HEAVY)]
+    light = [i for i in ids if not i.startswith(HEAVY)]
+    jobs = max(1, min(jobs, len(ids)))
+    return [heavy[j::jobs] + light[j * len(light) // jobs:(j + 1) * len(light) // jobs]
+            for j in range(jobs)]
+
+
 def _counts(text: str) -> dict[str, int]:
     """The counts of pytest's last summary line (``3 passed, 1 failed, 2 skipped in ...``)."""
     counts: dict[str, int] = {}
@@ -70,16 +87,16 @@ def run(group: str, timeout_s: float, logs: Path, jobs: int) -> int:
     if not ids:
         print(f"{group}: no gpu tests collected")
         return 1
-    # contiguous runs of the collected order, not round-robin: neighbouring tests (same case,
-    # same dtype) launch the same kernel variants, so each shard compiles only its own share
-    jobs = min(jobs, len(ids))
-    shards = [ids[i * len(ids) // jobs:(i + 1) * len(ids) // jobs] for i in range(jobs)]
+    shards = deal(ids, jobs)
     procs = []
+    # the float64 references run on the CPU: share the cores instead of oversubscribing them
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(shards))))
     for i, shard in enumerate(shards):
         log = (logs / f"{group}-{i}.log").open("w")
         cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *shard]
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True), log))
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True), log))
     deadline = start + timeout_s
     stopped = set()
     for i, (proc, _) in enumerate(procs):

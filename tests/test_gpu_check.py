@@ -35,3 +35,19 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
     models = (tmp_path / "models" / "results.json").read_text()
     assert '"fastres"' in models and (tmp_path / "layers" / "results.json").exists()
     assert "Model level" in summary and "fastres 1st step s" in summary
+
+
+def test_gpu_test_shards_spread_model_level_tests_and_keep_neighbours_together():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from run_gpu_tests import deal
+    finally:
+        sys.path.pop(0)
+    light = [f"tests/backends/test_triton.py::test_grid[{i}]" for i in range(10)]
+    heavy = [f"tests/models/test_m.py::test_model[{i}]" for i in range(4)]
+    shards = deal(light[:5] + heavy + light[5:], 3)
+    assert sorted(t for s in shards for t in s) == sorted(light + heavy)  # each exactly once
+    assert [s[0] for s in shards] == heavy[:3]  # model-level tests first, one per shard
+    assert shards[0][1] == heavy[3]
+    assert [s[-1] for s in shards] == [light[2], light[5], light[9]]  # contiguous runs
+    assert deal(light[:2], 8) == [[light[0]], [light[1]]]

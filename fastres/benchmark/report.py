@@ -38,7 +38,7 @@ def _cell(system: dict | None, key: str = "img_s", fmt: str | None = None) -> st
 def model_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["model", "mode", "fastres img/s", "eager img/s", "compile img/s", "vs eager",
               "vs compile", "fastres / roofline", "roofline img/s", "fastres 1st step s",
-              "compile 1st step s"]
+              "compile 1st step s", "fastres served by"]
     rows = []
     for e in results.get("models", []):
         s = e["systems"]
@@ -49,8 +49,19 @@ def model_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             _cell(s.get("fastres"), "frac_roofline", "{:.1%}"), _rate(e.get("roofline_img_s")),
             _cell(s.get("fastres"), "first_call_s", "{:.1f}"),
             _cell(s.get("compile"), "first_call_s", "{:.1f}"),
+            _served(s.get("fastres")),
         ])
     return header, rows
+
+
+def _served(system: dict | None) -> str:
+    """``triton 53+53``: per backend, the fused forward (+ backward) passes of one step."""
+    per = (system or {}).get("served_per_step") or {}
+    backends = sorted({b for counts in per.values() for b in counts})
+    return ", ".join(
+        b + " " + "+".join(str(per[d].get(b, 0)) for d in ("forward", "backward") if d in per)
+        for b in backends
+    ) or "-"
 
 
 _SHORT = {"resnet50": "R50", "resnext50_32x4d": "RX50", "resnet18": "R18",

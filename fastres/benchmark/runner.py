@@ -19,7 +19,9 @@ Schema ``fastres-bench/1``::
                  roofline_img_s, speedup_vs_eager, speedup_vs_compile,
                  systems {eager | compile | fastres: status ("ok", "error", "skipped"),
                           reason, source, img_s, median_s, min_s, max_s, repeats, warmup,
-                          first_call_s (the first step: compilation, autotuning), copies,
+                          first_call_s (the first step: compilation, autotuning),
+                          served_per_step (fastres: {forward|backward: {backend: passes}}),
+                          copies,
                           timer, tflops, tbps, frac_peak_tflops, frac_peak_tbps,
                           frac_roofline}
     layers[]:    id, model, shape, label, epilogue, uses, mode, dtype, flops, bytes, copies,
@@ -34,6 +36,7 @@ Schema ``fastres-bench/1``::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -46,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..backends import record_calls
 from .cases import (
     BACKEND_NAMES,
     LAYER_MODEL_NAMES,
@@ -337,10 +341,18 @@ def _run_model_system(entry, system, config, device, dtype, ceilings: Ceilings, 
             bench = ModelBench(entry["model"], system, training=entry["mode"] == "train",
                                batch=config.batch, resolution=config.resolution, dtype=dtype,
                                device=device, compile_mode=config.model_compile_mode)
-            timing = time_calls(bench.step(), bench.inputs, device,
-                                warmup=config.model_warmup, repeats=config.model_repeats)
+            with record_calls() as served:
+                timing = time_calls(bench.step(), bench.inputs, device,
+                                    warmup=config.model_warmup, repeats=config.model_repeats)
         img_s = config.batch / timing.median_s
         result = {"status": "ok", "source": bench.source, "img_s": img_s, **timing.to_dict()}
+        if served:  # which backend served the fused passes of one step (fastres only)
+            steps = config.model_warmup + config.model_repeats
+            counts = collections.Counter((c.direction, c.backend) for c in served)
+            result["served_per_step"] = {
+                d: {b: n // steps for (d2, b), n in sorted(counts.items()) if d2 == d}
+                for d in sorted({d for d, _ in counts})
+            }
         if "roofline_img_s" in entry:
             result["frac_roofline"] = img_s / entry["roofline_img_s"]
             result.update(achieved(entry["flops_per_image"] * config.batch,

@@ -27,10 +27,13 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90() -> None:
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"compile check failed (rc={proc.returncode}):\n{out[-8000:]}"
-    summary = re.search(r"compiled (\d+) specs \(conv: (\d+), bn: (\d+)\)", out)
+    summary = re.search(
+        r"compiled (\d+) specs \(conv: (\d+), bn: (\d+), conv_bwd: (\d+)\)", out
+    )
     assert summary, f"no summary line in the compile check's output:\n{out[-4000:]}"
-    total, n_conv, n_bn = map(int, summary.groups())
-    assert total == n_conv + n_bn > 0
+    total, n_conv, n_bn, n_bwd = map(int, summary.groups())
+    assert total == n_conv + n_bn + n_bwd > 0
     assert n_conv > 0, "no conv kernel configuration was compiled"
     assert n_bn > 0, "no BN kernel configuration was compiled"
+    assert n_bwd > 0, "no convolution backward kernel configuration was compiled"
     assert "FAILED" not in out

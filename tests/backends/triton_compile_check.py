@@ -2,13 +2,13 @@
 
 The interpreter the CPU tests run under accepts code the real compiler rejects (shape limits of
 tl.dot, layouts, register pressure, type rules), so each ``compile_specs()`` entry of
-``fastres.backends.triton.conv`` and ``.bn`` is compiled here for sm_80 and sm_90 with
-``triton.compile``. Run without ``TRITON_INTERPRET`` (the test removes it)::
+``fastres.backends.triton.conv``, ``.bn`` and ``.conv_bwd`` is compiled here for sm_80 and sm_90
+with ``triton.compile``. Run without ``TRITON_INTERPRET`` (the test removes it)::
 
     python tests/backends/triton_compile_check.py [--only SUBSTRING]
 
-Prints one line per spec and target, then a summary ``compiled N specs (conv: a, bn: b)``;
-exits 1 if anything failed.
+Prints one line per spec and target, then a summary
+``compiled N specs (conv: a, bn: b, conv_bwd: c)``; exits 1 if anything failed.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ def _compile(task: tuple[str, int, int]) -> tuple[str, str, str, float, str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fastres.backends.triton import bn, conv
+    from fastres.backends.triton import bn, conv, conv_bwd
 
     mod_name, index, cc = task
-    spec = {"conv": conv, "bn": bn}[mod_name].compile_specs()[index]
+    spec = {"conv": conv, "bn": bn, "conv_bwd": conv_bwd}[mod_name].compile_specs()[index]
     t0 = time.perf_counter()
     try:
         src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print("TRITON_INTERPRET=1 is set: unset it, the check needs the real compiler")
         return 2
 
-    from fastres.backends.triton import bn, conv
+    from fastres.backends.triton import bn, conv, conv_bwd
 
-    modules = {"conv": conv, "bn": bn}
+    modules = {"conv": conv, "bn": bn, "conv_bwd": conv_bwd}
     counts = dict.fromkeys(modules, 0)
     tasks = []
     for mod_name, module in modules.items():
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for mod_name, name, label, took, status in pool.map(_compile, tasks):
             failures += status != "ok"
-            print(f"{mod_name:5s} {label} {took:6.2f}s {status}  {name}", flush=True)
+            print(f"{mod_name:8s} {label} {took:6.2f}s {status}  {name}", flush=True)
     total = sum(counts.values())
     detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
     print(f"compiled {total} specs ({detail}) for {len(TARGETS)} targets in "

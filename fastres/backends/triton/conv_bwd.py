@@ -93,10 +93,13 @@ GPU_DIRECT_CONFIGS = [
         (64, 64, 4, 2),
     )
 ]
-if _INTERPRET:  # one small configuration each: the interpreter cannot benchmark several
-    _DGRAD_GEMM_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
-    _WGRAD_GEMM_CONFIGS = [triton.Config({"BLOCK_J": 16, "BLOCK_N": 16, "BLOCK_M": 16})]
-    _DIRECT_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+if _INTERPRET:
+    # One small configuration each (the interpreter cannot benchmark several): 16-wide channel
+    # tiles so that the tests' small channel counts cross tile boundaries, 32 pixels per tile or
+    # step (the interpreter's cost is per program and loop step).
+    _DGRAD_GEMM_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})]
+    _WGRAD_GEMM_CONFIGS = [triton.Config({"BLOCK_J": 16, "BLOCK_N": 16, "BLOCK_M": 32})]
+    _DIRECT_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16})]
 else:
     _DGRAD_GEMM_CONFIGS = GPU_DGRAD_GEMM_CONFIGS
     _WGRAD_GEMM_CONFIGS = GPU_WGRAD_GEMM_CONFIGS

@@ -410,6 +410,38 @@ def test_fused_training_step_runs_no_pytorch_convolution_or_batch_norm(name: str
     assert not bad, f"PyTorch convolution / BN ran on the triton backend: {bad}"
 
 
+def test_tiny_fused_model_sgd_steps_match_eager_on_triton() -> None:
+    """Three SGD steps (momentum, weight decay) from the same weights: the fused tiny model on
+    the triton backend, eager PyTorch (channels_last) and a float64 copy each take their own
+    steps; the losses and the final parameters and BN buffers follow the error-ratio rule."""
+    import copy
+
+    from tests.models._util import randomize_bn
+
+    original = randomize_bn(_tiny_resnet())
+    models = [fastres.fuse(original), original.to(memory_format=CL), copy.deepcopy(original)]
+    models[2].double()
+    x, target = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    losses = []
+    for model in models:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        inp = x.to(next(model.parameters()).dtype).contiguous(memory_format=CL)
+        with fastres.use_backend("triton"):
+            for _ in range(3):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(inp), target)
+                loss.backward()
+                opt.step()
+        losses.append(loss.detach())
+    assert_close_ratio("loss after 3 steps", losses[0], losses[2], losses[1])
+    fused, eager, ref = (m.state_dict() for m in models)
+    assert list(fused) == list(eager)
+    for key in fused:
+        if not key.endswith("num_batches_tracked"):
+            assert_close_ratio(f"{key} after 3 steps", fused[key], ref[key], eager[key])
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------

@@ -61,6 +61,14 @@ def backend_report() -> list[tuple[str, bool, str]]:
     return rows
 
 
+# What each backend's training backward runs for the convolution's dgrad / wgrad.
+_BACKWARD_USES = {
+    "triton": "Triton dgrad/wgrad kernels that form dy while loading it (no PyTorch conv)",
+    "cuda": "its dReLU/dBN kernels, then PyTorch's convolution backward (cuDNN)",
+    "reference": "PyTorch (cuDNN on GPU)",
+}
+
+
 def info_lines() -> list[str]:
     import torch
 
@@ -85,6 +93,7 @@ def info_lines() -> list[str]:
     for name, ok, note in backend_report():
         status = "available" if ok else "unavailable"
         lines.append(f"  {name:<10} {status:<12} {note}")
+        lines.append(f"  {'':<10} {'':<12} backward: {_BACKWARD_USES[name]}")
     return lines
 
 

@@ -25,8 +25,11 @@ def test_info_lists_every_backend(capsys):
     out = capsys.readouterr().out
     for word in ("fastres", "torch", "triton", "CUDA", "GPU"):
         assert word in out
-    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    lines = [line for line in out.splitlines() if line.startswith("  ")]
+    rows = {line.split()[0]: line for line in lines if not line.lstrip().startswith("backward:")}
     assert set(rows) == {"reference", "triton", "cuda"}
+    backward = [line.strip() for line in lines if line.lstrip().startswith("backward:")]
+    assert len(backward) == 3 and "PyTorch's convolution backward" in backward[2]
     assert "available" in rows["reference"] and "unavailable" not in rows["reference"]
     if NO_GPU:
         assert "GPU      none" in out

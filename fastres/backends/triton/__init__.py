@@ -1,4 +1,5 @@
-"""The Triton backend: fused convolution (``conv.py``) plus BatchNorm kernels (``bn.py``).
+"""The Triton backend: fused convolution (``conv.py``), BatchNorm kernels (``bn.py``) and the
+convolution backward (``conv_bwd.py``).
 
 Forward, batch statistics (training, or eval without running statistics)::
 
@@ -10,18 +11,30 @@ Forward, running statistics: scale/shift come from the running statistics; witho
 whole op is one conv kernel with scale/shift, residual and ReLU in its epilogue; with autograd the
 raw y is kept for the backward pass, so it is conv then apply.
 
-Backward: ``bn.backward`` (dReLU, the per-channel reductions, dBN, dresidual), then PyTorch's
-convolution backward for dgrad/wgrad/bias-grad (DESIGN.md allows this for the first version).
+Backward, no dy tensor and no PyTorch convolution (``conv_bwd.py``)::
+
+    Σg, Σg·ŷ, δ = bn.reductions(dz, y, z, mean, var, dres=...)  # 2 launches; writes dres = g
+    dx = conv_bwd.dgrad(dy_operand, w, conv, x.shape)   # 1 launch, dy formed while loading
+    dw = conv_bwd.wgrad(dy_operand, x, w, conv)         # 2 launches: chunk partials, fixed sum
+    db = conv_bwd.bias_grad(dy_operand, ...)            # from Σg, no pass over dy
+
+dγ = Σg·ŷ and dβ = Σg. Only what ``output_mask`` asks for runs: at most 5 Triton launches
+(``MAX_BACKWARD_LAUNCHES``; with running statistics and nothing needing the sums, dres = g comes
+from ``bn.backward``'s one element-wise pass instead) plus a few element-wise torch ops on (K,)
+vectors for the bias grad.
 
 Importing this package needs no GPU; kernels compile on first launch.
 """
 
 from __future__ import annotations
 
+from .. import _alloc
 from ..base import CallInfo, ConvParams, OptTensor, Tensor
-from ..reference import conv_backward
-from . import _tuning, bn
+from . import _tuning, bn, conv_bwd
 from . import conv as _conv
+
+# Triton kernel launches of one backward, at most (see the module docstring).
+MAX_BACKWARD_LAUNCHES = 5
 
 
 class TritonBackend:
@@ -97,20 +110,32 @@ class TritonBackend:
         has_bias: bool,
         output_mask: tuple[bool, bool, bool, bool, bool, bool],
     ) -> tuple[OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor]:
-        need_conv = any(output_mask[:2]) or (output_mask[2] and has_bias)
-        dy, dgamma, dbeta, dres = bn.backward(
-            dz, y, z, mean, var, bn_weight,
-            batch_stats=batch_stats, eps=eps, relu=relu,
-            need_dy=need_conv, need_stats_grad=output_mask[3] or output_mask[4],
-            need_dres=output_mask[5],
+        need_dx, need_dw = output_mask[0], output_mask[1]
+        need_db = output_mask[2] and has_bias
+        need_bn = output_mask[3] or output_mask[4]
+        dres = None
+        sums = None
+        if batch_stats or need_bn or need_db:
+            if output_mask[5]:
+                dres = _alloc.empty(*dz.shape, dtype=dz.dtype, device=dz.device, channels_last=True)
+            sums = bn.reductions(
+                dz, y, z, mean, var, batch_stats=batch_stats, eps=eps, relu=relu, dres=dres
+            )
+        elif output_mask[5]:  # running statistics, no sums needed: g alone
+            _, _, _, dres = bn.backward(
+                dz, y, z, mean, var, bn_weight, batch_stats=False, eps=eps, relu=relu,
+                need_dy=False, need_stats_grad=False, need_dres=True,
+            )
+        op = conv_bwd.DyOperand(
+            dz, z if relu else None, y, mean, var, bn_weight, sums, batch_stats, eps
         )
-        dx = dw = db = None
-        if need_conv:
-            dx, dw, db = conv_backward(dy, x, weight, conv, has_bias, output_mask)
+        dx = conv_bwd.dgrad(op, weight, conv, x.shape) if need_dx else None
+        dw = conv_bwd.wgrad(op, x, weight, conv) if need_dw else None
+        db = conv_bwd.bias_grad(op, dz.numel() // dz.shape[1], weight.dtype) if need_db else None
         return (
             dx, dw, db,
-            dgamma if output_mask[3] else None,
-            dbeta if output_mask[4] else None,
+            sums[1] if output_mask[3] else None,
+            sums[0] if output_mask[4] else None,
             dres,
         )
 

@@ -23,6 +23,7 @@ from typing import Any
 MODULES = (
     "fastres.backends.triton.conv",
     "fastres.backends.triton.bn",
+    "fastres.backends.triton.conv_bwd",
 )
 
 TARGETS = (80, 90)  # compute capabilities: A100, H100/H200

@@ -14,9 +14,11 @@ Kernels, in the order a training step uses them:
 * ``_bn_apply_kernel``: ``z = relu(y·scale + shift (+ residual))``.
 * ``_bn_bwd_reduce_kernel`` + ``_bn_bwd_sum_kernel``: ``g = dz·[z > 0]``; per-channel Σg and
   Σg·ŷ as per-program partial sums, then a small deterministic reduction (no atomics, no host
-  synchronisation).
+  synchronisation); the first also writes ``dresidual = g`` when asked.
 * ``_bn_bwd_dx_kernel``: ``dy = γ·invstd·(g − Σg/M − ŷ·Σgŷ/M)`` (batch statistics) or
-  ``dy = γ·invstd·g`` (running statistics), and ``dresidual = g``. With batch statistics ŷ is
+  ``dy = γ·invstd·g`` (running statistics), and ``dresidual = g``. The formula lives in the
+  ``_dy_coefs`` / ``_dy_from_g`` helpers, which the convolution backward kernels (conv_bwd.py)
+  call too, to form dy while loading it instead of reading a dy tensor. With batch statistics ŷ is
   centred on the *stored* y (whose fp16/bf16 rounding moves its mean off the fp32 batch mean),
   so Σŷ = 0 and the bias gradient stays ≈ 0 as it must (see ``_bn_bwd_sum_kernel``).
 
@@ -303,6 +305,16 @@ def _bn_apply_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _grad_g(dz_ptr, z_ptr, idx, mask, RELU: tl.constexpr):
+    """g = dz·[z > 0] (dz without ReLU) at flat element offsets ``idx``, fp32, 0 where masked."""
+    g = tl.load(dz_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        z = tl.load(z_ptr + idx, mask=mask, other=0.0)
+        g = tl.where(z > 0, g, 0.0)
+    return g
+
+
 @_tuning.autotune(_configs(_REDUCE_BLOCKS), key=["M", "K", "BLOCK_K"])
 @triton.jit
 def _bn_bwd_reduce_kernel(
@@ -313,11 +325,13 @@ def _bn_bwd_reduce_kernel(
     part_g_ptr,  # (P, K) fp32: per-program Σg
     part_gy_ptr,  # (P, K) fp32: per-program Σg·(y − mean)
     part_y_ptr,  # (P, K) fp32: per-program Σ(y − mean) (written only if CENTER)
+    dres_ptr,  # (M, K) x dtype out: gradient of the residual, g (written only if WRITE_DRES)
     M,  # rows (pixels)
     K,  # channels
     rows_per_prog,  # program p reduces rows [p·rows_per_prog, (p+1)·rows_per_prog)
     RELU: tl.constexpr,
     CENTER: tl.constexpr,  # batch statistics: also sum y − mean (see _bn_bwd_sum_kernel)
+    WRITE_DRES: tl.constexpr,  # also store g (saves the residual gradient a pass over dz and z)
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per loop step (autotuned)
 ):
@@ -337,10 +351,9 @@ def _bn_bwd_reduce_kernel(
         offs_m = row_begin + step * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (offs_m < row_end)[:, None] & mask_k[None, :]
         idx = offs_m[:, None] * K + offs_k[None, :]
-        g = tl.load(dz_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        if RELU:
-            z = tl.load(z_ptr + idx, mask=mask, other=0.0)
-            g = tl.where(z > 0, g, 0.0)
+        g = _grad_g(dz_ptr, z_ptr, idx, mask, RELU)
+        if WRITE_DRES:
+            tl.store(dres_ptr + idx, _cast_out(g, dres_ptr), mask=mask)
         y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         # centred before multiplying: y − mean is exact-ish even when mean ≫ std
         d = tl.where(mask, y - mean[None, :], 0.0)
@@ -403,6 +416,59 @@ def _bn_bwd_sum_kernel(
     tl.store(dgamma_ptr + offs_k, sum_gy * invstd, mask=mask_k)
 
 
+@triton.jit
+def _dy_coefs(
+    offs_k,  # output channel indices (any shape)
+    mask_k,  # bool, like offs_k: the channel exists
+    mean_ptr,  # (K,) fp32: mean used to normalise (read only if BATCH_STATS)
+    var_ptr,  # (K,) fp32: variance used to normalise
+    gamma_ptr,  # (K,) any float: BN weight (read only if HAS_GAMMA)
+    sum_g_ptr,  # (K,) fp32: Σg (read only if BATCH_STATS)
+    sum_gyhat_ptr,  # (K,) fp32: Σg·ŷ (read only if BATCH_STATS)
+    delta_ptr,  # (K,) fp32: centring correction δ of _bn_bwd_sum_kernel (read only if BATCH_STATS)
+    M,  # the BN count (pixels N·H·W of y)
+    eps,  # BN epsilon
+    HAS_GAMMA: tl.constexpr,
+    BATCH_STATS: tl.constexpr,
+):
+    """Per-channel constants of dy = a·(g − mean_g − ((y − mean) − δ)·c), all fp32:
+    a = γ·invstd, mean_g = Σg/M, c = invstd·Σgŷ/M (mean_g = c = mean = δ = 0 with running
+    statistics, where dy = a·g). Returns ``(a, mean_g, c, mean, delta)`` shaped like offs_k."""
+    invstd = tl.math.rsqrt(tl.load(var_ptr + offs_k, mask=mask_k, other=1.0) + eps)
+    a = invstd
+    if HAS_GAMMA:
+        a = a * tl.load(gamma_ptr + offs_k, mask=mask_k, other=1.0).to(tl.float32)
+    if BATCH_STATS:
+        inv_m = 1.0 / M  # fp32 (M may arrive as a constexpr when it is 1)
+        mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+        delta = tl.load(delta_ptr + offs_k, mask=mask_k, other=0.0)
+        mean_g = tl.load(sum_g_ptr + offs_k, mask=mask_k, other=0.0) * inv_m
+        # ŷ·Σgŷ/M = (y − mean)·invstd·Σgŷ/M: fold invstd into the per-channel factor
+        c = tl.load(sum_gyhat_ptr + offs_k, mask=mask_k, other=0.0) * (invstd * inv_m)
+    else:
+        mean = tl.zeros_like(a)
+        delta = mean
+        mean_g = mean
+        c = mean
+    return a, mean_g, c, mean, delta
+
+
+@triton.jit
+def _dy_from_g(g, y_ptr, idx, mask, a, mean_g, c, mean, delta, BATCH_STATS: tl.constexpr):
+    """dy from g and the constants of ``_dy_coefs`` (broadcast to idx's shape); 0 where masked.
+
+    The one place the dy formula lives on the GPU side: BN's own dx pass and the convolution
+    dgrad/wgrad kernels (conv_bwd.py), which form dy while loading it, all call this.
+    """
+    if BATCH_STATS:
+        y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        d = (y - mean) - delta  # centred on the stored y (see δ in _bn_bwd_sum_kernel)
+        dy = a * (g - mean_g - d * c)
+    else:
+        dy = a * g
+    return tl.where(mask, dy, 0.0)
+
+
 def _dx_spills(block_m: int, warps: int, block_k: int, dtype: torch.dtype | None,
                cc: int | None) -> str | None:
     """Why a _bn_bwd_dx_kernel tile is not offered: in fp32 on sm_80, tiles of 8 elements per
@@ -447,29 +513,18 @@ def _bn_bwd_dx_kernel(
     BLOCK_M: tl.constexpr,  # rows per tile (autotuned)
 ):
     idx, offs_k, mask_k, mask = _tile(M, K, BLOCK_M, BLOCK_K)
-    g = tl.load(dz_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        z = tl.load(z_ptr + idx, mask=mask, other=0.0)
-        g = tl.where(z > 0, g, 0.0)
+    g = _grad_g(dz_ptr, z_ptr, idx, mask, RELU)
     if WRITE_DRES:
         tl.store(dres_ptr + idx, _cast_out(g, dres_ptr), mask=mask)
     if WRITE_DY:
-        invstd = tl.math.rsqrt(tl.load(var_ptr + offs_k, mask=mask_k, other=1.0) + eps)
-        a = invstd
-        if HAS_GAMMA:
-            a = a * tl.load(gamma_ptr + offs_k, mask=mask_k, other=1.0).to(tl.float32)
-        if BATCH_STATS:
-            inv_m = 1.0 / M  # fp32 (M may arrive as a constexpr when it is 1)
-            mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
-            delta = tl.load(delta_ptr + offs_k, mask=mask_k, other=0.0)
-            mean_g = tl.load(sum_g_ptr + offs_k, mask=mask_k, other=0.0) * inv_m
-            # ŷ·Σgŷ/M = (y − mean)·invstd·Σgŷ/M: fold invstd into the per-channel factor
-            c = tl.load(sum_gyhat_ptr + offs_k, mask=mask_k, other=0.0) * (invstd * inv_m)
-            y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            d = (y - mean[None, :]) - delta[None, :]  # centred on the stored y (see δ above)
-            dy = a[None, :] * (g - mean_g[None, :] - d * c[None, :])
-        else:
-            dy = a[None, :] * g
+        a, mean_g, c, mean, delta = _dy_coefs(
+            offs_k, mask_k, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
+            M, eps, HAS_GAMMA, BATCH_STATS,
+        )
+        dy = _dy_from_g(
+            g, y_ptr, idx, mask, a[None, :], mean_g[None, :], c[None, :], mean[None, :],
+            delta[None, :], BATCH_STATS,
+        )
         tl.store(dy_ptr + idx, _cast_out(dy, dy_ptr), mask=mask)
 
 
@@ -591,6 +646,57 @@ def _rows_per_prog(m: int) -> int:
     return max(256, triton.cdiv(m, 1024))
 
 
+def reductions(
+    dz: Tensor,
+    y: Tensor,
+    z: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    *,
+    batch_stats: bool,
+    eps: float,
+    relu: bool,
+    dres: Tensor | None = None,
+    rows_per_prog: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The per-channel sums of the backward: ``(Σg, Σg·ŷ, δ)``, (K,) fp32 each.
+
+    ``δ`` (the centring correction of ``_bn_bwd_sum_kernel``) only with ``batch_stats``, else
+    None. Σg is dβ, Σg·ŷ is dγ; with the mean and variance they are all dy needs besides dz, z and
+    y (see ``_dy_coefs``). Two launches: per-program partials, then a fixed-order sum.
+    ``dres`` (like dz, channels_last), when given, receives g = dz·[z > 0] from the same pass.
+    ``rows_per_prog`` overrides how many rows each reduction program sums (tests).
+    """
+    m, k = _rows(dz)
+    _rows(y)
+    if dres is not None:
+        assert dres.shape == dz.shape and dres.dtype == dz.dtype
+        _rows(dres)
+    if relu:
+        assert z.shape == dz.shape
+        _rows(z)
+    block_k = _block_k(k)
+    rows = rows_per_prog or _rows_per_prog(m)
+    p = triton.cdiv(m, rows)
+    part_g = _alloc.empty(p, k, dtype=torch.float32, device=dz.device)
+    part_gy = _alloc.empty(p, k, dtype=torch.float32, device=dz.device)
+    part_y = _alloc.empty(p, k, dtype=torch.float32, device=dz.device) if batch_stats else None
+    _bn_bwd_reduce_kernel[(p, triton.cdiv(k, block_k))](
+        dz, z if relu else dz, y, mean, part_g, part_gy,
+        part_y if batch_stats else part_g,  # dummy: never written without CENTER
+        dres if dres is not None else dz,  # dummy: never written without WRITE_DRES
+        m, k, rows, RELU=relu, CENTER=batch_stats, WRITE_DRES=dres is not None, BLOCK_K=block_k,
+    )
+    sum_g, sum_gyhat = _vec(k, dz), _vec(k, dz)
+    delta = _vec(k, dz) if batch_stats else None
+    _bn_bwd_sum_kernel[(triton.cdiv(k, _BLOCK_K_STATS),)](
+        part_g, part_gy, part_y if batch_stats else part_g, var, sum_g, sum_gyhat,
+        delta if batch_stats else sum_g, p, k, m, eps,
+        CENTER=batch_stats, BLOCK_T=_BLOCK_T, BLOCK_K=_BLOCK_K_STATS,
+    )
+    return sum_g, sum_gyhat, delta
+
+
 def backward(
     dz: Tensor,
     y: Tensor,
@@ -605,6 +711,7 @@ def backward(
     need_dy: bool = True,
     need_stats_grad: bool = True,
     need_dres: bool = False,
+    sums: tuple[Tensor, Tensor, Tensor | None] | None = None,
     rows_per_prog: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """dReLU + dBN: ``(dy, dgamma, dbeta, dresidual)``.
@@ -612,6 +719,7 @@ def backward(
     ``dy``/``dresidual`` are in dz's dtype, channels_last; ``dgamma`` (Σg·ŷ) and ``dbeta`` (Σg)
     fp32 (K,). Entries not asked for are None (``need_stats_grad`` covers dgamma and dbeta).
     ``y`` is only read with batch statistics or ``need_stats_grad``; ``z`` only with ``relu``.
+    ``sums``: the result of :func:`reductions` when the caller already has it.
     ``rows_per_prog`` overrides how many rows each reduction program sums (tests).
     """
     m, k = _rows(dz)
@@ -619,40 +727,30 @@ def backward(
         assert z.shape == dz.shape
         _rows(z)
     block_k = _block_k(k)
-    dgamma = dbeta = None
-    if batch_stats or need_stats_grad:
-        _rows(y)
-        rows = rows_per_prog or _rows_per_prog(m)
-        p = triton.cdiv(m, rows)
-        part_g = _alloc.empty(p, k, dtype=torch.float32, device=dz.device)
-        part_gy = _alloc.empty(p, k, dtype=torch.float32, device=dz.device)
-        part_y = _alloc.empty(p, k, dtype=torch.float32, device=dz.device) if batch_stats else None
-        _bn_bwd_reduce_kernel[(p, triton.cdiv(k, block_k))](
-            dz, z if relu else dz, y, mean, part_g, part_gy,
-            part_y if batch_stats else part_g,  # dummy: never written without CENTER
-            m, k, rows, RELU=relu, CENTER=batch_stats, BLOCK_K=block_k,
+    new = lambda: _alloc.empty(*dz.shape, dtype=dz.dtype, device=dz.device, channels_last=True)
+    dres = new() if need_dres else None
+    dres_pending = need_dres  # not yet written: the reduction pass writes it when it runs here
+    dgamma = dbeta = delta = None
+    if sums is None and (batch_stats or need_stats_grad):
+        sums = reductions(
+            dz, y, z, mean, var, batch_stats=batch_stats, eps=eps, relu=relu, dres=dres,
+            rows_per_prog=rows_per_prog,
         )
-        dbeta, dgamma = _vec(k, dz), _vec(k, dz)
-        delta = _vec(k, dz) if batch_stats else None
-        _bn_bwd_sum_kernel[(triton.cdiv(k, _BLOCK_K_STATS),)](
-            part_g, part_gy, part_y if batch_stats else part_g, var, dbeta, dgamma,
-            delta if batch_stats else dbeta, p, k, m, eps,
-            CENTER=batch_stats, BLOCK_T=_BLOCK_T, BLOCK_K=_BLOCK_K_STATS,
-        )
-    dy = dres = None
-    if need_dy or need_dres:
-        new = lambda: _alloc.empty(*dz.shape, dtype=dz.dtype, device=dz.device, channels_last=True)
+        dres_pending = False
+    if sums is not None:
+        dbeta, dgamma, delta = sums
+    dy = None
+    if need_dy or dres_pending:
         dy = new() if need_dy else None
-        dres = new() if need_dres else None
         _bn_bwd_dx_kernel[_grid(m, k, block_k)](
             dz, z if relu else dz, y if batch_stats else dz, mean, var,
             bn_weight.contiguous() if bn_weight is not None else var,  # dummies are never read
             dbeta if batch_stats else var, dgamma if batch_stats else var,
             delta if batch_stats else var,
-            dy if need_dy else dz, dres if need_dres else dz,
+            dy if need_dy else dz, dres if dres_pending else dz,
             m, k, eps,
             RELU=relu, BATCH_STATS=batch_stats, HAS_GAMMA=bn_weight is not None,
-            WRITE_DY=need_dy, WRITE_DRES=need_dres, BLOCK_K=block_k,
+            WRITE_DY=need_dy, WRITE_DRES=dres_pending, BLOCK_K=block_k,
         )
     if not need_stats_grad:
         dgamma = dbeta = None
@@ -716,7 +814,7 @@ def compile_specs() -> list[CompileSpec]:
 
     def reduce_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, part_g_ptr=f32, part_gy_ptr=f32,
-                    part_y_ptr=f32, M="i32", K="i32", rows_per_prog="i32")
+                    part_y_ptr=f32, dres_ptr=t, M="i32", K="i32", rows_per_prog="i32")
 
     def dx_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, var_ptr=f32, gamma_ptr=f32,
@@ -727,7 +825,8 @@ def compile_specs() -> list[CompileSpec]:
         ("bn_apply", _bn_apply_kernel, apply_sig, _ELEMENTWISE_BLOCKS,
          [dict(HAS_RES=r, RELU=u) for r in (False, True) for u in (False, True)]),
         ("bn_bwd_reduce", _bn_bwd_reduce_kernel, reduce_sig, _REDUCE_BLOCKS,
-         [dict(RELU=u, CENTER=c) for u in (False, True) for c in (False, True)]),
+         [dict(RELU=u, CENTER=c, WRITE_DRES=False) for u in (False, True) for c in (False, True)]
+         + [dict(RELU=True, CENTER=True, WRITE_DRES=True)]),
         ("bn_bwd_dx", _bn_bwd_dx_kernel, dx_sig, _ELEMENTWISE_BLOCKS,
          [dict(RELU=u, BATCH_STATS=b, HAS_GAMMA=True, WRITE_DY=True, WRITE_DRES=d)
           for u in (False, True) for b in (False, True) for d in (False, True)]
@@ -770,4 +869,4 @@ def compile_specs() -> list[CompileSpec]:
     ]
 
 
-__all__ = ["apply", "backward", "compile_specs", "finalize", "running_affine"]
+__all__ = ["apply", "backward", "compile_specs", "finalize", "reductions", "running_affine"]

@@ -1,0 +1,826 @@
+"""Triton convolution backward: dgrad (dx) and wgrad (dW) with dy formed while it is loaded.
+
+The fused op's backward needs the convolution's backward applied to
+``dy = γ·invstd·(g − mean(g) − ŷ·mean(g·ŷ))`` (g = dz·[z > 0]; ``γ·invstd·g`` with running
+statistics). No dy tensor exists: every kernel here loads dz (and z for the ReLU mask, y for ŷ)
+and builds its dy tile with ``bn._grad_g`` / ``bn._dy_coefs`` / ``bn._dy_from_g``, the one place
+the formula lives on the GPU, from the per-channel sums of ``bn.reductions`` (:class:`DyOperand`).
+
+Everything is NHWC (channels_last) and accumulates in fp32. Kernels:
+
+* ``_dgrad_gemm_kernel`` (tensor cores; a group with >= 16 input channels, or no groups): an
+  implicit GEMM over the *input* pixels: rows are input pixels, columns the Cg input channels of
+  one group (group program axis), the reduction runs over filter taps x the Kg output channels.
+  Strided convolutions are decomposed by stride phase (no zero-stuffing): the input pixels with
+  the same (ih mod stride_h, iw mod stride_w) are reached by one fixed set of filter taps, an
+  arithmetic progression per axis (``_phase_taps``), so each program loops over exactly the
+  taps that contribute (1 of 9 to 4 of 9 for a stride-2 3x3) and the phase is a program axis.
+  The dy operand is rounded to the input dtype before ``tl.dot`` (as PyTorch's backward rounds
+  the dy tensor it materialises); fp32 operands are rounded to TF32 (conv.py's _tf32_rounded)
+  for ``tl.dot``'s TF32, like cuDNN under PyTorch's
+  default ``allow_tf32``.
+* ``_dgrad_direct_kernel``: the same phase decomposition with CUDA-core FMAs for few channels
+  per group (ResNeXt's 4-8, depthwise): each input channel reads the Kg output channels of its
+  own group.
+* ``_wgrad_gemm_kernel``: dW^T of one group, (R·S·Cg, Kg), as a GEMM whose reduction runs over
+  the N·OH·OW output pixels. ``FLAT_K`` decodes the (r, s, c) row index per element (few input
+  channels: the stem); otherwise a tile covers one tap and a slab of channels.
+* ``_wgrad_direct_kernel``: one (tap, group channel) pair and a block of output channels per
+  program, FMAs, for few channels per group.
+* ``_wgrad_sum_kernel``: the wgrad kernels split the pixel reduction into fixed chunks of rows
+  (a program axis, so early layers with few weight tiles still fill the GPU) and write fp32
+  partials; this kernel sums them in chunk order and writes dW in the weight's dtype and layout.
+
+Determinism: no atomics; every sum runs in an order fixed by the shapes and the configuration
+(the chunking does not depend on the autotuned tile), so a step is bitwise reproducible for a
+given configuration. The autotuner picks a configuration once per shape and process.
+
+The bias gradient needs no pass over dy at all (:func:`bias_grad`).
+
+Interpreter (``TRITON_INTERPRET=1``): operands stay fp32 for ``tl.dot`` (its bf16 dot is
+broken) and every autotuner has one small configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ..base import ConvParams
+from . import _tuning
+from ._compile import CompileSpec
+from .bn import _cast_out, _dy_coefs, _dy_from_g, _grad_g
+from .conv import _TL_PTR, DTYPES, _tf32_rounded, kernel_for
+
+_INTERPRET = _tuning.INTERPRET
+Tensor = torch.Tensor
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning configurations
+# ---------------------------------------------------------------------------------------------
+
+# dgrad GEMM: (rows = input pixels, columns = input channels, reduction slab of output channels)
+GPU_DGRAD_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in (
+        (128, 128, 32, 8, 3),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 64, 4, 3),
+        (128, 32, 32, 4, 4),  # narrow groups (ResNeXt: 16-32 channels per group), the stem
+    )
+]
+# wgrad GEMM: (BLOCK_J rows of dW^T = (r, s, c) indices, BLOCK_N output channels, BLOCK_M pixels
+# reduced per step)
+GPU_WGRAD_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_J": bj, "BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+    for bj, bn, bm, w, s in (
+        (128, 128, 32, 8, 3),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 64, 4, 3),
+        (64, 32, 64, 4, 3),  # narrow groups
+    )
+]
+GPU_DIRECT_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in (
+        (64, 32, 4, 2),
+        (128, 32, 4, 2),
+        (64, 64, 4, 2),
+    )
+]
+if _INTERPRET:
+    # One small configuration each (the interpreter cannot benchmark several): 16-wide channel
+    # tiles so that the tests' small channel counts cross tile boundaries, 32 pixels per tile or
+    # step (the interpreter's cost is per program and loop step).
+    _DGRAD_GEMM_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})]
+    _WGRAD_GEMM_CONFIGS = [triton.Config({"BLOCK_J": 16, "BLOCK_N": 16, "BLOCK_M": 32})]
+    _DIRECT_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16})]
+else:
+    _DGRAD_GEMM_CONFIGS = GPU_DGRAD_GEMM_CONFIGS
+    _WGRAD_GEMM_CONFIGS = GPU_WGRAD_GEMM_CONFIGS
+    _DIRECT_CONFIGS = GPU_DIRECT_CONFIGS
+
+# dW elements per program of the chunk sum (a small pass over the weights); the interpreter
+# pays per program, not per element.
+_GPU_SUM_BLOCK = 1024
+_SUM_BLOCK = 1 << 16 if _INTERPRET else _GPU_SUM_BLOCK
+
+# wgrad splits the N·OH·OW reduction into chunks of rows: enough programs to fill a GPU
+# (~4 per SM on 132 SMs), but at least this many rows per chunk, a multiple of every BLOCK_M.
+_WGRAD_TARGET_PROGRAMS = 512
+_MIN_CHUNK_ROWS = 1024
+_CHUNK_ALIGN = 128
+
+
+def _prune_dgrad(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles much wider than a group's input channels or its output-channel slab."""
+    n_cap = max(32, triton.next_power_of_2(nargs["Cg"]))
+    k_cap = max(32, triton.next_power_of_2(nargs["Kg"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    return kept or configs
+
+
+def _prune_wgrad(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles much wider than a group's output channels or (per tap) input channels."""
+    n_cap = max(32, triton.next_power_of_2(nargs["Kg"]))
+    j_cap = max(32, triton.next_power_of_2(nargs["Cg"]))
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_N"] <= n_cap and (kwargs.get("FLAT_K") or c.kwargs["BLOCK_J"] <= j_cap)
+    ]
+    return kept or configs
+
+
+def _direct_configs(channels: int) -> list[triton.Config]:
+    """Direct-kernel configurations whose channel tile is not much wider than ``channels``."""
+    n_cap = max(16, triton.next_power_of_2(channels))
+    return [c for c in _DIRECT_CONFIGS if c.kwargs["BLOCK_N"] <= n_cap] or _DIRECT_CONFIGS
+
+
+def _prune_direct_dgrad(configs: list[triton.Config], nargs: dict, **kw) -> list[triton.Config]:
+    return _direct_configs(nargs["C"])  # the channel tile spans input channels
+
+
+def _prune_direct_wgrad(configs: list[triton.Config], nargs: dict, **kw) -> list[triton.Config]:
+    return _direct_configs(nargs["K"])  # the channel tile spans output channels
+
+
+# What selects a configuration: the whole problem geometry and the dy flags (dtypes are added by
+# the autotuner itself).
+_KEY = ["M", "H", "W", "C", "K", "Cg", "Kg", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w",
+        "dil_h", "dil_w", "RELU", "BATCH_STATS"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+# Every kernel takes the dy operand as these nine pointers first (see DyOperand.pointers):
+#   dz_ptr         (N, OH, OW, K) x dtype: gradient of the op's output z
+#   z_ptr          (N, OH, OW, K) x dtype: forward output (read only if RELU)
+#   y_ptr          (N, OH, OW, K) x dtype: raw conv output (read only if BATCH_STATS)
+#   mean_ptr       (K,) fp32: mean used to normalise (read only if BATCH_STATS)
+#   var_ptr        (K,) fp32: variance used to normalise
+#   gamma_ptr      (K,) any float: BN weight (read only if HAS_GAMMA)
+#   sum_g_ptr      (K,) fp32: Σg (read only if BATCH_STATS)
+#   sum_gyhat_ptr  (K,) fp32: Σg·ŷ (read only if BATCH_STATS)
+#   delta_ptr      (K,) fp32: centring correction δ (read only if BATCH_STATS)
+# and eps (BN epsilon), M (output pixels N·OH·OW, also the BN count) and the flags RELU,
+# BATCH_STATS (batch statistics: the full formula) and HAS_GAMMA.
+
+
+@triton.jit
+def _phase_taps(p, pad, dil, stride, R):
+    """The filter taps along one axis that reach input pixels of phase ``p`` (index ≡ p mod
+    stride): tap r does when p + pad − r·dil is a multiple of stride, and those r form an
+    arithmetic progression. Returns ``(first, step, count)``; count 0 when no tap reaches."""
+    # R means "none found yet"; as int32 tensors (R may arrive as a constexpr) so that the
+    # loop-carried values keep one type
+    first = tl.zeros_like(p) + R
+    second = first
+    for r in range(0, R):
+        hit = (p + pad - r * dil) % stride == 0  # zero remainder: the same in C and floor mod
+        second = tl.where(hit & (first < r) & (second == R), r, second)
+        first = tl.where(hit & (first == R), r, first)
+    step = tl.maximum(second - first, 1)
+    count = tl.where(first >= R, 0, tl.where(second >= R, 1, (R - first + step - 1) // step))
+    return first, step, count
+
+
+@triton.jit
+def _phase_rows(pid_m, p, NB, H, W, stride_h, stride_w, BLOCK_M: tl.constexpr):
+    """This program's BLOCK_M input pixels of stride phase ``p`` (= ph·stride_w + pw).
+
+    Pixel i of the phase is (img, ph + ih_i·stride_h, pw + iw_i·stride_w). Returns
+    ``(img int64, ih_i, iw_i, ok, ph, pw)``; ``ok`` is False past the phase's pixels.
+    """
+    ph = p // stride_w
+    pw = p % stride_w
+    hp = (H - ph + stride_h - 1) // stride_h  # input rows / columns of this phase (may be 0)
+    wp = (W - pw + stride_w - 1) // stride_w
+    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = offs < NB * hp * wp
+    wp_safe = tl.maximum(wp, 1)  # an empty phase still decodes (every row masked)
+    hp_safe = tl.maximum(hp, 1)
+    iw_i = offs % wp_safe
+    t = offs // wp_safe
+    ih_i = t % hp_safe
+    img = (t // hp_safe).to(tl.int64)  # int64: later multiplied by H·W·C
+    return img, ih_i, iw_i, ok, ph, pw
+
+
+@triton.jit
+def _phase_tap(tap, ph, pw, ih_i, iw_i, row_ok, r0, r_step, s0, s_step, ns,
+               OH, OW, pad_h, pad_w, dil_h, dil_w, stride_h, stride_w):
+    """Tap number ``tap`` of the phase's progression: ``(r, s, oh, ow, ok)``, where (oh, ow) is
+    the output pixel each input pixel of the tile reaches through it and ok says it exists."""
+    r = r0 + (tap // ns) * r_step
+    s = s0 + (tap % ns) * s_step
+    # exact divisions (the phase makes them so): truncating and flooring agree
+    oh = ih_i + (ph + pad_h - r * dil_h) // stride_h
+    ow = iw_i + (pw + pad_w - s * dil_w) // stride_w
+    ok = row_ok & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+    return r, s, oh, ow, ok
+
+
+@triton.jit
+def _dgrad_gemm_kernel(
+    dz_ptr, z_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
+    w_ptr,  # weight packed as (groups, R, S, Kg, Cg) contiguous: per group and tap (Kg, Cg)
+    dx_ptr,  # out: input gradient, NHWC contiguous (N, H, W, C) in x's dtype
+    M,  # output pixels N·OH·OW (the BN count)
+    NB, H, W, C,  # batch, input height, width, channels (all groups)
+    OH, OW, K,  # output height, width, channels (all groups)
+    Cg, Kg,  # input / output channels per group
+    R, S,  # filter height, width
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,  # convolution geometry
+    eps,
+    RELU: tl.constexpr,
+    BATCH_STATS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    INTERPRET: tl.constexpr,  # running in the interpreter: fp32 tl.dot operands
+    BLOCK_M: tl.constexpr,  # input pixels (of one phase) per program
+    BLOCK_N: tl.constexpr,  # input channels per program
+    BLOCK_K: tl.constexpr,  # output channels per reduction slab
+):
+    # Axis 0 walks (pixel tile, channel tile) pairs, channel tile fastest; axis 1 is the group,
+    # axis 2 the stride phase.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_n = tl.cdiv(Cg, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    img, ih_i, iw_i, row_ok, ph, pw = _phase_rows(
+        pid_m, tl.program_id(2), NB, H, W, stride_h, stride_w, BLOCK_M
+    )
+    r0, r_step, nr = _phase_taps(ph, pad_h, dil_h, stride_h, R)
+    s0, s_step, ns = _phase_taps(pw, pad_w, dil_w, stride_w, S)
+
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < Cg
+    offs_kk = tl.arange(0, BLOCK_K)
+    w_g = w_ptr + g.to(tl.int64) * (R * S * Kg * Cg)  # this group's packed weights
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One loop over (contributing tap, output-channel slab) pairs, so the pipeliner overlaps
+    # loads with tl.dot across taps too (as the forward kernel does).
+    n_slabs = tl.cdiv(Kg, BLOCK_K)
+    for it in range(0, nr * ns * n_slabs):
+        tap = it // n_slabs
+        k0 = (it - tap * n_slabs) * BLOCK_K
+        r, s, oh, ow, ok = _phase_tap(
+            tap, ph, pw, ih_i, iw_i, row_ok, r0, r_step, s0, s_step, ns,
+            OH, OW, pad_h, pad_w, dil_h, dil_w, stride_h, stride_w,
+        )
+        kk = k0 + offs_kk
+        kk_ok = kk < Kg
+        ch = g * Kg + kk
+        a_c, mean_g, c_c, mean, delta = _dy_coefs(
+            ch, kk_ok, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
+            M, eps, HAS_GAMMA, BATCH_STATS,
+        )
+        idx = (((img * OH + oh) * OW + ow) * K)[:, None] + ch[None, :]
+        mask = ok[:, None] & kk_ok[None, :]
+        dy = _dy_from_g(
+            _grad_g(dz_ptr, z_ptr, idx, mask, RELU), y_ptr, idx, mask, a_c[None, :],
+            mean_g[None, :], c_c[None, :], mean[None, :], delta[None, :], BATCH_STATS,
+        )
+        b = tl.load(
+            w_g + ((r * S + s) * Kg + kk)[:, None] * Cg + offs_c[None, :],
+            mask=kk_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )
+        if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 products are exact
+            b = b.to(tl.float32)
+        else:
+            dy = dy.to(b.dtype)
+            if w_ptr.dtype.element_ty == tl.float32:  # TF32 tensor cores: round, not truncate
+                dy = _tf32_rounded(dy)
+                b = _tf32_rounded(b)
+        acc = tl.dot(dy, b, acc)
+
+    ih = ph + ih_i * stride_h
+    iw = pw + iw_i * stride_w
+    x_row = ((img * H + ih) * W + iw) * C + g * Cg
+    tl.store(
+        dx_ptr + x_row[:, None] + offs_c[None, :], _cast_out(acc, dx_ptr),
+        mask=row_ok[:, None] & c_ok[None, :],
+    )
+
+
+@triton.jit
+def _dgrad_direct_kernel(
+    dz_ptr, z_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
+    w_ptr,  # weight packed as (R, S, Kg, C): [r, s, kk, c] = W[(c // Cg)·Kg + kk, c % Cg, r, s]
+    dx_ptr,  # out: input gradient, NHWC contiguous (N, H, W, C) in x's dtype
+    M,  # output pixels N·OH·OW (the BN count)
+    NB, H, W, C,  # batch, input height, width, channels (all groups)
+    OH, OW, K,  # output height, width, channels (all groups)
+    Cg, Kg,  # input / output channels per group
+    R, S,  # filter height, width
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,  # convolution geometry
+    eps,
+    RELU: tl.constexpr,
+    BATCH_STATS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # input pixels (of one phase) per program
+    BLOCK_N: tl.constexpr,  # input channels per program (may span several groups)
+):
+    img, ih_i, iw_i, row_ok, ph, pw = _phase_rows(
+        tl.program_id(0), tl.program_id(2), NB, H, W, stride_h, stride_w, BLOCK_M
+    )
+    r0, r_step, nr = _phase_taps(ph, pad_h, dil_h, stride_h, R)
+    s0, s_step, ns = _phase_taps(pw, pad_w, dil_w, stride_w, S)
+    offs_c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < C
+    k_first = (offs_c // Cg) * Kg  # first output channel of each input channel's group
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(0, nr * ns):
+        r, s, oh, ow, ok = _phase_tap(
+            tap, ph, pw, ih_i, iw_i, row_ok, r0, r_step, s0, s_step, ns,
+            OH, OW, pad_h, pad_w, dil_h, dil_w, stride_h, stride_w,
+        )
+        dy_row = ((img * OH + oh) * OW + ow) * K
+        mask = ok[:, None] & c_ok[None, :]
+        w_tap = w_ptr + (r * S + s) * Kg * C
+        for kk in range(0, Kg):
+            ch = k_first + kk
+            a_c, mean_g, c_c, mean, delta = _dy_coefs(
+                ch, c_ok, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
+                M, eps, HAS_GAMMA, BATCH_STATS,
+            )
+            idx = dy_row[:, None] + ch[None, :]
+            dy = _dy_from_g(
+                _grad_g(dz_ptr, z_ptr, idx, mask, RELU), y_ptr, idx, mask, a_c[None, :],
+                mean_g[None, :], c_c[None, :], mean[None, :], delta[None, :], BATCH_STATS,
+            )
+            wv = tl.load(w_tap + kk * C + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+            acc += dy * wv[None, :]
+
+    ih = ph + ih_i * stride_h
+    iw = pw + iw_i * stride_w
+    x_row = ((img * H + ih) * W + iw) * C
+    tl.store(
+        dx_ptr + x_row[:, None] + offs_c[None, :], _cast_out(acc, dx_ptr),
+        mask=row_ok[:, None] & c_ok[None, :],
+    )
+
+
+@triton.jit
+def _output_pixels(m0, row_end, OH, OW, stride_h, stride_w, pad_h, pad_w, BLOCK_M: tl.constexpr):
+    """Output pixels [m0, m0 + BLOCK_M) of a chunk ending at row_end: ``(offs_m int64, ok, img
+    int64, ih0, iw0)``, (ih0, iw0) the input pixel under filter tap (0, 0)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    ok = offs_m < row_end
+    ow = (offs_m % OW).to(tl.int32)
+    t = offs_m // OW
+    oh = (t % OH).to(tl.int32)
+    img = t // OH
+    return offs_m, ok, img, oh * stride_h - pad_h, ow * stride_w - pad_w
+
+
+@triton.jit
+def _wgrad_gemm_kernel(
+    dz_ptr, z_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
+    x_ptr,  # input, NHWC contiguous (N, H, W, C)
+    part_ptr,  # out: (chunks, groups, R·S·Cg, Kg) fp32 partial dW^T per chunk of output pixels
+    M,  # output pixels N·OH·OW (the BN count and the reduction length)
+    H, W, C,  # input height, width, channels (all groups)
+    OH, OW, K,  # output height, width, channels (all groups)
+    Cg, Kg,  # input / output channels per group
+    R, S,  # filter height, width
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,  # convolution geometry
+    rows_per_chunk,  # program (·, ·, q) reduces output pixels [q·rows_per_chunk, ...) of M
+    eps,
+    RELU: tl.constexpr,
+    BATCH_STATS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    FLAT_K: tl.constexpr,  # rows j = (r·S + s)·Cg + c decoded per element (few input channels)
+    INTERPRET: tl.constexpr,  # running in the interpreter: fp32 tl.dot operands
+    BLOCK_J: tl.constexpr,  # rows of dW^T ((r, s, c) indices) per program
+    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_M: tl.constexpr,  # output pixels reduced per step
+):
+    # Axis 0 walks (row tile, channel tile) pairs, channel tile fastest; axis 1 is the group,
+    # axis 2 the chunk of output pixels.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    chunk = tl.program_id(2)
+    num_n = tl.cdiv(Kg, BLOCK_N)
+    pid_j = pid // num_n
+    pid_n = pid % num_n
+    if FLAT_K:
+        offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+        j_ok = offs_j < R * S * Cg
+        c = offs_j % Cg
+        rs = offs_j // Cg
+        dr = (rs // S) * dil_h  # [BLOCK_J] offsets of each row's tap
+        ds = (rs % S) * dil_w
+    else:  # one tap and a slab of its channels per tile
+        n_cs = tl.cdiv(Cg, BLOCK_J)
+        rs = pid_j // n_cs
+        c = (pid_j - rs * n_cs) * BLOCK_J + tl.arange(0, BLOCK_J)
+        j_ok = c < Cg
+        offs_j = rs * Cg + c
+        dr = (rs // S) * dil_h  # scalars
+        ds = (rs % S) * dil_w
+    x_ch = g * Cg + c
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Kg
+    ch = g * Kg + offs_n
+    a_c, mean_g, c_c, mean, delta = _dy_coefs(
+        ch, n_ok, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
+        M, eps, HAS_GAMMA, BATCH_STATS,
+    )
+
+    acc = tl.zeros((BLOCK_J, BLOCK_N), dtype=tl.float32)
+    row_begin = chunk.to(tl.int64) * rows_per_chunk
+    row_end = tl.minimum(row_begin + rows_per_chunk, M)
+    for m0 in range(row_begin, row_end, BLOCK_M):
+        offs_m, m_ok, img, ih0, iw0 = _output_pixels(
+            m0, row_end, OH, OW, stride_h, stride_w, pad_h, pad_w, BLOCK_M
+        )
+        # x^T tile [BLOCK_J, BLOCK_M]: row j is input channel c under tap (r, s)
+        if FLAT_K:
+            ih = ih0[None, :] + dr[:, None]
+            iw = iw0[None, :] + ds[:, None]
+            a_mask = j_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_off = ((img[None, :] * H + ih) * W + iw) * C + x_ch[:, None]
+        else:
+            ih = ih0 + dr
+            iw = iw0 + ds
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_mask = j_ok[:, None] & pix_ok[None, :]
+            a_off = (((img * H + ih) * W + iw) * C)[None, :] + x_ch[:, None]
+        a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+        idx = (offs_m * K)[:, None] + ch[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        dy = _dy_from_g(
+            _grad_g(dz_ptr, z_ptr, idx, mask, RELU), y_ptr, idx, mask, a_c[None, :],
+            mean_g[None, :], c_c[None, :], mean[None, :], delta[None, :], BATCH_STATS,
+        )
+        if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 products are exact
+            a = a.to(tl.float32)
+        else:
+            dy = dy.to(a.dtype)
+            if x_ptr.dtype.element_ty == tl.float32:  # TF32 tensor cores: round, not truncate
+                a = _tf32_rounded(a)
+                dy = _tf32_rounded(dy)
+        acc = tl.dot(a, dy, acc)
+
+    rsc = R * S * Cg
+    out = part_ptr + (chunk.to(tl.int64) * tl.num_programs(1) + g) * rsc * Kg
+    tl.store(
+        out + offs_j[:, None] * Kg + offs_n[None, :], acc, mask=j_ok[:, None] & n_ok[None, :]
+    )
+
+
+@triton.jit
+def _wgrad_direct_kernel(
+    dz_ptr, z_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
+    x_ptr,  # input, NHWC contiguous (N, H, W, C)
+    part_ptr,  # out: (chunks, R·S·Cg, K) fp32 partial dW per chunk of output pixels
+    M,  # output pixels N·OH·OW (the BN count and the reduction length)
+    H, W, C,  # input height, width, channels (all groups)
+    OH, OW, K,  # output height, width, channels (all groups)
+    Cg, Kg,  # input / output channels per group
+    R, S,  # filter height, width
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,  # convolution geometry
+    rows_per_chunk,  # program (·, ·, q) reduces output pixels [q·rows_per_chunk, ...) of M
+    eps,
+    RELU: tl.constexpr,
+    BATCH_STATS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # output pixels reduced per step
+    BLOCK_N: tl.constexpr,  # output channels per program (may span several groups)
+):
+    # Axis 1 is the dW row j = (r·S + s)·Cg + c: one tap and one channel of every group.
+    offs_k = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < K
+    j = tl.program_id(1)
+    chunk = tl.program_id(2)
+    c = j % Cg
+    rs = j // Cg
+    dr = (rs // S) * dil_h
+    ds = (rs % S) * dil_w
+    x_ch = (offs_k // Kg) * Cg + c  # each output channel reads channel c of its own group
+    a_c, mean_g, c_c, mean, delta = _dy_coefs(
+        offs_k, k_ok, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
+        M, eps, HAS_GAMMA, BATCH_STATS,
+    )
+    # elementwise accumulator, reduced over the pixels once at the end
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_begin = chunk.to(tl.int64) * rows_per_chunk
+    row_end = tl.minimum(row_begin + rows_per_chunk, M)
+    for m0 in range(row_begin, row_end, BLOCK_M):
+        offs_m, m_ok, img, ih0, iw0 = _output_pixels(
+            m0, row_end, OH, OW, stride_h, stride_w, pad_h, pad_w, BLOCK_M
+        )
+        ih = ih0 + dr
+        iw = iw0 + ds
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xv = tl.load(
+            x_ptr + (((img * H + ih) * W + iw) * C)[:, None] + x_ch[None, :],
+            mask=pix_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        idx = (offs_m * K)[:, None] + offs_k[None, :]
+        mask = m_ok[:, None] & k_ok[None, :]
+        dy = _dy_from_g(
+            _grad_g(dz_ptr, z_ptr, idx, mask, RELU), y_ptr, idx, mask, a_c[None, :],
+            mean_g[None, :], c_c[None, :], mean[None, :], delta[None, :], BATCH_STATS,
+        )
+        acc += xv.to(tl.float32) * dy
+    out = part_ptr + (chunk.to(tl.int64) * tl.num_programs(1) + j) * K
+    tl.store(out + offs_k, tl.sum(acc, axis=0), mask=k_ok)
+
+
+@triton.jit
+def _wgrad_sum_kernel(
+    part_ptr,  # (chunks, ...) fp32 partials of the wgrad kernels, chunk_stride apart
+    dw_ptr,  # out: (K, Cg, R, S) contiguous weight gradient in the weight's dtype
+    chunks,  # number of partials per element, summed in order 0, 1, ...
+    chunk_stride,  # elements per chunk (K·Cg·R·S)
+    Cg, Kg,  # input / output channels per group
+    RS,  # filter taps R·S
+    total,  # K·Cg·R·S
+    group_stride,  # partial offset of group g: g·group_stride ...
+    row_stride,  # ... + j·row_stride for row j = rs·Cg + c, + the channel within the group
+    BLOCK: tl.constexpr,  # dW elements per program
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    k = offs // (Cg * RS)
+    rest = offs - k * (Cg * RS)
+    c = rest // RS
+    rs = rest - c * RS
+    src = (k // Kg) * group_stride + (rs * Cg + c) * row_stride + k % Kg
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = part_ptr + src
+    for _ in range(0, chunks):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += chunk_stride  # pointer arithmetic is 64-bit: chunks·chunk_stride may pass 2^31
+    tl.store(dw_ptr + offs, _cast_out(acc, dw_ptr), mask=ok)
+
+
+_dgrad_gemm = _tuning.autotune(_DGRAD_GEMM_CONFIGS, _KEY, _prune_dgrad)(_dgrad_gemm_kernel)
+_dgrad_direct = _tuning.autotune(_DIRECT_CONFIGS, _KEY, _prune_direct_dgrad)(_dgrad_direct_kernel)
+_wgrad_gemm = _tuning.autotune(
+    _WGRAD_GEMM_CONFIGS, [*_KEY, "rows_per_chunk"], _prune_wgrad
+)(_wgrad_gemm_kernel)
+_wgrad_direct = _tuning.autotune(
+    _DIRECT_CONFIGS, [*_KEY, "rows_per_chunk"], _prune_direct_wgrad
+)(_wgrad_direct_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DyOperand:
+    """What dy = dBN(dReLU(dz)) is formed from: the per-element tensors and the per-channel
+    constants (``bn.reductions``). All activations (N, K, OH, OW) channels_last contiguous."""
+
+    dz: Tensor  # gradient of the op's output, x's dtype
+    z: Tensor | None  # forward output, for the ReLU mask; None without ReLU
+    y: Tensor  # raw conv output (read with batch statistics)
+    mean: Tensor  # (K,) fp32
+    var: Tensor  # (K,) fp32
+    gamma: Tensor | None  # (K,) BN weight, None without affine
+    sums: tuple[Tensor, Tensor, Tensor | None] | None  # (Σg, Σg·ŷ, δ), or None
+    batch_stats: bool  # mean/var are this batch's: the full formula (needs sums with δ)
+    eps: float
+
+    def __post_init__(self) -> None:
+        assert not self.batch_stats or (self.sums is not None and self.sums[2] is not None), (
+            "DyOperand: batch statistics need bn.reductions' sums, δ included"
+        )
+
+    def pointers(self) -> tuple[Tensor, ...]:
+        """The nine dy pointer arguments of every kernel here (placeholders are never read)."""
+        dz, var = self.dz, self.var
+        sum_g, sum_gyhat, delta = self.sums if self.batch_stats else (var, var, var)
+        return (
+            dz, self.z if self.z is not None else dz, self.y, self.mean, var,
+            self.gamma.contiguous() if self.gamma is not None else var,
+            sum_g, sum_gyhat, delta,
+        )
+
+    def flags(self) -> dict[str, bool]:
+        return dict(RELU=self.z is not None, BATCH_STATS=self.batch_stats,
+                    HAS_GAMMA=self.gamma is not None)
+
+
+def _geometry(conv: ConvParams) -> tuple[int, ...]:
+    return (*conv.stride, *conv.padding, *conv.dilation)
+
+
+def dgrad(op: DyOperand, weight: Tensor, conv: ConvParams, x_shape: torch.Size) -> Tensor:
+    """The input gradient (N, C, H, W) channels_last in the weight's dtype: conv-transpose of dy."""
+    n, c, h, w = x_shape
+    k, cg, r, s = weight.shape
+    groups = conv.groups
+    kg = k // groups
+    _, _, oh, ow = op.dz.shape
+    sh, sw = conv.stride
+    dx = _alloc.empty(n, c, h, w, dtype=weight.dtype, device=weight.device, channels_last=True)
+    ints = (n * oh * ow, n, h, w, c, oh, ow, k, cg, kg, r, s, *_geometry(conv))
+    # rows of the largest stride phase (phase (0, 0))
+    m_phase = n * triton.cdiv(h, sh) * triton.cdiv(w, sw)
+    if kernel_for(cg, groups) == "direct":
+        # (K, Cg, R, S) -> (R, S, Kg, C): per tap and output channel of a group, a C vector
+        w_packed = weight.view(groups, kg, cg, r, s).permute(3, 4, 1, 0, 2).reshape(r, s, kg, c)
+        grid = lambda meta: (
+            triton.cdiv(m_phase, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]), sh * sw
+        )
+        _dgrad_direct[grid](
+            *op.pointers(), w_packed.contiguous(), dx, *ints, op.eps, **op.flags()
+        )
+    else:
+        # (K, Cg, R, S) -> (groups, R, S, Kg, Cg): per group and tap the (Kg, Cg) GEMM operand
+        w_packed = weight.view(groups, kg, cg, r, s).permute(0, 3, 4, 1, 2).contiguous()
+        grid = lambda meta: (
+            triton.cdiv(m_phase, meta["BLOCK_M"]) * triton.cdiv(cg, meta["BLOCK_N"]),
+            groups,
+            sh * sw,
+        )
+        _dgrad_gemm[grid](
+            *op.pointers(), w_packed, dx, *ints, op.eps, **op.flags(), INTERPRET=_INTERPRET
+        )
+    return dx
+
+
+def _rows_per_chunk(m: int, weight_tiles: int) -> int:
+    """Output pixels per wgrad chunk: enough chunks that weight_tiles x chunks programs fill
+    the GPU, each at least _MIN_CHUNK_ROWS rows, a multiple of _CHUNK_ALIGN (so the chunking,
+    and with it the summation order, does not depend on the autotuned configuration)."""
+    chunks = max(1, min(triton.cdiv(_WGRAD_TARGET_PROGRAMS, weight_tiles),
+                        triton.cdiv(m, _MIN_CHUNK_ROWS)))
+    return triton.cdiv(triton.cdiv(m, chunks), _CHUNK_ALIGN) * _CHUNK_ALIGN
+
+
+def wgrad(
+    op: DyOperand, x: Tensor, weight: Tensor, conv: ConvParams,
+    rows_per_chunk: int | None = None,
+) -> Tensor:
+    """The weight gradient (K, Cg, R, S) contiguous in the weight's dtype, deterministic.
+
+    ``rows_per_chunk`` overrides how many output pixels each partial covers (tests).
+    """
+    n, c, h, w = x.shape
+    k, cg, r, s = weight.shape
+    groups = conv.groups
+    kg = k // groups
+    _, _, oh, ow = op.dz.shape
+    m = n * oh * ow
+    rsc = r * s * cg
+    which = kernel_for(cg, groups)
+    if which == "direct":
+        weight_tiles = rsc * triton.cdiv(k, 32)
+    else:  # nominal 64 x 64 tiles: the chunking must not depend on the configuration
+        weight_tiles = groups * triton.cdiv(rsc, 64) * triton.cdiv(kg, 64)
+    rows = rows_per_chunk or _rows_per_chunk(m, weight_tiles)
+    chunks = triton.cdiv(m, rows)
+    part = _alloc.empty(chunks, rsc * k, dtype=torch.float32, device=x.device)
+    ints = (m, h, w, c, oh, ow, k, cg, kg, r, s, *_geometry(conv), rows)
+    if which == "direct":
+        grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]), rsc, chunks)
+        _wgrad_direct[grid](*op.pointers(), x, part, *ints, op.eps, **op.flags())
+        group_stride, row_stride = kg, k  # partial layout (chunks, R·S·Cg, K)
+    else:
+        flat = which == "gemm_flat"
+
+        def grid(meta):
+            bj = meta["BLOCK_J"]
+            j_tiles = triton.cdiv(rsc, bj) if flat else r * s * triton.cdiv(cg, bj)
+            return (j_tiles * triton.cdiv(kg, meta["BLOCK_N"]), groups, chunks)
+
+        _wgrad_gemm[grid](
+            *op.pointers(), x, part, *ints, op.eps, **op.flags(),
+            FLAT_K=flat, INTERPRET=_INTERPRET,
+        )
+        group_stride, row_stride = rsc * kg, kg  # partial layout (chunks, groups, R·S·Cg, Kg)
+    dw = _alloc.empty(k, cg, r, s, dtype=weight.dtype, device=weight.device)
+    total = k * rsc
+    _wgrad_sum_kernel[(triton.cdiv(total, _SUM_BLOCK),)](
+        part, dw, chunks, rsc * k, cg, kg, r * s, total, group_stride, row_stride,
+        BLOCK=_SUM_BLOCK,
+    )
+    return dw
+
+
+def bias_grad(op: DyOperand, m: int, dtype: torch.dtype) -> Tensor:
+    """Σ over the ``m`` output pixels of dy per channel, from the BN sums alone (no pass over dy).
+
+    Σdy = a·(Σg − m·mean_g − c·Σd) with d = (y − mean) − δ, and Σd = 0 by δ's construction
+    (``bn._bn_bwd_sum_kernel``), so with batch statistics Σdy = a·(Σg − m·mean_g): zero up to
+    rounding, as the gradient of a bias that BN subtracts again must be; with running statistics
+    Σdy = a·Σg. Needs ``op.sums``.
+    """
+    assert op.sums is not None, "bias_grad needs bn.reductions' sums"
+    sum_g = op.sums[0]
+    a = torch.rsqrt(op.var + op.eps)
+    if op.gamma is not None:
+        a = a * op.gamma.float()
+    if op.batch_stats:
+        return (a * (sum_g - m * (sum_g / m))).to(dtype)
+    return (a * sum_g).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile check
+# ---------------------------------------------------------------------------------------------
+
+_DY_ARGS = ("dz_ptr", "z_ptr", "y_ptr", "mean_ptr", "var_ptr", "gamma_ptr", "sum_g_ptr",
+            "sum_gyhat_ptr", "delta_ptr")
+_GEOMETRY = ("stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")
+
+# dy flag sets compiled ahead of time: every feature on (the most code) with every
+# configuration; the running-statistics / no-ReLU / no-affine variant with the largest tile.
+DY_FLAGS = {
+    "full": dict(RELU=True, BATCH_STATS=True, HAS_GAMMA=True),
+    "running": dict(RELU=False, BATCH_STATS=False, HAS_GAMMA=False),
+}
+
+
+def _signature(dtype: torch.dtype, io: str, extra_ints: tuple[str, ...]) -> dict[str, str]:
+    p = _TL_PTR[dtype]
+    sig = {a: p if a in ("dz_ptr", "z_ptr", "y_ptr") else "*fp32" for a in _DY_ARGS}
+    if io == "dgrad":
+        sig.update(w_ptr=p, dx_ptr=p)
+        ints = ("M", "NB", "H", "W", "C", "OH", "OW", "K", "Cg", "Kg", "R", "S", *_GEOMETRY)
+    else:
+        sig.update(x_ptr=p, part_ptr="*fp32")
+        ints = ("M", "H", "W", "C", "OH", "OW", "K", "Cg", "Kg", "R", "S", *_GEOMETRY)
+    sig.update({a: "i32" for a in (*ints, *extra_ints)})
+    sig["eps"] = "fp32"
+    return sig
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every kernel x autotune configuration x dtype, for the real-target compile check.
+
+    Each configuration with the "full" dy flags, each kernel's largest tile also with the
+    "running" flags (see ``DY_FLAGS``), and the chunk sum for each weight dtype. Lists the GPU
+    configurations even under the interpreter (they are what runs on a GPU).
+    """
+    kernels = [  # (name, kernel, io, extra int args, configurations, extra constexprs)
+        ("dgrad_gemm", _dgrad_gemm_kernel, "dgrad", (), GPU_DGRAD_GEMM_CONFIGS,
+         {"INTERPRET": False}),
+        ("dgrad_direct", _dgrad_direct_kernel, "dgrad", (), GPU_DIRECT_CONFIGS, {}),
+        ("wgrad_gemm", _wgrad_gemm_kernel, "wgrad", ("rows_per_chunk",), GPU_WGRAD_GEMM_CONFIGS,
+         {"FLAT_K": False, "INTERPRET": False}),
+        ("wgrad_gemm_flat", _wgrad_gemm_kernel, "wgrad", ("rows_per_chunk",),
+         GPU_WGRAD_GEMM_CONFIGS, {"FLAT_K": True, "INTERPRET": False}),
+        ("wgrad_direct", _wgrad_direct_kernel, "wgrad", ("rows_per_chunk",), GPU_DIRECT_CONFIGS,
+         {}),
+    ]
+    specs = []
+    for dtype in DTYPES:
+        dname = str(dtype).removeprefix("torch.")
+        for kname, kernel, io, extra_ints, cfgs, extra in kernels:
+            sig = _signature(dtype, io, extra_ints)
+            largest = max(cfgs, key=lambda c: _tile_size(c))
+            for fname, flags in DY_FLAGS.items():
+                for cfg in cfgs if fname == "full" else [largest]:
+                    specs.append(CompileSpec(
+                        name=f"{kname}-{dname}-{fname}-{_cfg_name(cfg)}",
+                        kernel=kernel,
+                        signature=sig,
+                        constexprs={**flags, **extra, **cfg.kwargs},
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                    ))
+        specs.append(CompileSpec(
+            name=f"wgrad_sum-{dname}",
+            kernel=_wgrad_sum_kernel,
+            signature={"part_ptr": "*fp32", "dw_ptr": _TL_PTR[dtype], "chunks": "i32",
+                       "chunk_stride": "i32", "Cg": "i32", "Kg": "i32", "RS": "i32",
+                       "total": "i32", "group_stride": "i32", "row_stride": "i32"},
+            constexprs={"BLOCK": _GPU_SUM_BLOCK},
+        ))
+    return specs
+
+
+def _tile_size(cfg: triton.Config) -> int:
+    size = 1
+    for v in cfg.kwargs.values():
+        size *= v
+    return size
+
+
+def _cfg_name(cfg: triton.Config) -> str:
+    return "_".join(f"{v}" for v in cfg.kwargs.values()) + f"_w{cfg.num_warps}s{cfg.num_stages}"
+
+
+__all__ = ["DyOperand", "bias_grad", "compile_specs", "dgrad", "wgrad"]

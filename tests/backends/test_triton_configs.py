@@ -13,7 +13,7 @@ import pytest
 import torch
 import triton
 
-from fastres.backends.triton import bn
+from fastres.backends.triton import bn, conv_bwd
 from fastres.backends.triton import conv as tconv
 from tests.backends.test_triton_conv import _check_tuned
 from tests.ops.cases import Case, run_case
@@ -72,4 +72,27 @@ def test_bn_config(kernel: str, config: triton.Config) -> None:
     with tuned.forced(config):
         run_case(Case(n=4, c=64, k=48, h=15, w=15, residual=True), torch.bfloat16, True,
                  "triton", device="cuda")
+    assert tuned.last_config is config
+
+
+# Backward convolutions (bf16, a training step through the whole op): dgrad and wgrad tiles on a
+# 128-channel stride-2 conv, the flat wgrad on the stem, the direct kernels on ResNeXt's groups.
+WIDE_S2 = Case(n=2, c=128, k=128, h=15, w=15, stride=2)
+_BWD = {
+    "dgrad": (conv_bwd._dgrad_gemm, conv_bwd.GPU_DGRAD_GEMM_CONFIGS, WIDE_S2),
+    "wgrad": (conv_bwd._wgrad_gemm, conv_bwd.GPU_WGRAD_GEMM_CONFIGS, WIDE_S2),
+    "wgrad_flat": (conv_bwd._wgrad_gemm, conv_bwd.GPU_WGRAD_GEMM_CONFIGS, STEM),
+    "dgrad_direct": (conv_bwd._dgrad_direct, conv_bwd.GPU_DIRECT_CONFIGS, GROUPED),
+    "wgrad_direct": (conv_bwd._wgrad_direct, conv_bwd.GPU_DIRECT_CONFIGS, GROUPED),
+}
+
+
+@pytest.mark.parametrize("kernel, config", [
+    pytest.param(name, c, id=f"{name}-{_label(c)}")
+    for name, (_, configs, _) in _BWD.items() for c in configs
+])
+def test_backward_config(kernel: str, config: triton.Config) -> None:
+    tuned, _, shape = _BWD[kernel]
+    with tuned.forced(config):
+        run_case(shape, torch.bfloat16, True, "triton", device="cuda")
     assert tuned.last_config is config

@@ -457,3 +457,22 @@ def test_dgrad_wgrad_cuda(shape: Shape, dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 def test_backward_is_bitwise_deterministic_cuda() -> None:
     test_backward_is_bitwise_deterministic(Case(c=64, k=64, h=28, w=28, stride=2))
+
+
+def test_pruning_keeps_tiles_that_fit_and_are_not_much_wider_than_the_channels(monkeypatch):
+    from fastres.backends.triton import _tuning
+
+    dgrad, wgrad = conv_bwd.GPU_DGRAD_GEMM_CONFIGS, conv_bwd.GPU_WGRAD_GEMM_CONFIGS
+    tile = lambda c: tuple(c.kwargs.values())
+    big = {"Cg": 256, "Kg": 256}
+    for cc, dtype, over in ((80, torch.float32, True), (90, torch.float32, False),
+                            (80, torch.bfloat16, False)):
+        monkeypatch.setattr(_tuning, "target", lambda x, cc=cc: cc)
+        dz = torch.empty(1, dtype=dtype)
+        kept = {tile(c) for c in conv_bwd._prune_dgrad(dgrad, {**big, "dz_ptr": dz})}
+        assert ((128, 64, 32) not in kept) == over and ((128, 32, 32) not in kept) == over
+        kept = {tile(c) for c in conv_bwd._prune_wgrad(wgrad, {**big, "dz_ptr": dz})}
+        assert ((64, 128, 32) not in kept) == over and (128, 128, 32) in kept
+    # 16-32 channels per group: the narrowest tiles only (BLOCK_J 64 is the narrowest offered)
+    narrow = conv_bwd._prune_wgrad(wgrad, {"Cg": 16, "Kg": 32, "dz_ptr": None})
+    assert {tile(c) for c in narrow} == {(64, 32, 64)}

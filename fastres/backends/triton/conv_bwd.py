@@ -118,23 +118,42 @@ _MIN_CHUNK_ROWS = 1024
 _CHUNK_ALIGN = 128
 
 
+# fp32 tiles whose pipelined operand buffers need more shared memory than an sm_80 SM has
+# (166,912 B; measured 178-191 KB): (kernel, tile) with the tile as in the config lists above.
+_FP32_OVER_SM80_SMEM = {
+    ("dgrad", (128, 64, 32)), ("dgrad", (128, 32, 32)), ("wgrad", (64, 128, 32)),
+}
+
+
+def _fits(kernel: str, config: triton.Config, nargs: dict) -> bool:
+    """False for a tile that cannot launch for this dtype and target (see above)."""
+    dz = nargs.get("dz_ptr")
+    if getattr(dz, "dtype", None) != torch.float32 or _tuning.target(dz) != 80:
+        return True
+    return (kernel, tuple(config.kwargs.values())) not in _FP32_OVER_SM80_SMEM
+
+
 def _prune_dgrad(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles much wider than a group's input channels or its output-channel slab."""
+    """Drop tiles much wider than a group's input channels or its output-channel slab, and
+    those that do not fit the target."""
     n_cap = max(32, triton.next_power_of_2(nargs["Cg"]))
     k_cap = max(32, triton.next_power_of_2(nargs["Kg"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
-    return kept or configs
+    fitting = [c for c in configs if _fits("dgrad", c, nargs)] or configs
+    kept = [c for c in fitting if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    return kept or fitting
 
 
 def _prune_wgrad(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles much wider than a group's output channels or (per tap) input channels."""
+    """Drop tiles much wider than a group's output channels or (per tap) input channels (the
+    narrowest BLOCK_J offered is 64), and those that do not fit the target."""
     n_cap = max(32, triton.next_power_of_2(nargs["Kg"]))
-    j_cap = max(32, triton.next_power_of_2(nargs["Cg"]))
+    j_cap = max(64, triton.next_power_of_2(nargs["Cg"]))
+    fitting = [c for c in configs if _fits("wgrad", c, nargs)] or configs
     kept = [
-        c for c in configs
+        c for c in fitting
         if c.kwargs["BLOCK_N"] <= n_cap and (kwargs.get("FLAT_K") or c.kwargs["BLOCK_J"] <= j_cap)
     ]
-    return kept or configs
+    return kept or fitting
 
 
 def _direct_configs(channels: int) -> list[triton.Config]:

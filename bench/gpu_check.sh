@@ -199,6 +199,7 @@ else
     for f in setup.log gpu-tests.log sanitizer.log bench.log; do
         [[ -f "$OUT/$f" ]] && cp "$OUT/$f" "$DEST/"
     done
+    [[ -d "$OUT/gpu-tests" ]] && cp -r "$OUT/gpu-tests" "$DEST/"
     [[ -f "$OUT/layers/results.json" ]] && cp "$OUT/layers/results.json" "$DEST/layers.json"
     [[ -f "$OUT/models/results.json" ]] && cp "$OUT/models/results.json" "$DEST/models.json"
     [[ -f "$OUT/models/results.png" ]] && cp "$OUT/models/results.png" "$DEST/models.png"

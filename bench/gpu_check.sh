@@ -222,5 +222,6 @@ fi
     done
     if (( FAILED )); then echo "RESULT: some step failed"; else echo "RESULT: all steps passed"; fi
 } | tee "$OUT/summary.txt"
+[[ -d "$DEST" ]] && cp "$OUT/summary.txt" "$DEST/"
 
 exit "$FAILED"

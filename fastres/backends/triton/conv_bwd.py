@@ -118,56 +118,66 @@ _MIN_CHUNK_ROWS = 1024
 _CHUNK_ALIGN = 128
 
 
-# fp32 tiles whose pipelined operand buffers need more shared memory than an sm_80 SM has
-# (166,912 B; measured 178-191 KB): (kernel, tile) with the tile as in the config lists above.
-_FP32_OVER_SM80_SMEM = {
-    ("dgrad", (128, 64, 32)), ("dgrad", (128, 32, 32)), ("wgrad", (64, 128, 32)),
+# Tiles the autotuner never offers for a dtype on a target, found by the kernel report
+# (python -m fastres.backends.kernel_report, bench/kernel_report.json), with the reason:
+# (kernel, dtype, tile as in the config lists above) -> {compute capability: why}
+_SM80_SMEM = "needs more shared memory than an sm_80 SM has (166,912 B)"
+_UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...]], dict[int, str]] = {
+    ("dgrad_gemm", torch.float32, (128, 64, 32)): {80: _SM80_SMEM},
+    ("dgrad_gemm", torch.float32, (128, 32, 32)): {80: _SM80_SMEM},
+    ("wgrad_gemm", torch.float32, (64, 128, 32)): {80: _SM80_SMEM},
 }
 
 
-def _fits(kernel: str, config: triton.Config, nargs: dict) -> bool:
-    """False for a tile that cannot launch for this dtype and target (see above)."""
-    dz = nargs.get("dz_ptr")
-    if getattr(dz, "dtype", None) != torch.float32 or _tuning.target(dz) != 80:
-        return True
-    return (kernel, tuple(config.kwargs.values())) not in _FP32_OVER_SM80_SMEM
+def _unfit(kname: str, cfg: triton.Config, ints: dict, dtype: torch.dtype | None,
+           cc: int | None) -> str | None:
+    """Why the autotuner does not offer ``cfg`` of kernel ``kname`` ("dgrad_gemm",
+    "dgrad_direct", "wgrad_gemm", "wgrad_gemm_flat", "wgrad_direct") for a problem with integer
+    arguments ``ints`` on target ``cc`` (None: it does). Tiles much wider than the channels they
+    span are dropped (the narrowest BLOCK_J offered is 64)."""
+    kw = cfg.kwargs
+    if kname.endswith("direct"):  # the channel tile spans input (dgrad) or output channels
+        channels = ints["C"] if kname == "dgrad_direct" else ints["K"]
+        if kw["BLOCK_N"] > max(16, triton.next_power_of_2(channels)):
+            return f"BLOCK_N much wider than the {channels} channels"
+    elif kname == "dgrad_gemm":
+        if kw["BLOCK_N"] > max(32, triton.next_power_of_2(ints["Cg"])):
+            return f"BLOCK_N much wider than the {ints['Cg']} input channels per group"
+        if kw["BLOCK_K"] > max(32, triton.next_power_of_2(ints["Kg"])):
+            return f"BLOCK_K much wider than the {ints['Kg']} output channels per group"
+    else:
+        if kw["BLOCK_N"] > max(32, triton.next_power_of_2(ints["Kg"])):
+            return f"BLOCK_N much wider than the {ints['Kg']} output channels per group"
+        if kname == "wgrad_gemm" and kw["BLOCK_J"] > max(64, triton.next_power_of_2(ints["Cg"])):
+            return f"BLOCK_J much wider than the {ints['Cg']} input channels per group"
+    return _target_reason(kname, cfg, dtype, cc)
 
 
-def _prune_dgrad(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles much wider than a group's input channels or its output-channel slab, and
-    those that do not fit the target."""
-    n_cap = max(32, triton.next_power_of_2(nargs["Cg"]))
-    k_cap = max(32, triton.next_power_of_2(nargs["Kg"]))
-    fitting = [c for c in configs if _fits("dgrad", c, nargs)] or configs
-    kept = [c for c in fitting if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
-    return kept or fitting
+def _target_reason(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
+                   cc: int | None) -> str | None:
+    """Why tile ``cfg`` of ``kname`` is never offered for ``dtype`` on ``cc`` (_UNFIT_TILES)."""
+    base = "wgrad_gemm" if kname == "wgrad_gemm_flat" else kname
+    return _UNFIT_TILES.get((base, dtype, tuple(cfg.kwargs.values())), {}).get(cc)
 
 
-def _prune_wgrad(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles much wider than a group's output channels or (per tap) input channels (the
-    narrowest BLOCK_J offered is 64), and those that do not fit the target."""
-    n_cap = max(32, triton.next_power_of_2(nargs["Kg"]))
-    j_cap = max(64, triton.next_power_of_2(nargs["Cg"]))
-    fitting = [c for c in configs if _fits("wgrad", c, nargs)] or configs
-    kept = [
-        c for c in fitting
-        if c.kwargs["BLOCK_N"] <= n_cap and (kwargs.get("FLAT_K") or c.kwargs["BLOCK_J"] <= j_cap)
-    ]
-    return kept or fitting
+def _pruner(kname: str):
+    """The early_config_prune function of kernel ``kname``: the configurations :func:`_unfit`
+    accepts for the launch's arguments, dtype and device; if none is, those the target can run."""
+    def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+        name = "wgrad_gemm_flat" if kname == "wgrad_gemm" and kwargs.get("FLAT_K") else kname
+        dz = nargs.get("dz_ptr")
+        dtype, cc = getattr(dz, "dtype", None), _tuning.target(dz)
+        launchable = [c for c in configs if _target_reason(name, c, dtype, cc) is None]
+        return ([c for c in launchable if _unfit(name, c, nargs, dtype, cc) is None]
+                or launchable or configs)
+    prune.__name__ = f"_prune_{kname}"
+    return prune
 
 
-def _direct_configs(channels: int) -> list[triton.Config]:
-    """Direct-kernel configurations whose channel tile is not much wider than ``channels``."""
-    n_cap = max(16, triton.next_power_of_2(channels))
-    return [c for c in _DIRECT_CONFIGS if c.kwargs["BLOCK_N"] <= n_cap] or _DIRECT_CONFIGS
-
-
-def _prune_direct_dgrad(configs: list[triton.Config], nargs: dict, **kw) -> list[triton.Config]:
-    return _direct_configs(nargs["C"])  # the channel tile spans input channels
-
-
-def _prune_direct_wgrad(configs: list[triton.Config], nargs: dict, **kw) -> list[triton.Config]:
-    return _direct_configs(nargs["K"])  # the channel tile spans output channels
+_prune_dgrad = _pruner("dgrad_gemm")
+_prune_wgrad = _pruner("wgrad_gemm")
+_prune_direct_dgrad = _pruner("dgrad_direct")
+_prune_direct_wgrad = _pruner("wgrad_direct")
 
 
 # What selects a configuration: the whole problem geometry and the dy flags (dtypes are added by
@@ -792,6 +802,11 @@ def compile_specs() -> list[CompileSpec]:
     Each configuration with the "full" dy flags, each kernel's largest tile also with the
     "running" flags (see ``DY_FLAGS``), and the chunk sum for each weight dtype. Lists the GPU
     configurations even under the interpreter (they are what runs on a GPU).
+
+    Compiled without launch-time specialisation only, so the report does not yet hold these to
+    its spill / MMA / async-copy rules: compiled as ResNet launches specialise them, the stem's
+    flat wgrad spills in every tile it may pick, the direct dgrad in its wider tiles (see the
+    closing note of 2026-11-30); a smaller-register flat wgrad comes first.
     """
     kernels = [  # (name, kernel, io, extra int args, configurations, extra constexprs)
         ("dgrad_gemm", _dgrad_gemm_kernel, "dgrad", (), GPU_DGRAD_GEMM_CONFIGS,

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..backends import record_calls
+from ..backends.triton._tuning import launched_configs
 from .cases import (
     BACKEND_NAMES,
     LAYER_MODEL_NAMES,
@@ -65,15 +66,6 @@ from .cases import (
 from .env import environment
 from .roofline import Ceilings, achieved
 from .timing import measure_ceilings, time_calls
-
-
-def launched_configs(clear: bool = False) -> dict[str, str]:
-    """The Triton configurations of the last launches (empty without Triton)."""
-    try:
-        from ..backends.triton._tuning import launched_configs as configs
-    except ImportError:
-        return {}
-    return configs(clear)
 
 SCHEMA = "fastres-bench/1"
 CPU_BANNER = "no CUDA device: tiny CPU configuration, numbers say nothing about GPU speed"

@@ -305,5 +305,17 @@ def test_summary_text_from_results():
     text = report.summary_text(results)
     assert "3,000" in text and "2,000" in text and "skipped" in text and "1.50x" in text
     assert "15,000" in text
+    assert text.count(" - ") >= 3  # no saved-bytes ratio or traffic model in this entry
+    results["models"][0] |= {
+        "saved_bytes_vs_eager": 1.0696,
+        "traffic": {"batch": 256, "dtype": "bfloat16", "tbps": 4.3, "designs": {
+            "eager": {"gb_per_step": 120.3, "img_s_bound": 9151.0},
+            "per_layer": {"gb_per_step": 95.5, "img_s_bound": 11527.0},
+            "block": {"gb_per_step": 71.2, "img_s_bound": None}}}}
+    header, rows = report.model_rows(results)
+    cells = dict(zip(header, rows[0]))
+    assert cells["saved/eager"] == "1.070x"
+    assert cells["GB/step e/l/b"] == "120/95.5/71.2"
+    assert cells["mem-bound img/s e/l/b"] == "9,151/11,527/-"
     layer_line = next(line for line in text.splitlines() if line.startswith("resnet50  infer"))
     assert layer_line.split()[2:] == ["2", "4.00x", "0.50x", "50.0%"]  # geomean of 2 and 8

@@ -75,6 +75,19 @@ def test_bench_quick_cpu_writes_json_and_png(tmp_path, capsys):
             assert system["frac_roofline"] > 0
         assert entry["roofline_img_s"] > 0 and entry["flops_per_image"] > 0
         assert entry["speedup_vs_eager"] > 0
+    # train: bytes kept for backward (fastres vs eager) and the paper traffic of three designs
+    train, infer = results["models"]
+    saved = {k: train["systems"][k]["saved_bytes"] for k in ("fastres", "eager")}
+    assert min(saved.values()) > 0
+    assert train["saved_bytes_vs_eager"] == pytest.approx(saved["fastres"] / saved["eager"])
+    designs = train["traffic"]["designs"]
+    assert train["traffic"]["batch"] == 2 and train["traffic"]["tbps"] > 0
+    assert (designs["eager"]["gb_per_step"] > designs["per_layer"]["gb_per_step"]
+            > designs["block"]["gb_per_step"] > 0)
+    assert all(d["img_s_bound"] > 0 for d in designs.values())
+    assert "traffic" not in infer and "saved_bytes_vs_eager" not in infer
+    assert all("saved_bytes" not in s for s in infer["systems"].values())
+    assert "saved/eager" in printed
 
     # layer level: two ResNet-50 shapes (from --model resnet50), both modes
     assert len(results["layers"]) == 4

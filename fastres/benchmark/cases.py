@@ -478,6 +478,19 @@ class ModelBench:
             return torch.autocast(self.device.type, dtype=self.dtype)
         return torch.autocast(self.device.type, enabled=False)
 
+    def saved_bytes(self) -> int | None:
+        """Bytes the training step's forward keeps for backward (unique non-parameter storages,
+        :func:`.memory.saved_bytes`) on the first input set; None for inference and for
+        torch.compile (whose saved tensors are the compiled graph's, not the model's)."""
+        if not self.training or self.system == "compile":
+            return None
+        from .memory import saved_bytes
+
+        images, labels = self.inputs[0]
+        with self._autocast():
+            return saved_bytes(self.model, images,
+                               loss=lambda out: F.cross_entropy(out.float(), labels))
+
     def step(self) -> Callable[[tuple], object]:
         if not self.training:
             def infer(inp):

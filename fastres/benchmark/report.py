@@ -38,7 +38,8 @@ def _cell(system: dict | None, key: str = "img_s", fmt: str | None = None) -> st
 def model_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["model", "mode", "fastres img/s", "eager img/s", "compile img/s", "vs eager",
               "vs compile", "fastres / roofline", "roofline img/s", "fastres 1st step s",
-              "compile 1st step s", "fastres served by"]
+              "compile 1st step s", "fastres served by", "saved/eager",
+              "GB/step e/l/b", "mem-bound img/s e/l/b"]
     rows = []
     for e in results.get("models", []):
         s = e["systems"]
@@ -50,8 +51,21 @@ def model_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             _cell(s.get("fastres"), "first_call_s", "{:.1f}"),
             _cell(s.get("compile"), "first_call_s", "{:.1f}"),
             _served(s.get("fastres")),
+            _num(e.get("saved_bytes_vs_eager"), "{:.3f}x"),
+            _traffic(e, "gb_per_step", "{:.3g}"), _traffic(e, "img_s_bound", None),
         ])
     return header, rows
+
+
+def _traffic(entry: dict, key: str, fmt: str | None) -> str:
+    """``120/95.5/71.2``: the paper traffic model's figure (:mod:`.traffic`) for eager (e),
+    per-layer fused (l), block fused (b); train entries; "-" where the model or the bandwidth
+    is missing."""
+    designs = (entry.get("traffic") or {}).get("designs") or {}
+    values = [(designs.get(d) or {}).get(key) for d in ("eager", "per_layer", "block")]
+    if not any(v is not None for v in values):
+        return "-"
+    return "/".join(_rate(v) if fmt is None else _num(v, fmt) for v in values)
 
 
 def _served(system: dict | None) -> str:
@@ -181,7 +195,8 @@ def print_report(results: dict, *, use_rich: bool = True) -> None:
         if console is not None:
             table = Table(title=title)
             for i, h in enumerate(header):
-                table.add_column(h, justify="left" if i < 2 else "right")
+                # fold, never "…": a cut-off number is a wrong number
+                table.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
             for row in rows:
                 table.add_row(*row)
             console.print(table)

@@ -17,10 +17,16 @@ Schema ``fastres-bench/1``::
     ceilings:    tflops, tbps, device, dtype, details
     models[]:    model, mode, batch, resolution, dtype, flops_per_image, bytes_per_image,
                  roofline_img_s, speedup_vs_eager, speedup_vs_compile,
+                 train only: saved_bytes_vs_eager (fastres / eager bytes kept for backward),
+                 traffic {batch, dtype, tbps (the measured ceiling), designs {eager |
+                          per_layer | block: gb_per_step, img_s_bound}} (the paper model of
+                          :mod:`.traffic`; img_s_bound: that traffic alone at ``tbps``),
                  systems {eager | compile | fastres: status ("ok", "error", "skipped"),
                           reason, source, img_s, median_s, min_s, max_s, repeats, warmup,
                           first_call_s (the first step: compilation, autotuning),
                           served_per_step (fastres: {forward|backward: {backend: passes}}),
+                          saved_bytes (train, fastres and eager: bytes the step's forward
+                          keeps for backward, unique non-parameter storages, first input set),
                           copies,
                           timer, tflops, tbps, frac_peak_tflops, frac_peak_tbps,
                           frac_roofline}
@@ -66,6 +72,7 @@ from .cases import (
 from .env import environment
 from .roofline import Ceilings, achieved
 from .timing import measure_ceilings, time_calls
+from .traffic import traffic_report
 
 SCHEMA = "fastres-bench/1"
 CPU_BANNER = "no CUDA device: tiny CPU configuration, numbers say nothing about GPU speed"
@@ -275,6 +282,7 @@ def run(
         entry["systems"][system] = _run_model_system(entry, system, config, device, dtype,
                                                      ceilings, clock)
         _ratios(entry, "fastres", ["eager", "compile"], "img_s")
+        _saved_ratio(entry)
         on_update(results)
     for case, mode in work["layers"]:
         entry = _run_layer(case, mode, config, device, dtype, ceilings, clock, progress)
@@ -321,11 +329,45 @@ def _add_roofline(entry: dict, dtype, ceilings: Ceilings) -> None:
         entry["roofline_error"] = f"{type(e).__name__}: {e}"
 
 
+def _add_traffic(entry: dict, dtype, ceilings: Ceilings) -> None:
+    """The paper traffic model of a training step at the entry's batch and dtype, with the
+    img/s each design's traffic allows at the measured bandwidth (train entries, once)."""
+    if entry["mode"] != "train" or "traffic" in entry or "traffic_error" in entry:
+        return
+    try:
+        entry["traffic"] = traffic_report(
+            _conv_layers(entry["model"], entry["resolution"]), dtype=dtype,
+            batch=entry["batch"], tbps=ceilings.tbps or None)
+    except Exception as e:
+        entry["traffic_error"] = f"{type(e).__name__}: {e}"
+
+
+def _saved_bytes(bench, clock) -> dict:
+    """``{"saved_bytes": n}`` for a training system (nothing for inference or compile), or the
+    reason it could not be counted; never raises."""
+    try:
+        with clock.enforced():
+            n = bench.saved_bytes()
+        return {} if n is None else {"saved_bytes": n}
+    except TimeLimitReached:
+        return {"saved_bytes_error": "time limit reached"}
+    except Exception as e:
+        return {"saved_bytes_error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def _saved_ratio(entry: dict) -> None:
+    mine = entry["systems"].get("fastres", {}).get("saved_bytes")
+    theirs = entry["systems"].get("eager", {}).get("saved_bytes")
+    if mine and theirs:
+        entry["saved_bytes_vs_eager"] = mine / theirs
+
+
 def _run_model_system(entry, system, config, device, dtype, ceilings: Ceilings, clock) -> dict:
     """Measure one system of a model entry; never raises (failures are recorded)."""
     if clock.expired():
         return {"status": "skipped", "reason": "time limit reached"}
     _add_roofline(entry, dtype, ceilings)
+    _add_traffic(entry, dtype, ceilings)
     bench = None
     t0 = time.monotonic()
     try:
@@ -352,6 +394,8 @@ def _run_model_system(entry, system, config, device, dtype, ceilings: Ceilings, 
                                    timing.median_s, None))
             result["frac_peak_tflops"] = result["tflops"] / ceilings.tflops
             result["frac_peak_tbps"] = result["tbps"] / ceilings.tbps
+        if hasattr(bench, "saved_bytes"):  # after timing: a failure here keeps the timing
+            result.update(_saved_bytes(bench, clock))
         return result
     except TimeLimitReached:
         return {"status": "skipped",

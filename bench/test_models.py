@@ -19,3 +19,7 @@ def test_model(benchmark, suite, card_ceilings, name, mode, system):
     benchmark.group = f"{name}-{mode}"
     info = timed_model(benchmark, name, mode, system, suite, card_ceilings)
     assert info["roofline_img_s"] > 0
+    if mode == "train":
+        assert info["traffic"]["designs"]["block"]["gb_per_step"] > 0
+        if system != "compile":
+            assert info["saved_bytes"] > 0

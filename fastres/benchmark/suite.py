@@ -41,6 +41,7 @@ from .cases import (
 )
 from .roofline import Ceilings, achieved
 from .runner import CPU_BANNER, DTYPES
+from .traffic import traffic_report
 
 
 def _env_list(name: str, default: list[str]) -> list[str]:
@@ -201,8 +202,13 @@ def timed_model(benchmark, name: str, mode: str, system: str, cfg: SuiteConfig,
     training = mode == "train"
     bench = ModelBench(name, system, training=training, batch=cfg.batch,
                        resolution=cfg.resolution, dtype=DTYPES[cfg.dtype], device=cfg.device)
+    saved = None
     try:
         median = _pedantic(benchmark, bench.step(), bench.inputs, cfg)
+        try:  # train, fastres / eager: bytes kept for backward; never costs the timing
+            saved = bench.saved_bytes()
+        except Exception as e:
+            benchmark.extra_info["saved_bytes_error"] = f"{type(e).__name__}: {e}"[:500]
     finally:
         source = bench.source
         del bench
@@ -216,6 +222,16 @@ def timed_model(benchmark, name: str, mode: str, system: str, cfg: SuiteConfig,
                           dtype=DTYPES[cfg.dtype], batch=cfg.batch)
     bound = roofline_img_s(roof, ceilings)
     info["roofline_img_s"] = bound
+    if training:  # the paper traffic of eager / per-layer / block fused (see .traffic)
+        info["traffic"] = traffic_report(model_conv_layers(name, 1, cfg.resolution),
+                                         dtype=DTYPES[cfg.dtype], batch=cfg.batch,
+                                         tbps=ceilings.tbps or None)
+    if saved is not None:
+        info["saved_bytes"] = saved
+        kept = cfg.store.setdefault((name, mode, "saved_bytes"), {})
+        kept[system] = saved
+        if system == "fastres" and kept.get("eager"):
+            info["saved_bytes_vs_eager"] = saved / kept["eager"]
     if median == median:
         img_s = cfg.batch / median
         info.update(img_s=img_s, frac_roofline=img_s / bound,

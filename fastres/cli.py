@@ -1,12 +1,13 @@
-"""The ``fastres`` command: ``fastres bench``, ``fastres info``, ``fastres tune`` and
-``fastres summary``.
+"""The ``fastres`` command: ``fastres bench``, ``fastres info``, ``fastres tune``,
+``fastres summary`` and ``fastres memory``.
 
 ``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, and
 per-layer times with ``--layers``), prints a table, and writes ``results.json`` and
 ``results.png`` to ``--out``. ``fastres info`` lists versions, the GPU, and which backends can
 run here and why not. ``fastres tune MODEL`` autotunes a model's conv shapes once (kept in
 Triton's disk cache). ``fastres summary MODEL`` prints a model's layer table (see
-:mod:`fastres.summary`).
+:mod:`fastres.summary`). ``fastres memory MODEL`` counts the bytes a training step keeps for
+backward, fastres vs eager, next to the paper traffic model of :mod:`fastres.benchmark.traffic`.
 """
 
 from __future__ import annotations
@@ -341,6 +342,60 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# fastres memory
+# ---------------------------------------------------------------------------------------------
+
+
+def memory_lines(name: str, *, batch: int, resolution: int, dtype: str, device: str | None,
+                 backend: str, tbps: float | None) -> list[str]:
+    """Bytes kept for backward (fastres vs eager, measured) and the traffic model's figures."""
+    import torch
+
+    from . import use_backend
+    from .benchmark.cases import ModelBench, model_conv_layers
+    from .benchmark.runner import DTYPES
+    from .benchmark.traffic import traffic_report
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    saved = {}
+    with use_backend(backend):
+        for system in ("eager", "fastres"):
+            bench = ModelBench(name, system, training=True, batch=batch, resolution=resolution,
+                               dtype=DTYPES[dtype], device=dev)
+            saved[system] = bench.saved_bytes()
+            del bench
+    lines = [f"{name}: bytes a training step's forward keeps for backward (unique non-parameter "
+             f"storages; batch {batch}, {resolution}x{resolution}, {dtype}, {dev}, "
+             f"backend {backend})",
+             f"  eager    {saved['eager']:15,d} bytes",
+             f"  fastres  {saved['fastres']:15,d} bytes   "
+             f"{saved['fastres'] / saved['eager']:.3f}x eager"]
+    rep = traffic_report(model_conv_layers(name, 1, 224), dtype=torch.bfloat16, batch=256,
+                         tbps=tbps)
+    lines.append("paper HBM traffic of one training step (224x224, batch 256, bf16; "
+                 "fastres.benchmark.traffic)" + (f", img/s at {tbps:g} TB/s" if tbps else ""))
+    labels = {"eager": "eager", "per_layer": "per-layer fused", "block": "block fused"}
+    for design, figures in rep["designs"].items():
+        bound = figures["img_s_bound"]
+        lines.append(f"  {labels[design]:<16} {figures['gb_per_step']:7.1f} GB"
+                     + (f"   {bound:9,.0f} img/s" if bound else ""))
+    if not tbps:
+        lines.append("  (no bandwidth given: --tbps TB/s for the img/s this traffic allows)")
+    return lines
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from .benchmark.cases import MODEL_NAMES
+
+    if args.model not in MODEL_NAMES and not _has_model(args.model):
+        raise SystemExit(f"fastres memory: unknown model {args.model!r}")
+    print("\n".join(memory_lines(args.model, batch=args.batch, resolution=args.resolution,
+                                 dtype=args.dtype, device=args.device, backend=args.backend,
+                                 tbps=args.tbps)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastres", description="Fused conv + BN + ReLU for ResNet-family CNNs.")
@@ -421,6 +476,25 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--train", action="store_true", help="dispatch of a training step")
     summ.add_argument("--plain", action="store_true", help="plain-text table, not rich")
     summ.set_defaults(func=cmd_summary)
+
+    mem = sub.add_parser(
+        "memory", help="bytes kept for backward, fastres vs eager; paper HBM traffic of a step",
+        description="Count the bytes a training step's forward keeps for backward (unique "
+                    "non-parameter storages, torch.autograd.graph.saved_tensors_hooks) for the "
+                    "fastres model and the plain one, same batch and dtype; print next to it "
+                    "the paper HBM-traffic model of a training step (eager, per-layer fused, "
+                    "block fused) at batch 256, bf16.")
+    mem.add_argument("model", help="a fastres.models / torchvision name, e.g. resnet50")
+    mem.add_argument("--batch", type=int, default=2)
+    mem.add_argument("--resolution", type=int, default=224)
+    mem.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                     help="fp32, or autocast to bf16/fp16 as fastres bench runs")
+    mem.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    mem.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                     help="fastres backend of the fused model (default: auto)")
+    mem.add_argument("--tbps", type=float, default=None,
+                     help="memory bandwidth in TB/s, for the img/s each design's traffic allows")
+    mem.set_defaults(func=cmd_memory)
     return parser
 
 

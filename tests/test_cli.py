@@ -137,3 +137,20 @@ def test_tune_runs_the_first_steps_and_says_what_it_did(capsys):
 def test_tune_rejects_unknown_model():
     with pytest.raises(SystemExit, match="unknown model"):
         cli.main(["tune", "vgg16", "--device", "cpu"])
+
+
+@needs_torchvision
+def test_memory_counts_saved_bytes_and_prints_the_traffic_model(capsys):
+    code = cli.main(["memory", "resnet18", "--batch", "2", "--resolution", "32", "--device",
+                     "cpu", "--backend", "reference", "--tbps", "4.3"])
+    assert code == 0
+    out = capsys.readouterr().out
+    eager = int(re.search(r"eager\s+([\d,]+) bytes", out).group(1).replace(",", ""))
+    fused, ratio = re.search(r"fastres\s+([\d,]+) bytes\s+([\d.]+)x eager", out).groups()
+    assert eager > 0
+    assert float(ratio) == pytest.approx(int(fused.replace(",", "")) / eager, abs=1e-3)
+    gb = [float(re.search(rf"{label}\s+([\d.]+) GB\s+[\d,]+ img/s", out).group(1))
+          for label in ("eager", "per-layer fused", "block fused")]
+    assert gb[0] > gb[1] > gb[2] > 0
+    with pytest.raises(SystemExit, match="unknown model"):
+        cli.main(["memory", "vgg16", "--device", "cpu"])

@@ -11,16 +11,24 @@ Kernels, in the order a training step uses them:
   into the per-channel affine map ``scale = γ·rsqrt(var + eps)``, ``shift = β − mean·scale``.
   (Never E[y²] − E[y]²: a channel with mean ≫ std keeps its precision.)
 * ``_bn_running_kernel``: the same affine map from the running statistics (eval).
-* ``_bn_apply_kernel``: ``z = relu(y·scale + shift (+ residual))``.
+* ``_bn_stats_kernel``: the same (count, mean, M2) partials of a stored tensor (a BN whose input
+  no conv epilogue of ours produced: a pre-activation block's entry BN).
+* ``_bn_apply_kernel``: ``z = relu(y·scale + shift (+ residual))``; with the residual's own
+  affine map, ``relu(y·scale + shift + residual·res_scale + res_shift)`` (the block output with
+  the projection shortcut's BN folded in).
 * ``_bn_bwd_reduce_kernel`` + ``_bn_bwd_sum_kernel``: ``g = dz·[z > 0]``; per-channel Σg and
   Σg·ŷ as per-program partial sums, then a small deterministic reduction (no atomics, no host
-  synchronisation); the first also writes ``dresidual = g`` when asked.
+  synchronisation); the first also writes ``dresidual = g`` when asked, and the sums of a second
+  BN fed by the same g (the projection shortcut's) from the same pass.
 * ``_bn_bwd_dx_kernel``: ``dy = γ·invstd·(g − Σg/M − ŷ·Σgŷ/M)`` (batch statistics) or
-  ``dy = γ·invstd·g`` (running statistics), and ``dresidual = g``. The formula lives in the
+  ``dy = γ·invstd·g`` (running statistics), and ``dresidual = g``; optionally ``dy + add`` (a
+  pre-activation block's entry BN joined with the shortcut gradient). The formula lives in the
   ``_dy_coefs`` / ``_dy_from_g`` helpers, which the convolution backward kernels (conv_bwd.py)
   call too, to form dy while loading it instead of reading a dy tensor. With batch statistics ŷ is
   centred on the *stored* y (whose fp16/bf16 rounding moves its mean off the fp32 batch mean),
   so Σŷ = 0 and the bias gradient stays ≈ 0 as it must (see ``_bn_bwd_sum_kernel``).
+* ``_act_mask``: the ReLU mask of an activation that is never stored (a fused block's conv input),
+  for conv_bwd's dgrad epilogue, which does the first pass of the layer before's dBN itself.
 
 Running-statistic updates are the op layer's job, not this module's.
 """

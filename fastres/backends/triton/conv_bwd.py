@@ -22,6 +22,10 @@ Everything is NHWC (channels_last) and accumulates in fp32. Kernels:
 * ``_dgrad_direct_kernel``: the same phase decomposition with CUDA-core FMAs for few channels
   per group (ResNeXt's 4-8, depthwise): each input channel reads the Kg output channels of its
   own group.
+* Both dgrad kernels end in ``_dgrad_epilogue``: optionally add a shortcut's gradient, and for a
+  conv inside a fused block, whose input a = relu(y·scale + shift) was never stored
+  (:class:`ActInput`), store the layer before's BN-output gradient g = dx·[y·scale + shift > 0]
+  instead of dx, with that BN's backward sums as per-(pixel tile, phase) partials.
 * ``_wgrad_gemm_kernel``: dW^T of one group, (R·S·Cg, Kg), as a GEMM whose reduction runs over
   the N·OH·OW output pixels. ``FLAT_K`` decodes the (r, s, c) row index per element (few input
   channels: the stem); otherwise a tile covers one tap and a slab of channels.
@@ -961,6 +965,10 @@ def compile_specs() -> list[CompileSpec]:
     its spill / MMA / async-copy rules: compiled as ResNet launches specialise them, the stem's
     flat wgrad spills in every tile it may pick, the direct dgrad in its wider tiles (see the
     closing note of 2026-11-30); a smaller-register flat wgrad comes first.
+    The "join" dgrad epilogue (2026-11-30, compiled by hand as a ResNet 3x3 launch with 256
+    channels): fp16/bf16 GEMM tiles stay free of spills except bf16 128x64 on sm_80 (8 B); in
+    fp32 128x128 (sm_80), 128x64 and 64x64x64 (sm_80) spill 12-60 B; the direct kernel's wider
+    tiles spill with or without it.
     """
     no_join = dict(HAS_ADD=False, ACT=False, ACT_CENTER=False)
     kernels = [  # (name, kernel, io, extra int args, configurations, extra constexprs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from fastres.backends.reference import bn_relu_backward
 from fastres.backends.triton import bn, conv_bwd
@@ -362,3 +363,19 @@ def test_batch_stats_deterministic() -> None:
     b = bn.batch_stats(x, rows_per_prog=40)
     assert all(torch.equal(s, t) for s, t in zip(a, b))
 
+
+
+def test_second_bn_sums_never_offer_a_tile_that_spills() -> None:
+    """With SECOND (five fp32 accumulators) tiles of 32 elements per thread spill on sm_80 and
+    sm_90 (compile check): not offered, and the compile specs say so."""
+    assert bn._bn_bwd_reduce_kernel.prune is bn._prune_bwd_reduce
+    configs = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in bn._REDUCE_BLOCKS]
+    for block_k, second, dropped in ((128, True, [(32, 4), (64, 8)]), (64, True, []),
+                                     (128, False, [])):
+        kept = bn._prune_bwd_reduce(configs, {}, BLOCK_K=block_k, SECOND=second)
+        assert [(c.kwargs["BLOCK_M"], c.num_warps) for c in configs if c not in kept] == dropped
+    specs = [s for s in bn.compile_specs() if s.name.startswith("bn_bwd_reduce[fp32,")
+             and "SECOND=1" in s.name and s.shape_class == "resnet"]
+    pruned = {s.name for s in specs if s.pruned}
+    assert pruned == {s.name for s in specs if "BLOCK_K=128" in s.name
+                      and ("BLOCK_M=32" in s.name or "BLOCK_M=64" in s.name)}

@@ -85,6 +85,16 @@ def _sums(g: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, var: torch.Tenso
     return sum_g, (g * d).sum(DIMS) * invstd, None
 
 
+def _same(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """Bitwise equal under the interpreter, where every autotuner runs one configuration; on a
+    GPU two launches with different flags may be tuned to different tiles (another summation
+    order), so there within ``tol``."""
+    if DEVICE == "cpu":
+        assert torch.equal(out, ref)
+    else:
+        torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+
+
 def _assert_sum_close(name: str, out: torch.Tensor, ref: torch.Tensor, base: torch.Tensor,
                       abs_terms: torch.Tensor) -> None:
     """The error-ratio rule for an fp32 reduction, whose floor is its own rounding: a few fp32
@@ -147,14 +157,15 @@ def _check_dgrad_join(shape: Shape, dtype: torch.dtype, variant: str, *, add: bo
             _assert_sum_close(name, ours, r, b, t)
 
     # what bn.reductions returns for that layer from dx + add and the stored activation a:
-    # the same g (bitwise: masking and rounding commute) and the same sums up to summation order
+    # the same g (bitwise where both dgrad launches run one configuration: masking and rounding
+    # commute) and the same sums up to summation order
     dx_plain = conv_bwd.dgrad(pb.op, pb.weight, shape.conv, x_shape, add=add_t)
     a = F.relu(y.float() * _v(act_in.scale) + _v(act_in.shift)).to(dtype)
     a = a.contiguous(memory_format=CL)
     dres = torch.empty_like(dx_plain)
     sums = bn.reductions(dx_plain, y, a, act_in.mean, act_in.var, batch_stats=batch_stats,
                          eps=EPS, relu=True, dres=dres)
-    assert torch.equal(g, dres)
+    _same(g, dres, tol=torch.finfo(dtype).eps * dres.abs().max().item())
     for name, ours, theirs in zip(("Σg", "Σg·ŷ", "δ"), (sum_g, sum_gyhat, delta), sums):
         if theirs is not None:
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=name)
@@ -269,8 +280,8 @@ def test_reductions_with_second_bn(dtype: torch.dtype, batch_stats: bool, k: int
     for ours, theirs in ((sums, alone), (sums2, alone2)):
         for a, b in zip(ours, theirs):
             assert (a is None) == (b is None)
-            if a is not None:  # the same kernel code and order: bitwise
-                assert torch.equal(a, b)
+            if a is not None:  # the same kernel code and order (the same tile: bitwise)
+                _same(a, b, tol=1e-5 * b.abs().max().item())
     g = dz * (z > 0)
     c64 = lambda t: t.double().cpu()
     ref2 = _sums(c64(g), c64(y2), c64(mean2), c64(var2), batch_stats)

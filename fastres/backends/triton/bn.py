@@ -11,16 +11,24 @@ Kernels, in the order a training step uses them:
   into the per-channel affine map ``scale = γ·rsqrt(var + eps)``, ``shift = β − mean·scale``.
   (Never E[y²] − E[y]²: a channel with mean ≫ std keeps its precision.)
 * ``_bn_running_kernel``: the same affine map from the running statistics (eval).
-* ``_bn_apply_kernel``: ``z = relu(y·scale + shift (+ residual))``.
+* ``_bn_stats_kernel``: the same (count, mean, M2) partials of a stored tensor (a BN whose input
+  no conv epilogue of ours produced: a pre-activation block's entry BN).
+* ``_bn_apply_kernel``: ``z = relu(y·scale + shift (+ residual))``; with the residual's own
+  affine map, ``relu(y·scale + shift + residual·res_scale + res_shift)`` (the block output with
+  the projection shortcut's BN folded in).
 * ``_bn_bwd_reduce_kernel`` + ``_bn_bwd_sum_kernel``: ``g = dz·[z > 0]``; per-channel Σg and
   Σg·ŷ as per-program partial sums, then a small deterministic reduction (no atomics, no host
-  synchronisation); the first also writes ``dresidual = g`` when asked.
+  synchronisation); the first also writes ``dresidual = g`` when asked, and the sums of a second
+  BN fed by the same g (the projection shortcut's) from the same pass.
 * ``_bn_bwd_dx_kernel``: ``dy = γ·invstd·(g − Σg/M − ŷ·Σgŷ/M)`` (batch statistics) or
-  ``dy = γ·invstd·g`` (running statistics), and ``dresidual = g``. The formula lives in the
+  ``dy = γ·invstd·g`` (running statistics), and ``dresidual = g``; optionally ``dy + add`` (a
+  pre-activation block's entry BN joined with the shortcut gradient). The formula lives in the
   ``_dy_coefs`` / ``_dy_from_g`` helpers, which the convolution backward kernels (conv_bwd.py)
   call too, to form dy while loading it instead of reading a dy tensor. With batch statistics ŷ is
   centred on the *stored* y (whose fp16/bf16 rounding moves its mean off the fp32 batch mean),
   so Σŷ = 0 and the bias gradient stays ≈ 0 as it must (see ``_bn_bwd_sum_kernel``).
+* ``_act_mask``: the ReLU mask of an activation that is never stored (a fused block's conv input),
+  for conv_bwd's dgrad epilogue, which does the first pass of the layer before's dBN itself.
 
 Running-statistic updates are the op layer's job, not this module's.
 """
@@ -256,6 +264,55 @@ def _bn_running_kernel(
     tl.store(shift_ptr + offs_k, shift, mask=mask_k)
 
 
+@_tuning.autotune(_configs(_REDUCE_BLOCKS), key=["M", "K", "BLOCK_K"])
+@triton.jit
+def _bn_stats_kernel(
+    x_ptr,  # (M, K) any float: the activation
+    count_ptr,  # (P,) fp32 out: rows in each tile
+    mean_ptr,  # (P, K) fp32 out: per-tile channel means
+    m2_ptr,  # (P, K) fp32 out: per-tile sums of squared deviations from the tile mean
+    M,  # rows (pixels)
+    K,  # channels
+    rows_per_prog,  # program p covers rows [p·rows_per_prog, (p+1)·rows_per_prog): one tile
+    BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
+    BLOCK_M: tl.constexpr,  # rows per loop step (autotuned)
+):
+    """Per-tile (count, mean, M2) of a stored tensor, in the conv epilogue's format (conv.py
+    ``_epilogue``), for a BN whose input no conv epilogue produced (a pre-activation block's
+    entry BN on the block input). The same corrected two-pass algorithm, as two passes over the
+    tile (the second from cache): a first mean, then the deviations from it, the mean corrected
+    by their (small) sum and M2 = Σd² − (Σd)²/n, so Chan's merge gets accurate tile means."""
+    pid_p = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    row_begin = pid_p.to(tl.int64) * rows_per_prog
+    row_end = tl.minimum(row_begin + rows_per_prog, M)
+    n = (row_end - row_begin).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for step in range(0, tl.cdiv(rows_per_prog, BLOCK_M)):
+        offs_m = row_begin + step * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (offs_m < row_end)[:, None] & mask_k[None, :]
+        acc += tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+    t_mean = tl.sum(acc, axis=0) / n
+    acc_d = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc_d2 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for step in range(0, tl.cdiv(rows_per_prog, BLOCK_M)):
+        offs_m = row_begin + step * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (offs_m < row_end)[:, None] & mask_k[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+        d = tl.where(mask, x.to(tl.float32) - t_mean[None, :], 0.0)
+        acc_d += d
+        acc_d2 += d * d
+    d_sum = tl.sum(acc_d, axis=0)
+    out = pid_p.to(tl.int64) * K + offs_k
+    tl.store(mean_ptr + out, t_mean + d_sum / n, mask=mask_k)
+    tl.store(m2_ptr + out, tl.sum(acc_d2, axis=0) - d_sum * d_sum / n, mask=mask_k)
+    if tl.program_id(1) == 0:
+        tl.store(count_ptr + pid_p, n)
+
+
 # ---------------------------------------------------------------------------------------------
 # Apply: z = relu(y·scale + shift (+ residual))
 # ---------------------------------------------------------------------------------------------
@@ -280,21 +337,32 @@ def _bn_apply_kernel(
     scale_ptr,  # (K,) fp32
     shift_ptr,  # (K,) fp32
     res_ptr,  # (M, K) x dtype: residual (read only if HAS_RES)
+    res_scale_ptr,  # (K,) fp32: the residual's own BN scale (read only if RES_AFFINE)
+    res_shift_ptr,  # (K,) fp32: the residual's own BN shift (read only if RES_AFFINE)
     z_ptr,  # (M, K) x dtype: output
     M,  # rows (pixels)
     K,  # channels
     HAS_RES: tl.constexpr,
+    RES_AFFINE: tl.constexpr,  # the residual is a raw projection output: normalise it too
     RELU: tl.constexpr,
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per tile (autotuned)
 ):
+    """``z = relu(y·scale + shift + residual·res_scale + res_shift)``: with RES_AFFINE the
+    projection shortcut's BN is folded into the block's output pass ("dual scale-bias-add-relu"),
+    so the normalised shortcut is never stored."""
     idx, offs_k, mask_k, mask = _tile(M, K, BLOCK_M, BLOCK_K)
     scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
     shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
     y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     z = y * scale[None, :] + shift[None, :]
     if HAS_RES:
-        z += tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        res = tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if RES_AFFINE:
+            res_scale = tl.load(res_scale_ptr + offs_k, mask=mask_k, other=0.0)
+            res_shift = tl.load(res_shift_ptr + offs_k, mask=mask_k, other=0.0)
+            res = res * res_scale[None, :] + res_shift[None, :]
+        z += res
     if RELU:
         z = tl.where(z < 0.0, 0.0, z)  # not maximum(): NaN must propagate as in torch.relu
     tl.store(z_ptr + idx, _cast_out(z, z_ptr), mask=mask)
@@ -303,6 +371,15 @@ def _bn_apply_kernel(
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _act_mask(y, scale, shift):
+    """The ReLU mask of an activation a = relu(y·scale + shift) that is never stored: fp32
+    ``y·scale + shift > 0``, the pre-activation exactly as the consuming conv's input prologue
+    forms it (rounding a to its dtype keeps the sign, so this is the test ``a > 0`` on the stored
+    activation would make). ``y`` fp32, ``scale``/``shift`` fp32 broadcast to it."""
+    return y * scale + shift > 0.0
 
 
 @triton.jit
@@ -315,7 +392,26 @@ def _grad_g(dz_ptr, z_ptr, idx, mask, RELU: tl.constexpr):
     return g
 
 
-@_tuning.autotune(_configs(_REDUCE_BLOCKS), key=["M", "K", "BLOCK_K"])
+def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool) -> str | None:
+    """Why a _bn_bwd_reduce_kernel tile is not offered: with SECOND (five elementwise fp32
+    accumulators) tiles of 32 elements per thread spill on sm_80 and sm_90 (compile check);
+    None where it is offered."""
+    if second and block_m * block_k >= 32 * 32 * warps:
+        return "32 elements per thread with the second BN's sums spill registers"
+    return None
+
+
+def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """Drop the tiles that spill for this (launcher-chosen) BLOCK_K and SECOND."""
+    problem = (kwargs["BLOCK_K"], bool(kwargs.get("SECOND")))
+    kept = [c for c in configs
+            if _reduce_spills(c.kwargs["BLOCK_M"], c.num_warps, *problem) is None]
+    return kept or configs
+
+
+@_tuning.autotune(
+    _configs(_REDUCE_BLOCKS), key=["M", "K", "BLOCK_K", "SECOND"], prune=_prune_bwd_reduce
+)
 @triton.jit
 def _bn_bwd_reduce_kernel(
     dz_ptr,  # (M, K) x dtype: gradient of the output z
@@ -326,12 +422,17 @@ def _bn_bwd_reduce_kernel(
     part_gy_ptr,  # (P, K) fp32: per-program Σg·(y − mean)
     part_y_ptr,  # (P, K) fp32: per-program Σ(y − mean) (written only if CENTER)
     dres_ptr,  # (M, K) x dtype out: gradient of the residual, g (written only if WRITE_DRES)
+    y2_ptr,  # (M, K) x dtype: a second BN's input fed by the same g (read only if SECOND)
+    mean2_ptr,  # (K,) fp32: the mean that normalises y2 (read only if SECOND)
+    part_gy2_ptr,  # (P, K) fp32: per-program Σg·(y2 − mean2) (written only if SECOND)
+    part_y2_ptr,  # (P, K) fp32: per-program Σ(y2 − mean2) (written only if SECOND and CENTER)
     M,  # rows (pixels)
     K,  # channels
     rows_per_prog,  # program p reduces rows [p·rows_per_prog, (p+1)·rows_per_prog)
     RELU: tl.constexpr,
     CENTER: tl.constexpr,  # batch statistics: also sum y − mean (see _bn_bwd_sum_kernel)
     WRITE_DRES: tl.constexpr,  # also store g (saves the residual gradient a pass over dz and z)
+    SECOND: tl.constexpr,  # also the sums of BN(y2): the projection shortcut's BN sees this g
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per loop step (autotuned)
 ):
@@ -341,12 +442,16 @@ def _bn_bwd_reduce_kernel(
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+    if SECOND:
+        mean2 = tl.load(mean2_ptr + offs_k, mask=mask_k, other=0.0)
     row_begin = pid_p.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
     # elementwise accumulators, reduced over rows once at the end (fewer, better-ordered adds)
     acc_g = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     acc_gy = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     acc_y = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc_gy2 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc_y2 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for step in range(0, tl.cdiv(rows_per_prog, BLOCK_M)):
         offs_m = row_begin + step * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (offs_m < row_end)[:, None] & mask_k[None, :]
@@ -361,11 +466,21 @@ def _bn_bwd_reduce_kernel(
         acc_gy += g * d
         if CENTER:
             acc_y += d
+        if SECOND:
+            y2 = tl.load(y2_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            d2 = tl.where(mask, y2 - mean2[None, :], 0.0)
+            acc_gy2 += g * d2
+            if CENTER:
+                acc_y2 += d2
     out = pid_p.to(tl.int64) * K + offs_k
     tl.store(part_g_ptr + out, tl.sum(acc_g, axis=0), mask=mask_k)
     tl.store(part_gy_ptr + out, tl.sum(acc_gy, axis=0), mask=mask_k)
     if CENTER:
         tl.store(part_y_ptr + out, tl.sum(acc_y, axis=0), mask=mask_k)
+    if SECOND:
+        tl.store(part_gy2_ptr + out, tl.sum(acc_gy2, axis=0), mask=mask_k)
+        if CENTER:
+            tl.store(part_y2_ptr + out, tl.sum(acc_y2, axis=0), mask=mask_k)
 
 
 @triton.jit
@@ -501,6 +616,7 @@ def _bn_bwd_dx_kernel(
     delta_ptr,  # (K,) fp32: centring correction δ of _bn_bwd_sum_kernel (read only if BATCH_STATS)
     dy_ptr,  # (M, K) x dtype out: gradient of y (written only if WRITE_DY)
     dres_ptr,  # (M, K) x dtype out: gradient of the residual, g (written only if WRITE_DRES)
+    add_ptr,  # (M, K) x dtype: added to dy before it is stored (read only if HAS_ADD)
     M,  # rows (pixels); also the BN count
     K,  # channels
     eps,  # BN epsilon
@@ -509,6 +625,7 @@ def _bn_bwd_dx_kernel(
     HAS_GAMMA: tl.constexpr,
     WRITE_DY: tl.constexpr,
     WRITE_DRES: tl.constexpr,
+    HAS_ADD: tl.constexpr,  # dy + add: a pre-activation block's entry BN joins the shortcut
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per tile (autotuned)
 ):
@@ -525,6 +642,8 @@ def _bn_bwd_dx_kernel(
             g, y_ptr, idx, mask, a[None, :], mean_g[None, :], c[None, :], mean[None, :],
             delta[None, :], BATCH_STATS,
         )
+        if HAS_ADD:  # fp32 sum, one rounding
+            dy += tl.load(add_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         tl.store(dy_ptr + idx, _cast_out(dy, dy_ptr), mask=mask)
 
 
@@ -624,20 +743,49 @@ def _grid(m: int, k: int, block_k: int):
 
 
 def apply(
-    y: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool
+    y: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool, *,
+    res_scale: Tensor | None = None, res_shift: Tensor | None = None,
 ) -> Tensor:
-    """``relu(y·scale + shift (+ residual))`` in y's dtype, channels_last; fp32 math."""
+    """``relu(y·scale + shift (+ residual))`` in y's dtype, channels_last; fp32 math.
+
+    With ``res_scale``/``res_shift`` ((K,) fp32, both or neither; needs ``residual``) the
+    residual is normalised in the same pass: ``relu(y·scale + shift + residual·res_scale +
+    res_shift)``, the block output with the projection shortcut's BN folded in.
+    """
     m, k = _rows(y)
+    res_affine = res_scale is not None
+    assert res_affine == (res_shift is not None), "res_scale and res_shift come together"
+    assert residual is not None or not res_affine, "res_scale/res_shift need a residual"
     if residual is not None:
         assert residual.shape == y.shape and residual.dtype == y.dtype
         _rows(residual)
     z = _alloc.empty(*y.shape, dtype=y.dtype, device=y.device, channels_last=True)
     block_k = _block_k(k)
     _bn_apply_kernel[_grid(m, k, block_k)](
-        y, scale, shift, residual if residual is not None else y, z, m, k,
-        HAS_RES=residual is not None, RELU=relu, BLOCK_K=block_k,
+        y, scale, shift, residual if residual is not None else y,
+        res_scale if res_affine else scale, res_shift if res_affine else shift,  # dummies
+        z, m, k,
+        HAS_RES=residual is not None, RES_AFFINE=res_affine, RELU=relu, BLOCK_K=block_k,
     )
     return z
+
+
+def batch_stats(x: Tensor, *, rows_per_prog: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-tile ``(count (T,), mean (T, K), M2 (T, K))`` fp32 partials of an NHWC tensor, the
+    format the conv epilogue writes, so :func:`finalize` gives its batch statistics (for a BN
+    whose input is not a conv output of this package, e.g. a pre-activation block's entry BN).
+    ``rows_per_prog`` overrides the rows per tile (tests)."""
+    m, k = _rows(x)
+    block_k = _block_k(k)
+    rows = rows_per_prog or _rows_per_prog(m)
+    t = triton.cdiv(m, rows)
+    count = _alloc.empty(t, dtype=torch.float32, device=x.device)
+    mean = _alloc.empty(t, k, dtype=torch.float32, device=x.device)
+    m2 = _alloc.empty(t, k, dtype=torch.float32, device=x.device)
+    _bn_stats_kernel[(t, triton.cdiv(k, block_k))](
+        x, count, mean, m2, m, k, rows, BLOCK_K=block_k,
+    )
+    return count, mean, m2
 
 
 def _rows_per_prog(m: int) -> int:
@@ -658,7 +806,8 @@ def reductions(
     relu: bool,
     dres: Tensor | None = None,
     rows_per_prog: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    second: tuple[Tensor, Tensor, Tensor] | None = None,
+):
     """The per-channel sums of the backward: ``(Σg, Σg·ŷ, δ)``, (K,) fp32 each.
 
     ``δ`` (the centring correction of ``_bn_bwd_sum_kernel``) only with ``batch_stats``, else
@@ -666,9 +815,18 @@ def reductions(
     y (see ``_dy_coefs``). Two launches: per-program partials, then a fixed-order sum.
     ``dres`` (like dz, channels_last), when given, receives g = dz·[z > 0] from the same pass.
     ``rows_per_prog`` overrides how many rows each reduction program sums (tests).
+
+    ``second = (y2, mean2, var2)``: a second BN fed by the same g (a projection shortcut's BN
+    sees the g of the block output, like the last conv's BN); its sums come from the same pass
+    over dz and z, and the result is ``(sums, sums2)``, each a triple as above (the two Σg are
+    the same values, in separate tensors). ``y2`` is like y, with the same statistics mode.
     """
     m, k = _rows(dz)
     _rows(y)
+    if second is not None:
+        y2, mean2, var2 = second
+        assert y2.shape == y.shape
+        _rows(y2)
     if dres is not None:
         assert dres.shape == dz.shape and dres.dtype == dz.dtype
         _rows(dres)
@@ -680,15 +838,34 @@ def reductions(
     p = triton.cdiv(m, rows)
     part_g = _alloc.empty(p, k, dtype=torch.float32, device=dz.device)
     part_gy = _alloc.empty(p, k, dtype=torch.float32, device=dz.device)
-    part_y = _alloc.empty(p, k, dtype=torch.float32, device=dz.device) if batch_stats else None
+    new_part = lambda: _alloc.empty(p, k, dtype=torch.float32, device=dz.device)
+    part_y = new_part() if batch_stats else None
+    part_gy2 = new_part() if second is not None else None
+    part_y2 = new_part() if second is not None and batch_stats else None
     _bn_bwd_reduce_kernel[(p, triton.cdiv(k, block_k))](
         dz, z if relu else dz, y, mean, part_g, part_gy,
         part_y if batch_stats else part_g,  # dummy: never written without CENTER
         dres if dres is not None else dz,  # dummy: never written without WRITE_DRES
-        m, k, rows, RELU=relu, CENTER=batch_stats, WRITE_DRES=dres is not None, BLOCK_K=block_k,
+        *((y2, mean2, part_gy2, part_y2 if batch_stats else part_gy2) if second is not None
+          else (y, mean, part_g, part_g)),  # dummies: never read or written without SECOND
+        m, k, rows, RELU=relu, CENTER=batch_stats, WRITE_DRES=dres is not None,
+        SECOND=second is not None, BLOCK_K=block_k,
     )
-    sum_g, sum_gyhat = _vec(k, dz), _vec(k, dz)
-    delta = _vec(k, dz) if batch_stats else None
+    sums = _finish_sums(part_g, part_gy, part_y, var, m, eps, batch_stats)
+    if second is None:
+        return sums
+    return sums, _finish_sums(part_g, part_gy2, part_y2, var2, m, eps, batch_stats)
+
+
+def _finish_sums(
+    part_g: Tensor, part_gy: Tensor, part_y: Tensor | None, var: Tensor, m: int, eps: float,
+    batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(Σg, Σg·ŷ, δ)`` from (P, K) per-program partials (``_bn_bwd_sum_kernel``, fixed order);
+    ``m`` is the BN count, ``part_y`` (needed with ``batch_stats``) Σ(y − mean)."""
+    p, k = part_g.shape
+    sum_g, sum_gyhat = _vec(k, part_g), _vec(k, part_g)
+    delta = _vec(k, part_g) if batch_stats else None
     _bn_bwd_sum_kernel[(triton.cdiv(k, _BLOCK_K_STATS),)](
         part_g, part_gy, part_y if batch_stats else part_g, var, sum_g, sum_gyhat,
         delta if batch_stats else sum_g, p, k, m, eps,
@@ -713,8 +890,13 @@ def backward(
     need_dres: bool = False,
     sums: tuple[Tensor, Tensor, Tensor | None] | None = None,
     rows_per_prog: int | None = None,
+    add: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """dReLU + dBN: ``(dy, dgamma, dbeta, dresidual)``.
+
+    ``add`` (like dz, channels_last; needs ``need_dy``): returned dy is ``dBN(g) + add``, summed
+    in fp32 in the same pass (a pre-activation block's input gradient: its entry BN's backward
+    joined with the shortcut's gradient, no separate add pass).
 
     ``dy``/``dresidual`` are in dz's dtype, channels_last; ``dgamma`` (Σg·ŷ) and ``dbeta`` (Σg)
     fp32 (K,). Entries not asked for are None (``need_stats_grad`` covers dgamma and dbeta).
@@ -726,6 +908,10 @@ def backward(
     if relu:
         assert z.shape == dz.shape
         _rows(z)
+    if add is not None:
+        assert need_dy, "add joins dy: it needs need_dy"
+        assert add.shape == dz.shape and add.dtype == dz.dtype
+        _rows(add)
     block_k = _block_k(k)
     new = lambda: _alloc.empty(*dz.shape, dtype=dz.dtype, device=dz.device, channels_last=True)
     dres = new() if need_dres else None
@@ -748,9 +934,10 @@ def backward(
             dbeta if batch_stats else var, dgamma if batch_stats else var,
             delta if batch_stats else var,
             dy if need_dy else dz, dres if dres_pending else dz,
+            add if add is not None else dz,  # dummy: never read without HAS_ADD
             m, k, eps,
             RELU=relu, BATCH_STATS=batch_stats, HAS_GAMMA=bn_weight is not None,
-            WRITE_DY=need_dy, WRITE_DRES=dres_pending, BLOCK_K=block_k,
+            WRITE_DY=need_dy, WRITE_DRES=dres_pending, HAS_ADD=add is not None, BLOCK_K=block_k,
         )
     if not need_stats_grad:
         dgamma = dbeta = None
@@ -810,29 +997,50 @@ def compile_specs() -> list[CompileSpec]:
 
     # autotuned kernels: (name, kernel, signature(dtype), flag sets, blocks)
     def apply_sig(t: str) -> dict[str, str]:
-        return dict(y_ptr=t, scale_ptr=f32, shift_ptr=f32, res_ptr=t, z_ptr=t, M="i32", K="i32")
+        return dict(y_ptr=t, scale_ptr=f32, shift_ptr=f32, res_ptr=t, res_scale_ptr=f32,
+                    res_shift_ptr=f32, z_ptr=t, M="i32", K="i32")
 
     def reduce_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, part_g_ptr=f32, part_gy_ptr=f32,
-                    part_y_ptr=f32, dres_ptr=t, M="i32", K="i32", rows_per_prog="i32")
+                    part_y_ptr=f32, dres_ptr=t, y2_ptr=t, mean2_ptr=f32, part_gy2_ptr=f32,
+                    part_y2_ptr=f32, M="i32", K="i32", rows_per_prog="i32")
 
     def dx_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, var_ptr=f32, gamma_ptr=f32,
                     sum_g_ptr=f32, sum_gyhat_ptr=f32, delta_ptr=f32, dy_ptr=t, dres_ptr=t,
-                    M="i32", K="i32", eps="fp32")
+                    add_ptr=t, M="i32", K="i32", eps="fp32")
 
+    def stats_sig(t: str) -> dict[str, str]:
+        return dict(x_ptr=t, count_ptr=f32, mean_ptr=f32, m2_ptr=f32, M="i32", K="i32",
+                    rows_per_prog="i32")
+
+    # The block-fusion joins (RES_AFFINE, SECOND, HAS_ADD) are the last flag set of each kernel,
+    # with every other feature on too: the heaviest, compiled with every block config.
     tuned = [
         ("bn_apply", _bn_apply_kernel, apply_sig, _ELEMENTWISE_BLOCKS,
-         [dict(HAS_RES=r, RELU=u) for r in (False, True) for u in (False, True)]),
+         [dict(HAS_RES=r, RES_AFFINE=False, RELU=u) for r in (False, True) for u in (False, True)]
+         + [dict(HAS_RES=True, RES_AFFINE=True, RELU=True)]),
         ("bn_bwd_reduce", _bn_bwd_reduce_kernel, reduce_sig, _REDUCE_BLOCKS,
-         [dict(RELU=u, CENTER=c, WRITE_DRES=False) for u in (False, True) for c in (False, True)]
-         + [dict(RELU=True, CENTER=True, WRITE_DRES=True)]),
+         [dict(RELU=u, CENTER=c, WRITE_DRES=False, SECOND=False)
+          for u in (False, True) for c in (False, True)]
+         + [dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False),
+            dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=True)]),
         ("bn_bwd_dx", _bn_bwd_dx_kernel, dx_sig, _ELEMENTWISE_BLOCKS,
-         [dict(RELU=u, BATCH_STATS=b, HAS_GAMMA=True, WRITE_DY=True, WRITE_DRES=d)
+         [dict(RELU=u, BATCH_STATS=b, HAS_GAMMA=True, WRITE_DY=True, WRITE_DRES=d, HAS_ADD=False)
           for u in (False, True) for b in (False, True) for d in (False, True)]
-         + [dict(RELU=True, BATCH_STATS=True, HAS_GAMMA=False, WRITE_DY=False, WRITE_DRES=True)]),
+         + [dict(RELU=True, BATCH_STATS=True, HAS_GAMMA=False, WRITE_DY=False, WRITE_DRES=True,
+                 HAS_ADD=False),
+            dict(RELU=False, BATCH_STATS=True, HAS_GAMMA=True, WRITE_DY=True, WRITE_DRES=False,
+                 HAS_ADD=True),
+            dict(RELU=True, BATCH_STATS=True, HAS_GAMMA=True, WRITE_DY=True, WRITE_DRES=True,
+                 HAS_ADD=True)]),
+        ("bn_stats", _bn_stats_kernel, stats_sig, _REDUCE_BLOCKS, [{}]),
     ]
-    def pruned(name: str, bm: int, w: int, bk: int, dtype: torch.dtype) -> dict[int, str]:
+    def pruned(name: str, bm: int, w: int, bk: int, dtype: torch.dtype,
+               flags: dict[str, bool]) -> dict[int, str]:
+        if name == "bn_bwd_reduce":
+            why = _reduce_spills(bm, w, bk, flags["SECOND"])
+            return {cc: why for cc in TARGETS} if why else {}
         if name != "bn_bwd_dx":
             return {}
         return {cc: why for cc in TARGETS if (why := _dx_spills(bm, w, bk, dtype, cc))}
@@ -842,21 +1050,21 @@ def compile_specs() -> list[CompileSpec]:
         bm0, w0 = blocks[0]
         for t, ptr in _PTR_TYPES.items():
             for flags in flag_sets:
-                label = ",".join(f"{k}={int(v)}" for k, v in flags.items())
+                label = "".join(f"{k}={int(v)}," for k, v in flags.items())
                 specs.append(CompileSpec(
-                    f"{name}[{t},{label},BLOCK_M={bm0},BLOCK_K=64]", fn, sig(ptr),
+                    f"{name}[{t},{label}BLOCK_M={bm0},BLOCK_K=64]", fn, sig(ptr),
                     dict(flags, BLOCK_K=64, BLOCK_M=bm0), num_warps=w0,
-                    pruned=pruned(name, bm0, w0, 64, _DTYPES[t]),
+                    pruned=pruned(name, bm0, w0, 64, _DTYPES[t], flags),
                 ))
         # every block config with the most features on, in fp32 (the most registers)
         flags = max(flag_sets, key=lambda f: sum(f.values()))
-        label = ",".join(f"{k}={int(v)}" for k, v in flags.items())
+        label = "".join(f"{k}={int(v)}," for k, v in flags.items())
         for bm, w in blocks:
             for bk in (16, 64, 128):
                 specs.append(CompileSpec(
-                    f"{name}[fp32,{label},BLOCK_M={bm},BLOCK_K={bk},warps={w}]", fn, sig("*fp32"),
+                    f"{name}[fp32,{label}BLOCK_M={bm},BLOCK_K={bk},warps={w}]", fn, sig("*fp32"),
                     dict(flags, BLOCK_K=bk, BLOCK_M=bm), num_warps=w,
-                    pruned=pruned(name, bm, w, bk, torch.float32),
+                    pruned=pruned(name, bm, w, bk, torch.float32, flags),
                 ))
     # Each compiled as a launch on ResNet shapes specialises it; each kernel's first entry also
     # unspecialised (odd channel counts, unaligned pointers).
@@ -869,4 +1077,7 @@ def compile_specs() -> list[CompileSpec]:
     ]
 
 
-__all__ = ["apply", "backward", "compile_specs", "finalize", "reductions", "running_affine"]
+__all__ = [
+    "apply", "backward", "batch_stats", "compile_specs", "finalize", "reductions",
+    "running_affine",
+]

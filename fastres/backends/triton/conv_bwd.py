@@ -22,6 +22,10 @@ Everything is NHWC (channels_last) and accumulates in fp32. Kernels:
 * ``_dgrad_direct_kernel``: the same phase decomposition with CUDA-core FMAs for few channels
   per group (ResNeXt's 4-8, depthwise): each input channel reads the Kg output channels of its
   own group.
+* Both dgrad kernels end in ``_dgrad_epilogue``: optionally add a shortcut's gradient, and for a
+  conv inside a fused block, whose input a = relu(y·scale + shift) was never stored
+  (:class:`ActInput`), store the layer before's BN-output gradient g = dx·[y·scale + shift > 0]
+  instead of dx, with that BN's backward sums as per-(pixel tile, phase) partials.
 * ``_wgrad_gemm_kernel``: dW^T of one group, (R·S·Cg, Kg), as a GEMM whose reduction runs over
   the N·OH·OW output pixels. ``FLAT_K`` decodes the (r, s, c) row index per element (few input
   channels: the stem); otherwise a tile covers one tap and a slab of channels.
@@ -53,7 +57,16 @@ from .. import _alloc
 from ..base import ConvParams
 from . import _tuning
 from ._compile import CompileSpec
-from .bn import _cast_out, _dy_coefs, _dy_from_g, _grad_g
+from .bn import (
+    _BLOCK_K_STATS,
+    _BLOCK_T,
+    _act_mask,
+    _bn_bwd_sum_kernel,
+    _cast_out,
+    _dy_coefs,
+    _dy_from_g,
+    _grad_g,
+)
 from .conv import _TL_PTR, DTYPES, _tf32_rounded, kernel_for
 
 _INTERPRET = _tuning.INTERPRET
@@ -259,10 +272,66 @@ def _phase_tap(tap, ph, pw, ih_i, iw_i, row_ok, r0, r_step, s0, s_step, ns,
 
 
 @triton.jit
+def _dgrad_epilogue(
+    acc,  # [BLOCK_M, BLOCK_N] fp32: the conv-transpose of dy for these input pixels, channels
+    x_idx,  # [BLOCK_M, BLOCK_N] int64: flat NHWC offsets of those elements in dx / add / act_y
+    mask,  # [BLOCK_M, BLOCK_N] bool: the element exists
+    ch,  # [BLOCK_N] input channel indices (of all C)
+    ch_ok,  # [BLOCK_N] bool: the channel exists
+    part_row,  # this program's row of the partial-sum buffers: pixel tile · phases + phase
+    C,  # input channels (row stride of the partial sums)
+    dx_ptr,  # out: (N, H, W, C) x dtype: dx, or g with ACT
+    add_ptr,  # (N, H, W, C) x dtype: added to dx first, in fp32 (read only if HAS_ADD)
+    act_y_ptr,  # (N, H, W, C) x dtype: raw output y of the layer before (read only if ACT)
+    act_scale_ptr,  # (C,) fp32: that layer's BN scale (read only if ACT)
+    act_shift_ptr,  # (C,) fp32: that layer's BN shift (read only if ACT)
+    act_mean_ptr,  # (C,) fp32: the mean that normalised y (read only if ACT)
+    part_g_ptr,  # (P, C) fp32 out: per-tile Σg (written only if ACT)
+    part_gy_ptr,  # (P, C) fp32 out: per-tile Σg·(y − mean) (written only if ACT)
+    part_y_ptr,  # (P, C) fp32 out: per-tile Σ(y − mean) (written only if ACT_CENTER)
+    HAS_ADD: tl.constexpr,  # join a shortcut's gradient (identity or projection dgrad)
+    ACT: tl.constexpr,  # the input was a = relu(y·scale + shift), never stored: store g, sums
+    ACT_CENTER: tl.constexpr,  # with ACT, that BN used batch statistics: also Σ(y − mean)
+):
+    """Store dx, or with ACT fuse the layer before's dReLU and the first pass of its dBN.
+
+    In a fused block the conv's input a = relu(y·scale + shift) only ever existed in the
+    consuming conv's load prologue, so its gradient does not need storing either: what the
+    layer before needs is g = dx·[y·scale + shift > 0] (its BN output's gradient) and the
+    per-channel Σg, Σg·(y − mean), Σ(y − mean) of ``bn._bn_bwd_reduce_kernel``, here per
+    (pixel tile, stride phase) row, finished by ``bn._bn_bwd_sum_kernel``: no pass of its own.
+    The sums are of g as stored (rounded to the dtype), the g that dy is then formed from, so
+    Σdy = 0 holds for the values actually used, as in ``bn.reductions`` over a stored dz.
+    """
+    if HAS_ADD:
+        acc += tl.load(add_ptr + x_idx, mask=mask, other=0.0).to(tl.float32)
+    if ACT:
+        y = tl.load(act_y_ptr + x_idx, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(act_scale_ptr + ch, mask=ch_ok, other=0.0)
+        shift = tl.load(act_shift_ptr + ch, mask=ch_ok, other=0.0)
+        mean = tl.load(act_mean_ptr + ch, mask=ch_ok, other=0.0)
+        g = _cast_out(
+            tl.where(mask & _act_mask(y, scale[None, :], shift[None, :]), acc, 0.0), dx_ptr
+        )
+        tl.store(dx_ptr + x_idx, g, mask=mask)
+        g = g.to(tl.float32)
+        d = tl.where(mask, y - mean[None, :], 0.0)  # centred before multiplying (mean ≫ std)
+        out = part_row.to(tl.int64) * C + ch
+        tl.store(part_g_ptr + out, tl.sum(g, axis=0), mask=ch_ok)
+        tl.store(part_gy_ptr + out, tl.sum(g * d, axis=0), mask=ch_ok)
+        if ACT_CENTER:
+            tl.store(part_y_ptr + out, tl.sum(d, axis=0), mask=ch_ok)
+    else:
+        tl.store(dx_ptr + x_idx, _cast_out(acc, dx_ptr), mask=mask)
+
+
+@triton.jit
 def _dgrad_gemm_kernel(
     dz_ptr, z_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
     w_ptr,  # weight packed as (groups, R, S, Kg, Cg) contiguous: per group and tap (Kg, Cg)
-    dx_ptr,  # out: input gradient, NHWC contiguous (N, H, W, C) in x's dtype
+    dx_ptr,  # out: input gradient, NHWC contiguous (N, H, W, C) in x's dtype (g with ACT)
+    add_ptr, act_y_ptr, act_scale_ptr, act_shift_ptr, act_mean_ptr,  # the epilogue (see
+    part_g_ptr, part_gy_ptr, part_y_ptr,  # _dgrad_epilogue)
     M,  # output pixels N·OH·OW (the BN count)
     NB, H, W, C,  # batch, input height, width, channels (all groups)
     OH, OW, K,  # output height, width, channels (all groups)
@@ -273,6 +342,9 @@ def _dgrad_gemm_kernel(
     RELU: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    ACT: tl.constexpr,
+    ACT_CENTER: tl.constexpr,
     INTERPRET: tl.constexpr,  # running in the interpreter: fp32 tl.dot operands
     BLOCK_M: tl.constexpr,  # input pixels (of one phase) per program
     BLOCK_N: tl.constexpr,  # input channels per program
@@ -337,9 +409,11 @@ def _dgrad_gemm_kernel(
     ih = ph + ih_i * stride_h
     iw = pw + iw_i * stride_w
     x_row = ((img * H + ih) * W + iw) * C + g * Cg
-    tl.store(
-        dx_ptr + x_row[:, None] + offs_c[None, :], _cast_out(acc, dx_ptr),
-        mask=row_ok[:, None] & c_ok[None, :],
+    _dgrad_epilogue(
+        acc, x_row[:, None] + offs_c[None, :], row_ok[:, None] & c_ok[None, :], g * Cg + offs_c,
+        c_ok, pid_m * tl.num_programs(2) + tl.program_id(2), C,
+        dx_ptr, add_ptr, act_y_ptr, act_scale_ptr, act_shift_ptr, act_mean_ptr,
+        part_g_ptr, part_gy_ptr, part_y_ptr, HAS_ADD, ACT, ACT_CENTER,
     )
 
 
@@ -347,7 +421,9 @@ def _dgrad_gemm_kernel(
 def _dgrad_direct_kernel(
     dz_ptr, z_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
     w_ptr,  # weight packed as (R, S, Kg, C): [r, s, kk, c] = W[(c // Cg)·Kg + kk, c % Cg, r, s]
-    dx_ptr,  # out: input gradient, NHWC contiguous (N, H, W, C) in x's dtype
+    dx_ptr,  # out: input gradient, NHWC contiguous (N, H, W, C) in x's dtype (g with ACT)
+    add_ptr, act_y_ptr, act_scale_ptr, act_shift_ptr, act_mean_ptr,  # the epilogue (see
+    part_g_ptr, part_gy_ptr, part_y_ptr,  # _dgrad_epilogue)
     M,  # output pixels N·OH·OW (the BN count)
     NB, H, W, C,  # batch, input height, width, channels (all groups)
     OH, OW, K,  # output height, width, channels (all groups)
@@ -358,6 +434,9 @@ def _dgrad_direct_kernel(
     RELU: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    ACT: tl.constexpr,
+    ACT_CENTER: tl.constexpr,
     BLOCK_M: tl.constexpr,  # input pixels (of one phase) per program
     BLOCK_N: tl.constexpr,  # input channels per program (may span several groups)
 ):
@@ -396,9 +475,11 @@ def _dgrad_direct_kernel(
     ih = ph + ih_i * stride_h
     iw = pw + iw_i * stride_w
     x_row = ((img * H + ih) * W + iw) * C
-    tl.store(
-        dx_ptr + x_row[:, None] + offs_c[None, :], _cast_out(acc, dx_ptr),
-        mask=row_ok[:, None] & c_ok[None, :],
+    _dgrad_epilogue(
+        acc, x_row[:, None] + offs_c[None, :], row_ok[:, None] & c_ok[None, :], offs_c, c_ok,
+        tl.program_id(0) * tl.num_programs(2) + tl.program_id(2), C,
+        dx_ptr, add_ptr, act_y_ptr, act_scale_ptr, act_shift_ptr, act_mean_ptr,
+        part_g_ptr, part_gy_ptr, part_y_ptr, HAS_ADD, ACT, ACT_CENTER,
     )
 
 
@@ -600,8 +681,11 @@ def _wgrad_sum_kernel(
     tl.store(dw_ptr + offs, _cast_out(acc, dw_ptr), mask=ok)
 
 
-_dgrad_gemm = _tuning.autotune(_DGRAD_GEMM_CONFIGS, _KEY, _prune_dgrad)(_dgrad_gemm_kernel)
-_dgrad_direct = _tuning.autotune(_DIRECT_CONFIGS, _KEY, _prune_direct_dgrad)(_dgrad_direct_kernel)
+_DGRAD_KEY = [*_KEY, "HAS_ADD", "ACT", "ACT_CENTER"]
+_dgrad_gemm = _tuning.autotune(_DGRAD_GEMM_CONFIGS, _DGRAD_KEY, _prune_dgrad)(_dgrad_gemm_kernel)
+_dgrad_direct = _tuning.autotune(
+    _DIRECT_CONFIGS, _DGRAD_KEY, _prune_direct_dgrad
+)(_dgrad_direct_kernel)
 _wgrad_gemm = _tuning.autotune(
     _WGRAD_GEMM_CONFIGS, [*_KEY, "rows_per_chunk"], _prune_wgrad
 )(_wgrad_gemm_kernel)
@@ -654,26 +738,82 @@ def _geometry(conv: ConvParams) -> tuple[int, ...]:
     return (*conv.stride, *conv.padding, *conv.dilation)
 
 
-def dgrad(op: DyOperand, weight: Tensor, conv: ConvParams, x_shape: torch.Size) -> Tensor:
-    """The input gradient (N, C, H, W) channels_last in the weight's dtype: conv-transpose of dy."""
+@dataclasses.dataclass
+class ActInput:
+    """A conv input that was never stored: a = relu(y·scale + shift), the activation of the
+    layer before inside a fused block (y its raw conv output, (scale, shift) its BN's affine
+    map). Given to :func:`dgrad`, whose epilogue then applies that layer's dReLU and takes its
+    BN backward sums. All per-channel tensors (C,) fp32."""
+
+    y: Tensor  # (N, C, H, W) channels_last in x's dtype: raw output of the layer before
+    scale: Tensor  # that layer's BN scale γ·invstd
+    shift: Tensor  # that layer's BN shift β − mean·scale
+    mean: Tensor  # the mean its BN normalised with (batch or running)
+    var: Tensor  # the variance its BN normalised with
+    eps: float
+    batch_stats: bool  # mean/var are this batch's: δ is taken too (see bn._bn_bwd_sum_kernel)
+
+
+def dgrad(
+    op: DyOperand, weight: Tensor, conv: ConvParams, x_shape: torch.Size, *,
+    add: Tensor | None = None, act: ActInput | None = None,
+):
+    """The input gradient (N, C, H, W) channels_last in the weight's dtype: conv-transpose of dy.
+
+    ``add`` ((N, C, H, W) channels_last, the weight's dtype): added to the computed dx in fp32
+    before anything else (joining a shortcut's gradient).
+
+    ``act``: the input was ``relu(act.y·scale + shift)``. Then the result is ``(g, sums)``: g =
+    (dx + add)·[y·scale + shift > 0] (the gradient of that layer's BN output, in place of dx)
+    and ``sums = (Σg, Σg·ŷ, δ)`` of that layer's BN (δ None without batch statistics), what
+    ``bn.reductions(dx + add, y, a, mean, var, relu=True, ...)`` returns; so
+    ``DyOperand(g, None, y, mean, var, γ, sums, batch_stats, eps)`` is that layer's dy.
+    The sums are per-tile partials written once each by the dgrad programs (rows = pixel tile ·
+    phases + phase, no atomics) and summed in a fixed order by ``bn._bn_bwd_sum_kernel``.
+    """
     n, c, h, w = x_shape
     k, cg, r, s = weight.shape
     groups = conv.groups
     kg = k // groups
     _, _, oh, ow = op.dz.shape
     sh, sw = conv.stride
-    dx = _alloc.empty(n, c, h, w, dtype=weight.dtype, device=weight.device, channels_last=True)
+    dev = weight.device
+    dx = _alloc.empty(n, c, h, w, dtype=weight.dtype, device=dev, channels_last=True)
     ints = (n * oh * ow, n, h, w, c, oh, ow, k, cg, kg, r, s, *_geometry(conv))
     # rows of the largest stride phase (phase (0, 0))
     m_phase = n * triton.cdiv(h, sh) * triton.cdiv(w, sw)
-    if kernel_for(cg, groups) == "direct":
+    direct = kernel_for(cg, groups) == "direct"
+    tuner = _dgrad_direct if direct else _dgrad_gemm
+
+    for t in (add, act.y if act is not None else None):
+        if t is not None:
+            assert tuple(t.shape) == (n, c, h, w) and t.dtype == weight.dtype, (
+                f"dgrad: add / act.y must be {(n, c, h, w)} {weight.dtype}, got "
+                f"{tuple(t.shape)} {t.dtype}"
+            )
+            assert t.is_contiguous(memory_format=torch.channels_last), "need channels_last"
+    f32 = torch.float32
+    parts: tuple[Tensor, ...] = (dx, dx, dx)  # placeholders: never written without ACT
+    act_args: tuple[Tensor, ...] = (dx, dx, dx, dx)  # placeholders: never read without ACT
+    if act is not None:
+        # one row per (pixel tile, phase): sized for the smallest BLOCK_M any configuration has,
+        # sliced below to the rows the configuration that ran wrote
+        min_bm = min(cfg.kwargs["BLOCK_M"] for cfg in tuner.configs)
+        p_max = triton.cdiv(m_phase, min_bm) * sh * sw
+        parts = tuple(_alloc.empty(p_max, c, dtype=f32, device=dev) for _ in range(3))
+        act_args = (act.y, act.scale.float().contiguous(), act.shift.float().contiguous(),
+                    act.mean.float().contiguous())
+    epilogue = (add if add is not None else dx, *act_args, *parts)
+    flags = dict(**op.flags(), HAS_ADD=add is not None, ACT=act is not None,
+                 ACT_CENTER=act is not None and act.batch_stats)
+    if direct:
         # (K, Cg, R, S) -> (R, S, Kg, C): per tap and output channel of a group, a C vector
         w_packed = weight.view(groups, kg, cg, r, s).permute(3, 4, 1, 0, 2).reshape(r, s, kg, c)
         grid = lambda meta: (
             triton.cdiv(m_phase, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]), sh * sw
         )
         _dgrad_direct[grid](
-            *op.pointers(), w_packed.contiguous(), dx, *ints, op.eps, **op.flags()
+            *op.pointers(), w_packed.contiguous(), dx, *epilogue, *ints, op.eps, **flags
         )
     else:
         # (K, Cg, R, S) -> (groups, R, S, Kg, Cg): per group and tap the (Kg, Cg) GEMM operand
@@ -684,9 +824,21 @@ def dgrad(op: DyOperand, weight: Tensor, conv: ConvParams, x_shape: torch.Size) 
             sh * sw,
         )
         _dgrad_gemm[grid](
-            *op.pointers(), w_packed, dx, *ints, op.eps, **op.flags(), INTERPRET=_INTERPRET
+            *op.pointers(), w_packed, dx, *epilogue, *ints, op.eps, **flags,
+            INTERPRET=_INTERPRET,
         )
-    return dx
+    if act is None:
+        return dx
+    rows = triton.cdiv(m_phase, tuner.last_config.kwargs["BLOCK_M"]) * sh * sw
+    part_g, part_gy, part_y = (t[:rows] for t in parts)
+    sum_g, sum_gyhat = (_alloc.empty(c, dtype=f32, device=dev) for _ in range(2))
+    delta = _alloc.empty(c, dtype=f32, device=dev) if act.batch_stats else None
+    _bn_bwd_sum_kernel[(triton.cdiv(c, _BLOCK_K_STATS),)](
+        part_g, part_gy, part_y, act.var.float().contiguous(), sum_g, sum_gyhat,
+        delta if act.batch_stats else sum_g, rows, c, n * h * w, act.eps,
+        CENTER=act.batch_stats, BLOCK_T=_BLOCK_T, BLOCK_K=_BLOCK_K_STATS,
+    )
+    return dx, (sum_g, sum_gyhat, delta)
 
 
 def _rows_per_chunk(m: int, weight_tiles: int) -> int:
@@ -781,12 +933,17 @@ DY_FLAGS = {
     "running": dict(RELU=False, BATCH_STATS=False, HAS_GAMMA=False),
 }
 
+# dgrad epilogue flags of a fused block's backward (compiled with the largest tile)
+JOIN_FLAGS = dict(HAS_ADD=True, ACT=True, ACT_CENTER=True)
+
 
 def _signature(dtype: torch.dtype, io: str, extra_ints: tuple[str, ...]) -> dict[str, str]:
     p = _TL_PTR[dtype]
     sig = {a: p if a in ("dz_ptr", "z_ptr", "y_ptr") else "*fp32" for a in _DY_ARGS}
     if io == "dgrad":
-        sig.update(w_ptr=p, dx_ptr=p)
+        sig.update(w_ptr=p, dx_ptr=p, add_ptr=p, act_y_ptr=p, act_scale_ptr="*fp32",
+                   act_shift_ptr="*fp32", act_mean_ptr="*fp32", part_g_ptr="*fp32",
+                   part_gy_ptr="*fp32", part_y_ptr="*fp32")
         ints = ("M", "NB", "H", "W", "C", "OH", "OW", "K", "Cg", "Kg", "R", "S", *_GEOMETRY)
     else:
         sig.update(x_ptr=p, part_ptr="*fp32")
@@ -800,18 +957,24 @@ def compile_specs() -> list[CompileSpec]:
     """Every kernel x autotune configuration x dtype, for the real-target compile check.
 
     Each configuration with the "full" dy flags, each kernel's largest tile also with the
-    "running" flags (see ``DY_FLAGS``), and the chunk sum for each weight dtype. Lists the GPU
+    "running" flags (see ``DY_FLAGS``) and, for dgrad, the "join" epilogue (``JOIN_FLAGS``), and
+    the chunk sum for each weight dtype. Lists the GPU
     configurations even under the interpreter (they are what runs on a GPU).
 
     Compiled without launch-time specialisation only, so the report does not yet hold these to
     its spill / MMA / async-copy rules: compiled as ResNet launches specialise them, the stem's
     flat wgrad spills in every tile it may pick, the direct dgrad in its wider tiles (see the
     closing note of 2026-11-30); a smaller-register flat wgrad comes first.
+    The "join" dgrad epilogue (2026-11-30, compiled by hand as a ResNet 3x3 launch with 256
+    channels): fp16/bf16 GEMM tiles stay free of spills except bf16 128x64 on sm_80 (8 B); in
+    fp32 128x128 (sm_80), 128x64 and 64x64x64 (sm_80) spill 12-60 B; the direct kernel's wider
+    tiles spill with or without it.
     """
+    no_join = dict(HAS_ADD=False, ACT=False, ACT_CENTER=False)
     kernels = [  # (name, kernel, io, extra int args, configurations, extra constexprs)
         ("dgrad_gemm", _dgrad_gemm_kernel, "dgrad", (), GPU_DGRAD_GEMM_CONFIGS,
-         {"INTERPRET": False}),
-        ("dgrad_direct", _dgrad_direct_kernel, "dgrad", (), GPU_DIRECT_CONFIGS, {}),
+         {"INTERPRET": False, **no_join}),
+        ("dgrad_direct", _dgrad_direct_kernel, "dgrad", (), GPU_DIRECT_CONFIGS, no_join),
         ("wgrad_gemm", _wgrad_gemm_kernel, "wgrad", ("rows_per_chunk",), GPU_WGRAD_GEMM_CONFIGS,
          {"FLAT_K": False, "INTERPRET": False}),
         ("wgrad_gemm_flat", _wgrad_gemm_kernel, "wgrad", ("rows_per_chunk",),
@@ -825,13 +988,17 @@ def compile_specs() -> list[CompileSpec]:
         for kname, kernel, io, extra_ints, cfgs, extra in kernels:
             sig = _signature(dtype, io, extra_ints)
             largest = max(cfgs, key=lambda c: _tile_size(c))
-            for fname, flags in DY_FLAGS.items():
-                for cfg in cfgs if fname == "full" else [largest]:
+            variants = [(fname, flags, cfgs if fname == "full" else [largest])
+                        for fname, flags in DY_FLAGS.items()]
+            if io == "dgrad":  # the block-fusion epilogue (add + act), every flag on
+                variants.append(("join", {**DY_FLAGS["full"], **JOIN_FLAGS}, [largest]))
+            for fname, flags, chosen in variants:
+                for cfg in chosen:
                     specs.append(CompileSpec(
                         name=f"{kname}-{dname}-{fname}-{_cfg_name(cfg)}",
                         kernel=kernel,
                         signature=sig,
-                        constexprs={**flags, **extra, **cfg.kwargs},
+                        constexprs={**extra, **flags, **cfg.kwargs},
                         num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages,
                     ))
@@ -857,4 +1024,4 @@ def _cfg_name(cfg: triton.Config) -> str:
     return "_".join(f"{v}" for v in cfg.kwargs.values()) + f"_w{cfg.num_warps}s{cfg.num_stages}"
 
 
-__all__ = ["DyOperand", "bias_grad", "compile_specs", "dgrad", "wgrad"]
+__all__ = ["ActInput", "DyOperand", "bias_grad", "compile_specs", "dgrad", "wgrad"]

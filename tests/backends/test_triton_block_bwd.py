@@ -1,0 +1,392 @@
+"""The join kernels a fused residual block's training step is built from, against float64.
+
+* ``conv_bwd.dgrad(..., add=, act=)``: the dgrad epilogue that joins a shortcut's gradient and,
+  for a conv whose input a = relu(y·scale + shift) was never stored, applies the layer before's
+  dReLU and takes its BN backward sums (g and (Σg, Σg·ŷ, δ));
+* ``bn.apply(..., res_scale=, res_shift=)``: the block output with the projection BN folded in;
+* ``bn.reductions(..., second=)``: the sums of two BNs fed by one g, in one pass;
+* ``bn.backward(..., add=)``: a pre-activation block's dBN joined with the shortcut gradient;
+* ``bn.batch_stats``: per-tile (count, mean, M2) of a stored tensor, finalised by bn.finalize.
+
+Truth is float64 on the CPU, the base plain PyTorch in the test dtype, compared with the
+error-ratio rule of ``tests.numerics``; outputs are NaN-poisoned (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+
+from fastres.backends.reference import bn_relu_backward
+from fastres.backends.triton import bn, conv_bwd
+from tests.backends.test_triton_conv_bwd import SHAPES, SLOW_SHAPES, Shape, _conv_backward, _problem
+from tests.numerics import assert_close_ratio, merge_partials
+
+CL = torch.channels_last
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DIMS = (0, 2, 3)
+EPS = 1e-5
+
+
+def _v(t: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def _nhwc(n: int, k: int, h: int, w: int, *, offset: float = 0.0) -> torch.Tensor:
+    """float64 NHWC activation with per-channel offsets and spreads (non-trivial statistics)."""
+    mu = torch.randn(k, dtype=torch.float64) + offset
+    sd = torch.rand(k, dtype=torch.float64) + 0.25
+    t = torch.randn(n, k, h, w, dtype=torch.float64) * _v(sd) + _v(mu)
+    return t.contiguous(memory_format=CL)
+
+
+# ---------------------------------------------------------------------------------------------
+# dgrad epilogue: add and act
+# ---------------------------------------------------------------------------------------------
+
+
+def _act_input(x_shape, dtype: torch.dtype, batch_stats: bool) -> conv_bwd.ActInput:
+    """The layer before's raw output y (stored in dtype) and its BN: with batch statistics
+    those of y before its rounding (as the conv epilogue's fp32 accumulator gives them in fp32),
+    so δ is not trivially 0 in fp16/bf16; about half the pre-activations are negative."""
+    n, c, h, w = x_shape
+    y64 = _nhwc(n, c, h, w, offset=0.5)
+    y = y64.to(DEVICE, dtype).contiguous(memory_format=CL)
+    if batch_stats:
+        var, mean = (t.float().to(DEVICE) for t in torch.var_mean(y64, dim=DIMS, correction=0))
+    else:
+        mean = (torch.randn(c) * 0.3 + 0.5).to(DEVICE)
+        var = (torch.rand(c) + 0.5).to(DEVICE)
+    gamma = (torch.rand(c) + 0.5).to(DEVICE)
+    beta = (torch.randn(c) * 0.5).to(DEVICE)
+    scale = gamma * torch.rsqrt(var + EPS)
+    shift = beta - mean * scale
+    return conv_bwd.ActInput(y, scale, shift, mean, var, EPS, batch_stats)
+
+
+def _act_mask(act: conv_bwd.ActInput) -> torch.Tensor:
+    """[y·scale + shift > 0] in fp32: the definition the kernel implements (not an estimate)."""
+    return (act.y.float() * _v(act.scale) + _v(act.shift)) > 0
+
+
+def _sums(g: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+          batch_stats: bool):
+    """(Σg, Σg·ŷ, δ) of a BN with these statistics, in g's precision; ŷ centred on the stored
+    y (δ = mean of y − mean) with batch statistics, as bn.reductions defines them."""
+    d = y - _v(mean)
+    invstd = torch.rsqrt(var + EPS)
+    sum_g = g.sum(DIMS)
+    if batch_stats:
+        delta = d.mean(DIMS)
+        return sum_g, ((g * d).sum(DIMS) - delta * sum_g) * invstd, delta
+    return sum_g, (g * d).sum(DIMS) * invstd, None
+
+
+def _same(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """Bitwise equal under the interpreter, where every autotuner runs one configuration; on a
+    GPU two launches with different flags may be tuned to different tiles (another summation
+    order), so there within ``tol``."""
+    if DEVICE == "cpu":
+        assert torch.equal(out, ref)
+    else:
+        torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+
+
+def _assert_sum_close(name: str, out: torch.Tensor, ref: torch.Tensor, base: torch.Tensor,
+                      abs_terms: torch.Tensor) -> None:
+    """The error-ratio rule for an fp32 reduction, whose floor is its own rounding: a few fp32
+    ulps of the sum of the terms' magnitudes (``abs_terms``, per channel). PyTorch's CPU sums
+    of fp32 accumulate more precisely than any GPU reduction, so the ratio alone would hold a
+    sum whose terms cancel (δ is nearly 0 by construction) to a tighter bound than fp32 has."""
+    assert not torch.isnan(out).any(), f"{name}: result has NaN (unwritten or invalid output)"
+    out64, ref64, base64 = (t.detach().double().cpu() for t in (out, ref, base))
+    err = (out64 - ref64).abs()
+    bound = 2 * (base64 - ref64).abs().max() + 4 * torch.finfo(torch.float32).eps * abs_terms
+    assert (err <= bound).all(), (
+        f"{name}: error {err.max():.3e} > 2 x PyTorch's {(base64 - ref64).abs().max():.3e} "
+        f"+ fp32 rounding of the sum"
+    )
+
+
+def _check_dgrad_join(shape: Shape, dtype: torch.dtype, variant: str, *, add: bool, act: bool,
+                      batch_stats: bool = True) -> None:
+    pb = _problem(shape, dtype, variant)
+    x_shape = pb.x.shape
+    add_t = None
+    if add:
+        add_t = torch.randn(x_shape, dtype=torch.float64).to(DEVICE, dtype)
+        add_t = add_t.contiguous(memory_format=CL)
+    act_in = _act_input(x_shape, dtype, batch_stats) if act else None
+    out = conv_bwd.dgrad(pb.op, pb.weight, shape.conv, x_shape, add=add_t, act=act_in)
+
+    mask = [True, False, False]
+    dx_ref = _conv_backward(pb.dy_ref, pb.x64, pb.weight64, shape, mask)[0]
+    dx_base = _conv_backward(pb.dy_base, pb.x, pb.weight, shape, mask)[0]
+    if add:
+        dx_ref = dx_ref + add_t.double().cpu()
+        dx_base = dx_base + add_t  # PyTorch's sum in the dtype: fp32 math, one rounding
+    if not act:
+        assert out.dtype == dtype and out.is_contiguous(memory_format=CL)
+        assert_close_ratio("dx + add", out, dx_ref, dx_base)
+        return
+
+    g, (sum_g, sum_gyhat, delta) = out
+    assert g.dtype == dtype and g.is_contiguous(memory_format=CL)
+    positive = _act_mask(act_in)
+    g_ref = dx_ref * positive.cpu()
+    g_base = dx_base * positive
+    assert_close_ratio("g", g, g_ref, g_base)
+    # The sums are of g as stored (what dy is then formed from; its own error is checked
+    # above), so truth and base sum that stored g: float64 / fp32.
+    y = act_in.y
+    c64 = lambda t: t.double().cpu()
+    ref = _sums(c64(g), c64(y), c64(act_in.mean), c64(act_in.var), batch_stats)
+    base = _sums(g.float(), y.float(), act_in.mean, act_in.var, batch_stats)
+    d = (c64(y) - _v(c64(act_in.mean))).abs()
+    invstd = torch.rsqrt(c64(act_in.var) + EPS)
+    m = y.numel() // y.shape[1]
+    terms = (c64(g).abs().sum(DIMS), (c64(g).abs() * d).sum(DIMS) * invstd, d.sum(DIMS) / m)
+    for name, ours, r, b, t in zip(("Σg", "Σg·ŷ", "δ"), (sum_g, sum_gyhat, delta), ref, base,
+                                   terms):
+        if r is None:
+            assert ours is None
+        else:
+            _assert_sum_close(name, ours, r, b, t)
+
+    # what bn.reductions returns for that layer from dx + add and the stored activation a:
+    # the same g (bitwise where both dgrad launches run one configuration: masking and rounding
+    # commute) and the same sums up to summation order
+    dx_plain = conv_bwd.dgrad(pb.op, pb.weight, shape.conv, x_shape, add=add_t)
+    a = F.relu(y.float() * _v(act_in.scale) + _v(act_in.shift)).to(dtype)
+    a = a.contiguous(memory_format=CL)
+    dres = torch.empty_like(dx_plain)
+    sums = bn.reductions(dx_plain, y, a, act_in.mean, act_in.var, batch_stats=batch_stats,
+                         eps=EPS, relu=True, dres=dres)
+    _same(g, dres, tol=torch.finfo(dtype).eps * dres.abs().max().item())
+    for name, ours, theirs in zip(("Σg", "Σg·ŷ", "δ"), (sum_g, sum_gyhat, delta), sums):
+        if theirs is not None:
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# (shape, what it covers): stride 1 and 2, dense, a group axis, the direct kernel (4 / 8
+# channels per group), odd sizes and N=1
+JOIN_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[4], SHAPES[5], SHAPES[6], SHAPES[9]]
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+@pytest.mark.parametrize("shape", JOIN_SHAPES, ids=lambda s: s.id)
+def test_dgrad_act_fp32(shape: Shape, batch_stats: bool) -> None:
+    _check_dgrad_join(shape, torch.float32, "train", add=True, act=True, batch_stats=batch_stats)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [(SHAPES[0], torch.float16), (SHAPES[1], torch.bfloat16), (SHAPES[5], torch.bfloat16),
+     (SHAPES[6], torch.float16)],
+    ids=lambda v: v.id if isinstance(v, Shape) else str(v),
+)
+def test_dgrad_act_half(shape: Shape, dtype: torch.dtype) -> None:
+    _check_dgrad_join(shape, dtype, "train", add=True, act=True)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5]], ids=lambda s: s.id)
+def test_dgrad_act_without_add_running_dy(shape: Shape) -> None:
+    _check_dgrad_join(shape, torch.float16, "running", add=False, act=True, batch_stats=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5]], ids=lambda s: s.id)
+def test_dgrad_add(shape: Shape, dtype: torch.dtype) -> None:
+    """Stride 2 with a 1x1 filter: the input pixels no tap reaches get exactly ``add``."""
+    _check_dgrad_join(shape, dtype, "train", add=True, act=False)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5]], ids=lambda s: s.id)
+def test_dgrad_act_deterministic(shape: Shape) -> None:
+    pb = _problem(shape, torch.float16, "train")
+    act_in = _act_input(pb.x.shape, torch.float16, True)
+    runs = [conv_bwd.dgrad(pb.op, pb.weight, shape.conv, pb.x.shape, act=act_in)
+            for _ in range(2)]
+    (g0, s0), (g1, s1) = runs
+    assert torch.equal(g0, g1)
+    assert all(torch.equal(a, b) for a, b in zip(s0, s1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+@pytest.mark.parametrize("variant", ["train", "running"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + SLOW_SHAPES, ids=lambda s: s.id)
+def test_dgrad_act_grid(shape: Shape, dtype: torch.dtype, variant: str,
+                        batch_stats: bool) -> None:
+    _check_dgrad_join(shape, dtype, variant, add=True, act=True, batch_stats=batch_stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# bn.py joins
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("relu, k", [(True, 7), (True, 130), (False, 24)])
+def test_apply_dual_scale_bias(dtype: torch.dtype, relu: bool, k: int) -> None:
+    y = _nhwc(2, k, 5, 7, offset=0.5).to(DEVICE, dtype)
+    res = _nhwc(2, k, 5, 7, offset=-0.5).to(DEVICE, dtype)
+    scale, shift, res_scale, res_shift = (
+        (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE),
+        (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE),
+    )
+    z = bn.apply(y, scale, shift, res, relu, res_scale=res_scale, res_shift=res_shift)
+    assert z.dtype == dtype and z.is_contiguous(memory_format=CL)
+
+    def compute(y, s, b, r, rs, rb):
+        out = y * _v(s) + _v(b) + (r * _v(rs) + _v(rb))
+        return out.relu() if relu else out
+
+    c64 = lambda t: t.double().cpu()
+    ref = compute(*(c64(t) for t in (y, scale, shift, res, res_scale, res_shift)))
+    base = compute(y, scale, shift, res, res_scale, res_shift).to(dtype)
+    assert_close_ratio("z", z, ref, base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "batch_stats, k, rows_per_prog, offset",
+    [(True, 7, None, 0.0), (True, 40, 16, 1000.0), (False, 130, 32, 0.0)],
+)
+def test_reductions_with_second_bn(dtype: torch.dtype, batch_stats: bool, k: int,
+                                   rows_per_prog: int | None, offset: float) -> None:
+    """The projection shortcut's BN (y2) sees the block output's g like the last conv's BN (y):
+    both sets of sums from one pass, each as bn.reductions alone gives it."""
+    y64, y2_64 = _nhwc(3, k, 9, 7, offset=offset), _nhwc(3, k, 9, 7, offset=-offset)
+    y, y2 = y64.to(DEVICE, dtype), y2_64.to(DEVICE, dtype)
+    z = torch.randn(y.shape, dtype=torch.float64).relu().to(DEVICE, dtype)
+    z = z.contiguous(memory_format=CL)
+    dz = torch.randn(y.shape, dtype=torch.float64).to(DEVICE, dtype).contiguous(memory_format=CL)
+
+    def stats(t64):
+        if batch_stats:  # of the unrounded tensor: δ is not trivially 0 in fp16/bf16
+            return (s.float().to(DEVICE) for s in torch.var_mean(t64, dim=DIMS, correction=0))
+        return (torch.rand(k) + 0.5).to(DEVICE), (torch.randn(k) + offset).to(DEVICE)
+
+    (var, mean), (var2, mean2) = stats(y64), stats(y2_64)
+    kw = dict(batch_stats=batch_stats, eps=EPS, relu=True, rows_per_prog=rows_per_prog)
+    sums, sums2 = bn.reductions(dz, y, z, mean, var, second=(y2, mean2, var2), **kw)
+    alone = bn.reductions(dz, y, z, mean, var, **kw)
+    alone2 = bn.reductions(dz, y2, z, mean2, var2, **kw)
+    for ours, theirs in ((sums, alone), (sums2, alone2)):
+        for a, b in zip(ours, theirs):
+            assert (a is None) == (b is None)
+            if a is not None:  # the same kernel code and order (the same tile: bitwise)
+                _same(a, b, tol=1e-5 * b.abs().max().item())
+    g = dz * (z > 0)
+    c64 = lambda t: t.double().cpu()
+    ref2 = _sums(c64(g), c64(y2), c64(mean2), c64(var2), batch_stats)
+    base2 = _sums(g.float(), y2.float(), mean2, var2, batch_stats)
+    d2 = (c64(y2) - _v(c64(mean2))).abs()
+    terms = (c64(g).abs().sum(DIMS), (c64(g).abs() * d2).sum(DIMS) * torch.rsqrt(c64(var2) + EPS),
+             d2.mean(DIMS))
+    for name, a, r, b, t in zip(("Σg", "Σg·ŷ2", "δ2"), sums2, ref2, base2, terms):
+        if r is not None:
+            _assert_sum_close(name, a, r, b, t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch_stats, k, offset", [(True, 7, 0.0), (True, 40, 1000.0),
+                                                    (False, 130, 0.0)])
+def test_backward_with_add(dtype: torch.dtype, batch_stats: bool, k: int, offset: float) -> None:
+    """Pre-activation join: dx = dBN(g) + add, g already masked (relu=False)."""
+    y = _nhwc(3, k, 9, 7, offset=offset).to(DEVICE, dtype)
+    g = torch.randn(y.shape, dtype=torch.float64).to(DEVICE, dtype).contiguous(memory_format=CL)
+    add = torch.randn(y.shape, dtype=torch.float64).to(DEVICE, dtype)
+    add = add.contiguous(memory_format=CL)
+    gamma = (torch.rand(k) + 0.5).to(DEVICE)
+    if batch_stats:
+        var64, mean64 = torch.var_mean(y.double(), dim=DIMS, correction=0)
+    else:
+        mean64 = torch.randn(k, dtype=torch.float64) * 0.3 + offset
+        var64 = torch.rand(k, dtype=torch.float64) + 0.5
+    mean, var = mean64.float().to(DEVICE), var64.float().to(DEVICE)
+    dx, _, _, _ = bn.backward(g, y, g, mean, var, gamma, batch_stats=batch_stats,
+                              eps=EPS, relu=False, add=add)
+    assert dx.dtype == dtype and dx.is_contiguous(memory_format=CL)
+    dy_plain, _, _, _ = bn.backward(g, y, g, mean, var, gamma, batch_stats=batch_stats, eps=EPS,
+                                    relu=False)
+    kw = dict(batch_stats=batch_stats, eps=EPS, relu=False, need_gamma=False)
+    c64 = lambda t: t.double().cpu()
+    if batch_stats:  # autograd of F.batch_norm on the stored y, as in test_triton.py
+        def dbn(y, g, gam):
+            y = y.detach().requires_grad_(True)
+            out = F.batch_norm(y, None, None, gam, None, True, 0.0, EPS)
+            return torch.autograd.grad(out, y, g)[0]
+
+        dy64 = dbn(c64(y), c64(g), c64(gamma))
+        dy_b = dbn(y, g, gamma)
+    else:
+        dy64 = bn_relu_backward(c64(g), c64(y), None, c64(mean), c64(var), c64(gamma), **kw)[1]
+        dy_b = bn_relu_backward(g, y, None, mean, var, gamma, **kw)[1]
+    assert_close_ratio("dBN(g) + add", dx, dy64 + c64(add), (dy_b.to(dtype) + add))
+    # the add is the only difference from the plain pass (fp32 sum before the one rounding)
+    torch.testing.assert_close(dx.float(), (dy_plain.float() + add.float()).to(dtype).float(),
+                               rtol=0, atol=2 * (dx.float().abs().max() *
+                                                 torch.finfo(dtype).eps).item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "k, rows_per_prog, offset",
+    [(7, None, 0.0), (40, 16, 0.0), (9, 24, 1000.0), (130, 50, 3.0)],
+)
+def test_batch_stats_finalize_vs_var_mean(dtype: torch.dtype, k: int,
+                                          rows_per_prog: int | None, offset: float) -> None:
+    """The tile partials against the exact ones of the stored tensor (base: those rounded once
+    to fp32, all the format can hold), then bn.finalize of them against torch.var_mean in
+    float64 (base: plain PyTorch's merge of the fp32-rounded exact partials; the CPU's own
+    fp32 var_mean accumulates in double and is not what a GPU runs)."""
+    x = _nhwc(3, k, 9, 7, offset=offset).to(DEVICE, dtype)
+    count, mean_t, m2 = bn.batch_stats(x, rows_per_prog=rows_per_prog)
+    m = x.numel() // k
+    rows = rows_per_prog or bn._rows_per_prog(m)
+    assert count.shape == (-(-m // rows),) and mean_t.shape == m2.shape == (count.shape[0], k)
+    assert count.sum().item() == m
+    x64 = x.double().cpu()
+    flat = x64.permute(0, 2, 3, 1).reshape(-1, k)
+    tiles = [flat[r0:r0 + rows] for r0 in range(0, m, rows)]
+    mean_ex = torch.stack([t.mean(0) for t in tiles])
+    m2_ex = torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in tiles])
+    assert torch.equal(count.cpu(), torch.tensor([float(t.shape[0]) for t in tiles]))
+    assert_close_ratio("tile means", mean_t, mean_ex, mean_ex.float())
+    assert_close_ratio("tile M2", m2, m2_ex, m2_ex.float())
+
+    mean, var, _, _ = bn.finalize(count, mean_t, m2, None, None, EPS, affine=False)
+    var64, mean64 = torch.var_mean(x64, dim=DIMS, correction=0)
+    mean_b, var_b = merge_partials(count.cpu(), mean_ex.float(), m2_ex.float())
+    assert_close_ratio("mean", mean, mean64, mean_b)
+    assert_close_ratio("var", var, var64, var_b)
+
+
+def test_batch_stats_deterministic() -> None:
+    x = _nhwc(2, 24, 11, 9, offset=10.0).to(DEVICE, torch.float16)
+    a = bn.batch_stats(x, rows_per_prog=40)
+    b = bn.batch_stats(x, rows_per_prog=40)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+
+def test_second_bn_sums_never_offer_a_tile_that_spills() -> None:
+    """With SECOND (five fp32 accumulators) tiles of 32 elements per thread spill on sm_80 and
+    sm_90 (compile check): not offered, and the compile specs say so."""
+    assert bn._bn_bwd_reduce_kernel.prune is bn._prune_bwd_reduce
+    configs = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in bn._REDUCE_BLOCKS]
+    for block_k, second, dropped in ((128, True, [(32, 4), (64, 8)]), (64, True, []),
+                                     (128, False, [])):
+        kept = bn._prune_bwd_reduce(configs, {}, BLOCK_K=block_k, SECOND=second)
+        assert [(c.kwargs["BLOCK_M"], c.num_warps) for c in configs if c not in kept] == dropped
+    specs = [s for s in bn.compile_specs() if s.name.startswith("bn_bwd_reduce[fp32,")
+             and "SECOND=1" in s.name and s.shape_class == "resnet"]
+    pruned = {s.name for s in specs if s.pruned}
+    assert pruned == {s.name for s in specs if "BLOCK_K=128" in s.name
+                      and ("BLOCK_M=32" in s.name or "BLOCK_M=64" in s.name)}

@@ -54,7 +54,7 @@ from ..base import ConvParams
 from . import _tuning
 from ._compile import CompileSpec
 from .bn import _cast_out, _dy_coefs, _dy_from_g, _grad_g
-from .conv import _TL_PTR, DTYPES, _tf32_rounded, kernel_for
+from .conv import _TL_PTR, DTYPES, _activated, _tf32_rounded, kernel_for
 
 _INTERPRET = _tuning.INTERPRET
 Tensor = torch.Tensor
@@ -418,7 +418,9 @@ def _output_pixels(m0, row_end, OH, OW, stride_h, stride_w, pad_h, pad_w, BLOCK_
 @triton.jit
 def _wgrad_gemm_kernel(
     dz_ptr, z_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
-    x_ptr,  # input, NHWC contiguous (N, H, W, C)
+    x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
+    in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
+    in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
     part_ptr,  # out: (chunks, groups, R·S·Cg, Kg) fp32 partial dW^T per chunk of output pixels
     M,  # output pixels N·OH·OW (the BN count and the reduction length)
     H, W, C,  # input height, width, channels (all groups)
@@ -431,6 +433,7 @@ def _wgrad_gemm_kernel(
     RELU: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
+    IN_AFFINE: tl.constexpr,  # read x through relu(x·in_scale + in_shift) (conv._activated)
     FLAT_K: tl.constexpr,  # rows j = (r·S + s)·Cg + c decoded per element (few input channels)
     INTERPRET: tl.constexpr,  # running in the interpreter: fp32 tl.dot operands
     BLOCK_J: tl.constexpr,  # rows of dW^T ((r, s, c) indices) per program
@@ -461,6 +464,9 @@ def _wgrad_gemm_kernel(
         dr = (rs // S) * dil_h  # scalars
         ds = (rs % S) * dil_w
     x_ch = g * Cg + c
+    if IN_AFFINE:  # the rows' channels are fixed for the whole reduction
+        in_scale = tl.load(in_scale_ptr + x_ch, mask=j_ok, other=0.0)[:, None]
+        in_shift = tl.load(in_shift_ptr + x_ch, mask=j_ok, other=0.0)[:, None]
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Kg
@@ -490,6 +496,8 @@ def _wgrad_gemm_kernel(
             a_mask = j_ok[:, None] & pix_ok[None, :]
             a_off = (((img * H + ih) * W + iw) * C)[None, :] + x_ch[:, None]
         a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+        if IN_AFFINE:
+            a = _activated(a, in_scale, in_shift, a_mask, x_ptr, INTERPRET)
         idx = (offs_m * K)[:, None] + ch[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
         dy = _dy_from_g(
@@ -515,7 +523,9 @@ def _wgrad_gemm_kernel(
 @triton.jit
 def _wgrad_direct_kernel(
     dz_ptr, z_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
-    x_ptr,  # input, NHWC contiguous (N, H, W, C)
+    x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
+    in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
+    in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
     part_ptr,  # out: (chunks, R·S·Cg, K) fp32 partial dW per chunk of output pixels
     M,  # output pixels N·OH·OW (the BN count and the reduction length)
     H, W, C,  # input height, width, channels (all groups)
@@ -528,6 +538,8 @@ def _wgrad_direct_kernel(
     RELU: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
+    IN_AFFINE: tl.constexpr,  # read x through relu(x·in_scale + in_shift) (conv._activated)
+    INTERPRET: tl.constexpr,  # running in the interpreter: its fp32 -> bf16 conversion truncates
     BLOCK_M: tl.constexpr,  # output pixels reduced per step
     BLOCK_N: tl.constexpr,  # output channels per program (may span several groups)
 ):
@@ -541,6 +553,9 @@ def _wgrad_direct_kernel(
     dr = (rs // S) * dil_h
     ds = (rs % S) * dil_w
     x_ch = (offs_k // Kg) * Cg + c  # each output channel reads channel c of its own group
+    if IN_AFFINE:  # the channels are fixed for the whole reduction
+        in_scale = tl.load(in_scale_ptr + x_ch, mask=k_ok, other=0.0)[None, :]
+        in_shift = tl.load(in_shift_ptr + x_ch, mask=k_ok, other=0.0)[None, :]
     a_c, mean_g, c_c, mean, delta = _dy_coefs(
         offs_k, k_ok, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
         M, eps, HAS_GAMMA, BATCH_STATS,
@@ -556,11 +571,14 @@ def _wgrad_direct_kernel(
         ih = ih0 + dr
         iw = iw0 + ds
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_mask = pix_ok[:, None] & k_ok[None, :]
         xv = tl.load(
             x_ptr + (((img * H + ih) * W + iw) * C)[:, None] + x_ch[None, :],
-            mask=pix_ok[:, None] & k_ok[None, :],
+            mask=x_mask,
             other=0.0,
         )
+        if IN_AFFINE:
+            xv = _activated(xv, in_scale, in_shift, x_mask, x_ptr, INTERPRET)
         idx = (offs_m * K)[:, None] + offs_k[None, :]
         mask = m_ok[:, None] & k_ok[None, :]
         dy = _dy_from_g(
@@ -603,10 +621,10 @@ def _wgrad_sum_kernel(
 _dgrad_gemm = _tuning.autotune(_DGRAD_GEMM_CONFIGS, _KEY, _prune_dgrad)(_dgrad_gemm_kernel)
 _dgrad_direct = _tuning.autotune(_DIRECT_CONFIGS, _KEY, _prune_direct_dgrad)(_dgrad_direct_kernel)
 _wgrad_gemm = _tuning.autotune(
-    _WGRAD_GEMM_CONFIGS, [*_KEY, "rows_per_chunk"], _prune_wgrad
+    _WGRAD_GEMM_CONFIGS, [*_KEY, "rows_per_chunk", "IN_AFFINE"], _prune_wgrad
 )(_wgrad_gemm_kernel)
 _wgrad_direct = _tuning.autotune(
-    _DIRECT_CONFIGS, [*_KEY, "rows_per_chunk"], _prune_direct_wgrad
+    _DIRECT_CONFIGS, [*_KEY, "rows_per_chunk", "IN_AFFINE"], _prune_direct_wgrad
 )(_wgrad_direct_kernel)
 
 
@@ -700,11 +718,16 @@ def _rows_per_chunk(m: int, weight_tiles: int) -> int:
 
 def wgrad(
     op: DyOperand, x: Tensor, weight: Tensor, conv: ConvParams,
-    rows_per_chunk: int | None = None,
+    rows_per_chunk: int | None = None, *,
+    x_scale: Tensor | None = None, x_shift: Tensor | None = None,
 ) -> Tensor:
     """The weight gradient (K, Cg, R, S) contiguous in the weight's dtype, deterministic.
 
     ``rows_per_chunk`` overrides how many output pixels each partial covers (tests).
+    ``x_scale``/``x_shift`` (C,) fp32 (both or neither): the convolution read its input through
+    the prologue ``relu(x * x_scale + x_shift)`` (conv2d_fused's ``in_scale``/``in_shift``), so
+    wgrad recomputes that activation while loading x, the same way (rounded to x's dtype, zero
+    padding after the activation), instead of reading a stored activation.
     """
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
@@ -722,9 +745,23 @@ def wgrad(
     chunks = triton.cdiv(m, rows)
     part = _alloc.empty(chunks, rsc * k, dtype=torch.float32, device=x.device)
     ints = (m, h, w, c, oh, ow, k, cg, kg, r, s, *_geometry(conv), rows)
+    assert (x_scale is None) == (x_shift is None), "wgrad: pass both x_scale and x_shift or neither"
+    for name, t in (("x_scale", x_scale), ("x_shift", x_shift)):
+        assert t is None or (t.shape == (c,) and t.dtype == torch.float32
+                             and t.device == x.device), f"wgrad: {name} must be ({c},) fp32"
+    in_affine = x_scale is not None
+    placeholder = op.var  # an fp32 tensor on the device, never read without IN_AFFINE
+    x_args = (
+        x,
+        x_scale.contiguous() if in_affine else placeholder,
+        x_shift.contiguous() if in_affine else placeholder,
+    )
     if which == "direct":
         grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]), rsc, chunks)
-        _wgrad_direct[grid](*op.pointers(), x, part, *ints, op.eps, **op.flags())
+        _wgrad_direct[grid](
+            *op.pointers(), *x_args, part, *ints, op.eps, **op.flags(), IN_AFFINE=in_affine,
+            INTERPRET=_INTERPRET,
+        )
         group_stride, row_stride = kg, k  # partial layout (chunks, R·S·Cg, K)
     else:
         flat = which == "gemm_flat"
@@ -735,8 +772,8 @@ def wgrad(
             return (j_tiles * triton.cdiv(kg, meta["BLOCK_N"]), groups, chunks)
 
         _wgrad_gemm[grid](
-            *op.pointers(), x, part, *ints, op.eps, **op.flags(),
-            FLAT_K=flat, INTERPRET=_INTERPRET,
+            *op.pointers(), *x_args, part, *ints, op.eps, **op.flags(),
+            IN_AFFINE=in_affine, FLAT_K=flat, INTERPRET=_INTERPRET,
         )
         group_stride, row_stride = rsc * kg, kg  # partial layout (chunks, groups, R·S·Cg, Kg)
     dw = _alloc.empty(k, cg, r, s, dtype=weight.dtype, device=weight.device)
@@ -789,7 +826,7 @@ def _signature(dtype: torch.dtype, io: str, extra_ints: tuple[str, ...]) -> dict
         sig.update(w_ptr=p, dx_ptr=p)
         ints = ("M", "NB", "H", "W", "C", "OH", "OW", "K", "Cg", "Kg", "R", "S", *_GEOMETRY)
     else:
-        sig.update(x_ptr=p, part_ptr="*fp32")
+        sig.update(x_ptr=p, in_scale_ptr="*fp32", in_shift_ptr="*fp32", part_ptr="*fp32")
         ints = ("M", "H", "W", "C", "OH", "OW", "K", "Cg", "Kg", "R", "S", *_GEOMETRY)
     sig.update({a: "i32" for a in (*ints, *extra_ints)})
     sig["eps"] = "fp32"
@@ -800,8 +837,10 @@ def compile_specs() -> list[CompileSpec]:
     """Every kernel x autotune configuration x dtype, for the real-target compile check.
 
     Each configuration with the "full" dy flags, each kernel's largest tile also with the
-    "running" flags (see ``DY_FLAGS``), and the chunk sum for each weight dtype. Lists the GPU
-    configurations even under the interpreter (they are what runs on a GPU).
+    "running" flags (see ``DY_FLAGS``) and, for wgrad, with the "full" flags and the activation
+    prologue (``IN_AFFINE``: x read through the previous BN+ReLU, as in block-fused training),
+    and the chunk sum for each weight dtype. Lists the GPU configurations even under the
+    interpreter (they are what runs on a GPU).
 
     Compiled without launch-time specialisation only, so the report does not yet hold these to
     its spill / MMA / async-copy rules: compiled as ResNet launches specialise them, the stem's
@@ -817,7 +856,7 @@ def compile_specs() -> list[CompileSpec]:
         ("wgrad_gemm_flat", _wgrad_gemm_kernel, "wgrad", ("rows_per_chunk",),
          GPU_WGRAD_GEMM_CONFIGS, {"FLAT_K": True, "INTERPRET": False}),
         ("wgrad_direct", _wgrad_direct_kernel, "wgrad", ("rows_per_chunk",), GPU_DIRECT_CONFIGS,
-         {}),
+         {"INTERPRET": False}),
     ]
     specs = []
     for dtype in DTYPES:
@@ -825,13 +864,20 @@ def compile_specs() -> list[CompileSpec]:
         for kname, kernel, io, extra_ints, cfgs, extra in kernels:
             sig = _signature(dtype, io, extra_ints)
             largest = max(cfgs, key=lambda c: _tile_size(c))
-            for fname, flags in DY_FLAGS.items():
-                for cfg in cfgs if fname == "full" else [largest]:
+            variants = [  # (name, dy flags, prologue, configurations)
+                (fname, flags, False, cfgs if fname == "full" else [largest])
+                for fname, flags in DY_FLAGS.items()
+            ]
+            if io == "wgrad":
+                variants.append(("prologue", DY_FLAGS["full"], True, [largest]))
+            for vname, flags, in_affine, vcfgs in variants:
+                prologue = {} if io == "dgrad" else {"IN_AFFINE": in_affine}
+                for cfg in vcfgs:
                     specs.append(CompileSpec(
-                        name=f"{kname}-{dname}-{fname}-{_cfg_name(cfg)}",
+                        name=f"{kname}-{dname}-{vname}-{_cfg_name(cfg)}",
                         kernel=kernel,
                         signature=sig,
-                        constexprs={**flags, **extra, **cfg.kwargs},
+                        constexprs={**flags, **prologue, **extra, **cfg.kwargs},
                         num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages,
                     ))

@@ -254,3 +254,22 @@ def test_prologue_reads_exactly_the_activation_eager_stores(dtype: torch.dtype) 
         fused = conv_bwd.wgrad(pb.op, pb.x, pb.weight, wshape.conv, x_scale=scale, x_shift=shift)
         stored = conv_bwd.wgrad(pb.op, a, pb.weight, wshape.conv)
         assert torch.equal(fused, stored), f"{name} {dtype}: wgrad"
+
+
+def test_prologue_pruning_drops_the_tiles_that_spill_only_with_it(monkeypatch) -> None:
+    """The autotuner reads IN_AFFINE: tiles found spilling with the prologue on (and only then)
+    are offered without it and not with it."""
+    from fastres.backends.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "target", lambda x: 80)
+    nargs = {"K": 256, "x_ptr": torch.empty(1, dtype=torch.float16)}
+    plain = tconv._prune_direct(tconv.GPU_DIRECT_CONFIGS, nargs)
+    with_prologue = tconv._prune_direct(tconv.GPU_DIRECT_CONFIGS, nargs, IN_AFFINE=True)
+    assert plain == tconv.GPU_DIRECT_CONFIGS
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in plain
+            if c not in with_prologue} == {(128, 32), (64, 64), (128, 64)}
+    nargs = {"Kg": 256, "Cg": 256, "x_ptr": torch.empty(1, dtype=torch.float32)}
+    plain = tconv._prune_gemm(tconv.GPU_GEMM_CONFIGS, nargs)
+    with_prologue = tconv._prune_gemm(tconv.GPU_GEMM_CONFIGS, nargs, IN_AFFINE=True)
+    assert {tuple(c.kwargs.values()) for c in plain if c not in with_prologue} == {
+        (64, 64, 64), (128, 128, 64)}

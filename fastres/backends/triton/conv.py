@@ -17,6 +17,14 @@ The epilogue (shared, ``_epilogue``) adds the bias, optionally writes per-tile B
 statistics of that raw output, then applies ``acc * scale + shift``, adds the residual, applies
 ReLU and stores in the input dtype, all in fp32 registers.
 
+The prologue (``IN_AFFINE``, block-fused training) reads the input through the previous conv's
+BN and ReLU, ``relu(x·in_scale + in_shift)`` per input channel (``_activated``), so that only
+raw conv outputs are stored between the convs of a residual block. It is computed in fp32 on the
+loaded elements, set to 0 where the load mask is off (zero padding after the activation: a
+padded element is 0, not relu(in_shift)) and rounded to x's dtype: exactly the activation
+PyTorch would have stored. fp32 operands are then rounded to TF32 as usual. conv_bwd's wgrad
+reads x through the same helper.
+
 BN partials (:class:`Partials`) are per M tile: each tile of BLOCK_M output rows yields, for
 every channel, the count of valid rows, their mean and M2 (sum of squared deviations from the
 tile mean) of the raw output y = conv + bias. M2 is computed from the fp32 tile in registers with
@@ -142,51 +150,78 @@ _SPILLING_TILES = {
     ("direct", torch.bfloat16, (128, 32, 0)): (90,),
     ("direct", torch.bfloat16, (256, 16, 0)): (90,),
 }
+# Tiles that spill only with the activation prologue on (IN_AFFINE, compiled with the training
+# epilogue it serves, every configuration on the kernels' first shape classes): the prologue
+# holds the input tile's per-channel scale and shift and its fp32 activation besides what the
+# plain kernel holds. In addition to _SPILLING_TILES (which still apply).
+_PROLOGUE_SPILLING_TILES = {
+    ("gemm", torch.float32, (128, 128, 64)): (80,),
+    ("gemm", torch.float32, (64, 64, 64)): (80,),
+    ("gemm_flat", torch.float32, (64, 128, 32)): (80, 90),
+    ("gemm_flat", torch.float32, (64, 64, 64)): (80,),
+    ("gemm_flat", torch.float32, (128, 16, 32)): (90,),
+    ("gemm_flat", torch.float16, (128, 64, 32)): (80, 90),
+    ("gemm_flat", torch.float16, (128, 128, 64)): (80,),
+    ("gemm_flat", torch.float16, (64, 64, 64)): (90,),
+    ("gemm_flat", torch.bfloat16, (128, 64, 32)): (80, 90),
+    ("gemm_flat", torch.bfloat16, (128, 128, 64)): (80,),
+    ("direct", torch.float32, (128, 64, 0)): (80,),
+    ("direct", torch.float16, (128, 32, 0)): (80,),
+    ("direct", torch.float16, (64, 64, 0)): (80,),
+    ("direct", torch.float16, (128, 64, 0)): (80,),
+}
 
 
 def _spill_reason(
-    kernel: str, cfg: triton.Config, dtype: torch.dtype | None, cc: int | None
+    kernel: str, cfg: triton.Config, dtype: torch.dtype | None, cc: int | None,
+    prologue: bool = False,
 ) -> str | None:
     tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs.get("BLOCK_K", 0))
+    dname = str(dtype).removeprefix("torch.")
     if cc in _SPILLING_TILES.get((kernel, dtype, tile), ()):
-        return f"spills registers in {str(dtype).removeprefix('torch.')} on sm_{cc}"
+        return f"spills registers in {dname} on sm_{cc}"
+    if prologue and cc in _PROLOGUE_SPILLING_TILES.get((kernel, dtype, tile), ()):
+        return f"spills registers with the prologue in {dname} on sm_{cc}"
     return None
 
 
 def _gemm_unfit(
-    cfg: triton.Config, kg: int, cg: int, flat: bool, dtype: torch.dtype | None, cc: int | None
+    cfg: triton.Config, kg: int, cg: int, flat: bool, dtype: torch.dtype | None, cc: int | None,
+    prologue: bool = False,
 ) -> str | None:
     """Why the autotuner does not offer GEMM tile ``cfg`` for a problem (None: it does)."""
     if cfg.kwargs["BLOCK_N"] > max(32, triton.next_power_of_2(kg)):
         return f"BLOCK_N much wider than the {kg} output channels per group"
     if not flat and cfg.kwargs["BLOCK_K"] > max(32, triton.next_power_of_2(cg)):
         return f"BLOCK_K much wider than the {cg} input channels per group"
-    return _spill_reason("gemm_flat" if flat else "gemm", cfg, dtype, cc)
+    return _spill_reason("gemm_flat" if flat else "gemm", cfg, dtype, cc, prologue)
 
 
 def _direct_unfit(
-    cfg: triton.Config, k: int, dtype: torch.dtype | None, cc: int | None
+    cfg: triton.Config, k: int, dtype: torch.dtype | None, cc: int | None,
+    prologue: bool = False,
 ) -> str | None:
     """Why the autotuner does not offer direct-conv tile ``cfg`` for a problem (None: it does)."""
     if cfg.kwargs["BLOCK_N"] > max(16, triton.next_power_of_2(k)):
         return f"BLOCK_N much wider than the {k} output channels"
-    return _spill_reason("direct", cfg, dtype, cc)
+    return _spill_reason("direct", cfg, dtype, cc, prologue)
 
 
 def _prune_gemm(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     """Drop GEMM tiles much wider than a group's output channels or its reduction slab, and
-    those that spill for this dtype and target."""
+    those that spill for this dtype, target and prologue."""
     x = nargs.get("x_ptr")
     problem = (nargs["Kg"], nargs["Cg"], bool(kwargs.get("FLAT_K")), getattr(x, "dtype", None),
-               _tuning.target(x))
+               _tuning.target(x), bool(kwargs.get("IN_AFFINE")))
     return [c for c in configs if _gemm_unfit(c, *problem) is None] or configs
 
 
 def _prune_direct(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     """Drop channel tiles much wider than the number of output channels, and those that spill
-    for this dtype and target."""
+    for this dtype, target and prologue."""
     x = nargs.get("x_ptr")
-    problem = (nargs["K"], getattr(x, "dtype", None), _tuning.target(x))
+    problem = (nargs["K"], getattr(x, "dtype", None), _tuning.target(x),
+               bool(kwargs.get("IN_AFFINE")))
     return [c for c in configs if _direct_unfit(c, *problem) is None] or configs
 
 
@@ -810,19 +845,19 @@ def compile_specs() -> list[CompileSpec]:
         dname = str(dtype).removeprefix("torch.")
         sig = _signature(dtype)
         for kname, kernel, cfgs, extra, classes, tensor_cores in kernels:
-            # the largest tile offered on every target for the first class (else the largest)
-            offered = [c for c in cfgs if not any(
-                _unfit(kname, c, SHAPE_CLASSES[classes[0]], dtype, cc) for cc in TARGETS)]
-            largest = max(offered or cfgs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+            first = SHAPE_CLASSES[classes[0]]
             variants = [  # (epilogue, configuration, shape class)
                 *(("all", cfg, cls) for cfg in cfgs for cls in classes),
-                *((epi, largest, classes[0]) for epi in EPILOGUES if epi != "all"),
-                ("all", largest, UNSPECIALISED),
+                *((epi, _largest(kname, cfgs, first, dtype, flags["IN_AFFINE"]), classes[0])
+                  for epi, flags in EPILOGUES.items() if epi != "all"),
+                ("all", _largest(kname, cfgs, first, dtype, False), UNSPECIALISED),
             ]
             for epi, cfg, cls in variants:
                 ints = SHAPE_CLASSES.get(cls)
+                prologue = EPILOGUES[epi]["IN_AFFINE"]
                 pruned = {} if ints is None else {
-                    cc: why for cc in TARGETS if (why := _unfit(kname, cfg, ints, dtype, cc))}
+                    cc: why for cc in TARGETS
+                    if (why := _unfit(kname, cfg, ints, dtype, cc, prologue))}
                 specs.append(CompileSpec(
                     name=f"{kname}-{dname}-{epi}-{_cfg_name(cfg)}-{cls}",
                     kernel=kernel,
@@ -838,13 +873,27 @@ def compile_specs() -> list[CompileSpec]:
     return specs
 
 
+def _largest(
+    kname: str, cfgs: list[triton.Config], ints: dict[str, int], dtype: torch.dtype,
+    prologue: bool,
+) -> triton.Config:
+    """The largest tile of ``kname`` offered on every target for a shape class (else the
+    largest), with or without the activation prologue."""
+    offered = [c for c in cfgs
+               if not any(_unfit(kname, c, ints, dtype, cc, prologue) for cc in TARGETS)]
+    return max(offered or cfgs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+
+
 def _unfit(
-    kname: str, cfg: triton.Config, ints: dict[str, int], dtype: torch.dtype, cc: int
+    kname: str, cfg: triton.Config, ints: dict[str, int], dtype: torch.dtype, cc: int,
+    prologue: bool = False,
 ) -> str | None:
-    """Why the autotuner would not offer ``cfg`` of kernel ``kname`` for a shape class on ``cc``."""
+    """Why the autotuner would not offer ``cfg`` of kernel ``kname`` for a shape class on ``cc``
+    (with the activation prologue if ``prologue``)."""
     if kname == "conv_direct":
-        return _direct_unfit(cfg, ints["K"], dtype, cc)
-    return _gemm_unfit(cfg, ints["Kg"], ints["Cg"], kname == "conv_gemm_flat", dtype, cc)
+        return _direct_unfit(cfg, ints["K"], dtype, cc, prologue)
+    return _gemm_unfit(cfg, ints["Kg"], ints["Cg"], kname == "conv_gemm_flat", dtype, cc,
+                       prologue)
 
 
 def _cfg_name(cfg: triton.Config) -> str:

@@ -25,6 +25,9 @@ Everything is NHWC (channels_last) and accumulates in fp32. Kernels:
 * ``_wgrad_gemm_kernel``: dW^T of one group, (R·S·Cg, Kg), as a GEMM whose reduction runs over
   the N·OH·OW output pixels. ``FLAT_K`` decodes the (r, s, c) row index per element (few input
   channels: the stem); otherwise a tile covers one tap and a slab of channels.
+  With ``IN_AFFINE`` (both wgrad kernels) x is read through the forward's activation prologue
+  (``conv._activated``: relu(x·scale + shift), padding after it, rounded to x's dtype), the
+  activation recomputed at load rather than stored.
 * ``_wgrad_direct_kernel``: one (tap, group channel) pair and a block of output channels per
   program, FMAs, for few channels per group.
 * ``_wgrad_sum_kernel``: the wgrad kernels split the pixel reduction into fixed chunks of rows

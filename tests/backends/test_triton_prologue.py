@@ -214,6 +214,19 @@ def test_wgrad_padding_is_applied_after_the_activation(name: str) -> None:
     _check_wgrad(WGRAD_SHAPES[name], torch.float16, positive_shift=True)
 
 
+def test_wgrad_prologue_rejects_bad_vectors() -> None:
+    shape = WGRAD_SHAPES["3x3"]
+    pb = _problem(shape, torch.float32, "train")
+    scale, shift = _affine(shape.c)
+    with pytest.raises(AssertionError, match="x_scale and x_shift"):
+        conv_bwd.wgrad(pb.op, pb.x, pb.weight, shape.conv, x_scale=scale)
+    with pytest.raises(AssertionError, match="x_shift must be"):
+        conv_bwd.wgrad(pb.op, pb.x, pb.weight, shape.conv, x_scale=scale, x_shift=shift[:-1])
+    with pytest.raises(AssertionError, match="x_scale must be"):
+        conv_bwd.wgrad(pb.op, pb.x, pb.weight, shape.conv, x_scale=scale.double(),
+                       x_shift=shift)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, dtype", WGRAD_SLOW, ids=_ids)
 def test_wgrad_prologue_grid(name: str, dtype: torch.dtype) -> None:

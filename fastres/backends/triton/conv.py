@@ -371,7 +371,7 @@ def _epilogue(
 def _conv_gemm_kernel(
     x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
     in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
-    in_shift_ptr,  # (C,) fp32 shift of the prologue (read only if IN_AFFINE)
+    in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
     w_ptr,  # weight packed as (groups, R, S, Cg, Kg) contiguous: per group a (R·S·Cg, Kg) matrix
     bias_ptr,  # (K,) conv bias in x's dtype (read only if HAS_BIAS)
     scale_ptr,  # (K,) fp32 epilogue scale (read only if HAS_AFFINE)
@@ -512,7 +512,7 @@ def _conv_gemm_kernel(
 def _conv_direct_kernel(
     x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
     in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
-    in_shift_ptr,  # (C,) fp32 shift of the prologue (read only if IN_AFFINE)
+    in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
     w_ptr,  # weight packed as (R, S, Cg, K) contiguous: per tap and group channel, a K vector
     bias_ptr,  # (K,) conv bias in x's dtype (read only if HAS_BIAS)
     scale_ptr,  # (K,) fp32 epilogue scale (read only if HAS_AFFINE)

@@ -25,14 +25,16 @@ Everything is NHWC (channels_last) and accumulates in fp32. Kernels:
 * ``_wgrad_gemm_kernel``: dW^T of one group, (R·S·Cg, Kg), as a GEMM whose reduction runs over
   the N·OH·OW output pixels. ``FLAT_K`` decodes the (r, s, c) row index per element (few input
   channels: the stem); otherwise a tile covers one tap and a slab of channels.
-  With ``IN_AFFINE`` (both wgrad kernels) x is read through the forward's activation prologue
-  (``conv._activated``: relu(x·scale + shift), padding after it, rounded to x's dtype), the
-  activation recomputed at load rather than stored.
 * ``_wgrad_direct_kernel``: one (tap, group channel) pair and a block of output channels per
   program, FMAs, for few channels per group.
 * ``_wgrad_sum_kernel``: the wgrad kernels split the pixel reduction into fixed chunks of rows
   (a program axis, so early layers with few weight tiles still fill the GPU) and write fp32
   partials; this kernel sums them in chunk order and writes dW in the weight's dtype and layout.
+
+Block-fused training (``IN_AFFINE``, both wgrad kernels): x is the previous conv's raw output
+and is read through the forward's activation prologue (``conv._activated``: relu(x·scale +
+shift), zero padding after it, rounded to x's dtype), the activation recomputed at load rather
+than stored.
 
 Determinism: no atomics; every sum runs in an order fixed by the shapes and the configuration
 (the chunking does not depend on the autotuned tile), so a step is bitwise reproducible for a
@@ -734,6 +736,10 @@ def wgrad(
     """
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
+    assert (x_scale is None) == (x_shift is None), "wgrad: pass both x_scale and x_shift or neither"
+    for name, t in (("x_scale", x_scale), ("x_shift", x_shift)):
+        assert t is None or (t.shape == (c,) and t.dtype == torch.float32
+                             and t.device == x.device), f"wgrad: {name} must be ({c},) fp32"
     groups = conv.groups
     kg = k // groups
     _, _, oh, ow = op.dz.shape
@@ -748,10 +754,6 @@ def wgrad(
     chunks = triton.cdiv(m, rows)
     part = _alloc.empty(chunks, rsc * k, dtype=torch.float32, device=x.device)
     ints = (m, h, w, c, oh, ow, k, cg, kg, r, s, *_geometry(conv), rows)
-    assert (x_scale is None) == (x_shift is None), "wgrad: pass both x_scale and x_shift or neither"
-    for name, t in (("x_scale", x_scale), ("x_shift", x_shift)):
-        assert t is None or (t.shape == (c,) and t.dtype == torch.float32
-                             and t.device == x.device), f"wgrad: {name} must be ({c},) fp32"
     in_affine = x_scale is not None
     placeholder = op.var  # an fp32 tensor on the device, never read without IN_AFFINE
     x_args = (

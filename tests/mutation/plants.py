@@ -21,6 +21,7 @@ class Plant:
 TRITON_GRID = "tests/backends/test_triton.py"
 EMU = "tests/backends/test_cuda.py"
 TRITON_INFER = "fastres/backends/triton/__init__.py"
+PROLOGUE = "tests/backends/test_triton_prologue.py"
 INFER_CALL = "x, weight, bias, conv, scale=scale, shift=shift, residual=residual, relu=relu"
 
 PLANTS = [
@@ -108,5 +109,17 @@ PLANTS = [
           ("tests/backends/test_relu_source.py",)),
     Plant("triton apply ReLU as tl.maximum (drops NaN on a GPU)", "fastres/backends/triton/bn.py",
           "        z = tl.where(z < 0.0, 0.0, z)", "        z = tl.maximum(z, 0.0)",
+          ("tests/backends/test_relu_source.py",)),
+    # the activation prologue of block-fused training (issue 10)
+    Plant("prologue pads before the activation (padding becomes relu(shift))",
+          "fastres/backends/triton/conv.py", "    a = tl.where(mask, a, 0.0)\n", "",
+          (PROLOGUE, "-k", "padding_is_applied_after")),
+    Plant("prologue reads scale/shift without the group's channel offset",
+          "fastres/backends/triton/conv.py",
+          "                x_ch = g * Cg + ck  # absolute input channel",
+          "                x_ch = ck  # absolute input channel",
+          (PROLOGUE, "-k", "prologue_matches_float64 and g2x16")),
+    Plant("prologue ReLU as tl.maximum (drops NaN on a GPU)", "fastres/backends/triton/conv.py",
+          "    a = tl.where(a < 0.0, 0.0, a)", "    a = tl.maximum(a, 0.0)",
           ("tests/backends/test_relu_source.py",)),
 ]

@@ -17,6 +17,14 @@ The epilogue (shared, ``_epilogue``) adds the bias, optionally writes per-tile B
 statistics of that raw output, then applies ``acc * scale + shift``, adds the residual, applies
 ReLU and stores in the input dtype, all in fp32 registers.
 
+The prologue (``IN_AFFINE``, block-fused training) reads the input through the previous conv's
+BN and ReLU, ``relu(x·in_scale + in_shift)`` per input channel (``_activated``), so that only
+raw conv outputs are stored between the convs of a residual block. It is computed in fp32 on the
+loaded elements, set to 0 where the load mask is off (zero padding after the activation: a
+padded element is 0, not relu(in_shift)) and rounded to x's dtype: exactly the activation
+PyTorch would have stored. fp32 operands are then rounded to TF32 as usual. conv_bwd's wgrad
+reads x through the same helper.
+
 BN partials (:class:`Partials`) are per M tile: each tile of BLOCK_M output rows yields, for
 every channel, the count of valid rows, their mean and M2 (sum of squared deviations from the
 tile mean) of the raw output y = conv + bias. M2 is computed from the fp32 tile in registers with
@@ -142,51 +150,78 @@ _SPILLING_TILES = {
     ("direct", torch.bfloat16, (128, 32, 0)): (90,),
     ("direct", torch.bfloat16, (256, 16, 0)): (90,),
 }
+# Tiles that spill only with the activation prologue on (IN_AFFINE, compiled with the training
+# epilogue it serves, every configuration on the kernels' first shape classes): the prologue
+# holds the input tile's per-channel scale and shift and its fp32 activation besides what the
+# plain kernel holds. In addition to _SPILLING_TILES (which still apply).
+_PROLOGUE_SPILLING_TILES = {
+    ("gemm", torch.float32, (128, 128, 64)): (80,),
+    ("gemm", torch.float32, (64, 64, 64)): (80,),
+    ("gemm_flat", torch.float32, (64, 128, 32)): (80, 90),
+    ("gemm_flat", torch.float32, (64, 64, 64)): (80,),
+    ("gemm_flat", torch.float32, (128, 16, 32)): (90,),
+    ("gemm_flat", torch.float16, (128, 64, 32)): (80, 90),
+    ("gemm_flat", torch.float16, (128, 128, 64)): (80,),
+    ("gemm_flat", torch.float16, (64, 64, 64)): (90,),
+    ("gemm_flat", torch.bfloat16, (128, 64, 32)): (80, 90),
+    ("gemm_flat", torch.bfloat16, (128, 128, 64)): (80,),
+    ("direct", torch.float32, (128, 64, 0)): (80,),
+    ("direct", torch.float16, (128, 32, 0)): (80,),
+    ("direct", torch.float16, (64, 64, 0)): (80,),
+    ("direct", torch.float16, (128, 64, 0)): (80,),
+}
 
 
 def _spill_reason(
-    kernel: str, cfg: triton.Config, dtype: torch.dtype | None, cc: int | None
+    kernel: str, cfg: triton.Config, dtype: torch.dtype | None, cc: int | None,
+    prologue: bool = False,
 ) -> str | None:
     tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs.get("BLOCK_K", 0))
+    dname = str(dtype).removeprefix("torch.")
     if cc in _SPILLING_TILES.get((kernel, dtype, tile), ()):
-        return f"spills registers in {str(dtype).removeprefix('torch.')} on sm_{cc}"
+        return f"spills registers in {dname} on sm_{cc}"
+    if prologue and cc in _PROLOGUE_SPILLING_TILES.get((kernel, dtype, tile), ()):
+        return f"spills registers with the prologue in {dname} on sm_{cc}"
     return None
 
 
 def _gemm_unfit(
-    cfg: triton.Config, kg: int, cg: int, flat: bool, dtype: torch.dtype | None, cc: int | None
+    cfg: triton.Config, kg: int, cg: int, flat: bool, dtype: torch.dtype | None, cc: int | None,
+    prologue: bool = False,
 ) -> str | None:
     """Why the autotuner does not offer GEMM tile ``cfg`` for a problem (None: it does)."""
     if cfg.kwargs["BLOCK_N"] > max(32, triton.next_power_of_2(kg)):
         return f"BLOCK_N much wider than the {kg} output channels per group"
     if not flat and cfg.kwargs["BLOCK_K"] > max(32, triton.next_power_of_2(cg)):
         return f"BLOCK_K much wider than the {cg} input channels per group"
-    return _spill_reason("gemm_flat" if flat else "gemm", cfg, dtype, cc)
+    return _spill_reason("gemm_flat" if flat else "gemm", cfg, dtype, cc, prologue)
 
 
 def _direct_unfit(
-    cfg: triton.Config, k: int, dtype: torch.dtype | None, cc: int | None
+    cfg: triton.Config, k: int, dtype: torch.dtype | None, cc: int | None,
+    prologue: bool = False,
 ) -> str | None:
     """Why the autotuner does not offer direct-conv tile ``cfg`` for a problem (None: it does)."""
     if cfg.kwargs["BLOCK_N"] > max(16, triton.next_power_of_2(k)):
         return f"BLOCK_N much wider than the {k} output channels"
-    return _spill_reason("direct", cfg, dtype, cc)
+    return _spill_reason("direct", cfg, dtype, cc, prologue)
 
 
 def _prune_gemm(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     """Drop GEMM tiles much wider than a group's output channels or its reduction slab, and
-    those that spill for this dtype and target."""
+    those that spill for this dtype, target and prologue."""
     x = nargs.get("x_ptr")
     problem = (nargs["Kg"], nargs["Cg"], bool(kwargs.get("FLAT_K")), getattr(x, "dtype", None),
-               _tuning.target(x))
+               _tuning.target(x), bool(kwargs.get("IN_AFFINE")))
     return [c for c in configs if _gemm_unfit(c, *problem) is None] or configs
 
 
 def _prune_direct(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     """Drop channel tiles much wider than the number of output channels, and those that spill
-    for this dtype and target."""
+    for this dtype, target and prologue."""
     x = nargs.get("x_ptr")
-    problem = (nargs["K"], getattr(x, "dtype", None), _tuning.target(x))
+    problem = (nargs["K"], getattr(x, "dtype", None), _tuning.target(x),
+               bool(kwargs.get("IN_AFFINE")))
     return [c for c in configs if _direct_unfit(c, *problem) is None] or configs
 
 
@@ -198,7 +233,7 @@ _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in (*_GEMM_CONFIGS, *_DIRECT_CONFIG
 # the autotuner itself).
 _KEY = [
     "M", "H", "W", "C", "K", "Cg", "Kg", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w",
-    "dil_h", "dil_w", "STATS", "HAS_RES",
+    "dil_h", "dil_w", "STATS", "HAS_RES", "IN_AFFINE",
 ]
 
 
@@ -233,6 +268,30 @@ def _tf32_rounded(v):
     but eval outputs and running statistics keep. Inf and NaN stay what they are."""
     bits = v.to(tl.uint32, bitcast=True)
     return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _activated(
+    v,  # loaded input elements (any float dtype; masked-off elements are ignored)
+    scale,  # per-channel fp32 scale of the previous BN, broadcastable to v
+    shift,  # per-channel fp32 shift, broadcastable to v
+    mask,  # the load mask of v: False for padding and out-of-image elements
+    x_ptr,  # the input pointer: its element type is the dtype to round to
+    INTERPRET: tl.constexpr,  # running in the interpreter
+):
+    """The activation ``relu(v·scale + shift)`` a convolution reads in place of its input when
+    the previous conv's BN+ReLU is fused into this one's load (the prologue), in x's dtype.
+
+    Computed in fp32 and rounded once to x's dtype: the activation eager PyTorch would have
+    stored (BN apply computes in fp32). Padding is applied *after* the activation: an element
+    outside the image is 0, as the zero padding of the stored activation is, not relu(shift).
+    """
+    a = v.to(tl.float32) * scale + shift
+    a = tl.where(a < 0.0, 0.0, a)  # not maximum(): max.f32 drops NaN on a GPU
+    a = tl.where(mask, a, 0.0)
+    if INTERPRET:  # its fp32 -> bf16 conversion truncates: round first, then convert exactly
+        a = _round_to_output(a, x_ptr, INTERPRET)
+    return a.to(x_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -310,7 +369,9 @@ def _epilogue(
 
 @triton.jit
 def _conv_gemm_kernel(
-    x_ptr,  # input, NHWC contiguous (N, H, W, C)
+    x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
+    in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
+    in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
     w_ptr,  # weight packed as (groups, R, S, Cg, Kg) contiguous: per group a (R·S·Cg, Kg) matrix
     bias_ptr,  # (K,) conv bias in x's dtype (read only if HAS_BIAS)
     scale_ptr,  # (K,) fp32 epilogue scale (read only if HAS_AFFINE)
@@ -331,6 +392,7 @@ def _conv_gemm_kernel(
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
     STATS: tl.constexpr,
+    IN_AFFINE: tl.constexpr,  # read the input through relu(x·in_scale + in_shift) (_activated)
     FLAT_K: tl.constexpr,  # reduction index runs over R·S·Cg jointly (few input channels)
     INTERPRET: tl.constexpr,  # running in the interpreter: work around its bf16 gaps
     BLOCK_M: tl.constexpr,  # output rows per program
@@ -379,6 +441,14 @@ def _conv_gemm_kernel(
             )
             a_off = ((img[:, None] * H + ih) * W + iw) * C + c[None, :]
             a = tl.load(x_g + a_off, mask=a_mask, other=0.0)
+            if IN_AFFINE:
+                x_ch = g * Cg + c  # absolute input channel
+                a = _activated(
+                    a,
+                    tl.load(in_scale_ptr + x_ch, mask=kk_ok, other=0.0)[None, :],
+                    tl.load(in_shift_ptr + x_ch, mask=kk_ok, other=0.0)[None, :],
+                    a_mask, x_ptr, INTERPRET,
+                )
             b = tl.load(
                 w_g + kk[:, None] * Kg + offs_n[None, :],
                 mask=kk_ok[:, None] & n_ok[None, :],
@@ -408,11 +478,16 @@ def _conv_gemm_kernel(
             x_row = ((img * H + ih) * W + iw) * C  # [BLOCK_M] int64 offsets of the input pixels
             ck = c0 + offs_kk
             ck_ok = ck < Cg
-            a = tl.load(
-                x_g + x_row[:, None] + ck[None, :],
-                mask=row_ok[:, None] & ck_ok[None, :],
-                other=0.0,
-            )
+            a_mask = row_ok[:, None] & ck_ok[None, :]
+            a = tl.load(x_g + x_row[:, None] + ck[None, :], mask=a_mask, other=0.0)
+            if IN_AFFINE:
+                x_ch = g * Cg + ck  # absolute input channel
+                a = _activated(
+                    a,
+                    tl.load(in_scale_ptr + x_ch, mask=ck_ok, other=0.0)[None, :],
+                    tl.load(in_shift_ptr + x_ch, mask=ck_ok, other=0.0)[None, :],
+                    a_mask, x_ptr, INTERPRET,
+                )
             b = tl.load(
                 w_g + (rs * Cg + ck)[:, None] * Kg + offs_n[None, :],
                 mask=ck_ok[:, None] & n_ok[None, :],
@@ -435,7 +510,9 @@ def _conv_gemm_kernel(
 
 @triton.jit
 def _conv_direct_kernel(
-    x_ptr,  # input, NHWC contiguous (N, H, W, C)
+    x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
+    in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
+    in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
     w_ptr,  # weight packed as (R, S, Cg, K) contiguous: per tap and group channel, a K vector
     bias_ptr,  # (K,) conv bias in x's dtype (read only if HAS_BIAS)
     scale_ptr,  # (K,) fp32 epilogue scale (read only if HAS_AFFINE)
@@ -456,6 +533,7 @@ def _conv_direct_kernel(
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
     STATS: tl.constexpr,
+    IN_AFFINE: tl.constexpr,  # read the input through relu(x·in_scale + in_shift) (_activated)
     INTERPRET: tl.constexpr,  # running in the interpreter: work around its bf16 gaps
     BLOCK_M: tl.constexpr,  # output rows per program
     BLOCK_N: tl.constexpr,  # output channels per program (may span several groups)
@@ -490,7 +568,15 @@ def _conv_direct_kernel(
         for ci in range(0, Cg):
             # Neighbouring output channels of one group read the same input element (a cache
             # hit); in depthwise convolutions the reads are contiguous along the channels.
-            xv = tl.load(x_row[:, None] + (c_first + ci)[None, :], mask=x_mask, other=0.0)
+            x_ch = c_first + ci  # [BLOCK_N] absolute input channel of each output channel
+            xv = tl.load(x_row[:, None] + x_ch[None, :], mask=x_mask, other=0.0)
+            if IN_AFFINE:
+                xv = _activated(
+                    xv,
+                    tl.load(in_scale_ptr + x_ch, mask=k_ok, other=0.0)[None, :],
+                    tl.load(in_shift_ptr + x_ch, mask=k_ok, other=0.0)[None, :],
+                    x_mask, x_ptr, INTERPRET,
+                )
             wv = tl.load(w_rs + ci * K + offs_k, mask=k_ok, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
 
@@ -541,6 +627,8 @@ def conv2d_fused(
     relu: bool = False,
     stats: bool = False,
     out: torch.Tensor | None = None,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Partials | None]:
     """``relu(conv2d(x, weight, bias) * scale + shift + residual)`` in one kernel, NHWC.
 
@@ -551,6 +639,12 @@ def conv2d_fused(
     output ``conv + bias`` (before scale/shift). ``out`` optionally receives the result (N, K, OH,
     OW) channels_last contiguous, x's dtype; it must not overlap the inputs. Returns ``(out,
     partials or None)``, ``out`` channels_last in x's dtype.
+
+    ``in_scale``/``in_shift`` (C,) fp32 (both or neither) add the prologue of block-fused
+    training: the convolution reads ``relu(x * in_scale + in_shift)`` in place of ``x`` (x is
+    then the previous conv's raw output and the pair its BN's folded scale/shift), computed in
+    fp32 and rounded to x's dtype as the stored activation would be; zero padding applies after
+    the activation (a padded element is 0, not relu(in_shift)).
     """
     cl = torch.channels_last
     assert x.dim() == 4 and weight.dim() == 4, "conv2d_fused: x and weight must be 4-D"
@@ -568,11 +662,19 @@ def conv2d_fused(
     oh, ow = conv.out_hw(h, w, r, s)
     assert oh > 0 and ow > 0, f"conv2d_fused: empty output {oh}x{ow}"
     assert (scale is None) == (shift is None), "conv2d_fused: pass both scale and shift or neither"
+    assert (in_scale is None) == (in_shift is None), (
+        "conv2d_fused: pass both in_scale and in_shift or neither"
+    )
     _check_vec("bias", bias, k, x.dtype, x.device)
     _check_vec("scale", scale, k, torch.float32, x.device)
     _check_vec("shift", shift, k, torch.float32, x.device)
-    # The kernels index the (K,) vectors densely; copies only if a caller passes a strided view.
-    bias, scale, shift = (None if t is None else t.contiguous() for t in (bias, scale, shift))
+    _check_vec("in_scale", in_scale, c, torch.float32, x.device)
+    _check_vec("in_shift", in_shift, c, torch.float32, x.device)
+    # The kernels index the (K,) and (C,) vectors densely; copies only if a caller passes a
+    # strided view.
+    bias, scale, shift, in_scale, in_shift = (
+        None if t is None else t.contiguous() for t in (bias, scale, shift, in_scale, in_shift)
+    )
     if residual is not None:
         assert residual.shape == (n, k, oh, ow), (
             f"conv2d_fused: residual {tuple(residual.shape)} != output {(n, k, oh, ow)}"
@@ -617,7 +719,10 @@ def conv2d_fused(
     else:
         count = mean = m2 = f32_dummy
     args = (
-        x, w_packed,
+        x,
+        in_scale if in_scale is not None else f32_dummy,
+        in_shift if in_shift is not None else f32_dummy,
+        w_packed,
         bias if bias is not None else out,
         scale if scale is not None else f32_dummy,
         shift if shift is not None else f32_dummy,
@@ -633,6 +738,7 @@ def conv2d_fused(
         HAS_RES=residual is not None,
         RELU=bool(relu),
         STATS=bool(stats),
+        IN_AFFINE=in_scale is not None,
         INTERPRET=_INTERPRET,
     )
     if which == "direct":
@@ -662,14 +768,21 @@ _INT_ARGS = (
     "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
 )
 
-# Epilogue flag sets compiled ahead of time. "all" turns every feature on (the most code and
-# registers; a flag that is off only removes code) and is compiled with every configuration;
-# the two real uses, training (raw output + bias + BN partials) and fused eval (bias, folded BN
-# scale/shift, residual, ReLU), are compiled with each kernel's largest tile.
+# Epilogue flag sets compiled ahead of time. "all" turns every epilogue feature on (the most
+# code and registers; a flag that is off only removes code) and is compiled with every
+# configuration; the real uses, training (raw output + bias + BN partials), fused eval (bias,
+# folded BN scale/shift, residual, ReLU) and block-fused training (training's epilogue reading
+# its input through the previous BN+ReLU, IN_AFFINE: the prologue), are compiled with each
+# kernel's largest tile.
 EPILOGUES = {
-    "all": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, STATS=True),
-    "train": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, STATS=True),
-    "eval": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, STATS=False),
+    "all": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, STATS=True,
+                IN_AFFINE=False),
+    "train": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, STATS=True,
+                  IN_AFFINE=False),
+    "eval": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, STATS=False,
+                 IN_AFFINE=False),
+    "prologue": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, STATS=True,
+                     IN_AFFINE=True),
 }
 
 
@@ -703,7 +816,8 @@ SHAPE_CLASSES = {
 def _signature(dtype: torch.dtype) -> dict[str, str]:
     p = _TL_PTR[dtype]
     sig = {
-        "x_ptr": p, "w_ptr": p, "bias_ptr": p, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+        "x_ptr": p, "in_scale_ptr": "*fp32", "in_shift_ptr": "*fp32", "w_ptr": p, "bias_ptr": p,
+        "scale_ptr": "*fp32", "shift_ptr": "*fp32",
         "res_ptr": p, "out_ptr": p, "count_ptr": "*fp32", "mean_ptr": "*fp32",
         "m2_ptr": "*fp32",
     }
@@ -716,7 +830,8 @@ def compile_specs() -> list[CompileSpec]:
 
     Each configuration is compiled with the "all" epilogue for each of its kernel's ResNet shape
     classes (``SHAPE_CLASSES``); the largest tile offered for the first class also with the
-    "train" and "eval" epilogues and, once per kernel and dtype, unspecialised (odd shapes).
+    "train", "eval" and "prologue" flag sets and, once per kernel and dtype, unspecialised (odd
+    shapes).
     Lists the GPU configurations even under the interpreter (they are what runs on a GPU).
     """
     kernels = [  # (name, kernel, configurations, extra constexprs, shape classes, tensor cores)
@@ -730,19 +845,19 @@ def compile_specs() -> list[CompileSpec]:
         dname = str(dtype).removeprefix("torch.")
         sig = _signature(dtype)
         for kname, kernel, cfgs, extra, classes, tensor_cores in kernels:
-            # the largest tile offered on every target for the first class (else the largest)
-            offered = [c for c in cfgs if not any(
-                _unfit(kname, c, SHAPE_CLASSES[classes[0]], dtype, cc) for cc in TARGETS)]
-            largest = max(offered or cfgs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+            first = SHAPE_CLASSES[classes[0]]
             variants = [  # (epilogue, configuration, shape class)
                 *(("all", cfg, cls) for cfg in cfgs for cls in classes),
-                *((epi, largest, classes[0]) for epi in EPILOGUES if epi != "all"),
-                ("all", largest, UNSPECIALISED),
+                *((epi, _largest(kname, cfgs, first, dtype, flags["IN_AFFINE"]), classes[0])
+                  for epi, flags in EPILOGUES.items() if epi != "all"),
+                ("all", _largest(kname, cfgs, first, dtype, False), UNSPECIALISED),
             ]
             for epi, cfg, cls in variants:
                 ints = SHAPE_CLASSES.get(cls)
+                prologue = EPILOGUES[epi]["IN_AFFINE"]
                 pruned = {} if ints is None else {
-                    cc: why for cc in TARGETS if (why := _unfit(kname, cfg, ints, dtype, cc))}
+                    cc: why for cc in TARGETS
+                    if (why := _unfit(kname, cfg, ints, dtype, cc, prologue))}
                 specs.append(CompileSpec(
                     name=f"{kname}-{dname}-{epi}-{_cfg_name(cfg)}-{cls}",
                     kernel=kernel,
@@ -758,13 +873,27 @@ def compile_specs() -> list[CompileSpec]:
     return specs
 
 
+def _largest(
+    kname: str, cfgs: list[triton.Config], ints: dict[str, int], dtype: torch.dtype,
+    prologue: bool,
+) -> triton.Config:
+    """The largest tile of ``kname`` offered on every target for a shape class (else the
+    largest), with or without the activation prologue."""
+    offered = [c for c in cfgs
+               if not any(_unfit(kname, c, ints, dtype, cc, prologue) for cc in TARGETS)]
+    return max(offered or cfgs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+
+
 def _unfit(
-    kname: str, cfg: triton.Config, ints: dict[str, int], dtype: torch.dtype, cc: int
+    kname: str, cfg: triton.Config, ints: dict[str, int], dtype: torch.dtype, cc: int,
+    prologue: bool = False,
 ) -> str | None:
-    """Why the autotuner would not offer ``cfg`` of kernel ``kname`` for a shape class on ``cc``."""
+    """Why the autotuner would not offer ``cfg`` of kernel ``kname`` for a shape class on ``cc``
+    (with the activation prologue if ``prologue``)."""
     if kname == "conv_direct":
-        return _direct_unfit(cfg, ints["K"], dtype, cc)
-    return _gemm_unfit(cfg, ints["Kg"], ints["Cg"], kname == "conv_gemm_flat", dtype, cc)
+        return _direct_unfit(cfg, ints["K"], dtype, cc, prologue)
+    return _gemm_unfit(cfg, ints["Kg"], ints["Cg"], kname == "conv_gemm_flat", dtype, cc,
+                       prologue)
 
 
 def _cfg_name(cfg: triton.Config) -> str:

@@ -35,6 +35,11 @@ Everything is NHWC (channels_last) and accumulates in fp32. Kernels:
   (a program axis, so early layers with few weight tiles still fill the GPU) and write fp32
   partials; this kernel sums them in chunk order and writes dW in the weight's dtype and layout.
 
+Block-fused training (``IN_AFFINE``, both wgrad kernels): x is the previous conv's raw output
+and is read through the forward's activation prologue (``conv._activated``: relu(x·scale +
+shift), zero padding after it, rounded to x's dtype), the activation recomputed at load rather
+than stored.
+
 Determinism: no atomics; every sum runs in an order fixed by the shapes and the configuration
 (the chunking does not depend on the autotuned tile), so a step is bitwise reproducible for a
 given configuration. The autotuner picks a configuration once per shape and process.
@@ -67,7 +72,7 @@ from .bn import (
     _dy_from_g,
     _grad_g,
 )
-from .conv import _TL_PTR, DTYPES, _tf32_rounded, kernel_for
+from .conv import _TL_PTR, DTYPES, _activated, _tf32_rounded, kernel_for
 
 _INTERPRET = _tuning.INTERPRET
 Tensor = torch.Tensor
@@ -499,7 +504,9 @@ def _output_pixels(m0, row_end, OH, OW, stride_h, stride_w, pad_h, pad_w, BLOCK_
 @triton.jit
 def _wgrad_gemm_kernel(
     dz_ptr, z_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
-    x_ptr,  # input, NHWC contiguous (N, H, W, C)
+    x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
+    in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
+    in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
     part_ptr,  # out: (chunks, groups, R·S·Cg, Kg) fp32 partial dW^T per chunk of output pixels
     M,  # output pixels N·OH·OW (the BN count and the reduction length)
     H, W, C,  # input height, width, channels (all groups)
@@ -512,6 +519,7 @@ def _wgrad_gemm_kernel(
     RELU: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
+    IN_AFFINE: tl.constexpr,  # read x through relu(x·in_scale + in_shift) (conv._activated)
     FLAT_K: tl.constexpr,  # rows j = (r·S + s)·Cg + c decoded per element (few input channels)
     INTERPRET: tl.constexpr,  # running in the interpreter: fp32 tl.dot operands
     BLOCK_J: tl.constexpr,  # rows of dW^T ((r, s, c) indices) per program
@@ -542,6 +550,9 @@ def _wgrad_gemm_kernel(
         dr = (rs // S) * dil_h  # scalars
         ds = (rs % S) * dil_w
     x_ch = g * Cg + c
+    if IN_AFFINE:  # the rows' channels are fixed for the whole reduction
+        in_scale = tl.load(in_scale_ptr + x_ch, mask=j_ok, other=0.0)[:, None]
+        in_shift = tl.load(in_shift_ptr + x_ch, mask=j_ok, other=0.0)[:, None]
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Kg
@@ -571,6 +582,8 @@ def _wgrad_gemm_kernel(
             a_mask = j_ok[:, None] & pix_ok[None, :]
             a_off = (((img * H + ih) * W + iw) * C)[None, :] + x_ch[:, None]
         a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+        if IN_AFFINE:
+            a = _activated(a, in_scale, in_shift, a_mask, x_ptr, INTERPRET)
         idx = (offs_m * K)[:, None] + ch[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
         dy = _dy_from_g(
@@ -596,7 +609,9 @@ def _wgrad_gemm_kernel(
 @triton.jit
 def _wgrad_direct_kernel(
     dz_ptr, z_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
-    x_ptr,  # input, NHWC contiguous (N, H, W, C)
+    x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
+    in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
+    in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
     part_ptr,  # out: (chunks, R·S·Cg, K) fp32 partial dW per chunk of output pixels
     M,  # output pixels N·OH·OW (the BN count and the reduction length)
     H, W, C,  # input height, width, channels (all groups)
@@ -609,6 +624,8 @@ def _wgrad_direct_kernel(
     RELU: tl.constexpr,
     BATCH_STATS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
+    IN_AFFINE: tl.constexpr,  # read x through relu(x·in_scale + in_shift) (conv._activated)
+    INTERPRET: tl.constexpr,  # running in the interpreter: its fp32 -> bf16 conversion truncates
     BLOCK_M: tl.constexpr,  # output pixels reduced per step
     BLOCK_N: tl.constexpr,  # output channels per program (may span several groups)
 ):
@@ -622,6 +639,9 @@ def _wgrad_direct_kernel(
     dr = (rs // S) * dil_h
     ds = (rs % S) * dil_w
     x_ch = (offs_k // Kg) * Cg + c  # each output channel reads channel c of its own group
+    if IN_AFFINE:  # the channels are fixed for the whole reduction
+        in_scale = tl.load(in_scale_ptr + x_ch, mask=k_ok, other=0.0)[None, :]
+        in_shift = tl.load(in_shift_ptr + x_ch, mask=k_ok, other=0.0)[None, :]
     a_c, mean_g, c_c, mean, delta = _dy_coefs(
         offs_k, k_ok, mean_ptr, var_ptr, gamma_ptr, sum_g_ptr, sum_gyhat_ptr, delta_ptr,
         M, eps, HAS_GAMMA, BATCH_STATS,
@@ -637,11 +657,14 @@ def _wgrad_direct_kernel(
         ih = ih0 + dr
         iw = iw0 + ds
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_mask = pix_ok[:, None] & k_ok[None, :]
         xv = tl.load(
             x_ptr + (((img * H + ih) * W + iw) * C)[:, None] + x_ch[None, :],
-            mask=pix_ok[:, None] & k_ok[None, :],
+            mask=x_mask,
             other=0.0,
         )
+        if IN_AFFINE:
+            xv = _activated(xv, in_scale, in_shift, x_mask, x_ptr, INTERPRET)
         idx = (offs_m * K)[:, None] + offs_k[None, :]
         mask = m_ok[:, None] & k_ok[None, :]
         dy = _dy_from_g(
@@ -687,10 +710,10 @@ _dgrad_direct = _tuning.autotune(
     _DIRECT_CONFIGS, _DGRAD_KEY, _prune_direct_dgrad
 )(_dgrad_direct_kernel)
 _wgrad_gemm = _tuning.autotune(
-    _WGRAD_GEMM_CONFIGS, [*_KEY, "rows_per_chunk"], _prune_wgrad
+    _WGRAD_GEMM_CONFIGS, [*_KEY, "rows_per_chunk", "IN_AFFINE"], _prune_wgrad
 )(_wgrad_gemm_kernel)
 _wgrad_direct = _tuning.autotune(
-    _DIRECT_CONFIGS, [*_KEY, "rows_per_chunk"], _prune_direct_wgrad
+    _DIRECT_CONFIGS, [*_KEY, "rows_per_chunk", "IN_AFFINE"], _prune_direct_wgrad
 )(_wgrad_direct_kernel)
 
 
@@ -852,14 +875,23 @@ def _rows_per_chunk(m: int, weight_tiles: int) -> int:
 
 def wgrad(
     op: DyOperand, x: Tensor, weight: Tensor, conv: ConvParams,
-    rows_per_chunk: int | None = None,
+    rows_per_chunk: int | None = None, *,
+    x_scale: Tensor | None = None, x_shift: Tensor | None = None,
 ) -> Tensor:
     """The weight gradient (K, Cg, R, S) contiguous in the weight's dtype, deterministic.
 
     ``rows_per_chunk`` overrides how many output pixels each partial covers (tests).
+    ``x_scale``/``x_shift`` (C,) fp32 (both or neither): the convolution read its input through
+    the prologue ``relu(x * x_scale + x_shift)`` (conv2d_fused's ``in_scale``/``in_shift``), so
+    wgrad recomputes that activation while loading x, the same way (rounded to x's dtype, zero
+    padding after the activation), instead of reading a stored activation.
     """
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
+    assert (x_scale is None) == (x_shift is None), "wgrad: pass both x_scale and x_shift or neither"
+    for name, t in (("x_scale", x_scale), ("x_shift", x_shift)):
+        assert t is None or (t.shape == (c,) and t.dtype == torch.float32
+                             and t.device == x.device), f"wgrad: {name} must be ({c},) fp32"
     groups = conv.groups
     kg = k // groups
     _, _, oh, ow = op.dz.shape
@@ -874,9 +906,19 @@ def wgrad(
     chunks = triton.cdiv(m, rows)
     part = _alloc.empty(chunks, rsc * k, dtype=torch.float32, device=x.device)
     ints = (m, h, w, c, oh, ow, k, cg, kg, r, s, *_geometry(conv), rows)
+    in_affine = x_scale is not None
+    placeholder = op.var  # an fp32 tensor on the device, never read without IN_AFFINE
+    x_args = (
+        x,
+        x_scale.contiguous() if in_affine else placeholder,
+        x_shift.contiguous() if in_affine else placeholder,
+    )
     if which == "direct":
         grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]), rsc, chunks)
-        _wgrad_direct[grid](*op.pointers(), x, part, *ints, op.eps, **op.flags())
+        _wgrad_direct[grid](
+            *op.pointers(), *x_args, part, *ints, op.eps, **op.flags(), IN_AFFINE=in_affine,
+            INTERPRET=_INTERPRET,
+        )
         group_stride, row_stride = kg, k  # partial layout (chunks, R·S·Cg, K)
     else:
         flat = which == "gemm_flat"
@@ -887,8 +929,8 @@ def wgrad(
             return (j_tiles * triton.cdiv(kg, meta["BLOCK_N"]), groups, chunks)
 
         _wgrad_gemm[grid](
-            *op.pointers(), x, part, *ints, op.eps, **op.flags(),
-            FLAT_K=flat, INTERPRET=_INTERPRET,
+            *op.pointers(), *x_args, part, *ints, op.eps, **op.flags(),
+            IN_AFFINE=in_affine, FLAT_K=flat, INTERPRET=_INTERPRET,
         )
         group_stride, row_stride = rsc * kg, kg  # partial layout (chunks, groups, R·S·Cg, Kg)
     dw = _alloc.empty(k, cg, r, s, dtype=weight.dtype, device=weight.device)
@@ -946,7 +988,7 @@ def _signature(dtype: torch.dtype, io: str, extra_ints: tuple[str, ...]) -> dict
                    part_gy_ptr="*fp32", part_y_ptr="*fp32")
         ints = ("M", "NB", "H", "W", "C", "OH", "OW", "K", "Cg", "Kg", "R", "S", *_GEOMETRY)
     else:
-        sig.update(x_ptr=p, part_ptr="*fp32")
+        sig.update(x_ptr=p, in_scale_ptr="*fp32", in_shift_ptr="*fp32", part_ptr="*fp32")
         ints = ("M", "H", "W", "C", "OH", "OW", "K", "Cg", "Kg", "R", "S", *_GEOMETRY)
     sig.update({a: "i32" for a in (*ints, *extra_ints)})
     sig["eps"] = "fp32"
@@ -957,9 +999,10 @@ def compile_specs() -> list[CompileSpec]:
     """Every kernel x autotune configuration x dtype, for the real-target compile check.
 
     Each configuration with the "full" dy flags, each kernel's largest tile also with the
-    "running" flags (see ``DY_FLAGS``) and, for dgrad, the "join" epilogue (``JOIN_FLAGS``), and
-    the chunk sum for each weight dtype. Lists the GPU
-    configurations even under the interpreter (they are what runs on a GPU).
+    "running" flags (see ``DY_FLAGS``); for dgrad also the "join" epilogue (``JOIN_FLAGS``), for
+    wgrad the "full" flags with the activation prologue (``IN_AFFINE``: x read through the
+    previous BN+ReLU, as in block-fused training); and the chunk sum for each weight dtype.
+    Lists the GPU configurations even under the interpreter (they are what runs on a GPU).
 
     Compiled without launch-time specialisation only, so the report does not yet hold these to
     its spill / MMA / async-copy rules: compiled as ResNet launches specialise them, the stem's
@@ -980,7 +1023,7 @@ def compile_specs() -> list[CompileSpec]:
         ("wgrad_gemm_flat", _wgrad_gemm_kernel, "wgrad", ("rows_per_chunk",),
          GPU_WGRAD_GEMM_CONFIGS, {"FLAT_K": True, "INTERPRET": False}),
         ("wgrad_direct", _wgrad_direct_kernel, "wgrad", ("rows_per_chunk",), GPU_DIRECT_CONFIGS,
-         {}),
+         {"INTERPRET": False}),
     ]
     specs = []
     for dtype in DTYPES:
@@ -988,17 +1031,22 @@ def compile_specs() -> list[CompileSpec]:
         for kname, kernel, io, extra_ints, cfgs, extra in kernels:
             sig = _signature(dtype, io, extra_ints)
             largest = max(cfgs, key=lambda c: _tile_size(c))
-            variants = [(fname, flags, cfgs if fname == "full" else [largest])
-                        for fname, flags in DY_FLAGS.items()]
+            variants = [  # (name, dy flags, prologue, configurations)
+                (fname, flags, False, cfgs if fname == "full" else [largest])
+                for fname, flags in DY_FLAGS.items()
+            ]
             if io == "dgrad":  # the block-fusion epilogue (add + act), every flag on
-                variants.append(("join", {**DY_FLAGS["full"], **JOIN_FLAGS}, [largest]))
-            for fname, flags, chosen in variants:
-                for cfg in chosen:
+                variants.append(("join", {**DY_FLAGS["full"], **JOIN_FLAGS}, False, [largest]))
+            else:
+                variants.append(("prologue", DY_FLAGS["full"], True, [largest]))
+            for vname, flags, in_affine, vcfgs in variants:
+                prologue = {} if io == "dgrad" else {"IN_AFFINE": in_affine}
+                for cfg in vcfgs:
                     specs.append(CompileSpec(
-                        name=f"{kname}-{dname}-{fname}-{_cfg_name(cfg)}",
+                        name=f"{kname}-{dname}-{vname}-{_cfg_name(cfg)}",
                         kernel=kernel,
                         signature=sig,
-                        constexprs={**extra, **flags, **cfg.kwargs},
+                        constexprs={**extra, **flags, **prologue, **cfg.kwargs},
                         num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages,
                     ))

@@ -70,6 +70,14 @@ _BACKWARD_USES = {
 }
 
 
+# How each backend serves a whole residual block in training (fastres.ops.block).
+_BLOCKS_USE = {
+    "triton": "one block op: BN+ReLU in the next conv's prologue, dReLU/dBN in dgrad's epilogue",
+    "cuda": "no block kernels yet: blocks run layer by layer (the per-layer fused op)",
+    "reference": "one block op in plain PyTorch (the ground truth)",
+}
+
+
 def info_lines() -> list[str]:
     import torch
 
@@ -95,6 +103,7 @@ def info_lines() -> list[str]:
         status = "available" if ok else "unavailable"
         lines.append(f"  {name:<10} {status:<12} {note}")
         lines.append(f"  {'':<10} {'':<12} backward: {_BACKWARD_USES[name]}")
+        lines.append(f"  {'':<10} {'':<12} blocks:   {_BLOCKS_USE[name]}")
     return lines
 
 

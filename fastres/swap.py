@@ -46,6 +46,7 @@ from .nn.stem import fold_stem, stem_link, unfold_stem
 Tensor = torch.Tensor
 
 REPORT_ATTR = "_fastres_fuse_report"
+_NO_LAYOUT = "no block-op layout"
 
 
 class FuseError(ValueError):
@@ -200,7 +201,30 @@ class FusedPreAct(FusedBlock):
     def make_view(self, conv: nn.Module, bn: nn.Module, relu: bool) -> ConvBNReLU:
         return _bn_act_view(conv, bn)  # the norm's own activation is the ReLU
 
+    def block_layout(self):
+        n = self.n_convs
+        convs = [getattr(self, f"conv{i}") for i in range(1, n + 1)]
+        norms = [getattr(self, f"norm{i}") for i in range(1, n + 1)]
+        ds = self.downsample
+        proj = None
+        if ds is not None:
+            # timm's DownsampleConv(preact=True): conv, then an Identity norm (DownsampleAvg
+            # pools first: not a block-op shortcut)
+            if type(ds).__name__ != "DownsampleConv" or type(ds.norm) is not nn.Identity:
+                raise ValueError(f"the shortcut {type(ds).__name__} is not a bare conv on the "
+                                 "activated input")
+            proj = ds.conv
+        return convs, norms, proj, True
+
+    def norm_reason(self, bn: nn.Module) -> str | None:
+        if type(bn).__name__ != "BatchNormAct2d":
+            return f"{type(bn).__name__} is not timm's BatchNormAct2d"
+        return _act_reason(bn)
+
     def forward(self, x: Tensor) -> Tensor:
+        out = self._block_call(x)
+        if out is not None:
+            return out
         x_preact = self.norm1(x)
         shortcut = x if self.downsample is None else self.downsample(x_preact)
         h = x_preact
@@ -220,9 +244,14 @@ def _bn_act_reason(conv: nn.Module, norm: nn.Module) -> str | None:
     if type(norm).__name__ != "BatchNormAct2d":
         return fusable_reason(conv, norm) or f"{type(norm).__name__} has no ReLU"
     plain = nn.BatchNorm2d(norm.num_features, device="meta")
-    return (fusable_reason(conv, plain) or _noop_reason(getattr(norm, "drop", None), "norm's drop")
-            or (None if type(getattr(norm, "act", None)) is nn.ReLU
-                else f"norm's activation is {type(norm.act).__name__}, not ReLU"))
+    return fusable_reason(conv, plain) or _act_reason(norm)
+
+
+def _act_reason(norm: nn.Module) -> str | None:
+    """None if a BatchNormAct2d's tail is exactly a ReLU (its drop a no-op)."""
+    return _noop_reason(getattr(norm, "drop", None), "norm's drop") or (
+        None if type(getattr(norm, "act", None)) is nn.ReLU
+        else f"norm's activation is {type(norm.act).__name__}, not ReLU")
 
 
 def _bn_act_view(conv: nn.Conv2d, norm: nn.Module) -> ConvBNReLU:
@@ -415,8 +444,17 @@ def fuse(model: nn.Module, *, inplace: bool = False, strict: bool = False) -> nn
 
 
 def fuse_report(model: nn.Module) -> list[tuple[str, str]]:
-    """``[(module path, reason), ...]`` of what the last :func:`fuse` left unfused."""
-    return list(model.__dict__.get(REPORT_ATTR, []))
+    """``[(module path, reason), ...]`` of what the last :func:`fuse` left unfused, then, as
+    things stand now, each fused block that trains layer by layer rather than as one block op
+    (:mod:`fastres.ops.block`) and why (e.g. dropout active, a conv bias, an avg-pool shortcut).
+    A backend without block kernels (``cuda``) also runs blocks layer by layer; ``fastres
+    info`` says so."""
+    notes = [(path or type(m).__name__, f"runs layer by layer: {why}")
+             for path, m in model.named_modules()
+             if isinstance(m, FusedBlock) and m.fused and hasattr(m, "block_layout")
+             and (why := m.block_reason()) is not None
+             and not why.startswith(_NO_LAYOUT)]
+    return list(model.__dict__.get(REPORT_ATTR, [])) + notes
 
 
 def unfuse(model: nn.Module) -> nn.Module:

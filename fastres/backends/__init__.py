@@ -123,6 +123,7 @@ class ServedCall:
     backend: str  # the backend that computed it
     batch_stats: bool
     inference: bool  # forward without saving for backward (eval: the one-kernel path)
+    op: str = "conv_bn_relu"  # or "residual_block" (a whole block, fastres.ops.block)
 
 
 _records: list[ServedCall] | None = None  # the innermost active record_calls() list
@@ -141,10 +142,11 @@ def record_calls() -> Iterator[list[ServedCall]]:
         _records = outer
 
 
-def record(direction: str, backend: str, *, batch_stats: bool, inference: bool) -> None:
+def record(direction: str, backend: str, *, batch_stats: bool, inference: bool,
+           op: str = "conv_bn_relu") -> None:
     """Called by the op layer for each pass; a no-op unless :func:`record_calls` is active."""
     if _records is not None:
-        _records.append(ServedCall(direction, backend, batch_stats, inference))
+        _records.append(ServedCall(direction, backend, batch_stats, inference, op))
 
 
 def select(call: CallInfo, name: str | None = None) -> str:

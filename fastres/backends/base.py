@@ -111,3 +111,40 @@ class Backend(Protocol):
         dy = γ·invstd·(g − mean(g) − ŷ·mean(g·ŷ)); dresidual = g; then conv dgrad/wgrad of dy.
         With running statistics dy = γ·invstd·g.
         """
+
+
+@dataclass(frozen=True)
+class BlockParams:
+    """The static structure of a residual block served by the block op (:mod:`fastres.ops.block`).
+
+    Post-activation (ResNet, ResNeXt, Wide ResNet)::
+
+        a_0 = x;  a_i = relu(bn_i(conv_i(a_{i-1})))  for i < L
+        out = relu(bn_L(conv_L(a_{L-1})) + shortcut),  shortcut = bn_s(conv_s(x)) or x
+
+    Pre-activation (He et al. 2016; timm ResNetV2)::
+
+        a_0 = relu(bn_0(x)) (or x without ``entry_norm``);  a_i = relu(bn_i(conv_i(a_{i-1})))
+        out = conv_L(a_{L-1}) + shortcut,  shortcut = conv_s(a_0) or x
+
+    BatchNorms are listed in this order everywhere (``eps``, statistics, parameters):
+    post-activation ``bn_1 .. bn_L`` then ``bn_s`` with a projection; pre-activation ``bn_0``
+    (with ``entry_norm``) then ``bn_1 .. bn_{L-1}``. Convolutions: ``conv_1 .. conv_L`` then
+    ``conv_s`` with a projection. No convolution has a bias.
+    """
+
+    convs: tuple[ConvParams, ...]  # main branch conv_1 .. conv_L
+    shortcut: ConvParams | None  # projection conv_s (None: identity shortcut)
+    preact: bool
+    entry_norm: bool  # pre-activation only: bn_0 + ReLU on the block input
+    eps: tuple[float, ...]  # per BatchNorm, in the order above
+
+    @property
+    def all_convs(self) -> tuple[ConvParams, ...]:
+        return self.convs + (() if self.shortcut is None else (self.shortcut,))
+
+    @property
+    def num_norms(self) -> int:
+        if self.preact:
+            return len(self.convs) - 1 + int(self.entry_norm)
+        return len(self.convs) + int(self.shortcut is not None)

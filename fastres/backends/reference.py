@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import CallInfo, ConvParams, OptTensor, Tensor
+from .base import BlockParams, CallInfo, ConvParams, OptTensor, Tensor
 
 CL = torch.channels_last
 
@@ -71,6 +71,97 @@ def bn_relu_backward(
 class ReferenceBackend:
     name = "reference"
 
+    def block_forward(
+        self, x, weights, bn_weights, bn_biases, running_means, running_vars, *,
+        block, batch_stats, save_for_backward,
+    ):
+        with torch.no_grad():
+            out, ys, means, variances = block_eager(
+                x, weights, bn_weights, bn_biases, running_means, running_vars, block,
+                batch_stats,
+            )
+        keep = [] if not save_for_backward else ys[:-1] if block.preact else ys
+        return out, keep, means, variances
+
+    def block_backward(
+        self, dout, x, out, weights, saved, means, variances, bn_weights, bn_biases, *,
+        block, batch_stats, output_mask,
+    ):
+        """The chain rule through the block, layer by layer (``bn_relu_backward`` and PyTorch's
+        convolution backward), the activations recomputed from the saved raw outputs."""
+        n_w, n_bn = len(weights), len(bn_weights)
+        need_w = output_mask[1:1 + n_w]
+        need_g = output_mask[1 + n_w:1 + n_w + n_bn]
+        dws: list[OptTensor] = [None] * n_w
+        dgs: list[OptTensor] = [None] * n_bn
+        dbs: list[OptTensor] = [None] * n_bn
+
+        def act(t: Tensor, i: int) -> Tensor:
+            """relu(bn_i(t)) from the saved statistics, computed in fp32 (fp64 for fp64) and
+            rounded to t's dtype, as BatchNorm computes and stores it."""
+            acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+            shape = (1, -1, 1, 1)
+            scale = torch.rsqrt(variances[i].to(acc) + block.eps[i])
+            if bn_weights[i] is not None:
+                scale = scale * bn_weights[i].to(acc)
+            z = (t.to(acc) - means[i].to(acc).view(shape)) * scale.view(shape)
+            if bn_biases[i] is not None:
+                z = z + bn_biases[i].to(acc).view(shape)
+            return F.relu(z).to(t.dtype)
+
+        def dbn(dz: Tensor, y: Tensor, z: Tensor, i: int) -> tuple[Tensor, Tensor]:
+            """(g, dy) of BN i + ReLU, its parameter grads recorded."""
+            g, dy, dgs[i], dbs[i] = bn_relu_backward(
+                dz, y, z, means[i], variances[i], bn_weights[i], batch_stats=batch_stats,
+                eps=block.eps[i], relu=True, need_gamma=need_g[i],
+            )
+            return g, dy.to(y.dtype)
+
+        def dconv(dy: Tensor, inp: Tensor, i: int, need_dx: bool = True) -> OptTensor:
+            p = block.all_convs[i]
+            dx, dws[i], _ = conv_backward(dy, inp, weights[i], p, False,
+                                          (need_dx, need_w[i], False))
+            return dx
+
+        n = len(block.convs)
+        if block.preact:
+            k0 = int(block.entry_norm)  # index of bn_1 (the norm after conv_1)
+            a0 = act(x, 0) if block.entry_norm else x
+            inputs = [a0] + [act(saved[i], k0 + i) for i in range(n - 1)]
+            dy = dout
+            for i in range(n - 1, 0, -1):
+                da = dconv(dy, inputs[i], i)
+                _, dy = dbn(da, saved[i - 1], inputs[i], k0 + i - 1)
+            da0 = dconv(dy, a0, 0)
+            if block.shortcut is not None:
+                da0 = da0 + dconv(dout, a0, n)
+            if block.entry_norm:
+                _, dx = dbn(da0, x, a0, 0)
+            else:
+                dx = da0
+            if block.shortcut is None:
+                dx = dx + dout
+        else:
+            inputs = [x] + [act(saved[i], i) for i in range(n - 1)]
+            g, dy = dbn(dout, saved[n - 1], out, n - 1)
+            for i in range(n - 1, 0, -1):
+                da = dconv(dy, inputs[i], i)
+                _, dy = dbn(da, saved[i - 1], inputs[i], i - 1)
+            dx = dconv(dy, x, 0)
+            if block.shortcut is not None:
+                _, dy_s = dbn(dout, saved[n], out, n)
+                dx = dx + dconv(dy_s, x, n)
+            else:
+                dx = dx + g.to(dx.dtype)
+        mask_g = output_mask[1 + n_w:1 + n_w + n_bn]
+        mask_b = output_mask[1 + n_w + n_bn:]
+        return (
+            dx.contiguous(memory_format=CL) if output_mask[0] else None,
+            [d if m else None for d, m in zip(dws, need_w)],
+            [d if m else None for d, m in zip(dgs, mask_g)],
+            [d if m else None for d, m in zip(dbs, mask_b)],
+        )
+
     def unsupported_reason(self, call: CallInfo) -> str | None:
         return None
 
@@ -110,3 +201,58 @@ class ReferenceBackend:
             dbeta if output_mask[4] else None,
             g.to(dz.dtype) if output_mask[5] else None,
         )
+
+
+def block_eager(
+    x: Tensor,
+    weights: list[Tensor],
+    bn_weights: list[OptTensor],
+    bn_biases: list[OptTensor],
+    running_means: list[OptTensor],
+    running_vars: list[OptTensor],
+    block: BlockParams,
+    batch_stats: bool,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """The block of :class:`BlockParams` in plain PyTorch (differentiable): ``(out, raw conv
+    outputs conv_1 .. conv_L (, conv_s), means, vars)``. Running statistics are read in eval and
+    never written (the op layer updates them)."""
+    means: list[Tensor] = []
+    variances: list[Tensor] = []
+
+    def conv(t: Tensor, i: int) -> Tensor:
+        p = block.all_convs[i]
+        y = F.conv2d(t, weights[i], None, p.stride, p.padding, p.dilation, p.groups)
+        return y.contiguous(memory_format=CL)
+
+    def norm(t: Tensor) -> Tensor:
+        i = len(means)
+        if batch_stats:
+            var, mean = torch.var_mean(t.detach().float(), dim=(0, 2, 3), correction=0)
+            z = F.batch_norm(t, None, None, bn_weights[i], bn_biases[i], True, 0.0, block.eps[i])
+        else:
+            mean, var = running_means[i].float().clone(), running_vars[i].float().clone()
+            z = F.batch_norm(t, running_means[i], running_vars[i], bn_weights[i], bn_biases[i],
+                             False, 0.0, block.eps[i])
+        means.append(mean)
+        variances.append(var)
+        return z
+
+    n = len(block.convs)
+    a0 = F.relu(norm(x)) if block.preact and block.entry_norm else x
+    a, ys = a0, []
+    for i in range(n - 1):
+        ys.append(conv(a, i))
+        a = F.relu(norm(ys[-1]))
+    ys.append(conv(a, n - 1))
+    if block.preact:
+        short = x if block.shortcut is None else conv(a0, n)
+        out = ys[-1] + short
+    else:
+        last = norm(ys[-1])
+        if block.shortcut is not None:
+            ys.append(conv(x, n))
+            short = norm(ys[-1])
+        else:
+            short = x
+        out = F.relu(last + short)
+    return out.contiguous(memory_format=CL), ys, means, variances

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_bn_relu import ConvBNReLU, fusable_reason
+from ..ops.block import ConvArgs, NormArgs, block_backend, residual_block
+from .conv_bn_relu import ConvBNReLU, bn_momentum, fusable_reason
+from .sync_conv_bn import sync_group
 
 Tensor = torch.Tensor
 
@@ -120,6 +122,90 @@ class FusedBlock(nn.Module):
         self._views[name] = view = self.make_view(conv, bn, relu)
         return view
 
+    # -- the whole block as one op (block-fused training, fastres.ops.block) --------------------
+
+    def block_layout(self) -> tuple[list[nn.Module], list[nn.Module], nn.Module | None, bool]:
+        """``(main convs, BatchNorms in BlockParams order, projection conv or None, preact)``
+        for the block op, or raise ``ValueError(reason)`` if the block's shape is not one."""
+        raise ValueError("no block-op layout")  # e.g. a whole fastres ResNet (not a block)
+
+    def block_reason(self) -> str | None:
+        """None if the block can run as one block op now (see :mod:`fastres.ops.block`), else
+        why it runs layer by layer (its pairs still fused as :class:`ConvBNReLU` where they can)."""
+        if not self.fused:
+            return "the block is not fused"
+        if self.unfused_reasons:
+            return "a conv + BN pair is not fused: " + "; ".join(
+                f"{k}: {v}" for k, v in self.unfused_reasons.items())
+        try:
+            convs, norms, proj, _ = self.block_layout()
+        except ValueError as e:
+            return str(e)
+        for conv in (*convs, *([proj] if proj is not None else [])):
+            if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(
+                    conv.padding, str):
+                return f"{type(conv).__name__} is not a plain zero-padded nn.Conv2d"
+            if conv.bias is not None:
+                return "a convolution has a bias"
+        for bn in norms:
+            reason = self.norm_reason(bn)
+            if reason is not None:
+                return reason
+            if bn.training != norms[0].training:
+                return "its BatchNorms are not all in the same train/eval mode"
+            if not bn.training and bn.running_mean is None:
+                return "a BatchNorm without running statistics in eval"
+            if sync_group(bn) is not None:
+                return "SyncBatchNorm across processes (statistics merged per layer)"
+        return None
+
+    def norm_reason(self, bn: nn.Module) -> str | None:
+        """None if ``bn`` normalises exactly as the block op's BatchNorm (+ the ReLU the
+        structure puts after it), else why not."""
+        if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+            return f"{type(bn).__name__} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm"
+        return None
+
+    def _block_call(self, x: Tensor) -> Tensor | None:
+        """The block through the block op, or None if it runs layer by layer."""
+        if not self.fused:
+            return None
+        for name, (conv, bn, relu) in self.fusion_pairs().items():  # children replaced since?
+            view = self._views.get(name)
+            if view is not None and (view.conv is not conv or view.bn is not bn):
+                self._replace_view(name, conv, bn, relu)
+        if not isinstance(x, Tensor) or self.block_reason() is not None:
+            return None
+        convs, norms, proj, preact = self.block_layout()
+        training = norms[0].training
+        args = [ConvArgs(c.weight, c.stride, c.padding, c.dilation, c.groups) for c in convs]
+        name, _ = block_backend(x, args[0].weight, args[0].params(), training=training)
+        if name is None:  # the backend in force has no block kernels
+            return None
+        norm_args = []
+        for bn in norms:
+            _, momentum = bn_momentum(bn)  # advances num_batches_tracked
+            track = not bn.training or bn.track_running_stats
+            norm_args.append(NormArgs(
+                bn.weight, bn.bias, bn.running_mean if track else None,
+                bn.running_var if track else None, momentum, bn.eps))
+        shortcut = None if proj is None else ConvArgs(
+            proj.weight, proj.stride, proj.padding, proj.dilation, proj.groups)
+        entry_norm = preact and len(norms) == len(convs)
+        return residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
+                              entry_norm=entry_norm, training=training, backend=name)
+
+    def _projection(self) -> nn.Module | None:
+        """The post-activation projection conv (``downsample`` = exactly conv + BN), None for
+        an identity shortcut; ValueError for other shortcut modules."""
+        ds = getattr(self, "downsample", None)
+        if ds is None:
+            return None
+        if isinstance(ds, nn.Sequential) and len(ds) == 2:
+            return ds[0]
+        raise ValueError("the shortcut is not a plain conv + BN projection (e.g. an avg-pool "
+                         "first)")
+
     def _shortcut(self, x: Tensor) -> Tensor:
         """Projection ``downsample`` (leading modules such as an avg-pool, then conv + BN)."""
         ds = self.downsample
@@ -181,7 +267,15 @@ class BasicBlock(FusedBlock):
         return {"conv1": (self.conv1, self.bn1, True), "conv2": (self.conv2, self.bn2, True),
                 **self._downsample_pair()}
 
+    def block_layout(self):
+        proj = self._projection()
+        norms = [self.bn1, self.bn2] + ([self.downsample[1]] if proj is not None else [])
+        return [self.conv1, self.conv2], norms, proj, False
+
     def forward(self, x: Tensor) -> Tensor:
+        out = self._block_call(x)
+        if out is not None:
+            return out
         identity = x if self.downsample is None else self._shortcut(x)
         out = self._run("conv1", self.conv1, self.bn1, x)
         return self._run("conv2", self.conv2, self.bn2, out, residual=identity)
@@ -234,7 +328,15 @@ class Bottleneck(FusedBlock):
         return {"conv1": (self.conv1, self.bn1, True), "conv2": (self.conv2, self.bn2, True),
                 "conv3": (self.conv3, self.bn3, True), **self._downsample_pair()}
 
+    def block_layout(self):
+        proj = self._projection()
+        norms = [self.bn1, self.bn2, self.bn3] + ([self.downsample[1]] if proj is not None else [])
+        return [self.conv1, self.conv2, self.conv3], norms, proj, False
+
     def forward(self, x: Tensor) -> Tensor:
+        out = self._block_call(x)
+        if out is not None:
+            return out
         identity = x if self.downsample is None else self._shortcut(x)
         out = self._run("conv1", self.conv1, self.bn1, x)
         out = self._run("conv2", self.conv2, self.bn2, out)
@@ -269,6 +371,18 @@ def _make_downsample(downsample: nn.Module | bool | None, in_channels: int, out_
 
 class _PreActBlock(FusedBlock):
     expansion = 1
+
+    def block_layout(self):
+        n = 3 if hasattr(self, "conv3") else 2
+        convs = [getattr(self, f"conv{i}") for i in range(1, n + 1)]
+        norms = ([self.bn1] if self.bn1 is not None else []) + [
+            getattr(self, f"bn{i}") for i in range(2, n + 1)]
+        if self.downsample is not None and type(self.downsample) is not nn.Conv2d:
+            raise ValueError("the shortcut is not a plain 1x1 nn.Conv2d")
+        dropout = getattr(self, "dropout", None)
+        if dropout is not None and dropout.training and dropout.p > 0:
+            raise ValueError("dropout between the convolutions is active")
+        return convs, norms, self.downsample, True
 
     def _preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(activated input, shortcut)``."""
@@ -309,6 +423,9 @@ class PreActBasicBlock(_PreActBlock):
         return {"conv1": (self.conv1, self.bn2, True)}
 
     def forward(self, x: Tensor) -> Tensor:
+        out = self._block_call(x)
+        if out is not None:
+            return out
         a, shortcut = self._preact(x)
         h = self._run("conv1", self.conv1, self.bn2, a)
         if self.dropout is not None:
@@ -348,6 +465,9 @@ class PreActBottleneck(_PreActBlock):
         return {"conv1": (self.conv1, self.bn2, True), "conv2": (self.conv2, self.bn3, True)}
 
     def forward(self, x: Tensor) -> Tensor:
+        out = self._block_call(x)
+        if out is not None:
+            return out
         a, shortcut = self._preact(x)
         h = self._run("conv1", self.conv1, self.bn2, a)
         h = self._run("conv2", self.conv2, self.bn3, h)

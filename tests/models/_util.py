@@ -76,32 +76,36 @@ def check_equivalent(original: nn.Module, fused: nn.Module, x: torch.Tensor, *, 
 
 
 def check_sgd_step(original: nn.Module, fused: nn.Module, x: torch.Tensor,
-                   target: torch.Tensor) -> None:
-    """One SGD step (momentum, weight decay) from the same weights: loss, gradients, updated
-    parameters and BN buffers of ``fused`` vs ``original``, float64 copy of it as the truth.
-    The baseline runs channels_last, as in :func:`check_equivalent`."""
+                   target: torch.Tensor, steps: int = 1, lr: float = 0.1) -> None:
+    """``steps`` SGD steps (momentum, weight decay) from the same weights: each step's loss and
+    gradients, then the updated parameters and BN buffers of ``fused`` vs ``original``, float64
+    copy of it as the truth. The baseline runs channels_last, as in :func:`check_equivalent`."""
     reference = copy.deepcopy(original).double()
     original.to(memory_format=CL)
-    losses, states = [], []
+    runs = []
     for m, inp in ((fused, x), (original, x.contiguous(memory_format=CL)),
                    (reference, x.double())):
         m.train()
-        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(m(inp), target)
-        loss.backward()
-        grads = {k: t.grad.detach().clone() for k, t in tensors_by_key(m).items()
-                 if isinstance(t, nn.Parameter)}
-        opt.step()
-        losses.append(loss.detach())
-        states.append((grads, {k: t.detach() for k, t in m.state_dict().items()}))
-    assert_close_ratio("loss", *losses)
-    (gf, sf), (go, so), (gr, sr) = states
-    assert list(sf) == list(so) and list(gf) == list(go)
-    for key in gf:
-        assert_close_ratio(f"{key}.grad", gf[key], gr[key], go[key])
+        opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+        per_step = []
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(inp), target)
+            loss.backward()
+            grads = {k: t.grad.detach().clone() for k, t in tensors_by_key(m).items()
+                     if isinstance(t, nn.Parameter)}
+            opt.step()
+            per_step.append((loss.detach(), grads))
+        runs.append((per_step, {k: t.detach() for k, t in m.state_dict().items()}))
+    (steps_f, sf), (steps_o, so), (steps_r, sr) = runs
+    for i, ((lf, gf), (lo, go), (l_ref, gr)) in enumerate(zip(steps_f, steps_o, steps_r)):
+        assert_close_ratio(f"step {i} loss", lf, l_ref, lo)
+        assert list(gf) == list(go)
+        for key in gf:
+            assert_close_ratio(f"step {i} {key}.grad", gf[key], gr[key], go[key])
+    assert list(sf) == list(so)
     for key in sf:
         if key.endswith("num_batches_tracked"):
-            assert int(sf[key]) == int(so[key]) == 1, key
+            assert int(sf[key]) == int(so[key]) == steps, key
         else:
             assert_close_ratio(f"updated {key}", sf[key], sr[key], so[key])

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from .. import _alloc
 from ..base import CallInfo, ConvParams, OptTensor, Tensor
-from . import _tuning, bn, conv_bwd
+from . import _tuning, block, bn, conv_bwd
 from . import conv as _conv
 
 # Triton kernel launches of one backward, at most (see the module docstring).
@@ -138,6 +138,10 @@ class TritonBackend:
             sums[0] if output_mask[4] else None,
             dres,
         )
+
+    # A whole residual block (fastres.ops.block): see block.py.
+    block_forward = staticmethod(block.block_forward)
+    block_backward = staticmethod(block.block_backward)
 
 
 __all__ = ["TritonBackend"]

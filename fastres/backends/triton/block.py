@@ -1,0 +1,266 @@
+"""Block-fused training on the Triton kernels: a residual block with no standalone BN pass inside.
+
+Post-activation block (conv_1 .. conv_L, BatchNorms bn_1 .. bn_L, optional projection conv_s +
+bn_s), forward::
+
+    y_1, stats = conv(x)                                  # raw output + per-tile BN partials
+    (scale_1, shift_1) = finalize(stats)                   # tiny pass over (tiles, K)
+    y_i, stats = conv(y_{i-1}, in_scale=scale_{i-1}, ...)  # relu(bn(y)) applied while loading
+    out = relu(y_L·scale_L + shift_L + y_s·scale_s + shift_s)   # (or + x): the one join pass
+
+Saved: x, out, the raw y's, per-channel mean/var. Backward::
+
+    Σg, Σgŷ (bn_L, and bn_s from the same g) = reductions(dout, y_L, out)   # the join pass
+    dW_L = wgrad(dy_L formed at load, relu(bn_{L-1}(y_{L-1})) recomputed at load)
+    g_{L-1}, sums = dgrad(dy_L, act=bn_{L-1} of y_{L-1})  # dReLU + dBN reductions in its epilogue
+    ... down to conv_1, whose dgrad adds the shortcut's gradient (dres or dgrad_s) in its epilogue
+
+Pre-activation block (entry bn_0 + ReLU on x, bn_1 .. bn_{L-1}, conv_L with no BN, projection on
+the activated input): the entry statistics come from one stats pass over x (the previous block's
+join output), every conv applies the BN + ReLU before it while loading, and conv_L adds the
+shortcut in its epilogue, so the block writes its raw y's and its output only. Backward ends with
+one pass ``dx = dBN_0(g_0) + dout`` (the join).
+
+Inference (running statistics, nothing to save) needs none of this: each conv folds its BN (and
+ReLU, and the shortcut add) into its epilogue, as the per-layer op does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _alloc
+from ..base import BlockParams, OptTensor, Tensor
+from . import bn, conv_bwd
+from . import conv as _conv
+
+
+class _Norms:
+    """Per-BatchNorm parameters and the (mean, var, scale, shift) of this call, by index."""
+
+    def __init__(self, gammas, betas, running_means, running_vars, eps) -> None:
+        self.gammas, self.betas = gammas, betas
+        self.running_means, self.running_vars = running_means, running_vars
+        self.eps = eps
+        self.mean: dict[int, Tensor] = {}
+        self.var: dict[int, Tensor] = {}
+        self.scale: dict[int, Tensor] = {}
+        self.shift: dict[int, Tensor] = {}
+
+    def from_partials(self, i: int, count: Tensor, mean: Tensor, m2: Tensor) -> None:
+        self._keep(i, *bn.finalize(count, mean, m2, self.gammas[i], self.betas[i], self.eps[i]))
+
+    def from_stats(self, i: int, mean: Tensor, var: Tensor) -> None:
+        """The affine map of given statistics (running ones in eval, saved ones in backward)."""
+        self._keep(i, *bn.running_affine(mean, var, self.gammas[i], self.betas[i], self.eps[i]))
+
+    def _keep(self, i: int, mean, var, scale, shift) -> None:
+        self.mean[i], self.var[i], self.scale[i], self.shift[i] = mean, var, scale, shift
+
+    def affine(self, i: int | None) -> dict[str, Tensor | None]:
+        """Prologue arguments of a conv whose input is relu(bn_i(·)) (none for i None)."""
+        if i is None:
+            return {}
+        return dict(in_scale=self.scale[i], in_shift=self.shift[i])
+
+    def act(self, i: int, y: Tensor, batch_stats: bool) -> conv_bwd.ActInput:
+        return conv_bwd.ActInput(y, self.scale[i], self.shift[i], self.mean[i], self.var[i],
+                                 self.eps[i], batch_stats)
+
+    def operand(self, i: int, dz: Tensor, z: OptTensor, y: Tensor, sums,
+                batch_stats: bool) -> conv_bwd.DyOperand:
+        return conv_bwd.DyOperand(dz, z, y, self.mean[i], self.var[i], self.gammas[i], sums,
+                                  batch_stats, self.eps[i])
+
+
+def _conv_params(block: BlockParams):
+    return block.all_convs
+
+
+def block_forward(
+    x: Tensor, weights, bn_weights, bn_biases, running_means, running_vars, *,
+    block: BlockParams, batch_stats: bool, save_for_backward: bool,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    norms = _Norms(bn_weights, bn_biases, running_means, running_vars, block.eps)
+    if not batch_stats:
+        for i in range(block.num_norms):
+            norms.from_stats(i, running_means[i], running_vars[i])
+        if not save_for_backward:
+            out = _inference(x, weights, norms, block)
+            return out, [], _listed(norms.mean), _listed(norms.var)
+    params = block.all_convs
+    n = len(block.convs)
+
+    def conv(inp: Tensor, i: int, prologue: int | None, norm: int | None,
+             residual: OptTensor = None) -> Tensor:
+        """conv_i of ``inp`` (through bn_prologue + ReLU); its statistics become bn_norm's."""
+        stats = norm is not None and batch_stats
+        y, p = _conv.conv2d_fused(inp, weights[i], None, params[i], stats=stats,
+                                  residual=residual, **norms.affine(prologue))
+        if stats:
+            norms.from_partials(norm, p.count, p.mean, p.m2)
+        return y
+
+    ys: list[Tensor] = []
+    if block.preact:
+        entry = 0 if block.entry_norm else None
+        if entry is not None and batch_stats:
+            norms.from_partials(0, *bn.batch_stats(x))
+        first = int(block.entry_norm)  # index of bn_1
+        inp, prologue = x, entry
+        for i in range(n - 1):
+            inp = conv(inp, i, prologue, first + i)
+            ys.append(inp)
+            prologue = first + i
+        short = x if block.shortcut is None else conv(x, n, entry, None)
+        out = conv(inp, n - 1, prologue, None, residual=short)
+    else:
+        inp, prologue = x, None
+        for i in range(n):
+            inp = conv(inp, i, prologue, i)
+            ys.append(inp)
+            prologue = i
+        last = n - 1
+        if block.shortcut is None:
+            out = bn.apply(ys[last], norms.scale[last], norms.shift[last], x, True)
+        else:
+            ys.append(conv(x, n, None, n))
+            out = bn.apply(ys[last], norms.scale[last], norms.shift[last], ys[n], True,
+                           res_scale=norms.scale[n], res_shift=norms.shift[n])
+    return out, ys if save_for_backward else [], _listed(norms.mean), _listed(norms.var)
+
+
+def _listed(d: dict[int, Tensor]) -> list[Tensor]:
+    return [d[i] for i in sorted(d)]
+
+
+def _inference(x: Tensor, weights, norms: _Norms, block: BlockParams) -> Tensor:
+    """Running statistics, nothing saved: each BN (+ ReLU, + shortcut) folded into its conv."""
+    params = block.all_convs
+    n = len(block.convs)
+
+    def conv(inp, i, prologue=None, norm=None, relu=True, residual=None):
+        epilogue = {} if norm is None else dict(scale=norms.scale[norm], shift=norms.shift[norm])
+        out, _ = _conv.conv2d_fused(inp, weights[i], None, params[i], residual=residual,
+                                    relu=relu and norm is not None, **epilogue,
+                                    **norms.affine(prologue))
+        return out
+
+    if block.preact:
+        entry = 0 if block.entry_norm else None
+        first = int(block.entry_norm)
+        h = conv(x, 0, entry, first)
+        for i in range(1, n - 1):
+            h = conv(h, i, None, first + i)
+        short = x if block.shortcut is None else conv(x, n, entry)
+        return conv(h, n - 1, residual=short)
+    h = x
+    for i in range(n - 1):
+        h = conv(h, i, norm=i)
+    short = x if block.shortcut is None else conv(x, n, norm=n, relu=False)
+    return conv(h, n - 1, norm=n - 1, residual=short)
+
+
+def _no_norm_operand(dz: Tensor) -> conv_bwd.DyOperand:
+    """dy = dz for a conv with no BatchNorm after it (pre-activation conv_L and shortcut): the
+    running-statistics form dy = γ·rsqrt(var + eps)·g with no γ, var = 1 and eps = 0."""
+    ones = torch.ones(dz.shape[1], dtype=torch.float32, device=dz.device)
+    return conv_bwd.DyOperand(dz, None, dz, ones, ones, None, None, False, 0.0)
+
+
+def block_backward(
+    dout: Tensor, x: Tensor, out: Tensor, weights, saved, means, variances, bn_weights,
+    bn_biases, *, block: BlockParams, batch_stats: bool, output_mask,
+) -> tuple[OptTensor, list[OptTensor], list[OptTensor], list[OptTensor]]:
+    n_w, n_bn = len(weights), len(bn_weights)
+    need_dx, need_w = output_mask[0], output_mask[1:1 + n_w]
+    norms = _Norms(bn_weights, bn_biases, None, None, block.eps)
+    for i in range(n_bn):
+        norms.from_stats(i, means[i], variances[i])
+    sums: dict[int, tuple] = {}
+    dws: list[OptTensor] = [None] * n_w
+    params = block.all_convs
+    n = len(block.convs)
+    ys = saved
+
+    def back(op, i: int, inp: Tensor, prologue: int | None, act: int | None = None,
+             add: OptTensor = None, need_input: bool = True):
+        """dW of conv_i (its input ``inp`` seen through bn_prologue + ReLU); returns its dgrad:
+        with ``act`` (input = relu(bn_act(inp))) the next operand's g, its sums recorded."""
+        if need_w[i]:
+            dws[i] = conv_bwd.wgrad(op, inp, weights[i], params[i],
+                                    **_x_affine(norms.affine(prologue)))
+        if not need_input:
+            return None
+        if act is None:
+            return conv_bwd.dgrad(op, weights[i], params[i], inp.shape, add=add)
+        g, sums[act] = conv_bwd.dgrad(op, weights[i], params[i], inp.shape, add=add,
+                                      act=norms.act(act, inp, batch_stats))
+        return g
+
+    dx = None
+    if block.preact:
+        entry = 0 if block.entry_norm else None
+        first = int(block.entry_norm)
+        op = _no_norm_operand(dout)
+        for i in range(n - 1, 0, -1):
+            k = first + i - 1  # bn after conv_i-1, before conv_i
+            g = back(op, i, ys[i - 1], k, act=k)
+            op = norms.operand(k, g, None, ys[i - 1], sums[k], batch_stats)
+        short_grad = None
+        if block.shortcut is not None:
+            short_grad = back(_no_norm_operand(dout), n, x, entry,
+                              need_input=need_dx or entry is not None)
+        if entry is not None:
+            g0 = back(op, 0, x, entry, act=0, add=short_grad)
+            if need_dx:  # the join: dBN_0 of g_0, plus the identity shortcut's dout
+                dx, _, _, _ = bn.backward(
+                    g0, x, g0, norms.mean[0], norms.var[0], bn_weights[0],
+                    batch_stats=batch_stats, eps=block.eps[0], relu=False, need_dy=True,
+                    need_stats_grad=False, sums=sums[0],
+                    add=dout if block.shortcut is None else None)
+        elif need_dx or need_w[0]:
+            add = dout if block.shortcut is None else short_grad
+            dx = back(op, 0, x, None, add=add, need_input=need_dx)
+    else:
+        last = n - 1
+        identity = block.shortcut is None
+        dres = None
+        if identity and need_dx:
+            dres = _alloc.empty(*dout.shape, dtype=dout.dtype, device=dout.device,
+                                channels_last=True)
+        def reduce(y: Tensor, i: int, **kw):
+            return bn.reductions(dout, y, out, norms.mean[i], norms.var[i],
+                                 batch_stats=batch_stats, eps=block.eps[i], relu=True, **kw)
+
+        sums_s = None
+        if identity:
+            sums[last] = reduce(ys[last], last, dres=dres)
+        elif block.eps[n] == block.eps[last]:  # both BNs' sums from one pass over dout, out
+            sums[last], sums_s = reduce(ys[last], last, second=(ys[n], norms.mean[n],
+                                                                norms.var[n]))
+        else:
+            sums[last], sums_s = reduce(ys[last], last), reduce(ys[n], n)
+        op = norms.operand(last, dout, out, ys[last], sums[last], batch_stats)
+        for i in range(last, 0, -1):
+            g = back(op, i, ys[i - 1], i - 1, act=i - 1)
+            op = norms.operand(i - 1, g, None, ys[i - 1], sums[i - 1], batch_stats)
+        add = dres
+        if not identity:
+            sums[n] = sums_s
+            op_s = norms.operand(n, dout, out, ys[n], sums_s, batch_stats)
+            add = back(op_s, n, x, None, need_input=need_dx)
+        dx = back(op, 0, x, None, add=add, need_input=need_dx)
+    dgs = [sums[i][1] if i in sums and m else None
+           for i, m in enumerate(output_mask[1 + n_w:1 + n_w + n_bn])]
+    dbs = [sums[i][0] if i in sums and m else None
+           for i, m in enumerate(output_mask[1 + n_w + n_bn:])]
+    return dx if need_dx else None, [d if m else None for d, m in zip(dws, need_w)], dgs, dbs
+
+
+def _x_affine(prologue: dict) -> dict:
+    """conv2d_fused's prologue keywords as wgrad names them."""
+    return {k.replace("in_", "x_"): v for k, v in prologue.items()}
+
+
+__all__ = ["block_backward", "block_forward"]

@@ -1,0 +1,450 @@
+"""``residual_block``: a whole residual block as one autograd-aware op (block-fused training).
+
+The per-layer op :func:`fastres.ops.conv_bn_relu` keeps, for backward, the input, the raw conv
+output y and the activation z of every layer, and runs a BN-apply pass after every conv. The
+residual block is the unit where that can be avoided (DESIGN.md §3, "Training fusion target"):
+inside a block only raw conv outputs and per-channel statistics flow between the convs, each conv
+applies the previous BN + ReLU while loading its input (zero padding *after* the activation),
+and the block output is the one activation written. Backward forms each conv's dy while loading
+it and takes the dReLU/dBN reductions of the layer below in the dgrad epilogue. What a backend
+actually fuses is its business; the ``reference`` backend computes the same function in plain
+PyTorch (the ground truth), a backend without block kernels does not serve blocks (the modules
+then take the per-layer path, see :func:`block_backend`).
+
+Structure (:class:`fastres.backends.base.BlockParams`): post-activation blocks (ResNet, ResNeXt,
+Wide ResNet; with or without a projection shortcut) and pre-activation blocks (with or without
+the entry BN + ReLU, with or without a projection on the activated input). Saved for backward:
+the block input and (post-activation) output, which neighbouring blocks share, the raw outputs
+of the convs, and per-channel statistics; never an inner activation.
+
+Stack, top to bottom: :func:`residual_block` (validation, autocast, backend choice, running
+statistics) → ``fastres::residual_block_fwd`` / ``_bwd`` custom ops (fake kernels, autograd) →
+the backend's ``block_forward`` / ``block_backward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .. import backends
+from ..backends import BackendUnavailableError, CallInfo, ConvParams
+from ..backends.base import BlockParams
+from .conv_bn_relu import FLOAT_DTYPES, _on_device_of, _pair, update_running_stats
+
+Tensor = torch.Tensor
+CL = torch.channels_last
+_PER_CONV = 7  # ints per convolution in the custom ops' flat conv list
+
+
+@dataclass(frozen=True)
+class ConvArgs:
+    """One bias-free convolution of a block."""
+
+    weight: Tensor
+    stride: int | Sequence[int] = 1
+    padding: int | Sequence[int] = 0
+    dilation: int | Sequence[int] = 1
+    groups: int = 1
+
+    def params(self) -> ConvParams:
+        if not isinstance(self.groups, int) or self.groups < 1:
+            raise ValueError(f"residual_block: groups must be a positive int, got {self.groups!r}")
+        return ConvParams(_pair("stride", self.stride, 1), _pair("padding", self.padding, 0),
+                          _pair("dilation", self.dilation, 1), self.groups)
+
+
+@dataclass(frozen=True)
+class NormArgs:
+    """One BatchNorm of a block: parameters and buffers as ``F.batch_norm`` takes them."""
+
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    momentum: float | Tensor = 0.1
+    eps: float = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat(convs: Sequence[ConvParams]) -> list[int]:
+    return [v for p in convs for v in (*p.stride, *p.padding, *p.dilation, p.groups)]
+
+
+def _unflat(flat: Sequence[int]) -> tuple[ConvParams, ...]:
+    return tuple(
+        ConvParams(tuple(flat[i:i + 2]), tuple(flat[i + 2:i + 4]), tuple(flat[i + 4:i + 6]),
+                   flat[i + 6])
+        for i in range(0, len(flat), _PER_CONV)
+    )
+
+
+def _block(conv_flat, shortcut: bool, preact: bool, entry_norm: bool, eps) -> BlockParams:
+    convs = _unflat(conv_flat)
+    main = convs[:-1] if shortcut else convs
+    return BlockParams(main, convs[-1] if shortcut else None, preact, entry_norm, tuple(eps))
+
+
+def _norm_channels(block: BlockParams, x_channels: int, weights: Sequence[Tensor]) -> list[int]:
+    """The number of channels each BatchNorm normalises, in BlockParams order."""
+    main = [w.shape[0] for w in weights[:len(block.convs)]]
+    if block.preact:
+        return ([x_channels] if block.entry_norm else []) + main[:-1]
+    return main + ([weights[-1].shape[0]] if block.shortcut is not None else [])
+
+
+def _shapes(x_shape, weights: Sequence[Tensor], block: BlockParams):
+    """Output shapes of conv_1 .. conv_L (and conv_s) for an input of ``x_shape``."""
+    n, _, h, w = x_shape
+    shapes = []
+    c_h, c_w = h, w
+    for p, wt in zip(block.convs, weights):
+        c_h, c_w = p.out_hw(c_h, c_w, wt.shape[2], wt.shape[3])
+        shapes.append((n, wt.shape[0], c_h, c_w))
+    if block.shortcut is not None:
+        wt = weights[-1]
+        sh, sw = block.shortcut.out_hw(h, w, wt.shape[2], wt.shape[3])
+        shapes.append((n, wt.shape[0], sh, sw))
+    return shapes
+
+
+def _validate(x: Tensor, weights: Sequence[Tensor], norms: Sequence[NormArgs],
+              block: BlockParams) -> list[tuple[int, ...]]:
+    def fail(msg: str, exc=ValueError):
+        raise exc(f"residual_block: {msg}")
+
+    if not isinstance(x, Tensor):
+        fail(f"x must be a Tensor, got {type(x).__name__}", TypeError)
+    if x.dtype not in FLOAT_DTYPES:
+        fail(f"x has unsupported dtype {x.dtype}; expected float32, float16 or bfloat16",
+             TypeError)
+    if x.dim() != 4:
+        fail(f"expected x of rank 4 (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        fail(f"x is empty, shape {tuple(x.shape)}")
+    if len(block.convs) < 2:
+        fail(f"a block has at least 2 convolutions on its main branch, got {len(block.convs)}")
+    channels = x.shape[1]
+    for i, (p, w) in enumerate(zip(block.all_convs, weights)):
+        name = "shortcut conv" if i == len(block.convs) else f"conv{i + 1}"
+        if not isinstance(w, Tensor) or w.dim() != 4:
+            fail(f"{name} weight must be a 4-d Tensor (K, C/groups, R, S)")
+        if w.dtype != x.dtype:
+            fail(f"{name} weight dtype {w.dtype} does not match x dtype {x.dtype}", TypeError)
+        if w.device != x.device:
+            fail(f"{name} weight is on {w.device} but x is on {x.device}")
+        c_in = x.shape[1] if i == len(block.convs) else channels
+        if c_in % p.groups or w.shape[0] % p.groups:
+            fail(f"{name}: groups={p.groups} must divide its input ({c_in}) and output "
+                 f"({w.shape[0]}) channels")
+        if w.shape[1] * p.groups != c_in:
+            fail(f"{name}: channel mismatch: its input has {c_in} channels but weight "
+                 f"{tuple(w.shape)} with groups={p.groups} expects {w.shape[1] * p.groups}")
+        if i < len(block.convs):
+            channels = w.shape[0]
+    shapes = _shapes(x.shape, weights, block)
+    for i, s in enumerate(shapes):
+        if s[2] <= 0 or s[3] <= 0:
+            fail(f"conv{i + 1} output would be empty ({s[2]}x{s[3]})")
+    main_out = shapes[len(block.convs) - 1]
+    short = shapes[-1] if block.shortcut is not None else tuple(x.shape)
+    if tuple(short) != tuple(main_out):
+        fail(f"the shortcut has shape {tuple(short)} but the main branch gives {main_out} "
+             "(an identity shortcut needs equal shapes; use a projection)")
+    if len(norms) != block.num_norms:
+        fail(f"expected {block.num_norms} BatchNorms for this structure, got {len(norms)}")
+    for i, (nrm, k) in enumerate(zip(norms, _norm_channels(block, x.shape[1], weights))):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(nrm, name)
+            if t is None:
+                continue
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                fail(f"BatchNorm {i} {name} must be a float Tensor or None", TypeError)
+            if tuple(t.shape) != (k,):
+                fail(f"BatchNorm {i} {name} must have shape ({k},), got {tuple(t.shape)}")
+            if t.device != x.device:
+                fail(f"BatchNorm {i} {name} is on {t.device} but x is on {x.device}")
+        if (nrm.running_mean is None) != (nrm.running_var is None):
+            fail(f"BatchNorm {i}: pass both running_mean and running_var, or neither")
+    return shapes
+
+
+def _call_info(x: Tensor, weight: Tensor, conv: ConvParams, batch_stats: bool) -> CallInfo:
+    return CallInfo(device=x.device, dtype=x.dtype, x_shape=tuple(x.shape),
+                    weight_shape=tuple(weight.shape), conv=conv, batch_stats=batch_stats,
+                    has_residual=True, relu=True)
+
+
+def block_backend(x: Tensor, weight: Tensor, conv: ConvParams, *, training: bool,
+                  backend: str | None = None) -> tuple[str | None, str | None]:
+    """``(name, None)``: the backend that serves a block whose first conv is ``conv`` with
+    ``weight`` on ``x``; ``(None, reason)`` if the backend in force has no block kernels (the
+    caller then runs the block layer by layer). Raises like :func:`fastres.ops.conv_bn_relu`
+    when the backend asked for cannot serve the call at all."""
+    name = backends.select(_call_info(x, weight, conv, training), backend)
+    impl = backends.load(name)
+    if not hasattr(impl, "block_forward"):
+        return None, f"the {name} backend has no block kernels (blocks run layer by layer)"
+    return name, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastres::residual_block_fwd", mutates_args=())
+def residual_block_fwd(
+    x: Tensor,
+    weights: list[Tensor],
+    bn_weights: list[Tensor | None],
+    bn_biases: list[Tensor | None],
+    running_means: list[Tensor | None],
+    running_vars: list[Tensor | None],
+    convs: list[int],
+    shortcut: bool,
+    preact: bool,
+    entry_norm: bool,
+    eps: list[float],
+    batch_stats: bool,
+    save_for_backward: bool,
+    backend: str,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """Returns ``(out, saved, means, vars)``: ``saved`` the raw conv outputs backward reads
+    (see ``_saved_convs``), ``means``/``vars`` fp32 per BatchNorm (biased batch variance, or
+    copies of the running statistics)."""
+    impl = backends.load(backend)
+    backends.record("forward", impl.name, batch_stats=batch_stats,
+                    inference=not save_for_backward, op="residual_block")
+    block = _block(convs, shortcut, preact, entry_norm, eps)
+    with _on_device_of(x):
+        return impl.block_forward(
+            x, weights, bn_weights, bn_biases, running_means, running_vars, block=block,
+            batch_stats=batch_stats, save_for_backward=save_for_backward,
+        )
+
+
+def _saved_convs(block: BlockParams) -> list[int]:
+    """Indices (into conv_1 .. conv_L, conv_s) of the raw outputs saved for backward: every conv
+    output that a BatchNorm reads (post-activation: all; pre-activation: all but the last)."""
+    n = len(block.convs)
+    if block.preact:
+        return list(range(n - 1))
+    return list(range(n + int(block.shortcut is not None)))
+
+
+@residual_block_fwd.register_fake
+def _(x, weights, bn_weights, bn_biases, running_means, running_vars, convs, shortcut, preact,
+      entry_norm, eps, batch_stats, save_for_backward, backend):
+    block = _block(convs, shortcut, preact, entry_norm, eps)
+    shapes = _shapes(x.shape, weights, block)
+    new = lambda s: torch.empty(s, dtype=x.dtype, device=x.device, memory_format=CL)
+    out = new(shapes[len(block.convs) - 1])
+    saved = [new(shapes[i]) for i in _saved_convs(block)] if save_for_backward else []
+    ks = _norm_channels(block, x.shape[1], weights)
+    stat = lambda k: x.new_empty((k,), dtype=torch.float32)
+    return out, saved, [stat(k) for k in ks], [stat(k) for k in ks]
+
+
+@torch.library.custom_op("fastres::residual_block_bwd", mutates_args=())
+def residual_block_bwd(
+    dout: Tensor,
+    x: Tensor,
+    out: Tensor,
+    weights: list[Tensor],
+    saved: list[Tensor],
+    means: list[Tensor],
+    variances: list[Tensor],
+    bn_weights: list[Tensor | None],
+    bn_biases: list[Tensor | None],
+    convs: list[int],
+    shortcut: bool,
+    preact: bool,
+    entry_norm: bool,
+    eps: list[float],
+    batch_stats: bool,
+    output_mask: list[bool],
+    backend: str,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """Returns ``(dx, dweights, dbn_weights, dbn_biases)`` (fp32 BN grads), empty tensors where
+    ``output_mask`` (x, each weight, each BN weight, each BN bias) is False."""
+    impl = backends.load(backend)
+    backends.record("backward", impl.name, batch_stats=batch_stats, inference=False,
+                    op="residual_block")
+    block = _block(convs, shortcut, preact, entry_norm, eps)
+    with _on_device_of(dout):
+        dx, dws, dgs, dbs = impl.block_backward(
+            dout, x, out, weights, saved, means, variances, bn_weights, bn_biases,
+            block=block, batch_stats=batch_stats, output_mask=tuple(output_mask),
+        )
+    empty = dout.new_empty(0)
+    fresh = lambda t, like: empty if t is None else _strided_like(t, like)
+    return (
+        fresh(dx, x),
+        [fresh(t, w) for t, w in zip(dws, weights)],
+        [empty if t is None else t for t in dgs],
+        [empty if t is None else t for t in dbs],
+    )
+
+
+def _strided_like(t: Tensor, like: Tensor) -> Tensor:
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like).copy_(t)
+
+
+def _masks(output_mask, n_w: int, n_bn: int):
+    return output_mask[0], output_mask[1:1 + n_w], output_mask[1 + n_w:1 + n_w + n_bn], \
+        output_mask[1 + n_w + n_bn:]
+
+
+@residual_block_bwd.register_fake
+def _(dout, x, out, weights, saved, means, variances, bn_weights, bn_biases, convs, shortcut,
+      preact, entry_norm, eps, batch_stats, output_mask, backend):
+    m_x, m_w, m_g, m_b = _masks(output_mask, len(weights), len(means))
+    empty = lambda: dout.new_empty(0)
+    return (
+        torch.empty_like(x) if m_x else empty(),
+        [torch.empty_like(w) if m else empty() for w, m in zip(weights, m_w)],
+        [torch.empty_like(mu) if m else empty() for mu, m in zip(means, m_g)],
+        [torch.empty_like(mu) if m else empty() for mu, m in zip(means, m_b)],
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weights, bn_weights, bn_biases, _, _, convs, shortcut, preact, entry_norm, eps,
+     batch_stats, _, backend) = inputs
+    out, saved, means, variances = output
+    n_w, n_bn = len(weights), len(bn_weights)
+    # the output is saved only where backward reads it (the final ReLU's mask)
+    ctx.save_for_backward(x, None if preact else out, *weights, *saved, *means, *variances,
+                          *bn_weights, *bn_biases)
+    ctx.sizes = (n_w, len(saved), n_bn)
+    ctx.args = (list(convs), shortcut, preact, entry_norm, list(eps), batch_stats)
+    ctx.backend = backend
+    ctx.bn_dtypes = [None if t is None else t.dtype for t in (*bn_weights, *bn_biases)]
+
+
+def _backward(ctx, dout, dsaved_unused, dmeans_unused, dvars_unused):
+    n_w, n_saved, n_bn = ctx.sizes
+    x, out, *rest = ctx.saved_tensors
+    weights, rest = rest[:n_w], rest[n_w:]
+    saved, rest = rest[:n_saved], rest[n_saved:]
+    means, variances, rest = rest[:n_bn], rest[n_bn:2 * n_bn], rest[2 * n_bn:]
+    bn_weights, bn_biases = rest[:n_bn], rest[n_bn:]
+    needs = ctx.needs_input_grad  # x, weights, bn_weights, bn_biases, ... (one flag per list)
+    mask = [needs[0]] + [needs[1] and w.requires_grad for w in weights]
+    mask += [needs[2] and g is not None and g.requires_grad for g in bn_weights]
+    mask += [needs[3] and b is not None and b.requires_grad for b in bn_biases]
+    # the running statistics and the non-tensor arguments get no gradient
+    none_grads = ([None] * n_bn, [None] * n_bn) + (None,) * 8
+    if dout is None or not any(mask):
+        return (None, [None] * n_w, [None] * n_bn, [None] * n_bn, *none_grads)
+    dout = dout.contiguous(memory_format=CL)
+    if out is None:
+        out = dout.new_empty(0)
+    dx, dws, dgs, dbs = residual_block_bwd(
+        dout, x, out, list(weights), list(saved), list(means), list(variances),
+        list(bn_weights), list(bn_biases), *ctx.args, mask, ctx.backend,
+    )
+    m_x, m_w, m_g, m_b = _masks(mask, n_w, n_bn)
+    dts = ctx.bn_dtypes
+    return (
+        dx if m_x else None,
+        [d if m else None for d, m in zip(dws, m_w)],
+        [d.to(dts[i]) if m else None for i, (d, m) in enumerate(zip(dgs, m_g))],
+        [d.to(dts[n_bn + i]) if m else None for i, (d, m) in enumerate(zip(dbs, m_b))],
+        *none_grads,
+    )
+
+
+residual_block_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functional op
+# ---------------------------------------------------------------------------------------------
+
+
+def residual_block(
+    x: Tensor,
+    convs: Sequence[ConvArgs],
+    norms: Sequence[NormArgs],
+    *,
+    shortcut: ConvArgs | None = None,
+    preact: bool = False,
+    entry_norm: bool = False,
+    training: bool,
+    backend: str | None = None,
+) -> Tensor:
+    """A residual block as one fused op; same function as the eager block (see
+    :class:`fastres.backends.base.BlockParams` for the two structures and the order of
+    ``norms``). In training the BatchNorms' running statistics are updated in place (unbiased
+    variance, each with its own momentum), as ``nn.BatchNorm2d`` does; in eval they normalise
+    (every BatchNorm needs them then). Returns a channels_last tensor in x's dtype.
+
+    Raises :class:`BackendUnavailableError` if the backend in force has no block kernels (see
+    :func:`block_backend`; fastres's modules check first and run layer by layer instead).
+    """
+    convs, norms = list(convs), list(norms)
+    params = [c.params() for c in convs]
+    if shortcut is not None:
+        params.append(shortcut.params())
+    weights = [c.weight for c in convs] + ([shortcut.weight] if shortcut is not None else [])
+    block = BlockParams(tuple(params[:len(convs)]), params[len(convs)] if shortcut else None,
+                        bool(preact), bool(entry_norm and preact),
+                        tuple(float(n.eps) for n in norms))
+    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype) if x.is_floating_point() else x
+        weights = [w.to(dtype) for w in weights]
+    shapes = _validate(x, weights, norms, block)
+    batch_stats = bool(training)
+    if not batch_stats and any(n.running_mean is None for n in norms):
+        raise ValueError("residual_block: eval mode needs every BatchNorm's running statistics "
+                         "(blocks with track_running_stats=False run layer by layer)")
+    counts = _norm_counts(x.shape, shapes, block)
+    if batch_stats and min(counts) == 1:
+        raise ValueError("residual_block: expected more than 1 value per channel when using "
+                         "batch statistics")
+    name, why = block_backend(x, weights[0], block.convs[0], training=batch_stats,
+                              backend=backend)
+    if name is None:
+        raise BackendUnavailableError(f"residual_block: {why}")
+    x = x.contiguous(memory_format=CL)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x, *weights, *(n.weight for n in norms), *(n.bias for n in norms))
+    )
+    out, _, means, variances = residual_block_fwd(
+        x, weights, [n.weight for n in norms], [n.bias for n in norms],
+        [n.running_mean for n in norms], [n.running_var for n in norms],
+        _flat(block.all_convs), shortcut is not None, block.preact, block.entry_norm,
+        list(block.eps), batch_stats, save, name,
+    )
+    if batch_stats:
+        for n, mean, var, count in zip(norms, means, variances, counts):
+            if n.running_mean is not None:
+                update_running_stats(n.running_mean, n.running_var, mean,
+                                     var * (count / (count - 1)), n.momentum)
+    return out
+
+
+def _norm_counts(x_shape, shapes, block: BlockParams) -> list[int]:
+    """Values per channel each BatchNorm normalises (N·H·W of its input), in BlockParams order."""
+    per = [s[0] * s[2] * s[3] for s in shapes]
+    n_main = len(block.convs)
+    if block.preact:
+        entry = [x_shape[0] * x_shape[2] * x_shape[3]] if block.entry_norm else []
+        return entry + per[:n_main - 1]
+    return per[:n_main] + per[n_main:]
+
+
+__all__ = ["ConvArgs", "NormArgs", "block_backend", "residual_block"]

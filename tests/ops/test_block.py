@@ -1,0 +1,248 @@
+"""The residual-block op (fastres.ops.block): the same function as the eager block, forward and
+every gradient, running statistics over several steps; one op per block forward and backward.
+
+Each case is a fastres block (post- or pre-activation) run three ways: through the block op on
+the backend under test, as plain PyTorch in float64 on the CPU (the truth), and as plain PyTorch
+in the test's dtype (the baseline of the error-ratio rule). BatchNorm shifts are drawn away from
+zero, both signs, so that relu(shift) ≠ 0 where padding meets the image border: a padded element
+that went through the activation shows. Outputs are NaN-poisoned (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from fastres.nn import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
+from fastres.ops.block import ConvArgs, NormArgs, residual_block
+from tests.models._util import randomize_bn, tensors_by_key
+from tests.numerics import assert_close_ratio
+
+CL = torch.channels_last
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    name: str
+    cls: type
+    cin: int
+    channels: int
+    stride: int = 1
+    groups: int = 1
+    base_width: int = 64
+    preact: bool = True  # pre-activation blocks: the entry BN + ReLU
+    hw: int = 7  # odd: the stride-2 taps and the padding meet the border unevenly
+
+    def build(self) -> nn.Module:
+        kw = {}
+        if self.cls in (Bottleneck, PreActBottleneck):
+            kw = dict(groups=self.groups, base_width=self.base_width)
+        if self.cls in (PreActBasicBlock, PreActBottleneck):
+            kw["preact"] = self.preact
+        block = self.cls(self.cin, self.channels, self.stride, **kw)
+        return _shift_bn(randomize_bn(block))
+
+
+def _shift_bn(block: nn.Module) -> nn.Module:
+    """β of magnitude 0.5-1.5, both signs: relu(β) ≠ 0 at the border for half the channels."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                sign = torch.where(torch.rand(m.num_features, generator=g) < 0.5, -1.0, 1.0)
+                m.bias.copy_(sign * (0.5 + torch.rand(m.num_features, generator=g)))
+    return block
+
+
+BLOCKS = [
+    Block("basic-identity", BasicBlock, 16, 16),
+    Block("basic-proj-s2", BasicBlock, 16, 32, stride=2, hw=9),
+    Block("bottleneck-identity", Bottleneck, 64, 16),
+    Block("bottleneck-proj-s2", Bottleneck, 32, 16, stride=2),
+    Block("resnext-4pg", Bottleneck, 32, 16, groups=4, base_width=4),  # 4 channels per group
+    Block("resnext-8pg-s2", Bottleneck, 32, 16, stride=2, groups=4, base_width=8),
+    Block("wide", Bottleneck, 32, 8, base_width=128),
+    Block("preact-basic", PreActBasicBlock, 16, 16),
+    Block("preact-basic-noentry-proj-s2", PreActBasicBlock, 16, 32, stride=2, preact=False),
+    Block("preact-bottleneck-proj-s2", PreActBottleneck, 16, 8, stride=2),
+    Block("preact-bottleneck-identity", PreActBottleneck, 32, 8),
+]
+BY_NAME = {b.name: b for b in BLOCKS}
+DEFAULT = ("basic-proj-s2", "bottleneck-identity", "resnext-8pg-s2", "preact-bottleneck-proj-s2",
+           "preact-basic-noentry-proj-s2")
+
+
+def _grid(backends: tuple[str, ...], dtypes: tuple[torch.dtype, ...]) -> list:
+    """(backend, block, dtype): the DEFAULT blocks in float32 on every backend and one low
+    precision case each in the default run, the rest under ``slow``."""
+    params = []
+    for backend in backends:
+        for b in BLOCKS:
+            for dtype in dtypes:
+                quick = b.name in DEFAULT and (
+                    dtype == torch.float32 or (b.name, dtype) in (
+                        ("bottleneck-identity", torch.bfloat16),
+                        ("preact-bottleneck-proj-s2", torch.float16),
+                        ("resnext-8pg-s2", torch.float16)))
+                marks = () if quick else (pytest.mark.slow,)
+                params.append(pytest.param(backend, b, dtype, marks=marks,
+                                           id=f"{backend}-{b.name}-{str(dtype)[6:]}"))
+    return params
+
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _run_steps(block: nn.Module, x: torch.Tensor, upstream: torch.Tensor, steps: int,
+               backend: str | None):
+    """``steps`` training steps (forward, backward, no update), then an eval forward. Returns
+    per step (output, input grad, parameter grads), the running statistics at the end and the
+    eval output."""
+    results = []
+    ctx = fastres.use_backend(backend) if backend else _plain(block)
+    with ctx:
+        block.train()
+        for _ in range(steps):
+            block.zero_grad(set_to_none=True)
+            inp = x.detach().clone().requires_grad_()
+            out = block(inp)
+            out.backward(upstream.to(out.dtype))
+            grads = {k: t.grad for k, t in tensors_by_key(block).items()
+                     if isinstance(t, nn.Parameter)}
+            results.append((out.detach(), inp.grad, grads))
+        block.eval()
+        with torch.no_grad():
+            eval_out = block(x)
+    stats = {k: t.detach().clone() for k, t in block.state_dict().items() if "running" in k}
+    return results, stats, eval_out
+
+
+class _plain:
+    """Runs a fastres block as plain PyTorch (its unfused forward) inside the ``with``."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __enter__(self):
+        self.block.set_fused(False)
+
+    def __exit__(self, *exc):
+        self.block.set_fused(True)
+
+
+def check_block(spec: Block, dtype: torch.dtype, backend: str, steps: int = 2,
+                n: int = 2) -> None:
+    block = spec.build()
+    x = torch.randn(n, spec.cin, spec.hw, spec.hw)
+    truth, baseline, fused = (copy.deepcopy(block).double(), copy.deepcopy(block).to(dtype),
+                              copy.deepcopy(block).to(dtype))
+    baseline.to(memory_format=CL)  # eager in the layout fastres computes in (tests.models._util)
+    out_shape = copy.deepcopy(truth).eval()(x.double()).shape
+    upstream = torch.randn(out_shape, dtype=torch.float64)
+    with fastres.backends.record_calls() as served:
+        got = _run_steps(fused, x.to(dtype).contiguous(memory_format=CL), upstream, steps,
+                         backend)
+    assert [(c.direction, c.op, c.backend) for c in served] == (
+        [("forward", "residual_block", backend), ("backward", "residual_block", backend)] * steps
+        + [("forward", "residual_block", backend)]), "the block did not run as one block op"
+    want = _run_steps(truth, x.double(), upstream, steps, None)
+    base = _run_steps(baseline, x.to(dtype).contiguous(memory_format=CL), upstream, steps, None)
+    for step, ((o, dx, gs), (o_t, dx_t, gs_t), (o_b, dx_b, gs_b)) in enumerate(
+            zip(got[0], want[0], base[0])):
+        assert_close_ratio(f"step {step} output", o, o_t, o_b)
+        assert_close_ratio(f"step {step} input grad", dx, dx_t, dx_b)
+        assert set(gs) == set(gs_t)
+        for key in gs_t:
+            assert gs[key] is not None, f"{key}: no gradient"
+            assert_close_ratio(f"step {step} {key}.grad", gs[key], gs_t[key], gs_b[key])
+    for key in want[1]:
+        assert_close_ratio(f"{key} after {steps} steps", got[1][key], want[1][key], base[1][key])
+    assert_close_ratio("eval output", got[2], want[2], base[2])
+    for m_f, m_t in zip(fused.modules(), truth.modules()):
+        if isinstance(m_f, nn.BatchNorm2d):
+            assert int(m_f.num_batches_tracked) == int(m_t.num_batches_tracked) == steps
+
+
+@pytest.mark.parametrize(("backend", "spec", "dtype"), _grid(("reference", "triton"), DTYPES))
+def test_block_op_matches_eager_block(backend: str, spec: Block, dtype: torch.dtype) -> None:
+    check_block(spec, dtype, backend)
+
+
+def test_block_op_is_deterministic() -> None:
+    """Two identical steps on the Triton kernels give bitwise the same output and gradients."""
+    block = BY_NAME["bottleneck-proj-s2"].build()
+    x = torch.randn(2, 32, 7, 7).contiguous(memory_format=CL)
+    upstream = torch.randn(2, 64, 4, 4)
+    runs = []
+    for _ in range(2):
+        b = copy.deepcopy(block)
+        runs.append(_run_steps(b, x, upstream, 1, "triton")[0][0])
+    (o1, dx1, g1), (o2, dx2, g2) = runs
+    assert torch.equal(o1, o2) and torch.equal(dx1, dx2)
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+
+
+def test_padding_is_applied_after_the_activation() -> None:
+    """conv2 of a basic block reads relu(bn1(y1)) with zero padding: with every shift of bn1 > 0
+    the wrong order (pad y1, then activate) puts relu(shift) > 0 on the border, which changes
+    the output by far more than the tolerance. The block op must match the right order."""
+    block = BY_NAME["basic-identity"].build()
+    with torch.no_grad():
+        block.bn1.bias.fill_(2.0)
+    x = torch.randn(2, 16, 7, 7)
+    with fastres.use_backend("triton"):
+        got = block.eval()(x.contiguous(memory_format=CL))
+        block.train()
+        got_train = block(x.contiguous(memory_format=CL))
+    plain = copy.deepcopy(block).double().set_fused(False)
+    want_train = plain.train()(x.double())
+    want = plain.eval()(x.double())
+    # the wrong order, in float64: pad y1 first, then BN + ReLU over the padded map
+    with torch.no_grad():
+        y1 = plain.bn1(plain.conv1(x.double()))
+        z1 = torch.relu(nn.functional.pad(y1 - plain.bn1.bias.view(1, -1, 1, 1), (1, 1, 1, 1))
+                        + plain.bn1.bias.view(1, -1, 1, 1))
+        c2 = plain.conv2
+        wrong = torch.relu(plain.bn2(nn.functional.conv2d(z1, c2.weight)) + x.double())
+    assert (wrong - want).abs().max() > 0.1, "the test case does not tell the orders apart"
+    assert (got.double() - want).abs().max() < 1e-3
+    assert (got_train.double().detach() - want_train.detach()).abs().max() < 1e-3
+
+
+def test_functional_block_errors_name_the_problem() -> None:
+    w1, w2 = torch.randn(8, 4, 3, 3), torch.randn(8, 8, 3, 3)
+    norms = [NormArgs(None, None, torch.zeros(8), torch.ones(8)) for _ in range(2)]
+    x = torch.randn(2, 4, 6, 6)
+    convs = [ConvArgs(w1, padding=1), ConvArgs(w2, padding=1)]
+    with pytest.raises(ValueError, match="identity shortcut needs equal shapes"):
+        residual_block(x, convs, norms, training=True)
+    with pytest.raises(ValueError, match="expected 3 BatchNorms"):
+        residual_block(x, convs, norms, shortcut=ConvArgs(torch.randn(8, 4, 1, 1)),
+                       training=True)
+    with pytest.raises(ValueError, match="conv2: channel mismatch"):
+        residual_block(x, [convs[0], ConvArgs(w1, padding=1)], norms, training=True)
+    with pytest.raises(TypeError, match="conv1 weight dtype"):
+        residual_block(x, [ConvArgs(w1.half(), padding=1), convs[1]], norms, training=True)
+    with pytest.raises(ValueError, match=r"BatchNorm 1 weight must have shape \(8,\)"):
+        bad = [norms[0], NormArgs(torch.ones(5), None, None, None)]
+        residual_block(torch.randn(2, 8, 6, 6), [ConvArgs(w2, padding=1)] * 2, bad,
+                       training=True)
+    with pytest.raises(ValueError, match="eval mode needs every BatchNorm's running"):
+        no_stats = [NormArgs(None, None, None, None)] * 2
+        residual_block(torch.randn(2, 8, 6, 6), [ConvArgs(w2, padding=1)] * 2, no_stats,
+                       training=False)
+
+
+def test_block_op_traces_with_torch_compile() -> None:
+    """fullgraph=True: the block op is one custom op with a fake kernel (reference backend)."""
+    block = BY_NAME["bottleneck-proj-s2"].build().train()
+    x = torch.randn(2, 32, 7, 7, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -31,9 +31,9 @@ def _pair(name: str, v: int | Sequence[int], minimum: int) -> tuple[int, int]:
     if isinstance(v, int):
         v = (v, v)
     v = tuple(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+    if len(v) != 2 or not (isinstance(v[0], int) and isinstance(v[1], int)):
         raise ValueError(f"conv_bn_relu: {name} must be an int or a pair of ints, got {v!r}")
-    if min(v) < minimum:
+    if v[0] < minimum or v[1] < minimum:
         raise ValueError(f"conv_bn_relu: {name} must be >= {minimum}, got {v!r}")
     return v  # type: ignore[return-value]
 
@@ -353,10 +353,13 @@ def conv_bn_relu(
         raise ValueError(f"conv_bn_relu: groups must be a positive int, got {groups!r}")
     stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
     dilation = _pair("dilation", dilation, 1)
-    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
     # only the devices fastres serves; torch.amp.is_autocast_available would break torch 2.11's
     # dynamo (a skipped function), and is_autocast_enabled raises for e.g. "meta"
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+    if not isinstance(x, Tensor):
+        device_type = "cpu"
+    else:
+        device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
+    if device_type is not None and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
 
         def cast(t):

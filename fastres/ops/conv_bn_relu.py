@@ -12,9 +12,7 @@ Stack, top to bottom:
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 
@@ -366,10 +364,11 @@ def conv_bn_relu(
             return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
 
         x, weight, bias, residual = cast(x), cast(weight), cast(bias), cast(residual)
-    plan = _plan(
+    call, count = _checked(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-        (stride, padding, dilation, groups), bool(training), bool(relu), backend,
+        (stride, padding, dilation, groups), bool(training), bool(relu),
     )
+    name = backends.select(call, backend)
     x = x.contiguous(memory_format=CL)
     if residual is not None:
         residual = residual.contiguous(memory_format=CL)
@@ -378,58 +377,61 @@ def conv_bn_relu(
     )
     args = (
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-        stride, padding, dilation, groups, plan.batch_stats, float(eps), bool(relu), save,
-        plan.backend,
+        stride, padding, dilation, groups, call.batch_stats, float(eps), bool(relu), save, name,
     )
     if save and not torch.compiler.is_compiling():
         z, _, mean, var = _ConvBNReLUFunction.apply(*args)
     else:
         z, _, mean, var = conv_bn_relu_fwd(*args)
     if training and running_mean is not None:
-        count = plan.count
         update_running_stats(running_mean, running_var, mean, var * (count / (count - 1)),
                              momentum)
     return z
 
 
-class _Plan(NamedTuple):
-    """What the checks and dispatch decide for a call (see :func:`_plan`)."""
-
-    batch_stats: bool
-    count: int  # values per channel, N·OH·OW
-    backend: str
-
-
-_plans: dict[tuple, _Plan] = {}
-_MAX_PLANS = 4096  # distinct call signatures kept (a model has a few dozen)
+_checked_calls: dict[tuple, tuple[CallInfo, int]] = {}
+_MAX_CHECKED = 4096  # distinct call signatures kept (a model has a few dozen)
 
 
 def _meta(t: Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.dtype, t.device)
 
 
-def _plan(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv_args,
-          training: bool, relu: bool, backend: str | None) -> _Plan:
-    """Validate the call and choose its backend, once per distinct signature.
+def _checked(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv_args,
+             training: bool, relu: bool) -> tuple[CallInfo, int]:
+    """Check the arguments once per distinct call signature: ``(call, N·OH·OW)``.
 
-    The decision depends only on what the key holds: every tensor's shape, dtype and device (or
-    its absence), the conv parameters, ``training``, ``relu``, the backend asked for (argument or
-    setting in force) and ``FASTRES_AUTOTUNE_BACKEND``. Only calls that passed every check are
-    kept, so bad input always reaches :func:`_validate` and raises its error; a non-tensor
-    argument makes no key and takes the same path.
+    The checks depend only on what the key holds: each tensor's shape, dtype and device (or its
+    absence), the conv parameters, ``training`` and ``relu``. Only signatures that passed every
+    check are kept, so bad input always reaches :func:`_validate` and raises its error; a
+    non-tensor argument makes no key and takes the same path. The backend is chosen per call
+    (:func:`fastres.backends.select`, about a microsecond): the setting, the environment and a
+    backend's availability may change between calls. Under ``torch.compile`` nothing is kept
+    (the checks run once, while tracing; a global dict read there would be guarded on).
     """
-    setting = backend if backend is not None else backends.get_backend()
+    if torch.compiler.is_compiling():
+        return _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                           residual, conv_args, training, relu)
     try:
         key = (
             _meta(x), _meta(weight), _meta(bias), _meta(bn_weight), _meta(bn_bias),
             _meta(running_mean), _meta(running_var), _meta(residual), conv_args, training, relu,
-            setting, os.environ.get("FASTRES_AUTOTUNE_BACKEND"),
         )
-        plan = _plans.get(key)
+        checked = _checked_calls.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable: let the checks say why
-        key = plan = None
-    if plan is not None:
-        return plan
+        key = checked = None
+    if checked is None:
+        checked = _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                              residual, conv_args, training, relu)
+        if key is not None:
+            if len(_checked_calls) >= _MAX_CHECKED:
+                _checked_calls.clear()
+            _checked_calls[key] = checked
+    return checked
+
+
+def _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                conv_args, training: bool, relu: bool) -> tuple[CallInfo, int]:
     conv = ConvParams(*conv_args)
     n, k, oh, ow = _validate(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv
@@ -445,12 +447,7 @@ def _plan(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residu
         device=x.device, dtype=x.dtype, x_shape=tuple(x.shape), weight_shape=tuple(weight.shape),
         conv=conv, batch_stats=batch_stats, has_residual=residual is not None, relu=relu,
     )
-    plan = _Plan(batch_stats, count, backends.select(call, backend))
-    if key is not None:
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        _plans[key] = plan
-    return plan
+    return call, count
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,

@@ -1,6 +1,6 @@
-"""The op layer decides checks and backend once per call signature (issue 11, point 7): a call that
-differs in anything the decision depends on must miss that cache, compute the right result, and
-raise the same errors as a first call would."""
+"""The op layer checks arguments once per call signature (issue 11, point 7): a call that differs
+in anything the checks depend on must miss that cache, compute the right result, and raise the
+same errors as a first call would; the backend is still chosen per call."""
 
 import sys
 
@@ -9,6 +9,7 @@ import torch
 
 import fastres
 from fastres.backends import record_calls
+from fastres.backends.reference import ReferenceBackend
 from fastres.ops import conv_bn_relu
 from tests.numerics import eager_conv_bn_relu
 
@@ -108,14 +109,16 @@ def test_same_signature_goes_where_the_setting_says():
     assert served == ["reference", "triton", "reference"]
 
 
-def test_autotune_setting_is_part_of_the_signature(monkeypatch):
-    # (fastres.ops.conv_bn_relu is the function; its module holds the cache)
-    plans = sys.modules["fastres.ops.conv_bn_relu"]._plans
+def test_backend_is_chosen_per_call_even_for_a_kept_signature(monkeypatch):
+    """Checks are kept per signature; availability is asked on every call (a backend that stops
+    serving, here a patched reference backend, is noticed at once)."""
+    checked = sys.modules["fastres.ops.conv_bn_relu"]._checked_calls
     a = _inputs(k=16)
-    _run(conv_bn_relu, a)
-    before = len(plans)
-    _run(conv_bn_relu, a)
-    assert len(plans) == before  # same signature: no new entry
-    monkeypatch.setenv("FASTRES_AUTOTUNE_BACKEND", "1")
-    _run(conv_bn_relu, a)
-    assert len(plans) == before + 1
+    with fastres.use_backend("reference"):
+        _run(conv_bn_relu, a)
+        size = len(checked)
+        _run(conv_bn_relu, a)
+        assert len(checked) == size  # the same signature: kept once
+        monkeypatch.setattr(ReferenceBackend, "unsupported_reason", lambda self, call: "patched")
+        with pytest.raises(fastres.BackendUnavailableError, match="patched"):
+            _run(conv_bn_relu, a)

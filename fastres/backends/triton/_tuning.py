@@ -85,6 +85,7 @@ class Tuned:
         self.last_config: triton.Config | None = None
         self._forced: triton.Config | None = None
         self._tuner = None
+        self._chosen: dict[tuple, triton.Config] = {}  # launch signature -> the tuner's choice
         _ALL.append(self)
         if AUTOTUNE and len(self.configs) > 1:
             by = {"early_config_prune": prune} if prune is not None else None
@@ -116,14 +117,36 @@ class Tuned:
     def __getitem__(self, grid: Any) -> Callable[..., None]:
         def launch(*args: Any, **kwargs: Any) -> None:
             if self._forced is None and self._tuner is not None:
-                self._tuner[grid](*args, **kwargs)
-                self.last_config = self._tuner.best_config
+                self._launch_tuned(grid, args, kwargs)
                 return
             config = self._forced or self.candidates(args, kwargs)[0]
             self.fn[grid](*args, **kwargs, **config.all_kwargs())
             self.last_config = config
 
         return launch
+
+    def _launch_tuned(self, grid: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Launch through the autotuner once per launch signature, then directly with the
+        configuration it chose. Triton's autotuner rebuilds its key from dicts of every argument
+        on each launch (~10 µs of host time); the signature here (every argument's value, a
+        tensor's dtype in its place, and the keyword arguments) holds everything that key does,
+        so the choice it maps to is the tuner's own (which it keeps for good)."""
+        try:
+            key = (
+                tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
+                tuple(kwargs.items()),
+            )
+            config = self._chosen.get(key)
+        except TypeError:  # an unhashable argument: always through the tuner
+            key = config = None
+        if config is None:
+            self._tuner[grid](*args, **kwargs)
+            config = self._tuner.best_config
+            if key is not None:
+                self._chosen[key] = config
+        else:
+            self.fn[grid](*args, **kwargs, **config.all_kwargs())
+        self.last_config = config
 
 
 def autotune(configs: Sequence[triton.Config], key: list[str],

@@ -134,3 +134,26 @@ def test_tuned_launch_asks_the_tuner_once_per_signature(monkeypatch):
         tuned[(1,)](x, 64, RELU=True)
     assert fn.launches[-1] == ((x, 64), {"RELU": True, **configs[1].all_kwargs()})
     assert len(tuner.launches) == 4
+
+
+def test_first_fitting_choice_is_pruned_once_per_signature(monkeypatch):
+    """Without autotuning (FASTRES_TRITON_AUTOTUNE=0, the interpreter) the first configuration
+    that survives pruning runs; pruning runs once per launch signature."""
+    monkeypatch.setattr(_tuning, "_ALL", [])
+    configs = [triton.Config({"BLOCK_M": 16}), triton.Config({"BLOCK_M": 32})]
+    pruned = []
+
+    def prune(configs, nargs, **kwargs):
+        pruned.append(nargs["M"])
+        return configs[1:] if nargs["M"] > 64 else configs
+
+    fn = _StubKernel()
+    fn.arg_names = ["x", "M"]
+    tuned = _tuning.Tuned(fn, configs[:1], ["M"], prune)  # one config: no autotuner
+    tuned.configs = configs
+    x = torch.empty(2)
+    for m in (64, 128, 64, 128, 64):
+        tuned[(1,)](x, m)
+    assert pruned == [64, 128]
+    assert [kw["BLOCK_M"] for _, kw in fn.launches] == [16, 32, 16, 32, 16]
+    assert tuned.last_config is configs[0]

@@ -20,10 +20,11 @@ def bn_momentum(bn: nn.BatchNorm2d) -> tuple[bool, float | Tensor]:
     GPU on every step (and break CUDA-graph capture).
     """
     momentum: float | Tensor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+    tracked = bn.num_batches_tracked if bn.training and bn.track_running_stats else None
+    if tracked is not None:
+        tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
-            momentum = bn.num_batches_tracked.reciprocal()
+            momentum = tracked.reciprocal()
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     return use_batch_stats, momentum
 

@@ -29,9 +29,9 @@ def _pair(name: str, v: int | Sequence[int], minimum: int) -> tuple[int, int]:
     if isinstance(v, int):
         v = (v, v)
     v = tuple(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+    if len(v) != 2 or not (isinstance(v[0], int) and isinstance(v[1], int)):
         raise ValueError(f"conv_bn_relu: {name} must be an int or a pair of ints, got {v!r}")
-    if min(v) < minimum:
+    if v[0] < minimum or v[1] < minimum:
         raise ValueError(f"conv_bn_relu: {name} must be >= {minimum}, got {v!r}")
     return v  # type: ignore[return-value]
 
@@ -250,6 +250,10 @@ def _setup_context(ctx, inputs, output):
     stride, padding, dilation, groups, batch_stats, eps, relu, _, backend = inputs[8:]
     z, y, mean, var = output
     ctx.save_for_backward(x, weight, y, z, mean, var, bn_weight)
+    # only z is differentiable (the backward ignores grads of y / mean / var): no zero-filled
+    # grads for them, and the running-stats update on mean / var records no graph
+    ctx.mark_non_differentiable(y, mean, var)
+    ctx.set_materialize_grads(False)
     ctx.args = (list(stride), list(padding), list(dilation), groups, batch_stats, eps, relu)
     ctx.has_bias = bias is not None
     ctx.backend = backend
@@ -279,6 +283,27 @@ def _backward(ctx, dz, dy_unused, dmean_unused, dvar_unused):
 
 
 conv_bn_relu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ConvBNReLUFunction(torch.autograd.Function):
+    """The custom op with the autograd formula registered above, for eager calls.
+
+    ``register_autograd``'s wrapper re-fills the schema's defaults on every call
+    (``torch._library.utils.fill_defaults``, quadratic in the 17 arguments: ~40 µs a call on
+    CPU). Applying the same ``_setup_context`` / ``_backward`` through a plain
+    ``autograd.Function`` skips it; the op itself still runs through the dispatcher (grad mode is
+    off inside ``forward``), so profilers and dispatch modes see it as before. Under
+    ``torch.compile`` the op's registered autograd serves, as before. (``forward`` takes ``ctx``
+    itself: a separate ``setup_context`` makes ``apply`` bind arguments through ``inspect``.)
+    """
+
+    @staticmethod
+    def forward(ctx, *args):
+        output = conv_bn_relu_fwd(*args)
+        _setup_context(ctx, args, output)
+        return output
+
+    backward = staticmethod(_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,20 +349,90 @@ def conv_bn_relu(
     """
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"conv_bn_relu: groups must be a positive int, got {groups!r}")
-    conv = ConvParams(
-        _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1),
-        groups,
-    )
-    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    dilation = _pair("dilation", dilation, 1)
     # only the devices fastres serves; torch.amp.is_autocast_available would break torch 2.11's
     # dynamo (a skipped function), and is_autocast_enabled raises for e.g. "meta"
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+    if not isinstance(x, Tensor):
+        device_type = "cpu"
+    else:
+        device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
+    if device_type is not None and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
 
         def cast(t):
             return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
 
         x, weight, bias, residual = cast(x), cast(weight), cast(bias), cast(residual)
+    call, count = _checked(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+        (stride, padding, dilation, groups), bool(training), bool(relu),
+    )
+    name = backends.select(call, backend)
+    x = x.contiguous(memory_format=CL)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=CL)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias, residual)
+    )
+    args = (
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+        stride, padding, dilation, groups, call.batch_stats, float(eps), bool(relu), save, name,
+    )
+    if save and not torch.compiler.is_compiling():
+        z, _, mean, var = _ConvBNReLUFunction.apply(*args)
+    else:
+        z, _, mean, var = conv_bn_relu_fwd(*args)
+    if training and running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var * (count / (count - 1)),
+                             momentum)
+    return z
+
+
+_checked_calls: dict[tuple, tuple[CallInfo, int]] = {}
+_MAX_CHECKED = 4096  # distinct call signatures kept (a model has a few dozen)
+
+
+def _meta(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _checked(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv_args,
+             training: bool, relu: bool) -> tuple[CallInfo, int]:
+    """Check the arguments once per distinct call signature: ``(call, N·OH·OW)``.
+
+    The checks depend only on what the key holds: each tensor's shape, dtype and device (or its
+    absence), the conv parameters, ``training`` and ``relu``. Only signatures that passed every
+    check are kept, so bad input always reaches :func:`_validate` and raises its error; a
+    non-tensor argument makes no key and takes the same path. The backend is chosen per call
+    (:func:`fastres.backends.select`, about a microsecond): the setting, the environment and a
+    backend's availability may change between calls. Under ``torch.compile`` nothing is kept
+    (the checks run once, while tracing; a global dict read there would be guarded on).
+    """
+    if torch.compiler.is_compiling():
+        return _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                           residual, conv_args, training, relu)
+    try:
+        key = (
+            _meta(x), _meta(weight), _meta(bias), _meta(bn_weight), _meta(bn_bias),
+            _meta(running_mean), _meta(running_var), _meta(residual), conv_args, training, relu,
+        )
+        checked = _checked_calls.get(key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable: let the checks say why
+        key = checked = None
+    if checked is None:
+        checked = _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                              residual, conv_args, training, relu)
+        if key is not None:
+            if len(_checked_calls) >= _MAX_CHECKED:
+                _checked_calls.clear()
+            _checked_calls[key] = checked
+    return checked
+
+
+def _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                conv_args, training: bool, relu: bool) -> tuple[CallInfo, int]:
+    conv = ConvParams(*conv_args)
     n, k, oh, ow = _validate(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv
     )
@@ -352,22 +447,7 @@ def conv_bn_relu(
         device=x.device, dtype=x.dtype, x_shape=tuple(x.shape), weight_shape=tuple(weight.shape),
         conv=conv, batch_stats=batch_stats, has_residual=residual is not None, relu=relu,
     )
-    name = backends.select(call, backend)
-    x = x.contiguous(memory_format=CL)
-    if residual is not None:
-        residual = residual.contiguous(memory_format=CL)
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias, residual)
-    )
-    z, _, mean, var = conv_bn_relu_fwd(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-        list(conv.stride), list(conv.padding), list(conv.dilation), groups,
-        batch_stats, float(eps), bool(relu), save, name,
-    )
-    if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var * (count / (count - 1)),
-                             momentum)
-    return z
+    return call, count
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,

@@ -70,3 +70,90 @@ def test_forced_config_runs_and_partials_follow_its_block_m(block_m: int):
     mean, var, _, _ = bn.finalize(part.count, part.mean, part.m2, None, None, 1e-5)
     torch.testing.assert_close(mean, ref.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(var, ref.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
+
+
+class _StubKernel:
+    """Records launches as ``fn[grid](*args, **kwargs)`` makes them."""
+
+    __name__ = "stub"
+
+    def __init__(self) -> None:
+        self.launches: list[tuple] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+class _StubTuner(_StubKernel):
+    """An autotuner that 'chooses' configs[len(launches) % 2] for each launch it gets."""
+
+    def __init__(self, configs) -> None:
+        super().__init__()
+        self.configs = configs
+        self.best_config = None
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.best_config = self.configs[len(self.launches) % 2]
+            self.launches.append((args, kwargs))
+
+        return run
+
+
+def test_tuned_launch_asks_the_tuner_once_per_signature(monkeypatch):
+    """After the autotuner chose for a launch signature, the same signature launches the kernel
+    directly with that choice (no per-launch key building); any change of an argument's value,
+    a tensor's dtype or a keyword argument goes through the tuner again."""
+    monkeypatch.setattr(_tuning, "_ALL", [])
+    configs = [triton.Config({"BLOCK_M": 16}, num_warps=4), triton.Config({"BLOCK_M": 32})]
+    fn = _StubKernel()
+    tuned = _tuning.Tuned(fn, configs[:1], ["M"])
+    tuner = tuned._tuner = _StubTuner(configs)
+    x, h = torch.empty(2), torch.empty(2, dtype=torch.float16)
+    launches = [
+        ((x, 64), {"RELU": True}),
+        ((x, 64), {"RELU": True}),  # same: direct
+        ((x, 65), {"RELU": True}),  # an int differs
+        ((h, 64), {"RELU": True}),  # a dtype differs
+        ((x, 64), {"RELU": False}),  # a flag differs
+        ((x, 65), {"RELU": True}),  # seen: direct
+    ]
+    chosen = []
+    for args, kwargs in launches:
+        tuned[(1,)](*args, **kwargs)
+        chosen.append(tuned.last_config)
+    assert [a for a, _ in tuner.launches] == [(x, 64), (x, 65), (h, 64), (x, 64)]
+    assert [kw["RELU"] for _, kw in tuner.launches] == [True, True, True, False]
+    # direct launches carry the configuration the tuner chose for that signature
+    assert fn.launches == [
+        ((x, 64), {"RELU": True, **configs[0].all_kwargs()}),
+        ((x, 65), {"RELU": True, **configs[1].all_kwargs()}),
+    ]
+    assert chosen == [configs[0], configs[0], configs[1], configs[0], configs[1], configs[1]]
+    with tuned.forced(configs[1]):
+        tuned[(1,)](x, 64, RELU=True)
+    assert fn.launches[-1] == ((x, 64), {"RELU": True, **configs[1].all_kwargs()})
+    assert len(tuner.launches) == 4
+
+
+def test_first_fitting_choice_is_pruned_once_per_signature(monkeypatch):
+    """Without autotuning (FASTRES_TRITON_AUTOTUNE=0, the interpreter) the first configuration
+    that survives pruning runs; pruning runs once per launch signature."""
+    monkeypatch.setattr(_tuning, "_ALL", [])
+    configs = [triton.Config({"BLOCK_M": 16}), triton.Config({"BLOCK_M": 32})]
+    pruned = []
+
+    def prune(configs, nargs, **kwargs):
+        pruned.append(nargs["M"])
+        return configs[1:] if nargs["M"] > 64 else configs
+
+    fn = _StubKernel()
+    fn.arg_names = ["x", "M"]
+    tuned = _tuning.Tuned(fn, configs[:1], ["M"], prune)  # one config: no autotuner
+    tuned.configs = configs
+    x = torch.empty(2)
+    for m in (64, 128, 64, 128, 64):
+        tuned[(1,)](x, m)
+    assert pruned == [64, 128]
+    assert [kw["BLOCK_M"] for _, kw in fn.launches] == [16, 32, 16, 32, 16]
+    assert tuned.last_config is configs[0]

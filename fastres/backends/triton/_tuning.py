@@ -85,6 +85,7 @@ class Tuned:
         self.last_config: triton.Config | None = None
         self._forced: triton.Config | None = None
         self._tuner = None
+        self._chosen: dict[tuple, triton.Config] = {}  # launch signature -> configuration
         _ALL.append(self)
         if AUTOTUNE and len(self.configs) > 1:
             by = {"early_config_prune": prune} if prune is not None else None
@@ -115,15 +116,45 @@ class Tuned:
 
     def __getitem__(self, grid: Any) -> Callable[..., None]:
         def launch(*args: Any, **kwargs: Any) -> None:
-            if self._forced is None and self._tuner is not None:
-                self._tuner[grid](*args, **kwargs)
-                self.last_config = self._tuner.best_config
-                return
-            config = self._forced or self.candidates(args, kwargs)[0]
+            config = self._forced
+            if config is None:
+                key = _signature(args, kwargs)
+                try:
+                    config = self._chosen.get(key)
+                except TypeError:  # an unhashable argument: nothing kept
+                    key = None
+                if config is None and self._tuner is not None:
+                    # the autotuner times the configurations (or finds its choice) and launches
+                    self._tuner[grid](*args, **kwargs)
+                    self.last_config = self._tuner.best_config
+                    if key is not None:
+                        self._chosen[key] = self.last_config
+                    return
+                if config is None:
+                    config = self.candidates(args, kwargs)[0]
+                    if key is not None:
+                        self._chosen[key] = config
             self.fn[grid](*args, **kwargs, **config.all_kwargs())
             self.last_config = config
 
         return launch
+
+
+def _signature(args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """What a launch's configuration can depend on: every argument's value, a tensor's dtype and
+    device in its place, and the keyword arguments.
+
+    The choice, tuned or first-fitting, is kept per signature (:attr:`Tuned._chosen`) and later
+    launches go straight to the kernel: Triton's autotuner rebuilds its key from dicts of every
+    argument on each launch (~10 µs of host time), and pruning reads the device's capability.
+    The signature holds everything either looks at (the autotuner's key: integer arguments and
+    the tensors' dtypes; pruning: integers, dtype, target), so a kept choice is the one they
+    would make again.
+    """
+    return (
+        tuple([(a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args]),
+        tuple(kwargs.items()),
+    )
 
 
 def autotune(configs: Sequence[triton.Config], key: list[str],

@@ -615,6 +615,18 @@ def _check_vec(
     assert t.device == dev, f"conv2d_fused: {name} is on {t.device}, x on {dev}"
 
 
+_placeholders: dict[torch.device, torch.Tensor] = {}
+
+
+def _f32_placeholder(device: torch.device) -> torch.Tensor:
+    """One (1,) fp32 tensor per device, allocated once, passed for absent pointer arguments
+    (the kernels neither read nor write it: their flags turn those accesses off)."""
+    t = _placeholders.get(device)
+    if t is None:
+        t = _placeholders[device] = torch.empty(1, dtype=torch.float32, device=device)
+    return t
+
+
 def conv2d_fused(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -710,7 +722,7 @@ def conv2d_fused(
 
     # Absent optional tensors are replaced by placeholders of the pointer type the kernel
     # declares (so the compiled variants are those compile_specs() lists); they are never read.
-    f32_dummy = torch.empty(1, dtype=torch.float32, device=x.device)
+    f32_dummy = _f32_placeholder(x.device)
     if stats:
         max_tiles = triton.cdiv(m, _MIN_BLOCK_M)
         count = _alloc.empty(max_tiles, dtype=torch.float32, device=x.device)

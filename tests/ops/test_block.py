@@ -136,22 +136,29 @@ class _plain:
 
 
 def check_block(spec: Block, dtype: torch.dtype, backend: str, steps: int = 2,
-                n: int = 2) -> None:
+                n: int = 2, device: str = "cpu") -> None:
+    """``steps`` training steps and an eval forward of ``spec`` through the block op on
+    ``backend`` (on ``device``), against float64 on the CPU, with plain PyTorch in ``dtype`` on
+    the same device as the baseline."""
     block = spec.build()
-    x = torch.randn(n, spec.cin, spec.hw, spec.hw)
-    truth, baseline, fused = (copy.deepcopy(block).double(), copy.deepcopy(block).to(dtype),
-                              copy.deepcopy(block).to(dtype))
+    # the truth computes exactly, in float64, from the very inputs and parameters the dtype
+    # runs see (rounded to the dtype): otherwise the rounding of a BN's β alone flips the ReLU
+    # mask of pre-activations within an ulp of 0, which no kernel can be held to
+    block.to(dtype)
+    x = torch.randn(n, spec.cin, spec.hw, spec.hw).to(dtype)
+    truth = copy.deepcopy(block).double()
+    baseline, fused = (copy.deepcopy(block).to(device, dtype) for _ in range(2))
+    x_dev = x.to(device).contiguous(memory_format=CL)
     baseline.to(memory_format=CL)  # eager in the layout fastres computes in (tests.models._util)
     out_shape = copy.deepcopy(truth).eval()(x.double()).shape
-    upstream = torch.randn(out_shape, dtype=torch.float64)
+    upstream = torch.randn(out_shape).to(dtype).double()  # the same values for every run
     with fastres.backends.record_calls() as served:
-        got = _run_steps(fused, x.to(dtype).contiguous(memory_format=CL), upstream, steps,
-                         backend)
+        got = _run_steps(fused, x_dev, upstream.to(device), steps, backend)
     assert [(c.direction, c.op, c.backend) for c in served] == (
         [("forward", "residual_block", backend), ("backward", "residual_block", backend)] * steps
         + [("forward", "residual_block", backend)]), "the block did not run as one block op"
     want = _run_steps(truth, x.double(), upstream, steps, None)
-    base = _run_steps(baseline, x.to(dtype).contiguous(memory_format=CL), upstream, steps, None)
+    base = _run_steps(baseline, x_dev, upstream.to(device), steps, None)
     for step, ((o, dx, gs), (o_t, dx_t, gs_t), (o_b, dx_b, gs_b)) in enumerate(
             zip(got[0], want[0], base[0])):
         assert_close_ratio(f"step {step} output", o, o_t, o_b)
@@ -246,3 +253,18 @@ def test_block_op_traces_with_torch_compile() -> None:
     out = compiled(x)
     out.square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("spec", [
+    Block("r50-stage2-first", Bottleneck, 256, 128, stride=2, hw=56),
+    Block("r50-stage3-identity", Bottleneck, 1024, 256, hw=14),
+    Block("rx50-stage2-first", Bottleneck, 256, 128, stride=2, groups=32, base_width=4, hw=56),
+    Block("r18-stage2-first", BasicBlock, 64, 128, stride=2, hw=56),
+    Block("preact-stage2-first", PreActBottleneck, 256, 128, stride=2, hw=56),
+], ids=lambda b: b.name)
+def test_block_op_on_cuda(spec: Block, dtype: torch.dtype) -> None:
+    """ResNet-50 / ResNeXt-50 / ResNet-18 / pre-activation blocks at ImageNet sizes on the
+    GPU's Triton kernels (autotuned configurations), cuDNN as the same-dtype baseline."""
+    check_block(spec, dtype, "triton", n=8, device="cuda")

@@ -46,7 +46,7 @@ def test_launch_source_specialises_as_the_jit_does():
 def test_unspecialised_specs_compile_the_plain_signature():
     plain = [s for s in (*tconv.compile_specs(), *tbn.compile_specs()) if s.ints is None]
     kernels = {s.kernel for s in plain}
-    assert len(kernels) == 2 + 7  # conv gemm and direct; every BN kernel
+    assert len(kernels) == 2 + 8  # conv gemm and direct; every BN kernel
     for spec in plain:
         assert launch_source(spec) == (spec.signature, spec.constexprs, {})
 

@@ -542,7 +542,7 @@ def _run_block(case, config, device, dtype, ceilings: Ceilings, clock, progress)
         traffic = traffic_report(case.layers, dtype=dtype, batch=config.batch,
                                  tbps=ceilings.tbps or None)
         for design in traffic["designs"].values():
-            design["bound_ms"] = (design["gb_per_step"] / (ceilings.tbps * 1e3) * 1e3
+            design["bound_ms"] = (design["gb_per_step"] / ceilings.tbps  # GB / (TB/s) = ms
                                   if ceilings.tbps else None)
         entry["traffic"] = traffic
     except Exception as e:

@@ -400,3 +400,10 @@ def test_block_rows_and_summary_from_results():
     assert "Block level" in text
     line = next(x for x in text.splitlines() if x.startswith("resnet50  1"))
     assert line.split()[2:] == ["1.25x", "0.83x", "1.50x", "0.800x"]
+    results["blocks"][0] |= {"batch": 128, "dtype": "bf16"}
+    assert report.block_headline(results) == (
+        "block step (forward + backward of one block; geometric mean of 1 block, batch 128, "
+        "bf16): fastres block op 1.25x eager, 1.50x the same blocks layer by layer; layer by "
+        "layer 0.83x eager; saved for backward 0.800x eager; fastres served by triton "
+        "residual_block")
+    assert report.block_headline({"blocks": []}) is None

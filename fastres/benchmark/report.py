@@ -207,6 +207,32 @@ def block_summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def block_headline(results: dict) -> str | None:
+    """One line: the block step's ratios over every block measured (geometric means), or None
+    when no block has a fastres and an eager time."""
+    entries = [e for e in results.get("blocks", []) if e.get("speedup_vs_eager")]
+    if not entries:
+        return None
+
+    def geomean(vals: list) -> float | None:
+        vals = [v for v in vals if v]
+        return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
+
+    layer = [(e["systems"].get("fastres-layer") or {}).get("time_vs_eager") for e in entries]
+    vs_layer = geomean([e.get("speedup_vs_fastres-layer") for e in entries])
+    layer_vs_eager = geomean([1 / t for t in layer if t])
+    saved = geomean([e.get("saved_bytes_vs_eager") for e in entries])
+    served = sorted({k for e in entries for k in ((e["systems"].get("fastres") or {}).get(
+        "served_per_step") or {}).get("forward", {})})
+    return (f"block step (forward + backward of one block; geometric mean of {len(entries)} "
+            f"block{'s' if len(entries) > 1 else ''}, batch {entries[0].get('batch')}, "
+            f"{entries[0].get('dtype')}): fastres block op "
+            f"{_num(geomean([e['speedup_vs_eager'] for e in entries]), '{:.2f}x')} eager, "
+            f"{_num(vs_layer, '{:.2f}x')} the same blocks layer by layer; layer by layer "
+            f"{_num(layer_vs_eager, '{:.2f}x')} eager; saved for backward "
+            f"{_num(saved, '{:.3f}x')} eager; fastres served by {', '.join(served) or '-'}")
+
+
 def summary_text(results: dict) -> str:
     """Plain-text model table and layer summary (what a log's last lines should show)."""
     parts = []
@@ -219,6 +245,9 @@ def summary_text(results: dict) -> str:
                                   rows))
         parts.append(render_table("Block level summary (geometric means)",
                                   *block_summary_rows(results)))
+        headline = block_headline(results)
+        if headline:
+            parts.append(headline)
     header, rows = layer_summary_rows(results)
     if rows:
         parts.append(render_table("Layer level (best fastres backend)", header, rows))
@@ -353,15 +382,22 @@ def write_plot(results: dict, path: Path) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastres.benchmark.report RESULTS.json ...``: print each file's summary."""
+    """``python -m fastres.benchmark.report RESULTS.json ...``: print each file's summary;
+    ``--block-headline`` first: only the block step's one-line ratios (nothing if none)."""
     import sys
 
     paths = list(sys.argv[1:] if argv is None else argv)
-    for path in paths:
+    headline_only = bool(paths) and paths[0] == "--block-headline"
+    for path in paths[1:] if headline_only else paths:
         try:
             results = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             print(f"{path}: cannot read ({e})")
+            continue
+        if headline_only:
+            line = block_headline(results)
+            if line:
+                print(line)
             continue
         print(f"== {path}")
         print(summary_text(results))

@@ -1,13 +1,15 @@
 """The ``fastres`` command: ``fastres bench``, ``fastres info``, ``fastres tune``,
 ``fastres summary`` and ``fastres memory``.
 
-``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, and
-per-layer times with ``--layers``), prints a table, and writes ``results.json`` and
-``results.png`` to ``--out``. ``fastres info`` lists versions, the GPU, and which backends can
-run here and why not. ``fastres tune MODEL`` autotunes a model's conv shapes once (kept in
-Triton's disk cache). ``fastres summary MODEL`` prints a model's layer table (see
-:mod:`fastres.summary`). ``fastres memory MODEL`` counts the bytes a training step keeps for
-backward, fastres vs eager, next to the paper traffic model of :mod:`fastres.benchmark.traffic`.
+``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, a
+training step of single residual blocks: the block op vs the same block layer by layer, and
+per-layer times with ``--layers``; ``--levels`` chooses), prints a table, and writes
+``results.json`` and ``results.png`` to ``--out``. ``fastres info`` lists versions, the GPU,
+and which backends can run here and why not. ``fastres tune MODEL`` autotunes a model's conv
+shapes once (kept in Triton's disk cache). ``fastres summary MODEL`` prints a model's layer
+table (see :mod:`fastres.summary`). ``fastres memory MODEL`` counts the bytes a training step
+keeps for backward, fastres vs eager, next to the paper traffic model of
+:mod:`fastres.benchmark.traffic`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
-"""Run the benchmark: model-level img/s and layer-level times, fastres vs eager vs compile.
+"""Run the benchmark: model-level img/s, block-level training steps and layer-level times,
+fastres vs eager vs compile.
 
 :func:`run` measures everything a :class:`BenchConfig` asks for and returns one JSON-ready dict.
 Every baseline is timed in the same run on the same card; the card's ceilings are measured once
 at the start and stored with the results. A case that fails (out of memory, a backend error) is
 recorded with its reason and the run goes on. Model-level work runs most valuable first (see
 :func:`model_work`), and ``time_limit_s`` stops a measurement in the middle when it passes, so a
-run cut short keeps what matters and every result so far is handed to ``on_update``.
+run cut short keeps what matters and every result so far is handed to ``on_update``. The block
+level (:class:`.cases.BlockBench`) runs after fastres and eager of every model and before any
+model-level torch.compile.
 
 Schema ``fastres-bench/1``::
 

@@ -26,10 +26,13 @@ def test_info_lists_every_backend(capsys):
     for word in ("fastres", "torch", "triton", "CUDA", "GPU"):
         assert word in out
     lines = [line for line in out.splitlines() if line.startswith("  ")]
-    rows = {line.split()[0]: line for line in lines if not line.lstrip().startswith("backward:")}
+    notes = ("backward:", "blocks:")
+    rows = {line.split()[0]: line for line in lines if not line.lstrip().startswith(notes)}
     assert set(rows) == {"reference", "triton", "cuda"}
     backward = [line.strip() for line in lines if line.lstrip().startswith("backward:")]
     assert len(backward) == 3 and "PyTorch's convolution backward" in backward[2]
+    blocks = [line.strip() for line in lines if line.lstrip().startswith("blocks:")]
+    assert len(blocks) == 3 and "layer by layer" in blocks[2]
     assert "available" in rows["reference"] and "unavailable" not in rows["reference"]
     if NO_GPU:
         assert "GPU      none" in out

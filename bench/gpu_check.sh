@@ -177,7 +177,7 @@ run_step models $(( MODEL_SECS + 30 )) "$OUT/bench.log" \
 BLOCK_SECS=$(( ( $(remaining) - SAN_RESERVE ) * 50 / 100 ))
 (( BLOCK_SECS > 100 )) && BLOCK_SECS=100; (( BLOCK_SECS < 30 )) && BLOCK_SECS=30
 # shellcheck disable=SC2086
-run_step blocks $(( BLOCK_SECS + 25 )) "$OUT/bench.log" \
+run_step blocks $(( BLOCK_SECS + 20 )) "$OUT/bench.log" \
     env FASTRES_TRITON_AUTOTUNE="${FASTRES_CHECK_MODEL_AUTOTUNE:-0}" \
     "$PY" -m fastres.cli bench --levels block --quick --mode train --model resnet50 \
     --model resnext50_32x4d "${BLOCK_EXTRA[@]}" --time-limit "$BLOCK_SECS" --no-progress \
@@ -188,14 +188,20 @@ run_step blocks $(( BLOCK_SECS + 25 )) "$OUT/bench.log" \
 # alone; first-fitting Triton configurations by default (autotuning each new shape compiles
 # ~9 conv and ~13 BN configurations, 30-60 s before its first number:
 # FASTRES_CHECK_LAYER_AUTOTUNE=1 when the budget allows); torch.compile per layer would not fit
-# (`fastres bench --layers` or `pytest bench/` time it).
+# (`fastres bench --layers` or `pytest bench/` time it). The least valuable benchmark step: when
+# less than 35 s is left before the memcheck reserve (the block step took it), it is skipped
+# rather than squeezing memcheck.
 LAYER_SECS=$(( $(remaining) - SAN_RESERVE - 30 )); (( LAYER_SECS < 20 )) && LAYER_SECS=20
-# shellcheck disable=SC2086
-run_step layers $(( LAYER_SECS + 25 )) "$OUT/bench.log" \
-    env FASTRES_TRITON_AUTOTUNE="${FASTRES_CHECK_LAYER_AUTOTUNE:-0}" \
-    "$PY" -m fastres.cli bench --layers-only --mode "$MODE_ARG" --no-compile \
-    "${LAYER_EXTRA[@]}" --time-limit "$LAYER_SECS" --no-progress --strict --out "$OUT/layers" \
-    ${FASTRES_CHECK_LAYER_ARGS:-}
+if (( $(remaining) - SAN_RESERVE < 35 )) && [[ "$SKIP" != *",layers,"* ]]; then
+    STEPS+=("layers|skipped (budget: memcheck next)|0")
+else
+    # shellcheck disable=SC2086
+    run_step layers $(( LAYER_SECS + 25 )) "$OUT/bench.log" \
+        env FASTRES_TRITON_AUTOTUNE="${FASTRES_CHECK_LAYER_AUTOTUNE:-0}" \
+        "$PY" -m fastres.cli bench --layers-only --mode "$MODE_ARG" --no-compile \
+        "${LAYER_EXTRA[@]}" --time-limit "$LAYER_SECS" --no-progress --strict \
+        --out "$OUT/layers" ${FASTRES_CHECK_LAYER_ARGS:-}
+fi
 
 # 8. memcheck of a small cuda-backend run (SAN_RESERVE): expected outputs by the reference
 # backend first (no sanitizer), then only the cuda backend's kernels under compute-sanitizer.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: install, GPU tests, model and layer benchmarks, memcheck.
+# One command for a GPU machine: install, GPU tests, model, block and layer benchmarks, memcheck.
 #
 #   OUT=/some/folder bash bench/gpu_check.sh
 #
@@ -12,8 +12,9 @@
 # Order: what a short GPU session must not lose comes first. Correctness (the GPU tests, in
 # parallel shards with a cap each), then fastres and eager img/s of ResNet-50 and ResNeXt-50
 # (`fastres bench` measures fastres and eager of every model before any torch.compile and stops a
-# measurement midway at its --time-limit, writing its JSON after each), then the per-layer times,
-# then memcheck of the CUDA C++ kernels.
+# measurement midway at its --time-limit, writing its JSON after each), then a training step of
+# single ResNet-50 / ResNeXt-50 blocks (the block op vs the same block layer by layer vs eager),
+# then the per-layer times, then memcheck of the CUDA C++ kernels.
 #
 # Knobs (environment):
 #   FASTRES_CHECK_BUDGET        overall seconds (default 470)
@@ -25,8 +26,10 @@
 #                               fitting configuration per kernel, one compile each; tuning results
 #                               are kept in Triton's disk cache for the next run)
 #   FASTRES_CHECK_LAYER_ARGS    extra `fastres bench` arguments for the layer step
+#   FASTRES_CHECK_BLOCK_ARGS    extra `fastres bench` arguments for the block step (default
+#                               batch 128, the first stage's two blocks of each model)
 #   FASTRES_CHECK_SKIP          steps to skip, comma list: install,info,tests-triton,tests-cuda,
-#                               models,layers,sanitizer
+#                               models,blocks,layers,sanitizer
 #   FASTRES_CHECK_DRY_RUN=1     rehearse on a machine without a GPU (CI does): pip --dry-run,
 #                               the GPU test shards collect and skip, tiny CPU benchmarks, the
 #                               sanitizer script's CPU dry run; nothing copied to bench/results
@@ -51,10 +54,12 @@ export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 MODEL_EXTRA=()
 LAYER_EXTRA=()
+BLOCK_EXTRA=(--batch 128 --block-limit 2)
 if [[ "$DRY" == 1 ]]; then
     MODELS="${FASTRES_CHECK_MODELS:-resnet18}"
     MODEL_EXTRA=(--no-compile)       # a CPU torch.compile of a training step takes minutes
     LAYER_EXTRA=(--layer-limit 1)
+    BLOCK_EXTRA=(--block-limit 1)    # tiny CPU: one model's first block
 fi
 
 STEPS=()     # "name|status|seconds" in order
@@ -145,7 +150,7 @@ run_step tests-cuda $(( cap + 25 )) "$TESTS_LOG" \
 # What is left after the tests goes to the benchmarks, less a fixed reserve for memcheck.
 SAN_RESERVE=75
 
-# 5. model level: 55% of what is left (after the memcheck reserve). fastres and eager of every
+# 5. model level: 45% of what is left (after the memcheck reserve). fastres and eager of every
 # model first (a ResNet-50 training step at batch 256 is ~0.1-0.3 s; with warm-up and 10 repeats
 # ~5 s per system, plus the first step's compilations: ~15 conv kernel variants per model with
 # one configuration each), torch.compile last (about a minute per cold training-step compile);
@@ -153,27 +158,52 @@ SAN_RESERVE=75
 IFS=',' read -r -a MODEL_LIST <<<"$MODELS"
 MODEL_ARGS=(); for m in "${MODEL_LIST[@]}"; do MODEL_ARGS+=(--model "$m"); done
 MODE_ARG=both; [[ "$MODES" == "train" ]] && MODE_ARG=train; [[ "$MODES" == "infer" ]] && MODE_ARG=infer
-MODEL_SECS=$(( ( $(remaining) - SAN_RESERVE ) * 55 / 100 )); (( MODEL_SECS < 30 )) && MODEL_SECS=30
+MODEL_SECS=$(( ( $(remaining) - SAN_RESERVE ) * 45 / 100 )); (( MODEL_SECS < 30 )) && MODEL_SECS=30
 run_step models $(( MODEL_SECS + 30 )) "$OUT/bench.log" \
     env FASTRES_TRITON_AUTOTUNE="${FASTRES_CHECK_MODEL_AUTOTUNE:-0}" \
     "$PY" -m fastres.cli bench "${MODEL_ARGS[@]}" --mode "$MODE_ARG" "${MODEL_EXTRA[@]}" \
-    --time-limit "$MODEL_SECS" --no-progress --strict --out "$OUT/models"
+    --levels model --time-limit "$MODEL_SECS" --no-progress --strict --out "$OUT/models"
 
-# 6. layer level: what is left but the memcheck reserve and 30 s of slack. Every distinct conv
+# 6. block level (issue 10): half of what is left after the memcheck reserve, 30-100 s. A
+# training step (forward + backward, no optimizer) of ResNet-50's layer1.0 (projection) and
+# layer1.1 (identity), then ResNeXt-50's, at batch 128, bf16: the fastres block op (triton), the
+# same block layer by layer (fastres.nn.layer_by_layer: conv_bn_relu per conv) and torchvision's
+# block in eager. A step is ~1-5 ms, so 3 warm-up + 10 timed steps per system are well under a
+# second; what costs is the first step's Triton compilations (first-fitting configurations:
+# ~15-25 kernel variants per new block structure, ~1-2 s each cold; the model step has compiled
+# many of them into Triton's disk cache) and cuDNN's algorithm search for eager: ~10 s to start
+# the process and read the ceilings, ~20-40 s for ResNet-50's two blocks cold, ~10-30 s more
+# for ResNeXt-50's grouped ones. --time-limit keeps what finished.
+BLOCK_SECS=$(( ( $(remaining) - SAN_RESERVE ) * 50 / 100 ))
+(( BLOCK_SECS > 100 )) && BLOCK_SECS=100; (( BLOCK_SECS < 30 )) && BLOCK_SECS=30
+# shellcheck disable=SC2086
+run_step blocks $(( BLOCK_SECS + 20 )) "$OUT/bench.log" \
+    env FASTRES_TRITON_AUTOTUNE="${FASTRES_CHECK_MODEL_AUTOTUNE:-0}" \
+    "$PY" -m fastres.cli bench --levels block --quick --mode train --model resnet50 \
+    --model resnext50_32x4d "${BLOCK_EXTRA[@]}" --time-limit "$BLOCK_SECS" --no-progress \
+    --strict --out "$OUT/blocks" ${FASTRES_CHECK_BLOCK_ARGS:-}
+
+# 7. layer level: what is left but the memcheck reserve and 30 s of slack. Every distinct conv
 # of ResNet-50 and ResNeXt-50, the triton and cuda backends against eager and cuDNN's conv
 # alone; first-fitting Triton configurations by default (autotuning each new shape compiles
 # ~9 conv and ~13 BN configurations, 30-60 s before its first number:
 # FASTRES_CHECK_LAYER_AUTOTUNE=1 when the budget allows); torch.compile per layer would not fit
-# (`fastres bench --layers` or `pytest bench/` time it).
+# (`fastres bench --layers` or `pytest bench/` time it). The least valuable benchmark step: when
+# less than 35 s is left before the memcheck reserve (the block step took it), it is skipped
+# rather than squeezing memcheck.
 LAYER_SECS=$(( $(remaining) - SAN_RESERVE - 30 )); (( LAYER_SECS < 20 )) && LAYER_SECS=20
-# shellcheck disable=SC2086
-run_step layers $(( LAYER_SECS + 25 )) "$OUT/bench.log" \
-    env FASTRES_TRITON_AUTOTUNE="${FASTRES_CHECK_LAYER_AUTOTUNE:-0}" \
-    "$PY" -m fastres.cli bench --layers-only --mode "$MODE_ARG" --no-compile \
-    "${LAYER_EXTRA[@]}" --time-limit "$LAYER_SECS" --no-progress --strict --out "$OUT/layers" \
-    ${FASTRES_CHECK_LAYER_ARGS:-}
+if (( $(remaining) - SAN_RESERVE < 35 )) && [[ "$SKIP" != *",layers,"* ]]; then
+    STEPS+=("layers|skipped (budget: memcheck next)|0")
+else
+    # shellcheck disable=SC2086
+    run_step layers $(( LAYER_SECS + 25 )) "$OUT/bench.log" \
+        env FASTRES_TRITON_AUTOTUNE="${FASTRES_CHECK_LAYER_AUTOTUNE:-0}" \
+        "$PY" -m fastres.cli bench --layers-only --mode "$MODE_ARG" --no-compile \
+        "${LAYER_EXTRA[@]}" --time-limit "$LAYER_SECS" --no-progress --strict \
+        --out "$OUT/layers" ${FASTRES_CHECK_LAYER_ARGS:-}
+fi
 
-# 7. memcheck of a small cuda-backend run (SAN_RESERVE): expected outputs by the reference
+# 8. memcheck of a small cuda-backend run (SAN_RESERVE): expected outputs by the reference
 # backend first (no sanitizer), then only the cuda backend's kernels under compute-sanitizer.
 SAN_LOG="$OUT/sanitizer.log"
 if [[ "$DRY" == 1 ]]; then
@@ -202,6 +232,7 @@ else
     [[ -d "$OUT/gpu-tests" ]] && cp -r "$OUT/gpu-tests" "$DEST/"
     [[ -f "$OUT/layers/results.json" ]] && cp "$OUT/layers/results.json" "$DEST/layers.json"
     [[ -f "$OUT/models/results.json" ]] && cp "$OUT/models/results.json" "$DEST/models.json"
+    [[ -f "$OUT/blocks/results.json" ]] && cp "$OUT/blocks/results.json" "$DEST/blocks.json"
     [[ -f "$OUT/models/results.png" ]] && cp "$OUT/models/results.png" "$DEST/models.png"
 fi
 
@@ -215,9 +246,13 @@ fi
         IFS='|' read -r n st dt <<<"$s"
         printf '%-16s %-32s %s\n' "$n" "$st" "$dt"
     done
+    if [[ -f "$OUT/blocks/results.json" ]]; then
+        HEAD=$("$PY" -m fastres.benchmark.report --block-headline "$OUT/blocks/results.json" 2>&1)
+        echo "${HEAD:-block step: no block has both a fastres and an eager time}"
+    fi
     echo "total: $(( $(date +%s) - START ))s of a ${BUDGET}s budget; results in $OUT and $DEST"
     [[ -f "$TESTS_LOG" ]] && grep -E '^(triton|cuda): |^  (FAILED|ERROR) ' "$TESTS_LOG" | head -n 40
-    for f in "$OUT/models/results.json" "$OUT/layers/results.json"; do
+    for f in "$OUT/models/results.json" "$OUT/blocks/results.json" "$OUT/layers/results.json"; do
         [[ -f "$f" ]] && "$PY" -m fastres.benchmark.report "$f" 2>&1
     done
     if (( FAILED )); then echo "RESULT: some step failed"; else echo "RESULT: all steps passed"; fi

@@ -1,13 +1,15 @@
 """The ``fastres`` command: ``fastres bench``, ``fastres info``, ``fastres tune``,
 ``fastres summary`` and ``fastres memory``.
 
-``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, and
-per-layer times with ``--layers``), prints a table, and writes ``results.json`` and
-``results.png`` to ``--out``. ``fastres info`` lists versions, the GPU, and which backends can
-run here and why not. ``fastres tune MODEL`` autotunes a model's conv shapes once (kept in
-Triton's disk cache). ``fastres summary MODEL`` prints a model's layer table (see
-:mod:`fastres.summary`). ``fastres memory MODEL`` counts the bytes a training step keeps for
-backward, fastres vs eager, next to the paper traffic model of :mod:`fastres.benchmark.traffic`.
+``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, a
+training step of single residual blocks: the block op vs the same block layer by layer, and
+per-layer times with ``--layers``; ``--levels`` chooses), prints a table, and writes
+``results.json`` and ``results.png`` to ``--out``. ``fastres info`` lists versions, the GPU,
+and which backends can run here and why not. ``fastres tune MODEL`` autotunes a model's conv
+shapes once (kept in Triton's disk cache). ``fastres summary MODEL`` prints a model's layer
+table (see :mod:`fastres.summary`). ``fastres memory MODEL`` counts the bytes a training step
+keeps for backward, fastres vs eager, next to the paper traffic model of
+:mod:`fastres.benchmark.traffic`.
 """
 
 from __future__ import annotations
@@ -179,10 +181,12 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         if name not in MODEL_NAMES:
             raise SystemExit(f"fastres bench: unknown model {name!r}; choose from "
                              f"{', '.join(MODEL_NAMES)}")
-    # the layer level covers ResNet-50 and ResNeXt-50, narrowed to those named with --model
+    # the layer and block levels cover ResNet-50 and ResNeXt-50, narrowed to those named with
+    # --model
     layer_models = [m for m in models if m in LAYER_MODEL_NAMES] or list(LAYER_MODEL_NAMES)
+    levels = bench_levels(args)
     return BenchConfig(
-        models=[] if args.layers_only else models,
+        models=models if "model" in levels else [],
         modes=modes,
         batch=args.batch,
         resolution=args.resolution,
@@ -190,14 +194,40 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         compile=args.compile,
         compile_modes=args.compile_modes.split(","),
         model_compile_mode=args.model_compile_mode,
-        layers=args.layers or args.layers_only,
+        layers="layer" in levels,
         layer_models=layer_models,
         layer_limit=args.layer_limit,
+        blocks="block" in levels,
+        block_models=list(layer_models),
+        block_limit=args.block_limit,
+        block_compile=args.block_compile,
         backend=args.backend,
         time_limit_s=args.time_limit,
         quick=args.quick,
         device=args.device,
     )
+
+
+LEVELS = ("model", "block", "layer")
+
+
+def bench_levels(args: argparse.Namespace) -> set[str]:
+    """The levels ``fastres bench`` measures: ``--levels`` if given (``--layers`` adds the layer
+    level to it), else model and block, plus layer with ``--layers``; ``--layers-only`` is
+    ``--levels layer``."""
+    if args.layers_only:
+        return {"layer"}
+    if args.levels:
+        levels = {v.strip() for v in args.levels.split(",") if v.strip()}
+        unknown = levels - set(LEVELS)
+        if unknown or not levels:
+            raise SystemExit(f"fastres bench: --levels takes a comma list of {', '.join(LEVELS)};"
+                             f" got {args.levels!r}")
+    else:
+        levels = {"model", "block"}
+    if args.layers:
+        levels.add("layer")
+    return levels
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -225,9 +255,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"plot:    {png}" if png else "plot:    not written (matplotlib is not installed)")
     failed = [
         f"{e.get('model')} {e.get('id', '')} {e['mode']} {name}"
-        for e in results["models"] + results["layers"]
+        for e in results["models"] + results["blocks"] + results["layers"]
         for name, s in e.get("systems", {}).items() if s.get("status") == "error"
-    ] + [f"{e.get('id')} {e['mode']}: setup failed" for e in results["layers"] if "error" in e]
+    ] + [f"{e.get('id')} {e['mode']}: setup failed"
+         for e in results["blocks"] + results["layers"] if "error" in e]
     if failed:
         print(f"{len(failed)} measurement(s) failed (reasons in the JSON):")
         for line in failed[:20]:
@@ -435,7 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", action="store_true",
                        help="also time every distinct conv shape of ResNet-50 and ResNeXt-50 "
                             "(only those of them named with --model, if any is)")
-    bench.add_argument("--layers-only", action="store_true", help="only the layer level")
+    bench.add_argument("--layers-only", action="store_true",
+                       help="only the layer level (same as --levels layer)")
+    bench.add_argument("--levels", default=None, metavar="LIST",
+                       help="levels to measure, comma list of model, block, layer (default: "
+                            "model,block; --layers adds layer). block: a training step "
+                            "(forward + backward) of single ResNet-50 / ResNeXt-50 bottlenecks, "
+                            "the fastres block op vs the same block layer by layer vs eager; "
+                            "needs --mode train or both")
+    bench.add_argument("--block-limit", type=int, default=None,
+                       help="only the first N blocks of each model (stage order, the projection "
+                            "block of a stage before its identity block)")
+    bench.add_argument("--block-compile", action="store_true",
+                       help="also time torch.compile of each block (a cold compile per block)")
     bench.add_argument("--layer-limit", type=int, default=None,
                        help="only the first N distinct shapes of each model")
     bench.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
@@ -445,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output folder for results.json and results.png "
                             "(default: ./fastres-bench)")
     bench.add_argument("--quick", action="store_true",
-                       help="fewer repeats, two layer shapes per model")
+                       help="fewer repeats, two layer shapes and the first stage's two blocks "
+                            "per model")
     bench.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                        help="skip (and record as skipped) what is left after this long")
     bench.add_argument("--no-progress", action="store_true",

@@ -319,3 +319,91 @@ def test_summary_text_from_results():
     assert cells["mem-bound img/s e/l/b"] == "9,151/11,527/-"
     layer_line = next(line for line in text.splitlines() if line.startswith("resnet50  infer"))
     assert layer_line.split()[2:] == ["2", "4.00x", "0.50x", "50.0%"]  # geomean of 2 and 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Block level
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_torchvision
+def test_block_cases_one_projection_and_one_identity_block_per_stage():
+    found = cases.block_cases("resnet50", batch=64, resolution=224)
+    assert [c.path for c in found] == [f"layer{s}.{i}" for s in range(1, 5) for i in (0, 1)]
+    assert [c.projection for c in found] == [True, False] * 4
+    assert [c.x_shape for c in found] == [
+        (64, 64, 56, 56), (64, 256, 56, 56), (64, 256, 56, 56), (64, 512, 28, 28),
+        (64, 512, 28, 28), (64, 1024, 14, 14), (64, 1024, 14, 14), (64, 2048, 7, 7)]
+    assert [layer.name.rsplit(".", 1)[-1] for layer in found[2].layers] == [
+        "conv1", "conv2", "conv3", "0"]  # the projection last
+    assert found[2].label() == "layer2.0 256→512 56x56 s2 proj"
+    assert found[2].id == "resnet50-layer2.0-c256-56x56-proj"
+    rx = cases.block_cases("resnext50_32x4d", batch=2, resolution=224)
+    assert rx[1].label() == "layer1.1 256→256 56x56 g32 id"
+    assert [c.path for c in cases.quick_block_cases(rx)] == ["layer1.0", "layer1.1"]
+
+
+@needs_torchvision
+@pytest.mark.parametrize("path", ["layer2.0", "layer2.1"])
+def test_block_systems_compute_the_same_step(path):
+    """eager, the fastres block op and the same fastres block layer by layer: the same
+    gradients (input and every parameter) of a training step, from the same weights; each
+    fastres system runs the op it says."""
+    from fastres import backends
+
+    case = next(c for c in cases.block_cases("resnext50_32x4d", 2, 64) if c.path == path)
+    bench = cases.BlockBench(case, dtype=torch.float32, device=torch.device("cpu"))
+    assert bench.copies == 1
+    inp = bench.inputs[0]
+    grads, ops = {}, {}
+    for system in ("eager", "fastres", "fastres-layer"):
+        with backends.record_calls() as served:
+            grads[system] = bench.system(system)(inp)
+        ops[system] = {(c.direction, c.op) for c in served}
+    assert ops["eager"] == set()
+    assert ops["fastres"] == {("forward", "residual_block"), ("backward", "residual_block")}
+    assert ops["fastres-layer"] == {("forward", "conv_bn_relu"), ("backward", "conv_bn_relu")}
+    n_params = len(list(bench.eager_block.parameters()))
+    for system in ("fastres", "fastres-layer"):
+        assert len(grads[system]) == len(grads["eager"]) == 1 + n_params
+        for a, b in zip(grads[system], grads["eager"]):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    # the block op keeps less for backward than eager; layer by layer it keeps more
+    saved = {s: bench.saved_bytes(s) for s in ("eager", "fastres", "fastres-layer")}
+    assert saved["fastres"] < saved["eager"] <= saved["fastres-layer"]
+    assert bench.saved_bytes("compile") is None
+
+
+def test_block_rows_and_summary_from_results():
+    results = {"blocks": [{
+        "model": "resnet50", "label": "layer1.0 64→256 56x56 proj", "mode": "train",
+        "speedup_vs_eager": 1.25, "speedup_vs_fastres-layer": 1.5, "saved_bytes_vs_eager": 0.8,
+        "traffic": {"designs": {"eager": {"bound_ms": 2.0}, "per_layer": {"bound_ms": 1.5},
+                                "block": {"bound_ms": 1.0}}},
+        "systems": {
+            "fastres": {"status": "ok", "ms_per_step": 4.0, "served_per_step": {
+                "forward": {"triton residual_block": 1}, "backward": {"triton residual_block": 1}}},
+            "fastres-layer": {"status": "ok", "ms_per_step": 6.0, "time_vs_eager": 1.2,
+                              "saved_bytes_vs_eager": 1.1},
+            "eager": {"status": "ok", "ms_per_step": 5.0}}}]}
+    header, rows = report.block_rows(results)
+    cells = dict(zip(header, rows[0]))
+    assert "compile ms" not in cells
+    assert cells["block"] == "R50 layer1.0 64→256 56x56 proj"
+    assert (cells["fastres ms"], cells["fr-layer ms"], cells["eager ms"]) == ("4", "6", "5")
+    assert (cells["vs eager"], cells["layer vs eager"], cells["vs layer"]) == (
+        "1.25x", "0.83x", "1.50x")
+    assert cells["fastres served by"] == "triton residual_block 1+1"
+    assert (cells["saved/eager"], cells["layer saved/eager"]) == ("0.800x", "1.100x")
+    assert cells["bound ms e/l/b"] == "2/1.5/1"
+    text = report.summary_text(results)
+    assert "Block level" in text
+    line = next(x for x in text.splitlines() if x.startswith("resnet50  1"))
+    assert line.split()[2:] == ["1.25x", "0.83x", "1.50x", "0.800x"]
+    results["blocks"][0] |= {"batch": 128, "dtype": "bf16"}
+    assert report.block_headline(results) == (
+        "block step (forward + backward of one block; geometric mean of 1 block, batch 128, "
+        "bf16): fastres block op 1.25x eager, 1.50x the same blocks layer by layer; layer by "
+        "layer 0.83x eager; saved for backward 0.800x eager; fastres served by triton "
+        "residual_block")
+    assert report.block_headline({"blocks": []}) is None

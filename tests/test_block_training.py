@@ -119,3 +119,34 @@ def test_fuse_report_names_blocks_that_train_layer_by_layer() -> None:
     fused = fastres.fuse(r)
     assert ("layer1.0", "runs layer by layer: a convolution has a bias") in (
         fastres.swap.fuse_report(fused))
+
+
+def test_layer_by_layer_switch_forces_the_per_layer_op_in_this_thread_only() -> None:
+    """``fastres.nn.layer_by_layer()``: the per-layer baseline of the block-level benchmark.
+    The same block, same result; inside, every pass is a ``conv_bn_relu``, never a block op;
+    it nests, ends with its ``with`` block, and another thread is not affected."""
+    import threading
+
+    from fastres.nn.blocks import forced_layer_by_layer
+
+    block = randomize_bn(Bottleneck(16, 8, stride=2)).to(memory_format=CL)
+    x = torch.randn(2, 16, 8, 8).to(memory_format=CL)
+    fused_ops = _served_ops(copy.deepcopy(block), x)
+    assert fused_ops == [("forward", "residual_block"), ("backward", "residual_block")]
+    with fastres.nn.layer_by_layer():
+        with fastres.nn.layer_by_layer():
+            assert forced_layer_by_layer()
+        assert forced_layer_by_layer()  # nested: still on after the inner one
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(forced_layer_by_layer()))
+        other.start()
+        other.join()
+        assert seen == [False]
+        layer_ops = _served_ops(copy.deepcopy(block), x)
+        out_layer = copy.deepcopy(block)(x)
+    assert not forced_layer_by_layer()
+    # conv1, conv2, conv3 and the projection: one forward and one backward each
+    assert sorted(layer_ops) == sorted([("forward", "conv_bn_relu")] * 4
+                                       + [("backward", "conv_bn_relu")] * 4)
+    torch.testing.assert_close(out_layer, copy.deepcopy(block)(x), rtol=1e-5, atol=1e-5)
+    assert _served_ops(copy.deepcopy(block), x) == fused_ops

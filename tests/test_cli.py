@@ -26,10 +26,13 @@ def test_info_lists_every_backend(capsys):
     for word in ("fastres", "torch", "triton", "CUDA", "GPU"):
         assert word in out
     lines = [line for line in out.splitlines() if line.startswith("  ")]
-    rows = {line.split()[0]: line for line in lines if not line.lstrip().startswith("backward:")}
+    notes = ("backward:", "blocks:")
+    rows = {line.split()[0]: line for line in lines if not line.lstrip().startswith(notes)}
     assert set(rows) == {"reference", "triton", "cuda"}
     backward = [line.strip() for line in lines if line.lstrip().startswith("backward:")]
     assert len(backward) == 3 and "PyTorch's convolution backward" in backward[2]
+    blocks = [line.strip() for line in lines if line.lstrip().startswith("blocks:")]
+    assert len(blocks) == 3 and "layer by layer" in blocks[2]
     assert "available" in rows["reference"] and "unavailable" not in rows["reference"]
     if NO_GPU:
         assert "GPU      none" in out
@@ -89,6 +92,18 @@ def test_bench_quick_cpu_writes_json_and_png(tmp_path, capsys):
     assert all("saved_bytes" not in s for s in infer["systems"].values())
     assert "saved/eager" in printed
 
+    # block level (on by default): the first stage's two ResNet-50 blocks (from --model
+    # resnet50), a training step of each: the block op, the same block layer by layer, eager
+    assert [e["block"] for e in results["blocks"]] == ["layer1.0", "layer1.1"]
+    for entry in results["blocks"]:
+        assert entry["model"] == "resnet50" and entry["mode"] == "train"
+        assert set(entry["systems"]) == {"fastres", "fastres-layer", "eager"}
+        assert all(s["status"] == "ok" and s["ms_per_step"] > 0
+                   for s in entry["systems"].values())
+        assert entry["speedup_vs_eager"] > 0 and entry["saved_bytes_vs_eager"] < 1
+        assert set(entry["traffic"]["designs"]) == {"eager", "per_layer", "block"}
+    assert "Block level" in printed and "layer vs eager" in printed
+
     # layer level: two ResNet-50 shapes (from --model resnet50), both modes
     assert len(results["layers"]) == 4
     for entry in results["layers"]:
@@ -117,6 +132,30 @@ def test_bench_time_limit_records_skips(tmp_path, capsys):
     statuses = {s["status"] for e in results["models"] for s in e["systems"].values()}
     assert statuses == {"skipped"}
     assert "Model level" in capsys.readouterr().out  # plain-text table
+
+
+def test_bench_levels():
+    parse = cli.build_parser().parse_args
+
+    def levels(*argv):
+        return cli.bench_levels(parse(["bench", *argv]))
+
+    assert levels() == {"model", "block"}
+    assert levels("--layers") == {"model", "block", "layer"}
+    assert levels("--layers-only") == {"layer"}
+    assert levels("--levels", "block") == {"block"}
+    assert levels("--levels", "model,layer") == {"model", "layer"}
+    assert levels("--levels", "block", "--layers") == {"block", "layer"}
+    with pytest.raises(SystemExit):
+        levels("--levels", "blocks")
+    config = cli.bench_config(parse(["bench", "--levels", "block", "--model", "resnext50_32x4d",
+                                     "--block-limit", "2", "--block-compile"]))
+    assert config.models == [] and not config.layers and config.blocks
+    assert config.block_models == ["resnext50_32x4d"]
+    assert config.block_limit == 2 and config.block_compile
+    config = cli.bench_config(parse(["bench", "--levels", "model", "--model", "resnet18"]))
+    assert config.models == ["resnet18"] and not config.blocks
+    assert config.block_models == ["resnet50", "resnext50_32x4d"]
 
 
 def test_bench_rejects_unknown_model():

@@ -3,6 +3,7 @@ a missing file must never waste a GPU session."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("install", "info", "tests-triton", "tests-cuda", "models", "layers", "sanitizer")
+STEPS = ("install", "info", "tests-triton", "tests-cuda", "models", "blocks", "layers",
+         "sanitizer")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -35,6 +37,12 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
     models = (tmp_path / "models" / "results.json").read_text()
     assert '"fastres"' in models and (tmp_path / "layers" / "results.json").exists()
     assert "Model level" in summary and "fastres 1st step s" in summary
+    # the block step: its JSON, its table, and its ratios in one line of the summary
+    blocks = json.loads((tmp_path / "blocks" / "results.json").read_text())
+    assert [e["block"] for e in blocks["blocks"]] == ["layer1.0"] and not blocks["models"]
+    assert "Block level" in summary
+    assert re.search(r"^block step \(forward \+ backward.*: fastres block op \d+\.\d+x eager, "
+                     r"\d+\.\d+x the same blocks layer by layer", summary, re.M), summary
 
 
 def test_gpu_test_shards_spread_model_level_tests_and_keep_neighbours_together():

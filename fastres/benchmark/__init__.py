@@ -3,7 +3,8 @@
 * :mod:`.timing`: CUDA-event (or host-clock) timing with warm-up, median, L2-defeating input
   rotation; the card's ceilings (device copy TB/s, matrix product TFLOP/s).
 * :mod:`.roofline`: FLOPs and minimum bytes of a fused conv layer; the roofline bound.
-* :mod:`.cases`: layer cases read off the architectures; eager / compile / fastres callables.
+* :mod:`.cases`: layer and block cases read off the architectures; eager / compile / fastres
+  callables (a block's fastres systems: the block op, and the same block layer by layer).
 * :mod:`.memory`: bytes a forward keeps for backward (unique non-parameter storages).
 * :mod:`.traffic`: paper HBM-traffic model of a training step, eager / per-layer / block fused.
 * :mod:`.runner`: :class:`BenchConfig` and :func:`run` (one JSON-ready dict per run).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -522,3 +523,199 @@ def _has_native(name: str) -> bool:
         return hasattr(importlib.import_module("fastres.models"), name)
     except ImportError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-level systems
+# ---------------------------------------------------------------------------------------------
+
+BLOCK_MODEL_NAMES = LAYER_MODEL_NAMES
+BLOCK_SYSTEMS = ("fastres", "fastres-layer", "eager", "compile")
+
+
+@dataclass(frozen=True)
+class BlockCase:
+    """One residual block of a model (``path``: ``layer2.0``), at batch ``batch``.
+
+    ``layers``: its convs as the traced graph shows them, at batch 1 (the main branch in order,
+    then the projection ``downsample.0`` if any), for the paper traffic model.
+    """
+
+    model: str
+    path: str
+    batch: int
+    resolution: int
+    layers: tuple[ConvLayer, ...]
+
+    @property
+    def projection(self) -> bool:
+        return any("downsample" in layer.name for layer in self.layers)
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        s = self.layers[0].shape
+        return (self.batch, s.c, s.h, s.w)
+
+    @property
+    def id(self) -> str:
+        _, c, h, w = self.x_shape
+        kind = "proj" if self.projection else "id"
+        return f"{self.model}-{self.path}-c{c}-{h}x{w}-{kind}"
+
+    def label(self) -> str:
+        """``layer2.0 256→512 56² s2 proj``: where it is, channels in → out, input size."""
+        _, c, h, w = self.x_shape
+        main = [layer for layer in self.layers if "downsample" not in layer.name]
+        stride = max(layer.shape.stride[0] for layer in main)
+        groups = max(layer.shape.groups for layer in main)
+        parts = [self.path, f"{c}→{main[-1].shape.k}", f"{h}x{w}"]
+        parts += [f"s{stride}"] if stride > 1 else []
+        parts += [f"g{groups}"] if groups > 1 else []
+        return " ".join([*parts, "proj" if self.projection else "id"])
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "model": self.model, "block": self.path, "label": self.label(),
+                "x_shape": list(self.x_shape), "projection": self.projection,
+                "convs": [f"{layer.name}: {layer.shape.label()}" for layer in self.layers]}
+
+
+def block_cases(name: str, batch: int, resolution: int) -> list[BlockCase]:
+    """Per stage (``layer1`` .. ``layer4``), the first block (with its projection shortcut) and
+    the second (identity shortcut) of the named model, in that order."""
+    layers = model_conv_layers(name, 1, resolution)
+    by_block: dict[str, list[ConvLayer]] = {}
+    for layer in layers:
+        path = layer.name.split(".downsample")[0].rsplit(".conv", 1)[0]
+        if path.startswith("layer") and path.count(".") == 1:
+            by_block.setdefault(path, []).append(layer)
+    cases = []
+    for stage in range(1, 5):
+        for index in (0, 1):
+            found = by_block.get(f"layer{stage}.{index}")
+            if found:
+                cases.append(BlockCase(name, f"layer{stage}.{index}", batch, resolution,
+                                       tuple(found)))
+    return cases
+
+
+def quick_block_cases(cases: Sequence[BlockCase]) -> list[BlockCase]:
+    """The first stage's two blocks (projection, identity): the largest activations, where
+    memory traffic matters most."""
+    return [c for c in cases if c.path.startswith("layer1.")] or list(cases[:1])
+
+
+def _init_block(block: nn.Module, seed: int) -> nn.Module:
+    """Random weights (fan-in scaled) and non-trivial BN parameters and statistics, in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * fan_in**-0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                k = m.num_features
+                m.weight.copy_(1 + 0.1 * torch.randn(k, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(k, generator=gen))
+                m.running_mean.copy_(0.1 * torch.randn(k, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(k, generator=gen))
+                m.num_batches_tracked.zero_()
+    return block
+
+
+class BlockBench:
+    """A training step of one residual block (forward + backward, no optimizer): the gradient
+    of its input and of every parameter, via ``torch.autograd.grad`` (nothing accumulates).
+
+    Systems (:meth:`system`): ``"eager"`` (the torchvision block, channels_last), ``"compile"``
+    (``torch.compile`` of it), ``"fastres"`` (``fastres.fuse`` of it: the block op, one
+    ``residual_block`` per step where the backend has block kernels) and ``"fastres-layer"``
+    (the same fastres block inside :func:`fastres.nn.layer_by_layer`: one ``conv_bn_relu`` per
+    conv). Parameters are fp32; half-precision dtypes run under autocast as
+    :class:`ModelBench` does, with the block's input and upstream gradient in ``dtype``
+    (what the block before it hands over). Input sets rotate among enough copies to defeat L2.
+    """
+
+    def __init__(self, case: BlockCase, *, dtype: torch.dtype, device: torch.device,
+                 backend: str = "auto", compile_mode: str = "default", seed: int = 0):
+        import copy
+
+        self.case, self.dtype, self.device = case, dtype, device
+        self.backend, self.compile_mode = backend, compile_mode
+        with torch.device("meta"):
+            meta = reference_model(case.model)
+        block = copy.deepcopy(meta.get_submodule(case.path)).to_empty(device="cpu")
+        self.eager_block = _init_block(block, seed).to(device=device, memory_format=CL).train()
+        self._fastres_block = None
+        n, c, h, w = case.x_shape
+        gen = torch.Generator(device=device).manual_seed(seed)
+        last = [layer for layer in case.layers if "downsample" not in layer.name][-1].shape
+        out_shape = (n, last.k, *last.out_hw)
+        per_set = (n * c * h * w + math.prod(out_shape)) * DTYPE_BYTES[dtype]
+        self.copies = copies_to_defeat_l2(per_set, device)
+        self.inputs = [
+            {"x": torch.randn(n, c, h, w, generator=gen, device=device).to(
+                dtype=dtype, memory_format=CL).requires_grad_(),
+             "dz": torch.randn(out_shape, generator=gen, device=device).to(
+                 dtype=dtype, memory_format=CL)}
+            for _ in range(self.copies)
+        ]
+
+    def fastres_block(self) -> nn.Module:
+        """``fastres.fuse`` of a copy of the eager block (same initial weights and statistics)."""
+        if self._fastres_block is None:
+            fuse = _fastres_attr("fuse")
+            self._fastres_block = fuse(self.eager_block)  # a deep copy, fused
+        return self._fastres_block
+
+    def _autocast(self):
+        if self.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _context(self, system: str):
+        """What a system's forward runs under: its backend choice, the per-layer switch."""
+        import contextlib
+
+        from ..backends import use_backend
+        from ..nn.blocks import layer_by_layer
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._autocast())
+        if system.startswith("fastres") and self.backend != "auto":
+            stack.enter_context(use_backend(self.backend))
+        if system == "fastres-layer":
+            stack.enter_context(layer_by_layer())
+        return stack
+
+    def module(self, system: str) -> nn.Module:
+        if system in ("eager", "compile"):
+            return self.eager_block
+        if system in ("fastres", "fastres-layer"):
+            return self.fastres_block()
+        raise ValueError(f"unknown block system {system!r}; choose from {BLOCK_SYSTEMS}")
+
+    def system(self, name: str) -> Callable[[dict], object]:
+        """The training step of system ``name`` (one of :data:`BLOCK_SYSTEMS`)."""
+        block = self.module(name)
+        runner = block
+        if name == "compile":
+            torch._dynamo.reset()
+            runner = torch.compile(block, mode=None if self.compile_mode == "default"
+                                   else self.compile_mode, dynamic=False)
+        params = [p for p in block.parameters() if p.requires_grad]
+
+        def train(inp):
+            with self._context(name):
+                out = runner(inp["x"])
+            return torch.autograd.grad(out, [inp["x"], *params], inp["dz"])
+        return train
+
+    def saved_bytes(self, name: str) -> int | None:
+        """Bytes the system's forward keeps for backward on the first input set
+        (:func:`.memory.saved_bytes`); None for torch.compile (the compiled graph's own)."""
+        if name == "compile":
+            return None
+        from .memory import saved_bytes
+
+        with self._context(name):
+            return saved_bytes(self.module(name), self.inputs[0]["x"])

@@ -132,12 +132,122 @@ def layer_summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _ms(system: dict | None) -> str:
+    if not system:
+        return "-"
+    if system.get("status") != "ok":
+        return system.get("status", "?")
+    return f"{system['ms_per_step']:.3g}"
+
+
+def block_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per block: ms per training step (forward + backward) of the block op, the same
+    block layer by layer, eager (and compile), fastres's speed-ups, what served fastres's
+    passes, the bytes kept for backward over eager, and the paper traffic bound of each design
+    (eager / per-layer / block) at the measured bandwidth."""
+    compiled = any("compile" in e.get("systems", {}) for e in results.get("blocks", []))
+    header = ["block", "mode", "fastres ms", "fr-layer ms", "eager ms",
+              *(["compile ms"] if compiled else []), "vs eager", "layer vs eager",
+              "vs layer", "fastres served by", "saved/eager", "layer saved/eager",
+              "bound ms e/l/b"]
+    rows = []
+    for e in results.get("blocks", []):
+        s = e.get("systems", {})
+        layer = s.get("fastres-layer") or {}
+        rows.append([
+            f"{_SHORT.get(e['model'], e['model'])} {e['label']}", e["mode"],
+            _ms(s.get("fastres")), _ms(layer), _ms(s.get("eager")),
+            *([_ms(s.get("compile"))] if compiled else []),
+            _num(e.get("speedup_vs_eager"), "{:.2f}x"),
+            _num(1 / layer["time_vs_eager"] if layer.get("time_vs_eager") else None,
+                 "{:.2f}x"),
+            _num(e.get("speedup_vs_fastres-layer"), "{:.2f}x"),
+            _served_ops(s.get("fastres")),
+            _num(e.get("saved_bytes_vs_eager"), "{:.3f}x"),
+            _num(layer.get("saved_bytes_vs_eager"), "{:.3f}x"),
+            _traffic(e, "bound_ms", "{:.3g}"),
+        ])
+    return header, rows
+
+
+def _served_ops(system: dict | None) -> str:
+    """``triton residual_block 1+1``: per backend and op, forward (+ backward) passes."""
+    per = (system or {}).get("served_per_step") or {}
+    keys = sorted({k for counts in per.values() for k in counts})
+    return ", ".join(
+        k + " " + "+".join(str(per[d].get(k, 0)) for d in ("forward", "backward") if d in per)
+        for k in keys
+    ) or "-"
+
+
+def block_summary_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Per model: blocks measured and the geometric-mean training-step speed-up of the block op
+    over eager and over the same blocks layer by layer, and of the per-layer path over eager."""
+    header = ["model", "blocks", "fastres vs eager", "layer-path vs eager", "fastres vs layer",
+              "saved/eager"]
+    groups: dict[str, list[dict]] = {}
+    for e in results.get("blocks", []):
+        groups.setdefault(e["model"], []).append(e)
+
+    def geomean(vals: list) -> float | None:
+        vals = [v for v in vals if v]
+        return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
+
+    rows = []
+    for model, entries in groups.items():
+        layer = [(e["systems"].get("fastres-layer") or {}).get("time_vs_eager")
+                 for e in entries]
+        rows.append([
+            model, str(len(entries)),
+            _num(geomean([e.get("speedup_vs_eager") for e in entries]), "{:.2f}x"),
+            _num(geomean([1 / t for t in layer if t]), "{:.2f}x"),
+            _num(geomean([e.get("speedup_vs_fastres-layer") for e in entries]), "{:.2f}x"),
+            _num(geomean([e.get("saved_bytes_vs_eager") for e in entries]), "{:.3f}x"),
+        ])
+    return header, rows
+
+
+def block_headline(results: dict) -> str | None:
+    """One line: the block step's ratios over every block measured (geometric means), or None
+    when no block has a fastres and an eager time."""
+    entries = [e for e in results.get("blocks", []) if e.get("speedup_vs_eager")]
+    if not entries:
+        return None
+
+    def geomean(vals: list) -> float | None:
+        vals = [v for v in vals if v]
+        return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
+
+    layer = [(e["systems"].get("fastres-layer") or {}).get("time_vs_eager") for e in entries]
+    vs_layer = geomean([e.get("speedup_vs_fastres-layer") for e in entries])
+    layer_vs_eager = geomean([1 / t for t in layer if t])
+    saved = geomean([e.get("saved_bytes_vs_eager") for e in entries])
+    served = sorted({k for e in entries for k in ((e["systems"].get("fastres") or {}).get(
+        "served_per_step") or {}).get("forward", {})})
+    return (f"block step (forward + backward of one block; geometric mean of {len(entries)} "
+            f"block{'s' if len(entries) > 1 else ''}, batch {entries[0].get('batch')}, "
+            f"{entries[0].get('dtype')}): fastres block op "
+            f"{_num(geomean([e['speedup_vs_eager'] for e in entries]), '{:.2f}x')} eager, "
+            f"{_num(vs_layer, '{:.2f}x')} the same blocks layer by layer; layer by layer "
+            f"{_num(layer_vs_eager, '{:.2f}x')} eager; saved for backward "
+            f"{_num(saved, '{:.3f}x')} eager; fastres served by {', '.join(served) or '-'}")
+
+
 def summary_text(results: dict) -> str:
     """Plain-text model table and layer summary (what a log's last lines should show)."""
     parts = []
     header, rows = model_rows(results)
     if rows:
         parts.append(render_table("Model level (img/s)", header, rows))
+    header, rows = block_rows(results)
+    if rows:
+        parts.append(render_table("Block level (ms per training step of one block)", header,
+                                  rows))
+        parts.append(render_table("Block level summary (geometric means)",
+                                  *block_summary_rows(results)))
+        headline = block_headline(results)
+        if headline:
+            parts.append(headline)
     header, rows = layer_summary_rows(results)
     if rows:
         parts.append(render_table("Layer level (best fastres backend)", header, rows))
@@ -175,6 +285,9 @@ def render_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]
 def print_report(results: dict, *, use_rich: bool = True) -> None:
     """Print the model table (and the layer table if layers were measured)."""
     tables = [("Model level (img/s)", *model_rows(results))]
+    if results.get("blocks"):
+        tables.append(("Block level (ms per training step of one block: forward + backward)",
+                       *block_rows(results)))
     if results.get("layers"):
         tables.append(("Layer level (median µs per call)", *layer_rows(results)))
     console = None
@@ -269,15 +382,22 @@ def write_plot(results: dict, path: Path) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastres.benchmark.report RESULTS.json ...``: print each file's summary."""
+    """``python -m fastres.benchmark.report RESULTS.json ...``: print each file's summary;
+    ``--block-headline`` first: only the block step's one-line ratios (nothing if none)."""
     import sys
 
     paths = list(sys.argv[1:] if argv is None else argv)
-    for path in paths:
+    headline_only = bool(paths) and paths[0] == "--block-headline"
+    for path in paths[1:] if headline_only else paths:
         try:
             results = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             print(f"{path}: cannot read ({e})")
+            continue
+        if headline_only:
+            line = block_headline(results)
+            if line:
+                print(line)
             continue
         print(f"== {path}")
         print(summary_text(results))

@@ -1,11 +1,14 @@
-"""Run the benchmark: model-level img/s and layer-level times, fastres vs eager vs compile.
+"""Run the benchmark: model-level img/s, block-level training steps and layer-level times,
+fastres vs eager vs compile.
 
 :func:`run` measures everything a :class:`BenchConfig` asks for and returns one JSON-ready dict.
 Every baseline is timed in the same run on the same card; the card's ceilings are measured once
 at the start and stored with the results. A case that fails (out of memory, a backend error) is
 recorded with its reason and the run goes on. Model-level work runs most valuable first (see
 :func:`model_work`), and ``time_limit_s`` stops a measurement in the middle when it passes, so a
-run cut short keeps what matters and every result so far is handed to ``on_update``.
+run cut short keeps what matters and every result so far is handed to ``on_update``. The block
+level (:class:`.cases.BlockBench`) runs after fastres and eager of every model and before any
+model-level torch.compile.
 
 Schema ``fastres-bench/1``::
 
@@ -38,6 +41,18 @@ Schema ``fastres-bench/1``::
                           frac_peak_tflops, frac_peak_tbps, bound_s, frac_roofline, bound_by;
                           fastres-*: time_vs_cudnn_conv; fastres-triton: configs (kernel ->
                           the configuration it ran)}
+    blocks[]:    id, model, block ("layer2.0"), label, x_shape, projection, convs, mode
+                 ("train": forward + backward of the block, no optimizer), batch, dtype,
+                 speedup_vs_eager | speedup_vs_fastres-layer | speedup_vs_compile (fastres's
+                 step rate over the other's), saved_bytes_vs_eager (fastres),
+                 traffic {batch, dtype, tbps, designs {eager | per_layer | block:
+                          gb_per_step, img_s_bound, bound_ms}} (the paper model of the
+                          block's convs alone; bound_ms: that traffic at ``tbps``),
+                 systems {fastres (the block op) | fastres-layer (the same block inside
+                          fastres.nn.layer_by_layer) | eager (torchvision's block) | compile:
+                          status, reason, ms_per_step, img_s, median_s, ..., time_vs_eager,
+                          saved_bytes, saved_bytes_vs_eager, served_per_step (fastres*:
+                          {forward|backward: {"<backend> <op>": passes}})}
 """
 
 from __future__ import annotations
@@ -59,13 +74,17 @@ from ..backends import record_calls
 from ..backends.triton._tuning import launched_configs
 from .cases import (
     BACKEND_NAMES,
+    BLOCK_MODEL_NAMES,
     LAYER_MODEL_NAMES,
     MODEL_NAMES,
+    BlockBench,
     LayerBench,
     ModelBench,
+    block_cases,
     layer_cases,
     model_conv_layers,
     model_roofline,
+    quick_block_cases,
     quick_layer_cases,
     roofline_img_s,
 )
@@ -94,6 +113,11 @@ class BenchConfig:
     layer_models: list[str] = field(default_factory=lambda: list(LAYER_MODEL_NAMES))
     layer_limit: int | None = None  # first N distinct shapes per model
     backend: str = "auto"  # "auto": every backend that can serve the case
+    # block level: a training step of single residual blocks (needs "train" in modes)
+    blocks: bool = True
+    block_models: list[str] = field(default_factory=lambda: list(BLOCK_MODEL_NAMES))
+    block_limit: int | None = None  # first N blocks per model (stage order, projection first)
+    block_compile: bool = False  # torch.compile per block: a cold compile of each (slow)
     warmup: int = 5
     repeats: int = 20
     model_warmup: int = 3
@@ -117,6 +141,7 @@ def tiny_cpu(config: BenchConfig) -> BenchConfig:
     config.compile_modes = config.compile_modes[:1]  # each compile costs seconds on CPU
     if config.quick:
         config.models = config.models[:1]
+        config.block_models = config.block_models[:1]
     return config
 
 
@@ -142,6 +167,11 @@ def _layer_systems(config: BenchConfig) -> list[str]:
     if config.compile:
         systems += [f"compile-{m}" for m in config.compile_modes]
     return systems
+
+
+def _block_systems(config: BenchConfig) -> list[str]:
+    compiled = ["compile"] if config.compile and config.block_compile else []
+    return ["fastres", "fastres-layer", "eager", *compiled]
 
 
 def _model_systems(config: BenchConfig) -> list[str]:
@@ -229,9 +259,20 @@ def plan(config: BenchConfig) -> dict:
             if config.layer_limit is not None:
                 cases = cases[: config.layer_limit]
             layer_tasks += [(case, mode) for case in cases for mode in config.modes]
+    block_tasks = []
+    if config.blocks and "train" in config.modes:
+        tiny = config.resolved_device().type != "cuda"
+        for name in config.block_models:
+            cases = block_cases(name, config.batch, config.resolution)
+            if config.quick or tiny:
+                cases = quick_block_cases(cases)
+            if config.block_limit is not None:
+                cases = cases[: config.block_limit]
+            block_tasks += cases
     total = (len(model_tasks) * len(_model_systems(config))
-             + len(layer_tasks) * len(_layer_systems(config)))
-    return {"models": model_tasks, "layers": layer_tasks, "total": total}
+             + len(layer_tasks) * len(_layer_systems(config))
+             + len(block_tasks) * len(_block_systems(config)))
+    return {"models": model_tasks, "layers": layer_tasks, "blocks": block_tasks, "total": total}
 
 
 def run(
@@ -265,6 +306,7 @@ def run(
                                     "cudnn_benchmark": torch.backends.cudnn.benchmark},
         "ceilings": None,
         "models": [],
+        "blocks": [],
         "layers": [],
     }
     progress("measuring the card's ceilings")
@@ -276,7 +318,12 @@ def run(
     for name, mode in work["models"]:
         entries[name, mode] = _model_entry(name, mode, config)
         results["models"].append(entries[name, mode])
+    blocks_done = False
     for name, mode, system in model_work(config):
+        if system == "compile" and not blocks_done:  # blocks before any cold compile
+            _run_blocks(work["blocks"], config, device, dtype, ceilings, clock, progress,
+                        results, on_update)
+            blocks_done = True
         progress(f"{name} {mode} {system}")
         entry = entries[name, mode]
         entry["systems"][system] = _run_model_system(entry, system, config, device, dtype,
@@ -284,6 +331,9 @@ def run(
         _ratios(entry, "fastres", ["eager", "compile"], "img_s")
         _saved_ratio(entry)
         on_update(results)
+    if not blocks_done:
+        _run_blocks(work["blocks"], config, device, dtype, ceilings, clock, progress, results,
+                    on_update)
     for case, mode in work["layers"]:
         entry = _run_layer(case, mode, config, device, dtype, ceilings, clock, progress)
         results["layers"].append(entry)
@@ -465,3 +515,100 @@ def _run_layer(case, mode, config, device, dtype, ceilings: Ceilings, clock, pro
 
 def _compile_and_eager(entry: dict) -> list[str]:
     return [k for k in entry["systems"] if k == "eager" or k.startswith("compile-")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Block level
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_blocks(cases, config, device, dtype, ceilings, clock, progress, results,
+                on_update) -> None:
+    for case in cases:
+        results["blocks"].append(_run_block(case, config, device, dtype, ceilings, clock,
+                                            progress))
+        on_update(results)
+
+
+def _served_per_step(served, steps: int) -> dict:
+    """``{forward|backward: {"<backend> <op>": passes per step}}`` of recorded fused passes."""
+    counts = collections.Counter((c.direction, f"{c.backend} {c.op}") for c in served)
+    return {d: {k: n // steps for (d2, k), n in sorted(counts.items()) if d2 == d}
+            for d in sorted({d for d, _ in counts})}
+
+
+def _run_block(case, config, device, dtype, ceilings: Ceilings, clock, progress) -> dict:
+    """A training step of one block on each block system; never raises (failures recorded)."""
+    entry: dict = case.to_dict() | {"mode": "train", "batch": config.batch,
+                                    "dtype": config.dtype, "systems": {}}
+    try:
+        traffic = traffic_report(case.layers, dtype=dtype, batch=config.batch,
+                                 tbps=ceilings.tbps or None)
+        for design in traffic["designs"].values():
+            design["bound_ms"] = (design["gb_per_step"] / ceilings.tbps  # GB / (TB/s) = ms
+                                  if ceilings.tbps else None)
+        entry["traffic"] = traffic
+    except Exception as e:
+        entry["traffic_error"] = f"{type(e).__name__}: {e}"
+    bench = None
+    try:
+        if clock.expired():
+            raise TimeLimitReached
+        with clock.enforced():
+            bench = BlockBench(case, dtype=dtype, device=device, backend=config.backend,
+                               compile_mode=config.model_compile_mode)
+    except TimeLimitReached:
+        entry["systems"] = {s: {"status": "skipped", "reason": "time limit reached"}
+                            for s in _block_systems(config)}
+        return entry
+    except Exception as e:
+        entry["error"] = _failure(e)
+        _free(device)
+        return entry
+    entry["copies"] = bench.copies
+    for system in _block_systems(config):
+        progress(f"{case.id} train {system}")
+        if clock.expired():
+            entry["systems"][system] = {"status": "skipped", "reason": "time limit reached"}
+            continue
+        try:
+            with clock.enforced():
+                step = bench.system(system)
+                with record_calls() as served:
+                    timing = time_calls(step, bench.inputs, device, warmup=config.warmup,
+                                        repeats=config.repeats)
+            result = {"status": "ok", "ms_per_step": timing.median_s * 1e3,
+                      "img_s": config.batch / timing.median_s, **timing.to_dict()}
+            if served:
+                result["served_per_step"] = _served_per_step(
+                    served, config.warmup + config.repeats)
+            result.update(_saved_bytes(_SystemSaved(bench, system), clock))
+            entry["systems"][system] = result
+        except TimeLimitReached:
+            entry["systems"][system] = {"status": "skipped",
+                                        "reason": "time limit reached within this system"}
+        except Exception as e:
+            entry["systems"][system] = _failure(e)
+    systems = entry["systems"]
+    eager = systems.get("eager", {})
+    for result in systems.values():
+        if result.get("status") == "ok" and eager.get("status") == "ok":
+            result["time_vs_eager"] = result["median_s"] / eager["median_s"]
+        if result.get("saved_bytes") and eager.get("saved_bytes"):
+            result["saved_bytes_vs_eager"] = result["saved_bytes"] / eager["saved_bytes"]
+    _ratios(entry, "fastres", ["eager", "fastres-layer", "compile"], "img_s")
+    if "saved_bytes_vs_eager" in systems.get("fastres", {}):
+        entry["saved_bytes_vs_eager"] = systems["fastres"]["saved_bytes_vs_eager"]
+    bench = None
+    _free(device)
+    return entry
+
+
+class _SystemSaved:
+    """``saved_bytes()`` of one block system, in the shape :func:`_saved_bytes` takes."""
+
+    def __init__(self, bench: BlockBench, system: str):
+        self.bench, self.system = bench, system
+
+    def saved_bytes(self) -> int | None:
+        return self.bench.saved_bytes(self.system)

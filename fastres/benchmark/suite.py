@@ -13,7 +13,9 @@ Environment variables narrow a run: ``FASTRES_BENCH_MODELS`` (comma list),
 ``FASTRES_BENCH_MODES`` (``train,infer``), ``FASTRES_BENCH_LAYER_LIMIT`` (first N shapes per
 model), ``FASTRES_BENCH_COMPILE`` (``0`` to skip torch.compile), ``FASTRES_BENCH_COMPILE_MODES``
 (layer level, default ``default,max-autotune`` on GPU), ``FASTRES_BENCH_BATCH``,
-``FASTRES_BENCH_ROUNDS``.
+``FASTRES_BENCH_ROUNDS``, ``FASTRES_BENCH_BLOCK_MODELS`` (block level, default ResNet-50 and
+ResNeXt-50), ``FASTRES_BENCH_BLOCK_LIMIT`` (first N blocks per model),
+``FASTRES_BENCH_BLOCK_COMPILE`` (``1`` to time torch.compile per block too).
 """
 
 from __future__ import annotations
@@ -28,14 +30,19 @@ import torch
 
 from .cases import (
     BACKEND_NAMES,
+    BLOCK_MODEL_NAMES,
     LAYER_MODEL_NAMES,
     MODEL_NAMES,
+    BlockBench,
+    BlockCase,
     LayerBench,
     LayerCase,
     ModelBench,
+    block_cases,
     layer_cases,
     model_conv_layers,
     model_roofline,
+    quick_block_cases,
     quick_layer_cases,
     roofline_img_s,
 )
@@ -64,6 +71,9 @@ class SuiteConfig:
     rounds: int
     warmup_rounds: int
     tiny: bool
+    block_models: list[str] = field(default_factory=lambda: list(BLOCK_MODEL_NAMES))
+    block_limit: int | None = None
+    block_compile: bool = False
     store: dict = field(default_factory=dict)  # (case id, mode) -> {system: img/s}
 
     @property
@@ -76,6 +86,7 @@ def suite_config() -> SuiteConfig:
     if gpu:
         torch.backends.cudnn.benchmark = True  # as in fastres bench: cuDNN's best algorithm
     limit = os.environ.get("FASTRES_BENCH_LAYER_LIMIT")
+    block_limit = os.environ.get("FASTRES_BENCH_BLOCK_LIMIT")
     return SuiteConfig(
         device=torch.device("cuda" if gpu else "cpu"),
         batch=int(os.environ.get("FASTRES_BENCH_BATCH", 256 if gpu else 2)),
@@ -91,6 +102,9 @@ def suite_config() -> SuiteConfig:
         rounds=int(os.environ.get("FASTRES_BENCH_ROUNDS", 20 if gpu else 3)),
         warmup_rounds=5 if gpu else 1,
         tiny=not gpu,
+        block_models=_env_list("FASTRES_BENCH_BLOCK_MODELS", list(BLOCK_MODEL_NAMES)),
+        block_limit=int(block_limit) if block_limit else None,
+        block_compile=os.environ.get("FASTRES_BENCH_BLOCK_COMPILE", "0") == "1",
     )
 
 
@@ -114,32 +128,56 @@ def layer_params(cfg: SuiteConfig) -> list[tuple[LayerCase, str, str]]:
     return params
 
 
+def block_params(cfg: SuiteConfig) -> list[tuple[BlockCase, str]]:
+    """(block case, system) in the order they run: per block, eager (and compile) first, then
+    the same fastres block layer by layer, then the block op (training steps only).
+
+    On CPU: the first block (projection) of the first model only.
+    """
+    if "train" not in cfg.modes:
+        return []
+    systems = ["eager", *(["compile"] if cfg.compile and cfg.block_compile else []),
+               "fastres-layer", "fastres"]
+    params = []
+    for name in cfg.block_models[:1] if cfg.tiny else cfg.block_models:
+        found = block_cases(name, cfg.batch, cfg.resolution)
+        if cfg.tiny:
+            found = quick_block_cases(found)[:1]
+        if cfg.block_limit is not None:
+            found = found[: cfg.block_limit]
+        params += [(case, s) for case in found for s in systems]
+    return params
+
+
 def model_params(cfg: SuiteConfig) -> list[tuple[str, str, str]]:
     systems = ["eager", *(["compile"] if cfg.compile else []), "fastres"]
     return [(m, mode, s) for m in cfg.models for mode in cfg.modes for s in systems]
 
 
 class _Slot:
-    """Keeps the tensors of one layer case alive across its systems, and no more."""
+    """Keeps the tensors of one layer (or block) case alive across its systems, and no more."""
 
     key: tuple | None = None
-    bench: LayerBench | None = None
+    bench: LayerBench | BlockBench | None = None
 
 
 _slot = _Slot()
 
 
-def _layer_bench(case: LayerCase, mode: str, cfg: SuiteConfig) -> LayerBench:
-    key = (case.id, mode)
+def _slot_bench(key: tuple, make: Callable[[], LayerBench | BlockBench], cfg: SuiteConfig):
     if _slot.key != key:
         _slot.bench = None
         gc.collect()
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
-        _slot.bench = LayerBench(case, training=mode == "train", dtype=DTYPES[cfg.dtype],
-                                 device=cfg.device)
+        _slot.bench = make()
         _slot.key = key
     return _slot.bench
+
+
+def _layer_bench(case: LayerCase, mode: str, cfg: SuiteConfig) -> LayerBench:
+    return _slot_bench(("layer", case.id, mode), lambda: LayerBench(
+        case, training=mode == "train", dtype=DTYPES[cfg.dtype], device=cfg.device), cfg)
 
 
 def _pedantic(benchmark, fn: Callable, inputs: list, cfg: SuiteConfig) -> float:
@@ -243,6 +281,42 @@ def timed_model(benchmark, name: str, mode: str, system: str, cfg: SuiteConfig,
         if system == "fastres":
             _ratios(info, img_s, dict(seen))
         seen[system] = img_s
+    if cfg.note:
+        info["note"] = cfg.note
+    return info
+
+
+def timed_block(benchmark, case: BlockCase, system: str, cfg: SuiteConfig,
+                ceilings: Ceilings) -> dict:
+    """Time a training step (forward + backward) of one block system; fills and returns
+    ``benchmark.extra_info`` (ms per step, saved bytes, speed-ups and saved-bytes ratios over
+    the systems timed before it, the paper traffic bound of each design)."""
+    bench = _slot_bench(("block", case.id), lambda: BlockBench(
+        case, dtype=DTYPES[cfg.dtype], device=cfg.device), cfg)
+    median = _pedantic(benchmark, bench.system(system), bench.inputs, cfg)
+    info = benchmark.extra_info
+    info.update(case=case.id, block=case.path, label=case.label(), mode="train",
+                system=system, batch=case.batch, dtype=cfg.dtype, input_copies=bench.copies)
+    traffic = traffic_report(case.layers, dtype=DTYPES[cfg.dtype], batch=case.batch,
+                             tbps=ceilings.tbps or None)
+    for design in traffic["designs"].values():
+        design["bound_ms"] = (design["gb_per_step"] / ceilings.tbps if ceilings.tbps
+                              else None)
+    info["traffic"] = traffic
+    saved = bench.saved_bytes(system)
+    if saved is not None:
+        info["saved_bytes"] = saved
+        kept = cfg.store.setdefault((case.id, "saved_bytes"), {})
+        if kept.get("eager"):
+            info["saved_bytes_vs_eager"] = saved / kept["eager"]
+        kept[system] = saved
+    if median == median:
+        info["ms_per_step"] = median * 1e3
+        info["img_s"] = case.batch / median
+        seen = cfg.store.setdefault((case.id, "train"), {})
+        if system.startswith("fastres"):
+            _ratios(info, info["img_s"], dict(seen))
+        seen[system] = info["img_s"]
     if cfg.note:
         info["note"] = cfg.note
     return info

@@ -1,6 +1,13 @@
 """Fused nn.Modules: same parameters and state_dict keys as the unfused PyTorch modules."""
 
-from .blocks import BasicBlock, Bottleneck, FusedBlock, PreActBasicBlock, PreActBottleneck
+from .blocks import (
+    BasicBlock,
+    Bottleneck,
+    FusedBlock,
+    PreActBasicBlock,
+    PreActBottleneck,
+    layer_by_layer,
+)
 from .conv_bn_relu import ConvBNReLU
 
 __all__ = [
@@ -10,4 +17,5 @@ __all__ = [
     "FusedBlock",
     "PreActBasicBlock",
     "PreActBottleneck",
+    "layer_by_layer",
 ]

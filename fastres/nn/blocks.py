@@ -21,6 +21,10 @@ else it runs from then on unfused, through the replacement module's own forward.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +34,28 @@ from .conv_bn_relu import ConvBNReLU, bn_momentum, fusable_reason
 from .sync_conv_bn import sync_group
 
 Tensor = torch.Tensor
+
+
+_switch = threading.local()
+
+
+@contextlib.contextmanager
+def layer_by_layer() -> Iterator[None]:
+    """Inside the ``with`` block (this thread only), fused blocks run layer by layer (one
+    :func:`fastres.ops.conv_bn_relu` per conv + BN pair) even where the block op could serve
+    them: the per-layer baseline of the block-level benchmark, or a way to compare the two
+    paths. Nests; what a forward records for backward decides how backward runs, so a graph
+    built inside runs its backward layer by layer after the ``with`` block too."""
+    _switch.depth = getattr(_switch, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _switch.depth -= 1
+
+
+def forced_layer_by_layer() -> bool:
+    """True inside :func:`layer_by_layer` (in this thread)."""
+    return getattr(_switch, "depth", 0) > 0
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
@@ -167,8 +193,9 @@ class FusedBlock(nn.Module):
         return None
 
     def _block_call(self, x: Tensor) -> Tensor | None:
-        """The block through the block op, or None if it runs layer by layer."""
-        if not self.fused:
+        """The block through the block op, or None if it runs layer by layer (also inside
+        :func:`layer_by_layer`)."""
+        if not self.fused or forced_layer_by_layer():
             return None
         for name, (conv, bn, relu) in self.fusion_pairs().items():  # children replaced since?
             view = self._views.get(name)
@@ -491,4 +518,6 @@ __all__ = [
     "PreActBasicBlock",
     "PreActBottleneck",
     "conv_bn_act",
+    "forced_layer_by_layer",
+    "layer_by_layer",
 ]

@@ -10,6 +10,7 @@ end-to-end model check on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -37,6 +38,17 @@ def _unfused(model: nn.Module) -> nn.Module:
 
 def _served(calls: list[ServedCall], direction: str) -> list[ServedCall]:
     return [c for c in calls if c.direction == direction]
+
+
+def _fused_passes(model: nn.Module, backend: str) -> int:
+    """Fused-op passes one forward of ``model`` makes on ``backend``: one per residual block
+    that runs as one block op (a backend with block kernels: not ``cuda``), else one per fused
+    conv + BN pair (the stem, the blocks the block op cannot serve)."""
+    blocks = backend != "cuda"
+    return sum(
+        1 if blocks and m.block_reason() is None else len(m._views)
+        for m in model.modules() if isinstance(m, FusedBlock)
+    )
 
 
 def test_served_call_lists_are_off_outside_the_block() -> None:
@@ -67,14 +79,20 @@ def test_conv_bn_relu_module_follows_use_backend(backend: str) -> None:
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_block_every_conv_on_triton(train: bool) -> None:
+    """The whole block (3 convs + projection) is one block op on triton each way; layer by
+    layer (``fastres.nn.layer_by_layer``) every conv + BN pair is one fused op."""
     block = randomize_bn(Bottleneck(16, 8, stride=2, groups=2, base_width=32))
-    with fastres.use_backend("triton"), fastres.backends.record_calls() as served:
-        check_equivalent(_unfused(block), block, torch.randn(2, 16, 7, 7), train=train)
     convs = sum(isinstance(m, nn.Conv2d) for m in block.modules())  # 3 + projection
     assert convs == 4
-    for direction in ("forward", "backward"):
-        calls = _served(served, direction)
-        assert len(calls) == convs and {c.backend for c in calls} == {"triton"}, served
+    for layered, (passes, op) in ((False, (1, "residual_block")), (True, (convs, "conv_bn_relu"))):
+        block.zero_grad(set_to_none=True)
+        with (fastres.use_backend("triton"), fastres.backends.record_calls() as served,
+              fastres.nn.layer_by_layer() if layered else contextlib.nullcontext()):
+            check_equivalent(_unfused(block), block, torch.randn(2, 16, 7, 7), train=train)
+        for direction in ("forward", "backward"):
+            calls = _served(served, direction)
+            assert len(calls) == passes, served
+            assert {(c.backend, c.op) for c in calls} == {("triton", op)}, served
 
 
 # (block, blocks per stage, stem): the model class every factory builds, one block per stage
@@ -112,13 +130,13 @@ def _model_step(name: str, backend: str, device: str, x_hw: int) -> None:
     block, layers, stem = MODELS[name]
     model = build_resnet(block, layers, num_classes=5, stem=stem, base_channels=4)
     model = randomize_bn(model).to(device)
-    fused_pairs = sum(len(m._views) for m in model.modules() if isinstance(m, FusedBlock))
-    assert fused_pairs >= 4
+    passes = _fused_passes(model, backend)
+    assert passes >= 4
     served = _check_model_pass(model, torch.randn(2, 3, x_hw, x_hw, device=device), backend)
     train_fwd = [c for c in _served(served, "forward") if not c.inference]
     infer_fwd = [c for c in _served(served, "forward") if c.inference]
-    assert len(train_fwd) == len(_served(served, "backward")) == fused_pairs
-    assert len(infer_fwd) == fused_pairs and not any(c.batch_stats for c in infer_fwd)
+    assert len(train_fwd) == len(_served(served, "backward")) == passes
+    assert len(infer_fwd) == passes and not any(c.batch_stats for c in infer_fwd)
 
 
 @pytest.mark.parametrize(
@@ -134,7 +152,7 @@ def test_model_every_fused_pair_on_triton(name: str) -> None:
 def test_model_every_fused_pair_on_gpu(name: str, backend: str) -> None:
     """The factories' real depth, narrow, on a GPU (no torchvision needed)."""
     model = randomize_bn(getattr(models, name)(num_classes=5, base_channels=16)).cuda()
-    fused_pairs = sum(len(m._views) for m in model.modules() if isinstance(m, FusedBlock))
+    passes = _fused_passes(model, backend)
     served = _check_model_pass(model, torch.randn(8, 3, 64, 64, device="cuda"), backend)
-    assert len(_served(served, "backward")) == fused_pairs
-    assert len(_served(served, "forward")) == 2 * fused_pairs
+    assert len(_served(served, "backward")) == passes
+    assert len(_served(served, "forward")) == 2 * passes

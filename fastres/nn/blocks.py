@@ -158,32 +158,38 @@ class FusedBlock(nn.Module):
     def block_reason(self) -> str | None:
         """None if the block can run as one block op now (see :mod:`fastres.ops.block`), else
         why it runs layer by layer (its pairs still fused as :class:`ConvBNReLU` where they can)."""
+        return self._block_plan()[1]
+
+    def _block_plan(self) -> tuple[tuple | None, str | None]:
+        """``(block_layout(), None)`` if the block can run as one block op now, else
+        ``(None, reason)``."""
         if not self.fused:
-            return "the block is not fused"
+            return None, "the block is not fused"
         if self.unfused_reasons:
-            return "a conv + BN pair is not fused: " + "; ".join(
+            return None, "a conv + BN pair is not fused: " + "; ".join(
                 f"{k}: {v}" for k, v in self.unfused_reasons.items())
         try:
-            convs, norms, proj, _ = self.block_layout()
+            layout = self.block_layout()
         except ValueError as e:
-            return str(e)
+            return None, str(e)
+        convs, norms, proj, _ = layout
         for conv in (*convs, *([proj] if proj is not None else [])):
             if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(
                     conv.padding, str):
-                return f"{type(conv).__name__} is not a plain zero-padded nn.Conv2d"
+                return None, f"{type(conv).__name__} is not a plain zero-padded nn.Conv2d"
             if conv.bias is not None:
-                return "a convolution has a bias"
+                return None, "a convolution has a bias"
         for bn in norms:
             reason = self.norm_reason(bn)
+            if reason is None and bn.training != norms[0].training:
+                reason = "its BatchNorms are not all in the same train/eval mode"
+            if reason is None and not bn.training and bn.running_mean is None:
+                reason = "a BatchNorm without running statistics in eval"
+            if reason is None and sync_group(bn) is not None:
+                reason = "SyncBatchNorm across processes (statistics merged per layer)"
             if reason is not None:
-                return reason
-            if bn.training != norms[0].training:
-                return "its BatchNorms are not all in the same train/eval mode"
-            if not bn.training and bn.running_mean is None:
-                return "a BatchNorm without running statistics in eval"
-            if sync_group(bn) is not None:
-                return "SyncBatchNorm across processes (statistics merged per layer)"
-        return None
+                return None, reason
+        return layout, None
 
     def norm_reason(self, bn: nn.Module) -> str | None:
         """None if ``bn`` normalises exactly as the block op's BatchNorm (+ the ReLU the
@@ -201,9 +207,10 @@ class FusedBlock(nn.Module):
             view = self._views.get(name)
             if view is not None and (view.conv is not conv or view.bn is not bn):
                 self._replace_view(name, conv, bn, relu)
-        if not isinstance(x, Tensor) or self.block_reason() is not None:
+        layout, _ = self._block_plan()
+        if not isinstance(x, Tensor) or layout is None:
             return None
-        convs, norms, proj, preact = self.block_layout()
+        convs, norms, proj, preact = layout
         training = norms[0].training
         args = [ConvArgs(c.weight, c.stride, c.padding, c.dilation, c.groups) for c in convs]
         name, _ = block_backend(x, args[0].weight, args[0].params(), training=training)

@@ -331,21 +331,18 @@ def _setup_context(ctx, inputs, output):
     ctx.bn_dtypes = [None if t is None else t.dtype for t in (*bn_weights, *bn_biases)]
 
 
-def _backward(ctx, dout, dsaved_unused, dmeans_unused, dvars_unused):
+def _grads(ctx, dout: Tensor, mask: list[bool]):
+    """``(dx, dweights, dbn_weights, dbn_biases)`` for ``mask`` (x, each weight, each BN weight,
+    each BN bias), None where not asked; BN grads in their parameters' dtypes."""
     n_w, n_saved, n_bn = ctx.sizes
     x, out, *rest = ctx.saved_tensors
     weights, rest = rest[:n_w], rest[n_w:]
     saved, rest = rest[:n_saved], rest[n_saved:]
     means, variances, rest = rest[:n_bn], rest[n_bn:2 * n_bn], rest[2 * n_bn:]
     bn_weights, bn_biases = rest[:n_bn], rest[n_bn:]
-    needs = ctx.needs_input_grad  # x, weights, bn_weights, bn_biases, ... (one flag per list)
-    mask = [needs[0]] + [needs[1] and w.requires_grad for w in weights]
-    mask += [needs[2] and g is not None and g.requires_grad for g in bn_weights]
-    mask += [needs[3] and b is not None and b.requires_grad for b in bn_biases]
-    # the running statistics and the non-tensor arguments get no gradient
-    none_grads = ([None] * n_bn, [None] * n_bn) + (None,) * 8
+    m_x, m_w, m_g, m_b = _masks(mask, n_w, n_bn)
     if dout is None or not any(mask):
-        return (None, [None] * n_w, [None] * n_bn, [None] * n_bn, *none_grads)
+        return None, [None] * n_w, [None] * n_bn, [None] * n_bn
     dout = dout.contiguous(memory_format=CL)
     if out is None:
         out = dout.new_empty(0)
@@ -353,18 +350,57 @@ def _backward(ctx, dout, dsaved_unused, dmeans_unused, dvars_unused):
         dout, x, out, list(weights), list(saved), list(means), list(variances),
         list(bn_weights), list(bn_biases), *ctx.args, mask, ctx.backend,
     )
-    m_x, m_w, m_g, m_b = _masks(mask, n_w, n_bn)
     dts = ctx.bn_dtypes
     return (
         dx if m_x else None,
         [d if m else None for d, m in zip(dws, m_w)],
         [d.to(dts[i]) if m else None for i, (d, m) in enumerate(zip(dgs, m_g))],
         [d.to(dts[n_bn + i]) if m else None for i, (d, m) in enumerate(zip(dbs, m_b))],
-        *none_grads,
     )
 
 
+def _backward(ctx, dout, dsaved_unused, dmeans_unused, dvars_unused):
+    n_w, _, n_bn = ctx.sizes
+    _, _, *rest = ctx.saved_tensors
+    weights, bn_params = rest[:n_w], rest[len(rest) - 2 * n_bn:]
+    needs = ctx.needs_input_grad  # x, weights, bn_weights, bn_biases, ... (one flag per list)
+    mask = [needs[0]] + [needs[1] and w.requires_grad for w in weights]
+    mask += [needs[2 + i // n_bn] and t is not None and t.requires_grad
+             for i, t in enumerate(bn_params)]
+    dx, dws, dgs, dbs = _grads(ctx, dout, mask)
+    # the running statistics and the non-tensor arguments get no gradient
+    return dx, dws, dgs, dbs, [None] * n_bn, [None] * n_bn, *(None,) * 8
+
+
 residual_block_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _BlockFunction(torch.autograd.Function):
+    """The block op with the autograd formula registered above, for eager calls (as
+    ``conv_bn_relu``'s ``_ConvBNReLUFunction``: ``register_autograd``'s wrapper re-fills the
+    schema's defaults and walks the list arguments with pytree on every call, ~100 µs of host
+    time a block). ``autograd.Function`` tracks only tensors passed directly, so the weights and
+    BN parameters travel flattened after ``x``; ``rest`` holds the other arguments. The op
+    itself still runs through the dispatcher; under ``torch.compile`` the registered autograd
+    serves."""
+
+    @staticmethod
+    def forward(ctx, rest, x, *params):
+        n_w = len(params) - 2 * len(rest[0])
+        n_bn = len(rest[0])
+        inputs = (x, list(params[:n_w]), list(params[n_w:n_w + n_bn]),
+                  list(params[n_w + n_bn:]), *rest)
+        output = residual_block_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        out, _, means, variances = output
+        ctx.mark_non_differentiable(*means, *variances)
+        ctx.set_materialize_grads(False)
+        return (out, *means, *variances)
+
+    @staticmethod
+    def backward(ctx, dout, *unused):
+        dx, dws, dgs, dbs = _grads(ctx, dout, list(ctx.needs_input_grad[1:]))
+        return None, dx, *dws, *dgs, *dbs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,12 +459,15 @@ def residual_block(
         t is not None and t.requires_grad
         for t in (x, *weights, *(n.weight for n in norms), *(n.bias for n in norms))
     )
-    out, _, means, variances = residual_block_fwd(
-        x, weights, [n.weight for n in norms], [n.bias for n in norms],
-        [n.running_mean for n in norms], [n.running_var for n in norms],
-        _flat(block.all_convs), shortcut is not None, block.preact, block.entry_norm,
-        list(block.eps), batch_stats, save, name,
-    )
+    gammas, betas = [n.weight for n in norms], [n.bias for n in norms]
+    rest = ([n.running_mean for n in norms], [n.running_var for n in norms],
+            _flat(block.all_convs), shortcut is not None, block.preact, block.entry_norm,
+            list(block.eps), batch_stats, save, name)
+    if save and not torch.compiler.is_compiling():
+        out, *stats = _BlockFunction.apply(rest, x, *weights, *gammas, *betas)
+        means, variances = stats[:len(norms)], stats[len(norms):]
+    else:
+        out, _, means, variances = residual_block_fwd(x, weights, gammas, betas, *rest)
     if batch_stats:
         for n, mean, var, count in zip(norms, means, variances, counts):
             if n.running_mean is not None:

@@ -390,3 +390,28 @@ def test_second_bn_sums_never_offer_a_tile_that_spills() -> None:
     pruned = {s.name for s in specs if s.pruned}
     assert pruned == {s.name for s in specs if "BLOCK_K=128" in s.name
                       and ("BLOCK_M=32" in s.name or "BLOCK_M=64" in s.name)}
+
+
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_many_partial_rows_are_summed_in_two_levels(batch_stats: bool) -> None:
+    """Above 512 partial rows (a dgrad epilogue writes one per pixel tile and stride phase) the
+    sums go through a first level of 64-row groups: the same Σg, Σg·ŷ, δ as one level, against
+    float64."""
+    k = 20
+    y64 = _nhwc(2, k, 17, 17, offset=3.0)  # 578 rows: one partial row each below
+    y = y64.to(DEVICE, torch.float32)
+    z = torch.randn(y.shape, dtype=torch.float64).relu().to(DEVICE, torch.float32)
+    z = z.contiguous(memory_format=CL)
+    dz = torch.randn(y.shape).to(DEVICE).contiguous(memory_format=CL)
+    var, mean = (s.float() for s in torch.var_mean(y64, dim=DIMS, correction=0))
+    kw = dict(batch_stats=batch_stats, eps=EPS, relu=True)
+    two_level = bn.reductions(dz, y, z, mean, var, rows_per_prog=1, **kw)
+    one_level = bn.reductions(dz, y, z, mean, var, **kw)
+    g = (dz * (z > 0)).double().cpu()
+    ref = _sums(g, y64, mean.double(), var.double(), batch_stats)
+    for name, a, b, r in zip(("Σg", "Σg·ŷ", "δ"), two_level, one_level, ref):
+        assert (a is None) == (r is None), name
+        if r is not None:
+            scale = r.abs().max().item() + 1.0
+            assert (a.double().cpu() - r).abs().max() < 1e-4 * scale, name
+            assert (b.double().cpu() - r).abs().max() < 1e-4 * scale, name

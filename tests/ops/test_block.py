@@ -286,16 +286,46 @@ def test_block_op_traces_with_torch_compile() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+GPU_BLOCKS = [  # ImageNet sizes; (block, dtype)
+    # ResNet-50 layer1.0 exactly (the kernels the GPU check's block benchmark runs next)
+    (Block("r50-layer1.0", Bottleneck, 64, 64, hw=56), torch.bfloat16),
+    (Block("r50-layer2.0", Bottleneck, 256, 128, stride=2, hw=56), torch.bfloat16),
+    (Block("r50-layer3.1", Bottleneck, 1024, 256, hw=14), torch.float16),
+    (Block("rx50-layer2.0", Bottleneck, 256, 128, stride=2, groups=32, base_width=4, hw=56),
+     torch.bfloat16),
+    (Block("r18-layer2.0", BasicBlock, 64, 128, stride=2, hw=56), torch.bfloat16),
+    (Block("preact-layer2.0", PreActBottleneck, 256, 128, stride=2, hw=56), torch.bfloat16),
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("spec", [
-    Block("r50-stage2-first", Bottleneck, 256, 128, stride=2, hw=56),
-    Block("r50-stage3-identity", Bottleneck, 1024, 256, hw=14),
-    Block("rx50-stage2-first", Bottleneck, 256, 128, stride=2, groups=32, base_width=4, hw=56),
-    Block("r18-stage2-first", BasicBlock, 64, 128, stride=2, hw=56),
-    Block("preact-stage2-first", PreActBottleneck, 256, 128, stride=2, hw=56),
-], ids=lambda b: b.name)
+@pytest.mark.parametrize(("spec", "dtype"), GPU_BLOCKS,
+                         ids=[f"{b.name}-{str(d)[6:]}" for b, d in GPU_BLOCKS])
 def test_block_op_on_cuda(spec: Block, dtype: torch.dtype) -> None:
-    """ResNet-50 / ResNeXt-50 / ResNet-18 / pre-activation blocks at ImageNet sizes on the
-    GPU's Triton kernels (autotuned configurations), cuDNN as the same-dtype baseline."""
-    check_block(spec, dtype, "triton", n=8, device="cuda")
+    """ResNet-50 / ResNeXt-50 / ResNet-18 / pre-activation blocks at ImageNet sizes on the GPU's
+    Triton kernels (whichever configurations the run's autotuning setting gives), one training
+    step and an eval forward, cuDNN as the same-dtype baseline, float64 on the CPU the truth."""
+    check_block(spec, dtype, "triton", steps=1, n=4, device="cuda")
+
+
+def test_block_op_under_autocast() -> None:
+    """Under autocast the block op computes in the autocast dtype (activations and conv
+    weights cast, BN parameters and statistics kept in fp32), returns that dtype, and gives
+    fp32 gradients to fp32 parameters; eager PyTorch under the same autocast agrees."""
+    block = BY_NAME["bottleneck-proj-s2"].build().train()
+    plain = copy.deepcopy(block).set_fused(False)
+    x = torch.randn(2, 32, 7, 7)
+    outs = []
+    for m in (block, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x.contiguous(memory_format=CL))
+        out.float().square().mean().backward()
+        outs.append(out)
+    assert outs[0].dtype == torch.bfloat16
+    assert (outs[0].float() - outs[1].float()).abs().max() < 0.1 * outs[1].float().abs().max()
+    for (name, p), q in zip(block.named_parameters(), plain.parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert (p.grad - q.grad).norm() < 0.1 * q.grad.norm(), name
+    for m_f, m_p in zip(block.modules(), plain.modules()):
+        if isinstance(m_f, nn.BatchNorm2d):
+            torch.testing.assert_close(m_f.running_mean, m_p.running_mean, atol=2e-2, rtol=2e-2)

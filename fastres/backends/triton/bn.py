@@ -532,6 +532,46 @@ def _bn_bwd_sum_kernel(
 
 
 @triton.jit
+def _bn_bwd_group_sum_kernel(
+    g_ptr,  # (P, K) fp32: per-program Σg
+    gy_ptr,  # (P, K) fp32: per-program Σg·(y − mean)
+    y_ptr,  # (P, K) fp32: per-program Σ(y − mean) (read only if CENTER)
+    g_out_ptr,  # (cdiv(P, group), K) fp32 out: the Σg of each group of rows
+    gy_out_ptr,  # (cdiv(P, group), K) fp32 out: the Σg·(y − mean) of each group
+    y_out_ptr,  # (cdiv(P, group), K) fp32 out: the Σ(y − mean) of each group (if CENTER)
+    P,  # partial rows
+    K,  # channels
+    group,  # rows per group: program (i, ·) sums rows [i·group, (i+1)·group)
+    CENTER: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # rows per loop step
+    BLOCK_K: tl.constexpr,  # channels per program
+):
+    """First level of a two-level, fixed-order sum of backward partials: with many partial rows
+    (a dgrad epilogue writes one per pixel tile and stride phase), ``_bn_bwd_sum_kernel``'s few
+    programs would each loop over thousands of rows."""
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    begin = tl.program_id(0) * group
+    end = tl.minimum(begin + group, P)
+    acc_g = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    acc_gy = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    acc_y = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    for p0 in range(begin, end, BLOCK_T):
+        offs_p = p0 + tl.arange(0, BLOCK_T)
+        mask = (offs_p < end)[:, None] & mask_k[None, :]
+        idx = offs_p.to(tl.int64)[:, None] * K + offs_k[None, :]
+        acc_g += tl.load(g_ptr + idx, mask=mask, other=0.0)
+        acc_gy += tl.load(gy_ptr + idx, mask=mask, other=0.0)
+        if CENTER:
+            acc_y += tl.load(y_ptr + idx, mask=mask, other=0.0)
+    out = tl.program_id(0).to(tl.int64) * K + offs_k
+    tl.store(g_out_ptr + out, tl.sum(acc_g, axis=0), mask=mask_k)
+    tl.store(gy_out_ptr + out, tl.sum(acc_gy, axis=0), mask=mask_k)
+    if CENTER:
+        tl.store(y_out_ptr + out, tl.sum(acc_y, axis=0), mask=mask_k)
+
+
+@triton.jit
 def _dy_coefs(
     offs_k,  # output channel indices (any shape)
     mask_k,  # bool, like offs_k: the channel exists
@@ -862,8 +902,21 @@ def _finish_sums(
     batch_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(Σg, Σg·ŷ, δ)`` from (P, K) per-program partials (``_bn_bwd_sum_kernel``, fixed order);
-    ``m`` is the BN count, ``part_y`` (needed with ``batch_stats``) Σ(y − mean)."""
+    ``m`` is the BN count, ``part_y`` (needed with ``batch_stats``) Σ(y − mean). Above
+    ``_MERGE_THRESHOLD`` rows, groups of ``_MERGE_GROUP`` rows are summed first (fixed order)."""
     p, k = part_g.shape
+    if p > _MERGE_THRESHOLD:
+        groups = triton.cdiv(p, _MERGE_GROUP)
+        outs = [_alloc.empty(groups, k, dtype=torch.float32, device=part_g.device)
+                for _ in range(3 if batch_stats else 2)]
+        _bn_bwd_group_sum_kernel[(groups, triton.cdiv(k, _BLOCK_K_STATS))](
+            part_g, part_gy, part_y if batch_stats else part_g, outs[0], outs[1],
+            outs[2] if batch_stats else outs[0], p, k, _MERGE_GROUP,
+            CENTER=batch_stats, BLOCK_T=_BLOCK_T, BLOCK_K=_BLOCK_K_STATS,
+        )
+        part_g, part_gy = outs[0], outs[1]
+        part_y = outs[2] if batch_stats else None
+        p = groups
     sum_g, sum_gyhat = _vec(k, part_g), _vec(k, part_g)
     delta = _vec(k, part_g) if batch_stats else None
     _bn_bwd_sum_kernel[(triton.cdiv(k, _BLOCK_K_STATS),)](
@@ -988,6 +1041,12 @@ def compile_specs() -> list[CompileSpec]:
             dict(HAS_GAMMA=has_gamma, HAS_BETA=has_gamma, BLOCK_K=_BLOCK_K_STATS),
         ))
     for center in (False, True):
+        specs.append(CompileSpec(
+            f"bn_bwd_group_sum[center={center}]", _bn_bwd_group_sum_kernel,
+            dict(g_ptr=f32, gy_ptr=f32, y_ptr=f32, g_out_ptr=f32, gy_out_ptr=f32,
+                 y_out_ptr=f32, P="i32", K="i32", group="i32"),
+            dict(CENTER=center, **stats),
+        ))
         specs.append(CompileSpec(
             f"bn_bwd_sum[center={center}]", _bn_bwd_sum_kernel,
             dict(part_g_ptr=f32, part_gy_ptr=f32, part_y_ptr=f32, var_ptr=f32, dbeta_ptr=f32,

@@ -63,13 +63,11 @@ from ..base import ConvParams
 from . import _tuning
 from ._compile import CompileSpec
 from .bn import (
-    _BLOCK_K_STATS,
-    _BLOCK_T,
     _act_mask,
-    _bn_bwd_sum_kernel,
     _cast_out,
     _dy_coefs,
     _dy_from_g,
+    _finish_sums,
     _grad_g,
 )
 from .conv import _TL_PTR, DTYPES, _activated, _tf32_rounded, kernel_for
@@ -854,14 +852,8 @@ def dgrad(
         return dx
     rows = triton.cdiv(m_phase, tuner.last_config.kwargs["BLOCK_M"]) * sh * sw
     part_g, part_gy, part_y = (t[:rows] for t in parts)
-    sum_g, sum_gyhat = (_alloc.empty(c, dtype=f32, device=dev) for _ in range(2))
-    delta = _alloc.empty(c, dtype=f32, device=dev) if act.batch_stats else None
-    _bn_bwd_sum_kernel[(triton.cdiv(c, _BLOCK_K_STATS),)](
-        part_g, part_gy, part_y, act.var.float().contiguous(), sum_g, sum_gyhat,
-        delta if act.batch_stats else sum_g, rows, c, n * h * w, act.eps,
-        CENTER=act.batch_stats, BLOCK_T=_BLOCK_T, BLOCK_K=_BLOCK_K_STATS,
-    )
-    return dx, (sum_g, sum_gyhat, delta)
+    return dx, _finish_sums(part_g, part_gy, part_y, act.var.float().contiguous(), n * h * w,
+                            act.eps, act.batch_stats)
 
 
 def _rows_per_chunk(m: int, weight_tiles: int) -> int:

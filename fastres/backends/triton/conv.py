@@ -183,6 +183,23 @@ _PROLOGUE_SPILLING_TILES = {
 }
 
 
+# TMA tiles that spill on 1x1 convolutions (rows not shifted: the tile goes from shared memory
+# straight to the tensor cores, with a different register allocation) only when the statistics
+# and the eval epilogue (scale/shift or residual) are on together, the "all" flag set: 12 bytes
+# on sm_90 at 255 registers; training (statistics) and fused eval (scale/shift, residual, ReLU)
+# alone compile without spills and keep them. (dtype, (BLOCK_M, BLOCK_N, BLOCK_K)) -> cc.
+_TMA_1X1_FULL_EPILOGUE_SPILLING_TILES = {
+    (dtype, tile): (90,)
+    for dtype in (torch.float16, torch.bfloat16) for tile in ((128, 128, 32), (128, 128, 64))
+}
+
+
+def _full_epilogue_1x1(geom: Mapping[str, int], flags: Mapping[str, object]) -> bool:
+    """A 1x1 convolution with the statistics and scale/shift or residual epilogue together."""
+    return (geom.get("R"), geom.get("S")) == (1, 1) and bool(flags.get("STATS")) and bool(
+        flags.get("HAS_AFFINE") or flags.get("HAS_RES"))
+
+
 def _spill_reason(
     kernel: str, cfg: triton.Config, dtype: torch.dtype | None, cc: int | None,
     prologue: bool = False,
@@ -225,11 +242,17 @@ def _tma_unfit(
 def _gemm_unfit(
     cfg: triton.Config, kg: int, cg: int, flat: bool, dtype: torch.dtype | None, cc: int | None,
     prologue: bool = False, no_tma: str | None = "no geometry given",
+    full_epilogue_1x1: bool = False,
 ) -> str | None:
     """Why the autotuner does not offer GEMM tile ``cfg`` for a problem (None: it does);
-    ``no_tma``: why the problem cannot use TMA tiles (_tma_unfit; None: it can)."""
-    if cfg.kwargs.get("TMA") and no_tma is not None:
-        return no_tma
+    ``no_tma``: why the problem cannot use TMA tiles (_tma_unfit; None: it can);
+    ``full_epilogue_1x1``: a 1x1 conv with statistics and scale/shift or residual together."""
+    if cfg.kwargs.get("TMA"):
+        if no_tma is not None:
+            return no_tma
+        tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"])
+        if full_epilogue_1x1 and cc in _TMA_1X1_FULL_EPILOGUE_SPILLING_TILES.get((dtype, tile), ()):
+            return f"TMA tile spills with the full epilogue on 1x1 convs on sm_{cc}"
     if cfg.kwargs["BLOCK_N"] > max(32, triton.next_power_of_2(kg)):
         return f"BLOCK_N much wider than the {kg} output channels per group"
     if not flat and cfg.kwargs["BLOCK_K"] > max(32, triton.next_power_of_2(cg)):
@@ -254,7 +277,7 @@ def _prune_gemm(configs: list[triton.Config], nargs: dict, **kwargs) -> list[tri
     flat, dtype, cc = bool(kwargs.get("FLAT_K")), getattr(x, "dtype", None), _tuning.target(x)
     aligned = isinstance(x, torch.Tensor) and x.data_ptr() % 16 == 0
     problem = (nargs["Kg"], nargs["Cg"], flat, dtype, cc, bool(kwargs.get("IN_AFFINE")),
-               _tma_unfit(nargs, flat, dtype, cc, aligned))
+               _tma_unfit(nargs, flat, dtype, cc, aligned), _full_epilogue_1x1(nargs, kwargs))
     return [c for c in configs if _gemm_unfit(c, *problem) is None] or [
         c for c in configs if not c.kwargs.get("TMA")]  # never a TMA tile that cannot run
 
@@ -972,12 +995,14 @@ def compile_specs() -> list[CompileSpec]:
                 prologue = EPILOGUES[epi]["IN_AFFINE"]
                 pruned = {} if ints is None else {
                     cc: why for cc in TARGETS
-                    if (why := _unfit(kname, cfg, ints, dtype, cc, prologue))}
+                    if (why := _unfit(kname, cfg, ints, dtype, cc, prologue, EPILOGUES[epi]))}
                 specs.append(CompileSpec(
                     name=f"{kname}-{dname}-{epi}-{_cfg_name(cfg)}-{cls}",
                     kernel=kernel,
                     signature=sig,
-                    constexprs={**EPILOGUES[epi], **extra, "INTERPRET": False, **cfg.kwargs},
+                    constexprs={**EPILOGUES[epi], **extra, "INTERPRET": False,
+                                **({"TMA": False} if kernel is _conv_gemm_kernel else {}),
+                                **cfg.kwargs},
                     num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages,
                     ints=ints,
@@ -1001,15 +1026,17 @@ def _largest(
 
 def _unfit(
     kname: str, cfg: triton.Config, ints: dict[str, int], dtype: torch.dtype, cc: int,
-    prologue: bool = False,
+    prologue: bool = False, flags: Mapping[str, object] | None = None,
 ) -> str | None:
     """Why the autotuner would not offer ``cfg`` of kernel ``kname`` for a shape class on ``cc``
-    (with the activation prologue if ``prologue``)."""
+    (with the activation prologue if ``prologue``; ``flags``: the epilogue flag set compiled,
+    default the training one)."""
     if kname == "conv_direct":
         return _direct_unfit(cfg, ints["K"], dtype, cc, prologue)
     flat = kname == "conv_gemm_flat"
     return _gemm_unfit(cfg, ints["Kg"], ints["Cg"], flat, dtype, cc, prologue,
-                       _tma_unfit(ints, flat, dtype, cc))
+                       _tma_unfit(ints, flat, dtype, cc),
+                       _full_epilogue_1x1(ints, flags or EPILOGUES["train"]))
 
 
 def _cfg_name(cfg: triton.Config) -> str:

@@ -231,6 +231,8 @@ def _tma_unfit(
         return f"TMA tiles only in fp16/bf16, not {str(dtype).removeprefix('torch.')}"
     if flat:
         return "TMA not for the flat-K kernel"
+    if not all(k in geom for k in ("C", "Cg", "H", "W", "OH", "OW", "stride_h", "stride_w")):
+        return "no convolution geometry given"
     if (geom["stride_h"], geom["stride_w"]) != (1, 1) or (
             (geom["OH"], geom["OW"]) != (geom["H"], geom["W"])):
         return "TMA needs stride 1 and an output the size of the input"

@@ -17,6 +17,11 @@ The epilogue (shared, ``_epilogue``) adds the bias, optionally writes per-tile B
 statistics of that raw output, then applies ``acc * scale + shift``, adds the residual, applies
 ReLU and stores in the input dtype, all in fp32 registers.
 
+On sm_90 the autotuner also offers TMA tiles (``TMA``, fp16/bf16, stride-1 convolutions whose
+output is the input's size): per filter tap the A tile is a block of rows of the NHWC matrix
+[N·H·W, Cg] shifted by dh·W + dw, loaded through a tensor descriptor (zero fill past the matrix),
+rows in the padding or a neighbouring image row zeroed after the load (see ``_tma_unfit``).
+
 The prologue (``IN_AFFINE``, block-fused training) reads the input through the previous conv's
 BN and ReLU, ``relu(x·in_scale + in_shift)`` per input channel (``_activated``), so that only
 raw conv outputs are stored between the convs of a residual block. It is computed in fp32 on the
@@ -813,6 +818,11 @@ def conv2d_fused(
         assert residual.is_contiguous(memory_format=cl), (
             "conv2d_fused: residual must be channels_last contiguous"
         )
+    if x.is_cuda and x.data_ptr() % 16:
+        # A view that starts mid-vector (never a batch slice of an aligned tensor with C % 8 == 0):
+        # the sm_90 TMA tiles need a 16-byte aligned input, and the tuned choice per shape does
+        # not see alignment, so such an input is copied to an aligned one.
+        x = x.clone(memory_format=cl)
     m = n * oh * ow
     if out is None:
         out = _alloc.empty(n, k, oh, ow, dtype=x.dtype, device=x.device, channels_last=True)

@@ -4,7 +4,8 @@ The GPU tests run with one configuration per kernel (``FASTRES_TRITON_AUTOTUNE=0
 benchmarks then autotune and may pick any other. Each GEMM, flat-K, direct and BN configuration
 is forced here (``Tuned.forced``) on one representative shape: every dtype for the convolution
 tiles with the training epilogue (raw output + BN partials, sliced to the tile's BLOCK_M), the
-fused eval epilogue and the BN kernels in bf16 (~75 compilations in all).
+fused eval epilogue and the BN kernels in bf16 (~75 compilations in all); the sm_90 TMA tiles
+in fp16/bf16 on a stride-1 3x3 and a 1x1 (skipped on other GPUs).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DENSE = Case(n=4, c=64, k=64, h=15, w=15)
+DENSE_1X1 = Case(n=3, c=64, k=128, r=1, padding=0, h=14, w=13)
 STEM = Case(n=2, c=3, k=64, r=7, stride=2, padding=3, h=33, w=31)
 GROUPED = Case(n=4, c=128, k=128, groups=32, h=14, w=14)  # ResNeXt 32x4d: 4 per group
 
@@ -33,9 +35,16 @@ def _label(config: triton.Config) -> str:
 
 # (kernel, the shape it serves, dtypes, epilogues in bf16): the training epilogue in every
 # dtype, the fused eval epilogue too in bf16
+_PLAIN = [c for c in tconv.GPU_GEMM_CONFIGS if not c.kwargs.get("TMA")]
+_TMA = [c for c in tconv.GPU_GEMM_CONFIGS if c.kwargs.get("TMA")]
+_HALF = [torch.float16, torch.bfloat16]
 _CONV = {
-    "gemm": (tconv._gemm, tconv.GPU_GEMM_CONFIGS, DENSE, DTYPES, ("raw_bias", "eval_res")),
-    "gemm_flat": (tconv._gemm, tconv.GPU_GEMM_CONFIGS, STEM, [torch.bfloat16], ("raw_bias",)),
+    "gemm": (tconv._gemm, _PLAIN, DENSE, DTYPES, ("raw_bias", "eval_res")),
+    "gemm_flat": (tconv._gemm, _PLAIN, STEM, [torch.bfloat16], ("raw_bias",)),
+    # the sm_90 TMA tiles (skipped elsewhere) on a stride-1 3x3 and a 1x1 (the GEMM over the
+    # [N·H·W, C] matrix): shapes the pruner offers them for
+    "gemm_tma": (tconv._gemm, _TMA, DENSE, _HALF, ("raw_bias", "eval_res")),
+    "gemm_tma_1x1": (tconv._gemm, _TMA, DENSE_1X1, _HALF, ("raw_bias", "eval_res")),
     "direct": (tconv._direct, tconv.GPU_DIRECT_CONFIGS, GROUPED, DTYPES,
                ("raw_bias", "eval_res")),
 }
@@ -47,6 +56,10 @@ _CONV = {
 ])
 def test_conv_config(kernel: str, config: triton.Config, dtype: torch.dtype) -> None:
     tuned, _, shape, _, bf16_epilogues = _CONV[kernel]
+    if config.kwargs.get("TMA"):
+        if torch.cuda.get_device_capability()[0] != 9:
+            pytest.skip("TMA tiles are offered on sm_90 only")
+        kernel = "gemm"
     assert tconv.kernel_for(shape.c // shape.groups, shape.groups) == kernel
     with tuned.forced(config):
         _check_tuned(shape, dtype, "cuda",

@@ -69,6 +69,24 @@ def target(x: torch.Tensor | None) -> int | None:
     return 90 if torch.cuda.get_device_capability(x.device)[0] >= 9 else 80
 
 
+class _TorchAllocator:
+    """Global scratch for kernels that need it (a TMA descriptor built on the device), from
+    PyTorch's caching allocator on the launch's current device."""
+
+    def __call__(self, size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator() -> None:
+    """Give Triton an allocator for on-device tensor descriptors (``tl.make_tensor_descriptor``
+    in a TMA tile) if the caller has not set one: Triton's default raises at launch. The setting
+    is a context variable (per thread), so each launching thread calls this."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_TorchAllocator())
+
+
 class Tuned:
     """A ``@triton.jit`` kernel with autotuning configurations; launch as ``kernel[grid](...)``.
 

@@ -17,6 +17,11 @@ The epilogue (shared, ``_epilogue``) adds the bias, optionally writes per-tile B
 statistics of that raw output, then applies ``acc * scale + shift``, adds the residual, applies
 ReLU and stores in the input dtype, all in fp32 registers.
 
+On sm_90 the autotuner also offers TMA tiles (``TMA``, fp16/bf16, stride-1 convolutions whose
+output is the input's size): per filter tap the A tile is a block of rows of the NHWC matrix
+[N·H·W, Cg] shifted by dh·W + dw, loaded through a tensor descriptor (zero fill past the matrix),
+rows in the padding or a neighbouring image row zeroed after the load (see ``_tma_unfit``).
+
 The prologue (``IN_AFFINE``, block-fused training) reads the input through the previous conv's
 BN and ReLU, ``relu(x·in_scale + in_shift)`` per input channel (``_activated``), so that only
 raw conv outputs are stored between the convs of a residual block. It is computed in fp32 on the
@@ -57,6 +62,7 @@ exactly one small configuration (the interpreter cannot benchmark several).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 import triton
@@ -120,6 +126,16 @@ GPU_DIRECT_CONFIGS = [
         (256, 16, 4, 2),
     )
 ]
+# Hopper TMA variants (sm_90, fp16/bf16, stride-1 convs whose output is the input's size: 1x1
+# unpadded, 3x3 with padding 1): the best-shaped tensor-core tiles again with the input tile read
+# through a tensor descriptor (``TMA``; _conv_gemm_kernel). The autotuner times them against the
+# pointer-load tiles and keeps whichever is faster; _tma_unfit says where they are not offered.
+_TMA_TILES = ((128, 128, 64), (128, 128, 32), (128, 64, 32))
+GPU_GEMM_CONFIGS += [
+    triton.Config({**c.kwargs, "TMA": True}, num_warps=c.num_warps, num_stages=c.num_stages)
+    for c in GPU_GEMM_CONFIGS
+    if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) in _TMA_TILES
+]
 if _INTERPRET:  # one small configuration each: the interpreter cannot benchmark several
     _GEMM_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
     _DIRECT_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
@@ -172,6 +188,23 @@ _PROLOGUE_SPILLING_TILES = {
 }
 
 
+# TMA tiles that spill on 1x1 convolutions (rows not shifted: the tile goes from shared memory
+# straight to the tensor cores, with a different register allocation) only when the statistics
+# and the eval epilogue (scale/shift or residual) are on together, the "all" flag set: 12 bytes
+# on sm_90 at 255 registers; training (statistics) and fused eval (scale/shift, residual, ReLU)
+# alone compile without spills and keep them. (dtype, (BLOCK_M, BLOCK_N, BLOCK_K)) -> cc.
+_TMA_1X1_FULL_EPILOGUE_SPILLING_TILES = {
+    (dtype, tile): (90,)
+    for dtype in (torch.float16, torch.bfloat16) for tile in ((128, 128, 32), (128, 128, 64))
+}
+
+
+def _full_epilogue_1x1(geom: Mapping[str, int], flags: Mapping[str, object]) -> bool:
+    """A 1x1 convolution with the statistics and scale/shift or residual epilogue together."""
+    return (geom.get("R"), geom.get("S")) == (1, 1) and bool(flags.get("STATS")) and bool(
+        flags.get("HAS_AFFINE") or flags.get("HAS_RES"))
+
+
 def _spill_reason(
     kernel: str, cfg: triton.Config, dtype: torch.dtype | None, cc: int | None,
     prologue: bool = False,
@@ -185,11 +218,48 @@ def _spill_reason(
     return None
 
 
+def _tma_unfit(
+    geom: Mapping[str, int], flat: bool, dtype: torch.dtype | None, cc: int | None,
+    x_aligned: bool = True,
+) -> str | None:
+    """Why a problem cannot read its input through a TMA descriptor (None: it can).
+
+    ``geom`` holds the kernel's integer arguments (C, Cg, H, W, OH, OW, stride_h, stride_w);
+    ``x_aligned``: x's data pointer is 16-byte aligned. The descriptor views one group's
+    channels as the [N·H·W, Cg] matrix with row stride C, which needs a 16-byte aligned base
+    (x and each group's first channel) and row stride, and the kernel shifts whole rows per
+    filter tap, which needs stride 1 and an output the size of the input.
+    """
+    if cc != 90:
+        return "TMA descriptors only on sm_90" if cc is not None else "TMA needs a CUDA sm_90 GPU"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"TMA tiles only in fp16/bf16, not {str(dtype).removeprefix('torch.')}"
+    if flat:
+        return "TMA not for the flat-K kernel"
+    if not all(k in geom for k in ("C", "Cg", "H", "W", "OH", "OW", "stride_h", "stride_w")):
+        return "no convolution geometry given"
+    if (geom["stride_h"], geom["stride_w"]) != (1, 1) or (
+            (geom["OH"], geom["OW"]) != (geom["H"], geom["W"])):
+        return "TMA needs stride 1 and an output the size of the input"
+    if geom["Cg"] % 8 or geom["C"] % 8 or not x_aligned:
+        return "TMA needs 16-byte aligned rows (channels per group a multiple of 8)"
+    return None
+
+
 def _gemm_unfit(
     cfg: triton.Config, kg: int, cg: int, flat: bool, dtype: torch.dtype | None, cc: int | None,
-    prologue: bool = False,
+    prologue: bool = False, no_tma: str | None = "no geometry given",
+    full_epilogue_1x1: bool = False,
 ) -> str | None:
-    """Why the autotuner does not offer GEMM tile ``cfg`` for a problem (None: it does)."""
+    """Why the autotuner does not offer GEMM tile ``cfg`` for a problem (None: it does);
+    ``no_tma``: why the problem cannot use TMA tiles (_tma_unfit; None: it can);
+    ``full_epilogue_1x1``: a 1x1 conv with statistics and scale/shift or residual together."""
+    if cfg.kwargs.get("TMA"):
+        if no_tma is not None:
+            return no_tma
+        tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"])
+        if full_epilogue_1x1 and cc in _TMA_1X1_FULL_EPILOGUE_SPILLING_TILES.get((dtype, tile), ()):
+            return f"TMA tile spills with the full epilogue on 1x1 convs on sm_{cc}"
     if cfg.kwargs["BLOCK_N"] > max(32, triton.next_power_of_2(kg)):
         return f"BLOCK_N much wider than the {kg} output channels per group"
     if not flat and cfg.kwargs["BLOCK_K"] > max(32, triton.next_power_of_2(cg)):
@@ -211,9 +281,12 @@ def _prune_gemm(configs: list[triton.Config], nargs: dict, **kwargs) -> list[tri
     """Drop GEMM tiles much wider than a group's output channels or its reduction slab, and
     those that spill for this dtype, target and prologue."""
     x = nargs.get("x_ptr")
-    problem = (nargs["Kg"], nargs["Cg"], bool(kwargs.get("FLAT_K")), getattr(x, "dtype", None),
-               _tuning.target(x), bool(kwargs.get("IN_AFFINE")))
-    return [c for c in configs if _gemm_unfit(c, *problem) is None] or configs
+    flat, dtype, cc = bool(kwargs.get("FLAT_K")), getattr(x, "dtype", None), _tuning.target(x)
+    aligned = isinstance(x, torch.Tensor) and x.data_ptr() % 16 == 0
+    problem = (nargs["Kg"], nargs["Cg"], flat, dtype, cc, bool(kwargs.get("IN_AFFINE")),
+               _tma_unfit(nargs, flat, dtype, cc, aligned), _full_epilogue_1x1(nargs, kwargs))
+    return [c for c in configs if _gemm_unfit(c, *problem) is None] or [
+        c for c in configs if not c.kwargs.get("TMA")]  # never a TMA tile that cannot run
 
 
 def _prune_direct(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
@@ -398,6 +471,7 @@ def _conv_gemm_kernel(
     BLOCK_M: tl.constexpr,  # output rows per program
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # reduction slab per tl.dot
+    TMA: tl.constexpr = False,  # read x through a tensor descriptor (sm_90 TMA; _tma_unfit)
 ):
     # Program axis 0 walks the (M tile, N tile) pairs with the channel tile fastest, so the
     # programs sharing an input tile run together (L2 reuse); axis 1 is the group.
@@ -423,7 +497,54 @@ def _conv_gemm_kernel(
     w_g = w_ptr + g.to(tl.int64) * (R * S * Cg * Kg)  # this group's weight matrix
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT_K:
+    if TMA:
+        # Stride 1 with the output the input's size (OH == H, OW == W: 1x1 unpadded, 3x3 with
+        # padding 1, ...; _tma_unfit): the input pixel of output row m for filter tap (r, s) is
+        # row m + dh·W + dw of the NHWC matrix [N·H·W, C], so each tap's A tile is one
+        # contiguous block of rows of this group's [M, Cg] view, loaded by the TMA unit
+        # (rows and channels past the matrix are zero-filled by the hardware). Rows whose
+        # shifted pixel falls in the padding or in a neighbouring image row are zeroed after the
+        # load (the tile is in registers then; a 1x1 conv, R = S = 1 at compile time, has none
+        # and feeds the TMA tile straight to tl.dot unless the prologue is on).
+        x_desc = tl.make_tensor_descriptor(
+            x_g, shape=[M, Cg], strides=[C, 1], block_shape=[BLOCK_M, BLOCK_K],
+        )
+        m0 = pid_m * BLOCK_M
+        n_slabs = tl.cdiv(Cg, BLOCK_K)
+        for it in range(0, R * S * n_slabs):
+            rs = it // n_slabs
+            c0 = (it - rs * n_slabs) * BLOCK_K
+            r = rs // S
+            s = rs - r * S
+            dh = r * dil_h - pad_h
+            dw = s * dil_w - pad_w
+            a = x_desc.load([m0 + dh * W + dw, c0])
+            ck = c0 + offs_kk
+            ck_ok = ck < Cg
+            if R * S != 1 or IN_AFFINE:
+                ih = oh + dh
+                iw = ow + dw
+                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                if IN_AFFINE:
+                    x_ch = g * Cg + ck  # absolute input channel
+                    a = _activated(
+                        a,
+                        tl.load(in_scale_ptr + x_ch, mask=ck_ok, other=0.0)[None, :],
+                        tl.load(in_shift_ptr + x_ch, mask=ck_ok, other=0.0)[None, :],
+                        row_ok[:, None] & ck_ok[None, :], x_ptr, INTERPRET,
+                    )
+                else:
+                    a = tl.where(row_ok[:, None], a, 0.0)
+            b = tl.load(
+                w_g + (rs * Cg + ck)[:, None] * Kg + offs_n[None, :],
+                mask=ck_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 products are exact
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+    elif FLAT_K:
         # Reduction index kk = (r·S + s)·Cg + c, decoded per element: the packed weight matrix
         # has exactly this row order, so its tile load is a plain 2-D block.
         KTOT = R * S * Cg
@@ -697,6 +818,11 @@ def conv2d_fused(
         assert residual.is_contiguous(memory_format=cl), (
             "conv2d_fused: residual must be channels_last contiguous"
         )
+    if x.is_cuda and x.data_ptr() % 16:
+        # A view that starts mid-vector (never a batch slice of an aligned tensor with C % 8 == 0):
+        # the sm_90 TMA tiles need a 16-byte aligned input, and the tuned choice per shape does
+        # not see alignment, so such an input is copied to an aligned one.
+        x = x.clone(memory_format=cl)
     m = n * oh * ow
     if out is None:
         out = _alloc.empty(n, k, oh, ow, dtype=x.dtype, device=x.device, channels_last=True)
@@ -759,6 +885,8 @@ def conv2d_fused(
         tuner[grid](*args, **flags)
     else:
         tuner = _gemm
+        if x.is_cuda:  # a TMA tile builds its descriptor on the device: Triton's scratch
+            _tuning.ensure_allocator()
         grid = lambda meta: (
             triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]),
             groups,
@@ -820,6 +948,8 @@ SHAPE_CLASSES = {
     "1x1": _geometry(3, 14, 14, 1024, 256, 1, 1, 1, 0),
     # the 7x7 stride-2 stem on RGB (FLAT_K): 3 input channels
     "stem": _geometry(3, 224, 224, 3, 64, 1, 7, 2, 3),
+    # bottleneck 3x3 stride 1 padding 1 (ResNet-50 stage 3): the TMA tiles' other shape class
+    "3x3s1": _geometry(3, 28, 28, 128, 128, 1, 3, 1, 1),
     # ResNeXt-50 32x4d stage 2 grouped 3x3 stride 2 (direct kernel): 8 channels per group
     "grouped": _geometry(3, 56, 56, 256, 256, 32, 3, 2, 1),
 }
@@ -846,11 +976,15 @@ def compile_specs() -> list[CompileSpec]:
     shapes).
     Lists the GPU configurations even under the interpreter (they are what runs on a GPU).
     """
+    plain = [c for c in GPU_GEMM_CONFIGS if not c.kwargs.get("TMA")]
+    tma = [c for c in GPU_GEMM_CONFIGS if c.kwargs.get("TMA")]
     kernels = [  # (name, kernel, configurations, extra constexprs, shape classes, tensor cores)
-        ("conv_gemm", _conv_gemm_kernel, GPU_GEMM_CONFIGS, {"FLAT_K": False}, ("3x3s2", "1x1"),
-         True),
-        ("conv_gemm_flat", _conv_gemm_kernel, GPU_GEMM_CONFIGS, {"FLAT_K": True}, ("stem",), True),
+        ("conv_gemm", _conv_gemm_kernel, plain, {"FLAT_K": False}, ("3x3s2", "1x1"), True),
+        ("conv_gemm_flat", _conv_gemm_kernel, plain, {"FLAT_K": True}, ("stem",), True),
         ("conv_direct", _conv_direct_kernel, GPU_DIRECT_CONFIGS, {}, ("grouped",), False),
+        # the sm_90 TMA tiles, fp16/bf16, on the stride-1 classes they serve (no unspecialised
+        # compile: an unaligned launch never gets them)
+        ("conv_gemm", _conv_gemm_kernel, tma, {"FLAT_K": False}, ("1x1", "3x3s1"), True),
     ]
     specs = []
     for dtype in DTYPES:
@@ -858,23 +992,29 @@ def compile_specs() -> list[CompileSpec]:
         sig = _signature(dtype)
         for kname, kernel, cfgs, extra, classes, tensor_cores in kernels:
             first = SHAPE_CLASSES[classes[0]]
+            is_tma = cfgs is tma
+            if is_tma and dtype == torch.float32:
+                continue
             variants = [  # (epilogue, configuration, shape class)
                 *(("all", cfg, cls) for cfg in cfgs for cls in classes),
                 *((epi, _largest(kname, cfgs, first, dtype, flags["IN_AFFINE"]), classes[0])
                   for epi, flags in EPILOGUES.items() if epi != "all"),
-                ("all", _largest(kname, cfgs, first, dtype, False), UNSPECIALISED),
+                *(() if is_tma else
+                  (("all", _largest(kname, cfgs, first, dtype, False), UNSPECIALISED),)),
             ]
             for epi, cfg, cls in variants:
                 ints = SHAPE_CLASSES.get(cls)
                 prologue = EPILOGUES[epi]["IN_AFFINE"]
                 pruned = {} if ints is None else {
                     cc: why for cc in TARGETS
-                    if (why := _unfit(kname, cfg, ints, dtype, cc, prologue))}
+                    if (why := _unfit(kname, cfg, ints, dtype, cc, prologue, EPILOGUES[epi]))}
                 specs.append(CompileSpec(
                     name=f"{kname}-{dname}-{epi}-{_cfg_name(cfg)}-{cls}",
                     kernel=kernel,
                     signature=sig,
-                    constexprs={**EPILOGUES[epi], **extra, "INTERPRET": False, **cfg.kwargs},
+                    constexprs={**EPILOGUES[epi], **extra, "INTERPRET": False,
+                                **({"TMA": False} if kernel is _conv_gemm_kernel else {}),
+                                **cfg.kwargs},
                     num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages,
                     ints=ints,
@@ -898,15 +1038,22 @@ def _largest(
 
 def _unfit(
     kname: str, cfg: triton.Config, ints: dict[str, int], dtype: torch.dtype, cc: int,
-    prologue: bool = False,
+    prologue: bool = False, flags: Mapping[str, object] | None = None,
 ) -> str | None:
     """Why the autotuner would not offer ``cfg`` of kernel ``kname`` for a shape class on ``cc``
-    (with the activation prologue if ``prologue``)."""
+    (with the activation prologue if ``prologue``; ``flags``: the epilogue flag set compiled,
+    default the training one)."""
     if kname == "conv_direct":
         return _direct_unfit(cfg, ints["K"], dtype, cc, prologue)
-    return _gemm_unfit(cfg, ints["Kg"], ints["Cg"], kname == "conv_gemm_flat", dtype, cc,
-                       prologue)
+    flat = kname == "conv_gemm_flat"
+    return _gemm_unfit(cfg, ints["Kg"], ints["Cg"], flat, dtype, cc, prologue,
+                       _tma_unfit(ints, flat, dtype, cc),
+                       _full_epilogue_1x1(ints, flags or EPILOGUES["train"]))
 
 
 def _cfg_name(cfg: triton.Config) -> str:
-    return "_".join(f"{v}" for v in cfg.kwargs.values()) + f"_w{cfg.num_warps}s{cfg.num_stages}"
+    """``128_128_64_w8s3``; a TMA tile ``128_128_64_tma_w8s3``."""
+    meta = [f"{v}" for k, v in cfg.kwargs.items() if k != "TMA"]
+    if cfg.kwargs.get("TMA"):
+        meta.append("tma")
+    return "_".join(meta) + f"_w{cfg.num_warps}s{cfg.num_stages}"

@@ -19,7 +19,8 @@
 # Knobs (environment):
 #   FASTRES_CHECK_BUDGET        overall seconds (default 470)
 #   FASTRES_CHECK_MODELS        model-level models, comma list (default: resnet50 and
-#                               resnext50_32x4d first, then the other three)
+#                               resnext50_32x4d: their first steps compile ~75 Triton variants
+#                               cold; add wide_resnet50_2,resnet18,preact_resnet50 when warm)
 #   FASTRES_CHECK_MODES         train,infer (default both)
 #   FASTRES_CHECK_MODEL_AUTOTUNE, FASTRES_CHECK_LAYER_AUTOTUNE
 #                               1: that step autotunes Triton configurations (default 0: the first
@@ -46,7 +47,7 @@ OUT="${OUT:-/tmp/fastres-gpu-check}"
 mkdir -p "$OUT"
 BUDGET="${FASTRES_CHECK_BUDGET:-470}"
 DRY="${FASTRES_CHECK_DRY_RUN:-0}"
-MODELS="${FASTRES_CHECK_MODELS:-resnet50,resnext50_32x4d,wide_resnet50_2,resnet18,preact_resnet50}"
+MODELS="${FASTRES_CHECK_MODELS:-resnet50,resnext50_32x4d}"
 MODES="${FASTRES_CHECK_MODES:-train,infer}"
 SKIP=",${FASTRES_CHECK_SKIP:-},"
 START=$(date +%s)
@@ -177,7 +178,8 @@ run_step models $(( MODEL_SECS + 30 )) "$OUT/bench.log" \
 BLOCK_SECS=$(( ( $(remaining) - SAN_RESERVE ) * 50 / 100 ))
 (( BLOCK_SECS > 100 )) && BLOCK_SECS=100; (( BLOCK_SECS < 30 )) && BLOCK_SECS=30
 # shellcheck disable=SC2086
-run_step blocks $(( BLOCK_SECS + 20 )) "$OUT/bench.log" \
+# 40 s of slack: --time-limit cannot stop a cold backward (it runs on autograd's device thread)
+run_step blocks $(( BLOCK_SECS + 40 )) "$OUT/bench.log" \
     env FASTRES_TRITON_AUTOTUNE="${FASTRES_CHECK_MODEL_AUTOTUNE:-0}" \
     "$PY" -m fastres.cli bench --levels block --quick --mode train --model resnet50 \
     --model resnext50_32x4d "${BLOCK_EXTRA[@]}" --time-limit "$BLOCK_SECS" --no-progress \

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fastres
-from fastres.nn import Bottleneck, FusedBlock, PreActBottleneck
+from fastres.nn import Bottleneck, PreActBottleneck
 from tests.backends.test_triton_conv_bwd import FORBIDDEN, _profiled_training_step
 from tests.models._util import randomize_bn
 
@@ -92,8 +92,8 @@ def test_block_runs_one_join_pass_and_no_standalone_bn(name: str, monkeypatch) -
     assert sum(backward.values()) <= 5 * convs + 3, backward
 
     # the per-layer path of the same block: a standalone BN pass per conv (the test can fail)
-    monkeypatch.setattr(FusedBlock, "block_reason", lambda self: "per-layer path")
-    forward, backward = _step(block, x, launches)
+    with fastres.nn.layer_by_layer():
+        forward, backward = _step(block, x, launches)
     assert forward["_bn_apply_kernel"] >= 2 and backward["_bn_bwd_reduce_kernel"] >= 2
 
 

@@ -109,3 +109,29 @@ def test_backward_config(kernel: str, config: triton.Config) -> None:
     with tuned.forced(config):
         run_case(shape, torch.bfloat16, True, "triton", device="cuda")
     assert tuned.last_config is config
+
+
+# Block-fused training (a bottleneck through the block op, bf16): the forward conv with the
+# activation prologue and its BN partials, and the dgrad with the join epilogue, whose per-tile
+# partial rows are sized for the smallest BLOCK_M and sliced by the tile that ran: a 64-row tile
+# of each (with autotuning off the GPU tests run 128-row tiles there).
+def _first(configs: list[triton.Config], block_m: int) -> triton.Config:
+    return next(c for c in configs if c.kwargs["BLOCK_M"] == block_m and not c.kwargs.get("TMA"))
+
+
+_BLOCK_TILES = {
+    "gemm": (tconv._gemm, _first(tconv.GPU_GEMM_CONFIGS, 64)),
+    "dgrad": (conv_bwd._dgrad_gemm, _first(conv_bwd.GPU_DGRAD_GEMM_CONFIGS, 64)),
+}
+
+
+@pytest.mark.parametrize("kernel", _BLOCK_TILES)
+def test_block_op_with_64_row_tiles(kernel: str) -> None:
+    from fastres.nn import Bottleneck
+    from tests.ops.test_block import Block, check_block
+
+    tuned, config = _BLOCK_TILES[kernel]
+    with tuned.forced(config):
+        check_block(Block("bottleneck-s2", Bottleneck, 64, 32, stride=2, hw=15), torch.bfloat16,
+                    "triton", steps=1, n=2, device="cuda")
+    assert tuned.last_config is config

@@ -490,9 +490,11 @@ _PRUNED_KERNELS = {
 }
 _LAUNCH_FLAGS = {  # launch flag combinations -> the _UNFIT_TILES flag sets that apply
     "dgrad": [({"HAS_ADD": False, "ACT": False, "ACT_CENTER": False}, {""}),
-              ({"HAS_ADD": False, "ACT": True, "ACT_CENTER": True}, {"", "join"}),
-              ({"HAS_ADD": True, "ACT": False, "ACT_CENTER": False}, {"", "join"}),
-              ({"HAS_ADD": True, "ACT": True, "ACT_CENTER": False}, {"", "join"})],
+              ({"HAS_ADD": False, "ACT": True, "ACT_CENTER": True}, {"", "act"}),
+              ({"HAS_ADD": False, "ACT": True, "ACT_CENTER": False}, {"", "act"}),
+              ({"HAS_ADD": True, "ACT": False, "ACT_CENTER": False}, {"", "add"}),
+              ({"HAS_ADD": True, "ACT": True, "ACT_CENTER": False}, {"", "join"}),
+              ({"HAS_ADD": True, "ACT": True, "ACT_CENTER": True}, {"", "join"})],
     "wgrad": [({"IN_AFFINE": False}, {""}), ({"IN_AFFINE": True}, {"", "prologue"})],
 }
 
@@ -526,30 +528,33 @@ def test_pruner_drops_exactly_the_listed_tiles_for_their_flags_and_target(monkey
 
 
 def test_pruning_of_the_join_and_the_stem_examples(monkeypatch):
-    """Spot checks against the kernel report: fp32 dgrad with the join epilogue on sm_80 keeps
-    only its 64x64x32 tile (every wider one spills or does not fit) and keeps 128x128 without
-    it; the stem's flat wgrad keeps its 64x32x32 tile alone; bf16's 128x64 join tile spills on
-    sm_80 only."""
+    """Spot checks against the kernel report: fp32 dgrad with the join epilogue (a shortcut's
+    gradient added and the act's dReLU + sums) on sm_80 keeps only its 64x64x32 tile (every
+    wider one spills or does not fit), with the act alone it keeps 128x128 (clean there); bf16's
+    128x64 tile spills on sm_80 with the add and the act together only; the stem's flat wgrad
+    keeps its 64x32x32 tile alone."""
     from fastres.backends.triton import _tuning
 
     tile = lambda cs: [tuple(c.kwargs.values()) for c in cs]
     dgrad, wgrad = conv_bwd.GPU_DGRAD_GEMM_CONFIGS, conv_bwd.GPU_WGRAD_GEMM_CONFIGS
-    wide = {"Cg": 256, "Kg": 256}
-    f32, bf16 = torch.empty(1), torch.empty(1, dtype=torch.bfloat16)
+    f32 = {"Cg": 256, "Kg": 256, "dz_ptr": torch.empty(1)}
+    bf16 = {**f32, "dz_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    join = dict(HAS_ADD=True, ACT=True, ACT_CENTER=True)
     monkeypatch.setattr(_tuning, "target", lambda x: 80)
-    assert tile(conv_bwd._prune_dgrad(dgrad, {**wide, "dz_ptr": f32}, ACT=True)) == [(64, 64, 32)]
-    assert (128, 128, 32) in tile(conv_bwd._prune_dgrad(dgrad, {**wide, "dz_ptr": f32}))
-    assert (128, 64, 32) not in tile(conv_bwd._prune_dgrad(dgrad, {**wide, "dz_ptr": bf16},
-                                                           HAS_ADD=True))
-    assert (128, 64, 32) in tile(conv_bwd._prune_dgrad(dgrad, {**wide, "dz_ptr": bf16}))
+    assert tile(conv_bwd._prune_dgrad(dgrad, f32, **join)) == [(64, 64, 32)]
+    assert (128, 128, 32) in tile(conv_bwd._prune_dgrad(dgrad, f32, ACT=True))
+    assert (128, 128, 32) in tile(conv_bwd._prune_dgrad(dgrad, f32))
+    assert (128, 64, 32) not in tile(conv_bwd._prune_dgrad(dgrad, bf16, **join))
+    assert (128, 64, 32) in tile(conv_bwd._prune_dgrad(dgrad, bf16, HAS_ADD=True))
+    assert (128, 64, 32) in tile(conv_bwd._prune_dgrad(dgrad, bf16))
     stem = {"Cg": 3, "Kg": 64}
     for cc in (80, 90):
         monkeypatch.setattr(_tuning, "target", lambda x, cc=cc: cc)
-        for dz in (f32, bf16):
+        for dz in (f32["dz_ptr"], bf16["dz_ptr"]):
             kept = conv_bwd._prune_wgrad(wgrad, {**stem, "dz_ptr": dz}, FLAT_K=True)
             assert tile(kept) == [(64, 32, 32)]
     monkeypatch.setattr(_tuning, "target", lambda x: 90)
-    assert (128, 64, 32) in tile(conv_bwd._prune_dgrad(dgrad, {**wide, "dz_ptr": bf16}, ACT=True))
+    assert (128, 64, 32) in tile(conv_bwd._prune_dgrad(dgrad, bf16, **join))
 
 
 def _spec_config(spec, configs):
@@ -583,5 +588,5 @@ def test_compile_specs_carry_the_pruners_verdict_and_keep_a_clean_tile(monkeypat
     assert offered and all(offered.values()), [k for k, n in offered.items() if not n]
     # the block-fusion variants are among them, for every dtype and target
     assert {(k[0], k[4]) for k in offered} >= {
-        ("dgrad_gemm", "join"), ("dgrad_direct", "join"), ("wgrad_gemm", "prologue"),
-        ("wgrad_direct", "prologue")}
+        (k, v) for k in ("dgrad_gemm", "dgrad_direct") for v in ("join", "act", "add")
+    } | {("wgrad_gemm", "prologue"), ("wgrad_direct", "prologue")}

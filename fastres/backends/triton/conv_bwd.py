@@ -147,8 +147,9 @@ _CHUNK_ALIGN = 128
 # (python -m fastres.backends.kernel_report, bench/kernel_report.json: every configuration
 # compiled as a launch on the ResNet shape classes of compile_specs specialises it), with the
 # reason. Keyed (kernel, dtype, tile as in the config lists above, flags), where flags names the
-# launch flags the entry needs on (_FLAG_SETS: "" always, "join" with the dgrad epilogue's
-# HAS_ADD or ACT, "prologue" with wgrad's IN_AFFINE) -> {compute capability: why}.
+# launch flags the entry holds for (_FLAG_SETS: "" every launch; the dgrad epilogue's "join"
+# (HAS_ADD and ACT), "act" (ACT alone) and "add" (HAS_ADD alone); wgrad's "prologue"
+# (IN_AFFINE)) -> {compute capability: why}.
 _SM80_SMEM = "needs more shared memory than an sm_80 SM has (166,912 B)"
 _UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...], str], dict[int, str]] = {
     ("dgrad_gemm", torch.float32, (128, 64, 32), ""): {80: _SM80_SMEM},
@@ -188,15 +189,24 @@ for _key, _ccs in {
         _UNFIT_TILES.setdefault(_key, {})[_cc] = _why
 del _key, _ccs, _why, _cc
 
-# The launch flags each _UNFIT_TILES flag set stands for: an entry applies when any is on. The
-# report compiles "join" with all of them on (JOIN_FLAGS), so an entry found there is taken to
-# spill with either (the epilogue's add alone is the lighter part; not told apart).
-_FLAG_SETS = {"join": ("HAS_ADD", "ACT"), "prologue": ("IN_AFFINE",)}
+# The launch flags each _UNFIT_TILES flag set stands for: its entries apply to a launch whose
+# flags have these values. The kernel report compiles each with every configuration (the
+# block-fusion variants of compile_specs, the heaviest way: ACT_CENTER and every dy feature on),
+# so each entry is what spilled under exactly those flags: ptxas's register allocation is not
+# monotonic in the code, and a tile spilling with the join's add and act together may be clean
+# with either alone (fp32/fp16/bf16 128x64, fp32 64x128 and 128x128 are).
+_FLAG_SETS = {
+    "join": dict(HAS_ADD=True, ACT=True),  # a pre-activation block's first conv
+    "act": dict(HAS_ADD=False, ACT=True),  # a block's inner convs
+    "add": dict(HAS_ADD=True, ACT=False),  # a post-activation block's first conv
+    "prologue": dict(IN_AFFINE=True),  # wgrad of a block's inner convs
+}
 
 
 def _flag_sets(flags: dict) -> tuple[str, ...]:
     """The _UNFIT_TILES flag sets a launch with constexpr ``flags`` falls under ("" always)."""
-    return ("", *(name for name, on in _FLAG_SETS.items() if any(flags.get(f) for f in on)))
+    return ("", *(name for name, want in _FLAG_SETS.items()
+                  if all(bool(flags.get(f)) == v for f, v in want.items())))
 
 
 def _unfit(kname: str, cfg: triton.Config, ints: dict, dtype: torch.dtype | None,
@@ -1089,13 +1099,15 @@ _KERNELS = (
 
 
 def _variant_flags(io: str) -> dict[str, dict[str, bool]]:
-    """The constexpr flag sets compiled: the dy flags, and the block-fusion variant ("join":
-    the dgrad epilogue's add + act; "prologue": wgrad's x read through the previous BN+ReLU),
-    every dy feature on."""
+    """The constexpr flag sets compiled: the dy flags, and the block-fusion variants of
+    ``_FLAG_SETS`` (dgrad's epilogue "join": add + act, "act", "add"; wgrad's "prologue": x read
+    through the previous BN+ReLU), every dy feature on."""
     if io == "dgrad":
         return {"full": {**DY_FLAGS["full"], **_NO_JOIN},
                 "running": {**DY_FLAGS["running"], **_NO_JOIN},
-                "join": {**DY_FLAGS["full"], **JOIN_FLAGS}}
+                "join": {**DY_FLAGS["full"], **JOIN_FLAGS},
+                "act": {**DY_FLAGS["full"], **JOIN_FLAGS, "HAS_ADD": False},
+                "add": {**DY_FLAGS["full"], **_NO_JOIN, "HAS_ADD": True}}
     return {"full": {**DY_FLAGS["full"], "IN_AFFINE": False},
             "running": {**DY_FLAGS["running"], "IN_AFFINE": False},
             "prologue": {**DY_FLAGS["full"], "IN_AFFINE": True}}
@@ -1105,11 +1117,11 @@ def compile_specs() -> list[CompileSpec]:
     """Every kernel x autotune configuration x dtype, for the real-target compile check.
 
     Each configuration is compiled as a ResNet launch specialises it (``_shape_class``): with the
-    "full" dy flags for each of its kernel's shape classes, and with the block-fusion variant
-    (dgrad's "join" epilogue, ``JOIN_FLAGS``; wgrad's "prologue", ``IN_AFFINE``) for the first
-    class, which block-fused training runs on every block (the stem's flat wgrad has no
-    prologue there); the largest tile offered with the "running" dy flags; and once per kernel
-    and dtype unspecialised (odd shapes) with its heaviest flag set. ``pruned`` carries
+    "full" dy flags for each of its kernel's shape classes, and with each block-fusion variant
+    (dgrad's epilogue: "join", "act", "add"; wgrad's "prologue", ``IN_AFFINE``: ``_FLAG_SETS``)
+    for the first class, which block-fused training runs on every block (the stem's flat wgrad
+    has no prologue there); the largest tile offered with the "running" dy flags; and once per
+    kernel and dtype unspecialised (odd shapes) with its heaviest flag set. ``pruned`` carries
     :func:`_unfit`'s verdict for each target, so the report holds every configuration the
     autotuner may pick for those flags to its spill / MMA / async-copy rules. Plus the chunk sum
     for each weight dtype. Lists the GPU configurations even under the interpreter.
@@ -1120,11 +1132,13 @@ def compile_specs() -> list[CompileSpec]:
         for kname, kernel, io, extra_ints, cfgs, extra, classes, tensor_cores in _KERNELS:
             sig = _signature(dtype, io, extra_ints)
             flag_sets = _variant_flags(io)
-            heavy = "join" if io == "dgrad" else "prologue"
+            fused = ("join", "act", "add") if io == "dgrad" else ("prologue",)
+            heavy = fused[0]
             first = _shape_class(classes[0])
             variants = [  # (flag set, configuration, shape class)
                 *(("full", cfg, cls) for cfg in cfgs for cls in classes),
-                *((heavy, cfg, classes[0]) for cfg in cfgs if kname != "wgrad_gemm_flat"),
+                *((v, cfg, classes[0]) for v in fused for cfg in cfgs
+                  if kname != "wgrad_gemm_flat"),
                 ("running", _largest(kname, cfgs, first, dtype, flag_sets["running"]),
                  classes[0]),
                 (heavy, max(cfgs, key=_tile_size), UNSPECIALISED),

@@ -12,11 +12,16 @@ from fastres.backends import kernel_report, sass
 from fastres.backends.triton import _tuning
 from fastres.backends.triton import bn as tbn
 from fastres.backends.triton import conv as tconv
+from fastres.backends.triton import conv_bwd as tconv_bwd
 from fastres.backends.triton._compile import launch_source
 
 
+def _all_specs():
+    return [*tconv.compile_specs(), *tbn.compile_specs(), *tconv_bwd.compile_specs()]
+
+
 def _specs_with_classes():
-    return [s for s in (*tconv.compile_specs(), *tbn.compile_specs()) if s.ints is not None]
+    return [s for s in _all_specs() if s.ints is not None]
 
 
 def test_launch_source_specialises_as_the_jit_does():
@@ -44,9 +49,11 @@ def test_launch_source_specialises_as_the_jit_does():
 
 
 def test_unspecialised_specs_compile_the_plain_signature():
-    plain = [s for s in (*tconv.compile_specs(), *tbn.compile_specs()) if s.ints is None]
+    plain = [s for s in _all_specs() if s.ints is None]
     kernels = {s.kernel for s in plain}
-    assert len(kernels) == 2 + 8  # conv gemm and direct; every BN kernel
+    # conv gemm and direct; every BN kernel; dgrad gemm and direct, wgrad gemm and direct, the
+    # wgrad chunk sum
+    assert len(kernels) == 2 + 8 + 5
     for spec in plain:
         assert launch_source(spec) == (spec.signature, spec.constexprs, {})
 

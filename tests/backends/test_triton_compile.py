@@ -56,6 +56,13 @@ def test_every_triton_kernel_compiles_clean_for_sm80_and_sm90(tmp_path) -> None:
     checked = [r for r in rows if r["tensor_cores"] and r["shape_class"] != "unspecialised"
                and not r["pruned"]]
     assert {(r["target"], r["mma"]) for r in checked} == {("sm_80", "HMMA"), ("sm_90", "HGMMA")}
+    # forward and backward convolutions alike (conv_bwd: dgrad, wgrad and the stem's flat wgrad,
+    # with the block-fusion join and prologue variants)
+    assert {r["module"] for r in checked} == {"conv", "conv_bwd"}
+    bwd = {tuple(r["spec"].split("-")[i] for i in (0, 2)) for r in checked
+           if r["module"] == "conv_bwd"}
+    assert bwd >= {("dgrad_gemm", "full"), ("dgrad_gemm", "join"), ("wgrad_gemm", "full"),
+                   ("wgrad_gemm", "prologue"), ("wgrad_gemm_flat", "full")}
     assert not any(r["violations"] for r in report["cuda_kernels"])
 
     committed = json.loads(COMMITTED.read_text())

@@ -61,7 +61,7 @@ import triton.language as tl
 from .. import _alloc
 from ..base import ConvParams
 from . import _tuning
-from ._compile import CompileSpec
+from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 from .bn import (
     _act_mask,
     _cast_out,
@@ -70,7 +70,7 @@ from .bn import (
     _finish_sums,
     _grad_g,
 )
-from .conv import _TL_PTR, DTYPES, _activated, _tf32_rounded, kernel_for
+from .conv import _TL_PTR, DTYPES, SHAPE_CLASSES, _activated, _tf32_rounded, kernel_for
 
 _INTERPRET = _tuning.INTERPRET
 Tensor = torch.Tensor
@@ -88,6 +88,9 @@ GPU_DGRAD_GEMM_CONFIGS = [
         (64, 128, 32, 4, 4),
         (64, 64, 64, 4, 3),
         (128, 32, 32, 4, 4),  # narrow groups (ResNeXt: 16-32 channels per group), the stem
+        # the fp32 "join" epilogue's tile on sm_80, where every wider tile spills or does not
+        # fit (kernel report, _UNFIT_TILES)
+        (64, 64, 32, 4, 3),
     )
 ]
 # wgrad GEMM: (BLOCK_J rows of dW^T = (r, s, c) indices, BLOCK_N output channels, BLOCK_M pixels
@@ -100,6 +103,9 @@ GPU_WGRAD_GEMM_CONFIGS = [
         (64, 128, 32, 4, 4),
         (64, 64, 64, 4, 3),
         (64, 32, 64, 4, 3),  # narrow groups
+        # the stem's flat wgrad (per-element (r, s, c) decoding of the x tile): its one tile
+        # that does not spill (kernel report, _UNFIT_TILES)
+        (64, 32, 32, 4, 3),
     )
 ]
 GPU_DIRECT_CONFIGS = [
@@ -108,6 +114,7 @@ GPU_DIRECT_CONFIGS = [
         (64, 32, 4, 2),
         (128, 32, 4, 2),
         (64, 64, 4, 2),
+        (32, 32, 4, 2),  # fp32 dgrad: every wider tile spills (kernel report, _UNFIT_TILES)
     )
 ]
 if _INTERPRET:
@@ -135,22 +142,79 @@ _CHUNK_ALIGN = 128
 
 
 # Tiles the autotuner never offers for a dtype on a target, found by the kernel report
-# (python -m fastres.backends.kernel_report, bench/kernel_report.json), with the reason:
-# (kernel, dtype, tile as in the config lists above) -> {compute capability: why}
+# (python -m fastres.backends.kernel_report, bench/kernel_report.json: every configuration
+# compiled as a launch on the ResNet shape classes of compile_specs specialises it), with the
+# reason. Keyed (kernel, dtype, tile as in the config lists above, flags), where flags names the
+# launch flags the entry holds for (_FLAG_SETS: "" every launch; the dgrad epilogue's "join"
+# (HAS_ADD and ACT), "act" (ACT alone) and "add" (HAS_ADD alone); wgrad's "prologue"
+# (IN_AFFINE)) -> {compute capability: why}.
 _SM80_SMEM = "needs more shared memory than an sm_80 SM has (166,912 B)"
-_UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...]], dict[int, str]] = {
-    ("dgrad_gemm", torch.float32, (128, 64, 32)): {80: _SM80_SMEM},
-    ("dgrad_gemm", torch.float32, (128, 32, 32)): {80: _SM80_SMEM},
-    ("wgrad_gemm", torch.float32, (64, 128, 32)): {80: _SM80_SMEM},
+_UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...], str], dict[int, str]] = {
+    ("dgrad_gemm", torch.float32, (128, 64, 32), ""): {80: _SM80_SMEM},
+    ("dgrad_gemm", torch.float32, (128, 32, 32), ""): {80: _SM80_SMEM},
+    ("wgrad_gemm", torch.float32, (64, 128, 32), ""): {80: _SM80_SMEM},
+    ("wgrad_gemm_flat", torch.float32, (64, 128, 32), ""): {80: _SM80_SMEM},
+}
+# ... and the tiles that spill registers (local memory), as compiled for the ResNet shape
+# classes: with the "full" dy flags, and with the block-fusion variants (compiled with every
+# configuration on the first shape class). fp32 operands take twice the registers (and the TF32
+# rounding more); the flat wgrad also holds decoded (r, s, c) indices per element of its x tile.
+# The "act", "add" and "prologue" flag sets have no entries: every configuration the other
+# entries leave compiled clean with them (2026-11-30).
+_SPILLS = "spills registers (kernel report)"
+_JOIN_SPILLS = "spills registers with the join epilogue, add and act together (kernel report)"
+for _key, _ccs in {
+    ("dgrad_gemm", torch.float32, (64, 64, 64), ""): (80,),
+    ("dgrad_gemm", torch.float16, (128, 32, 32), ""): (80,),  # 16 B on the 1x1 class
+    ("dgrad_gemm", torch.float32, (128, 128, 32), "join"): (80,),
+    ("dgrad_gemm", torch.float32, (128, 64, 32), "join"): (90,),
+    ("dgrad_gemm", torch.float32, (64, 128, 32), "join"): (80, 90),
+    ("dgrad_gemm", torch.float16, (128, 64, 32), "join"): (90,),
+    ("dgrad_gemm", torch.bfloat16, (128, 64, 32), "join"): (80,),
+    # the direct dgrad: every fp32 tile of 16 elements per thread, and in fp16/bf16 the tiles
+    # of 16 elements per thread with 128 rows or 64 channels
+    ("dgrad_direct", torch.float32, (64, 32), ""): (80, 90),
+    ("dgrad_direct", torch.float32, (128, 32), ""): (80, 90),
+    ("dgrad_direct", torch.float32, (64, 64), ""): (80, 90),
+    ("dgrad_direct", torch.float16, (128, 32), ""): (80, 90),
+    ("dgrad_direct", torch.float16, (64, 64), ""): (80, 90),
+    ("dgrad_direct", torch.bfloat16, (128, 32), ""): (80, 90),
+    ("dgrad_direct", torch.bfloat16, (64, 64), ""): (80, 90),
+    # the stem's flat wgrad: every tile wider than 64 x 32 x 32, in every dtype
+    **{("wgrad_gemm_flat", _dt, _tile, ""): (80, 90)
+       for _dt in DTYPES for _tile in ((128, 64, 32), (64, 64, 64), (64, 32, 64))},
+}.items():
+    _why = _JOIN_SPILLS if _key[3] == "join" else _SPILLS
+    for _cc in _ccs:
+        _UNFIT_TILES.setdefault(_key, {})[_cc] = _why
+del _key, _ccs, _why, _cc
+
+# The launch flags each _UNFIT_TILES flag set stands for: its entries apply to a launch whose
+# flags have these values. The kernel report compiles each with every configuration (the
+# block-fusion variants of compile_specs, the heaviest way: ACT_CENTER and every dy feature on),
+# so each entry is what spilled under exactly those flags: ptxas's register allocation is not
+# monotonic in the code, and a tile spilling with the join's add and act together may be clean
+# with either alone (fp32/fp16/bf16 128x64, fp32 64x128 and 128x128 are).
+_FLAG_SETS = {
+    "join": dict(HAS_ADD=True, ACT=True),  # a pre-activation block's first conv
+    "act": dict(HAS_ADD=False, ACT=True),  # a block's inner convs
+    "add": dict(HAS_ADD=True, ACT=False),  # a post-activation block's first conv
+    "prologue": dict(IN_AFFINE=True),  # wgrad of a block's inner convs
 }
 
 
+def _flag_sets(flags: dict) -> tuple[str, ...]:
+    """The _UNFIT_TILES flag sets a launch with constexpr ``flags`` falls under ("" always)."""
+    return ("", *(name for name, want in _FLAG_SETS.items()
+                  if all(bool(flags.get(f)) == v for f, v in want.items())))
+
+
 def _unfit(kname: str, cfg: triton.Config, ints: dict, dtype: torch.dtype | None,
-           cc: int | None) -> str | None:
+           cc: int | None, flags: dict | None = None) -> str | None:
     """Why the autotuner does not offer ``cfg`` of kernel ``kname`` ("dgrad_gemm",
     "dgrad_direct", "wgrad_gemm", "wgrad_gemm_flat", "wgrad_direct") for a problem with integer
-    arguments ``ints`` on target ``cc`` (None: it does). Tiles much wider than the channels they
-    span are dropped (the narrowest BLOCK_J offered is 64)."""
+    arguments ``ints`` and constexpr ``flags`` on target ``cc`` (None: it does). Tiles much wider
+    than the channels they span are dropped (the narrowest BLOCK_J offered is 64)."""
     kw = cfg.kwargs
     if kname.endswith("direct"):  # the channel tile spans input (dgrad) or output channels
         channels = ints["C"] if kname == "dgrad_direct" else ints["K"]
@@ -166,25 +230,31 @@ def _unfit(kname: str, cfg: triton.Config, ints: dict, dtype: torch.dtype | None
             return f"BLOCK_N much wider than the {ints['Kg']} output channels per group"
         if kname == "wgrad_gemm" and kw["BLOCK_J"] > max(64, triton.next_power_of_2(ints["Cg"])):
             return f"BLOCK_J much wider than the {ints['Cg']} input channels per group"
-    return _target_reason(kname, cfg, dtype, cc)
+    return _target_reason(kname, cfg, dtype, cc, flags)
 
 
 def _target_reason(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
-                   cc: int | None) -> str | None:
-    """Why tile ``cfg`` of ``kname`` is never offered for ``dtype`` on ``cc`` (_UNFIT_TILES)."""
-    base = "wgrad_gemm" if kname == "wgrad_gemm_flat" else kname
-    return _UNFIT_TILES.get((base, dtype, tuple(cfg.kwargs.values())), {}).get(cc)
+                   cc: int | None, flags: dict | None = None) -> str | None:
+    """Why tile ``cfg`` of ``kname`` is never offered for ``dtype`` on ``cc`` with constexpr
+    ``flags`` (_UNFIT_TILES)."""
+    tile = tuple(cfg.kwargs.values())
+    for fset in _flag_sets(flags or {}):
+        why = _UNFIT_TILES.get((kname, dtype, tile, fset), {}).get(cc)
+        if why:
+            return why
+    return None
 
 
 def _pruner(kname: str):
     """The early_config_prune function of kernel ``kname``: the configurations :func:`_unfit`
-    accepts for the launch's arguments, dtype and device; if none is, those the target can run."""
+    accepts for the launch's arguments, flags, dtype and device; if none is, those the target
+    can run for those flags."""
     def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
         name = "wgrad_gemm_flat" if kname == "wgrad_gemm" and kwargs.get("FLAT_K") else kname
         dz = nargs.get("dz_ptr")
         dtype, cc = getattr(dz, "dtype", None), _tuning.target(dz)
-        launchable = [c for c in configs if _target_reason(name, c, dtype, cc) is None]
-        return ([c for c in launchable if _unfit(name, c, nargs, dtype, cc) is None]
+        launchable = [c for c in configs if _target_reason(name, c, dtype, cc, kwargs) is None]
+        return ([c for c in launchable if _unfit(name, c, nargs, dtype, cc, kwargs) is None]
                 or launchable or configs)
     prune.__name__ = f"_prune_{kname}"
     return prune
@@ -865,6 +935,15 @@ def _rows_per_chunk(m: int, weight_tiles: int) -> int:
     return triton.cdiv(triton.cdiv(m, chunks), _CHUNK_ALIGN) * _CHUNK_ALIGN
 
 
+def _weight_tiles(which: str, rsc: int, k: int, kg: int) -> int:
+    """Nominal weight tiles of a wgrad launch with ``kernel_for`` result ``which`` (R·S·Cg rows,
+    K output channels, Kg per group): nominal sizes, so the chunking does not depend on the
+    configuration."""
+    if which == "direct":
+        return rsc * triton.cdiv(k, 32)
+    return (k // kg) * triton.cdiv(rsc, 64) * triton.cdiv(kg, 64)  # 64 x 64 tiles per group
+
+
 def wgrad(
     op: DyOperand, x: Tensor, weight: Tensor, conv: ConvParams,
     rows_per_chunk: int | None = None, *,
@@ -890,11 +969,7 @@ def wgrad(
     m = n * oh * ow
     rsc = r * s * cg
     which = kernel_for(cg, groups)
-    if which == "direct":
-        weight_tiles = rsc * triton.cdiv(k, 32)
-    else:  # nominal 64 x 64 tiles: the chunking must not depend on the configuration
-        weight_tiles = groups * triton.cdiv(rsc, 64) * triton.cdiv(kg, 64)
-    rows = rows_per_chunk or _rows_per_chunk(m, weight_tiles)
+    rows = rows_per_chunk or _rows_per_chunk(m, _weight_tiles(which, rsc, k, kg))
     chunks = triton.cdiv(m, rows)
     part = _alloc.empty(chunks, rsc * k, dtype=torch.float32, device=x.device)
     ints = (m, h, w, c, oh, ow, k, cg, kg, r, s, *_geometry(conv), rows)
@@ -967,8 +1042,9 @@ DY_FLAGS = {
     "running": dict(RELU=False, BATCH_STATS=False, HAS_GAMMA=False),
 }
 
-# dgrad epilogue flags of a fused block's backward (compiled with the largest tile)
+# dgrad epilogue flags of a fused block's backward
 JOIN_FLAGS = dict(HAS_ADD=True, ACT=True, ACT_CENTER=True)
+_NO_JOIN = dict(HAS_ADD=False, ACT=False, ACT_CENTER=False)
 
 
 def _signature(dtype: torch.dtype, io: str, extra_ints: tuple[str, ...]) -> dict[str, str]:
@@ -987,61 +1063,98 @@ def _signature(dtype: torch.dtype, io: str, extra_ints: tuple[str, ...]) -> dict
     return sig
 
 
+def _shape_class(name: str) -> dict[str, int]:
+    """The integer arguments of the backward kernels for forward shape class ``name``
+    (``conv.SHAPE_CLASSES``, the same ResNet convolutions): those plus the batch ``NB`` (dgrad)
+    and the chunk length ``rows_per_chunk`` a wgrad launch computes (a multiple of 128)."""
+    ints = dict(SHAPE_CLASSES[name])
+    rsc = ints["R"] * ints["S"] * ints["Cg"]
+    which = kernel_for(ints["Cg"], ints["K"] // ints["Kg"])
+    ints["NB"] = ints["M"] // (ints["OH"] * ints["OW"])
+    ints["rows_per_chunk"] = _rows_per_chunk(
+        ints["M"], _weight_tiles(which, rsc, ints["K"], ints["Kg"]))
+    return ints
+
+
+# (name, kernel, io, extra int args, configurations, extra constexprs, ResNet shape classes,
+# tensor cores); the flat wgrad serves the stem only, whose input is no block's activation.
+_KERNELS = (
+    ("dgrad_gemm", _dgrad_gemm_kernel, "dgrad", (), GPU_DGRAD_GEMM_CONFIGS,
+     {"INTERPRET": False}, ("3x3s2", "1x1"), True),
+    ("dgrad_direct", _dgrad_direct_kernel, "dgrad", (), GPU_DIRECT_CONFIGS, {}, ("grouped",),
+     False),
+    ("wgrad_gemm", _wgrad_gemm_kernel, "wgrad", ("rows_per_chunk",), GPU_WGRAD_GEMM_CONFIGS,
+     {"FLAT_K": False, "INTERPRET": False}, ("3x3s2", "1x1"), True),
+    ("wgrad_gemm_flat", _wgrad_gemm_kernel, "wgrad", ("rows_per_chunk",),
+     GPU_WGRAD_GEMM_CONFIGS, {"FLAT_K": True, "INTERPRET": False}, ("stem",), True),
+    ("wgrad_direct", _wgrad_direct_kernel, "wgrad", ("rows_per_chunk",), GPU_DIRECT_CONFIGS,
+     {"INTERPRET": False}, ("grouped",), False),
+)
+
+
+def _variant_flags(io: str) -> dict[str, dict[str, bool]]:
+    """The constexpr flag sets compiled: the dy flags, and the block-fusion variants of
+    ``_FLAG_SETS`` (dgrad's epilogue "join": add + act, "act", "add"; wgrad's "prologue": x read
+    through the previous BN+ReLU), every dy feature on."""
+    if io == "dgrad":
+        return {"full": {**DY_FLAGS["full"], **_NO_JOIN},
+                "running": {**DY_FLAGS["running"], **_NO_JOIN},
+                "join": {**DY_FLAGS["full"], **JOIN_FLAGS},
+                "act": {**DY_FLAGS["full"], **JOIN_FLAGS, "HAS_ADD": False},
+                "add": {**DY_FLAGS["full"], **_NO_JOIN, "HAS_ADD": True}}
+    return {"full": {**DY_FLAGS["full"], "IN_AFFINE": False},
+            "running": {**DY_FLAGS["running"], "IN_AFFINE": False},
+            "prologue": {**DY_FLAGS["full"], "IN_AFFINE": True}}
+
+
 def compile_specs() -> list[CompileSpec]:
     """Every kernel x autotune configuration x dtype, for the real-target compile check.
 
-    Each configuration with the "full" dy flags, each kernel's largest tile also with the
-    "running" flags (see ``DY_FLAGS``); for dgrad also the "join" epilogue (``JOIN_FLAGS``), for
-    wgrad the "full" flags with the activation prologue (``IN_AFFINE``: x read through the
-    previous BN+ReLU, as in block-fused training); and the chunk sum for each weight dtype.
-    Lists the GPU configurations even under the interpreter (they are what runs on a GPU).
-
-    Compiled without launch-time specialisation only, so the report does not yet hold these to
-    its spill / MMA / async-copy rules: compiled as ResNet launches specialise them, the stem's
-    flat wgrad spills in every tile it may pick, the direct dgrad in its wider tiles (see the
-    closing note of 2026-11-30); a smaller-register flat wgrad comes first.
-    The "join" dgrad epilogue (2026-11-30, compiled by hand as a ResNet 3x3 launch with 256
-    channels): fp16/bf16 GEMM tiles stay free of spills except bf16 128x64 on sm_80 (8 B); in
-    fp32 128x128 (sm_80), 128x64 and 64x64x64 (sm_80) spill 12-60 B; the direct kernel's wider
-    tiles spill with or without it.
+    Each configuration is compiled as a ResNet launch specialises it (``_shape_class``): with the
+    "full" dy flags for each of its kernel's shape classes, and with each block-fusion variant
+    (dgrad's epilogue: "join", "act", "add"; wgrad's "prologue", ``IN_AFFINE``: ``_FLAG_SETS``)
+    for the first class, which block-fused training runs on every block (the stem's flat wgrad
+    has no prologue there); the largest tile offered with the "running" dy flags; and once per
+    kernel and dtype unspecialised (odd shapes) with its heaviest flag set. ``pruned`` carries
+    :func:`_unfit`'s verdict for each target, so the report holds every configuration the
+    autotuner may pick for those flags to its spill / MMA / async-copy rules. Plus the chunk sum
+    for each weight dtype. Lists the GPU configurations even under the interpreter.
     """
-    no_join = dict(HAS_ADD=False, ACT=False, ACT_CENTER=False)
-    kernels = [  # (name, kernel, io, extra int args, configurations, extra constexprs)
-        ("dgrad_gemm", _dgrad_gemm_kernel, "dgrad", (), GPU_DGRAD_GEMM_CONFIGS,
-         {"INTERPRET": False, **no_join}),
-        ("dgrad_direct", _dgrad_direct_kernel, "dgrad", (), GPU_DIRECT_CONFIGS, no_join),
-        ("wgrad_gemm", _wgrad_gemm_kernel, "wgrad", ("rows_per_chunk",), GPU_WGRAD_GEMM_CONFIGS,
-         {"FLAT_K": False, "INTERPRET": False}),
-        ("wgrad_gemm_flat", _wgrad_gemm_kernel, "wgrad", ("rows_per_chunk",),
-         GPU_WGRAD_GEMM_CONFIGS, {"FLAT_K": True, "INTERPRET": False}),
-        ("wgrad_direct", _wgrad_direct_kernel, "wgrad", ("rows_per_chunk",), GPU_DIRECT_CONFIGS,
-         {"INTERPRET": False}),
-    ]
     specs = []
     for dtype in DTYPES:
         dname = str(dtype).removeprefix("torch.")
-        for kname, kernel, io, extra_ints, cfgs, extra in kernels:
+        for kname, kernel, io, extra_ints, cfgs, extra, classes, tensor_cores in _KERNELS:
             sig = _signature(dtype, io, extra_ints)
-            largest = max(cfgs, key=lambda c: _tile_size(c))
-            variants = [  # (name, dy flags, prologue, configurations)
-                (fname, flags, False, cfgs if fname == "full" else [largest])
-                for fname, flags in DY_FLAGS.items()
+            flag_sets = _variant_flags(io)
+            fused = ("join", "act", "add") if io == "dgrad" else ("prologue",)
+            heavy = fused[0]
+            first = _shape_class(classes[0])
+            variants = [  # (flag set, configuration, shape class)
+                *(("full", cfg, cls) for cfg in cfgs for cls in classes),
+                *((v, cfg, classes[0]) for v in fused for cfg in cfgs
+                  if kname != "wgrad_gemm_flat"),
+                ("running", _largest(kname, cfgs, first, dtype, flag_sets["running"]),
+                 classes[0]),
+                (heavy, max(cfgs, key=_tile_size), UNSPECIALISED),
             ]
-            if io == "dgrad":  # the block-fusion epilogue (add + act), every flag on
-                variants.append(("join", {**DY_FLAGS["full"], **JOIN_FLAGS}, False, [largest]))
-            else:
-                variants.append(("prologue", DY_FLAGS["full"], True, [largest]))
-            for vname, flags, in_affine, vcfgs in variants:
-                prologue = {} if io == "dgrad" else {"IN_AFFINE": in_affine}
-                for cfg in vcfgs:
-                    specs.append(CompileSpec(
-                        name=f"{kname}-{dname}-{vname}-{_cfg_name(cfg)}",
-                        kernel=kernel,
-                        signature=sig,
-                        constexprs={**extra, **flags, **prologue, **cfg.kwargs},
-                        num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages,
-                    ))
+            for vname, cfg, cls in variants:
+                flags = flag_sets[vname]
+                ints = None if cls == UNSPECIALISED else _shape_class(cls)
+                pruned = {} if ints is None else {
+                    cc: why for cc in TARGETS
+                    if (why := _unfit(kname, cfg, ints, dtype, cc, flags))}
+                specs.append(CompileSpec(
+                    name=f"{kname}-{dname}-{vname}-{_cfg_name(cfg)}-{cls}",
+                    kernel=kernel,
+                    signature=sig,
+                    constexprs={**extra, **flags, **cfg.kwargs},
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    ints=ints,
+                    shape_class=cls,
+                    tensor_cores=tensor_cores,
+                    pruned=pruned,
+                ))
         specs.append(CompileSpec(
             name=f"wgrad_sum-{dname}",
             kernel=_wgrad_sum_kernel,
@@ -1051,6 +1164,15 @@ def compile_specs() -> list[CompileSpec]:
             constexprs={"BLOCK": _GPU_SUM_BLOCK},
         ))
     return specs
+
+
+def _largest(kname: str, cfgs: list[triton.Config], ints: dict[str, int], dtype: torch.dtype,
+             flags: dict[str, bool]) -> triton.Config:
+    """The largest tile of ``kname`` offered on every target for a shape class and flags (else
+    the largest)."""
+    offered = [c for c in cfgs
+               if not any(_unfit(kname, c, ints, dtype, cc, flags) for cc in TARGETS)]
+    return max(offered or cfgs, key=_tile_size)
 
 
 def _tile_size(cfg: triton.Config) -> int:

@@ -173,7 +173,30 @@ class _Recorder(TorchDispatchMode):
                             has_residual=residual is not None, relu=relu)
             backend = backends.select(call)
             row.fused[f"{backend} {kernel_name(call, backend)}"] += 1
+        elif func is torch.ops.fastres.residual_block_fwd.default:
+            self._block(args)
         return out
+
+    def _block(self, args) -> None:
+        """A whole residual block (fastres.ops.block): each of its convs charged and named as
+        the per-layer op names it (the block op runs the same conv kernels, the BN+ReLU before a
+        conv applied while it loads its input)."""
+        from .ops.block import _block, _shapes
+
+        x, weights = args[0], args[1]
+        convs, shortcut, preact, entry_norm, eps, batch_stats = args[6:12]
+        block = _block(convs, shortcut, preact, entry_norm, eps)
+        shapes = _shapes(x.shape, weights, block)
+        n = len(block.convs)
+        inputs = [tuple(x.shape)] + [tuple(s) for s in shapes[:n - 1]]
+        inputs += [tuple(x.shape)] * (len(weights) - n)  # the projection reads the block input
+        for conv, w, x_shape in zip(block.all_convs, weights, inputs):
+            row = self._charge(_conv_flops(x_shape, w.shape, conv))
+            call = CallInfo(device=self.device, dtype=self.dtype, x_shape=x_shape,
+                            weight_shape=tuple(w.shape), conv=conv, batch_stats=batch_stats,
+                            has_residual=False, relu=True)
+            backend = backends.select(call)
+            row.fused[f"{backend} {kernel_name(call, backend)}"] += 1
 
 
 def _row_modules(model: nn.Module) -> dict[str, nn.Module]:

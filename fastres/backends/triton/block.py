@@ -38,9 +38,8 @@ from . import conv as _conv
 class _Norms:
     """Per-BatchNorm parameters and the (mean, var, scale, shift) of this call, by index."""
 
-    def __init__(self, gammas, betas, running_means, running_vars, eps) -> None:
+    def __init__(self, gammas, betas, eps) -> None:
         self.gammas, self.betas = gammas, betas
-        self.running_means, self.running_vars = running_means, running_vars
         self.eps = eps
         self.mean: dict[int, Tensor] = {}
         self.var: dict[int, Tensor] = {}
@@ -73,15 +72,11 @@ class _Norms:
                                   batch_stats, self.eps[i])
 
 
-def _conv_params(block: BlockParams):
-    return block.all_convs
-
-
 def block_forward(
     x: Tensor, weights, bn_weights, bn_biases, running_means, running_vars, *,
     block: BlockParams, batch_stats: bool, save_for_backward: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    norms = _Norms(bn_weights, bn_biases, running_means, running_vars, block.eps)
+    norms = _Norms(bn_weights, bn_biases, block.eps)
     if not batch_stats:
         for i in range(block.num_norms):
             norms.from_stats(i, running_means[i], running_vars[i])
@@ -174,7 +169,7 @@ def block_backward(
 ) -> tuple[OptTensor, list[OptTensor], list[OptTensor], list[OptTensor]]:
     n_w, n_bn = len(weights), len(bn_weights)
     need_dx, need_w = output_mask[0], output_mask[1:1 + n_w]
-    norms = _Norms(bn_weights, bn_biases, None, None, block.eps)
+    norms = _Norms(bn_weights, bn_biases, block.eps)
     for i in range(n_bn):
         norms.from_stats(i, means[i], variances[i])
     sums: dict[int, tuple] = {}

@@ -131,10 +131,14 @@ class FusedBlock(nn.Module):
 
     def _run(self, name: str, conv: nn.Module, bn: nn.Module, x: Tensor,
              residual: Tensor | None = None, relu: bool = True) -> Tensor:
+        return conv_bn_act(self._current_view(name, conv, bn), conv, bn, x, residual, relu)
+
+    def _current_view(self, name: str, conv: nn.Module, bn: nn.Module) -> ConvBNReLU | None:
+        """Pair ``name``'s view, rebuilt (or dropped) if a child was replaced since."""
         view = self._views.get(name)
         if view is not None and (view.conv is not conv or view.bn is not bn):
             view = self._replace_view(name, conv, bn, view.relu)
-        return conv_bn_act(view, conv, bn, x, residual, relu)
+        return view
 
     def _replace_view(self, name: str, conv: nn.Module, bn: nn.Module,
                       relu: bool) -> ConvBNReLU | None:
@@ -203,10 +207,8 @@ class FusedBlock(nn.Module):
         :func:`layer_by_layer`)."""
         if not self.fused or forced_layer_by_layer():
             return None
-        for name, (conv, bn, relu) in self.fusion_pairs().items():  # children replaced since?
-            view = self._views.get(name)
-            if view is not None and (view.conv is not conv or view.bn is not bn):
-                self._replace_view(name, conv, bn, relu)
+        for name, (conv, bn, _) in self.fusion_pairs().items():  # children replaced since?
+            self._current_view(name, conv, bn)
         layout, _ = self._block_plan()
         if not isinstance(x, Tensor) or layout is None:
             return None

@@ -484,6 +484,26 @@ def _bn_bwd_reduce_kernel(
 
 
 @triton.jit
+def _sum_partial_rows(g_ptr, gy_ptr, y_ptr, begin, end, K, offs_k, mask_k,
+                      CENTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Column sums over rows [begin, end) of the (P, K) backward partials Σg, Σg·(y − mean) and
+    (with CENTER) Σ(y − mean), in a fixed order: ``(sum_g, sum_gy, sum_y)`` for channels
+    ``offs_k`` (sum_y is zeros without CENTER)."""
+    acc_g = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    acc_gy = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    acc_y = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    for p0 in range(begin, end, BLOCK_T):
+        offs_p = p0 + tl.arange(0, BLOCK_T)
+        mask = (offs_p < end)[:, None] & mask_k[None, :]
+        idx = offs_p.to(tl.int64)[:, None] * K + offs_k[None, :]
+        acc_g += tl.load(g_ptr + idx, mask=mask, other=0.0)
+        acc_gy += tl.load(gy_ptr + idx, mask=mask, other=0.0)
+        if CENTER:
+            acc_y += tl.load(y_ptr + idx, mask=mask, other=0.0)
+    return tl.sum(acc_g, axis=0), tl.sum(acc_gy, axis=0), tl.sum(acc_y, axis=0)
+
+
+@triton.jit
 def _bn_bwd_sum_kernel(
     part_g_ptr,  # (P, K) fp32: per-program Σg
     part_gy_ptr,  # (P, K) fp32: per-program Σg·(y − mean)
@@ -509,22 +529,11 @@ def _bn_bwd_sum_kernel(
     """
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    acc_g = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    acc_gy = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    acc_y = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_T):
-        offs_p = p0 + tl.arange(0, BLOCK_T)
-        mask = (offs_p < P)[:, None] & mask_k[None, :]
-        idx = offs_p.to(tl.int64)[:, None] * K + offs_k[None, :]
-        acc_g += tl.load(part_g_ptr + idx, mask=mask, other=0.0)
-        acc_gy += tl.load(part_gy_ptr + idx, mask=mask, other=0.0)
-        if CENTER:
-            acc_y += tl.load(part_y_ptr + idx, mask=mask, other=0.0)
+    sum_g, sum_gy, sum_y = _sum_partial_rows(
+        part_g_ptr, part_gy_ptr, part_y_ptr, 0, P, K, offs_k, mask_k, CENTER, BLOCK_T, BLOCK_K)
     invstd = tl.math.rsqrt(tl.load(var_ptr + offs_k, mask=mask_k, other=1.0) + eps)
-    sum_g = tl.sum(acc_g, axis=0)
-    sum_gy = tl.sum(acc_gy, axis=0)
     if CENTER:
-        delta = tl.sum(acc_y, axis=0) / M
+        delta = sum_y / M
         sum_gy = sum_gy - delta * sum_g  # Σg·(y − mean − δ)
         tl.store(delta_ptr + offs_k, delta, mask=mask_k)
     tl.store(dbeta_ptr + offs_k, sum_g, mask=mask_k)
@@ -552,23 +561,14 @@ def _bn_bwd_group_sum_kernel(
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     begin = tl.program_id(0) * group
-    end = tl.minimum(begin + group, P)
-    acc_g = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    acc_gy = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    acc_y = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    for p0 in range(begin, end, BLOCK_T):
-        offs_p = p0 + tl.arange(0, BLOCK_T)
-        mask = (offs_p < end)[:, None] & mask_k[None, :]
-        idx = offs_p.to(tl.int64)[:, None] * K + offs_k[None, :]
-        acc_g += tl.load(g_ptr + idx, mask=mask, other=0.0)
-        acc_gy += tl.load(gy_ptr + idx, mask=mask, other=0.0)
-        if CENTER:
-            acc_y += tl.load(y_ptr + idx, mask=mask, other=0.0)
+    sum_g, sum_gy, sum_y = _sum_partial_rows(
+        g_ptr, gy_ptr, y_ptr, begin, tl.minimum(begin + group, P), K, offs_k, mask_k, CENTER,
+        BLOCK_T, BLOCK_K)
     out = tl.program_id(0).to(tl.int64) * K + offs_k
-    tl.store(g_out_ptr + out, tl.sum(acc_g, axis=0), mask=mask_k)
-    tl.store(gy_out_ptr + out, tl.sum(acc_gy, axis=0), mask=mask_k)
+    tl.store(g_out_ptr + out, sum_g, mask=mask_k)
+    tl.store(gy_out_ptr + out, sum_gy, mask=mask_k)
     if CENTER:
-        tl.store(y_out_ptr + out, tl.sum(acc_y, axis=0), mask=mask_k)
+        tl.store(y_out_ptr + out, sum_y, mask=mask_k)
 
 
 @triton.jit

@@ -68,7 +68,8 @@ class _SyncConvBNReLU(torch.autograd.Function):
         count, mean, m2 = _merge(torch.stack(parts), k)
         invstd = torch.rsqrt(m2 / count + eps)
         if running_mean is not None:
-            update_running_stats(running_mean, running_var, mean, m2 / (count - 1), momentum)
+            update_running_stats([running_mean], [running_var], [mean], [m2 / (count - 1)],
+                                 [momentum])
         scale = invstd if bn_weight is None else invstd * bn_weight.float()
         shift = -mean * scale if bn_bias is None else bn_bias.float() - mean * scale
         z = yf * _per_channel(scale) + _per_channel(shift)

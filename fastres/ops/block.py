@@ -33,6 +33,7 @@ from .. import backends
 from ..backends import BackendUnavailableError, CallInfo, ConvParams
 from ..backends.base import BlockParams
 from .conv_bn_relu import FLOAT_DTYPES, _on_device_of, _pair, update_running_stats
+from .direct import call_op
 
 Tensor = torch.Tensor
 CL = torch.channels_last
@@ -199,8 +200,7 @@ def block_backend(x: Tensor, weight: Tensor, conv: ConvParams, *, training: bool
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastres::residual_block_fwd", mutates_args=())
-def residual_block_fwd(
+def _fwd_impl(
     x: Tensor,
     weights: list[Tensor],
     bn_weights: list[Tensor | None],
@@ -230,6 +230,11 @@ def residual_block_fwd(
         )
 
 
+residual_block_fwd = torch.library.custom_op(
+    "fastres::residual_block_fwd", _fwd_impl, mutates_args=()
+)
+
+
 def _saved_convs(block: BlockParams) -> list[int]:
     """Indices (into conv_1 .. conv_L, conv_s) of the raw outputs saved for backward: every conv
     output that a BatchNorm reads (post-activation: all; pre-activation: all but the last)."""
@@ -252,8 +257,7 @@ def _(x, weights, bn_weights, bn_biases, running_means, running_vars, convs, sho
     return out, saved, [stat(k) for k in ks], [stat(k) for k in ks]
 
 
-@torch.library.custom_op("fastres::residual_block_bwd", mutates_args=())
-def residual_block_bwd(
+def _bwd_impl(
     dout: Tensor,
     x: Tensor,
     out: Tensor,
@@ -297,6 +301,11 @@ def _strided_like(t: Tensor, like: Tensor) -> Tensor:
     if t.stride() == like.stride():
         return t
     return torch.empty_like(like).copy_(t)
+
+
+residual_block_bwd = torch.library.custom_op(
+    "fastres::residual_block_bwd", _bwd_impl, mutates_args=()
+)
 
 
 def _masks(output_mask, n_w: int, n_bn: int):
@@ -346,10 +355,10 @@ def _grads(ctx, dout: Tensor, mask: list[bool]):
     dout = dout.contiguous(memory_format=CL)
     if out is None:
         out = dout.new_empty(0)
-    dx, dws, dgs, dbs = residual_block_bwd(
-        dout, x, out, list(weights), list(saved), list(means), list(variances),
-        list(bn_weights), list(bn_biases), *ctx.args, mask, ctx.backend,
-    )
+    args = (dout, x, out, list(weights), list(saved), list(means), list(variances),
+            list(bn_weights), list(bn_biases), *ctx.args, mask, ctx.backend)
+    tensors = (dout, x, out, *weights, *saved, *means, *variances, *bn_weights, *bn_biases)
+    dx, dws, dgs, dbs = call_op(residual_block_bwd, _bwd_impl, args, tensors)
     dts = ctx.bn_dtypes
     return (
         dx if m_x else None,
@@ -381,8 +390,8 @@ class _BlockFunction(torch.autograd.Function):
     schema's defaults and walks the list arguments with pytree on every call, ~100 µs of host
     time a block). ``autograd.Function`` tracks only tensors passed directly, so the weights and
     BN parameters travel flattened after ``x``; ``rest`` holds the other arguments. The op
-    itself still runs through the dispatcher; under ``torch.compile`` the registered autograd
-    serves."""
+    itself runs through the dispatcher where anything would see it (:mod:`fastres.ops.direct`);
+    under ``torch.compile`` the registered autograd serves."""
 
     @staticmethod
     def forward(ctx, rest, x, *params):
@@ -390,7 +399,7 @@ class _BlockFunction(torch.autograd.Function):
         n_bn = len(rest[0])
         inputs = (x, list(params[:n_w]), list(params[n_w:n_w + n_bn]),
                   list(params[n_w + n_bn:]), *rest)
-        output = residual_block_fwd(*inputs)
+        output = call_op(residual_block_fwd, _fwd_impl, inputs, (x, *params))
         _setup_context(ctx, inputs, output)
         out, _, means, variances = output
         ctx.mark_non_differentiable(*means, *variances)
@@ -467,12 +476,18 @@ def residual_block(
         out, *stats = _BlockFunction.apply(rest, x, *weights, *gammas, *betas)
         means, variances = stats[:len(norms)], stats[len(norms):]
     else:
-        out, _, means, variances = residual_block_fwd(x, weights, gammas, betas, *rest)
+        args = (x, weights, gammas, betas, *rest)
+        out, _, means, variances = call_op(residual_block_fwd, _fwd_impl, args,
+                                           (x, *weights, *gammas, *betas))
     if batch_stats:
-        for n, mean, var, count in zip(norms, means, variances, counts):
-            if n.running_mean is not None:
-                update_running_stats(n.running_mean, n.running_var, mean,
-                                     var * (count / (count - 1)), n.momentum)
+        tracked = [i for i, n in enumerate(norms) if n.running_mean is not None]
+        if tracked:
+            unbiased = torch._foreach_mul([variances[i] for i in tracked],
+                                          [counts[i] / (counts[i] - 1) for i in tracked])
+            update_running_stats([norms[i].running_mean for i in tracked],
+                                 [norms[i].running_var for i in tracked],
+                                 [means[i] for i in tracked], unbiased,
+                                 [norms[i].momentum for i in tracked])
     return out
 
 

@@ -18,6 +18,7 @@ import torch
 
 from .. import backends
 from ..backends import BackendUnavailableError, CallInfo, ConvParams
+from .direct import call_op
 
 Tensor = torch.Tensor
 CL = torch.channels_last
@@ -139,8 +140,7 @@ def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-@torch.library.custom_op("fastres::conv_bn_relu_fwd", mutates_args=())
-def conv_bn_relu_fwd(
+def _fwd_impl(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -172,6 +172,11 @@ def conv_bn_relu_fwd(
         )
 
 
+conv_bn_relu_fwd = torch.library.custom_op(
+    "fastres::conv_bn_relu_fwd", _fwd_impl, mutates_args=()
+)
+
+
 @conv_bn_relu_fwd.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
       dilation, groups, batch_stats, eps, relu, save_for_backward, backend):
@@ -184,8 +189,7 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, 
     return z, y, stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("fastres::conv_bn_relu_bwd", mutates_args=())
-def conv_bn_relu_bwd(
+def _bwd_impl(
     dz: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -226,6 +230,11 @@ def _strided_like(t: Tensor, like: Tensor | None) -> Tensor:
     if like is None or t.stride() == like.stride():
         return t
     return torch.empty_like(like).copy_(t)
+
+
+conv_bn_relu_bwd = torch.library.custom_op(
+    "fastres::conv_bn_relu_bwd", _bwd_impl, mutates_args=()
+)
 
 
 @conv_bn_relu_bwd.register_fake
@@ -271,9 +280,8 @@ def _backward(ctx, dz, dy_unused, dmean_unused, dvar_unused):
     if dz is None or not any(mask):
         return (None,) * 17
     dz = dz.contiguous(memory_format=CL)
-    grads = conv_bn_relu_bwd(
-        dz, x, weight, y, z, mean, var, bn_weight, *ctx.args, ctx.has_bias, mask, ctx.backend
-    )
+    args = (dz, x, weight, y, z, mean, var, bn_weight, *ctx.args, ctx.has_bias, mask, ctx.backend)
+    grads = call_op(conv_bn_relu_bwd, _bwd_impl, args, args[:8])
     dx, dw, db, dgamma, dbeta, dres = (g if m else None for g, m in zip(grads, mask))
     if dgamma is not None:
         dgamma = dgamma.to(ctx.bn_dtypes[0])
@@ -291,15 +299,16 @@ class _ConvBNReLUFunction(torch.autograd.Function):
     ``register_autograd``'s wrapper re-fills the schema's defaults on every call
     (``torch._library.utils.fill_defaults``, quadratic in the 17 arguments: ~40 µs a call on
     CPU). Applying the same ``_setup_context`` / ``_backward`` through a plain
-    ``autograd.Function`` skips it; the op itself still runs through the dispatcher (grad mode is
-    off inside ``forward``), so profilers and dispatch modes see it as before. Under
-    ``torch.compile`` the op's registered autograd serves, as before. (``forward`` takes ``ctx``
-    itself: a separate ``setup_context`` makes ``apply`` bind arguments through ``inspect``.)
+    ``autograd.Function`` skips it; the op itself runs through the dispatcher wherever anything
+    would see it (profiler, dispatch modes: :mod:`fastres.ops.direct`), else its implementation
+    directly. Under ``torch.compile`` the op's registered autograd serves, as before. (``forward``
+    takes ``ctx`` itself: a separate ``setup_context`` makes ``apply`` bind arguments through
+    ``inspect``.)
     """
 
     @staticmethod
     def forward(ctx, *args):
-        output = conv_bn_relu_fwd(*args)
+        output = call_op(conv_bn_relu_fwd, _fwd_impl, args, args[:8])
         _setup_context(ctx, args, output)
         return output
 
@@ -382,10 +391,10 @@ def conv_bn_relu(
     if save and not torch.compiler.is_compiling():
         z, _, mean, var = _ConvBNReLUFunction.apply(*args)
     else:
-        z, _, mean, var = conv_bn_relu_fwd(*args)
+        z, _, mean, var = call_op(conv_bn_relu_fwd, _fwd_impl, args, args[:8])
     if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var * (count / (count - 1)),
-                             momentum)
+        update_running_stats([running_mean], [running_var], [mean],
+                             [var * (count / (count - 1))], [momentum])
     return z
 
 
@@ -450,15 +459,30 @@ def _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     return call, count
 
 
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,
-                         unbiased_var: Tensor, momentum: float | Tensor) -> None:
-    """``running = (1 − momentum)·running + momentum·batch`` in place, as BatchNorm does, in the
-    buffers' dtype; ``momentum`` a float or a 0-d tensor (no host sync either way)."""
+def update_running_stats(running_means: Sequence[Tensor], running_vars: Sequence[Tensor],
+                         means: Sequence[Tensor], unbiased_vars: Sequence[Tensor],
+                         momenta: Sequence[float | Tensor]) -> None:
+    """For each BatchNorm i, in place and in the buffers' dtype, as BatchNorm does:
+    ``running_i = (1 − momentum_i)·running_i + momentum_i·batch_i`` for the mean and the unbiased
+    variance. A momentum is a float or a 0-d tensor (no host sync either way). Equal float
+    momenta (the usual case: a block's BatchNorms) make it one multi-tensor call for all."""
     with torch.no_grad():
-        if isinstance(momentum, Tensor):
-            momentum = momentum.to(running_mean.dtype)
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+        means, unbiased_vars = list(means), list(unbiased_vars)
+        for i, (rm, rv) in enumerate(zip(running_means, running_vars, strict=True)):
+            if means[i].dtype != rm.dtype or unbiased_vars[i].dtype != rv.dtype:
+                means[i], unbiased_vars[i] = means[i].to(rm.dtype), unbiased_vars[i].to(rv.dtype)
+        first = momenta[0]
+        if not isinstance(first, Tensor) and all(m == first and not isinstance(m, Tensor)
+                                                 for m in momenta):
+            # a tensor weight would be read on the host here: floats only
+            torch._foreach_lerp_([*running_means, *running_vars], [*means, *unbiased_vars], first)
+            return
+        for rm, rv, mean, var, m in zip(running_means, running_vars, means, unbiased_vars,
+                                        momenta, strict=True):
+            if isinstance(m, Tensor):
+                m = m.to(rm.dtype)
+            rm.lerp_(mean, m)
+            rv.lerp_(var, m)
 
 
 __all__ = ["BackendUnavailableError", "conv_bn_relu", "update_running_stats"]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.block import ConvArgs, NormArgs, block_backend, residual_block
-from .conv_bn_relu import ConvBNReLU, bn_momentum, fusable_reason
+from .conv_bn_relu import ConvBNReLU, bn_momenta, fusable_reason
 from .sync_conv_bn import sync_group
 
 Tensor = torch.Tensor
@@ -219,8 +219,7 @@ class FusedBlock(nn.Module):
         if name is None:  # the backend in force has no block kernels
             return None
         norm_args = []
-        for bn in norms:
-            _, momentum = bn_momentum(bn)  # advances num_batches_tracked
+        for bn, momentum in zip(norms, bn_momenta(norms)):  # advances num_batches_tracked
             track = not bn.training or bn.track_running_stats
             norm_args.append(NormArgs(
                 bn.weight, bn.bias, bn.running_mean if track else None,

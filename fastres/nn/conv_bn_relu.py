@@ -19,14 +19,24 @@ def bn_momentum(bn: nn.BatchNorm2d) -> tuple[bool, float | Tensor]:
     tensor on the module's device: BatchNorm2d's ``float(num_batches_tracked)`` would wait for the
     GPU on every step (and break CUDA-graph capture).
     """
-    momentum: float | Tensor = 0.0 if bn.momentum is None else bn.momentum
-    tracked = bn.num_batches_tracked if bn.training and bn.track_running_stats else None
-    if tracked is not None:
-        tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average
-            momentum = tracked.reciprocal()
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    return use_batch_stats, momentum
+    return use_batch_stats, bn_momenta([bn])[0]
+
+
+def bn_momenta(bns: list[nn.BatchNorm2d]) -> list[float | Tensor]:
+    """The momentum of each BatchNorm for this step, as :func:`bn_momentum`; the counters of
+    all advance in one multi-tensor call (a block's three or four: one launch, not four)."""
+    tracking = [bn.training and bn.track_running_stats for bn in bns]
+    counters = [bn.num_batches_tracked for bn, t in zip(bns, tracking) if t]
+    if counters:
+        torch._foreach_add_(counters, 1)
+    momenta: list[float | Tensor] = []
+    for bn, t in zip(bns, tracking):
+        if bn.momentum is not None:
+            momenta.append(bn.momentum)
+        else:  # cumulative moving average while tracking; unused otherwise
+            momenta.append(bn.num_batches_tracked.reciprocal() if t else 0.0)
+    return momenta
 
 
 class ConvBNReLU(nn.Module):

@@ -24,15 +24,23 @@ the backend's ``block_forward`` / ``block_backward``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .. import backends
 from ..backends import BackendUnavailableError, CallInfo, ConvParams
 from ..backends.base import BlockParams
-from .conv_bn_relu import FLOAT_DTYPES, _on_device_of, _pair, update_running_stats
+from .conv_bn_relu import (
+    FLOAT_DTYPES,
+    _meta,
+    _on_device_of,
+    _pair,
+    checked_once,
+    update_running_stats,
+)
 from .direct import call_op
 
 Tensor = torch.Tensor
@@ -40,9 +48,9 @@ CL = torch.channels_last
 _PER_CONV = 7  # ints per convolution in the custom ops' flat conv list
 
 
-@dataclass(frozen=True)
-class ConvArgs:
-    """One bias-free convolution of a block."""
+class ConvArgs(NamedTuple):
+    """One bias-free convolution of a block. (Named tuples: built for every block call, where a
+    frozen dataclass costs ~2 µs each.)"""
 
     weight: Tensor
     stride: int | Sequence[int] = 1
@@ -57,8 +65,7 @@ class ConvArgs:
                           _pair("dilation", self.dilation, 1), self.groups)
 
 
-@dataclass(frozen=True)
-class NormArgs:
+class NormArgs(NamedTuple):
     """One BatchNorm of a block: parameters and buffers as ``F.batch_norm`` takes them."""
 
     weight: Tensor | None
@@ -87,6 +94,13 @@ def _unflat(flat: Sequence[int]) -> tuple[ConvParams, ...]:
 
 
 def _block(conv_flat, shortcut: bool, preact: bool, entry_norm: bool, eps) -> BlockParams:
+    """The block structure from the custom ops' flat arguments (kept: a model has a few)."""
+    return _block_of(tuple(conv_flat), shortcut, preact, entry_norm, tuple(eps))
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_of(conv_flat: tuple[int, ...], shortcut: bool, preact: bool, entry_norm: bool,
+              eps: tuple[float, ...]) -> BlockParams:
     convs = _unflat(conv_flat)
     main = convs[:-1] if shortcut else convs
     return BlockParams(main, convs[-1] if shortcut else None, preact, entry_norm, tuple(eps))
@@ -188,7 +202,11 @@ def block_backend(x: Tensor, weight: Tensor, conv: ConvParams, *, training: bool
     ``weight`` on ``x``; ``(None, reason)`` if the backend in force has no block kernels (the
     caller then runs the block layer by layer). Raises like :func:`fastres.ops.conv_bn_relu`
     when the backend asked for cannot serve the call at all."""
-    name = backends.select(_call_info(x, weight, conv, training), backend)
+    return _block_backend(_call_info(x, weight, conv, training), backend)
+
+
+def _block_backend(call: CallInfo, backend: str | None) -> tuple[str | None, str | None]:
+    name = backends.select(call, backend)
     impl = backends.load(name)
     if not hasattr(impl, "block_forward"):
         return None, f"the {name} backend has no block kernels (blocks run layer by layer)"
@@ -437,30 +455,28 @@ def residual_block(
     Raises :class:`BackendUnavailableError` if the backend in force has no block kernels (see
     :func:`block_backend`; fastres's modules check first and run layer by layer instead).
     """
-    convs, norms = list(convs), list(norms)
-    params = [c.params() for c in convs]
-    if shortcut is not None:
-        params.append(shortcut.params())
-    weights = [c.weight for c in convs] + ([shortcut.weight] if shortcut is not None else [])
-    block = BlockParams(tuple(params[:len(convs)]), params[len(convs)] if shortcut else None,
-                        bool(preact), bool(entry_norm and preact),
-                        tuple(float(n.eps) for n in norms))
+    all_convs = [*convs, *([shortcut] if shortcut is not None else [])]
+    norms = list(norms)
+    weights = [c.weight for c in all_convs]
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype) if x.is_floating_point() else x
         weights = [w.to(dtype) for w in weights]
-    shapes = _validate(x, weights, norms, block)
     batch_stats = bool(training)
-    if not batch_stats and any(n.running_mean is None for n in norms):
-        raise ValueError("residual_block: eval mode needs every BatchNorm's running statistics "
-                         "(blocks with track_running_stats=False run layer by layer)")
-    counts = _norm_counts(x.shape, shapes, block)
-    if batch_stats and min(counts) == 1:
-        raise ValueError("residual_block: expected more than 1 value per channel when using "
-                         "batch statistics")
-    name, why = block_backend(x, weights[0], block.convs[0], training=batch_stats,
-                              backend=backend)
+    block, bessel, flat, call = checked_once(
+        _checked_blocks,
+        lambda: (
+            _meta(x), tuple(map(_meta, weights)),
+            tuple((c.stride, c.padding, c.dilation, c.groups) for c in all_convs),
+            tuple((_meta(n.weight), _meta(n.bias), _meta(n.running_mean), _meta(n.running_var),
+                   float(n.eps)) for n in norms),
+            shortcut is not None, bool(preact), bool(entry_norm), batch_stats,
+        ),
+        lambda: _check_block(x, weights, all_convs, norms, shortcut is not None, preact,
+                             entry_norm, batch_stats),
+    )
+    name, why = _block_backend(call, backend)
     if name is None:
         raise BackendUnavailableError(f"residual_block: {why}")
     x = x.contiguous(memory_format=CL)
@@ -470,7 +486,7 @@ def residual_block(
     )
     gammas, betas = [n.weight for n in norms], [n.bias for n in norms]
     rest = ([n.running_mean for n in norms], [n.running_var for n in norms],
-            _flat(block.all_convs), shortcut is not None, block.preact, block.entry_norm,
+            flat, shortcut is not None, block.preact, block.entry_norm,
             list(block.eps), batch_stats, save, name)
     if save and not torch.compiler.is_compiling():
         out, *stats = _BlockFunction.apply(rest, x, *weights, *gammas, *betas)
@@ -483,12 +499,38 @@ def residual_block(
         tracked = [i for i, n in enumerate(norms) if n.running_mean is not None]
         if tracked:
             unbiased = torch._foreach_mul([variances[i] for i in tracked],
-                                          [counts[i] / (counts[i] - 1) for i in tracked])
+                                          [bessel[i] for i in tracked])
             update_running_stats([norms[i].running_mean for i in tracked],
                                  [norms[i].running_var for i in tracked],
                                  [means[i] for i in tracked], unbiased,
                                  [norms[i].momentum for i in tracked])
     return out
+
+
+_CheckedBlock = tuple[BlockParams, list[float], tuple[int, ...], CallInfo]
+_checked_blocks: dict[tuple, _CheckedBlock] = {}
+
+
+def _check_block(x, weights, all_convs, norms, has_shortcut: bool, preact: bool,
+                 entry_norm: bool, batch_stats: bool) -> _CheckedBlock:
+    """``(block, Bessel factor count/(count − 1) of each BatchNorm, flat conv parameters,
+    conv_1's call)``, kept per call signature by :func:`residual_block`; raises on bad input."""
+    params = [c.params() for c in all_convs]
+    n_main = len(params) - has_shortcut
+    block = BlockParams(tuple(params[:n_main]), params[n_main] if has_shortcut else None,
+                        bool(preact), bool(entry_norm and preact),
+                        tuple(float(n.eps) for n in norms))
+    shapes = _validate(x, weights, norms, block)
+    if not batch_stats and any(n.running_mean is None for n in norms):
+        raise ValueError("residual_block: eval mode needs every BatchNorm's running statistics "
+                         "(blocks with track_running_stats=False run layer by layer)")
+    counts = _norm_counts(x.shape, shapes, block)
+    if batch_stats and min(counts) == 1:
+        raise ValueError("residual_block: expected more than 1 value per channel when using "
+                         "batch statistics")
+    call = _call_info(x, weights[0], block.convs[0], batch_stats)
+    bessel = [c / max(c - 1, 1) for c in counts]  # eval may see one value (then unused)
+    return block, bessel, tuple(_flat(block.all_convs)), call
 
 
 def _norm_counts(x_shape, shapes, block: BlockParams) -> list[int]:

@@ -12,7 +12,8 @@ Stack, top to bottom:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -21,6 +22,7 @@ from ..backends import BackendUnavailableError, CallInfo, ConvParams
 from .direct import call_op
 
 Tensor = torch.Tensor
+T = TypeVar("T")
 CL = torch.channels_last
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)
@@ -406,37 +408,50 @@ def _meta(t: Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.dtype, t.device)
 
 
-def _checked(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv_args,
-             training: bool, relu: bool) -> tuple[CallInfo, int]:
-    """Check the arguments once per distinct call signature: ``(call, N·OH·OW)``.
+def checked_once(cache: dict, make_key: Callable[[], Hashable], check: Callable[[], T]) -> T:
+    """``check()``, run once per distinct ``make_key()`` and kept in ``cache``.
 
-    The checks depend only on what the key holds: each tensor's shape, dtype and device (or its
-    absence), the conv parameters, ``training`` and ``relu``. Only signatures that passed every
-    check are kept, so bad input always reaches :func:`_validate` and raises its error; a
-    non-tensor argument makes no key and takes the same path. The backend is chosen per call
-    (:func:`fastres.backends.select`, about a microsecond): the setting, the environment and a
-    backend's availability may change between calls. Under ``torch.compile`` nothing is kept
-    (the checks run once, while tracing; a global dict read there would be guarded on).
+    For argument checks whose outcome depends only on what the key holds (tensors' shapes,
+    dtypes and devices, flags): only results of checks that passed are kept, so bad input always
+    reaches ``check`` and raises its error; a key that cannot be made (a non-tensor where a
+    tensor belongs: AttributeError; an unhashable argument: TypeError) keeps nothing. Under
+    ``torch.compile`` nothing is kept (the checks run once, while tracing; a global dict read
+    there would be guarded on).
     """
     if torch.compiler.is_compiling():
-        return _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                           residual, conv_args, training, relu)
+        return check()
     try:
-        key = (
+        key = make_key()
+        result = cache.get(key)
+    except (AttributeError, TypeError):
+        key = result = None
+    if result is None:
+        result = check()
+        if key is not None:
+            if len(cache) >= _MAX_CHECKED:
+                cache.clear()
+            cache[key] = result
+    return result
+
+
+def _checked(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv_args,
+             training: bool, relu: bool) -> tuple[CallInfo, int]:
+    """Check the arguments once per call signature (:func:`checked_once`): ``(call, N·OH·OW)``.
+
+    The key: each tensor's shape, dtype and device (or its absence), the conv parameters,
+    ``training`` and ``relu``. The backend is chosen per call (:func:`fastres.backends.select`,
+    about a microsecond): the setting, the environment and a backend's availability may change
+    between calls.
+    """
+    return checked_once(
+        _checked_calls,
+        lambda: (
             _meta(x), _meta(weight), _meta(bias), _meta(bn_weight), _meta(bn_bias),
             _meta(running_mean), _meta(running_var), _meta(residual), conv_args, training, relu,
-        )
-        checked = _checked_calls.get(key)
-    except (AttributeError, TypeError):  # not tensors, or unhashable: let the checks say why
-        key = checked = None
-    if checked is None:
-        checked = _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                              residual, conv_args, training, relu)
-        if key is not None:
-            if len(_checked_calls) >= _MAX_CHECKED:
-                _checked_calls.clear()
-            _checked_calls[key] = checked
-    return checked
+        ),
+        lambda: _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                            residual, conv_args, training, relu),
+    )
 
 
 def _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,

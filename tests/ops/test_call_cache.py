@@ -122,3 +122,51 @@ def test_backend_is_chosen_per_call_even_for_a_kept_signature(monkeypatch):
         monkeypatch.setattr(ReferenceBackend, "unsupported_reason", lambda self, call: "patched")
         with pytest.raises(fastres.BackendUnavailableError, match="patched"):
             _run(conv_bn_relu, a)
+
+
+def test_block_op_checks_once_per_signature_and_still_raises_after_a_kept_call():
+    """The block op keeps its checks per call signature as conv_bn_relu does: a good call is
+    kept; a call that differs in a checked property misses and raises; a differing good call
+    computes its own result (eval against the running statistics, float64 eager)."""
+    from fastres.ops.block import ConvArgs, NormArgs, residual_block
+
+    kept = sys.modules["fastres.ops.block"]._checked_blocks
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(8, 8, 3, 3) / 8, torch.randn(8, 8, 3, 3) / 8
+
+    def norms(k=8):
+        return [NormArgs(torch.rand(k) + 0.5, torch.randn(k), torch.randn(k), torch.rand(k) + 0.5)
+                for _ in range(2)]
+
+    def run(x, convs, nrm, training=False):
+        with fastres.use_backend("reference"):
+            return residual_block(x, convs, nrm, training=training)
+
+    def eager(x, convs, nrm):
+        out = x.double()
+        for i, (c, n) in enumerate(zip(convs, nrm)):
+            out = torch.nn.functional.conv2d(out, c.weight.double(), None, c.stride, c.padding)
+            out = torch.nn.functional.batch_norm(
+                out, n.running_mean.double(), n.running_var.double(), n.weight.double(),
+                n.bias.double(), False, 0.0, n.eps)
+            out = torch.relu(out + x.double() if i == len(convs) - 1 else out)
+        return out
+
+    convs, nrm, x = [ConvArgs(w1, padding=1), ConvArgs(w2, padding=1)], norms(), None
+    kept.clear()
+    for shape, size in (((2, 8, 6, 6), 1), ((2, 8, 6, 6), 1), ((3, 8, 5, 7), 2)):
+        x = torch.randn(shape)
+        got = run(x, convs, nrm)
+        assert len(kept) == size  # the second call's signature was kept by the first
+        torch.testing.assert_close(got.double(), eager(x, convs, nrm), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"BatchNorm 1 weight must have shape \(8,\)"):
+        run(x, convs, [nrm[0], NormArgs(torch.ones(5), None, None, None)])
+    with pytest.raises(ValueError, match="conv2: channel mismatch"):
+        run(x, [convs[0], ConvArgs(torch.randn(8, 4, 3, 3), padding=1)], nrm)
+    with pytest.raises(TypeError, match="conv1 weight dtype"):
+        run(x, [ConvArgs(w1.half(), padding=1), convs[1]], nrm)
+    with pytest.raises(ValueError, match="eval mode needs every BatchNorm's running"):
+        run(x, convs, [NormArgs(None, None, None, None)] * 2)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        run(torch.randn(1, 8, 1, 1), convs, nrm, training=True)
+    run(torch.randn(1, 8, 1, 1), convs, nrm)  # eval: one value per channel is fine

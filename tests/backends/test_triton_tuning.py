@@ -1,5 +1,6 @@
 """How a Triton kernel's configuration is chosen: autotuned, first-fitting, or forced."""
 
+import inspect
 import os
 import subprocess
 import sys
@@ -158,3 +159,36 @@ def test_first_fitting_choice_is_pruned_once_per_signature(monkeypatch):
     assert pruned == [64, 128]
     assert [kw["BLOCK_M"] for _, kw in fn.launches] == [16, 32, 16, 32, 16]
     assert tuned.last_config is configs[0]
+
+
+# constexpr arguments a kernel's autotune key may leave out, and why
+DERIVED_FLAGS = {
+    "FLAT_K": "the launcher chooses it from C, R and S, which are in the key",
+    "INTERPRET": "fixed for the process",
+    "TMA": "a tuned meta-parameter of the sm_90 configurations (absent from the CPU list)",
+}
+
+
+def test_every_flag_of_a_tuned_kernel_is_in_its_key():
+    """A configuration timed for one epilogue (bias, affine, ReLU, residual, statistics...) is
+    not reused for another: every constexpr argument of every autotuned kernel is in its key,
+    a tuned meta-parameter, or derived from the key; every key names an argument (Triton
+    skips unknown names silently)."""
+    from fastres.backends.triton import conv_bwd
+
+    kernels = [v for module in (conv, conv_bwd, bn) for v in vars(module).values()
+               if isinstance(v, _tuning.Tuned)]
+    assert len(kernels) >= 10
+    for kernel in kernels:
+        name, args = kernel.fn.__name__, kernel.fn.arg_names
+        assert set(kernel.key) <= set(args), (name, set(kernel.key) - set(args))
+        meta = set().union(*(c.all_kwargs() for c in kernel.configs))
+        flags = _constexprs(kernel.fn.fn) - meta - set(DERIVED_FLAGS)
+        assert flags <= set(kernel.key), (name, sorted(flags - set(kernel.key)))
+
+
+def _constexprs(fn) -> set[str]:
+    """Names of ``fn``'s ``tl.constexpr`` parameters (annotations may be strings)."""
+    return {name for name, p in inspect.signature(fn).parameters.items()
+            if p.annotation is triton.language.constexpr
+            or str(p.annotation).endswith("constexpr")}

@@ -99,6 +99,7 @@ class Tuned:
                  prune: Prune | None = None) -> None:
         self.fn = fn
         self.configs = list(configs)
+        self.key = list(key)  # the launch arguments a tuned choice is kept per (with dtypes)
         self.prune = prune
         self.last_config: triton.Config | None = None
         self._forced: triton.Config | None = None
@@ -108,7 +109,7 @@ class Tuned:
         if AUTOTUNE and len(self.configs) > 1:
             by = {"early_config_prune": prune} if prune is not None else None
             self._tuner = triton.autotune(
-                configs=self.configs, key=key, prune_configs_by=by, **_CACHE_KW
+                configs=self.configs, key=self.key, prune_configs_by=by, **_CACHE_KW
             )(fn)
 
     @property

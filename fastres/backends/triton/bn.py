@@ -330,7 +330,9 @@ def _tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     return offs_m[:, None] * K + offs_k[None, :], offs_k, mask_k, mask
 
 
-@_tuning.autotune(_configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K"])
+@_tuning.autotune(
+    _configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU"]
+)
 @triton.jit
 def _bn_apply_kernel(
     y_ptr,  # (M, K) x dtype: raw conv output
@@ -410,7 +412,8 @@ def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> li
 
 
 @_tuning.autotune(
-    _configs(_REDUCE_BLOCKS), key=["M", "K", "BLOCK_K", "SECOND"], prune=_prune_bwd_reduce
+    _configs(_REDUCE_BLOCKS), key=["M", "K", "BLOCK_K", "RELU", "CENTER", "WRITE_DRES", "SECOND"],
+    prune=_prune_bwd_reduce,
 )
 @triton.jit
 def _bn_bwd_reduce_kernel(
@@ -642,7 +645,12 @@ def _prune_bwd_dx(configs: list[triton.Config], nargs: dict, **kwargs) -> list[t
     return kept or configs
 
 
-@_tuning.autotune(_configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K"], prune=_prune_bwd_dx)
+@_tuning.autotune(
+    _configs(_ELEMENTWISE_BLOCKS),
+    key=["M", "K", "BLOCK_K", "RELU", "BATCH_STATS", "HAS_GAMMA", "WRITE_DY", "WRITE_DRES",
+         "HAS_ADD"],
+    prune=_prune_bwd_dx,
+)
 @triton.jit
 def _bn_bwd_dx_kernel(
     dz_ptr,  # (M, K) x dtype: gradient of z

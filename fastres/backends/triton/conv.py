@@ -306,7 +306,7 @@ _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in (*_GEMM_CONFIGS, *_DIRECT_CONFIG
 # the autotuner itself).
 _KEY = [
     "M", "H", "W", "C", "K", "Cg", "Kg", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w",
-    "dil_h", "dil_w", "STATS", "HAS_RES", "IN_AFFINE",
+    "dil_h", "dil_w", "STATS", "HAS_RES", "IN_AFFINE", "HAS_BIAS", "HAS_AFFINE", "RELU",
 ]
 
 

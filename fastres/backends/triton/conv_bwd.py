@@ -269,7 +269,7 @@ _prune_direct_wgrad = _pruner("wgrad_direct")
 # What selects a configuration: the whole problem geometry and the dy flags (dtypes are added by
 # the autotuner itself).
 _KEY = ["M", "H", "W", "C", "K", "Cg", "Kg", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w",
-        "dil_h", "dil_w", "RELU", "BATCH_STATS"]
+        "dil_h", "dil_w", "RELU", "BATCH_STATS", "HAS_GAMMA"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,4 +122,19 @@ PLANTS = [
     Plant("prologue ReLU as tl.maximum (drops NaN on a GPU)", "fastres/backends/triton/conv.py",
           "    a = tl.where(a < 0.0, 0.0, a)", "    a = tl.maximum(a, 0.0)",
           ("tests/backends/test_relu_source.py",)),
+    # host overhead (issue 11, point 7): the fast paths must not change what anyone sees
+    Plant("eager calls skip the dispatcher under the profiler", "fastres/ops/direct.py",
+          "        or torch._C._autograd._profiler_enabled()\n", "",
+          ("tests/ops/test_direct.py", "-k", "profiler")),
+    Plant("block op's kept checks ignore the BatchNorms", "fastres/ops/block.py",
+          "            tuple((_meta(n.weight), _meta(n.bias), _meta(n.running_mean), "
+          "_meta(n.running_var),\n                   float(n.eps)) for n in norms),\n", "",
+          ("tests/ops/test_call_cache.py", "-k", "block")),
+    Plant("block running variance without Bessel's correction", "fastres/ops/block.py",
+          "[bessel[i] for i in tracked]", "[1.0 for i in tracked]",
+          ("tests/ops/test_block.py", "-k", "matches_eager_block and reference")),
+    Plant("BN apply tiles reused across ReLU and no ReLU", "fastres/backends/triton/bn.py",
+          'key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU"]',
+          'key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE"]',
+          ("tests/backends/test_triton_tuning.py", "-k", "every_flag")),
 ]

@@ -62,7 +62,7 @@ exactly one small configuration (the interpreter cannot benchmark several).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import triton
@@ -144,78 +144,78 @@ else:
     _DIRECT_CONFIGS = GPU_DIRECT_CONFIGS
 
 
-# Tiles that spill registers to local memory for an input dtype on a target, as compiled for the
-# ResNet shape classes (bench/kernel_report.json, python -m fastres.backends.kernel_report): the
-# autotuner never offers them there. fp32 operands take twice the registers of fp16/bf16 ones,
-# and the flat-K kernel also holds decoded (r, s, c) indices per element; the direct kernel's
-# bf16 tiles spill 24 bytes on sm_90 (ptxas stops at 96 registers there).
-# (kernel, dtype, (BLOCK_M, BLOCK_N, BLOCK_K or 0)) -> compute capabilities
-_SPILLING_TILES = {
-    ("gemm", torch.float32, (128, 128, 32)): (90,),
-    ("gemm", torch.float32, (128, 128, 64)): (90,),
+# Tiles the autotuner never offers for an input dtype on a target, found by the kernel report
+# (python -m fastres.backends.kernel_report, bench/kernel_report.json: every configuration
+# compiled as a launch on the ResNet shape classes of compile_specs specialises it): they spill
+# registers to local memory there. Keyed (kernel: "gemm", "gemm_flat" or "direct"; dtype; tile
+# as in the config lists above, a TMA tile with its True; flags), where flags names the launches
+# the entry holds for (_FLAG_SETS: "" every launch) -> {compute capability: why}. fp32 operands
+# take twice the registers of fp16/bf16 ones, and the flat-K kernel also holds decoded (r, s, c)
+# indices per element; the direct kernel's bf16 tiles spill 24 bytes on sm_90 (ptxas stops at
+# 96 registers there).
+_SPILLS = {
+    "": "spills registers",
+    "prologue": "spills registers with the prologue",
+    "full_1x1": "TMA tile spills with the full epilogue on 1x1 convs",
+}
+_UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...], str], dict[int, str]] = {}
+for _key, _ccs in {
+    ("gemm", torch.float32, (128, 128, 32), ""): (90,),
+    ("gemm", torch.float32, (128, 128, 64), ""): (90,),
     # with the operands rounded to TF32 in registers (see _tf32_rounded)
-    ("gemm", torch.float32, (128, 64, 32)): (80,),
-    ("gemm", torch.float32, (64, 128, 32)): (90,),
-    ("gemm_flat", torch.float32, (128, 128, 32)): (80, 90),
-    ("gemm_flat", torch.float32, (128, 128, 64)): (80, 90),
-    ("gemm_flat", torch.float32, (128, 64, 32)): (80, 90),
-    ("gemm_flat", torch.float32, (128, 32, 32)): (80,),
-    ("gemm_flat", torch.float16, (128, 128, 64)): (90,),
-    ("gemm_flat", torch.bfloat16, (128, 128, 64)): (90,),
-    ("direct", torch.bfloat16, (64, 64, 0)): (90,),
-    ("direct", torch.bfloat16, (128, 32, 0)): (90,),
-    ("direct", torch.bfloat16, (256, 16, 0)): (90,),
+    ("gemm", torch.float32, (128, 64, 32), ""): (80,),
+    ("gemm", torch.float32, (64, 128, 32), ""): (90,),
+    ("gemm_flat", torch.float32, (128, 128, 32), ""): (80, 90),
+    ("gemm_flat", torch.float32, (128, 128, 64), ""): (80, 90),
+    ("gemm_flat", torch.float32, (128, 64, 32), ""): (80, 90),
+    ("gemm_flat", torch.float32, (128, 32, 32), ""): (80,),
+    ("gemm_flat", torch.float16, (128, 128, 64), ""): (90,),
+    ("gemm_flat", torch.bfloat16, (128, 128, 64), ""): (90,),
+    ("direct", torch.bfloat16, (64, 64), ""): (90,),
+    ("direct", torch.bfloat16, (128, 32), ""): (90,),
+    ("direct", torch.bfloat16, (256, 16), ""): (90,),
+    # with the activation prologue (compiled with the training epilogue it serves, every
+    # configuration on the kernels' first shape classes): it holds the input tile's per-channel
+    # scale and shift and its fp32 activation besides what the plain kernel holds
+    ("gemm", torch.float32, (128, 128, 64), "prologue"): (80,),
+    ("gemm", torch.float32, (64, 64, 64), "prologue"): (80,),
+    ("gemm_flat", torch.float32, (64, 128, 32), "prologue"): (80, 90),
+    ("gemm_flat", torch.float32, (64, 64, 64), "prologue"): (80,),
+    ("gemm_flat", torch.float32, (128, 16, 32), "prologue"): (90,),
+    ("gemm_flat", torch.float16, (128, 64, 32), "prologue"): (80, 90),
+    ("gemm_flat", torch.float16, (128, 128, 64), "prologue"): (80,),
+    ("gemm_flat", torch.float16, (64, 64, 64), "prologue"): (90,),
+    ("gemm_flat", torch.bfloat16, (128, 64, 32), "prologue"): (80, 90),
+    ("gemm_flat", torch.bfloat16, (128, 128, 64), "prologue"): (80,),
+    ("direct", torch.float32, (128, 64), "prologue"): (80,),
+    ("direct", torch.float16, (128, 32), "prologue"): (80,),
+    ("direct", torch.float16, (64, 64), "prologue"): (80,),
+    ("direct", torch.float16, (128, 64), "prologue"): (80,),
+    # the 128x128 TMA tiles on 1x1 convs (rows not shifted: the tile goes from shared memory
+    # straight to the tensor cores, another register allocation): 12 bytes at 255 registers
+    **{("gemm", _dt, (128, 128, _bk, True), "full_1x1"): (90,)
+       for _dt in (torch.float16, torch.bfloat16) for _bk in (32, 64)},
+}.items():
+    for _cc in _ccs:
+        _UNFIT_TILES.setdefault(_key, {})[_cc] = _SPILLS[_key[3]]
+del _key, _ccs, _cc
+
+# The launches each _UNFIT_TILES flag set stands for, by their integer arguments and constexpr
+# flags; each entry is what spilled when compiled under exactly those (ptxas's register
+# allocation is not monotonic in the code): the 1x1 TMA tiles spill with the statistics and the
+# eval epilogue together (the report's "all" flag set), not with training's statistics or fused
+# eval's scale/shift, residual and ReLU alone, which keep them.
+_FLAG_SETS: dict[str, Callable[[Mapping[str, int], Mapping[str, object]], bool]] = {
+    "prologue": lambda ints, flags: bool(flags.get("IN_AFFINE")),  # a block's inner convs
+    "full_1x1": lambda ints, flags: (ints.get("R"), ints.get("S")) == (1, 1) and bool(
+        flags.get("STATS")) and bool(flags.get("HAS_AFFINE") or flags.get("HAS_RES")),
 }
-# Tiles that spill only with the activation prologue on (IN_AFFINE, compiled with the training
-# epilogue it serves, every configuration on the kernels' first shape classes): the prologue
-# holds the input tile's per-channel scale and shift and its fp32 activation besides what the
-# plain kernel holds. In addition to _SPILLING_TILES (which still apply).
-_PROLOGUE_SPILLING_TILES = {
-    ("gemm", torch.float32, (128, 128, 64)): (80,),
-    ("gemm", torch.float32, (64, 64, 64)): (80,),
-    ("gemm_flat", torch.float32, (64, 128, 32)): (80, 90),
-    ("gemm_flat", torch.float32, (64, 64, 64)): (80,),
-    ("gemm_flat", torch.float32, (128, 16, 32)): (90,),
-    ("gemm_flat", torch.float16, (128, 64, 32)): (80, 90),
-    ("gemm_flat", torch.float16, (128, 128, 64)): (80,),
-    ("gemm_flat", torch.float16, (64, 64, 64)): (90,),
-    ("gemm_flat", torch.bfloat16, (128, 64, 32)): (80, 90),
-    ("gemm_flat", torch.bfloat16, (128, 128, 64)): (80,),
-    ("direct", torch.float32, (128, 64, 0)): (80,),
-    ("direct", torch.float16, (128, 32, 0)): (80,),
-    ("direct", torch.float16, (64, 64, 0)): (80,),
-    ("direct", torch.float16, (128, 64, 0)): (80,),
-}
 
 
-# TMA tiles that spill on 1x1 convolutions (rows not shifted: the tile goes from shared memory
-# straight to the tensor cores, with a different register allocation) only when the statistics
-# and the eval epilogue (scale/shift or residual) are on together, the "all" flag set: 12 bytes
-# on sm_90 at 255 registers; training (statistics) and fused eval (scale/shift, residual, ReLU)
-# alone compile without spills and keep them. (dtype, (BLOCK_M, BLOCK_N, BLOCK_K)) -> cc.
-_TMA_1X1_FULL_EPILOGUE_SPILLING_TILES = {
-    (dtype, tile): (90,)
-    for dtype in (torch.float16, torch.bfloat16) for tile in ((128, 128, 32), (128, 128, 64))
-}
-
-
-def _full_epilogue_1x1(geom: Mapping[str, int], flags: Mapping[str, object]) -> bool:
-    """A 1x1 convolution with the statistics and scale/shift or residual epilogue together."""
-    return (geom.get("R"), geom.get("S")) == (1, 1) and bool(flags.get("STATS")) and bool(
-        flags.get("HAS_AFFINE") or flags.get("HAS_RES"))
-
-
-def _spill_reason(
-    kernel: str, cfg: triton.Config, dtype: torch.dtype | None, cc: int | None,
-    prologue: bool = False,
-) -> str | None:
-    tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs.get("BLOCK_K", 0))
-    dname = str(dtype).removeprefix("torch.")
-    if cc in _SPILLING_TILES.get((kernel, dtype, tile), ()):
-        return f"spills registers in {dname} on sm_{cc}"
-    if prologue and cc in _PROLOGUE_SPILLING_TILES.get((kernel, dtype, tile), ()):
-        return f"spills registers with the prologue in {dname} on sm_{cc}"
-    return None
+def _flag_sets(ints: Mapping[str, int], flags: Mapping[str, object]) -> tuple[str, ...]:
+    """The _UNFIT_TILES flag sets a launch with integer arguments ``ints`` and constexpr
+    ``flags`` falls under ("" always)."""
+    return ("", *(name for name, holds in _FLAG_SETS.items() if holds(ints, flags)))
 
 
 def _tma_unfit(
@@ -246,56 +246,51 @@ def _tma_unfit(
     return None
 
 
-def _gemm_unfit(
-    cfg: triton.Config, kg: int, cg: int, flat: bool, dtype: torch.dtype | None, cc: int | None,
-    prologue: bool = False, no_tma: str | None = "no geometry given",
-    full_epilogue_1x1: bool = False,
+def _unfit(
+    kname: str, cfg: triton.Config, ints: Mapping[str, int], dtype: torch.dtype | None,
+    cc: int | None, flags: Mapping[str, object] | None = None, x_aligned: bool = True,
 ) -> str | None:
-    """Why the autotuner does not offer GEMM tile ``cfg`` for a problem (None: it does);
-    ``no_tma``: why the problem cannot use TMA tiles (_tma_unfit; None: it can);
-    ``full_epilogue_1x1``: a 1x1 conv with statistics and scale/shift or residual together."""
-    if cfg.kwargs.get("TMA"):
-        if no_tma is not None:
-            return no_tma
-        tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"])
-        if full_epilogue_1x1 and cc in _TMA_1X1_FULL_EPILOGUE_SPILLING_TILES.get((dtype, tile), ()):
-            return f"TMA tile spills with the full epilogue on 1x1 convs on sm_{cc}"
-    if cfg.kwargs["BLOCK_N"] > max(32, triton.next_power_of_2(kg)):
-        return f"BLOCK_N much wider than the {kg} output channels per group"
-    if not flat and cfg.kwargs["BLOCK_K"] > max(32, triton.next_power_of_2(cg)):
-        return f"BLOCK_K much wider than the {cg} input channels per group"
-    return _spill_reason("gemm_flat" if flat else "gemm", cfg, dtype, cc, prologue)
+    """Why the autotuner does not offer ``cfg`` of kernel ``kname`` ("gemm", "gemm_flat",
+    "direct") for a problem with integer arguments ``ints`` and constexpr ``flags`` on target
+    ``cc`` (None: it does); ``x_aligned``: x's data pointer is 16-byte aligned. TMA tiles need a
+    problem they can run on (_tma_unfit); tiles much wider than the channels they span are
+    dropped; then _UNFIT_TILES."""
+    kw = cfg.kwargs
+    if kw.get("TMA") and (why := _tma_unfit(ints, kname == "gemm_flat", dtype, cc, x_aligned)):
+        return why
+    if kname == "direct":
+        if kw["BLOCK_N"] > max(16, triton.next_power_of_2(ints["K"])):
+            return f"BLOCK_N much wider than the {ints['K']} output channels"
+    else:
+        if kw["BLOCK_N"] > max(32, triton.next_power_of_2(ints["Kg"])):
+            return f"BLOCK_N much wider than the {ints['Kg']} output channels per group"
+        if kname == "gemm" and kw["BLOCK_K"] > max(32, triton.next_power_of_2(ints["Cg"])):
+            return f"BLOCK_K much wider than the {ints['Cg']} input channels per group"
+    tile = tuple(kw.values())
+    for fset in _flag_sets(ints, flags or {}):
+        if why := _UNFIT_TILES.get((kname, dtype, tile, fset), {}).get(cc):
+            return f"{why} in {str(dtype).removeprefix('torch.')} on sm_{cc}"
+    return None
 
 
-def _direct_unfit(
-    cfg: triton.Config, k: int, dtype: torch.dtype | None, cc: int | None,
-    prologue: bool = False,
-) -> str | None:
-    """Why the autotuner does not offer direct-conv tile ``cfg`` for a problem (None: it does)."""
-    if cfg.kwargs["BLOCK_N"] > max(16, triton.next_power_of_2(k)):
-        return f"BLOCK_N much wider than the {k} output channels"
-    return _spill_reason("direct", cfg, dtype, cc, prologue)
+def _pruner(kname: str):
+    """The early_config_prune function of kernel ``kname`` ("gemm", whose FLAT_K launches are
+    "gemm_flat", or "direct"): the configurations :func:`_unfit` accepts for the launch's
+    arguments, flags, dtype and device; if none is, every one but the TMA tiles (which may not
+    run there)."""
+    def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+        name = "gemm_flat" if kname == "gemm" and kwargs.get("FLAT_K") else kname
+        x = nargs.get("x_ptr")
+        dtype, cc = getattr(x, "dtype", None), _tuning.target(x)
+        aligned = isinstance(x, torch.Tensor) and x.data_ptr() % 16 == 0
+        return ([c for c in configs if _unfit(name, c, nargs, dtype, cc, kwargs, aligned) is None]
+                or [c for c in configs if not c.kwargs.get("TMA")])
+    prune.__name__ = f"_prune_{kname}"
+    return prune
 
 
-def _prune_gemm(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop GEMM tiles much wider than a group's output channels or its reduction slab, and
-    those that spill for this dtype, target and prologue."""
-    x = nargs.get("x_ptr")
-    flat, dtype, cc = bool(kwargs.get("FLAT_K")), getattr(x, "dtype", None), _tuning.target(x)
-    aligned = isinstance(x, torch.Tensor) and x.data_ptr() % 16 == 0
-    problem = (nargs["Kg"], nargs["Cg"], flat, dtype, cc, bool(kwargs.get("IN_AFFINE")),
-               _tma_unfit(nargs, flat, dtype, cc, aligned), _full_epilogue_1x1(nargs, kwargs))
-    return [c for c in configs if _gemm_unfit(c, *problem) is None] or [
-        c for c in configs if not c.kwargs.get("TMA")]  # never a TMA tile that cannot run
-
-
-def _prune_direct(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop channel tiles much wider than the number of output channels, and those that spill
-    for this dtype, target and prologue."""
-    x = nargs.get("x_ptr")
-    problem = (nargs["K"], getattr(x, "dtype", None), _tuning.target(x),
-               bool(kwargs.get("IN_AFFINE")))
-    return [c for c in configs if _direct_unfit(c, *problem) is None] or configs
+_prune_gemm = _pruner("gemm")
+_prune_direct = _pruner("direct")
 
 
 # Partial-statistics buffers are sized for this many rows per tile (the most tiles).
@@ -978,13 +973,14 @@ def compile_specs() -> list[CompileSpec]:
     """
     plain = [c for c in GPU_GEMM_CONFIGS if not c.kwargs.get("TMA")]
     tma = [c for c in GPU_GEMM_CONFIGS if c.kwargs.get("TMA")]
-    kernels = [  # (name, kernel, configurations, extra constexprs, shape classes, tensor cores)
-        ("conv_gemm", _conv_gemm_kernel, plain, {"FLAT_K": False}, ("3x3s2", "1x1"), True),
-        ("conv_gemm_flat", _conv_gemm_kernel, plain, {"FLAT_K": True}, ("stem",), True),
-        ("conv_direct", _conv_direct_kernel, GPU_DIRECT_CONFIGS, {}, ("grouped",), False),
+    kernels = [  # (_UNFIT_TILES name, kernel, configurations, extra constexprs, shape classes,
+        # tensor cores)
+        ("gemm", _conv_gemm_kernel, plain, {"FLAT_K": False}, ("3x3s2", "1x1"), True),
+        ("gemm_flat", _conv_gemm_kernel, plain, {"FLAT_K": True}, ("stem",), True),
+        ("direct", _conv_direct_kernel, GPU_DIRECT_CONFIGS, {}, ("grouped",), False),
         # the sm_90 TMA tiles, fp16/bf16, on the stride-1 classes they serve (no unspecialised
         # compile: an unaligned launch never gets them)
-        ("conv_gemm", _conv_gemm_kernel, tma, {"FLAT_K": False}, ("1x1", "3x3s1"), True),
+        ("gemm", _conv_gemm_kernel, tma, {"FLAT_K": False}, ("1x1", "3x3s1"), True),
     ]
     specs = []
     for dtype in DTYPES:
@@ -997,19 +993,18 @@ def compile_specs() -> list[CompileSpec]:
                 continue
             variants = [  # (epilogue, configuration, shape class)
                 *(("all", cfg, cls) for cfg in cfgs for cls in classes),
-                *((epi, _largest(kname, cfgs, first, dtype, flags["IN_AFFINE"]), classes[0])
+                *((epi, _largest(kname, cfgs, first, dtype, flags), classes[0])
                   for epi, flags in EPILOGUES.items() if epi != "all"),
-                *(() if is_tma else
-                  (("all", _largest(kname, cfgs, first, dtype, False), UNSPECIALISED),)),
+                *(() if is_tma else ((
+                    "all", _largest(kname, cfgs, first, dtype, EPILOGUES["all"]), UNSPECIALISED),)),
             ]
             for epi, cfg, cls in variants:
                 ints = SHAPE_CLASSES.get(cls)
-                prologue = EPILOGUES[epi]["IN_AFFINE"]
                 pruned = {} if ints is None else {
                     cc: why for cc in TARGETS
-                    if (why := _unfit(kname, cfg, ints, dtype, cc, prologue, EPILOGUES[epi]))}
+                    if (why := _unfit(kname, cfg, ints, dtype, cc, EPILOGUES[epi]))}
                 specs.append(CompileSpec(
-                    name=f"{kname}-{dname}-{epi}-{_cfg_name(cfg)}-{cls}",
+                    name=f"conv_{kname}-{dname}-{epi}-{_cfg_name(cfg)}-{cls}",
                     kernel=kernel,
                     signature=sig,
                     constexprs={**EPILOGUES[epi], **extra, "INTERPRET": False,
@@ -1027,28 +1022,13 @@ def compile_specs() -> list[CompileSpec]:
 
 def _largest(
     kname: str, cfgs: list[triton.Config], ints: dict[str, int], dtype: torch.dtype,
-    prologue: bool,
+    flags: Mapping[str, object],
 ) -> triton.Config:
-    """The largest tile of ``kname`` offered on every target for a shape class (else the
-    largest), with or without the activation prologue."""
+    """The largest tile of ``kname`` offered on every target for a shape class and epilogue
+    flags (else the largest)."""
     offered = [c for c in cfgs
-               if not any(_unfit(kname, c, ints, dtype, cc, prologue) for cc in TARGETS)]
+               if not any(_unfit(kname, c, ints, dtype, cc, flags) for cc in TARGETS)]
     return max(offered or cfgs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-
-
-def _unfit(
-    kname: str, cfg: triton.Config, ints: dict[str, int], dtype: torch.dtype, cc: int,
-    prologue: bool = False, flags: Mapping[str, object] | None = None,
-) -> str | None:
-    """Why the autotuner would not offer ``cfg`` of kernel ``kname`` for a shape class on ``cc``
-    (with the activation prologue if ``prologue``; ``flags``: the epilogue flag set compiled,
-    default the training one)."""
-    if kname == "conv_direct":
-        return _direct_unfit(cfg, ints["K"], dtype, cc, prologue)
-    flat = kname == "conv_gemm_flat"
-    return _gemm_unfit(cfg, ints["Kg"], ints["Cg"], flat, dtype, cc, prologue,
-                       _tma_unfit(ints, flat, dtype, cc),
-                       _full_epilogue_1x1(ints, flags or EPILOGUES["train"]))
 
 
 def _cfg_name(cfg: triton.Config) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 
 import fastres
 from fastres.nn import ConvBNReLU
@@ -42,4 +43,17 @@ def test_conv_bn_relu_module_makes_no_host_sync(momentum: float | None) -> None:
         m.eval()
         with torch.no_grad():
             m(x)
+    assert not syncs, syncs
+
+
+def test_block_with_mixed_momenta_makes_no_host_sync() -> None:
+    """A block whose BatchNorms mix ``momentum=None`` (a 0-d tensor factor) with float momenta:
+    the running-statistics update never compares a float with the tensor on the host."""
+    block = fastres.fuse(torch.nn.Sequential(torchvision.models.resnet.Bottleneck(16, 4)))[0]
+    block.bn2.momentum = None
+    x = torch.randn(2, 16, 5, 5, requires_grad=True)
+    with count_host_syncs() as syncs:
+        for _ in range(2):
+            block(x).sum().backward()
+    assert block.block_reason() is None  # the block op served it
     assert not syncs, syncs

@@ -487,8 +487,8 @@ def update_running_stats(running_means: Sequence[Tensor], running_vars: Sequence
             if means[i].dtype != rm.dtype or unbiased_vars[i].dtype != rv.dtype:
                 means[i], unbiased_vars[i] = means[i].to(rm.dtype), unbiased_vars[i].to(rv.dtype)
         first = momenta[0]
-        if not isinstance(first, Tensor) and all(m == first and not isinstance(m, Tensor)
-                                                 for m in momenta):
+        # isinstance first: comparing a float with a 0-d tensor would read it on the host
+        if all(not isinstance(m, Tensor) and m == first for m in momenta):
             # a tensor weight would be read on the host here: floats only
             torch._foreach_lerp_([*running_means, *running_vars], [*means, *unbiased_vars], first)
             return

@@ -12,7 +12,12 @@ the implementation directly, unless something would see or reroute the dispatch:
 * a ``TorchDispatchMode`` (``FakeTensorMode``, ``FlopCounterMode``, functionalization...);
 * a ``TorchFunctionMode`` (``with torch.device(...)`` too) or a tensor subclass argument;
 * functorch transforms (``vmap``, ``grad``);
-* the profiler (traces keep the ``fastres::`` op names).
+* the profiler (traces keep the ``fastres::`` op names);
+* the JIT tracer (``torch.jit.trace``, the legacy ONNX export: it records dispatched ops only,
+  and would miss every kernel launch);
+* an argument that requires grad while grad mode is on (the implementation runs below
+  autograd: a double backward must reach the dispatcher, which refuses it, rather than
+  differentiate the backward's arithmetic).
 
 Those take the dispatcher path, as every call did before.
 """
@@ -34,6 +39,8 @@ def can_skip_dispatcher(tensors: Sequence[torch.Tensor | None]) -> bool:
         or torch._C._has_torch_function(tensors)
         or torch._C._are_functorch_transforms_active()
         or torch._C._autograd._profiler_enabled()
+        or torch._C._get_tracing_state() is not None
+        or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
     )
 
 

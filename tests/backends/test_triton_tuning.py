@@ -192,3 +192,16 @@ def _constexprs(fn) -> set[str]:
     return {name for name, p in inspect.signature(fn).parameters.items()
             if p.annotation is triton.language.constexpr
             or str(p.annotation).endswith("constexpr")}
+
+
+def test_last_config_is_per_thread():
+    """The conv launcher reads ``last_config`` right after its launch to slice the per-tile
+    statistics: a launch on another thread (``nn.DataParallel`` replicas) must not change it."""
+    import threading
+
+    kernel, (mine, theirs) = conv._gemm, conv.GPU_GEMM_CONFIGS[:2]
+    kernel.last_config = mine
+    other = threading.Thread(target=lambda: setattr(kernel, "last_config", theirs))
+    other.start()
+    other.join()
+    assert kernel.last_config is mine

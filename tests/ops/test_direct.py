@@ -3,6 +3,7 @@ anything that watches or reroutes dispatch still sees the ops, and both paths gi
 bits (see :mod:`fastres.ops.direct`)."""
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -103,7 +104,10 @@ def test_fake_tensors_reach_the_fake_kernel():
 
 def test_what_makes_a_call_go_through_the_dispatcher():
     t, p = torch.randn(2), nn.Parameter(torch.randn(2))
-    assert can_skip_dispatcher((t, p, None))  # a Parameter is not a subclass that intercepts
+    assert not can_skip_dispatcher((t, p, None))  # grad mode on and p requires grad
+    with torch.no_grad():  # as inside an autograd.Function's forward
+        assert can_skip_dispatcher((t, p, None))  # a Parameter is no intercepting subclass
+    assert can_skip_dispatcher((t, p.detach(), None))
 
     class Logged(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -118,6 +122,11 @@ def test_what_makes_a_call_go_through_the_dispatcher():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
         assert not can_skip_dispatcher((t,))
     assert not can_skip_dispatcher((t, t.as_subclass(_Subclass)))
+    inside_trace = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated
+        torch.jit.trace(lambda v: inside_trace.append(can_skip_dispatcher((v,))) or v * 2, t)
+    assert False in inside_trace
     inside_vmap = []
     torch.func.vmap(lambda v: inside_vmap.append(can_skip_dispatcher((v,))) or v)(t)
     assert inside_vmap == [False]
@@ -126,3 +135,29 @@ def test_what_makes_a_call_go_through_the_dispatcher():
 
 class _Subclass(torch.Tensor):
     """A tensor subclass with the default ``__torch_function__`` (it can intercept calls)."""
+
+
+def test_jit_trace_records_the_op():
+    """The tracer records dispatched ops only: a direct call would leave the kernels out of the
+    trace (on a GPU, a trace holding just the output's allocation)."""
+    model = _model("conv_bn_relu").eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer on the shape checks; its deprecation
+        traced = torch.jit.trace(model, x)
+    assert "fastres::conv_bn_relu_fwd" in {n.kind() for n in traced.graph.nodes()}
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_double_backward_is_refused_not_wrong(op):
+    """With create_graph=True the backward runs in grad mode on tensors that require grad: it
+    goes through the dispatcher, whose backward op has no autograd formula, and the second
+    backward raises (a direct call would differentiate the backward's arithmetic: wrong)."""
+    model = _model(op).train()
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    weight = next(model.parameters())
+    (grad,) = torch.autograd.grad(model(x).square().sum(), weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        grad.sum().backward()

@@ -14,7 +14,7 @@ Every multi-configuration kernel is wrapped by :func:`autotune` instead of ``tri
   that survives pruning: no timing, one compile per kernel variant. (``triton.autotune`` with a
   single surviving configuration still benchmarks it on triton 3.6, ~125 ms per key.)
 
-Either way :attr:`Tuned.last_config` says which configuration the last launch ran (the conv
+Either way :attr:`Tuned.last_config` says which configuration this thread's last launch ran (the conv
 launcher needs its BLOCK_M to slice the per-tile statistics), and :meth:`Tuned.forced` pins one
 configuration (the GPU test that checks every configuration the autotuner may pick).
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -101,7 +102,7 @@ class Tuned:
         self.configs = list(configs)
         self.key = list(key)  # the launch arguments a tuned choice is kept per (with dtypes)
         self.prune = prune
-        self.last_config: triton.Config | None = None
+        self._last = threading.local()  # per thread: read right after a launch (conv.py)
         self._forced: triton.Config | None = None
         self._tuner = None
         self._chosen: dict[tuple, triton.Config] = {}  # launch signature -> configuration
@@ -111,6 +112,16 @@ class Tuned:
             self._tuner = triton.autotune(
                 configs=self.configs, key=self.key, prune_configs_by=by, **_CACHE_KW
             )(fn)
+
+    @property
+    def last_config(self) -> triton.Config | None:
+        """The configuration this thread's last launch ran (another thread's launches, e.g.
+        ``nn.DataParallel``'s replicas, do not change it)."""
+        return getattr(self._last, "config", None)
+
+    @last_config.setter
+    def last_config(self, config: triton.Config | None) -> None:
+        self._last.config = config
 
     @property
     def tuning(self) -> bool:

@@ -14,9 +14,9 @@ Every multi-configuration kernel is wrapped by :func:`autotune` instead of ``tri
   that survives pruning: no timing, one compile per kernel variant. (``triton.autotune`` with a
   single surviving configuration still benchmarks it on triton 3.6, ~125 ms per key.)
 
-Either way :attr:`Tuned.last_config` says which configuration this thread's last launch ran (the conv
-launcher needs its BLOCK_M to slice the per-tile statistics), and :meth:`Tuned.forced` pins one
-configuration (the GPU test that checks every configuration the autotuner may pick).
+Either way :attr:`Tuned.last_config` says which configuration this thread's last launch ran (the
+conv launcher needs its BLOCK_M to slice the per-tile statistics), and :meth:`Tuned.forced` pins
+one configuration (the GPU test that checks every configuration the autotuner may pick).
 """
 
 from __future__ import annotations

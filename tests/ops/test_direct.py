@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
+from fastres.backends import record_calls
 from fastres.ops.direct import can_skip_dispatcher
 
 OPS = {  # module → the custom ops it calls, by attribute name
@@ -62,16 +63,24 @@ class _LogOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(("device", "backend", "served_by"), [
+    ("cpu", "reference", "reference"),
+    ("cpu", "triton", "triton"),  # the Triton interpreter
+    pytest.param("cuda", "auto", "triton", marks=pytest.mark.gpu),  # Triton on the GPU
+])
 @pytest.mark.parametrize("op", OPS)
-def test_eager_training_step_skips_the_dispatcher_with_the_same_bits(monkeypatch, op, device):
-    """On CUDA the auto backend is Triton: the same kernels either way, launched on x's
-    device from inside the implementation."""
+def test_eager_training_step_skips_the_dispatcher_with_the_same_bits(monkeypatch, op, device,
+                                                                     backend, served_by):
+    """The same kernels either way, launched on x's device from inside the implementation."""
+    if backend == "triton" and fastres.backends.load("triton") is None:
+        pytest.skip("triton not importable")
     x = torch.randn(2, 8, 6, 6, device=device).contiguous(memory_format=torch.channels_last)
     calls = _count_dispatches(monkeypatch, op)
-    direct = _step(_model(op, device), x)
+    with fastres.use_backend(backend), record_calls() as served:
+        direct = _step(_model(op, device), x)
     assert calls == []
-    with _LogOps():  # a dispatch mode: every call goes through the dispatcher
+    assert {c.backend for c in served} == {served_by}
+    with _LogOps(), fastres.use_backend(backend):  # a dispatch mode: every call dispatched
         dispatched = _step(_model(op, device), x)
     assert calls == list(OPS[op][1])
     for a, b in zip(direct, dispatched, strict=True):

@@ -339,6 +339,32 @@ def _tf32_rounded(v):
 
 
 @triton.jit
+def _dot_weight_rows(
+    acc,  # (BLOCK_M, BLOCK_N) fp32 accumulator
+    a,  # (BLOCK_M, BLOCK_K) input tile in x's dtype
+    rows,  # (BLOCK_K,) rows of the group's packed weight matrix: reduction index (r·S + s)·Cg + c
+    rows_ok,  # (BLOCK_K,) the rows that exist (the rest load 0)
+    w_g,  # this group's packed weight matrix (R·S·Cg, Kg)
+    offs_n,  # (BLOCK_N,) output channels within the group
+    n_ok,  # (BLOCK_N,) the output channels that exist
+    Kg,  # output channels per group: the matrix's row stride
+    x_ptr,  # the input pointer: its element type is the operands' dtype
+    INTERPRET: tl.constexpr,  # running in the interpreter
+):
+    """``acc + a · W[rows, offs_n]``, the weight tile loaded here; the one multiply-accumulate
+    step of every input path of _conv_gemm_kernel (TMA, flat K, per-tap slabs)."""
+    b = tl.load(w_g + rows[:, None] * Kg + offs_n[None, :],
+                mask=rows_ok[:, None] & n_ok[None, :], other=0.0)
+    if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 products are exact
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    elif x_ptr.dtype.element_ty == tl.float32:  # TF32 tensor cores: round, not truncate
+        a = _tf32_rounded(a)
+        b = _tf32_rounded(b)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _activated(
     v,  # loaded input elements (any float dtype; masked-off elements are ignored)
     scale,  # per-channel fp32 scale of the previous BN, broadcastable to v
@@ -530,15 +556,8 @@ def _conv_gemm_kernel(
                     )
                 else:
                     a = tl.where(row_ok[:, None], a, 0.0)
-            b = tl.load(
-                w_g + (rs * Cg + ck)[:, None] * Kg + offs_n[None, :],
-                mask=ck_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 products are exact
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = _dot_weight_rows(acc, a, rs * Cg + ck, ck_ok, w_g, offs_n, n_ok, Kg, x_ptr,
+                                   INTERPRET)
     elif FLAT_K:
         # Reduction index kk = (r·S + s)·Cg + c, decoded per element: the packed weight matrix
         # has exactly this row order, so its tile load is a plain 2-D block.
@@ -565,18 +584,7 @@ def _conv_gemm_kernel(
                     tl.load(in_shift_ptr + x_ch, mask=kk_ok, other=0.0)[None, :],
                     a_mask, x_ptr, INTERPRET,
                 )
-            b = tl.load(
-                w_g + kk[:, None] * Kg + offs_n[None, :],
-                mask=kk_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 products are exact
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            elif x_ptr.dtype.element_ty == tl.float32:  # TF32 tensor cores: round, not truncate
-                a = _tf32_rounded(a)
-                b = _tf32_rounded(b)
-            acc = tl.dot(a, b, acc)
+            acc = _dot_weight_rows(acc, a, kk, kk_ok, w_g, offs_n, n_ok, Kg, x_ptr, INTERPRET)
     else:
         # One loop over (filter tap, channel slab) pairs rather than two nested loops: the
         # software pipeliner only overlaps loads with tl.dot across iterations of the innermost
@@ -604,18 +612,8 @@ def _conv_gemm_kernel(
                     tl.load(in_shift_ptr + x_ch, mask=ck_ok, other=0.0)[None, :],
                     a_mask, x_ptr, INTERPRET,
                 )
-            b = tl.load(
-                w_g + (rs * Cg + ck)[:, None] * Kg + offs_n[None, :],
-                mask=ck_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 products are exact
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            elif x_ptr.dtype.element_ty == tl.float32:  # TF32 tensor cores: round, not truncate
-                a = _tf32_rounded(a)
-                b = _tf32_rounded(b)
-            acc = tl.dot(a, b, acc)
+            acc = _dot_weight_rows(acc, a, rs * Cg + ck, ck_ok, w_g, offs_n, n_ok, Kg, x_ptr,
+                                   INTERPRET)
 
     _epilogue(
         acc, offs_m, m_ok, g * Kg + offs_n, n_ok, pid_m, M, K,

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import triton
 
+from .. import devices
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("FASTRES_TRITON_AUTOTUNE", "1") != "0"
 
@@ -63,11 +65,11 @@ def launched_configs(clear: bool = False) -> dict[str, str]:
 
 
 def target(x: torch.Tensor | None) -> int | None:
-    """The compiled target a tensor's device gets: 90 (Hopper and later) or 80; None off CUDA.
-    Keys the configurations pruned because they spill there (the kernel report)."""
-    if x is None or not x.is_cuda:
-        return None
-    return 90 if torch.cuda.get_device_capability(x.device)[0] >= 9 else 80
+    """The compile target whose code runs on a tensor's device (80, 86, 89, 90, 100, 120, 75,
+    70; see :mod:`fastres.backends.devices`); None off CUDA. Keys the configurations pruned
+    because they spill or do not fit there (the kernel report)."""
+    cls = devices.device_class(x) if x is not None else None
+    return None if cls is None else cls.target
 
 
 class _TorchAllocator:

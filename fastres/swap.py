@@ -263,7 +263,7 @@ def _bn_act_view(conv: nn.Conv2d, norm: nn.Module) -> ConvBNReLU:
     """
     view = ConvBNReLU.__new__(ConvBNReLU)
     nn.Module.__init__(view)
-    view.conv, view.bn, view.relu = conv, norm, True
+    view.conv, view.bn, view.relu, view.act = conv, norm, True, "relu"
     return view
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import fastres
 from fastres.nn import BasicBlock, Bottleneck
-from fastres.nn.stem import FoldedBatchNorm2d, FoldedSyncBatchNorm, StemConv2d
+from fastres.nn.stem import FoldedBatchNorm2d, StemConv2d
 from fastres.swap import FusedPreAct, FusedSequential, FuseError, fuse_report
 from tests.models._util import check_equivalent, check_sgd_step, randomize_bn
 from tests.numerics import assert_close_ratio
@@ -189,7 +189,6 @@ def test_strict_lists_every_reason_and_changes_nothing():
     (lambda: timm.create_model("resnet18", pretrained=False, act_layer=nn.SiLU), "SiLU"),
     (lambda: timm.create_model("resnet18", pretrained=False, aa_layer=nn.AvgPool2d),
      "anti-aliasing"),
-    (lambda: torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d), "FrozenBatchNorm2d"),
 ])
 def test_unfusable_blocks_are_left_with_reason(make, expected):
     model = make()
@@ -339,8 +338,8 @@ def frozen(bn: nn.BatchNorm2d) -> nn.Module:
 @pytest.mark.parametrize("replace", ["sync", "frozen"])
 def test_stem_bn_replaced_after_fuse(replace):
     """A stem BN replaced after fusing breaks the stem's link. A SyncBatchNorm (eval: it runs on
-    CPU) is folded in anew at the next call; a FrozenBatchNorm2d cannot be, and then conv1, bn1
-    and the ReLU each run once, unfused. Either way the output is the replaced model's."""
+    CPU) and a FrozenBatchNorm2d are folded in anew at the next call. Either way the output
+    is the replaced model's."""
     original = randomize_bn(tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=4)).eval()
     fused = fastres.fuse(original)
     if replace == "sync":
@@ -353,8 +352,12 @@ def test_stem_bn_replaced_after_fuse(replace):
     with torch.no_grad():
         outs = [fused(x), original(x), copy.deepcopy(original).double()(x.double())]
     assert_close_ratio("output", outs[0], outs[2], outs[1])
-    expected = FoldedSyncBatchNorm if replace == "sync" else FrozenBatchNorm2d
-    assert type(fused.bn1) is expected
+    plain = nn.SyncBatchNorm if replace == "sync" else FrozenBatchNorm2d
+    assert isinstance(fused.bn1, plain) and type(fused.bn1).__name__ == f"Folded{plain.__name__}"
+
+
+class OddBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d subclass: its forward could differ, so it is never fused."""
 
 
 def test_sequential_child_replaced_after_fuse():
@@ -365,7 +368,7 @@ def test_sequential_child_replaced_after_fuse():
     fused = fastres.fuse(original)
     new = randomize_bn(nn.BatchNorm2d(8), seed=3)
     fused[1], original[1] = new, copy.deepcopy(new)
-    fused[4], original[4] = frozen(fused[4]), frozen(original[4])
+    fused[4], original[4] = OddBatchNorm2d(4), OddBatchNorm2d(4)
     check_equivalent(original.eval(), fused.eval(), torch.randn(2, 3, 9, 9), train=False,
                      backward=False)
     assert fused._runs[0][0].bn is new and 3 not in fused._runs
@@ -451,3 +454,16 @@ def test_checkpoint_without_num_batches_tracked_loads_as_in_pytorch():
     assert "Missing key(s)" in errors[0] and errors[0] == errors[1]
     assert all(int(t) == 3 for k, t in fused.state_dict().items() if "num_batches" in k)
     check_equivalent(plain, fused, torch.randn(2, 3, 32, 32), train=True)
+
+
+def test_frozen_batchnorm_pairs_fuse_with_gradients_for_input_and_weight_only():
+    """torchvision's FrozenBatchNorm2d (detection backbones): a fixed affine fused per layer, in
+    training as in eval; its buffers get no gradient and do not move."""
+    original = randomize_bn(torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d,
+                                                        num_classes=5))
+    fused = fuse_quietly(original)
+    assert type(fused.conv1) is StemConv2d
+    blocks = [m for m in fused.modules() if isinstance(m, fastres.nn.BasicBlock)]
+    assert len(blocks) == 8 and all(not b.unfused_reasons for b in blocks)
+    check_equivalent(original, fused, torch.randn(2, 3, 48, 48), train=True)
+    assert all(b.grad is None for b in fused.buffers())

@@ -60,6 +60,7 @@ class ConvBNReLU(nn.Module):
         momentum: float | None = 0.1,
         relu: bool = True,
         *,
+        act: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -69,30 +70,77 @@ class ConvBNReLU(nn.Module):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **kw
         )
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **kw)
-        self.relu = relu
+        self.act = activation(relu, act)
+        self.relu = self.act == "relu"
 
     @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> ConvBNReLU:
-        """Wrap existing modules; parameters and buffers are shared, not copied."""
-        check_fusable(conv, bn)
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.Module, relu: bool = True,
+                     act: str | None = None) -> ConvBNReLU:
+        """Wrap existing modules (``bn`` a BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d);
+        parameters and buffers are shared, not copied. ``act`` names the activation (see
+        :func:`activation`)."""
+        name = activation(relu, act)
+        check_fusable(conv, bn, name)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.conv = conv
         self.bn = bn
-        self.relu = relu
+        self.act = name
+        self.relu = name == "relu"
         return self
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        return run_fused(self.conv, self.bn, x, residual, self.relu)
+        return run_fused(self.conv, self.bn, x, residual, act=self.act or "none")
 
     def extra_repr(self) -> str:
-        return f"relu={self.relu}"
+        return f"act={self.act}"
 
 
-def run_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Tensor | None = None,
-              relu: bool = True) -> Tensor:
-    """``relu(bn(conv(x)) + residual)`` as one fused op over the modules' own parameters and
-    buffers (running statistics and ``num_batches_tracked`` updated as BatchNorm does). A
+# Activations the fused ops apply after the BN (and the residual add); None: none.
+ACTIVATIONS = ("relu", "silu")
+
+
+def activation(relu: bool = True, act: str | None = None) -> str | None:
+    """The activation name from the ``relu`` flag and an optional ``act`` name, which wins:
+    ``"relu"``, ``"silu"``, or None for none (``act="none"`` or ``"identity"`` too)."""
+    if act is None:
+        return "relu" if relu else None
+    if not isinstance(act, str):
+        raise TypeError(f"act must be a str or None, got {type(act).__name__}")
+    name = act.lower()
+    if name in ("none", "identity"):
+        return None
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {act!r}; fastres fuses "
+                         f"{', '.join(ACTIVATIONS)} or none")
+    return name
+
+
+def activation_of(module: nn.Module | None) -> tuple[str | None, str | None]:
+    """``(activation name, None)`` for an activation module the fused ops apply exactly
+    (``nn.ReLU``, ``nn.SiLU``; None or ``nn.Identity``: no activation), else ``(None, reason)``."""
+    if module is None or type(module) is nn.Identity:
+        return None, None
+    if type(module) is nn.ReLU:
+        return "relu", None
+    if type(module) is nn.SiLU:
+        return "silu", None
+    return None, f"{type(module).__name__} is not an activation fastres fuses (ReLU, SiLU)"
+
+
+def is_frozen_bn(bn: nn.Module) -> bool:
+    """torchvision's or timm's ``FrozenBatchNorm2d``: a fixed per-channel affine from buffers
+    (weight, bias, running_mean, running_var, eps), in training as in eval."""
+    return any(cls.__name__ == "FrozenBatchNorm2d" and cls.__module__.startswith(
+        ("torchvision.", "timm.")) for cls in type(bn).__mro__)
+
+
+def run_fused(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Tensor | None = None,
+              relu: bool = True, act: str | None = None) -> Tensor:
+    """``act(bn(conv(x)) + residual)`` as one fused op over the modules' own parameters and
+    buffers (running statistics and ``num_batches_tracked`` updated as BatchNorm does; a
+    FrozenBatchNorm2d is a fixed affine: its buffers normalise, in training too, and get no
+    gradient). ``act`` as in :func:`activation` (default: ReLU if ``relu``). A
     ``SyncBatchNorm`` that synchronises in this call (training, a process group of more than
     one) goes through :func:`fastres.nn.sync_conv_bn.sync_conv_bn_relu`; otherwise it is
     BatchNorm, as in PyTorch.
@@ -100,6 +148,15 @@ def run_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Tensor |
     The modules must satisfy :func:`fusable_reason` up to their exact type (subclasses that keep
     the parent's attributes, such as the fused stem's, are served too).
     """
+    name = activation(relu, act)
+    if name == "silu":
+        raise NotImplementedError("conv_bn_relu: SiLU is not fused yet")
+    relu = name == "relu"
+    if is_frozen_bn(bn):
+        return conv_bn_relu(
+            x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bias=conv.bias,
+            training=False, eps=bn.eps, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, residual=residual, relu=relu)
     use_batch_stats, momentum = bn_momentum(bn)
     group = sync_group(bn)
     if group is not None:  # SyncBatchNorm in training: statistics over the process group
@@ -125,22 +182,28 @@ def run_fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, residual: Tensor |
     )
 
 
-def fusable_reason(conv: nn.Module, bn: nn.Module) -> str | None:
-    """None if ``conv`` → ``bn`` can run as :class:`ConvBNReLU` exactly, else why not."""
+def fusable_reason(conv: nn.Module, bn: nn.Module, act: str | None = "relu") -> str | None:
+    """None if ``conv`` → ``bn`` (→ activation ``act``) can run as :class:`ConvBNReLU`
+    exactly, else why not."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
-    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm"
+    frozen = is_frozen_bn(bn) and type(bn).__name__ == "FrozenBatchNorm2d"  # exact type
+    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not frozen:
+        return (f"{type(bn).__name__} is not a plain nn.BatchNorm2d, nn.SyncBatchNorm or "
+                "FrozenBatchNorm2d")
+    if act == "silu":
+        return "SiLU is not fused yet"
     if conv.padding_mode != "zeros":
         return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
     if isinstance(conv.padding, str):
         return f"conv padding={conv.padding!r} (only explicit padding is fused)"
-    if conv.out_channels != bn.num_features:
-        return f"conv has {conv.out_channels} outputs but bn has {bn.num_features} features"
+    features = bn.weight.shape[0] if is_frozen_bn(bn) else bn.num_features
+    if conv.out_channels != features:
+        return f"conv has {conv.out_channels} outputs but bn has {features} features"
     return None
 
 
-def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
-    reason = fusable_reason(conv, bn)
+def check_fusable(conv: nn.Module, bn: nn.Module, act: str | None = "relu") -> None:
+    reason = fusable_reason(conv, bn, act)
     if reason is not None:
         raise ValueError(f"cannot fuse {type(conv).__name__} + {type(bn).__name__}: {reason}")

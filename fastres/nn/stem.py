@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv_bn_relu import run_fused
+from .conv_bn_relu import activation_of, fusable_reason, run_fused
 
 Tensor = torch.Tensor
 
@@ -55,8 +55,8 @@ class StemConv2d(nn.Conv2d):
         link: StemLink = self.__dict__[LINK_ATTR]
         if not link.intact() and not _refold(link):
             return super().forward(x)
-        _, bn, _ = self.__dict__[LINK_ATTR].modules()
-        return run_fused(self, bn, x)
+        link = self.__dict__[LINK_ATTR]
+        return run_fused(self, link.modules()[1], x, act=link.act or "none")
 
     def extra_repr(self) -> str:
         _, bn_name, act_name = self.__dict__[LINK_ATTR].names
@@ -88,19 +88,30 @@ class FoldedReLU(_Folded, nn.ReLU):
     """The stem's activation: applied by ``conv1``'s fused op."""
 
 
-FOLDED = {nn.Conv2d: StemConv2d, nn.BatchNorm2d: FoldedBatchNorm2d,
-          nn.SyncBatchNorm: FoldedSyncBatchNorm, nn.ReLU: FoldedReLU}
+FOLDED: dict[type, type] = {nn.Conv2d: StemConv2d, nn.BatchNorm2d: FoldedBatchNorm2d,
+                             nn.SyncBatchNorm: FoldedSyncBatchNorm, nn.ReLU: FoldedReLU}
 PLAIN = {folded: plain for plain, folded in FOLDED.items()}
 
 
+def _folded_type(plain: type) -> type:
+    """The folded subclass of a stem module's plain type (made once for the norms and
+    activations without a named one above, e.g. FrozenBatchNorm2d or SiLU)."""
+    if plain not in FOLDED:
+        FOLDED[plain] = folded = type(f"Folded{plain.__name__}", (_Folded, plain), {
+            "__doc__": f"A stem's {plain.__name__} whose work conv1's fused op does.",
+            "__module__": __name__})
+        PLAIN[folded] = plain
+    return FOLDED[plain]
+
+
 def fold_stem(owner: nn.Module, conv_name: str, bn_name: str, act_name: str) -> None:
-    """Fuse ``owner``'s stem in place. The children must be exactly ``nn.Conv2d``,
-    ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) and ``nn.ReLU`` that
-    :func:`fastres.nn.conv_bn_relu.fusable_reason` accepts,
+    """Fuse ``owner``'s stem in place. The children must be a conv, norm and activation that
+    :func:`fastres.nn.conv_bn_relu.fusable_reason` accepts (exact types),
     and ``owner.forward`` must call them one after the other (torchvision's and timm's ResNet)."""
     link = StemLink(owner, conv_name, bn_name, act_name)
+    link.act = activation_of(_plain_view(link.modules()[2]))[0]
     for m in link.modules():
-        m.__class__ = FOLDED[_plain_type(m)]  # a module folded before is linked anew
+        m.__class__ = _folded_type(_plain_type(m))  # a module folded before is linked anew
         m.__dict__[LINK_ATTR] = link
 
 
@@ -108,13 +119,23 @@ def _plain_type(m: nn.Module | None) -> type | None:
     return None if m is None else PLAIN.get(type(m), type(m))
 
 
+def _plain_view(m: nn.Module | None) -> nn.Module | None:
+    """``m`` as its plain class would see it, for the fusability check (no copy: a bare
+    instance of the plain type sharing ``m``'s attribute dict)."""
+    if m is None:
+        return None
+    view = _plain_type(m).__new__(_plain_type(m))
+    view.__dict__ = m.__dict__
+    return view
+
+
 def _refold(link: StemLink) -> bool:
     """A stem module was replaced since folding (e.g. ``bn1`` by ``convert_sync_batchnorm``):
-    fold the owner's current three again if they still form conv → BN → ReLU. False if not."""
-    conv, bn, act = link.modules()
-    if (_plain_type(conv) is not nn.Conv2d or _plain_type(act) is not nn.ReLU
-            or _plain_type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm)
-            or bn.num_features != conv.out_channels):
+    fold the owner's current three again if they still form conv → norm → activation. False if
+    not."""
+    conv, bn, act = (_plain_view(m) for m in link.modules())
+    name, why = activation_of(act)
+    if act is None or why is not None or fusable_reason(conv, bn, name) is not None:
         return False
     fold_stem(link.owner, *link.names)
     return True

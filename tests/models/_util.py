@@ -15,8 +15,9 @@ def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
+            frozen = type(m).__name__ == "FrozenBatchNorm2d"  # torchvision's / timm's
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) or frozen:
+                c = m.weight.shape[0]
                 m.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(c, generator=g) * 0.2)
                 m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)

@@ -48,7 +48,7 @@ def test_from_modules_shares_parameters_and_buffers():
 def test_from_modules_rejects_what_it_cannot_fuse():
     with pytest.raises(ValueError, match="padding_mode='reflect'"):
         ConvBNReLU.from_modules(nn.Conv2d(4, 8, 3, padding_mode="reflect"), nn.BatchNorm2d(8))
-    with pytest.raises(ValueError, match="is not a plain nn.BatchNorm2d or nn.SyncBatchNorm"):
+    with pytest.raises(ValueError, match="BatchNorm1d is not a plain nn.BatchNorm2d"):
         ConvBNReLU.from_modules(nn.Conv2d(4, 8, 3), nn.BatchNorm1d(8))
 
 

@@ -3,7 +3,9 @@
 Install torch first, then ``pip install --no-build-isolation -e .`` (torch is deliberately not a
 build requirement). The extension is built when torch is importable, torch is a CUDA build and a
 CUDA toolkit (nvcc plus headers) is found; otherwise the package installs without it and says why.
-``FASTRES_NO_CUDA_EXT=1`` skips it on purpose.
+``FASTRES_NO_CUDA_EXT=1`` skips it on purpose. The GPU architectures come from
+``TORCH_CUDA_ARCH_LIST`` when set, else :data:`DEFAULT_ARCHS` (see :func:`cuda_archs`); the
+library records them (``torch.ops.fastres_cuda.built_archs()``) for the load-time device check.
 
 Layout of csrc/: the ``.cu`` files are plain CUDA C++ (no torch headers, seconds to compile) behind
 the C-style launcher API of ``csrc/kernels.h``; ``csrc/ops.cpp`` is the only file that includes

@@ -7,6 +7,7 @@ reasons), what ``fastres info`` says, and which GPUs the built CUDA extension ca
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -380,3 +381,52 @@ print(sorted(m for m in sys.modules if m.startswith("fastres.ops")))
                     continue
                 assert not any(n.strip(".").startswith("fastres.ops") for n in names), (path, names)
     assert backends._call_timer is not None  # importing fastres registered the op layer's
+
+
+# ---------------------------------------------------------------------------------------------
+# The architectures setup.py builds the extension for
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py as a module, without running the build."""
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    monkeypatch.setenv("FASTRES_NO_CUDA_EXT", "1")
+    spec = importlib.util.spec_from_file_location("fastres_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+NVCC_13 = {"sm_75", "sm_80", "sm_86", "sm_87", "sm_88", "sm_89", "sm_90", "sm_100", "sm_110",
+           "sm_103", "sm_120", "sm_121"}  # nvcc 13.0 --list-gpu-code
+
+
+def test_default_architectures(setup_py):
+    assert setup_py.cuda_archs(None, NVCC_13) == list(DEFAULT_BUILD)
+    assert setup_py.cuda_archs("", None) == list(DEFAULT_BUILD)  # nvcc cannot say: all
+    # an older nvcc without Blackwell: what it can build, still with the PTX fallback
+    assert setup_py.cuda_archs(None, {"sm_80", "sm_86", "sm_89", "sm_90"}) == [
+        "sm_80", "sm_89", "sm_90a", "compute_80"]
+
+
+def test_torch_cuda_arch_list_is_honoured(setup_py):
+    assert setup_py.cuda_archs("8.0;9.0a;10.0a;12.0+PTX", NVCC_13) == [
+        "sm_80", "sm_90a", "sm_100a", "sm_120", "compute_120"]
+    assert setup_py.cuda_archs("8.0 8.6, 8.0+PTX", NVCC_13) == ["sm_80", "sm_86", "compute_80"]
+    with pytest.raises(SystemExit, match="'Ampere'"):
+        setup_py.cuda_archs("8.0;Ampere", NVCC_13)
+    with pytest.raises(SystemExit, match="cannot compile for"):
+        setup_py.cuda_archs("7.0", NVCC_13)
+    assert setup_py.gencode_flags(["sm_90a", "compute_80"]) == [
+        "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=compute_80"]
+
+
+def test_installed_nvcc_lists_its_targets(setup_py):
+    home = "/usr/local/cuda"
+    if not os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        pytest.skip("no CUDA toolkit at /usr/local/cuda")
+    targets = setup_py._nvcc_targets(home)
+    assert targets and "sm_80" in targets

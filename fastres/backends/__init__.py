@@ -111,15 +111,11 @@ def auto_reason(device: torch.device | str | None, dtype: torch.dtype | None = N
     no fused kernel does. The device class comes from :mod:`fastres.backends.devices` (tests
     simulate one there). ``fastres info`` and the fuse report show this sentence.
     """
-    if device is None or torch.device(device).type != "cuda":
+    if not isinstance(device, torch.device):
+        device = torch.device(device or "cpu")
+    if device.type != "cuda":
         return "no CUDA device: the fused kernels run on NVIDIA GPUs"
-    if why := devices.device_reason(device, dtype, "the fused kernels"):
-        return why
-    cls = devices.device_class(device)
-    if cls is not None and not cls.tensor_cores:
-        return (f"{cls.name} has no tensor-core path for the Triton kernels (tl.dot becomes "
-                "FFMA there), so cuDNN is faster; backend='triton' still runs them when asked")
-    return None
+    return devices.device_reason(device, dtype, "the fused kernels", tensor_cores=True)
 
 
 # How the op layer times one call on one backend (milliseconds), handed down by it for
@@ -130,7 +126,7 @@ _call_timer: CallTimer | None = None
 
 def set_call_timer(timer: CallTimer | None) -> None:
     """Register how a whole fused op is timed on a backend (``timer(name, call) -> ms``); the
-    op layer (:mod:`fastres.ops.conv_bn_relu`) does at import."""
+    op layer (:mod:`fastres.ops.backend_timing`) does at import."""
     global _call_timer
     _call_timer = timer
 

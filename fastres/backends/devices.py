@@ -122,17 +122,23 @@ _cache: dict[int, tuple[tuple[int, int], DeviceClass | None]] = {}
 _simulated: list[tuple[tuple[int, int], DeviceClass | None]] = []
 
 
-def _lookup(device: torch.device | torch.Tensor | None
+def _lookup(device: torch.device | torch.Tensor | str | None
             ) -> tuple[tuple[int, int], DeviceClass | None] | None:
+    """(capability, class) of a CUDA device; None off CUDA or where no device can be asked.
+    Dispatch asks on every call: a known device costs a dict lookup."""
     if isinstance(device, torch.Tensor):
         device = device.device
-    if device is None:
+    elif device is None:
         return None
-    device = torch.device(device)
+    elif not isinstance(device, torch.device):
+        device = torch.device(device)
     if device.type != "cuda":
         return None
     if _simulated:
         return _simulated[-1]
+    found = _cache.get(device.index)
+    if found is not None:
+        return found
     if not torch.cuda.is_available():  # fake CUDA tensors traced without a GPU
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -142,37 +148,55 @@ def _lookup(device: torch.device | torch.Tensor | None
     return _cache[index]
 
 
-def device_class(device: torch.device | torch.Tensor | None) -> DeviceClass | None:
+def device_class(device: torch.device | torch.Tensor | str | None) -> DeviceClass | None:
     """The class of a CUDA device (or a tensor's device); None off CUDA, below sm_70, or where
     the device cannot be asked (:func:`capability` tells these apart)."""
     found = _lookup(device)
     return None if found is None else found[1]
 
 
-def capability(device: torch.device | torch.Tensor | None) -> tuple[int, int] | None:
+def capability(device: torch.device | torch.Tensor | str | None) -> tuple[int, int] | None:
     """The compute capability of a CUDA device (simulated inside :func:`simulate`); None off
     CUDA or where no device can be asked (fake CUDA tensors on a machine without a GPU)."""
     found = _lookup(device)
     return None if found is None else found[0]
 
 
-def device_reason(device: torch.device | torch.Tensor | None, dtype: torch.dtype | None,
-                  kernels: str) -> str | None:
+# Answers of device_reason per (device, dtype, kernels): dispatch asks on every call. Cleared
+# whenever simulate() enters or leaves (the device it answered for changed).
+_reasons: dict[tuple, str | None] = {}
+
+
+def device_reason(device: torch.device | torch.Tensor | str | None, dtype: torch.dtype | None,
+                  kernels: str, tensor_cores: bool = False) -> str | None:
     """Why ``kernels`` (e.g. "the Triton kernels") cannot run in ``dtype`` on a CUDA device at
     all: older than sm_70, or bfloat16 where the device has no native bfloat16 (it would be
-    emulated in software, which is not what a fused kernel is for). None off CUDA, on a device
-    that cannot be asked, and where they can run."""
-    cap = capability(device)
-    if cap is None:
-        return None
-    cls = device_class(device)
-    if cls is None:
-        return (f"{kernels} need compute capability 7.0 or newer; this device has "
-                f"{cap[0]}.{cap[1]}")
-    if dtype == torch.bfloat16 and not cls.bf16:
-        return (f"{cls.name} has no native bfloat16, so {kernels} would emulate it in software; "
-                "use float16 or float32, or the reference backend")
-    return None
+    emulated in software, which is not what a fused kernel is for); with ``tensor_cores``, also
+    a device where Triton's ``tl.dot`` has no tensor-core path (below sm_80). None off CUDA, on
+    a device that cannot be asked, and where they can run. Memoised: dispatch asks per call."""
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    key = (device, dtype, kernels, tensor_cores)
+    try:
+        return _reasons[key]
+    except KeyError:
+        pass
+    found = _lookup(device)
+    why = None
+    if found is not None:
+        (major, minor), cls = found
+        if cls is None:
+            why = (f"{kernels} need compute capability 7.0 or newer; this device has "
+                   f"{major}.{minor}")
+        elif dtype == torch.bfloat16 and not cls.bf16:
+            why = (f"{cls.name} has no native bfloat16, so {kernels} would emulate it in "
+                   "software; use float16 or float32, or the reference backend")
+        elif tensor_cores and not cls.tensor_cores:
+            why = (f"{cls.name} has no tensor-core path for the Triton kernels (tl.dot becomes "
+                   "FFMA there), so cuDNN is faster; backend='triton' still runs them when "
+                   "asked")
+    _reasons[key] = why
+    return why
 
 
 _CODE = re.compile(r"(sm|compute)_(\d+)(\d)([af]?)")
@@ -216,10 +240,12 @@ def simulate(capability: tuple[int, int] | int,
         capability = (capability // 10, capability % 10)
     cls = make_class(capability, smem_per_block)
     _simulated.append((tuple(capability), cls))
+    _reasons.clear()
     try:
         yield cls
     finally:
         _simulated.pop()
+        _reasons.clear()
 
 
 __all__ = ["TARGETS", "DeviceClass", "capability", "code_reason", "device_class", "device_reason",

@@ -3,7 +3,10 @@
 Names: ``"auto"`` (default), ``"reference"`` (plain PyTorch), ``"triton"``, ``"cuda"`` (the compiled
 extension ``fastres._C``). Chosen by :func:`set_backend`, :func:`use_backend`, or the environment
 variable ``FASTRES_BACKEND``. Asking for a backend that cannot serve a call raises
-:class:`BackendUnavailableError` naming why; ``"auto"`` falls back to ``reference``.
+:class:`BackendUnavailableError` naming why; ``"auto"`` falls back to ``reference``, and serves
+``reference`` outright where :func:`auto_reason` says the device (its class,
+:mod:`fastres.backends.devices`) is not one for the fused kernels. This package never imports the
+op layer: what it needs from there (timing a whole op) is handed down (:func:`set_call_timer`).
 """
 
 from __future__ import annotations

@@ -278,10 +278,20 @@ void bn_backward(const Tensor& dz, const Tensor& y, const Tensor& z, const Tenso
       op);
 }
 
+// The code this library holds, as setup.py built it ("sm_80,sm_90a,compute_80": machine code for
+// sm_80 and sm_90a, PTX for compute_80); the Python side checks it against the device.
+#ifndef FASTRES_CUDA_ARCHS
+#error "setup.py passes -DFASTRES_CUDA_ARCHS=<the -gencode targets>"
+#endif
+#define FASTRES_STR2(...) #__VA_ARGS__
+#define FASTRES_STR(...) FASTRES_STR2(__VA_ARGS__)
+std::string built_archs() { return FASTRES_STR(FASTRES_CUDA_ARCHS); }
+
 }  // namespace
 }  // namespace fastres
 
 TORCH_LIBRARY(fastres_cuda, m) {
+  m.def("built_archs() -> str", &fastres::built_archs);
   m.def(
       "conv_plan(int[] x_shape, int[] weight_shape, int[] stride, int[] padding, int[] dilation, "
       "int groups, ScalarType dtype) -> (int, int, str)",

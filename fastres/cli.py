@@ -37,31 +37,84 @@ BACKENDS = tuple(n for n in _BACKEND_NAMES if n != "auto")
 # ---------------------------------------------------------------------------------------------
 
 
-def backend_report() -> list[tuple[str, bool, str]]:
-    """``(name, available, note)`` for each backend; the note says why not, or any caveat."""
+def _sample_call(device, dtype):
+    """A ResNet-50 3x3 convolution in training on ``device``: what a backend is asked about."""
+    import torch
+
+    from .backends import CallInfo, ConvParams
+
+    return CallInfo(device=torch.device(device), dtype=dtype, x_shape=(32, 64, 56, 56),
+                    weight_shape=(64, 64, 3, 3), conv=ConvParams((1, 1), (1, 1), (1, 1), 1),
+                    batch_stats=True, has_residual=False, relu=True)
+
+
+def _info_device():
+    """The device ``fastres info`` reports on: the current CUDA device, else the CPU."""
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def backend_report(device=None) -> list[tuple[str, bool, str]]:
+    """``(name, available, note)`` for each backend on ``device`` (default: the current CUDA
+    device, else the CPU); the note says why not, or any caveat."""
     import torch
 
     from . import backends
+    from .backends import devices
 
-    has_cuda = torch.cuda.is_available()
+    device = _info_device() if device is None else torch.device(device)
+    on_cuda = device.type == "cuda"
+    cls = devices.device_class(device)
     rows = []
     for name in BACKENDS:
         impl = backends.load(name)
         if impl is None:
             rows.append((name, False, backends.load_error(name) or "failed to load"))
             continue
-        note = ""
-        if name == "triton" and not has_cuda:
+        notes = []
+        if on_cuda:
+            why = backends.availability(name, _sample_call(device, torch.float32))
+            if why is not None:
+                rows.append((name, False, why))
+                continue
+            why_bf16 = backends.availability(name, _sample_call(device, torch.bfloat16))
+            if why_bf16 is not None:
+                notes.append(f"not in bfloat16: {why_bf16}")
+            if name == "triton" and cls is not None and not cls.tensor_cores:
+                notes.append(f"no tensor cores for Triton on {cls.name}: auto serves reference, "
+                             "backend='triton' runs when asked")
+        if name == "triton" and not on_cuda:
             interp = os.environ.get("TRITON_INTERPRET") == "1"
-            note = ("no CUDA device: kernels run under the Triton interpreter (correctness only)"
-                    if interp else
-                    "no CUDA device: usable only under the interpreter (TRITON_INTERPRET=1)")
-        elif name == "cuda" and not has_cuda:
-            note = "extension loaded, but its kernels need a CUDA device"
+            notes.append("no CUDA device: kernels run under the Triton interpreter (correctness "
+                         "only)" if interp else
+                         "no CUDA device: usable only under the interpreter (TRITON_INTERPRET=1)")
+        elif name == "cuda":
+            from .backends.cuda import BUILT_ARCHS
+
+            if not on_cuda:
+                notes.append("extension loaded, but its kernels need a CUDA device")
+            notes.append(f"holds {', '.join(BUILT_ARCHS)}")
         elif name == "reference":
-            note = "plain PyTorch; ground truth and CPU fallback"
-        rows.append((name, True, note))
+            notes.append("plain PyTorch; ground truth and CPU fallback")
+        rows.append((name, True, "; ".join(notes)))
     return rows
+
+
+def auto_line(device=None) -> str:
+    """What ``"auto"`` serves on ``device`` and why (:func:`fastres.backends.auto_reason`)."""
+    import torch
+
+    from .backends import auto_reason
+
+    device = _info_device() if device is None else torch.device(device)
+    why = auto_reason(device)
+    if why is not None:
+        return f"reference (PyTorch): {why}"
+    line = "the fused kernels (triton, then cuda, then reference where they cannot serve)"
+    if why_bf16 := auto_reason(device, torch.bfloat16):
+        line += f"; bfloat16 on reference: {why_bf16}"
+    return line
 
 
 # What each backend's training backward runs for the convolution's dgrad / wgrad.
@@ -80,11 +133,14 @@ _BLOCKS_USE = {
 }
 
 
-def info_lines() -> list[str]:
+def info_lines(device=None) -> list[str]:
+    """The lines of ``fastres info`` for ``device`` (default: the current CUDA device, else the
+    CPU; a simulated device class answers for a card that is not here)."""
     import torch
 
     import fastres
 
+    from .backends import devices
     from .benchmark.env import driver_version, gpu_record, triton_version
 
     gpu = gpu_record()
@@ -98,10 +154,18 @@ def info_lines() -> list[str]:
         "GPU      " + (f"{gpu['name']} (capability {gpu['capability']}, "
                        f"{gpu['memory_gib']} GiB, {gpu['multiprocessors']} SMs)"
                        if gpu else "none"),
+    ]
+    device = _info_device() if device is None else torch.device(device)
+    if device.type == "cuda":
+        cls = devices.device_class(device)
+        lines.append("class    " + (cls.describe() if cls is not None else
+                                    "none (older than sm_70, or no device to ask)"))
+    lines += [
         f"backend in force: {fastres.get_backend()}",
+        f"auto serves: {auto_line(device)}",
         "backends:",
     ]
-    for name, ok, note in backend_report():
+    for name, ok, note in backend_report(device):
         status = "available" if ok else "unavailable"
         lines.append(f"  {name:<10} {status:<12} {note}")
         lines.append(f"  {'':<10} {'':<12} backward: {_BACKWARD_USES[name]}")

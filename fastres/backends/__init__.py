@@ -3,7 +3,10 @@
 Names: ``"auto"`` (default), ``"reference"`` (plain PyTorch), ``"triton"``, ``"cuda"`` (the compiled
 extension ``fastres._C``). Chosen by :func:`set_backend`, :func:`use_backend`, or the environment
 variable ``FASTRES_BACKEND``. Asking for a backend that cannot serve a call raises
-:class:`BackendUnavailableError` naming why; ``"auto"`` falls back to ``reference``.
+:class:`BackendUnavailableError` naming why; ``"auto"`` falls back to ``reference``, and serves
+``reference`` outright where :func:`auto_reason` says the device (its class,
+:mod:`fastres.backends.devices`) is not one for the fused kernels. This package never imports the
+op layer: what it needs from there (timing a whole op) is handed down (:func:`set_call_timer`).
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
+
+from . import devices
 from .base import Backend, CallInfo, ConvParams
 
 NAMES = ("auto", "reference", "triton", "cuda")
@@ -97,21 +103,54 @@ def availability(name: str, call: CallInfo) -> str | None:
     return backend.unsupported_reason(call)
 
 
+def auto_reason(device: torch.device | str | None, dtype: torch.dtype | None = None
+                ) -> str | None:
+    """Why ``"auto"`` serves calls on ``device`` (in ``dtype``, where given) with PyTorch
+    (``reference``, cuDNN on a GPU) rather than the fused kernels; None where it uses them.
+
+    Off CUDA there are no fused kernels to run. Below sm_80 Triton's ``tl.dot`` has no
+    tensor-core path (it becomes FFMA, far slower than cuDNN): ``backend="triton"`` still runs
+    there when asked for. A device without native bfloat16 would emulate it in software, which
+    no fused kernel does. The device class comes from :mod:`fastres.backends.devices` (tests
+    simulate one there). ``fastres info`` and the fuse report show this sentence.
+    """
+    if not isinstance(device, torch.device):
+        device = torch.device(device or "cpu")
+    if device.type != "cuda":
+        return "no CUDA device: the fused kernels run on NVIDIA GPUs"
+    return devices.device_reason(device, dtype, "the fused kernels", tensor_cores=True)
+
+
+# How the op layer times one call on one backend (milliseconds), handed down by it for
+# FASTRES_AUTOTUNE_BACKEND=1: the backends never import the op layer (set_call_timer).
+CallTimer = Callable[[str, CallInfo], float]
+_call_timer: CallTimer | None = None
+
+
+def set_call_timer(timer: CallTimer | None) -> None:
+    """Register how a whole fused op is timed on a backend (``timer(name, call) -> ms``); the
+    op layer (:mod:`fastres.ops.backend_timing`) does at import."""
+    global _call_timer
+    _call_timer = timer
+
+
 def auto_order(call: CallInfo) -> tuple[str, ...]:
-    """Preference order of ``"auto"``: compiled kernels on CUDA, PyTorch elsewhere.
+    """Preference order of ``"auto"``: compiled kernels on CUDA, PyTorch elsewhere and where
+    :func:`auto_reason` says the device (or the dtype on it) is not served by them.
 
     On CUDA the static order puts triton first (the CUDA C++ kernels are younger). With
     ``FASTRES_AUTOTUNE_BACKEND=1`` the faster of triton and cuda is measured once per (device,
     shape, dtype, op) and cached under ``~/.cache/fastres/`` (see
-    :func:`fastres.backends.cuda.autotuned_order`).
+    :func:`fastres.backends.cuda.autotuned_order`), timed by the op layer's timer.
     """
-    if call.device.type != "cuda":
+    if auto_reason(call.device, call.dtype) is not None:
         return ("reference",)
     static = ("triton", "cuda", "reference")
-    if os.environ.get("FASTRES_AUTOTUNE_BACKEND", "0") == "1" and load("cuda") is not None:
+    if (os.environ.get("FASTRES_AUTOTUNE_BACKEND", "0") == "1" and _call_timer is not None
+            and load("cuda") is not None):
         from .cuda import autotuned_order
 
-        return autotuned_order(call, static)
+        return autotuned_order(call, static, _call_timer)
     return static
 
 
@@ -169,11 +208,13 @@ __all__ = [
     "CallInfo",
     "ConvParams",
     "ServedCall",
+    "auto_reason",
     "availability",
     "get_backend",
     "load",
     "record_calls",
     "select",
     "set_backend",
+    "set_call_timer",
     "use_backend",
 ]

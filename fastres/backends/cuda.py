@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
+from collections.abc import Callable
 
 import torch
 
@@ -28,7 +28,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
         "torch and a CUDA toolkit: `pip install --no-build-isolation -e .` (see setup.py)"
     ) from e
 
-from . import _alloc
+from . import _alloc, devices
 from .base import CallInfo, ConvParams, OptTensor, Tensor
 from .reference import conv_backward
 
@@ -37,6 +37,15 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PATHS = {0: "direct", 1: "implicit_gemm"}
 
 ops = torch.ops.fastres_cuda
+
+try:
+    # What the library holds (setup.py's -gencode targets): "sm_80", "sm_90a", "compute_80"...
+    BUILT_ARCHS: tuple[str, ...] = tuple(ops.built_archs().split(","))
+except (AttributeError, RuntimeError) as e:  # pragma: no cover - a library built before the record
+    raise ImportError(
+        "fastres._C does not say which GPU architectures it holds (built by an older setup.py); "
+        "rebuild it: `pip install --no-build-isolation -e .`"
+    ) from e
 
 
 def plan(
@@ -98,6 +107,18 @@ def _register_fakes() -> None:
 _register_fakes()
 
 
+def device_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why the extension's kernels cannot run on CUDA ``device`` (in ``dtype``): the device is
+    too old, has no native bfloat16, or the library holds no code it can run
+    (:data:`BUILT_ARCHS`); None where they can, and where no device can be asked."""
+    if why := devices.device_reason(device, dtype, "the CUDA kernels"):
+        return why
+    cap = devices.capability(device)
+    if cap is not None and (why := devices.code_reason(BUILT_ARCHS, cap)):
+        return f"the CUDA extension cannot run on this device: {why}"
+    return None
+
+
 def _f32(t: OptTensor) -> OptTensor:
     return None if t is None else t.to(torch.float32).contiguous()
 
@@ -112,6 +133,8 @@ class CudaBackend:
             )
         if call.dtype not in DTYPES:
             return f"the cuda backend supports float32, float16 and bfloat16, not {call.dtype}"
+        if why := device_reason(call.device, call.dtype):
+            return why
         _, _, reason = plan(call.x_shape, call.weight_shape, call.conv, call.dtype)
         if reason is not None:
             return f"the cuda kernels cannot run this convolution: {reason}"
@@ -243,57 +266,14 @@ def _save_cache(cache: dict[str, list[str]]) -> None:
         pass  # a read-only home only costs re-measuring in the next process
 
 
-def _time_backend(name: str, call: CallInfo, reps: int = 10) -> float:
-    """Median milliseconds of one forward (+ backward when training) of ``call`` on ``name``."""
-    from ..ops import conv_bn_relu
-
-    dev, dt = call.device, call.dtype
-    n, _, h, w = call.x_shape
-    k = call.weight_shape[0]
-    oh, ow = call.conv.out_hw(h, w, call.weight_shape[2], call.weight_shape[3])
-    train = call.batch_stats
-    x = torch.randn(call.x_shape, device=dev, dtype=dt).contiguous(memory_format=CL)
-    wt = torch.randn(call.weight_shape, device=dev, dtype=dt) * 0.1
-    gamma = torch.ones(k, device=dev, requires_grad=train)
-    beta = torch.zeros(k, device=dev, requires_grad=train)
-    rm, rv = torch.zeros(k, device=dev), torch.ones(k, device=dev)
-    res = (
-        torch.randn(n, k, oh, ow, device=dev, dtype=dt).contiguous(memory_format=CL)
-        if call.has_residual
-        else None
-    )
-    x.requires_grad_(train)
-    wt.requires_grad_(train)
-
-    def step() -> None:
-        with torch.set_grad_enabled(train):
-            z = conv_bn_relu(
-                x, wt, gamma, beta, rm, rv, training=train, stride=call.conv.stride,
-                padding=call.conv.padding, dilation=call.conv.dilation, groups=call.conv.groups,
-                residual=res, relu=call.relu, backend=name,
-            )
-            if train:
-                z.sum().backward()
-
-    for _ in range(3):  # compile / autotune / cache warm-up
-        step()
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def autotuned_order(call: CallInfo, static: tuple[str, ...]) -> tuple[str, ...]:
+def autotuned_order(call: CallInfo, static: tuple[str, ...],
+                    time_call: Callable[[str, CallInfo], float]) -> tuple[str, ...]:
     """``static`` reordered by a once-per-(device, shape, dtype, op) measurement of the triton,
-    cuda and reference (cuDNN) backends, cached on disk. Falls back to ``static`` while tracing
-    or capturing a CUDA graph (measuring would sync the host), and for candidates that cannot
-    serve the call."""
+    cuda and reference (cuDNN) backends, cached on disk; ``time_call(name, call)`` gives the
+    milliseconds of one call on a backend (the op layer's, handed down through
+    :func:`fastres.backends.set_call_timer`). Falls back to ``static`` while tracing or
+    capturing a CUDA graph (measuring would sync the host), and for candidates that cannot serve
+    the call."""
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     if torch.compiler.is_compiling() or capturing:
         return static
@@ -310,7 +290,7 @@ def autotuned_order(call: CallInfo, static: tuple[str, ...]) -> tuple[str, ...]:
                 continue
             try:
                 with torch.random.fork_rng(devices=[call.device]):
-                    timings[name] = _time_backend(name, call)
+                    timings[name] = time_call(name, call)
             except Exception:  # a backend that fails here is simply not preferred
                 continue
         order = sorted(timings, key=timings.__getitem__)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -116,26 +117,117 @@ def _probe(index: int) -> tuple[tuple[int, int], int | None]:
     return (props.major, props.minor), getattr(props, "shared_memory_per_block_optin", None)
 
 
-_cache: dict[int, DeviceClass | None] = {}
-_simulated: list[DeviceClass | None] = []
+# device index -> (capability, class); the innermost simulate()'s (capability, class)
+_cache: dict[int, tuple[tuple[int, int], DeviceClass | None]] = {}
+_simulated: list[tuple[tuple[int, int], DeviceClass | None]] = []
 
 
-def device_class(device: torch.device | torch.Tensor | None) -> DeviceClass | None:
-    """The class of a CUDA device (or a tensor's device); None off CUDA or below sm_70."""
+def _lookup(device: torch.device | torch.Tensor | str | None
+            ) -> tuple[tuple[int, int], DeviceClass | None] | None:
+    """(capability, class) of a CUDA device; None off CUDA or where no device can be asked.
+    Dispatch asks on every call: a known device costs a dict lookup."""
     if isinstance(device, torch.Tensor):
         device = device.device
-    if device is None:
+    elif device is None:
         return None
-    device = torch.device(device)
+    elif not isinstance(device, torch.device):
+        device = torch.device(device)
     if device.type != "cuda":
         return None
     if _simulated:
         return _simulated[-1]
+    found = _cache.get(device.index)
+    if found is not None:
+        return found
+    if not torch.cuda.is_available():  # fake CUDA tensors traced without a GPU
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _cache:
         capability, smem = _probe(index)
-        _cache[index] = make_class(capability, smem)
+        _cache[index] = (capability, make_class(capability, smem))
     return _cache[index]
+
+
+def device_class(device: torch.device | torch.Tensor | str | None) -> DeviceClass | None:
+    """The class of a CUDA device (or a tensor's device); None off CUDA, below sm_70, or where
+    the device cannot be asked (:func:`capability` tells these apart)."""
+    found = _lookup(device)
+    return None if found is None else found[1]
+
+
+def capability(device: torch.device | torch.Tensor | str | None) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device (simulated inside :func:`simulate`); None off
+    CUDA or where no device can be asked (fake CUDA tensors on a machine without a GPU)."""
+    found = _lookup(device)
+    return None if found is None else found[0]
+
+
+# Answers of device_reason per (device, dtype, kernels): dispatch asks on every call. Cleared
+# whenever simulate() enters or leaves (the device it answered for changed).
+_reasons: dict[tuple, str | None] = {}
+
+
+def device_reason(device: torch.device | torch.Tensor | str | None, dtype: torch.dtype | None,
+                  kernels: str, tensor_cores: bool = False) -> str | None:
+    """Why ``kernels`` (e.g. "the Triton kernels") cannot run in ``dtype`` on a CUDA device at
+    all: older than sm_70, or bfloat16 where the device has no native bfloat16 (it would be
+    emulated in software, which is not what a fused kernel is for); with ``tensor_cores``, also
+    a device where Triton's ``tl.dot`` has no tensor-core path (below sm_80). None off CUDA, on
+    a device that cannot be asked, and where they can run. Memoised: dispatch asks per call."""
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    key = (device, dtype, kernels, tensor_cores)
+    try:
+        return _reasons[key]
+    except KeyError:
+        pass
+    found = _lookup(device)
+    why = None
+    if found is not None:
+        (major, minor), cls = found
+        if cls is None:
+            why = (f"{kernels} need compute capability 7.0 or newer; this device has "
+                   f"{major}.{minor}")
+        elif dtype == torch.bfloat16 and not cls.bf16:
+            why = (f"{cls.name} has no native bfloat16, so {kernels} would emulate it in "
+                   "software; use float16 or float32, or the reference backend")
+        elif tensor_cores and not cls.tensor_cores:
+            why = (f"{cls.name} has no tensor-core path for the Triton kernels (tl.dot becomes "
+                   "FFMA there), so cuDNN is faster; backend='triton' still runs them when "
+                   "asked")
+    _reasons[key] = why
+    return why
+
+
+_CODE = re.compile(r"(sm|compute)_(\d+)(\d)([af]?)")
+
+
+def code_reason(codes: Sequence[str], capability: tuple[int, int]) -> str | None:
+    """Why a CUDA library holding ``codes`` (``sm_80``, ``sm_90a``: machine code; ``compute_80``:
+    PTX) cannot run on a device of ``capability``; None where it can.
+
+    Machine code runs on the same major version at an equal or higher minor (``sm_86`` on 8.6
+    and 8.9); an architecture-specific ``a`` target only on exactly its own (``sm_90a`` on 9.0,
+    not 10.0), a family ``f`` target across its major. PTX is compiled by the driver for any
+    device at or above its version (``compute_80`` on 8.0 and newer), ``a`` PTX only for its
+    own."""
+    major, minor = capability
+    for code in codes:
+        m = _CODE.fullmatch(code)
+        if m is None:
+            continue
+        kind, c_major, c_minor, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        if suffix == "a":
+            runs = (c_major, c_minor) == (major, minor)
+        elif kind == "sm" or suffix == "f":
+            runs = c_major == major and c_minor <= minor
+        else:
+            runs = (c_major, c_minor) <= (major, minor)
+        if runs:
+            return None
+    return (f"it holds {', '.join(codes) or 'no code'}: no machine code for sm_{major}{minor} "
+            f"and no PTX the driver can compile for it (rebuild with TORCH_CUDA_ARCH_LIST "
+            f"naming {major}.{minor})")
 
 
 @contextlib.contextmanager
@@ -147,12 +239,14 @@ def simulate(capability: tuple[int, int] | int,
     if isinstance(capability, int):
         capability = (capability // 10, capability % 10)
     cls = make_class(capability, smem_per_block)
-    _simulated.append(cls)
+    _simulated.append((tuple(capability), cls))
+    _reasons.clear()
     try:
         yield cls
     finally:
         _simulated.pop()
+        _reasons.clear()
 
 
-__all__ = ["TARGETS", "DeviceClass", "device_class", "for_target", "make_class", "simulate",
-           "target_of"]
+__all__ = ["TARGETS", "DeviceClass", "capability", "code_reason", "device_class", "device_reason",
+           "for_target", "make_class", "simulate", "target_of"]

@@ -16,9 +16,10 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastres
-from fastres.backends import ConvParams
+from fastres.backends import ConvParams, devices
 from fastres.backends.reference import bn_relu_backward
 from fastres.backends.triton import bn, conv_bwd
 from tests.numerics import assert_close_ratio
@@ -459,20 +460,25 @@ def test_backward_is_bitwise_deterministic_cuda() -> None:
     test_backward_is_bitwise_deterministic(Case(c=64, k=64, h=28, w=28, stride=2))
 
 
-def test_pruning_keeps_tiles_that_fit_and_are_not_much_wider_than_the_channels(monkeypatch):
-    from fastres.backends.triton import _tuning
+def _fake(dtype: torch.dtype) -> torch.Tensor:
+    """A CUDA tensor needing no GPU: what a pruner sees of a launch's dz (devices.simulate
+    gives it a class)."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return torch.empty(1, dtype=dtype, device="cuda")
 
+
+def test_pruning_keeps_tiles_that_fit_and_are_not_much_wider_than_the_channels():
     dgrad, wgrad = conv_bwd.GPU_DGRAD_GEMM_CONFIGS, conv_bwd.GPU_WGRAD_GEMM_CONFIGS
     tile = lambda c: tuple(c.kwargs.values())
     big = {"Cg": 256, "Kg": 256}
     for cc, dtype, over in ((80, torch.float32, True), (90, torch.float32, False),
                             (80, torch.bfloat16, False)):
-        monkeypatch.setattr(_tuning, "target", lambda x, cc=cc: cc)
-        dz = torch.empty(1, dtype=dtype)
-        kept = {tile(c) for c in conv_bwd._prune_dgrad(dgrad, {**big, "dz_ptr": dz})}
-        assert ((128, 64, 32) not in kept) == over and ((128, 32, 32) not in kept) == over
-        kept = {tile(c) for c in conv_bwd._prune_wgrad(wgrad, {**big, "dz_ptr": dz})}
-        assert ((64, 128, 32) not in kept) == over and (128, 128, 32) in kept
+        with devices.simulate(cc):
+            dz = _fake(dtype)
+            kept = {tile(c) for c in conv_bwd._prune_dgrad(dgrad, {**big, "dz_ptr": dz})}
+            assert ((128, 64, 32) not in kept) == over and ((128, 32, 32) not in kept) == over
+            kept = {tile(c) for c in conv_bwd._prune_wgrad(wgrad, {**big, "dz_ptr": dz})}
+            assert ((64, 128, 32) not in kept) == over and (128, 128, 32) in kept
     # 16-32 channels per group: the narrowest tiles only (BLOCK_J 64 is the narrowest offered)
     narrow = conv_bwd._prune_wgrad(wgrad, {"Cg": 16, "Kg": 32, "dz_ptr": None})
     assert {tile(c) for c in narrow} == {(64, 32, 64), (64, 32, 32)}
@@ -500,61 +506,57 @@ _LAUNCH_FLAGS = {  # launch flag combinations -> the _UNFIT_TILES flag sets that
 
 
 @pytest.mark.parametrize("kname", list(_PRUNED_KERNELS))
-def test_pruner_drops_exactly_the_listed_tiles_for_their_flags_and_target(monkeypatch, kname):
+def test_pruner_drops_exactly_the_listed_tiles_for_their_flags_and_target(kname):
     """On wide layers (no tile too wide for the channels) the autotuner's prune function drops
     exactly the _UNFIT_TILES entries of this kernel, dtype and target whose flag set the launch's
-    flags turn on, and never everything."""
-    from fastres.backends.triton import _tuning
-
+    flags turn on (on sm_80 and sm_90 every tile within shared memory is listed or kept), and
+    never everything."""
     prune, configs, fixed = _PRUNED_KERNELS[kname]
     tile = lambda c: tuple(c.kwargs.values())
     wide = {"C": 256, "K": 256, "Cg": 256, "Kg": 256}
     listed = 0
     for cc in (80, 90):
-        monkeypatch.setattr(_tuning, "target", lambda x, cc=cc: cc)
         for dtype in DTYPES:
-            dz = torch.empty(1, dtype=dtype)
-            for flags, fsets in _LAUNCH_FLAGS[kname[:5]]:
-                kept = prune(configs, {**wide, "dz_ptr": dz}, **fixed, **flags)
-                dropped = {tile(c) for c in configs if c not in kept}
-                want = {t for (k, d, t, fset), ccs in conv_bwd._UNFIT_TILES.items()
-                        if k == kname and d == dtype and cc in ccs and fset in fsets}
-                assert dropped == want, (cc, dtype, flags)
-                assert kept and all(c in configs for c in kept)
-                listed += len(want)
+            with devices.simulate(cc):
+                dz = _fake(dtype)
+                for flags, fsets in _LAUNCH_FLAGS[kname[:5]]:
+                    kept = prune(configs, {**wide, "dz_ptr": dz}, **fixed, **flags)
+                    dropped = {tile(c) for c in configs if c not in kept}
+                    want = {t for (k, d, t, fset), ccs in conv_bwd._UNFIT_TILES.items()
+                            if k == kname and d == dtype and cc in ccs and fset in fsets}
+                    assert dropped == want, (cc, dtype, flags)
+                    assert kept and all(c in configs for c in kept)
+                    listed += len(want)
     assert bool(listed) == (kname != "wgrad_direct")  # the direct wgrad's tiles all fit
-    monkeypatch.setattr(_tuning, "target", lambda x: None)  # off CUDA: nothing is pruned
-    assert prune(configs, {**wide, "dz_ptr": None}, **fixed) == configs
+    assert prune(configs, {**wide, "dz_ptr": None}, **fixed) == configs  # off CUDA: all
 
 
-def test_pruning_of_the_join_and_the_stem_examples(monkeypatch):
+def test_pruning_of_the_join_and_the_stem_examples():
     """Spot checks against the kernel report: fp32 dgrad with the join epilogue (a shortcut's
     gradient added and the act's dReLU + sums) on sm_80 keeps only its 64x64x32 tile (every
     wider one spills or does not fit), with the act alone it keeps 128x128 (clean there); bf16's
     128x64 tile spills on sm_80 with the add and the act together only; the stem's flat wgrad
     keeps its 64x32x32 tile alone."""
-    from fastres.backends.triton import _tuning
-
     tile = lambda cs: [tuple(c.kwargs.values()) for c in cs]
     dgrad, wgrad = conv_bwd.GPU_DGRAD_GEMM_CONFIGS, conv_bwd.GPU_WGRAD_GEMM_CONFIGS
-    f32 = {"Cg": 256, "Kg": 256, "dz_ptr": torch.empty(1)}
-    bf16 = {**f32, "dz_ptr": torch.empty(1, dtype=torch.bfloat16)}
     join = dict(HAS_ADD=True, ACT=True, ACT_CENTER=True)
-    monkeypatch.setattr(_tuning, "target", lambda x: 80)
-    assert tile(conv_bwd._prune_dgrad(dgrad, f32, **join)) == [(64, 64, 32)]
-    assert (128, 128, 32) in tile(conv_bwd._prune_dgrad(dgrad, f32, ACT=True))
-    assert (128, 128, 32) in tile(conv_bwd._prune_dgrad(dgrad, f32))
-    assert (128, 64, 32) not in tile(conv_bwd._prune_dgrad(dgrad, bf16, **join))
-    assert (128, 64, 32) in tile(conv_bwd._prune_dgrad(dgrad, bf16, HAS_ADD=True))
-    assert (128, 64, 32) in tile(conv_bwd._prune_dgrad(dgrad, bf16))
     stem = {"Cg": 3, "Kg": 64}
     for cc in (80, 90):
-        monkeypatch.setattr(_tuning, "target", lambda x, cc=cc: cc)
-        for dz in (f32["dz_ptr"], bf16["dz_ptr"]):
-            kept = conv_bwd._prune_wgrad(wgrad, {**stem, "dz_ptr": dz}, FLAT_K=True)
-            assert tile(kept) == [(64, 32, 32)]
-    monkeypatch.setattr(_tuning, "target", lambda x: 90)
-    assert (128, 64, 32) in tile(conv_bwd._prune_dgrad(dgrad, bf16, **join))
+        with devices.simulate(cc):
+            f32 = {"Cg": 256, "Kg": 256, "dz_ptr": _fake(torch.float32)}
+            bf16 = {**f32, "dz_ptr": _fake(torch.bfloat16)}
+            if cc == 80:
+                assert tile(conv_bwd._prune_dgrad(dgrad, f32, **join)) == [(64, 64, 32)]
+                assert (128, 128, 32) in tile(conv_bwd._prune_dgrad(dgrad, f32, ACT=True))
+                assert (128, 128, 32) in tile(conv_bwd._prune_dgrad(dgrad, f32))
+                assert (128, 64, 32) not in tile(conv_bwd._prune_dgrad(dgrad, bf16, **join))
+                assert (128, 64, 32) in tile(conv_bwd._prune_dgrad(dgrad, bf16, HAS_ADD=True))
+                assert (128, 64, 32) in tile(conv_bwd._prune_dgrad(dgrad, bf16))
+            else:
+                assert (128, 64, 32) in tile(conv_bwd._prune_dgrad(dgrad, bf16, **join))
+            for dz in (f32["dz_ptr"], bf16["dz_ptr"]):
+                kept = conv_bwd._prune_wgrad(wgrad, {**stem, "dz_ptr": dz}, FLAT_K=True)
+                assert tile(kept) == [(64, 32, 32)]
 
 
 def _spec_config(spec, configs):
@@ -564,27 +566,26 @@ def _spec_config(spec, configs):
                 and (c.num_warps, c.num_stages) == (spec.num_warps, spec.num_stages))
 
 
-def test_compile_specs_carry_the_pruners_verdict_and_keep_a_clean_tile(monkeypatch):
+def test_compile_specs_carry_the_pruners_verdict_and_keep_a_clean_tile():
     """Each specialised compile spec is pruned on exactly the targets where the autotuner's
     prune function, given the spec's shape class, dtype and flags, drops its configuration; and
     each (kernel, dtype, target, shape class, flag set) compiled with every configuration keeps
     at least one configuration offered (the report holds those to its rules)."""
-    from fastres.backends.triton import _tuning
-
     offered: dict[tuple, int] = {}
     specs = [s for s in conv_bwd.compile_specs() if s.ints is not None]
     assert {s.shape_class for s in specs} == {"3x3s2", "1x1", "stem", "grouped"}
-    for spec in specs:
-        kname, dname, variant = spec.name.split("-")[:3]
-        prune, configs, _ = _PRUNED_KERNELS[kname]
-        cfg = _spec_config(spec, configs)
-        dz = torch.empty(1, dtype=getattr(torch, dname))
-        for cc in (80, 90):
-            monkeypatch.setattr(_tuning, "target", lambda x, cc=cc: cc)
-            kept = prune(configs, {**spec.ints, "dz_ptr": dz}, **spec.constexprs)
-            assert (cfg not in kept) == (cc in spec.pruned), (spec.name, cc)
-            key = (kname, dname, cc, spec.shape_class, variant)
-            offered[key] = offered.get(key, 0) + (cc not in spec.pruned)
+    for cc in (80, 90):
+        with devices.simulate(cc):
+            fakes = {d: _fake(d) for d in DTYPES}
+            for spec in specs:
+                kname, dname, variant = spec.name.split("-")[:3]
+                prune, configs, _ = _PRUNED_KERNELS[kname]
+                cfg = _spec_config(spec, configs)
+                dz = fakes[getattr(torch, dname)]
+                kept = prune(configs, {**spec.ints, "dz_ptr": dz}, **spec.constexprs)
+                assert (cfg not in kept) == (cc in spec.pruned), (spec.name, cc)
+                key = (kname, dname, cc, spec.shape_class, variant)
+                offered[key] = offered.get(key, 0) + (cc not in spec.pruned)
     assert offered and all(offered.values()), [k for k, n in offered.items() if not n]
     # the block-fusion variants are among them, for every dtype and target
     assert {(k[0], k[4]) for k in offered} >= {

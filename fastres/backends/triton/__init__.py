@@ -28,7 +28,7 @@ Importing this package needs no GPU; kernels compile on first launch.
 
 from __future__ import annotations
 
-from .. import _alloc
+from .. import _alloc, devices
 from ..base import CallInfo, ConvParams, OptTensor, Tensor
 from . import _tuning, block, bn, conv_bwd
 from . import conv as _conv
@@ -53,7 +53,7 @@ class TritonBackend:
                 f"the Triton kernels support float32, float16 and bfloat16, not {call.dtype} "
                 f"(use the reference backend for {call.dtype})"
             )
-        return None
+        return devices.device_reason(call.device, call.dtype, "the Triton kernels")
 
     def forward(
         self,

@@ -22,6 +22,7 @@ one configuration (the GPU test that checks every configuration the autotuner ma
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 import threading
@@ -64,12 +65,93 @@ def launched_configs(clear: bool = False) -> dict[str, str]:
     return seen
 
 
+@dataclasses.dataclass(frozen=True)
+class SmemModel:
+    """The shared memory a tiled GEMM kernel's configuration takes, counted in tiles of its
+    operands A (rows x depth) and B (depth x cols) at the operand's element size.
+
+    ``staged``: the (A, B) tiles one software-pipeline buffer holds: one per tensor loaded into
+    the operand (dgrad's dy operand is formed from dz, z and y: 3 A tiles); Triton keeps
+    ``num_stages - 1`` buffers. ``once``: (A, B) tiles held outside the pipeline (an operand
+    formed in registers and stored for the tensor cores, the epilogue's layout conversion).
+    ``scratch``: bytes of barriers and reductions. The counts are fitted per kernel to the
+    compiled figures of the kernel report (``bench/kernel_report.json``), separately for the
+    mma.sync targets and the wgmma / tcgen05 ones, so that the estimate is at least what each
+    compiled configuration takes (tests/backends/test_devices.py checks every row).
+    """
+
+    staged: tuple[int, int]
+    once: tuple[int, int]
+    scratch: int
+
+    def bytes(self, a_elems: int, b_elems: int, stages: int, elem_size: int) -> int:
+        staged = self.staged[0] * a_elems + self.staged[1] * b_elems
+        once = self.once[0] * a_elems + self.once[1] * b_elems
+        return ((max(stages, 2) - 1) * staged + once) * elem_size + self.scratch
+
+
+def gemm_smem(models: tuple[SmemModel, SmemModel], a_elems: int, b_elems: int, stages: int,
+              elem_size: int, cls: devices.DeviceClass | None) -> int:
+    """Shared memory of a GEMM configuration on class ``cls``: ``models`` is (mma.sync targets,
+    wgmma / tcgen05 targets); the latter where ``cls`` has TMA and an asynchronous MMA (sm_90,
+    sm_100), the former elsewhere."""
+    model = models[1] if cls is not None and cls.mma in ("HGMMA", "UTCHMMA") else models[0]
+    return model.bytes(a_elems, b_elems, stages, elem_size)
+
+
+def reduction_smem(cols: int, num_warps: int) -> int:
+    """Shared memory of a kernel whose only staging is a cross-warp reduction of ``cols`` fp32
+    values per warp (the direct convolutions, the BatchNorm kernels), barriers included."""
+    return cols * 4 * num_warps + 1024
+
+
+def fitting(configs: Sequence[triton.Config], need: Callable[[triton.Config], int],
+            limit: int | None) -> list[triton.Config]:
+    """The configurations whose shared memory ``need(config)`` fits ``limit`` bytes (every one
+    off CUDA, ``limit`` None). If none does, the one needing the least with fewer pipeline
+    stages until it fits (a small-memory device, e.g. sm_75's 64 KB), so a launch never asks
+    for more than the device has."""
+    if limit is None:
+        return list(configs)
+    fit = [c for c in configs if need(c) <= limit]
+    if fit or not configs:
+        return fit
+    smallest = min(configs, key=need)
+    for stages in range(smallest.num_stages - 1, 0, -1):
+        shrunk = triton.Config(dict(smallest.kwargs), num_warps=smallest.num_warps,
+                               num_stages=stages)
+        if need(shrunk) <= limit:
+            return [shrunk]
+    return [smallest]  # nothing smaller exists: the launch will say it is out of resources
+
+
 def target(x: torch.Tensor | None) -> int | None:
     """The compile target whose code runs on a tensor's device (80, 86, 89, 90, 100, 120, 75,
     70; see :mod:`fastres.backends.devices`); None off CUDA. Keys the configurations pruned
     because they spill or do not fit there (the kernel report)."""
     cls = devices.device_class(x) if x is not None else None
     return None if cls is None else cls.target
+
+
+def smem_limit(x: torch.Tensor | None, cc: int | None) -> int | None:
+    """The shared memory per block (opt-in, bytes) a launch on ``x``'s device may use: the
+    device's own, else the table figure of its target ``cc`` (a device that cannot be asked:
+    fake or meta tensors); None off CUDA (``cc`` None)."""
+    cls = devices.device_class(x) if x is not None else None
+    if cls is not None:
+        return cls.smem_per_block
+    return None if cc is None else devices.for_target(cc).smem_per_block
+
+
+def smem_reason(need: int, limit: int | None, cc: int | None) -> str | None:
+    """Why a configuration needing ``need`` bytes of shared memory cannot launch under ``limit``
+    (None: the table figure of target ``cc``; no limit off CUDA); None where it fits."""
+    if limit is None and cc is not None:
+        limit = devices.for_target(cc).smem_per_block
+    if limit is None or need <= limit:
+        return None
+    return (f"needs about {-(-need // 1024)} KB of shared memory, more than the "
+            f"{limit // 1024} KB per block of this sm_{cc} device")
 
 
 class _TorchAllocator:

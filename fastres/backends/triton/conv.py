@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
+from .. import _alloc, devices
 from ..base import ConvParams
 from . import _tuning
 from ._compile import TARGETS, UNSPECIALISED, CompileSpec
@@ -212,6 +212,30 @@ _FLAG_SETS: dict[str, Callable[[Mapping[str, int], Mapping[str, object]], bool]]
 }
 
 
+# Shared memory per configuration (_tuning.SmemModel), fitted to the kernel report's compiled
+# figures (the heaviest epilogue and prologue): (mma.sync targets, wgmma / tcgen05 targets).
+# The gemm kernel stages the x and w tiles; an activation prologue or TF32 rounding forms the
+# x tile in registers and stores it again for the MMA.
+_SMEM_MODELS = {
+    "gemm": (_tuning.SmemModel((1, 1), (1, 0), 1024), _tuning.SmemModel((1, 1), (1, 2), 2048)),
+    "gemm_flat": (_tuning.SmemModel((1, 1), (0, 1), 1024),
+                  _tuning.SmemModel((1, 2), (0, 0), 1024)),
+}
+
+
+def smem_bytes(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
+               cc: int | None) -> int:
+    """Shared memory (bytes, an upper estimate) configuration ``cfg`` of kernel ``kname``
+    ("gemm", "gemm_flat", "direct") takes in ``dtype`` on target ``cc``."""
+    kw = cfg.kwargs
+    if kname == "direct":
+        return _tuning.reduction_smem(kw["BLOCK_N"], cfg.num_warps)
+    m, n, k = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    cls = devices.for_target(cc) if cc is not None else None
+    size = dtype.itemsize if dtype is not None else 4
+    return _tuning.gemm_smem(_SMEM_MODELS[kname], m * k, k * n, cfg.num_stages, size, cls)
+
+
 def _flag_sets(ints: Mapping[str, int], flags: Mapping[str, object]) -> tuple[str, ...]:
     """The _UNFIT_TILES flag sets a launch with integer arguments ``ints`` and constexpr
     ``flags`` falls under ("" always)."""
@@ -249,12 +273,14 @@ def _tma_unfit(
 def _unfit(
     kname: str, cfg: triton.Config, ints: Mapping[str, int], dtype: torch.dtype | None,
     cc: int | None, flags: Mapping[str, object] | None = None, x_aligned: bool = True,
+    smem_limit: int | None = None,
 ) -> str | None:
     """Why the autotuner does not offer ``cfg`` of kernel ``kname`` ("gemm", "gemm_flat",
     "direct") for a problem with integer arguments ``ints`` and constexpr ``flags`` on target
     ``cc`` (None: it does); ``x_aligned``: x's data pointer is 16-byte aligned. TMA tiles need a
     problem they can run on (_tma_unfit); tiles much wider than the channels they span are
-    dropped; then _UNFIT_TILES."""
+    dropped; then _UNFIT_TILES; then tiles needing more shared memory than ``smem_limit``
+    (default: the target's table figure)."""
     kw = cfg.kwargs
     if kw.get("TMA") and (why := _tma_unfit(ints, kname == "gemm_flat", dtype, cc, x_aligned)):
         return why
@@ -270,21 +296,24 @@ def _unfit(
     for fset in _flag_sets(ints, flags or {}):
         if why := _UNFIT_TILES.get((kname, dtype, tile, fset), {}).get(cc):
             return f"{why} in {str(dtype).removeprefix('torch.')} on sm_{cc}"
-    return None
+    return _tuning.smem_reason(smem_bytes(kname, cfg, dtype, cc), smem_limit, cc)
 
 
 def _pruner(kname: str):
     """The early_config_prune function of kernel ``kname`` ("gemm", whose FLAT_K launches are
     "gemm_flat", or "direct"): the configurations :func:`_unfit` accepts for the launch's
     arguments, flags, dtype and device; if none is, every one but the TMA tiles (which may not
-    run there)."""
+    run there) that fits the device's shared memory (_tuning.fitting)."""
     def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
         name = "gemm_flat" if kname == "gemm" and kwargs.get("FLAT_K") else kname
         x = nargs.get("x_ptr")
         dtype, cc = getattr(x, "dtype", None), _tuning.target(x)
+        limit = _tuning.smem_limit(x, cc)
         aligned = isinstance(x, torch.Tensor) and x.data_ptr() % 16 == 0
-        return ([c for c in configs if _unfit(name, c, nargs, dtype, cc, kwargs, aligned) is None]
-                or [c for c in configs if not c.kwargs.get("TMA")])
+        kept = [c for c in configs
+                if _unfit(name, c, nargs, dtype, cc, kwargs, aligned, limit) is None]
+        return kept or _tuning.fitting([c for c in configs if not c.kwargs.get("TMA")],
+                                       lambda c: smem_bytes(name, c, dtype, cc), limit)
     prune.__name__ = f"_prune_{kname}"
     return prune
 

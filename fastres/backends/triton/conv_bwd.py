@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
+from .. import _alloc, devices
 from ..base import ConvParams
 from . import _tuning
 from ._compile import TARGETS, UNSPECIALISED, CompileSpec
@@ -203,6 +203,39 @@ _FLAG_SETS = {
 }
 
 
+# Shared memory per configuration (_tuning.SmemModel), fitted to the kernel report's compiled
+# figures (the heaviest dy flags): (mma.sync targets, wgmma / tcgen05 targets). dgrad stages its
+# dy operand as three loads (dz, z for the ReLU mask, y for ŷ) and the weight tile, and forms
+# dy in registers (stored once more for the MMA); wgrad stages the x tile and dy's three loads.
+_SMEM_MODELS = {
+    "dgrad_gemm": (_tuning.SmemModel((3, 1), (1, 0), 4096),
+                   _tuning.SmemModel((3, 1), (2, 1), 4096)),
+    "wgrad_gemm": (_tuning.SmemModel((1, 3), (1, 1), 1024),
+                   _tuning.SmemModel((1, 3), (1, 1), 2048)),
+    "wgrad_gemm_flat": (_tuning.SmemModel((1, 3), (0, 2), 1024),
+                        _tuning.SmemModel((1, 3), (0, 2), 2048)),
+}
+
+
+def smem_bytes(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
+               cc: int | None) -> int:
+    """Shared memory (bytes, an upper estimate) configuration ``cfg`` of kernel ``kname``
+    ("dgrad_gemm", "dgrad_direct", "wgrad_gemm", "wgrad_gemm_flat", "wgrad_direct") takes in
+    ``dtype`` on target ``cc``. The GEMMs' A operand is rows x reduction (dgrad: BLOCK_M x
+    BLOCK_K of dy; wgrad: BLOCK_J x BLOCK_M of x), B reduction x columns."""
+    kw = cfg.kwargs
+    if kname.endswith("direct"):
+        return _tuning.reduction_smem(kw["BLOCK_N"], cfg.num_warps)
+    if kname == "dgrad_gemm":
+        rows, cols, depth = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    else:
+        rows, cols, depth = kw["BLOCK_J"], kw["BLOCK_N"], kw["BLOCK_M"]
+    cls = devices.for_target(cc) if cc is not None else None
+    size = dtype.itemsize if dtype is not None else 4
+    return _tuning.gemm_smem(_SMEM_MODELS[kname], rows * depth, depth * cols, cfg.num_stages,
+                             size, cls)
+
+
 def _flag_sets(flags: dict) -> tuple[str, ...]:
     """The _UNFIT_TILES flag sets a launch with constexpr ``flags`` falls under ("" always)."""
     return ("", *(name for name, want in _FLAG_SETS.items()
@@ -210,7 +243,8 @@ def _flag_sets(flags: dict) -> tuple[str, ...]:
 
 
 def _unfit(kname: str, cfg: triton.Config, ints: dict, dtype: torch.dtype | None,
-           cc: int | None, flags: dict | None = None) -> str | None:
+           cc: int | None, flags: dict | None = None, smem_limit: int | None = None
+           ) -> str | None:
     """Why the autotuner does not offer ``cfg`` of kernel ``kname`` ("dgrad_gemm",
     "dgrad_direct", "wgrad_gemm", "wgrad_gemm_flat", "wgrad_direct") for a problem with integer
     arguments ``ints`` and constexpr ``flags`` on target ``cc`` (None: it does). Tiles much wider
@@ -230,32 +264,38 @@ def _unfit(kname: str, cfg: triton.Config, ints: dict, dtype: torch.dtype | None
             return f"BLOCK_N much wider than the {ints['Kg']} output channels per group"
         if kname == "wgrad_gemm" and kw["BLOCK_J"] > max(64, triton.next_power_of_2(ints["Cg"])):
             return f"BLOCK_J much wider than the {ints['Cg']} input channels per group"
-    return _target_reason(kname, cfg, dtype, cc, flags)
+    return _target_reason(kname, cfg, dtype, cc, flags, smem_limit)
 
 
 def _target_reason(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
-                   cc: int | None, flags: dict | None = None) -> str | None:
+                   cc: int | None, flags: dict | None = None, smem_limit: int | None = None
+                   ) -> str | None:
     """Why tile ``cfg`` of ``kname`` is never offered for ``dtype`` on ``cc`` with constexpr
-    ``flags`` (_UNFIT_TILES)."""
+    ``flags`` (_UNFIT_TILES), or needs more shared memory than ``smem_limit`` (default: the
+    target's table figure)."""
     tile = tuple(cfg.kwargs.values())
     for fset in _flag_sets(flags or {}):
         why = _UNFIT_TILES.get((kname, dtype, tile, fset), {}).get(cc)
         if why:
             return why
-    return None
+    return _tuning.smem_reason(smem_bytes(kname, cfg, dtype, cc), smem_limit, cc)
 
 
 def _pruner(kname: str):
     """The early_config_prune function of kernel ``kname``: the configurations :func:`_unfit`
     accepts for the launch's arguments, flags, dtype and device; if none is, those the target
-    can run for those flags."""
+    can run for those flags; if none is, those that fit the device's shared memory
+    (_tuning.fitting)."""
     def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
         name = "wgrad_gemm_flat" if kname == "wgrad_gemm" and kwargs.get("FLAT_K") else kname
         dz = nargs.get("dz_ptr")
         dtype, cc = getattr(dz, "dtype", None), _tuning.target(dz)
-        launchable = [c for c in configs if _target_reason(name, c, dtype, cc, kwargs) is None]
-        return ([c for c in launchable if _unfit(name, c, nargs, dtype, cc, kwargs) is None]
-                or launchable or configs)
+        limit = _tuning.smem_limit(dz, cc)
+        launchable = [c for c in configs
+                      if _target_reason(name, c, dtype, cc, kwargs, limit) is None]
+        return ([c for c in launchable if _unfit(name, c, nargs, dtype, cc, kwargs, limit) is None]
+                or launchable
+                or _tuning.fitting(configs, lambda c: smem_bytes(name, c, dtype, cc), limit))
     prune.__name__ = f"_prune_{kname}"
     return prune
 

@@ -34,6 +34,8 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import resource
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -98,6 +100,7 @@ class Report:
     compile_seconds: float | None = None  # sum over units (--compile)
     compile_wall: float | None = None  # with the process pool
     compile_jobs: int | None = None
+    compile_load: float | None = None  # the machine's 1-minute load average after compiling
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,13 +408,29 @@ def _compile_unit(task: tuple[str, str, dict, dict, dict, int, int, bool, int]
         fn = fn.fn
     spec = CompileSpec(f"{name}", fn, signature, constexprs, warps, stages, ints=ints,
                        shape_class="launch", tensor_cores=tensor_cores)
-    return kernel_report.compile_row(spec, cc, module)
+    cpu = _cpu_seconds()
+    row, took, trace = kernel_report.compile_row(spec, cc, module)
+    row["cpu_seconds"] = round(_cpu_seconds() - cpu, 3)
+    return row, took, trace
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (ptxas runs as one)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _cold_cache(path: str) -> None:
+    """Pool initializer: compile into an empty Triton cache, so that every unit is compiled
+    (Triton's disk cache would hand back what an earlier run compiled, in no time)."""
+    os.environ["TRITON_CACHE_DIR"] = path
 
 
 def compile_units(units: Sequence[Unit], target: int, jobs: int | None = None
                   ) -> tuple[float, float]:
-    """Compile every unit for ``target`` (sets :attr:`Unit.compiled`); returns ``(sum of the
-    compile times, wall time with the pool)`` in seconds."""
+    """Compile every unit for ``target`` into an empty Triton cache (sets :attr:`Unit.compiled`,
+    whose ``seconds`` is the wall time and ``cpu_seconds`` the CPU time of its compile, ptxas
+    included); returns ``(sum of the units' CPU times, wall time of the pool)`` in seconds."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 is set: compiling needs the real compiler")
     tasks = []
@@ -421,13 +440,16 @@ def compile_units(units: Sequence[Unit], target: int, jobs: int | None = None
                       u.num_warps, u.num_stages, u.tensor_cores, target))
     start = time.perf_counter()
     total = 0.0
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+    with (tempfile.TemporaryDirectory(prefix="fastres-kernels-") as cache,
+          concurrent.futures.ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1,
+                                                 initializer=_cold_cache,
+                                                 initargs=(cache,)) as pool):
         for unit, (row, took, trace) in zip(units, pool.map(_compile_unit, tasks)):
             row["seconds"] = round(took, 3)
             if trace:
                 row["trace"] = trace
             unit.compiled = row
-            total += took
+            total += row["cpu_seconds"]
     return total, time.perf_counter() - start
 
 
@@ -480,6 +502,7 @@ def kernels_report(model_name: str, device: str | devices.DeviceClass, *, batch:
     if compile and units:
         report.compile_seconds, report.compile_wall = compile_units(units, cls.target, jobs)
         report.compile_jobs = jobs or os.cpu_count() or 1
+        report.compile_load = os.getloadavg()[0]
     return report
 
 
@@ -523,8 +546,9 @@ def report_lines(report: Report) -> list[str]:
     compiled = any(u.compiled for u in report.units)
     head = f"{'#':>3s} {'mode':10s} {'kernel':30s} {'dtype':5s} {'launch':>6s}"
     if compiled:
-        head += f" {'regs':>4s} {'smemKB':>6s} {'spill':>5s} {'mma':7s} {'g2s':7s} {'sec':>6s}"
-    lines += [head + "  configuration" + ("; compile status" if compiled else ""),
+        head += f" {'regs':>4s} {'smemKB':>6s} {'spill':>5s} {'mma':7s} {'g2s':7s} {'cpu s':>6s}"
+    lines += [head + "  configuration | integer arguments specialised to 1"
+              + ("; compile status" if compiled else ""),
               "-" * (len(head) + 40)]
     for i, u in enumerate(report.units, 1):
         line = f"{i:3d} {'+'.join(u.modes):10s} {u.kernel:30s} {u.dtype:5s} {u.launches:6d}"
@@ -532,8 +556,8 @@ def report_lines(report: Report) -> list[str]:
         if row is not None and row["status"] == "ok":
             line += (f" {row['regs']:4d} {row['shared'] / 1024:6.1f} "
                      f"{row['spill_store_bytes']:5d} {row['mma']:7s} {row['g2s']:7s} "
-                     f"{row['seconds']:6.2f}")
-        line += f"  {u.config}"
+                     f"{row['cpu_seconds']:6.2f}")
+        line += f"  {u.config}" + (f" | =1: {','.join(u.ones)}" if u.ones else "")
         if row is not None:
             line += f"; {'; '.join(unit_problems(u, cls)) or 'clean'}"
         lines.append(line)
@@ -545,11 +569,13 @@ def report_lines(report: Report) -> list[str]:
         clean = sum(bool(unit_clean(u, cls)) for u in report.units)
         lines.append(
             f"compiled for sm_{cls.target}: {clean} of {len(report.units)} clean. Cold first "
-            f"step with autotuning off: {report.compile_seconds:.1f} s of compiling (the sum: "
-            f"Triton's JIT compiles each unit at its first launch, one after another), "
-            f"{report.compile_wall:.1f} s wall with {report.compile_jobs} processes (a parallel "
-            f"precompile; the JIT does not do this). CPU times of this machine; a second process "
-            f"finds the units in Triton's disk cache.")
+            f"step with autotuning off: {report.compile_seconds:.1f} s of compiling (CPU time "
+            f"summed over the units: Triton's JIT compiles each unit at its first launch, one "
+            f"after another, in the launching process), {report.compile_wall:.1f} s wall here "
+            f"with {report.compile_jobs} processes (a parallel precompile: the JIT does not do "
+            f"this; load average {report.compile_load:.1f} on {os.cpu_count()} cores). This "
+            f"machine's CPU, empty Triton cache; a later process finds the units in Triton's "
+            f"disk cache.")
     lines.append(
         f"with autotuning on: {report.tuning_keys} autotuner keys time {report.tuning_configs} "
         f"configurations in all (each compiled, then benchmarked on the GPU), "

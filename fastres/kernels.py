@@ -49,6 +49,8 @@ from .backends import devices
 
 MODES = ("train", "eval")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# triton.testing.do_bench's defaults, with which triton.autotune times each configuration
+BENCH_WARMUP_MS, BENCH_REP_MS = 25, 100
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
        torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8",
        torch.bool: "i1"}
@@ -101,6 +103,7 @@ class Report:
     compile_wall: float | None = None  # with the process pool
     compile_jobs: int | None = None
     compile_load: float | None = None  # the machine's 1-minute load average after compiling
+    only: str = ""  # units kept: those whose kernel name contains this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +501,7 @@ def kernels_report(model_name: str, device: str | devices.DeviceClass, *, batch:
     report = Report(model_name, cls, batch, resolution, dtype, list(modes), units, served,
                     tuning_keys=len(recorder.tuning),
                     tuning_configs=sum(len(v) for v in recorder.tuning.values()),
-                    tuning_units=len(tuning_units | set(recorder.units)))
+                    tuning_units=len(tuning_units | set(recorder.units)), only=only)
     if compile and units:
         report.compile_seconds, report.compile_wall = compile_units(units, cls.target, jobs)
         report.compile_jobs = jobs or os.cpu_count() or 1
@@ -576,8 +579,15 @@ def report_lines(report: Report) -> list[str]:
             f"this; load average {report.compile_load:.1f} on {os.cpu_count()} cores). This "
             f"machine's CPU, empty Triton cache; a later process finds the units in Triton's "
             f"disk cache.")
-    lines.append(
-        f"with autotuning on: {report.tuning_keys} autotuner keys time {report.tuning_configs} "
-        f"configurations in all (each compiled, then benchmarked on the GPU), "
-        f"{report.tuning_units} distinct compile units")
+    # triton.autotune times each configuration with triton.testing.do_bench's defaults
+    timing = report.tuning_configs * (BENCH_WARMUP_MS + BENCH_REP_MS) / 1000
+    line = (f"with autotuning on (the whole step): {report.tuning_keys} autotuner keys time "
+            f"{report.tuning_configs} configurations in all, each compiled and then timed on the "
+            f"GPU (do_bench: {BENCH_WARMUP_MS} ms warm-up + {BENCH_REP_MS} ms of repetitions, so "
+            f">= {timing:.0f} s of timing); {report.tuning_units} distinct compile units")
+    if report.compile_seconds is not None and report.units and not report.only:
+        mean = report.compile_seconds / len(report.units)
+        line += (f", ~{mean * report.tuning_units:.0f} s of compiling at this step's mean "
+                 f"{mean:.1f} s per unit (an estimate: not compiled)")
+    lines.append(line)
     return lines

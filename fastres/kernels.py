@@ -36,6 +36,7 @@ import importlib
 import os
 import resource
 import tempfile
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -538,14 +539,19 @@ def unit_clean(unit: Unit, cls: devices.DeviceClass) -> bool | None:
     return None if unit.compiled is None else not unit_problems(unit, cls)
 
 
+def _prose(text: str) -> list[str]:
+    """A sentence of the report, wrapped at 100 columns."""
+    return textwrap.wrap(text, width=100, subsequent_indent="    ")
+
+
 def report_lines(report: Report) -> list[str]:
     cls = report.device
-    lines = [f"{report.model}: Triton kernels of a {'+'.join(report.modes)} step on "
+    lines = _prose(f"{report.model}: Triton kernels of a {'+'.join(report.modes)} step on "
              f"{cls.describe()}; batch {report.batch}, {report.resolution}x{report.resolution}, "
-             f"{report.dtype}, autotuning off (first configuration left after pruning)"]
+             f"{report.dtype}, autotuning off (first configuration left after pruning)")
     for mode, calls in report.served.items():
         detail = ", ".join(f"{n} {k}" for k, n in sorted(calls.items()))
-        lines.append(f"  {mode}: fused passes served: {detail or 'none'}")
+        lines += _prose(f"  {mode}: fused passes served: {detail or 'none'}")
     compiled = any(u.compiled for u in report.units)
     head = f"{'#':>3s} {'mode':10s} {'kernel':30s} {'dtype':5s} {'launch':>6s}"
     if compiled:
@@ -570,7 +576,7 @@ def report_lines(report: Report) -> list[str]:
                  + f"), {sum(u.launches for u in report.units)} launches")
     if report.compile_seconds is not None:
         clean = sum(bool(unit_clean(u, cls)) for u in report.units)
-        lines.append(
+        lines += _prose(
             f"compiled for sm_{cls.target}: {clean} of {len(report.units)} clean. Cold first "
             f"step with autotuning off: {report.compile_seconds:.1f} s of compiling (CPU time "
             f"summed over the units: Triton's JIT compiles each unit at its first launch, one "
@@ -589,5 +595,5 @@ def report_lines(report: Report) -> list[str]:
         mean = report.compile_seconds / len(report.units)
         line += (f", ~{mean * report.tuning_units:.0f} s of compiling at this step's mean "
                  f"{mean:.1f} s per unit (an estimate: not compiled)")
-    lines.append(line)
+    lines += _prose(line)
     return lines

@@ -1,5 +1,5 @@
 """The ``fastres`` command: ``fastres bench``, ``fastres info``, ``fastres tune``,
-``fastres summary`` and ``fastres memory``.
+``fastres summary``, ``fastres memory`` and ``fastres kernels``.
 
 ``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, a
 training step of single residual blocks: the block op vs the same block layer by layer, and
@@ -9,7 +9,9 @@ and which backends can run here and why not. ``fastres tune MODEL`` autotunes a 
 shapes once (kept in Triton's disk cache). ``fastres summary MODEL`` prints a model's layer
 table (see :mod:`fastres.summary`). ``fastres memory MODEL`` counts the bytes a training step
 keeps for backward, fastres vs eager, next to the paper traffic model of
-:mod:`fastres.benchmark.traffic`.
+:mod:`fastres.benchmark.traffic`. ``fastres kernels MODEL --device sm_XX`` lists the Triton
+compile units a model's training and eval steps launch on a device class, without a GPU, and with
+``--compile`` compiles them for it (see :mod:`fastres.kernels`).
 """
 
 from __future__ import annotations
@@ -340,7 +342,7 @@ def _triton_cache_dir() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def summary_model(name: str, fused: bool, num_classes: int):
+def summary_model(name: str, fused: bool, num_classes: int, command: str = "summary"):
     """``timm:NAME`` from timm; otherwise fastres' model (``--fused``) or the plain one
     (torchvision's where it has the name), as ``fastres bench`` builds them."""
     import warnings
@@ -362,7 +364,7 @@ def summary_model(name: str, fused: bool, num_classes: int):
     try:
         return make(name, num_classes=num_classes)
     except (RuntimeError, AttributeError, ImportError) as e:
-        raise SystemExit(f"fastres summary: cannot build model {name!r}: {e}") from e
+        raise SystemExit(f"fastres {command}: cannot build model {name!r}: {e}") from e
 
 
 def cmd_summary(args: argparse.Namespace) -> int:

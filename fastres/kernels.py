@@ -335,7 +335,7 @@ def build_model(name: str, num_classes: int = 1000) -> nn.Module:
     """The fused model ``fastres kernels`` looks at, as ``fastres summary --fused`` builds it."""
     from .cli import summary_model
 
-    return summary_model(name, True, num_classes)
+    return summary_model(name, True, num_classes, command="kernels")
 
 
 def record(model: nn.Module, device: devices.DeviceClass | int, *, batch: int,

@@ -351,6 +351,9 @@ def record(model: nn.Module, device: devices.DeviceClass | int, *, batch: int,
     from .backends.triton import _tuning
     from .backends.triton import conv as triton_conv
 
+    if _tuning.INTERPRET:
+        raise RuntimeError("TRITON_INTERPRET=1 is set: the interpreter's kernels have their own "
+                           "configurations, not the GPU's; unset it")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")

@@ -141,6 +141,13 @@ def test_device_names():
             kernels.parse_device(bad)
 
 
+def test_refuses_the_interpreter():
+    """This process interprets the kernels (conftest): their configurations are not the GPU's."""
+    assert _tuning.INTERPRET
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.record(torch.nn.Conv2d(3, 16, 3), 90, batch=2, resolution=8)
+
+
 def test_backward_without_the_engine_runs_every_node():
     """The Python walk of the autograd graph calls each node once with the summed gradient,
     maps a Python Function's gradients to its tensor arguments only, and reaches the leaves."""

@@ -340,11 +340,12 @@ def build_model(name: str, num_classes: int = 1000) -> nn.Module:
 
 def record(model: nn.Module, device: devices.DeviceClass | int, *, batch: int,
            resolution: int = 224, dtype: torch.dtype = torch.bfloat16,
-           modes: Sequence[str] = MODES, num_classes: int = 1000,
-           backend: str = "auto") -> tuple[list[Unit], dict[str, Counter], _Recorder]:
-    """The compile units of ``modes`` steps of ``model`` (parameters fp32, half precision under
-    autocast) on device class ``device`` (a class or a target such as 100), with fake CUDA
-    tensors; ``model``'s parameters and buffers are replaced by fake ones."""
+           modes: Sequence[str] = MODES, backend: str = "auto",
+           ) -> tuple[list[Unit], dict[str, Counter], _Recorder]:
+    """The compile units of ``modes`` steps of ``model`` (parameters as they are: fp32, with
+    fp16 / bf16 under autocast) on device class ``device`` (a class or a target such as 100),
+    with fake CUDA tensors; ``model``'s parameters and buffers are replaced by fake ones.
+    Also returns which backend served the fused passes of each mode, and the recorder."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from . import backends
@@ -373,8 +374,6 @@ def record(model: nn.Module, device: devices.DeviceClass | int, *, batch: int,
             _fake_cuda(model)
             x = torch.empty(batch, 3, resolution, resolution, device="cuda",
                             memory_format=torch.channels_last)
-            if not half:
-                x = x.to(dtype)
             for mode in modes:
                 recorder.mode = mode
                 cast = _autocast(dtype) if half else contextlib.nullcontext()
@@ -498,8 +497,7 @@ def kernels_report(model_name: str, device: str | devices.DeviceClass, *, batch:
         raise ValueError(f"--dtype wants one of {', '.join(DTYPES)}, got {dtype!r}")
     model = build_model(model_name, num_classes)
     units, served, recorder = record(model, cls, batch=batch, resolution=resolution,
-                                     dtype=DTYPES[dtype], modes=modes, num_classes=num_classes,
-                                     backend=backend)
+                                     dtype=DTYPES[dtype], modes=modes, backend=backend)
     units = [u for u in units if only in u.kernel]
     tuning_units = {k for keys in recorder.tuning.values() for k in keys}
     report = Report(model_name, cls, batch, resolution, dtype, list(modes), units, served,

@@ -1,5 +1,5 @@
 """The ``fastres`` command: ``fastres bench``, ``fastres info``, ``fastres tune``,
-``fastres summary`` and ``fastres memory``.
+``fastres summary``, ``fastres memory`` and ``fastres kernels``.
 
 ``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, a
 training step of single residual blocks: the block op vs the same block layer by layer, and
@@ -9,7 +9,9 @@ and which backends can run here and why not. ``fastres tune MODEL`` autotunes a 
 shapes once (kept in Triton's disk cache). ``fastres summary MODEL`` prints a model's layer
 table (see :mod:`fastres.summary`). ``fastres memory MODEL`` counts the bytes a training step
 keeps for backward, fastres vs eager, next to the paper traffic model of
-:mod:`fastres.benchmark.traffic`.
+:mod:`fastres.benchmark.traffic`. ``fastres kernels MODEL --device sm_XX`` lists the Triton
+compile units a model's training and eval steps launch on a device class, without a GPU, and with
+``--compile`` compiles them for it (see :mod:`fastres.kernels`).
 """
 
 from __future__ import annotations
@@ -404,7 +406,7 @@ def _triton_cache_dir() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def summary_model(name: str, fused: bool, num_classes: int):
+def summary_model(name: str, fused: bool, num_classes: int, command: str = "summary"):
     """``timm:NAME`` from timm; otherwise fastres' model (``--fused``) or the plain one
     (torchvision's where it has the name), as ``fastres bench`` builds them."""
     import warnings
@@ -426,7 +428,7 @@ def summary_model(name: str, fused: bool, num_classes: int):
     try:
         return make(name, num_classes=num_classes)
     except (RuntimeError, AttributeError, ImportError) as e:
-        raise SystemExit(f"fastres summary: cannot build model {name!r}: {e}") from e
+        raise SystemExit(f"fastres {command}: cannot build model {name!r}: {e}") from e
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -498,6 +500,34 @@ def cmd_memory(args: argparse.Namespace) -> int:
                                  dtype=args.dtype, device=args.device, backend=args.backend,
                                  tbps=args.tbps)))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fastres kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    import json
+
+    from .kernels import kernels_report, report_json, report_lines, unit_clean
+
+    if args.batch < 1 or args.resolution < 1:
+        raise SystemExit("fastres kernels: --batch and --resolution must be positive")
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    try:
+        report = kernels_report(args.model, args.device, batch=args.batch,
+                                resolution=args.resolution, dtype=args.dtype, modes=modes,
+                                compile=args.compile, only=args.only, jobs=args.jobs,
+                                num_classes=args.num_classes, backend=args.backend)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"fastres kernels: {e}") from e
+    print("\n".join(report_lines(report)))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report_json(report), indent=1) + "\n")
+    # with --compile, a unit that fails to compile or breaks a rule fails the command
+    return 1 if args.compile and not all(unit_clean(u, report.device) for u in report.units) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -612,6 +642,34 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--tbps", type=float, default=None,
                      help="memory bandwidth in TB/s, for the img/s each design's traffic allows")
     mem.set_defaults(func=cmd_memory)
+
+    kern = sub.add_parser(
+        "kernels", help="the Triton kernels a model's steps launch on a GPU class, no GPU needed",
+        description="List the Triton kernel specialisations a model's training step (forward "
+                    "and backward) and eval step launch on a device class, with the "
+                    "configuration each uses with autotuning off, found by running the steps "
+                    "on fake CUDA tensors (no GPU needed); --compile compiles each for that "
+                    "target, says whether it compiles clean and what the first step's "
+                    "compiling costs (this machine's CPU).")
+    kern.add_argument("model", help="a fastres.models / torchvision name, or timm:NAME")
+    kern.add_argument("--device", required=True,
+                      help="the device class: sm_80, sm_86, sm_89, sm_90, sm_100, sm_120, sm_75 "
+                           "(or a capability such as 10.0)")
+    kern.add_argument("--batch", type=int, default=256)
+    kern.add_argument("--resolution", type=int, default=224)
+    kern.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                      help="autocast to bf16/fp16 (fp32 parameters), or fp32")
+    kern.add_argument("--mode", default="train,eval", help="train, eval or train,eval")
+    kern.add_argument("--num-classes", type=int, default=1000)
+    kern.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                      help="fastres backend the fused ops ask for (default: auto)")
+    kern.add_argument("--compile", action="store_true",
+                      help="compile each unit for the target and read its SASS")
+    kern.add_argument("--only", default="", metavar="TEXT",
+                      help="only units whose kernel name contains TEXT")
+    kern.add_argument("--jobs", type=int, default=None, help="compile processes (default: cores)")
+    kern.add_argument("--json", default=None, metavar="PATH", help="also write the report here")
+    kern.set_defaults(func=cmd_kernels)
     return parser
 
 

@@ -36,11 +36,10 @@ import time
 import traceback
 from typing import Any
 
-from . import sass
-from .triton._compile import MODULES, TARGETS, UNSPECIALISED, launch_source
+from . import devices, sass
+from .triton._compile import MODULES, TARGETS, UNSPECIALISED, CompileSpec, launch_source
 
 DEFAULT_OUT = os.path.join("bench", "kernel_report.json")
-_MMA = {80: "HMMA", 90: "HGMMA"}  # the tensor-core instruction a kernel must use per target
 # PTX max.f32 returns the non-NaN operand (max.NaN.f32 would propagate): in modules whose only
 # float max would be a ReLU written as max(v, 0), it means NaN turned into 0 (torch.relu keeps it)
 NAN_DROPPING_MAX = re.compile(r"\bmax(?:\.ftz)?\.f32\b")
@@ -65,7 +64,7 @@ def triton_violations(row: dict[str, Any]) -> list[str]:
     if row["occupancy"] == 0:
         found.append("does not fit on an SM")
     if row["tensor_cores"]:
-        want = _MMA[int(row["target"].removeprefix("sm_"))]
+        want = devices.for_target(int(row["target"].removeprefix("sm_"))).mma
         if row["mma"] != want:
             found.append(f"no {want} (got {row['mma']})")
         if row["g2s"] == "plain":
@@ -81,14 +80,18 @@ def cuda_violations(row: dict[str, Any]) -> list[str]:
 
 
 def _compile_row(task: tuple[str, int, int]) -> tuple[dict[str, Any], float, str]:
-    """Compile spec ``index`` of ``module`` for compute capability ``cc`` and read its SASS (a
-    worker process). Returns the report row, the seconds taken and the traceback of a failure."""
+    """Compile spec ``index`` of ``module`` for compute capability ``cc`` (a worker process)."""
+    module, index, cc = task
+    return compile_row(importlib.import_module(module).compile_specs()[index], cc, module)
+
+
+def compile_row(spec: CompileSpec, cc: int, module: str) -> tuple[dict[str, Any], float, str]:
+    """Compile ``spec`` (of kernel module ``module``) for compute capability ``cc`` and read its
+    SASS. Returns the report row, the seconds taken and the traceback of a failure."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, index, cc = task
-    spec = importlib.import_module(module).compile_specs()[index]
     row: dict[str, Any] = dict(
         module=_short(module), spec=spec.name, shape_class=spec.shape_class, target=f"sm_{cc}",
         warps=spec.num_warps, stages=spec.num_stages, tensor_cores=spec.tensor_cores,
@@ -108,7 +111,9 @@ def _compile_row(task: tuple[str, int, int]) -> tuple[dict[str, Any], float, str
         row.update(
             status="ok", regs=stats.regs, shared=shared, local_bytes=stats.local_bytes,
             spill_store_bytes=stats.spill_store_bytes, mma=stats.mma, g2s=stats.g2s,
-            occupancy=round(sass.occupancy(cc, stats.regs, shared, 32 * spec.num_warps), 3),
+            # None where sass has no per-SM limits for the target
+            occupancy=round(sass.occupancy(cc, stats.regs, shared, 32 * spec.num_warps), 3)
+            if cc in sass.ARCHS else None,
             ptx_max_f32=bool(NAN_DROPPING_MAX.search(kernel.asm["ptx"])),
         )
     except Exception as e:  # report every failure, not just the first

@@ -47,7 +47,7 @@ class KernelStats:
     shared_static: int  # statically declared shared memory, bytes per block
     local_bytes: int  # local-memory frame (stack + local arrays), bytes per thread
     spill_store_bytes: int  # bytes stored by the local-store (STL) instructions in the code
-    mma: str  # "HGMMA" (sm_90 warpgroup MMA), "HMMA" (mma.sync) or "none"
+    mma: str  # "UTCHMMA" (sm_100 tcgen05), "HGMMA" (sm_90 wgmma), "HMMA" (mma.sync) or "none"
     g2s: str  # global -> shared: "UTMALDG" (TMA), "LDGSTS" (cp.async) or "plain"
 
 
@@ -106,7 +106,8 @@ def _sass_by_function(text: str) -> dict[str, Counter]:
 
 def _stats(usage: tuple[str, ...], ops: Counter) -> KernelStats:
     _, reg, stack, shared, local = usage
-    mma = "HGMMA" if ops["HGMMA"] else "HMMA" if ops["HMMA"] else "none"
+    # newest generation first: tcgen05 (sm_100), wgmma (sm_90), mma.sync
+    mma = next((kind for kind in ("UTCHMMA", "HGMMA", "HMMA") if ops[kind]), "none")
     g2s = "UTMALDG" if ops["UTMALDG"] else "LDGSTS" if ops["LDGSTS"] else "plain"
     return KernelStats(
         regs=int(reg), shared_static=int(shared), local_bytes=int(stack) + int(local),

@@ -17,6 +17,11 @@ Every multi-configuration kernel is wrapped by :func:`autotune` instead of ``tri
 Either way :attr:`Tuned.last_config` says which configuration this thread's last launch ran (the
 conv launcher needs its BLOCK_M to slice the per-tile statistics), and :meth:`Tuned.forced` pins
 one configuration (the GPU test that checks every configuration the autotuner may pick).
+
+Inside :func:`recording` no kernel is compiled or launched: every launch, of a :class:`Tuned`
+kernel (with the first configuration left after pruning, as with autotuning off) or of a plain
+``@triton.jit`` kernel, is handed to a sink instead (``fastres kernels``: what a step would
+launch on a device class, with fake tensors and no GPU).
 """
 
 from __future__ import annotations
@@ -47,6 +52,44 @@ _CACHE_KW = (
 
 
 _ALL: list[Tuned] = []  # every Tuned kernel, for launched_configs()
+
+# (jit function, args, kwargs with the configuration's, the Tuned kernel or None, the
+# configurations left after pruning or None) -> None; see recording()
+LaunchSink = Callable[[Any, tuple, dict[str, Any], "Tuned | None", "list[triton.Config] | None"],
+                      None]
+_sink: LaunchSink | None = None
+
+
+@contextlib.contextmanager
+def recording(sink: LaunchSink) -> Iterator[None]:
+    """Inside the block launches are handed to ``sink`` and never compiled or run (see the module
+    docstring). Plain ``@triton.jit`` launches all go through ``JITFunction.run``, which is
+    replaced for the block (process-wide: record from one thread)."""
+    global _sink
+    from triton.runtime.jit import JITFunction
+
+    def record_plain(fn: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
+        sink(fn, args, kwargs, None, None)
+
+    outer, run = _sink, JITFunction.run
+    _sink, JITFunction.run = sink, record_plain
+    try:
+        yield
+    finally:
+        _sink, JITFunction.run = outer, run
+
+
+def aligned16(t: torch.Tensor) -> bool:
+    """Whether a tensor's data starts on a 16-byte boundary (what Triton specialises pointers on
+    and a TMA descriptor needs). A tensor without memory (fake or meta: ``fastres kernels``) is
+    placed as PyTorch's allocator would place it: storage start aligned, plus its offset."""
+    if type(t) is torch.Tensor and not t.is_meta:  # the common case first: a real tensor
+        return t.data_ptr() % 16 == 0
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(t) or t.is_meta:
+        return t.storage_offset() * t.element_size() % 16 == 0
+    return t.data_ptr() % 16 == 0
 
 
 def config_label(config: triton.Config) -> str:
@@ -230,6 +273,12 @@ class Tuned:
 
     def __getitem__(self, grid: Any) -> Callable[..., None]:
         def launch(*args: Any, **kwargs: Any) -> None:
+            if _sink is not None:  # recording(): the first fitting configuration, not launched
+                candidates = self.candidates(args, kwargs)
+                self.last_config = self._forced or candidates[0]
+                _sink(self.fn, args, {**kwargs, **self.last_config.all_kwargs()}, self,
+                      candidates)
+                return
             config = self._forced
             if config is None:
                 key = _signature(args, kwargs)

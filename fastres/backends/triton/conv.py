@@ -309,7 +309,7 @@ def _pruner(kname: str):
         x = nargs.get("x_ptr")
         dtype, cc = getattr(x, "dtype", None), _tuning.target(x)
         limit = _tuning.smem_limit(x, cc)
-        aligned = isinstance(x, torch.Tensor) and x.data_ptr() % 16 == 0
+        aligned = isinstance(x, torch.Tensor) and _tuning.aligned16(x)
         kept = [c for c in configs
                 if _unfit(name, c, nargs, dtype, cc, kwargs, aligned, limit) is None]
         return kept or _tuning.fitting([c for c in configs if not c.kwargs.get("TMA")],
@@ -840,7 +840,7 @@ def conv2d_fused(
         assert residual.is_contiguous(memory_format=cl), (
             "conv2d_fused: residual must be channels_last contiguous"
         )
-    if x.is_cuda and x.data_ptr() % 16:
+    if x.is_cuda and not _tuning.aligned16(x):
         # A view that starts mid-vector (never a batch slice of an aligned tensor with C % 8 == 0):
         # the sm_90 TMA tiles need a 16-byte aligned input, and the tuned choice per shape does
         # not see alignment, so such an input is copied to an aligned one.

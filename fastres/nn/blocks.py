@@ -352,14 +352,31 @@ class FusedBlock(nn.Module):
         """The block's ``drop_path`` child (timm's name), None if it has none or an Identity."""
         return _no_op(getattr(self, "drop_path", None))
 
+    def _gate(self) -> nn.Module | None:
+        """The block's ``se`` child (timm's attention module, adopted from a timm block), None
+        if it has none."""
+        return _no_op(getattr(self, "se", None))
+
+    def _plain_join(self) -> bool:
+        """The last pair joins as ``relu(bn(conv(h)) + identity)``: no gate, no drop path."""
+        return self._gate() is None and self._drop_path() is None
+
+    def _check_gate(self) -> None:
+        if self._gate() is not None:
+            raise ValueError(f"channel gating ({type(self._gate()).__name__}) before the "
+                             "residual add is not served by the block op")
+
     def _join(self, name: str, conv: nn.Module, bn: nn.Module, h: Tensor,
               identity: Tensor) -> Tensor:
         """The last pair and the join, layer by layer: ``relu(bn(conv(h)) + identity)`` in one
-        fused call, or with a drop path ``relu(drop_path(bn(conv(h))) + identity)``."""
-        drop = self._drop_path()
-        if drop is None:
+        fused call, or, as timm orders them, ``relu(drop_path(se(bn(conv(h)))) + identity)``."""
+        if self._plain_join():
             return self._run(name, conv, bn, h, residual=identity)
-        return F.relu(drop(self._run(name, conv, bn, h, relu=False)) + identity)
+        branch = self._run(name, conv, bn, h, relu=False)
+        for m in (self._gate(), self._drop_path()):
+            if m is not None:
+                branch = m(branch)
+        return F.relu(branch + identity)
 
     def _shortcut(self, x: Tensor) -> Tensor:
         """Projection ``downsample`` (leading modules such as an avg-pool, then conv + BN)."""
@@ -424,10 +441,11 @@ class BasicBlock(FusedBlock):
 
     def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
         return {"conv1": (self.conv1, self.bn1, True),
-                "conv2": (self.conv2, self.bn2, self._drop_path() is None),
+                "conv2": (self.conv2, self.bn2, self._plain_join()),
                 **self._downsample_pair()}
 
     def block_layout(self) -> BlockLayout:
+        self._check_gate()
         proj, pool = self._projection()
         norms = [self.bn1, self.bn2] + ([self.downsample[-1]] if proj is not None else [])
         return BlockLayout([self.conv1, self.conv2], norms, proj, False, pool, self._drop_path())
@@ -490,10 +508,11 @@ class Bottleneck(FusedBlock):
 
     def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
         return {"conv1": (self.conv1, self.bn1, True), "conv2": (self.conv2, self.bn2, True),
-                "conv3": (self.conv3, self.bn3, self._drop_path() is None),
+                "conv3": (self.conv3, self.bn3, self._plain_join()),
                 **self._downsample_pair()}
 
     def block_layout(self) -> BlockLayout:
+        self._check_gate()
         proj, pool = self._projection()
         norms = [self.bn1, self.bn2, self.bn3]
         norms += [self.downsample[-1]] if proj is not None else []

@@ -13,7 +13,10 @@ then take the per-layer path, see :func:`block_backend`).
 
 Structure (:class:`fastres.backends.base.BlockParams`): post-activation blocks (ResNet, ResNeXt,
 Wide ResNet; with or without a projection shortcut) and pre-activation blocks (with or without
-the entry BN + ReLU, with or without a projection on the activated input). Saved for backward:
+the entry BN + ReLU, with or without a projection on the activated input). Post-activation blocks
+also take a ``shortcut_input`` for the projection conv (ResNet-D: x average-pooled by the caller,
+one small PyTorch op whose autograd takes the gradient) and a per-sample ``branch_scale``
+(stochastic depth, applied in the join pass; the caller draws it). Saved for backward:
 the block input and (post-activation) output, which neighbouring blocks share, the raw outputs
 of the convs, and per-channel statistics; never an inner activation.
 

@@ -32,8 +32,8 @@ from tests.numerics import assert_close_ratio
 
 timm = pytest.importorskip("timm")
 tv_ops = pytest.importorskip("torchvision.ops")
-from timm.layers import DropPath  # noqa: E402
-from timm.models import resnet as timm_resnet  # noqa: E402
+from timm.layers import DropPath
+from timm.models import resnet as timm_resnet
 
 CL = torch.channels_last
 SEED = 5  # every step's draw; with N = 4 and drop 0.4 it drops samples 0 and 3 (checked)
@@ -391,3 +391,72 @@ def test_modern_block_traces_with_torch_compile() -> None:
     out = compiled(x)
     out.square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _fuse_timm_blocks(model: nn.Module) -> int:
+    """Every timm ResNet block of ``model`` replaced by :func:`fused_block` (as fastres.fuse
+    swaps blocks in); returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (timm_resnet.Bottleneck, timm_resnet.BasicBlock)):
+                setattr(parent, name, fused_block(child))
+                count += 1
+    return count
+
+
+def test_resnet26d_with_drop_path_trains_as_block_ops_like_eager() -> None:
+    """timm resnet26d (avg-pool shortcuts) with drop_path_rate=0.2, every block one block op:
+    two seeded training steps in float64 (the maths of a whole model, DESIGN §4) give eager's
+    loss, every gradient and the running statistics; parameter names are timm's."""
+    eager = randomize_bn(timm.create_model("resnet26d", pretrained=False, num_classes=5,
+                                           drop_path_rate=0.2)).double().train()
+    fused = copy.deepcopy(eager)
+    assert _fuse_timm_blocks(fused) == 8
+    assert [k for k, _ in fused.named_parameters()] == [k for k, _ in eager.named_parameters()]
+    blocks = [m for m in fused.modules() if isinstance(m, Bottleneck)]
+    assert all(b.block_reason() is None for b in blocks)
+    assert sum(b.block_layout().shortcut_pool is not None for b in blocks) == 3  # s2 stages
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    runs = []
+    for m in (fused, eager):
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        steps = []
+        with fastres.use_backend("reference"), fastres.backends.record_calls() as served:
+            for step in range(2):
+                opt.zero_grad()
+                torch.manual_seed(SEED + step)
+                loss = nn.functional.cross_entropy(m(x), target)
+                loss.backward()
+                steps.append((loss.detach(), {k: p.grad.clone()
+                                              for k, p in m.named_parameters()}))
+                opt.step()
+        runs.append((steps, {k: t.detach() for k, t in m.state_dict().items()}, served))
+    (steps_f, state_f, served_f), (steps_e, state_e, _) = runs
+    assert [c.op for c in served_f].count("residual_block") == 2 * 2 * 8
+    for (lf, gf), (le, ge) in zip(steps_f, steps_e):
+        torch.testing.assert_close(lf, le, rtol=1e-6, atol=1e-6)
+        for k in ge:
+            torch.testing.assert_close(gf[k], ge[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in state_e:
+        torch.testing.assert_close(state_f[k], state_e[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_se_block_runs_layer_by_layer_with_its_gate() -> None:
+    """timm seresnext26d_32x4d's stride-2 block (SE gate, avg-pool shortcut), with a drop
+    path: the block op does not serve the gate, so the block says why and runs per layer, the
+    gate and the drop path between the last BN and the add, as eager under the same seed."""
+    model = timm.create_model("seresnext26d_32x4d", pretrained=False, num_classes=5,
+                              drop_path_rate=0.2)
+    eager = randomize_bn(model.layer2[0]).train()
+    fused = fused_block(copy.deepcopy(eager))
+    assert "channel gating (SEModule)" in fused.block_reason()
+    x = torch.randn(2, eager.conv1.in_channels, 9, 9).contiguous(memory_format=CL)
+    torch.manual_seed(SEED)
+    want = eager(x)
+    with fastres.use_backend("reference"), fastres.backends.record_calls() as served:
+        torch.manual_seed(SEED)
+        got = fused(x)
+    assert {c.op for c in served} == {"conv_bn_relu"}
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1066,7 +1066,8 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Integer arguments of a ResNet-shaped launch: channel counts and the merge group are multiples
 # of 16, row counts (N·H·W with 7x7 or 14x14 maps) and tile counts not; backward programs cover
 # 256 rows each up to 2^18 rows. A launch specialises on these (_compile.launch_source).
-_RESNET_INTS = dict(M=3 * 7 * 7, K=256, T=37, P=37, group=_MERGE_GROUP, rows_per_prog=256)
+_RESNET_INTS = dict(M=3 * 7 * 7, K=256, T=37, P=37, group=_MERGE_GROUP, rows_per_prog=256,
+                    HW=7 * 7)
 
 
 def compile_specs() -> list[CompileSpec]:

@@ -218,7 +218,12 @@ class FusedBlock(nn.Module):
 
     def _run(self, name: str, conv: nn.Module, bn: nn.Module, x: Tensor,
              residual: Tensor | None = None, relu: bool = True) -> Tensor:
-        return conv_bn_act(self._current_view(name, conv, bn), conv, bn, x, residual, relu)
+        view = self._current_view(name, conv, bn)
+        if view is not None and view.relu != relu:
+            # the join changed since the views were built (a gate or drop path adopted after
+            # from_modules, as fuse does): the pair's ReLU moves after them
+            view = self._replace_view(name, conv, bn, relu)
+        return conv_bn_act(view, conv, bn, x, residual, relu)
 
     def _current_view(self, name: str, conv: nn.Module, bn: nn.Module) -> ConvBNReLU | None:
         """Pair ``name``'s view, rebuilt (or dropped) if a child was replaced since."""

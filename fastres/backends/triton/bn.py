@@ -332,8 +332,12 @@ def _tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _sample_scale(branch_scale_ptr, rows, M, HW):
-    """The per-sample branch scale (drop path) of the int64 ``rows`` (pixels), fp32."""
-    return tl.load(branch_scale_ptr + rows // HW, mask=rows < M, other=0.0)
+    """The per-sample branch scale (drop path) of the int64 ``rows`` (pixels), fp32. The
+    division in int32 (rows < M < 2^31, checked by the launcher): an int64 division is a
+    subroutine call whose register saves go to local memory (sm_80 compile)."""
+    mask = rows < M
+    sample = tl.where(mask, rows, 0).to(tl.int32) // HW
+    return tl.load(branch_scale_ptr + sample, mask=mask, other=0.0)
 
 
 @_tuning.autotune(
@@ -853,6 +857,7 @@ def _branch_args(branch_scale: Tensor | None, y: Tensor, dummy: Tensor, **out) -
                     **{k: dummy for k in out})
     assert branch_scale.shape == (y.shape[0],) and branch_scale.dtype == torch.float32
     assert branch_scale.is_contiguous()
+    assert y.numel() // y.shape[1] < 2**31, "the branch scale's sample index is int32"
     return dict(branch_scale_ptr=branch_scale, HW=y.shape[2] * y.shape[3], BRANCH_SCALE=True,
                 **out)
 

@@ -57,7 +57,7 @@ def _block_saved_bytes(block: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     conv a BatchNorm reads, the post-activation output, and (K,) fp32 mean and var per BN)."""
     got = saved_bytes(block, x)
     plain = copy.deepcopy(block).set_fused(False)
-    convs, norms, proj, preact = plain.block_layout()
+    convs, norms, proj, preact = plain.block_layout()[:4]
     reads = convs[:-1] if preact else [*convs, *([proj] if proj is not None else [])]
     raw: list[int] = []
     for conv in reads:

@@ -131,6 +131,10 @@ class BlockParams:
     post-activation ``bn_1 .. bn_L`` then ``bn_s`` with a projection; pre-activation ``bn_0``
     (with ``entry_norm``) then ``bn_1 .. bn_{L-1}``. Convolutions: ``conv_1 .. conv_L`` then
     ``conv_s`` with a projection. No convolution has a bias.
+
+    Post-activation blocks take two more (tensor) inputs beside this structure: a shortcut input
+    the projection conv reads instead of x (ResNet-D's average-pooled x), and a per-sample
+    branch scale (stochastic depth), ``out = relu(bn_L(y_L)·scale[n] + shortcut)``.
     """
 
     convs: tuple[ConvParams, ...]  # main branch conv_1 .. conv_L

@@ -73,22 +73,23 @@ class ReferenceBackend:
 
     def block_forward(
         self, x, weights, bn_weights, bn_biases, running_means, running_vars, *,
-        block, batch_stats, save_for_backward,
+        block, batch_stats, save_for_backward, shortcut_input=None, branch_scale=None,
     ):
         with torch.no_grad():
             out, ys, means, variances = block_eager(
                 x, weights, bn_weights, bn_biases, running_means, running_vars, block,
-                batch_stats,
+                batch_stats, shortcut_input=shortcut_input, branch_scale=branch_scale,
             )
         keep = [] if not save_for_backward else ys[:-1] if block.preact else ys
         return out, keep, means, variances
 
     def block_backward(
         self, dout, x, out, weights, saved, means, variances, bn_weights, bn_biases, *,
-        block, batch_stats, output_mask,
+        block, batch_stats, output_mask, shortcut_input=None, branch_scale=None,
     ):
         """The chain rule through the block, layer by layer (``bn_relu_backward`` and PyTorch's
-        convolution backward), the activations recomputed from the saved raw outputs."""
+        convolution backward), the activations recomputed from the saved raw outputs.
+        ``(dx, dweights, dbn_weights, dbn_biases, dshortcut_input)``, as ``block_eager``."""
         n_w, n_bn = len(weights), len(bn_weights)
         need_w = output_mask[1:1 + n_w]
         need_g = output_mask[1 + n_w:1 + n_w + n_bn]
@@ -124,6 +125,7 @@ class ReferenceBackend:
             return dx
 
         n = len(block.convs)
+        dxs = None
         if block.preact:
             k0 = int(block.entry_norm)  # index of bn_1 (the norm after conv_1)
             a0 = act(x, 0) if block.entry_norm else x
@@ -143,16 +145,25 @@ class ReferenceBackend:
                 dx = dx + dout
         else:
             inputs = [x] + [act(saved[i], i) for i in range(n - 1)]
-            g, dy = dbn(dout, saved[n - 1], out, n - 1)
+            dbranch = dout  # drop path: the last BN's g is the output's g times scale[n]
+            if branch_scale is not None:
+                acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
+                dbranch = dout.to(acc) * branch_scale.to(acc).view(-1, 1, 1, 1)
+            _, dy = dbn(dbranch, saved[n - 1], out, n - 1)
             for i in range(n - 1, 0, -1):
                 da = dconv(dy, inputs[i], i)
                 _, dy = dbn(da, saved[i - 1], inputs[i], i - 1)
             dx = dconv(dy, x, 0)
             if block.shortcut is not None:
                 _, dy_s = dbn(dout, saved[n], out, n)
-                dx = dx + dconv(dy_s, x, n)
+                xs = x if shortcut_input is None else shortcut_input
+                d_short = dconv(dy_s, xs, n)
+                if shortcut_input is None:
+                    dx = dx + d_short
+                else:
+                    dxs = d_short.contiguous(memory_format=CL)
             else:
-                dx = dx + g.to(dx.dtype)
+                dx = dx + (dout * (out > 0)).to(dx.dtype)
         mask_g = output_mask[1 + n_w:1 + n_w + n_bn]
         mask_b = output_mask[1 + n_w + n_bn:]
         return (
@@ -160,6 +171,7 @@ class ReferenceBackend:
             [d if m else None for d, m in zip(dws, need_w)],
             [d if m else None for d, m in zip(dgs, mask_g)],
             [d if m else None for d, m in zip(dbs, mask_b)],
+            dxs if output_mask[0] else None,
         )
 
     def unsupported_reason(self, call: CallInfo) -> str | None:
@@ -212,10 +224,15 @@ def block_eager(
     running_vars: list[OptTensor],
     block: BlockParams,
     batch_stats: bool,
+    *,
+    shortcut_input: OptTensor = None,
+    branch_scale: OptTensor = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """The block of :class:`BlockParams` in plain PyTorch (differentiable): ``(out, raw conv
     outputs conv_1 .. conv_L (, conv_s), means, vars)``. Running statistics are read in eval and
-    never written (the op layer updates them)."""
+    never written (the op layer updates them). Post-activation only: ``shortcut_input`` is
+    what the projection conv reads instead of x; ``branch_scale`` (N,) multiplies the last BN's
+    output per sample before the shortcut is added (stochastic depth)."""
     means: list[Tensor] = []
     variances: list[Tensor] = []
 
@@ -249,8 +266,10 @@ def block_eager(
         out = ys[-1] + short
     else:
         last = norm(ys[-1])
+        if branch_scale is not None:
+            last = last * branch_scale.to(last.dtype).view(-1, 1, 1, 1)
         if block.shortcut is not None:
-            ys.append(conv(x, n))
+            ys.append(conv(x if shortcut_input is None else shortcut_input, n))
             short = norm(ys[-1])
         else:
             short = x

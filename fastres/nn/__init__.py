@@ -2,6 +2,7 @@
 
 from .blocks import (
     BasicBlock,
+    BlockLayout,
     Bottleneck,
     FusedBlock,
     PreActBasicBlock,
@@ -12,6 +13,7 @@ from .conv_bn_relu import ConvBNReLU
 
 __all__ = [
     "BasicBlock",
+    "BlockLayout",
     "Bottleneck",
     "ConvBNReLU",
     "FusedBlock",

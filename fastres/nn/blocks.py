@@ -22,8 +22,10 @@ else it runs from then on unfused, through the replacement module's own forward.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +89,91 @@ def conv_bn_act(view: ConvBNReLU | None, conv: nn.Module, bn: nn.Module, x: Tens
     return F.relu(y) if relu else y
 
 
+class BlockLayout(NamedTuple):
+    """What a :class:`FusedBlock` hands the block op (:func:`fastres.ops.residual_block`): its
+    modules in the op's roles. ``block_layout()`` returns one (a plain 4-tuple of the first
+    four fields is accepted too, see :meth:`of`).
+
+    - ``convs``: the main branch ``conv_1 .. conv_L`` (plain zero-padded ``nn.Conv2d``, no bias).
+    - ``norms``: the BatchNorms in :class:`fastres.backends.base.BlockParams` order
+      (post-activation ``bn_1 .. bn_L`` then the projection's; pre-activation the entry BN, if
+      any, then ``bn_2 .. bn_L``).
+    - ``projection``: the shortcut's conv (its BN is the last of ``norms``), None: identity.
+    - ``preact``: the pre-activation structure.
+    - ``shortcut_pool``: post-activation only, a module the shortcut applies to x before the
+      projection conv (ResNet-D's ``nn.AvgPool2d(2, 2, ceil_mode=True,
+      count_include_pad=False)``; only ``nn.AvgPool2d`` is taken); it runs in PyTorch, its
+      output is the projection conv's input in the op (``shortcut_input``). None: none.
+    - ``drop_path``: post-activation only, stochastic depth on the residual branch, applied to
+      the last BN's output before the shortcut is added: timm ``DropPath`` or torchvision
+      ``StochasticDepth`` (its draw: :func:`drop_path_scale`). None (or ``nn.Identity``): none.
+    """
+
+    convs: list[nn.Module]
+    norms: list[nn.Module]
+    projection: nn.Module | None
+    preact: bool
+    shortcut_pool: nn.Module | None = None
+    drop_path: nn.Module | None = None
+
+    @classmethod
+    def of(cls, layout: tuple) -> BlockLayout:
+        """``layout`` as a BlockLayout (a 4-tuple ``(convs, norms, projection, preact)``, as
+        ``block_layout`` returned before the optional pieces existed, gets none of them)."""
+        return layout if isinstance(layout, cls) else cls(*layout)
+
+
+def _optional_type(module: str, name: str) -> type | None:
+    """A third-party class, if its module is loaded (no import: a block holding an instance
+    has loaded it; and torch.compile traces no import)."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def drop_path_reason(module: nn.Module | None) -> str | None:
+    """None if the block op can apply ``module`` as its per-sample branch scale (a timm
+    ``DropPath``, a torchvision ``StochasticDepth``, ``nn.Identity`` or None), else why not."""
+    if module is None or type(module) is nn.Identity:
+        return None
+    kinds = (_optional_type("timm.layers.drop", "DropPath"),
+             _optional_type("torchvision.ops.stochastic_depth", "StochasticDepth"))
+    if type(module) not in kinds:
+        return f"drop path {type(module).__name__} is not timm's DropPath or torchvision's " \
+               "StochasticDepth"
+    return None
+
+
+def drop_path_scale(module: nn.Module | None, n: int, dtype: torch.dtype,
+                    device: torch.device) -> Tensor | None:
+    """The (N, 1, 1, 1) per-sample scale ``module`` (accepted by :func:`drop_path_reason`) would
+    multiply a branch of ``n`` samples in ``dtype`` by, drawn from the same random stream with
+    the same calls, so one seed gives the unfused module's draws; None where it is the identity
+    (eval, probability 0, ``nn.Identity``). timm ``drop_path``: ``new_empty((N,1,1,1))
+    .bernoulli_(keep)`` then ``div_(keep)`` if ``scale_by_keep`` and keep > 0; torchvision
+    ``stochastic_depth``: ``empty([N,1,1,1])`` (mode "row") or ``[1,1,1,1]`` ("batch", then
+    broadcast), ``bernoulli_(1 − p)``, ``div_`` if 1 − p > 0."""
+    if module is None or type(module) is nn.Identity or not module.training:
+        return None
+    if hasattr(module, "drop_prob"):  # timm DropPath
+        prob, row, scale = float(module.drop_prob), True, bool(module.scale_by_keep)
+    else:  # torchvision StochasticDepth
+        prob, row, scale = float(module.p), module.mode == "row", True
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"drop probability has to be between 0 and 1, but got {prob}")
+        if module.mode not in ("row", "batch"):
+            raise ValueError(f"mode has to be either 'batch' or 'row', but got {module.mode}")
+    if prob == 0.0:
+        return None
+    keep = 1.0 - prob
+    draw = torch.empty((n if row else 1, 1, 1, 1), dtype=dtype, device=device).bernoulli_(keep)
+    if keep > 0.0 and scale:
+        draw.div_(keep)
+    return draw if row else draw.expand(n, 1, 1, 1)
+
+
+def _no_op(module: nn.Module | None) -> nn.Module | None:
+    return None if type(module) is nn.Identity else module
+
+
 class FusedBlock(nn.Module):
     """Base of the fused blocks: holds the unregistered :class:`ConvBNReLU` views.
 
@@ -131,7 +218,12 @@ class FusedBlock(nn.Module):
 
     def _run(self, name: str, conv: nn.Module, bn: nn.Module, x: Tensor,
              residual: Tensor | None = None, relu: bool = True) -> Tensor:
-        return conv_bn_act(self._current_view(name, conv, bn), conv, bn, x, residual, relu)
+        view = self._current_view(name, conv, bn)
+        if view is not None and view.relu != relu:
+            # the join changed since the views were built (a gate or drop path adopted after
+            # from_modules, as fuse does): the pair's ReLU moves after them
+            view = self._replace_view(name, conv, bn, relu)
+        return conv_bn_act(view, conv, bn, x, residual, relu)
 
     def _current_view(self, name: str, conv: nn.Module, bn: nn.Module) -> ConvBNReLU | None:
         """Pair ``name``'s view, rebuilt (or dropped) if a child was replaced since."""
@@ -154,9 +246,10 @@ class FusedBlock(nn.Module):
 
     # -- the whole block as one op (block-fused training, fastres.ops.block) --------------------
 
-    def block_layout(self) -> tuple[list[nn.Module], list[nn.Module], nn.Module | None, bool]:
-        """``(main convs, BatchNorms in BlockParams order, projection conv or None, preact)``
-        for the block op, or raise ``ValueError(reason)`` if the block's shape is not one."""
+    def block_layout(self) -> BlockLayout:
+        """The block's modules in the block op's roles (:class:`BlockLayout`; a 4-tuple
+        ``(convs, norms, projection, preact)`` is accepted too), or raise
+        ``ValueError(reason)`` if the block's shape is not one."""
         raise ValueError("no block-op layout")  # e.g. a whole fastres ResNet (not a block)
 
     def block_reason(self) -> str | None:
@@ -164,7 +257,7 @@ class FusedBlock(nn.Module):
         why it runs layer by layer (its pairs still fused as :class:`ConvBNReLU` where they can)."""
         return self._block_plan()[1]
 
-    def _block_plan(self) -> tuple[tuple | None, str | None]:
+    def _block_plan(self) -> tuple[BlockLayout | None, str | None]:
         """``(block_layout(), None)`` if the block can run as one block op now, else
         ``(None, reason)``."""
         if not self.fused:
@@ -173,10 +266,20 @@ class FusedBlock(nn.Module):
             return None, "a conv + BN pair is not fused: " + "; ".join(
                 f"{k}: {v}" for k, v in self.unfused_reasons.items())
         try:
-            layout = self.block_layout()
+            layout = BlockLayout.of(self.block_layout())
         except ValueError as e:
             return None, str(e)
-        convs, norms, proj, _ = layout
+        convs, norms, proj, preact, pool, drop = layout
+        if (pool is not None or drop is not None) and preact:
+            return None, "a shortcut pool or drop path on a pre-activation block"
+        if pool is not None and (type(pool) is not nn.AvgPool2d or proj is None):
+            return None, f"the shortcut's {type(pool).__name__} is not an nn.AvgPool2d before " \
+                         "a projection conv"
+        reason = drop_path_reason(drop)
+        if reason is None and drop is not None and drop.training != norms[0].training:
+            reason = "the drop path and the BatchNorms are not in the same train/eval mode"
+        if reason is not None:
+            return None, reason
         for conv in (*convs, *([proj] if proj is not None else [])):
             if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(
                     conv.padding, str):
@@ -212,7 +315,7 @@ class FusedBlock(nn.Module):
         layout, _ = self._block_plan()
         if not isinstance(x, Tensor) or layout is None:
             return None
-        convs, norms, proj, preact = layout
+        convs, norms, proj, preact, pool, drop = layout
         training = norms[0].training
         args = [ConvArgs(c.weight, c.stride, c.padding, c.dilation, c.groups) for c in convs]
         name, _ = block_backend(x, args[0].weight, args[0].params(), training=training)
@@ -227,19 +330,58 @@ class FusedBlock(nn.Module):
         shortcut = None if proj is None else ConvArgs(
             proj.weight, proj.stride, proj.padding, proj.dilation, proj.groups)
         entry_norm = preact and len(norms) == len(convs)
+        xs = None if pool is None else pool(x)  # ResNet-D: one small PyTorch op, autograd
+        branch_dtype = x.dtype
+        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            branch_dtype = torch.get_autocast_dtype(x.device.type)  # the dtype eager draws in
+        # drawn last, as the unfused block draws after its convs and BNs (which draw nothing)
+        scale = drop_path_scale(drop, x.shape[0], branch_dtype, x.device)
         return residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
-                              entry_norm=entry_norm, training=training, backend=name)
+                              entry_norm=entry_norm, training=training, backend=name,
+                              shortcut_input=xs, branch_scale=scale)
 
-    def _projection(self) -> nn.Module | None:
-        """The post-activation projection conv (``downsample`` = exactly conv + BN), None for
-        an identity shortcut; ValueError for other shortcut modules."""
+    def _projection(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """``(projection conv, shortcut pool)`` of a post-activation ``downsample``: exactly
+        conv + BN, or pool + conv + BN (ResNet-D; an ``nn.Identity`` pool is none); ``(None,
+        None)`` for an identity shortcut; ValueError for other shortcut modules."""
         ds = getattr(self, "downsample", None)
         if ds is None:
-            return None
+            return None, None
         if isinstance(ds, nn.Sequential) and len(ds) == 2:
-            return ds[0]
-        raise ValueError("the shortcut is not a plain conv + BN projection (e.g. an avg-pool "
-                         "first)")
+            return ds[0], None
+        if isinstance(ds, nn.Sequential) and len(ds) == 3:
+            return ds[1], _no_op(ds[0])
+        raise ValueError("the shortcut is not a plain [pool +] conv + BN projection")
+
+    def _drop_path(self) -> nn.Module | None:
+        """The block's ``drop_path`` child (timm's name), None if it has none or an Identity."""
+        return _no_op(getattr(self, "drop_path", None))
+
+    def _gate(self) -> nn.Module | None:
+        """The block's ``se`` child (timm's attention module, adopted from a timm block), None
+        if it has none."""
+        return _no_op(getattr(self, "se", None))
+
+    def _plain_join(self) -> bool:
+        """The last pair joins as ``relu(bn(conv(h)) + identity)``: no gate, no drop path."""
+        return self._gate() is None and self._drop_path() is None
+
+    def _check_gate(self) -> None:
+        if self._gate() is not None:
+            raise ValueError(f"channel gating ({type(self._gate()).__name__}) before the "
+                             "residual add is not served by the block op")
+
+    def _join(self, name: str, conv: nn.Module, bn: nn.Module, h: Tensor,
+              identity: Tensor) -> Tensor:
+        """The last pair and the join, layer by layer: ``relu(bn(conv(h)) + identity)`` in one
+        fused call, or, as timm orders them, ``relu(drop_path(se(bn(conv(h)))) + identity)``."""
+        if self._plain_join():
+            return self._run(name, conv, bn, h, residual=identity)
+        branch = self._run(name, conv, bn, h, relu=False)
+        for m in (self._gate(), self._drop_path()):
+            if m is not None:
+                branch = m(branch)
+        return F.relu(branch + identity)
 
     def _shortcut(self, x: Tensor) -> Tensor:
         """Projection ``downsample`` (leading modules such as an avg-pool, then conv + BN)."""
@@ -288,24 +430,30 @@ class BasicBlock(FusedBlock):
 
     @classmethod
     def from_modules(cls, conv1: nn.Module, bn1: nn.Module, conv2: nn.Module, bn2: nn.Module,
-                     downsample: nn.Module | None = None) -> BasicBlock:
-        """A block over existing modules (shared, not copied), e.g. a torchvision block's."""
+                     downsample: nn.Module | None = None, *,
+                     drop_path: nn.Module | None = None) -> BasicBlock:
+        """A block over existing modules (shared, not copied), e.g. a torchvision or timm
+        block's; ``drop_path`` (timm's child of that name) scales the branch before the add."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.conv1, self.bn1, self.conv2, self.bn2 = conv1, bn1, conv2, bn2
         self.downsample = downsample
+        if drop_path is not None:  # else an adopted child of that name (fuse) stays visible
+            self.drop_path = drop_path
         self.stride = conv1.stride[0] if isinstance(conv1, nn.Conv2d) else 1
         self.training = conv1.training
         return self.set_fused(True)
 
     def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
-        return {"conv1": (self.conv1, self.bn1, True), "conv2": (self.conv2, self.bn2, True),
+        return {"conv1": (self.conv1, self.bn1, True),
+                "conv2": (self.conv2, self.bn2, self._plain_join()),
                 **self._downsample_pair()}
 
-    def block_layout(self):
-        proj = self._projection()
-        norms = [self.bn1, self.bn2] + ([self.downsample[1]] if proj is not None else [])
-        return [self.conv1, self.conv2], norms, proj, False
+    def block_layout(self) -> BlockLayout:
+        self._check_gate()
+        proj, pool = self._projection()
+        norms = [self.bn1, self.bn2] + ([self.downsample[-1]] if proj is not None else [])
+        return BlockLayout([self.conv1, self.conv2], norms, proj, False, pool, self._drop_path())
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._block_call(x)
@@ -313,7 +461,7 @@ class BasicBlock(FusedBlock):
             return out
         identity = x if self.downsample is None else self._shortcut(x)
         out = self._run("conv1", self.conv1, self.bn1, x)
-        return self._run("conv2", self.conv2, self.bn2, out, residual=identity)
+        return self._join("conv2", self.conv2, self.bn2, out, identity)
 
 
 class Bottleneck(FusedBlock):
@@ -348,25 +496,33 @@ class Bottleneck(FusedBlock):
     @classmethod
     def from_modules(cls, conv1: nn.Module, bn1: nn.Module, conv2: nn.Module, bn2: nn.Module,
                      conv3: nn.Module, bn3: nn.Module,
-                     downsample: nn.Module | None = None) -> Bottleneck:
-        """A block over existing modules (shared, not copied), e.g. a torchvision block's."""
+                     downsample: nn.Module | None = None, *,
+                     drop_path: nn.Module | None = None) -> Bottleneck:
+        """A block over existing modules (shared, not copied), e.g. a torchvision or timm
+        block's (timm ``resnet50d``: ``downsample`` = avg-pool + conv + BN, ``drop_path``)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.conv1, self.bn1, self.conv2, self.bn2 = conv1, bn1, conv2, bn2
         self.conv3, self.bn3 = conv3, bn3
         self.downsample = downsample
+        if drop_path is not None:  # else an adopted child of that name (fuse) stays visible
+            self.drop_path = drop_path
         self.stride = conv2.stride[0] if isinstance(conv2, nn.Conv2d) else 1
         self.training = conv1.training
         return self.set_fused(True)
 
     def fusion_pairs(self) -> dict[str, tuple[nn.Module, nn.Module, bool]]:
         return {"conv1": (self.conv1, self.bn1, True), "conv2": (self.conv2, self.bn2, True),
-                "conv3": (self.conv3, self.bn3, True), **self._downsample_pair()}
+                "conv3": (self.conv3, self.bn3, self._plain_join()),
+                **self._downsample_pair()}
 
-    def block_layout(self):
-        proj = self._projection()
-        norms = [self.bn1, self.bn2, self.bn3] + ([self.downsample[1]] if proj is not None else [])
-        return [self.conv1, self.conv2, self.conv3], norms, proj, False
+    def block_layout(self) -> BlockLayout:
+        self._check_gate()
+        proj, pool = self._projection()
+        norms = [self.bn1, self.bn2, self.bn3]
+        norms += [self.downsample[-1]] if proj is not None else []
+        return BlockLayout([self.conv1, self.conv2, self.conv3], norms, proj, False, pool,
+                           self._drop_path())
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._block_call(x)
@@ -375,7 +531,7 @@ class Bottleneck(FusedBlock):
         identity = x if self.downsample is None else self._shortcut(x)
         out = self._run("conv1", self.conv1, self.bn1, x)
         out = self._run("conv2", self.conv2, self.bn2, out)
-        return self._run("conv3", self.conv3, self.bn3, out, residual=identity)
+        return self._join("conv3", self.conv3, self.bn3, out, identity)
 
 
 def _make_downsample(downsample: nn.Module | bool | None, in_channels: int, out_channels: int,
@@ -417,7 +573,7 @@ class _PreActBlock(FusedBlock):
         dropout = getattr(self, "dropout", None)
         if dropout is not None and dropout.training and dropout.p > 0:
             raise ValueError("dropout between the convolutions is active")
-        return convs, norms, self.downsample, True
+        return BlockLayout(convs, norms, self.downsample, True)
 
     def _preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(activated input, shortcut)``."""
@@ -521,11 +677,13 @@ def _make_preact_downsample(downsample: nn.Module | bool | None, in_channels: in
 
 __all__ = [
     "BasicBlock",
+    "BlockLayout",
     "Bottleneck",
     "FusedBlock",
     "PreActBasicBlock",
     "PreActBottleneck",
     "conv_bn_act",
+    "drop_path_scale",
     "forced_layer_by_layer",
     "layer_by_layer",
 ]

@@ -13,7 +13,10 @@ then take the per-layer path, see :func:`block_backend`).
 
 Structure (:class:`fastres.backends.base.BlockParams`): post-activation blocks (ResNet, ResNeXt,
 Wide ResNet; with or without a projection shortcut) and pre-activation blocks (with or without
-the entry BN + ReLU, with or without a projection on the activated input). Saved for backward:
+the entry BN + ReLU, with or without a projection on the activated input). Post-activation blocks
+also take a ``shortcut_input`` for the projection conv (ResNet-D: x average-pooled by the caller,
+one small PyTorch op whose autograd takes the gradient) and a per-sample ``branch_scale``
+(stochastic depth, applied in the join pass; the caller draws it). Saved for backward:
 the block input and (post-activation) output, which neighbouring blocks share, the raw outputs
 of the convs, and per-channel statistics; never an inner activation.
 
@@ -114,8 +117,9 @@ def _norm_channels(block: BlockParams, x_channels: int, weights: Sequence[Tensor
     return main + ([weights[-1].shape[0]] if block.shortcut is not None else [])
 
 
-def _shapes(x_shape, weights: Sequence[Tensor], block: BlockParams):
-    """Output shapes of conv_1 .. conv_L (and conv_s) for an input of ``x_shape``."""
+def _shapes(x_shape, weights: Sequence[Tensor], block: BlockParams, xs_shape=None):
+    """Output shapes of conv_1 .. conv_L (and conv_s) for an input of ``x_shape`` (the
+    shortcut conv's input of ``xs_shape``, default ``x_shape``)."""
     n, _, h, w = x_shape
     shapes = []
     c_h, c_w = h, w
@@ -124,13 +128,15 @@ def _shapes(x_shape, weights: Sequence[Tensor], block: BlockParams):
         shapes.append((n, wt.shape[0], c_h, c_w))
     if block.shortcut is not None:
         wt = weights[-1]
+        if xs_shape is not None:
+            h, w = xs_shape[2], xs_shape[3]
         sh, sw = block.shortcut.out_hw(h, w, wt.shape[2], wt.shape[3])
         shapes.append((n, wt.shape[0], sh, sw))
     return shapes
 
 
 def _validate(x: Tensor, weights: Sequence[Tensor], norms: Sequence[NormArgs],
-              block: BlockParams) -> list[tuple[int, ...]]:
+              block: BlockParams, xs: Tensor | None = None) -> list[tuple[int, ...]]:
     def fail(msg: str, exc=ValueError):
         raise exc(f"residual_block: {msg}")
 
@@ -143,6 +149,16 @@ def _validate(x: Tensor, weights: Sequence[Tensor], norms: Sequence[NormArgs],
         fail(f"expected x of rank 4 (N, C, H, W), got shape {tuple(x.shape)}")
     if x.numel() == 0:
         fail(f"x is empty, shape {tuple(x.shape)}")
+    if xs is not None:
+        if block.shortcut is None or block.preact:
+            fail("shortcut_input needs a post-activation block with a projection shortcut")
+        if not isinstance(xs, Tensor) or xs.dim() != 4 or xs.numel() == 0:
+            fail("shortcut_input must be a non-empty 4-d Tensor (N, C, H, W)", TypeError)
+        if xs.dtype != x.dtype or xs.device != x.device:
+            fail(f"shortcut_input ({xs.dtype}, {xs.device}) must match x ({x.dtype}, "
+                 f"{x.device})", TypeError)
+        if xs.shape[0] != x.shape[0]:
+            fail(f"shortcut_input has batch {xs.shape[0]} but x has {x.shape[0]}")
     if len(block.convs) < 2:
         fail(f"a block has at least 2 convolutions on its main branch, got {len(block.convs)}")
     channels = x.shape[1]
@@ -154,7 +170,7 @@ def _validate(x: Tensor, weights: Sequence[Tensor], norms: Sequence[NormArgs],
             fail(f"{name} weight dtype {w.dtype} does not match x dtype {x.dtype}", TypeError)
         if w.device != x.device:
             fail(f"{name} weight is on {w.device} but x is on {x.device}")
-        c_in = x.shape[1] if i == len(block.convs) else channels
+        c_in = (x if xs is None else xs).shape[1] if i == len(block.convs) else channels
         if c_in % p.groups or w.shape[0] % p.groups:
             fail(f"{name}: groups={p.groups} must divide its input ({c_in}) and output "
                  f"({w.shape[0]}) channels")
@@ -163,7 +179,7 @@ def _validate(x: Tensor, weights: Sequence[Tensor], norms: Sequence[NormArgs],
                  f"{tuple(w.shape)} with groups={p.groups} expects {w.shape[1] * p.groups}")
         if i < len(block.convs):
             channels = w.shape[0]
-    shapes = _shapes(x.shape, weights, block)
+    shapes = _shapes(x.shape, weights, block, None if xs is None else xs.shape)
     for i, s in enumerate(shapes):
         if s[2] <= 0 or s[3] <= 0:
             fail(f"conv{i + 1} output would be empty ({s[2]}x{s[3]})")
@@ -233,10 +249,13 @@ def _fwd_impl(
     batch_stats: bool,
     save_for_backward: bool,
     backend: str,
+    shortcut_input: Tensor | None,
+    branch_scale: Tensor | None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """Returns ``(out, saved, means, vars)``: ``saved`` the raw conv outputs backward reads
     (see ``_saved_convs``), ``means``/``vars`` fp32 per BatchNorm (biased batch variance, or
-    copies of the running statistics)."""
+    copies of the running statistics). ``shortcut_input``: the projection conv's input (None:
+    x); ``branch_scale``: (N,) fp32 per-sample scale of the residual branch (None: none)."""
     impl = backends.load(backend)
     backends.record("forward", impl.name, batch_stats=batch_stats,
                     inference=not save_for_backward, op="residual_block")
@@ -245,6 +264,7 @@ def _fwd_impl(
         return impl.block_forward(
             x, weights, bn_weights, bn_biases, running_means, running_vars, block=block,
             batch_stats=batch_stats, save_for_backward=save_for_backward,
+            shortcut_input=shortcut_input, branch_scale=branch_scale,
         )
 
 
@@ -264,9 +284,10 @@ def _saved_convs(block: BlockParams) -> list[int]:
 
 @residual_block_fwd.register_fake
 def _(x, weights, bn_weights, bn_biases, running_means, running_vars, convs, shortcut, preact,
-      entry_norm, eps, batch_stats, save_for_backward, backend):
+      entry_norm, eps, batch_stats, save_for_backward, backend, shortcut_input, branch_scale):
     block = _block(convs, shortcut, preact, entry_norm, eps)
-    shapes = _shapes(x.shape, weights, block)
+    shapes = _shapes(x.shape, weights, block,
+                     None if shortcut_input is None else shortcut_input.shape)
     new = lambda s: torch.empty(s, dtype=x.dtype, device=x.device, memory_format=CL)
     out = new(shapes[len(block.convs) - 1])
     saved = [new(shapes[i]) for i in _saved_convs(block)] if save_for_backward else []
@@ -293,17 +314,21 @@ def _bwd_impl(
     batch_stats: bool,
     output_mask: list[bool],
     backend: str,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    """Returns ``(dx, dweights, dbn_weights, dbn_biases)`` (fp32 BN grads), empty tensors where
-    ``output_mask`` (x, each weight, each BN weight, each BN bias) is False."""
+    shortcut_input: Tensor | None,
+    branch_scale: Tensor | None,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], Tensor]:
+    """Returns ``(dx, dweights, dbn_weights, dbn_biases, dshortcut_input)`` (fp32 BN grads),
+    empty tensors where ``output_mask`` (x — and shortcut_input with it —, each weight, each BN
+    weight, each BN bias) is False or there is no shortcut_input."""
     impl = backends.load(backend)
     backends.record("backward", impl.name, batch_stats=batch_stats, inference=False,
                     op="residual_block")
     block = _block(convs, shortcut, preact, entry_norm, eps)
     with _on_device_of(dout):
-        dx, dws, dgs, dbs = impl.block_backward(
+        dx, dws, dgs, dbs, dxs = impl.block_backward(
             dout, x, out, weights, saved, means, variances, bn_weights, bn_biases,
             block=block, batch_stats=batch_stats, output_mask=tuple(output_mask),
+            shortcut_input=shortcut_input, branch_scale=branch_scale,
         )
     empty = dout.new_empty(0)
     fresh = lambda t, like: empty if t is None else _strided_like(t, like)
@@ -312,6 +337,7 @@ def _bwd_impl(
         [fresh(t, w) for t, w in zip(dws, weights)],
         [empty if t is None else t for t in dgs],
         [empty if t is None else t for t in dbs],
+        empty if dxs is None else _strided_like(dxs, shortcut_input),
     )
 
 
@@ -333,7 +359,7 @@ def _masks(output_mask, n_w: int, n_bn: int):
 
 @residual_block_bwd.register_fake
 def _(dout, x, out, weights, saved, means, variances, bn_weights, bn_biases, convs, shortcut,
-      preact, entry_norm, eps, batch_stats, output_mask, backend):
+      preact, entry_norm, eps, batch_stats, output_mask, backend, shortcut_input, branch_scale):
     m_x, m_w, m_g, m_b = _masks(output_mask, len(weights), len(means))
     empty = lambda: dout.new_empty(0)
     return (
@@ -341,17 +367,18 @@ def _(dout, x, out, weights, saved, means, variances, bn_weights, bn_biases, con
         [torch.empty_like(w) if m else empty() for w, m in zip(weights, m_w)],
         [torch.empty_like(mu) if m else empty() for mu, m in zip(means, m_g)],
         [torch.empty_like(mu) if m else empty() for mu, m in zip(means, m_b)],
+        torch.empty_like(shortcut_input) if m_x and shortcut_input is not None else empty(),
     )
 
 
 def _setup_context(ctx, inputs, output):
     (x, weights, bn_weights, bn_biases, _, _, convs, shortcut, preact, entry_norm, eps,
-     batch_stats, _, backend) = inputs
+     batch_stats, _, backend, shortcut_input, branch_scale) = inputs
     out, saved, means, variances = output
     n_w, n_bn = len(weights), len(bn_weights)
     # the output is saved only where backward reads it (the final ReLU's mask)
-    ctx.save_for_backward(x, None if preact else out, *weights, *saved, *means, *variances,
-                          *bn_weights, *bn_biases)
+    ctx.save_for_backward(x, None if preact else out, shortcut_input, branch_scale, *weights,
+                          *saved, *means, *variances, *bn_weights, *bn_biases)
     ctx.sizes = (n_w, len(saved), n_bn)
     ctx.args = (list(convs), shortcut, preact, entry_norm, list(eps), batch_stats)
     ctx.backend = backend
@@ -359,44 +386,47 @@ def _setup_context(ctx, inputs, output):
 
 
 def _grads(ctx, dout: Tensor, mask: list[bool]):
-    """``(dx, dweights, dbn_weights, dbn_biases)`` for ``mask`` (x, each weight, each BN weight,
-    each BN bias), None where not asked; BN grads in their parameters' dtypes."""
+    """``(dx, dweights, dbn_weights, dbn_biases, dshortcut_input)`` for ``mask`` (x and
+    shortcut_input, each weight, each BN weight, each BN bias), None where not asked; BN grads
+    in their parameters' dtypes."""
     n_w, n_saved, n_bn = ctx.sizes
-    x, out, *rest = ctx.saved_tensors
+    x, out, xs, branch_scale, *rest = ctx.saved_tensors
     weights, rest = rest[:n_w], rest[n_w:]
     saved, rest = rest[:n_saved], rest[n_saved:]
     means, variances, rest = rest[:n_bn], rest[n_bn:2 * n_bn], rest[2 * n_bn:]
     bn_weights, bn_biases = rest[:n_bn], rest[n_bn:]
     m_x, m_w, m_g, m_b = _masks(mask, n_w, n_bn)
     if dout is None or not any(mask):
-        return None, [None] * n_w, [None] * n_bn, [None] * n_bn
+        return None, [None] * n_w, [None] * n_bn, [None] * n_bn, None
     dout = dout.contiguous(memory_format=CL)
     if out is None:
         out = dout.new_empty(0)
     args = (dout, x, out, list(weights), list(saved), list(means), list(variances),
-            list(bn_weights), list(bn_biases), *ctx.args, mask, ctx.backend)
-    tensors = (dout, x, out, *weights, *saved, *means, *variances, *bn_weights, *bn_biases)
-    dx, dws, dgs, dbs = call_op(residual_block_bwd, _bwd_impl, args, tensors)
+            list(bn_weights), list(bn_biases), *ctx.args, mask, ctx.backend, xs, branch_scale)
+    tensors = (dout, x, out, xs, branch_scale, *weights, *saved, *means, *variances,
+               *bn_weights, *bn_biases)
+    dx, dws, dgs, dbs, dxs = call_op(residual_block_bwd, _bwd_impl, args, tensors)
     dts = ctx.bn_dtypes
     return (
         dx if m_x else None,
         [d if m else None for d, m in zip(dws, m_w)],
         [d.to(dts[i]) if m else None for i, (d, m) in enumerate(zip(dgs, m_g))],
         [d.to(dts[n_bn + i]) if m else None for i, (d, m) in enumerate(zip(dbs, m_b))],
+        dxs if m_x and xs is not None else None,
     )
 
 
 def _backward(ctx, dout, dsaved_unused, dmeans_unused, dvars_unused):
     n_w, _, n_bn = ctx.sizes
-    _, _, *rest = ctx.saved_tensors
+    _, _, _, _, *rest = ctx.saved_tensors
     weights, bn_params = rest[:n_w], rest[len(rest) - 2 * n_bn:]
     needs = ctx.needs_input_grad  # x, weights, bn_weights, bn_biases, ... (one flag per list)
-    mask = [needs[0]] + [needs[1] and w.requires_grad for w in weights]
+    mask = [needs[0] or needs[14]] + [needs[1] and w.requires_grad for w in weights]
     mask += [needs[2 + i // n_bn] and t is not None and t.requires_grad
              for i, t in enumerate(bn_params)]
-    dx, dws, dgs, dbs = _grads(ctx, dout, mask)
-    # the running statistics and the non-tensor arguments get no gradient
-    return dx, dws, dgs, dbs, [None] * n_bn, [None] * n_bn, *(None,) * 8
+    dx, dws, dgs, dbs, dxs = _grads(ctx, dout, mask)
+    # the running statistics, the branch scale and the non-tensor arguments get no gradient
+    return dx, dws, dgs, dbs, [None] * n_bn, [None] * n_bn, *(None,) * 8, dxs, None
 
 
 residual_block_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -412,12 +442,13 @@ class _BlockFunction(torch.autograd.Function):
     under ``torch.compile`` the registered autograd serves."""
 
     @staticmethod
-    def forward(ctx, rest, x, *params):
+    def forward(ctx, rest, x, xs, *params):
         n_w = len(params) - 2 * len(rest[0])
         n_bn = len(rest[0])
+        branch_scale = rest[-1]
         inputs = (x, list(params[:n_w]), list(params[n_w:n_w + n_bn]),
-                  list(params[n_w + n_bn:]), *rest)
-        output = call_op(residual_block_fwd, _fwd_impl, inputs, (x, *params))
+                  list(params[n_w + n_bn:]), *rest[:-1], xs, branch_scale)
+        output = call_op(residual_block_fwd, _fwd_impl, inputs, (x, xs, branch_scale, *params))
         _setup_context(ctx, inputs, output)
         out, _, means, variances = output
         ctx.mark_non_differentiable(*means, *variances)
@@ -426,8 +457,9 @@ class _BlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *unused):
-        dx, dws, dgs, dbs = _grads(ctx, dout, list(ctx.needs_input_grad[1:]))
-        return None, dx, *dws, *dgs, *dbs
+        needs = ctx.needs_input_grad
+        dx, dws, dgs, dbs, dxs = _grads(ctx, dout, [needs[1] or needs[2], *needs[3:]])
+        return None, dx if needs[1] else None, dxs, *dws, *dgs, *dbs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +477,8 @@ def residual_block(
     entry_norm: bool = False,
     training: bool,
     backend: str | None = None,
+    shortcut_input: Tensor | None = None,
+    branch_scale: Tensor | None = None,
 ) -> Tensor:
     """A residual block as one fused op; same function as the eager block (see
     :class:`fastres.backends.base.BlockParams` for the two structures and the order of
@@ -452,18 +486,32 @@ def residual_block(
     variance, each with its own momentum), as ``nn.BatchNorm2d`` does; in eval they normalise
     (every BatchNorm needs them then). Returns a channels_last tensor in x's dtype.
 
+    Post-activation blocks only:
+
+    - ``shortcut_input``: what the projection conv (``shortcut``) reads instead of x, e.g.
+      ResNet-D's ``F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)`` computed by
+      the caller; its gradient flows back to it (through the caller's pooling autograd).
+    - ``branch_scale``: (N,) or (N, 1, 1, 1) per-sample scale of the residual branch, applied in
+      the join pass, ``out = relu(bn_L(y_L)·branch_scale[n] + shortcut)``: stochastic depth, the
+      caller's draw (see :func:`fastres.nn.blocks.drop_path_scale`). A constant (no gradient);
+      training only (drop path is the identity in eval: pass None).
+
     Raises :class:`BackendUnavailableError` if the backend in force has no block kernels (see
     :func:`block_backend`; fastres's modules check first and run layer by layer instead).
     """
     all_convs = [*convs, *([shortcut] if shortcut is not None else [])]
     norms = list(norms)
     weights = [c.weight for c in all_convs]
+    xs = shortcut_input
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype) if x.is_floating_point() else x
+        xs = xs.to(dtype) if isinstance(xs, Tensor) and xs.is_floating_point() else xs
         weights = [w.to(dtype) for w in weights]
     batch_stats = bool(training)
+    if branch_scale is not None:
+        branch_scale = _branch_scale(branch_scale, x, preact, batch_stats)
     block, bessel, flat, call = checked_once(
         _checked_blocks,
         lambda: (
@@ -471,30 +519,33 @@ def residual_block(
             tuple((c.stride, c.padding, c.dilation, c.groups) for c in all_convs),
             tuple((_meta(n.weight), _meta(n.bias), _meta(n.running_mean), _meta(n.running_var),
                    float(n.eps)) for n in norms),
-            shortcut is not None, bool(preact), bool(entry_norm), batch_stats,
+            shortcut is not None, bool(preact), bool(entry_norm), batch_stats, _meta(xs),
         ),
         lambda: _check_block(x, weights, all_convs, norms, shortcut is not None, preact,
-                             entry_norm, batch_stats),
+                             entry_norm, batch_stats, xs),
     )
     name, why = _block_backend(call, backend)
     if name is None:
         raise BackendUnavailableError(f"residual_block: {why}")
     x = x.contiguous(memory_format=CL)
+    if xs is not None:
+        xs = xs.contiguous(memory_format=CL)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
-        for t in (x, *weights, *(n.weight for n in norms), *(n.bias for n in norms))
+        for t in (x, xs, *weights, *(n.weight for n in norms), *(n.bias for n in norms))
     )
     gammas, betas = [n.weight for n in norms], [n.bias for n in norms]
     rest = ([n.running_mean for n in norms], [n.running_var for n in norms],
             flat, shortcut is not None, block.preact, block.entry_norm,
             list(block.eps), batch_stats, save, name)
     if save and not torch.compiler.is_compiling():
-        out, *stats = _BlockFunction.apply(rest, x, *weights, *gammas, *betas)
+        out, *stats = _BlockFunction.apply((*rest, branch_scale), x, xs, *weights, *gammas,
+                                           *betas)
         means, variances = stats[:len(norms)], stats[len(norms):]
     else:
-        args = (x, weights, gammas, betas, *rest)
+        args = (x, weights, gammas, betas, *rest, xs, branch_scale)
         out, _, means, variances = call_op(residual_block_fwd, _fwd_impl, args,
-                                           (x, *weights, *gammas, *betas))
+                                           (x, xs, branch_scale, *weights, *gammas, *betas))
     if batch_stats:
         tracked = [i for i, n in enumerate(norms) if n.running_mean is not None]
         if tracked:
@@ -511,8 +562,29 @@ _CheckedBlock = tuple[BlockParams, list[float], tuple[int, ...], CallInfo]
 _checked_blocks: dict[tuple, _CheckedBlock] = {}
 
 
+def _branch_scale(scale, x: Tensor, preact: bool, batch_stats: bool) -> Tensor:
+    """The per-sample branch scale as the kernels take it: (N,) fp32 contiguous."""
+    def fail(msg: str, exc=ValueError):
+        raise exc(f"residual_block: branch_scale {msg}")
+
+    if not isinstance(scale, Tensor) or not scale.is_floating_point():
+        fail("must be a float Tensor", TypeError)
+    if preact:
+        fail("is supported on post-activation blocks only")
+    if not batch_stats:
+        fail("is for training (drop path is the identity in eval: pass None)")
+    if scale.requires_grad:
+        fail("is a constant (a drop-path draw) and takes no gradient; detach it")
+    n = x.shape[0]
+    if tuple(scale.shape) not in ((n,), (n, 1, 1, 1)):
+        fail(f"must have shape ({n},) or ({n}, 1, 1, 1), got {tuple(scale.shape)}")
+    if scale.device != x.device:
+        fail(f"is on {scale.device} but x is on {x.device}")
+    return scale.reshape(n).to(torch.float32).contiguous()
+
+
 def _check_block(x, weights, all_convs, norms, has_shortcut: bool, preact: bool,
-                 entry_norm: bool, batch_stats: bool) -> _CheckedBlock:
+                 entry_norm: bool, batch_stats: bool, xs: Tensor | None = None) -> _CheckedBlock:
     """``(block, Bessel factor count/(count − 1) of each BatchNorm, flat conv parameters,
     conv_1's call)``, kept per call signature by :func:`residual_block`; raises on bad input."""
     params = [c.params() for c in all_convs]
@@ -520,7 +592,7 @@ def _check_block(x, weights, all_convs, norms, has_shortcut: bool, preact: bool,
     block = BlockParams(tuple(params[:n_main]), params[n_main] if has_shortcut else None,
                         bool(preact), bool(entry_norm and preact),
                         tuple(float(n.eps) for n in norms))
-    shapes = _validate(x, weights, norms, block)
+    shapes = _validate(x, weights, norms, block, xs)
     if not batch_stats and any(n.running_mean is None for n in norms):
         raise ValueError("residual_block: eval mode needs every BatchNorm's running statistics "
                          "(blocks with track_running_stats=False run layer by layer)")

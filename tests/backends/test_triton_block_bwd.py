@@ -252,6 +252,80 @@ def test_apply_dual_scale_bias(dtype: torch.dtype, relu: bool, k: int) -> None:
     assert_close_ratio("z", z, ref, base)
 
 
+def _keep(n: int) -> torch.Tensor:
+    """A drop-path draw: some samples 0, the rest 1/keep (fp32, as the block op takes it)."""
+    keep = torch.full((n,), 1 / 0.7)
+    keep[::2] = 0.0
+    return keep.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("res_affine, k", [(True, 7), (False, 130)])
+def test_apply_with_branch_scale(dtype: torch.dtype, res_affine: bool, k: int) -> None:
+    """Stochastic depth in the join pass: relu((y·scale + shift)·keep[n] + shortcut), the
+    shortcut raw with its BN folded in or added as is; rows of several samples per tile."""
+    y = _nhwc(3, k, 5, 7, offset=0.5).to(DEVICE, dtype)
+    res = _nhwc(3, k, 5, 7, offset=-0.5).to(DEVICE, dtype)
+    scale, shift, res_scale, res_shift = (
+        (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE),
+        (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE),
+    )
+    keep = _keep(3)
+    aff = dict(res_scale=res_scale, res_shift=res_shift) if res_affine else {}
+    z = bn.apply(y, scale, shift, res, True, branch_scale=keep, **aff)
+    assert z.dtype == dtype and z.is_contiguous(memory_format=CL)
+
+    def compute(y, s, b, r, rs, rb, kp):
+        short = r * _v(rs) + _v(rb) if res_affine else r
+        return ((y * _v(s) + _v(b)) * kp.view(-1, 1, 1, 1) + short).relu()
+
+    c64 = lambda t: t.double().cpu()
+    ref = compute(*(c64(t) for t in (y, scale, shift, res, res_scale, res_shift, keep)))
+    base = compute(y, scale, shift, res, res_scale, res_shift, keep).to(dtype)
+    assert_close_ratio("z", z, ref, base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch_stats, k, rows_per_prog", [(True, 7, None), (True, 40, 16),
+                                                           (False, 130, 32)])
+def test_reductions_with_branch_scale(dtype: torch.dtype, batch_stats: bool, k: int,
+                                      rows_per_prog: int | None) -> None:
+    """The last BN of a drop-path block sees g·keep[n]: its sums are of that g, which the pass
+    stores (g_branch) for its dy operand, while dres keeps the shortcut's unscaled g; programs
+    whose rows straddle samples (rows_per_prog 16 over 7·9-pixel images)."""
+    n = 3
+    y64 = _nhwc(n, k, 9, 7, offset=0.5)
+    y = y64.to(DEVICE, dtype)
+    z = torch.randn(y.shape, dtype=torch.float64).relu().to(DEVICE, dtype)
+    z = z.contiguous(memory_format=CL)
+    dz = torch.randn(y.shape, dtype=torch.float64).to(DEVICE, dtype).contiguous(memory_format=CL)
+    if batch_stats:
+        var, mean = (s.float().to(DEVICE) for s in torch.var_mean(y64, dim=DIMS, correction=0))
+    else:
+        var, mean = (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE)
+    keep = _keep(n)
+    g_branch, dres = torch.empty_like(dz).fill_(float("nan")), torch.empty_like(dz).fill_(
+        float("nan"))
+    sums = bn.reductions(dz, y, z, mean, var, batch_stats=batch_stats, eps=EPS, relu=True,
+                         rows_per_prog=rows_per_prog, dres=dres, branch_scale=keep,
+                         g_branch=g_branch)
+    g = dz.float() * (z > 0)
+    torch.testing.assert_close(dres, g.to(dtype), rtol=0, atol=0)
+    gb = g * keep.view(-1, 1, 1, 1)
+    torch.testing.assert_close(g_branch, gb.to(dtype), rtol=0, atol=0)
+    c64 = lambda t: t.double().cpu()
+    gb64 = c64(dz) * c64(z > 0) * c64(keep).view(-1, 1, 1, 1)
+    ref = _sums(gb64, c64(y), c64(mean), c64(var), batch_stats)
+    base = _sums(gb, y.float(), mean, var, batch_stats)
+    d = (c64(y) - _v(c64(mean))).abs()
+    terms = (gb64.abs().sum(DIMS), (gb64.abs() * d).sum(DIMS) * torch.rsqrt(c64(var) + EPS),
+             d.mean(DIMS))
+    for name, a, r, b, t in zip(("Σg", "Σg·ŷ", "δ"), sums, ref, base, terms):
+        assert (a is None) == (r is None), name
+        if r is not None:
+            _assert_sum_close(name, a, r, b, t)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "batch_stats, k, rows_per_prog, offset",

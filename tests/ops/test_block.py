@@ -140,7 +140,7 @@ def _pre_activation(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The post-activation block's output before its final ReLU (plain PyTorch, train mode, on
     a copy)."""
     block = copy.deepcopy(block).train().set_fused(False)
-    convs, norms, proj, _ = block.block_layout()
+    convs, norms, proj = block.block_layout()[:3]
     seen = {}
     last, short = norms[len(convs) - 1], norms[-1] if proj is not None else None
     last.register_forward_hook(lambda m, i, o: seen.__setitem__("main", o))

@@ -23,6 +23,12 @@ one pass ``dx = dBN_0(g_0) + dout`` (the join).
 
 Inference (running statistics, nothing to save) needs none of this: each conv folds its BN (and
 ReLU, and the shortcut add) into its epilogue, as the per-layer op does.
+
+Post-activation extras: ``shortcut_input`` (the projection conv reads it instead of x, e.g. x
+average-pooled in PyTorch for ResNet-D; its gradient comes back separately) and ``branch_scale``
+((N,) fp32, stochastic depth: ``out = relu(bn_L(y_L)·scale[n] + shortcut)``), applied in the
+join pass; backward's join pass then also stores the last BN's g (g·scale[n]) for the dy operand,
+and a projection BN's sums take a pass of their own (its g is not scaled).
 """
 
 from __future__ import annotations
@@ -75,13 +81,15 @@ class _Norms:
 def block_forward(
     x: Tensor, weights, bn_weights, bn_biases, running_means, running_vars, *,
     block: BlockParams, batch_stats: bool, save_for_backward: bool,
+    shortcut_input: OptTensor = None, branch_scale: OptTensor = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     norms = _Norms(bn_weights, bn_biases, block.eps)
+    xs = x if shortcut_input is None else shortcut_input
     if not batch_stats:
         for i in range(block.num_norms):
             norms.from_stats(i, running_means[i], running_vars[i])
-        if not save_for_backward:
-            out = _inference(x, weights, norms, block)
+        if not save_for_backward and branch_scale is None:
+            out = _inference(x, weights, norms, block, xs)
             return out, [], _listed(norms.mean), _listed(norms.var)
     params = block.all_convs
     n = len(block.convs)
@@ -117,11 +125,13 @@ def block_forward(
             prologue = i
         last = n - 1
         if block.shortcut is None:
-            out = bn.apply(ys[last], norms.scale[last], norms.shift[last], x, True)
+            out = bn.apply(ys[last], norms.scale[last], norms.shift[last], x, True,
+                           branch_scale=branch_scale)
         else:
-            ys.append(conv(x, n, None, n))
+            ys.append(conv(xs, n, None, n))
             out = bn.apply(ys[last], norms.scale[last], norms.shift[last], ys[n], True,
-                           res_scale=norms.scale[n], res_shift=norms.shift[n])
+                           res_scale=norms.scale[n], res_shift=norms.shift[n],
+                           branch_scale=branch_scale)
     return out, ys if save_for_backward else [], _listed(norms.mean), _listed(norms.var)
 
 
@@ -129,7 +139,7 @@ def _listed(d: dict[int, Tensor]) -> list[Tensor]:
     return [d[i] for i in sorted(d)]
 
 
-def _inference(x: Tensor, weights, norms: _Norms, block: BlockParams) -> Tensor:
+def _inference(x: Tensor, weights, norms: _Norms, block: BlockParams, xs: Tensor) -> Tensor:
     """Running statistics, nothing saved: each BN (+ ReLU, + shortcut) folded into its conv."""
     params = block.all_convs
     n = len(block.convs)
@@ -152,7 +162,7 @@ def _inference(x: Tensor, weights, norms: _Norms, block: BlockParams) -> Tensor:
     h = x
     for i in range(n - 1):
         h = conv(h, i, norm=i)
-    short = x if block.shortcut is None else conv(x, n, norm=n, relu=False)
+    short = x if block.shortcut is None else conv(xs, n, norm=n, relu=False)
     return conv(h, n - 1, norm=n - 1, residual=short)
 
 
@@ -166,7 +176,10 @@ def _no_norm_operand(dz: Tensor) -> conv_bwd.DyOperand:
 def block_backward(
     dout: Tensor, x: Tensor, out: Tensor, weights, saved, means, variances, bn_weights,
     bn_biases, *, block: BlockParams, batch_stats: bool, output_mask,
-) -> tuple[OptTensor, list[OptTensor], list[OptTensor], list[OptTensor]]:
+    shortcut_input: OptTensor = None, branch_scale: OptTensor = None,
+) -> tuple[OptTensor, list[OptTensor], list[OptTensor], list[OptTensor], OptTensor]:
+    """``(dx, dweights, dbn_weights, dbn_biases, dshortcut_input)``; the last only with
+    ``shortcut_input`` (then dx has no shortcut term) and ``need_dx``."""
     n_w, n_bn = len(weights), len(bn_weights)
     need_dx, need_w = output_mask[0], output_mask[1:1 + n_w]
     norms = _Norms(bn_weights, bn_biases, block.eps)
@@ -193,7 +206,7 @@ def block_backward(
                                       act=norms.act(act, inp, batch_stats))
         return g
 
-    dx = None
+    dx = dxs = None
     if block.preact:
         entry = 0 if block.entry_norm else None
         first = int(block.entry_norm)
@@ -220,23 +233,29 @@ def block_backward(
     else:
         last = n - 1
         identity = block.shortcut is None
-        dres = None
-        if identity and need_dx:
-            dres = _alloc.empty(*dout.shape, dtype=dout.dtype, device=dout.device,
-                                channels_last=True)
+        new_like_dout = lambda: _alloc.empty(*dout.shape, dtype=dout.dtype, device=dout.device,
+                                             channels_last=True)
+        dres = new_like_dout() if identity and need_dx else None
+        # drop path: the last BN's g is g·scale[n], stored by the join pass for its dy operand
+        g_last = None if branch_scale is None else new_like_dout()
         def reduce(y: Tensor, i: int, **kw):
             return bn.reductions(dout, y, out, norms.mean[i], norms.var[i],
                                  batch_stats=batch_stats, eps=block.eps[i], relu=True, **kw)
 
+        scaled = dict(branch_scale=branch_scale, g_branch=g_last)
         sums_s = None
         if identity:
-            sums[last] = reduce(ys[last], last, dres=dres)
-        elif block.eps[n] == block.eps[last]:  # both BNs' sums from one pass over dout, out
+            sums[last] = reduce(ys[last], last, dres=dres, **scaled)
+        elif block.eps[n] == block.eps[last] and branch_scale is None:
+            # both BNs' sums from one pass over dout, out
             sums[last], sums_s = reduce(ys[last], last, second=(ys[n], norms.mean[n],
                                                                 norms.var[n]))
         else:
-            sums[last], sums_s = reduce(ys[last], last), reduce(ys[n], n)
-        op = norms.operand(last, dout, out, ys[last], sums[last], batch_stats)
+            sums[last], sums_s = reduce(ys[last], last, **scaled), reduce(ys[n], n)
+        if g_last is None:
+            op = norms.operand(last, dout, out, ys[last], sums[last], batch_stats)
+        else:
+            op = norms.operand(last, g_last, None, ys[last], sums[last], batch_stats)
         for i in range(last, 0, -1):
             g = back(op, i, ys[i - 1], i - 1, act=i - 1)
             op = norms.operand(i - 1, g, None, ys[i - 1], sums[i - 1], batch_stats)
@@ -244,13 +263,17 @@ def block_backward(
         if not identity:
             sums[n] = sums_s
             op_s = norms.operand(n, dout, out, ys[n], sums_s, batch_stats)
-            add = back(op_s, n, x, None, need_input=need_dx)
+            xs = x if shortcut_input is None else shortcut_input
+            add = back(op_s, n, xs, None, need_input=need_dx)
+            if shortcut_input is not None:  # its own gradient (the caller's pooling takes it)
+                dxs, add = add, None
         dx = back(op, 0, x, None, add=add, need_input=need_dx)
     dgs = [sums[i][1] if i in sums and m else None
            for i, m in enumerate(output_mask[1 + n_w:1 + n_w + n_bn])]
     dbs = [sums[i][0] if i in sums and m else None
            for i, m in enumerate(output_mask[1 + n_w + n_bn:])]
-    return dx if need_dx else None, [d if m else None for d, m in zip(dws, need_w)], dgs, dbs
+    return (dx if need_dx else None, [d if m else None for d, m in zip(dws, need_w)], dgs, dbs,
+            dxs if need_dx else None)
 
 
 def _x_affine(prologue: dict) -> dict:

@@ -330,8 +330,19 @@ def _tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     return offs_m[:, None] * K + offs_k[None, :], offs_k, mask_k, mask
 
 
+@triton.jit
+def _sample_scale(branch_scale_ptr, rows, M, HW):
+    """The per-sample branch scale (drop path) of the int64 ``rows`` (pixels), fp32. The
+    division in int32 (rows < M < 2^31, checked by the launcher): an int64 division is a
+    subroutine call whose register saves go to local memory (sm_80 compile)."""
+    mask = rows < M
+    sample = tl.where(mask, rows, 0).to(tl.int32) // HW
+    return tl.load(branch_scale_ptr + sample, mask=mask, other=0.0)
+
+
 @_tuning.autotune(
-    _configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU"]
+    _configs(_ELEMENTWISE_BLOCKS),
+    key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU", "BRANCH_SCALE"],
 )
 @triton.jit
 def _bn_apply_kernel(
@@ -349,15 +360,22 @@ def _bn_apply_kernel(
     RELU: tl.constexpr,
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per tile (autotuned)
+    branch_scale_ptr=None,  # (N,) fp32: per-sample scale of y·scale + shift (if BRANCH_SCALE)
+    HW=1,  # rows per sample (H·W): row m belongs to sample m // HW
+    BRANCH_SCALE: tl.constexpr = False,  # stochastic depth: scale the branch per sample
 ):
     """``z = relu(y·scale + shift + residual·res_scale + res_shift)``: with RES_AFFINE the
     projection shortcut's BN is folded into the block's output pass ("dual scale-bias-add-relu"),
-    so the normalised shortcut is never stored."""
+    so the normalised shortcut is never stored. With BRANCH_SCALE the normalised y is multiplied
+    by its sample's scale before the residual add (drop path)."""
     idx, offs_k, mask_k, mask = _tile(M, K, BLOCK_M, BLOCK_K)
     scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
     shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
     y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     z = y * scale[None, :] + shift[None, :]
+    if BRANCH_SCALE:
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # as _tile's
+        z *= _sample_scale(branch_scale_ptr, rows, M, HW)[:, None]
     if HAS_RES:
         res = tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         if RES_AFFINE:
@@ -412,7 +430,8 @@ def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> li
 
 
 @_tuning.autotune(
-    _configs(_REDUCE_BLOCKS), key=["M", "K", "BLOCK_K", "RELU", "CENTER", "WRITE_DRES", "SECOND"],
+    _configs(_REDUCE_BLOCKS),
+    key=["M", "K", "BLOCK_K", "RELU", "CENTER", "WRITE_DRES", "SECOND", "BRANCH_SCALE"],
     prune=_prune_bwd_reduce,
 )
 @triton.jit
@@ -438,9 +457,15 @@ def _bn_bwd_reduce_kernel(
     SECOND: tl.constexpr,  # also the sums of BN(y2): the projection shortcut's BN sees this g
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per loop step (autotuned)
+    branch_scale_ptr=None,  # (N,) fp32: per-sample scale of the BN output (if BRANCH_SCALE)
+    g_branch_ptr=None,  # (M, K) x dtype out: the BN's g, g·scale[sample] (if BRANCH_SCALE)
+    HW=1,  # rows per sample (H·W)
+    BRANCH_SCALE: tl.constexpr = False,  # drop path: the BN sees g·scale[sample], not g
 ):
     """Per-program partial sums; rows_per_prog is fixed by the launcher, not by the autotuned
-    BLOCK_M, so the partial buffers have the same shape whichever config runs."""
+    BLOCK_M, so the partial buffers have the same shape whichever config runs. With
+    BRANCH_SCALE the sums are of the BN's own g (the output's g times the sample's scale),
+    which is also stored: dres, when written, stays the output's g (the shortcut's)."""
     pid_p = tl.program_id(0)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
@@ -462,6 +487,9 @@ def _bn_bwd_reduce_kernel(
         g = _grad_g(dz_ptr, z_ptr, idx, mask, RELU)
         if WRITE_DRES:
             tl.store(dres_ptr + idx, _cast_out(g, dres_ptr), mask=mask)
+        if BRANCH_SCALE:
+            g = g * _sample_scale(branch_scale_ptr, offs_m, M, HW)[:, None]
+            tl.store(g_branch_ptr + idx, _cast_out(g, g_branch_ptr), mask=mask)
         y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         # centred before multiplying: y − mean is exact-ish even when mean ≫ std
         d = tl.where(mask, y - mean[None, :], 0.0)
@@ -793,12 +821,14 @@ def _grid(m: int, k: int, block_k: int):
 def apply(
     y: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool, *,
     res_scale: Tensor | None = None, res_shift: Tensor | None = None,
+    branch_scale: Tensor | None = None,
 ) -> Tensor:
     """``relu(y·scale + shift (+ residual))`` in y's dtype, channels_last; fp32 math.
 
     With ``res_scale``/``res_shift`` ((K,) fp32, both or neither; needs ``residual``) the
     residual is normalised in the same pass: ``relu(y·scale + shift + residual·res_scale +
     res_shift)``, the block output with the projection shortcut's BN folded in.
+    ``branch_scale`` ((N,) fp32, drop path): ``relu((y·scale + shift)·branch_scale[n] + ...)``.
     """
     m, k = _rows(y)
     res_affine = res_scale is not None
@@ -814,8 +844,22 @@ def apply(
         res_scale if res_affine else scale, res_shift if res_affine else shift,  # dummies
         z, m, k,
         HAS_RES=residual is not None, RES_AFFINE=res_affine, RELU=relu, BLOCK_K=block_k,
+        **_branch_args(branch_scale, y, scale),
     )
     return z
+
+
+def _branch_args(branch_scale: Tensor | None, y: Tensor, dummy: Tensor, **out) -> dict:
+    """The BRANCH_SCALE keywords of the apply / reduce kernels for a per-sample scale of the
+    BN output of ``y`` (dummy pointers without one: never read)."""
+    if branch_scale is None:
+        return dict(branch_scale_ptr=dummy, HW=1, BRANCH_SCALE=False,
+                    **{k: dummy for k in out})
+    assert branch_scale.shape == (y.shape[0],) and branch_scale.dtype == torch.float32
+    assert branch_scale.is_contiguous()
+    assert y.numel() // y.shape[1] < 2**31, "the branch scale's sample index is int32"
+    return dict(branch_scale_ptr=branch_scale, HW=y.shape[2] * y.shape[3], BRANCH_SCALE=True,
+                **out)
 
 
 def batch_stats(x: Tensor, *, rows_per_prog: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -855,6 +899,8 @@ def reductions(
     dres: Tensor | None = None,
     rows_per_prog: int | None = None,
     second: tuple[Tensor, Tensor, Tensor] | None = None,
+    branch_scale: Tensor | None = None,
+    g_branch: Tensor | None = None,
 ):
     """The per-channel sums of the backward: ``(Σg, Σg·ŷ, δ)``, (K,) fp32 each.
 
@@ -868,6 +914,10 @@ def reductions(
     sees the g of the block output, like the last conv's BN); its sums come from the same pass
     over dz and z, and the result is ``(sums, sums2)``, each a triple as above (the two Σg are
     the same values, in separate tensors). ``y2`` is like y, with the same statistics mode.
+
+    ``branch_scale`` ((N,) fp32, drop path: the output was relu(BN(y)·branch_scale[n] + ...)):
+    the sums are of the BN's g, g·branch_scale[n], which is stored into ``g_branch`` (like dz)
+    for the dy operand; not with ``second`` (that BN sees the unscaled g).
     """
     m, k = _rows(dz)
     _rows(y)
@@ -881,6 +931,11 @@ def reductions(
     if relu:
         assert z.shape == dz.shape
         _rows(z)
+    assert (branch_scale is None) == (g_branch is None), "branch_scale needs g_branch"
+    assert branch_scale is None or second is None, "the second BN sees the unscaled g"
+    if g_branch is not None:
+        assert g_branch.shape == dz.shape and g_branch.dtype == dz.dtype
+        _rows(g_branch)
     block_k = _block_k(k)
     rows = rows_per_prog or _rows_per_prog(m)
     p = triton.cdiv(m, rows)
@@ -898,6 +953,7 @@ def reductions(
           else (y, mean, part_g, part_g)),  # dummies: never read or written without SECOND
         m, k, rows, RELU=relu, CENTER=batch_stats, WRITE_DRES=dres is not None,
         SECOND=second is not None, BLOCK_K=block_k,
+        **_branch_args(branch_scale, dz, part_g, g_branch_ptr=g_branch),
     )
     sums = _finish_sums(part_g, part_gy, part_y, var, m, eps, batch_stats)
     if second is None:
@@ -1015,7 +1071,8 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Integer arguments of a ResNet-shaped launch: channel counts and the merge group are multiples
 # of 16, row counts (N·H·W with 7x7 or 14x14 maps) and tile counts not; backward programs cover
 # 256 rows each up to 2^18 rows. A launch specialises on these (_compile.launch_source).
-_RESNET_INTS = dict(M=3 * 7 * 7, K=256, T=37, P=37, group=_MERGE_GROUP, rows_per_prog=256)
+_RESNET_INTS = dict(M=3 * 7 * 7, K=256, T=37, P=37, group=_MERGE_GROUP, rows_per_prog=256,
+                    HW=7 * 7)
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -1065,12 +1122,14 @@ def compile_specs() -> list[CompileSpec]:
     # autotuned kernels: (name, kernel, signature(dtype), flag sets, blocks)
     def apply_sig(t: str) -> dict[str, str]:
         return dict(y_ptr=t, scale_ptr=f32, shift_ptr=f32, res_ptr=t, res_scale_ptr=f32,
-                    res_shift_ptr=f32, z_ptr=t, M="i32", K="i32")
+                    res_shift_ptr=f32, z_ptr=t, M="i32", K="i32", branch_scale_ptr=f32,
+                    HW="i32")
 
     def reduce_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, part_g_ptr=f32, part_gy_ptr=f32,
                     part_y_ptr=f32, dres_ptr=t, y2_ptr=t, mean2_ptr=f32, part_gy2_ptr=f32,
-                    part_y2_ptr=f32, M="i32", K="i32", rows_per_prog="i32")
+                    part_y2_ptr=f32, M="i32", K="i32", rows_per_prog="i32",
+                    branch_scale_ptr=f32, g_branch_ptr=t, HW="i32")
 
     def dx_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, var_ptr=f32, gamma_ptr=f32,
@@ -1085,13 +1144,17 @@ def compile_specs() -> list[CompileSpec]:
     # with every other feature on too: the heaviest, compiled with every block config.
     tuned = [
         ("bn_apply", _bn_apply_kernel, apply_sig, _ELEMENTWISE_BLOCKS,
-         [dict(HAS_RES=r, RES_AFFINE=False, RELU=u) for r in (False, True) for u in (False, True)]
-         + [dict(HAS_RES=True, RES_AFFINE=True, RELU=True)]),
+         [dict(HAS_RES=r, RES_AFFINE=False, RELU=u, BRANCH_SCALE=False)
+          for r in (False, True) for u in (False, True)]
+         + [dict(HAS_RES=True, RES_AFFINE=True, RELU=True, BRANCH_SCALE=False),
+            dict(HAS_RES=True, RES_AFFINE=True, RELU=True, BRANCH_SCALE=True)]),
         ("bn_bwd_reduce", _bn_bwd_reduce_kernel, reduce_sig, _REDUCE_BLOCKS,
-         [dict(RELU=u, CENTER=c, WRITE_DRES=False, SECOND=False)
+         [dict(RELU=u, CENTER=c, WRITE_DRES=False, SECOND=False, BRANCH_SCALE=False)
           for u in (False, True) for c in (False, True)]
-         + [dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False),
-            dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=True)]),
+         + [dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False, BRANCH_SCALE=False),
+            dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=True, BRANCH_SCALE=False),
+            # drop path (never with SECOND: the shortcut BN's sums come from their own pass)
+            dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False, BRANCH_SCALE=True)]),
         ("bn_bwd_dx", _bn_bwd_dx_kernel, dx_sig, _ELEMENTWISE_BLOCKS,
          [dict(RELU=u, BATCH_STATS=b, HAS_GAMMA=True, WRITE_DY=True, WRITE_DRES=d, HAS_ADD=False)
           for u in (False, True) for b in (False, True) for d in (False, True)]

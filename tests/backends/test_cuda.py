@@ -175,7 +175,7 @@ def _call(device: str, dtype=torch.float16, groups=1, c=16, k=16, r=3, padding=1
     return CallInfo(
         device=torch.device(device), dtype=dtype, x_shape=(2, c, 9, 9),
         weight_shape=(k, c // groups, r, r), conv=conv, batch_stats=True, has_residual=False,
-        relu=True,
+        act="relu",
     )
 
 
@@ -358,7 +358,7 @@ def test_forward_backward_trace_with_fake_cuda_tensors(batch_stats, save, residu
         )
         z, y, mean, var = backend.forward(
             x, w, None, vec, vec, vec, vec, res, conv=conv, batch_stats=batch_stats, eps=1e-5,
-            relu=True, save_for_backward=save,
+            act="relu", save_for_backward=save,
         )
         assert z.shape == (2, 32, 5, 5) and z.dtype == torch.bfloat16 and z.device.type == "cuda"
         assert z.is_contiguous(memory_format=CL)
@@ -368,8 +368,9 @@ def test_forward_backward_trace_with_fake_cuda_tensors(batch_stats, save, residu
             return
         dz = torch.empty_like(z)
         grads = backend.backward(
-            dz, x, w, y, z, mean, var, vec, conv=conv, batch_stats=batch_stats, eps=1e-5,
-            relu=True, has_bias=False, output_mask=(True, True, False, True, True, residual),
+            dz, x, w, y, z, mean, var, vec, bn_bias=None, residual=None, conv=conv,
+            batch_stats=batch_stats, eps=1e-5, act="relu", has_bias=False,
+            output_mask=(True, True, False, True, True, residual),
         )
         dx, dw, db, dgamma, dbeta, dres = grads
         assert dx.shape == x.shape and dw.shape == w.shape and db is None
@@ -422,12 +423,14 @@ def test_grid_traces_with_fake_cuda_tensors(case, dtype, batch_stats):
         for save in (False, True):
             z, y, mean, var = backend.forward(
                 x, w, bias, vec, vec, vec, vec, res, conv=conv, batch_stats=batch_stats,
-                eps=1e-5, relu=case.relu, save_for_backward=save,
+                eps=1e-5, act="relu" if case.relu else None, save_for_backward=save,
             )
             assert z.shape == (case.n, k, oh, ow) and z.is_contiguous(memory_format=CL)
         grads = backend.backward(
-            torch.empty_like(z), x, w, y, z, mean, var, vec, conv=conv, batch_stats=batch_stats,
-            eps=1e-5, relu=case.relu, has_bias=case.bias, output_mask=(True,) * 6,
+            torch.empty_like(z), x, w, y, z, mean, var, vec, bn_bias=None, residual=None,
+            conv=conv,
+            batch_stats=batch_stats, eps=1e-5, act="relu" if case.relu else None,
+            has_bias=case.bias, output_mask=(True,) * 6,
         )
         assert grads[0].shape == x.shape and grads[1].shape == w.shape
         assert (grads[2] is not None) == case.bias

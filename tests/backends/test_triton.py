@@ -297,7 +297,7 @@ def test_float64_is_refused_naming_the_dtype() -> None:
     call = CallInfo(
         device=torch.device(DEVICE), dtype=torch.float64, x_shape=(2, 16, 9, 9),
         weight_shape=(16, 16, 3, 3), conv=ConvParams((1, 1), (1, 1), (1, 1), 1),
-        batch_stats=True, has_residual=False, relu=True,
+        batch_stats=True, has_residual=False, act="relu",
     )
     with pytest.raises(BackendUnavailableError, match="float64"):
         select(call, "triton")

@@ -11,6 +11,7 @@ import torch
 import fastres
 from fastres.backends import ConvParams, ServedCall
 from fastres.backends.triton.conv import kernel_for
+from fastres.ops.conv_bn_relu import activation
 from tests.numerics import assert_close_ratio, eager_conv_bn_relu
 
 Pair = int | tuple[int, int]
@@ -37,10 +38,15 @@ class Case:
     running: bool = True
     residual: bool = False
     relu: bool = True
+    act: str | None = None  # an activation name, overriding relu ("silu", ...)
     layout: str = "channels_last"  # or "contiguous" or "sliced"
     # conv outputs centred far from zero (|mean| ≫ std) by an offset input, as in a ResNet after
     # a ReLU; the offset is per dtype (MEAN_OFFSET) so that y stays representable
     mean_offset: bool = False
+
+    @property
+    def activation(self) -> str | None:
+        return activation(self.relu, self.act)
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -179,8 +185,8 @@ def _ambiguous_relu_band(inputs, case, dtype, device, call, eager) -> tuple[torc
     """
     inputs = {k: None if v is None else v.clone() for k, v in inputs.items()}  # stats untouched
     with torch.no_grad():
-        pre_ref = call(eager_conv_bn_relu, _prepare(inputs, case, torch.float64, "cpu"), False)
-        pre_base = call(eager, _prepare(inputs, case, dtype, device), False)
+        pre_ref = call(eager_conv_bn_relu, _prepare(inputs, case, torch.float64, "cpu"), "none")
+        pre_base = call(eager, _prepare(inputs, case, dtype, device), "none")
     band = 2 * (pre_base.double().cpu() - pre_ref).abs().max().item()
     band += 4 * torch.finfo(dtype).eps * pre_ref.abs().max().item()
     return pre_ref, band
@@ -200,18 +206,19 @@ def run_case(
         groups=c.groups,
     )
 
-    def call(fn, args, relu=case.relu):
+    def call(fn, args, act=case.activation or "none"):
         a = dict(args)
         return fn(
             a.pop("x"), a.pop("weight"), a.pop("bn_weight"), a.pop("bn_bias"),
-            a.pop("running_mean"), a.pop("running_var"), **a, **kwargs, relu=relu,
+            a.pop("running_mean"), a.pop("running_var"), **a, **kwargs, act=act,
         )
 
     # fp32 on tensor cores (the Triton GEMM kernels on a GPU) is TF32: hold it to a TF32 baseline
     tf32 = (device != "cpu" and dtype == torch.float32 and backend == "triton"
             and kernel_for(case.c // case.groups, case.groups) != "direct")
     eager = functools.partial(eager_conv_bn_relu, tf32=tf32)
-    if case.relu and grad:
+    relu = case.activation == "relu"
+    if relu and grad:
         pre_ref, band = _ambiguous_relu_band(inputs, case, dtype, device, call, eager)
         decided = (pre_ref.abs() > band).double().mean().item()
         assert decided >= 0.5, (
@@ -237,7 +244,7 @@ def run_case(
             if not grad:
                 continue
             dz = torch.randn_like(z_ref)
-            if case.relu:
+            if relu:
                 dz[pre_ref.abs() <= band] = 0.0
             z_ref.backward(dz)
             z_base.backward(dz.to(device=device, dtype=dtype))

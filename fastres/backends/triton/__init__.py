@@ -53,6 +53,8 @@ class TritonBackend:
                 f"the Triton kernels support float32, float16 and bfloat16, not {call.dtype} "
                 f"(use the reference backend for {call.dtype})"
             )
+        if call.act not in (None, "relu"):
+            return f"the Triton kernels do not apply {call.act} yet"
         return None
 
     def forward(
@@ -69,9 +71,10 @@ class TritonBackend:
         conv: ConvParams,
         batch_stats: bool,
         eps: float,
-        relu: bool,
+        act: str | None,
         save_for_backward: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        relu = act == "relu"
         if batch_stats:
             y, p = _conv.conv2d_fused(x, weight, bias, conv, stats=True)
             mean, var, scale, shift = bn.finalize(p.count, p.mean, p.m2, bn_weight, bn_bias, eps)
@@ -98,18 +101,21 @@ class TritonBackend:
         x: Tensor,
         weight: Tensor,
         y: Tensor,
-        z: Tensor,
+        z: OptTensor,
         mean: Tensor,
         var: Tensor,
         bn_weight: OptTensor,
         *,
+        bn_bias: OptTensor,
+        residual: OptTensor,
         conv: ConvParams,
         batch_stats: bool,
         eps: float,
-        relu: bool,
+        act: str | None,
         has_bias: bool,
         output_mask: tuple[bool, bool, bool, bool, bool, bool],
     ) -> tuple[OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor]:
+        relu = act == "relu"
         need_dx, need_dw = output_mask[0], output_mask[1]
         need_db = output_mask[2] and has_bias
         need_bn = output_mask[3] or output_mask[4]

@@ -18,7 +18,7 @@ from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, sele
 from fastres.backends.reference import bn_relu_backward
 from fastres.backends.triton import bn, conv
 from tests.numerics import assert_close_ratio, merge_partials
-from tests.ops.cases import CASES, MODES, Case, run_case
+from tests.ops.cases import CASES, MODES, SILU_CASES, Case, run_case
 from tests.ops.nonfinite import check_nonfinite
 
 CL = torch.channels_last
@@ -360,6 +360,25 @@ def test_running_stats_after_three_steps() -> None:
     run_case(Case(residual=True, bias=True), torch.float32, True, "triton", steps=3)
 
 
+# SiLU: every case in fp32, two in fp16/bf16 by default (the interpreter is slow); all: slow
+_SILU_HALF_SUBSET = {SILU_CASES[1].id, SILU_CASES[3].id}
+
+
+def _silu_params(dtypes):
+    for dtype in dtypes:
+        for case in SILU_CASES:
+            fast = dtype == torch.float32 or case.id in _SILU_HALF_SUBSET
+            yield pytest.param(case, dtype, marks=() if fast else (pytest.mark.slow,),
+                               id=f"{case.id}-{dtype}")
+
+
+@pytest.mark.parametrize("training, grad", MODES)
+@pytest.mark.parametrize("case, dtype", list(_silu_params(DTYPES)))
+def test_grid_interpreter_silu(case: Case, dtype: torch.dtype, training: bool,
+                               grad: bool) -> None:
+    run_triton_case(case, dtype, training, grad)
+
+
 @pytest.fixture
 def larger_block_m():
     """Under the interpreter every kernel has one 16-row configuration, the size the partial
@@ -410,6 +429,14 @@ def test_nan_and_inf_as_eager_cuda(
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_grid_cuda(case: Case, dtype: torch.dtype, training: bool, grad: bool) -> None:
+    run_triton_case(case, dtype, training, grad, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training, grad", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SILU_CASES, ids=lambda c: c.id)
+def test_grid_cuda_silu(case: Case, dtype: torch.dtype, training: bool, grad: bool) -> None:
     run_triton_case(case, dtype, training, grad, device="cuda")
 
 

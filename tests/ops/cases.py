@@ -100,6 +100,20 @@ CASES = [
     Case(r=(3, 5), stride=(2, 1), padding=(1, 3), dilation=(1, 2), h=11, w=9, groups=2, c=32),
 ]
 
+# SiLU in place of ReLU (timm's '*ts' ByobNet models, RegNetZ, CSP variants): the paths whose
+# activation code differs (training's apply pass and g, eval's apply pass, inference's conv
+# epilogue), with and without the residual, through the GEMM, flat-K (stem) and direct kernels
+SILU_CASES = [
+    Case(act="silu"),
+    Case(act="silu", n=1, h=5, w=7, residual=True),
+    Case(act="silu", r=1, padding=0, stride=2, c=32, k=64, bias=True),
+    Case(act="silu", groups=8, c=32, k=32, stride=2, residual=True),
+    Case(act="silu", affine=False, running=False, residual=True),
+    Case(act="silu", r=7, stride=2, padding=3, c=3, h=17, w=15, k=16),  # stem
+    Case(act="silu", mean_offset=True, padding=0, residual=True),
+    Case(act="silu", layout="sliced", c=8, k=24, h=7, w=6),
+]
+
 # (training, grad): the three paths of every backend: training, eval with autograd (raw y kept
 # for backward), eval without autograd (inference: BN, residual and ReLU in the conv epilogue)
 MODES = [

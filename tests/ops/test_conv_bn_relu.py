@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.ops.cases import CASES, MODES, Case, run_case
+from tests.ops.cases import CASES, MODES, SILU_CASES, Case, run_case
 from tests.ops.nonfinite import check_nonfinite
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -19,6 +19,13 @@ def _grid():
 @pytest.mark.parametrize("dtype, training, grad", list(_grid()))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_reference_backend(case: Case, dtype: torch.dtype, training: bool, grad: bool) -> None:
+    run_case(case, dtype, training, "reference", grad=grad)
+
+
+@pytest.mark.parametrize("dtype, training, grad", list(_grid()))
+@pytest.mark.parametrize("case", SILU_CASES, ids=lambda c: c.id)
+def test_reference_backend_silu(case: Case, dtype: torch.dtype, training: bool,
+                                grad: bool) -> None:
     run_case(case, dtype, training, "reference", grad=grad)
 
 

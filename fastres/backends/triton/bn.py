@@ -13,10 +13,11 @@ Kernels, in the order a training step uses them:
 * ``_bn_running_kernel``: the same affine map from the running statistics (eval).
 * ``_bn_stats_kernel``: the same (count, mean, M2) partials of a stored tensor (a BN whose input
   no conv epilogue of ours produced: a pre-activation block's entry BN).
-* ``_bn_apply_kernel``: ``z = relu(y·scale + shift (+ residual))``; with the residual's own
-  affine map, ``relu(y·scale + shift + residual·res_scale + res_shift)`` (the block output with
-  the projection shortcut's BN folded in).
-* ``_bn_bwd_reduce_kernel`` + ``_bn_bwd_sum_kernel``: ``g = dz·[z > 0]``; per-channel Σg and
+* ``_bn_apply_kernel``: ``z = relu(y·scale + shift (+ residual))`` (or SiLU); with the
+  residual's own affine map, ``relu(y·scale + shift + residual·res_scale + res_shift)`` (the
+  block output with the projection shortcut's BN folded in).
+* ``_bn_bwd_reduce_kernel`` + ``_bn_bwd_sum_kernel``: ``g = dz·[z > 0]`` (SiLU: dz·silu'(v), v =
+  y·scale + shift (+ residual) recomputed, g stored for the conv backward); per-channel Σg and
   Σg·ŷ as per-program partial sums, then a small deterministic reduction (no atomics, no host
   synchronisation); the first also writes ``dresidual = g`` when asked, and the sums of a second
   BN fed by the same g (the projection shortcut's) from the same pass.
@@ -43,6 +44,7 @@ import triton.language as tl
 
 from .. import _alloc
 from . import _tuning
+from ._activation import silu, silu_grad
 from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 
 Tensor = torch.Tensor
@@ -331,7 +333,8 @@ def _tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @_tuning.autotune(
-    _configs(_ELEMENTWISE_BLOCKS), key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU"]
+    _configs(_ELEMENTWISE_BLOCKS),
+    key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU", "SILU"],
 )
 @triton.jit
 def _bn_apply_kernel(
@@ -347,6 +350,7 @@ def _bn_apply_kernel(
     HAS_RES: tl.constexpr,
     RES_AFFINE: tl.constexpr,  # the residual is a raw projection output: normalise it too
     RELU: tl.constexpr,
+    SILU: tl.constexpr,  # SiLU instead of ReLU (never both)
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per tile (autotuned)
 ):
@@ -367,6 +371,8 @@ def _bn_apply_kernel(
         z += res
     if RELU:
         z = tl.where(z < 0.0, 0.0, z)  # not maximum(): NaN must propagate as in torch.relu
+    if SILU:
+        z = silu(z)
     tl.store(z_ptr + idx, _cast_out(z, z_ptr), mask=mask)
 
 
@@ -394,6 +400,19 @@ def _grad_g(dz_ptr, z_ptr, idx, mask, RELU: tl.constexpr):
     return g
 
 
+@triton.jit
+def _silu_g(dz_ptr, res_ptr, y, scale, shift, idx, mask, g_ptr, HAS_RES: tl.constexpr):
+    """g = dz·silu'(v), v = y·scale + shift (+ residual): the pre-activation recomputed in fp32
+    from the raw y (SiLU is not invertible: z alone cannot give it). Returned as fp32 values
+    rounded to g_ptr's dtype, the g the conv backward reads, so that the sums taken from it here
+    match it (as eager's BN backward sums the g SiLU's backward stored); 0 where masked."""
+    v = y * scale + shift
+    if HAS_RES:
+        v += tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(dz_ptr + idx, mask=mask, other=0.0).to(tl.float32) * silu_grad(v)
+    return tl.where(mask, _cast_out(g, g_ptr).to(tl.float32), 0.0)
+
+
 def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool) -> str | None:
     """Why a _bn_bwd_reduce_kernel tile is not offered: with SECOND (five elementwise fp32
     accumulators) tiles of 32 elements per thread spill on sm_80 and sm_90 (compile check);
@@ -412,7 +431,8 @@ def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> li
 
 
 @_tuning.autotune(
-    _configs(_REDUCE_BLOCKS), key=["M", "K", "BLOCK_K", "RELU", "CENTER", "WRITE_DRES", "SECOND"],
+    _configs(_REDUCE_BLOCKS),
+    key=["M", "K", "BLOCK_K", "RELU", "CENTER", "WRITE_DRES", "SECOND", "SILU", "HAS_RES"],
     prune=_prune_bwd_reduce,
 )
 @triton.jit
@@ -429,6 +449,9 @@ def _bn_bwd_reduce_kernel(
     mean2_ptr,  # (K,) fp32: the mean that normalises y2 (read only if SECOND)
     part_gy2_ptr,  # (P, K) fp32: per-program Σg·(y2 − mean2) (written only if SECOND)
     part_y2_ptr,  # (P, K) fp32: per-program Σ(y2 − mean2) (written only if SECOND and CENTER)
+    act_scale_ptr,  # (K,) fp32: the forward's BN scale (read only if SILU)
+    act_shift_ptr,  # (K,) fp32: the forward's BN shift (read only if SILU)
+    res_ptr,  # (M, K) x dtype: the residual added before the SiLU (read only if HAS_RES)
     M,  # rows (pixels)
     K,  # channels
     rows_per_prog,  # program p reduces rows [p·rows_per_prog, (p+1)·rows_per_prog)
@@ -436,6 +459,8 @@ def _bn_bwd_reduce_kernel(
     CENTER: tl.constexpr,  # batch statistics: also sum y − mean (see _bn_bwd_sum_kernel)
     WRITE_DRES: tl.constexpr,  # also store g (saves the residual gradient a pass over dz and z)
     SECOND: tl.constexpr,  # also the sums of BN(y2): the projection shortcut's BN sees this g
+    SILU: tl.constexpr,  # g = dz·silu'(y·act_scale + act_shift (+ res)), stored (WRITE_DRES)
+    HAS_RES: tl.constexpr,  # with SILU: the pre-activation includes the residual
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per loop step (autotuned)
 ):
@@ -447,6 +472,9 @@ def _bn_bwd_reduce_kernel(
     mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
     if SECOND:
         mean2 = tl.load(mean2_ptr + offs_k, mask=mask_k, other=0.0)
+    if SILU:
+        act_scale = tl.load(act_scale_ptr + offs_k, mask=mask_k, other=0.0)
+        act_shift = tl.load(act_shift_ptr + offs_k, mask=mask_k, other=0.0)
     row_begin = pid_p.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
     # elementwise accumulators, reduced over rows once at the end (fewer, better-ordered adds)
@@ -459,10 +487,14 @@ def _bn_bwd_reduce_kernel(
         offs_m = row_begin + step * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (offs_m < row_end)[:, None] & mask_k[None, :]
         idx = offs_m[:, None] * K + offs_k[None, :]
-        g = _grad_g(dz_ptr, z_ptr, idx, mask, RELU)
+        y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            g = _silu_g(dz_ptr, res_ptr, y, act_scale[None, :], act_shift[None, :], idx, mask,
+                        dres_ptr, HAS_RES)
+        else:
+            g = _grad_g(dz_ptr, z_ptr, idx, mask, RELU)
         if WRITE_DRES:
             tl.store(dres_ptr + idx, _cast_out(g, dres_ptr), mask=mask)
-        y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         # centred before multiplying: y − mean is exact-ish even when mean ≫ std
         d = tl.where(mask, y - mean[None, :], 0.0)
         acc_g += g
@@ -792,9 +824,10 @@ def _grid(m: int, k: int, block_k: int):
 
 def apply(
     y: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool, *,
-    res_scale: Tensor | None = None, res_shift: Tensor | None = None,
+    res_scale: Tensor | None = None, res_shift: Tensor | None = None, silu: bool = False,
 ) -> Tensor:
-    """``relu(y·scale + shift (+ residual))`` in y's dtype, channels_last; fp32 math.
+    """``relu(y·scale + shift (+ residual))`` in y's dtype, channels_last; fp32 math. With
+    ``silu`` (and ``relu`` False) SiLU in place of the ReLU.
 
     With ``res_scale``/``res_shift`` ((K,) fp32, both or neither; needs ``residual``) the
     residual is normalised in the same pass: ``relu(y·scale + shift + residual·res_scale +
@@ -804,6 +837,7 @@ def apply(
     res_affine = res_scale is not None
     assert res_affine == (res_shift is not None), "res_scale and res_shift come together"
     assert residual is not None or not res_affine, "res_scale/res_shift need a residual"
+    assert not (relu and silu), "one activation: ReLU or SiLU"
     if residual is not None:
         assert residual.shape == y.shape and residual.dtype == y.dtype
         _rows(residual)
@@ -813,7 +847,8 @@ def apply(
         y, scale, shift, residual if residual is not None else y,
         res_scale if res_affine else scale, res_shift if res_affine else shift,  # dummies
         z, m, k,
-        HAS_RES=residual is not None, RES_AFFINE=res_affine, RELU=relu, BLOCK_K=block_k,
+        HAS_RES=residual is not None, RES_AFFINE=res_affine, RELU=relu, SILU=silu,
+        BLOCK_K=block_k,
     )
     return z
 
@@ -842,10 +877,21 @@ def _rows_per_prog(m: int) -> int:
     return max(256, triton.cdiv(m, 1024))
 
 
+@dataclasses.dataclass(frozen=True)
+class SiluInput:
+    """What a SiLU's backward recomputes its pre-activation v = y·scale + shift (+ residual)
+    from, besides the raw y: the forward's BN affine map ((K,) fp32 each) and the residual (like
+    y, or None)."""
+
+    scale: Tensor
+    shift: Tensor
+    residual: Tensor | None
+
+
 def reductions(
     dz: Tensor,
     y: Tensor,
-    z: Tensor,
+    z: Tensor | None,
     mean: Tensor,
     var: Tensor,
     *,
@@ -855,6 +901,7 @@ def reductions(
     dres: Tensor | None = None,
     rows_per_prog: int | None = None,
     second: tuple[Tensor, Tensor, Tensor] | None = None,
+    silu: SiluInput | None = None,
 ):
     """The per-channel sums of the backward: ``(Σg, Σg·ŷ, δ)``, (K,) fp32 each.
 
@@ -868,8 +915,17 @@ def reductions(
     sees the g of the block output, like the last conv's BN); its sums come from the same pass
     over dz and z, and the result is ``(sums, sums2)``, each a triple as above (the two Σg are
     the same values, in separate tensors). ``y2`` is like y, with the same statistics mode.
+
+    ``silu`` (with ``relu`` False, ``z`` unread): the output was SiLU of v = y·scale + shift
+    (+ residual), and g = dz·silu'(v) from v recomputed here; ``dres`` is then required and
+    receives g, rounded to dz's dtype, which the sums are taken from: the conv backward reads it
+    as its dz, without activation.
     """
     m, k = _rows(dz)
+    if silu is not None:
+        assert not relu, "one activation: ReLU or SiLU"
+        assert dres is not None, "SiLU's g is stored for the conv backward: pass dres"
+        _check_silu_input(silu, y)
     _rows(y)
     if second is not None:
         y2, mean2, var2 = second
@@ -896,13 +952,25 @@ def reductions(
         dres if dres is not None else dz,  # dummy: never written without WRITE_DRES
         *((y2, mean2, part_gy2, part_y2 if batch_stats else part_gy2) if second is not None
           else (y, mean, part_g, part_g)),  # dummies: never read or written without SECOND
+        *((silu.scale, silu.shift, silu.residual if silu.residual is not None else y)
+          if silu is not None else (mean, mean, y)),  # dummies: never read without SILU
         m, k, rows, RELU=relu, CENTER=batch_stats, WRITE_DRES=dres is not None,
-        SECOND=second is not None, BLOCK_K=block_k,
+        SECOND=second is not None, SILU=silu is not None,
+        HAS_RES=silu is not None and silu.residual is not None, BLOCK_K=block_k,
     )
     sums = _finish_sums(part_g, part_gy, part_y, var, m, eps, batch_stats)
     if second is None:
         return sums
     return sums, _finish_sums(part_g, part_gy2, part_y2, var2, m, eps, batch_stats)
+
+
+def _check_silu_input(silu: SiluInput, y: Tensor) -> None:
+    k = y.shape[1]
+    for t in (silu.scale, silu.shift):
+        assert t.shape == (k,) and t.dtype == torch.float32 and t.is_contiguous()
+    if silu.residual is not None:
+        assert silu.residual.shape == y.shape and silu.residual.dtype == y.dtype
+        _rows(silu.residual)
 
 
 def _finish_sums(

@@ -191,6 +191,25 @@ def test_unsupported_dtype_reason():
     assert reason is not None and "float64" in reason
 
 
+def test_silu_refused_with_reason_and_auto_serves_it_elsewhere(monkeypatch):
+    """The CUDA C++ kernels apply ReLU or nothing: SiLU is refused naming it, and ``auto``
+    never sends it there (with triton refusing too, it falls back to reference)."""
+    from fastres.backends import select
+    from fastres.backends.triton import TritonBackend
+
+    cuda = _cuda_backend()
+    relu_call = _call("cuda")
+    silu_call = dataclasses.replace(relu_call, act="silu")
+    assert cuda.CudaBackend().unsupported_reason(relu_call) is None
+    reason = cuda.CudaBackend().unsupported_reason(silu_call)
+    assert reason is not None and "silu" in reason and "triton and reference" in reason
+    with pytest.raises(BackendUnavailableError, match="silu"):
+        select(silu_call, "cuda")
+    monkeypatch.setattr(TritonBackend, "unsupported_reason", lambda self, call: "not here")
+    assert select(relu_call, "auto") == "cuda"
+    assert select(silu_call, "auto") == "reference"
+
+
 def test_unsupported_filter_reason():
     cuda = _cuda_backend()
     reason = cuda.CudaBackend().unsupported_reason(

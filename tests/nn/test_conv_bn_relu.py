@@ -75,6 +75,67 @@ def test_matches_eager_modules_over_train_and_eval_steps(momentum, affine, track
                            base[1].running_mean)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_silu_module_matches_conv_bn_silu(backend: str, residual: bool):
+    """ConvBNReLU(act="silu") against nn.Conv2d → nn.BatchNorm2d (→ + residual) → nn.SiLU:
+    outputs and every gradient over train and eval steps, then the running statistics."""
+    m = ConvBNReLU(6, 12, 3, stride=2, padding=1, act="silu")
+    with torch.no_grad():
+        m.bn.weight.uniform_(0.5, 1.5)
+        m.bn.bias.normal_()
+    assert m.act == "silu" and not m.relu and "act=silu" in repr(m)
+    twins = [_clone_pair(m, dt) for dt in (torch.float32, torch.float64)]
+    base, ref = (nn.ModuleDict({"pair": nn.Sequential(t.conv, t.bn), "act": nn.SiLU()})
+                 for t in twins)
+    params = {"conv.weight": lambda mod: mod.conv.weight, "bn.weight": lambda mod: mod.bn.weight,
+              "bn.bias": lambda mod: mod.bn.bias}
+    for step, training in enumerate([True, True, False]):
+        x64 = torch.randn(3, 6, 9, 9, dtype=torch.float64) + step
+        r64 = torch.randn(3, 12, 5, 5, dtype=torch.float64) if residual else None
+        dz64 = torch.randn(3, 12, 5, 5, dtype=torch.float64)
+        outs, grads = [], []
+        for mod, dt in ((m, torch.float32), (base, torch.float32), (ref, torch.float64)):
+            mod.train(training)
+            for p in mod.parameters():
+                p.grad = None
+            x = x64.to(dt).requires_grad_()
+            r = None if r64 is None else r64.to(dt).requires_grad_()
+            if mod is m:
+                with fastres.use_backend(backend), fastres.backends.record_calls() as served:
+                    z = m(x, r)
+                    z.backward(dz64.to(dt))
+                assert {c.backend for c in served} == {backend}
+                pair = m
+            else:
+                v = mod["pair"](x)
+                z = mod["act"](v if r is None else v + r)
+                z.backward(dz64.to(dt))
+                pair = twins[0] if mod is base else twins[1]
+            outs.append(z)
+            grads.append({"x": x.grad, **({"residual": r.grad} if r is not None else {}),
+                          **{name: get(pair).grad for name, get in params.items()}})
+        assert_close_ratio(f"step {step} output", outs[0], outs[2], outs[1])
+        for name in grads[0]:
+            assert_close_ratio(f"step {step} grad {name}", grads[0][name], grads[2][name],
+                               grads[1][name])
+    assert int(m.bn.num_batches_tracked) == 2
+    for name in ("running_mean", "running_var"):
+        assert_close_ratio(name, getattr(m.bn, name), getattr(twins[1].bn, name),
+                           getattr(twins[0].bn, name))
+
+
+def test_bad_activation_names_raise():
+    with pytest.raises(ValueError, match="unsupported activation 'gelu'.*relu, silu or none"):
+        ConvBNReLU(4, 8, 3, act="gelu")
+    with pytest.raises(TypeError, match="act must be a str or None, got Tanh"):
+        ConvBNReLU.from_modules(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), act=nn.Tanh())
+    with pytest.raises(ValueError, match="SiLU after a SyncBatchNorm is not fused"):
+        ConvBNReLU.from_modules(nn.Conv2d(4, 8, 3), nn.SyncBatchNorm(8), act="silu")
+    m = ConvBNReLU(4, 8, 3, act="none")
+    assert m.act is None and not m.relu
+
+
 def test_residual_input_and_channels_last_output():
     m = ConvBNReLU(4, 8, 1).eval()
     m.bn.running_mean.normal_()

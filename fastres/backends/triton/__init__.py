@@ -19,8 +19,8 @@ Backward, no dy tensor and no PyTorch convolution (``conv_bwd.py``)::
     db = conv_bwd.bias_grad(dy_operand, ...)            # from Σg, no pass over dy
 
 With SiLU (not invertible, so no mask from z) the reduction pass recomputes the pre-activation
-v = y·scale + shift (+ residual) and also stores g = dz·silu'(v); dgrad/wgrad read that g as their
-dz, with no activation.
+v = (y − mean)·scale + β (+ residual) and also stores g = dz·silu'(v); dgrad/wgrad read that g
+as their dz, with no activation.
 
 dγ = Σg·ŷ and dβ = Σg. Only what ``output_mask`` asks for runs: at most 5 Triton launches
 (``MAX_BACKWARD_LAUNCHES``; with running statistics and nothing needing the sums, dres = g comes
@@ -128,11 +128,13 @@ class TritonBackend:
             # the reduction pass recomputes v from y and stores g = dz·silu'(v); the conv
             # backward then reads g as its dz, with no activation (one more write of an
             # activation-sized tensor than ReLU, whose mask the conv backward forms at load)
-            _, _, scale, shift = bn.running_affine(mean, var, bn_weight, bn_bias, eps)
+            _, _, scale, _ = bn.running_affine(mean, var, bn_weight, None, eps)
+            beta = (bn_bias.float().contiguous() if bn_bias is not None
+                    else mean.new_zeros(mean.shape))
             g = _alloc.empty(*dz.shape, dtype=dz.dtype, device=dz.device, channels_last=True)
             sums = bn.reductions(
                 dz, y, None, mean, var, batch_stats=batch_stats, eps=eps, relu=False, dres=g,
-                silu=bn.SiluInput(scale, shift, residual),
+                silu=bn.SiluInput(scale, beta, residual),
             )
             dz, z, dres = g, None, g if output_mask[5] else None
         elif batch_stats or need_bn or need_db:

@@ -17,7 +17,7 @@ Kernels, in the order a training step uses them:
   residual's own affine map, ``relu(y·scale + shift + residual·res_scale + res_shift)`` (the
   block output with the projection shortcut's BN folded in).
 * ``_bn_bwd_reduce_kernel`` + ``_bn_bwd_sum_kernel``: ``g = dz·[z > 0]`` (SiLU: dz·silu'(v), v =
-  y·scale + shift (+ residual) recomputed, g stored for the conv backward); per-channel Σg and
+  (y − mean)·scale + β (+ residual) recomputed, g stored for the conv backward); per-channel Σg and
   Σg·ŷ as per-program partial sums, then a small deterministic reduction (no atomics, no host
   synchronisation); the first also writes ``dresidual = g`` when asked, and the sums of a second
   BN fed by the same g (the projection shortcut's) from the same pass.
@@ -401,12 +401,14 @@ def _grad_g(dz_ptr, z_ptr, idx, mask, RELU: tl.constexpr):
 
 
 @triton.jit
-def _silu_g(dz_ptr, res_ptr, y, scale, shift, idx, mask, g_ptr, HAS_RES: tl.constexpr):
-    """g = dz·silu'(v), v = y·scale + shift (+ residual): the pre-activation recomputed in fp32
-    from the raw y (SiLU is not invertible: z alone cannot give it). Returned as fp32 values
-    rounded to g_ptr's dtype, the g the conv backward reads, so that the sums taken from it here
-    match it (as eager's BN backward sums the g SiLU's backward stored); 0 where masked."""
-    v = y * scale + shift
+def _silu_g(dz_ptr, res_ptr, d, scale, beta, idx, mask, g_ptr, HAS_RES: tl.constexpr):
+    """g = dz·silu'(v), v = d·scale + β (+ residual), d = y − mean: the pre-activation
+    recomputed in fp32 from the raw y (SiLU is not invertible: z alone cannot give it), centred
+    first as BatchNorm computes it (y·scale + shift would cancel when |mean| ≫ std, and v's error
+    enters g through silu''). Returned as fp32 values rounded to g_ptr's dtype, the g the conv
+    backward reads, so that the sums taken from it here match it (as eager's BN backward sums
+    the g SiLU's backward stored); 0 where masked."""
+    v = d * scale + beta
     if HAS_RES:
         v += tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(dz_ptr + idx, mask=mask, other=0.0).to(tl.float32) * silu_grad(v)
@@ -449,8 +451,8 @@ def _bn_bwd_reduce_kernel(
     mean2_ptr,  # (K,) fp32: the mean that normalises y2 (read only if SECOND)
     part_gy2_ptr,  # (P, K) fp32: per-program Σg·(y2 − mean2) (written only if SECOND)
     part_y2_ptr,  # (P, K) fp32: per-program Σ(y2 − mean2) (written only if SECOND and CENTER)
-    act_scale_ptr,  # (K,) fp32: the forward's BN scale (read only if SILU)
-    act_shift_ptr,  # (K,) fp32: the forward's BN shift (read only if SILU)
+    act_scale_ptr,  # (K,) fp32: the forward's BN scale γ·invstd (read only if SILU)
+    act_beta_ptr,  # (K,) fp32: the BN bias β (read only if SILU)
     res_ptr,  # (M, K) x dtype: the residual added before the SiLU (read only if HAS_RES)
     M,  # rows (pixels)
     K,  # channels
@@ -459,7 +461,7 @@ def _bn_bwd_reduce_kernel(
     CENTER: tl.constexpr,  # batch statistics: also sum y − mean (see _bn_bwd_sum_kernel)
     WRITE_DRES: tl.constexpr,  # also store g (saves the residual gradient a pass over dz and z)
     SECOND: tl.constexpr,  # also the sums of BN(y2): the projection shortcut's BN sees this g
-    SILU: tl.constexpr,  # g = dz·silu'(y·act_scale + act_shift (+ res)), stored (WRITE_DRES)
+    SILU: tl.constexpr,  # g = dz·silu'((y − mean)·act_scale + act_beta (+ res)), stored
     HAS_RES: tl.constexpr,  # with SILU: the pre-activation includes the residual
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per loop step (autotuned)
@@ -474,7 +476,7 @@ def _bn_bwd_reduce_kernel(
         mean2 = tl.load(mean2_ptr + offs_k, mask=mask_k, other=0.0)
     if SILU:
         act_scale = tl.load(act_scale_ptr + offs_k, mask=mask_k, other=0.0)
-        act_shift = tl.load(act_shift_ptr + offs_k, mask=mask_k, other=0.0)
+        act_beta = tl.load(act_beta_ptr + offs_k, mask=mask_k, other=0.0)
     row_begin = pid_p.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
     # elementwise accumulators, reduced over rows once at the end (fewer, better-ordered adds)
@@ -488,15 +490,15 @@ def _bn_bwd_reduce_kernel(
         mask = (offs_m < row_end)[:, None] & mask_k[None, :]
         idx = offs_m[:, None] * K + offs_k[None, :]
         y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        # centred before multiplying: y − mean is exact-ish even when mean ≫ std
+        d = tl.where(mask, y - mean[None, :], 0.0)
         if SILU:
-            g = _silu_g(dz_ptr, res_ptr, y, act_scale[None, :], act_shift[None, :], idx, mask,
+            g = _silu_g(dz_ptr, res_ptr, d, act_scale[None, :], act_beta[None, :], idx, mask,
                         dres_ptr, HAS_RES)
         else:
             g = _grad_g(dz_ptr, z_ptr, idx, mask, RELU)
         if WRITE_DRES:
             tl.store(dres_ptr + idx, _cast_out(g, dres_ptr), mask=mask)
-        # centred before multiplying: y − mean is exact-ish even when mean ≫ std
-        d = tl.where(mask, y - mean[None, :], 0.0)
         acc_g += g
         acc_gy += g * d
         if CENTER:
@@ -879,12 +881,12 @@ def _rows_per_prog(m: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SiluInput:
-    """What a SiLU's backward recomputes its pre-activation v = y·scale + shift (+ residual)
-    from, besides the raw y: the forward's BN affine map ((K,) fp32 each) and the residual (like
-    y, or None)."""
+    """What a SiLU's backward recomputes its pre-activation v = (y − mean)·scale + β
+    (+ residual) from, besides the raw y and the mean: the BN scale γ·invstd and bias β ((K,)
+    fp32 each; β zeros without affine) and the residual (like y, or None)."""
 
     scale: Tensor
-    shift: Tensor
+    beta: Tensor
     residual: Tensor | None
 
 
@@ -916,8 +918,8 @@ def reductions(
     over dz and z, and the result is ``(sums, sums2)``, each a triple as above (the two Σg are
     the same values, in separate tensors). ``y2`` is like y, with the same statistics mode.
 
-    ``silu`` (with ``relu`` False, ``z`` unread): the output was SiLU of v = y·scale + shift
-    (+ residual), and g = dz·silu'(v) from v recomputed here; ``dres`` is then required and
+    ``silu`` (with ``relu`` False, ``z`` unread): the output was SiLU of v = (y − mean)·scale
+    + β (+ residual), and g = dz·silu'(v) from v recomputed here; ``dres`` is then required and
     receives g, rounded to dz's dtype, which the sums are taken from: the conv backward reads it
     as its dz, without activation.
     """
@@ -952,7 +954,7 @@ def reductions(
         dres if dres is not None else dz,  # dummy: never written without WRITE_DRES
         *((y2, mean2, part_gy2, part_y2 if batch_stats else part_gy2) if second is not None
           else (y, mean, part_g, part_g)),  # dummies: never read or written without SECOND
-        *((silu.scale, silu.shift, silu.residual if silu.residual is not None else y)
+        *((silu.scale, silu.beta, silu.residual if silu.residual is not None else y)
           if silu is not None else (mean, mean, y)),  # dummies: never read without SILU
         m, k, rows, RELU=relu, CENTER=batch_stats, WRITE_DRES=dres is not None,
         SECOND=second is not None, SILU=silu is not None,
@@ -966,7 +968,7 @@ def reductions(
 
 def _check_silu_input(silu: SiluInput, y: Tensor) -> None:
     k = y.shape[1]
-    for t in (silu.scale, silu.shift):
+    for t in (silu.scale, silu.beta):
         assert t.shape == (k,) and t.dtype == torch.float32 and t.is_contiguous()
     if silu.residual is not None:
         assert silu.residual.shape == y.shape and silu.residual.dtype == y.dtype
@@ -1138,7 +1140,8 @@ def compile_specs() -> list[CompileSpec]:
     def reduce_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, part_g_ptr=f32, part_gy_ptr=f32,
                     part_y_ptr=f32, dres_ptr=t, y2_ptr=t, mean2_ptr=f32, part_gy2_ptr=f32,
-                    part_y2_ptr=f32, M="i32", K="i32", rows_per_prog="i32")
+                    part_y2_ptr=f32, act_scale_ptr=f32, act_beta_ptr=f32, res_ptr=t, M="i32",
+                    K="i32", rows_per_prog="i32")
 
     def dx_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, var_ptr=f32, gamma_ptr=f32,
@@ -1171,6 +1174,15 @@ def compile_specs() -> list[CompileSpec]:
                  HAS_ADD=True)]),
         ("bn_stats", _bn_stats_kernel, stats_sig, _REDUCE_BLOCKS, [{}]),
     ]
+    # SiLU: off (and out of the names) in the flag sets above; one flag set per kernel with it,
+    # the heaviest it runs with, compiled like those and with every block config at the widest
+    # BLOCK_K (the most elements per thread)
+    silu_off = {"bn_apply": dict(SILU=False), "bn_bwd_reduce": dict(SILU=False, HAS_RES=False)}
+    silu_sets = {
+        "bn_apply": dict(HAS_RES=True, RES_AFFINE=False, RELU=False, SILU=True),
+        "bn_bwd_reduce": dict(RELU=False, CENTER=True, WRITE_DRES=True, SECOND=False, SILU=True,
+                              HAS_RES=True),
+    }
     def pruned(name: str, bm: int, w: int, bk: int, dtype: torch.dtype,
                flags: dict[str, bool]) -> dict[int, str]:
         if name == "bn_bwd_reduce":
@@ -1183,22 +1195,25 @@ def compile_specs() -> list[CompileSpec]:
     for name, kernel, sig, blocks, flag_sets in tuned:
         fn = kernel.fn  # the @triton.jit function under the autotuner
         bm0, w0 = blocks[0]
+        off = silu_off.get(name, {})
+        with_silu = [silu_sets[name]] if name in silu_sets else []
         for t, ptr in _PTR_TYPES.items():
-            for flags in flag_sets:
+            for flags in flag_sets + with_silu:
                 label = "".join(f"{k}={int(v)}," for k, v in flags.items())
                 specs.append(CompileSpec(
                     f"{name}[{t},{label}BLOCK_M={bm0},BLOCK_K=64]", fn, sig(ptr),
-                    dict(flags, BLOCK_K=64, BLOCK_M=bm0), num_warps=w0,
+                    dict(off, **flags, BLOCK_K=64, BLOCK_M=bm0), num_warps=w0,
                     pruned=pruned(name, bm0, w0, 64, _DTYPES[t], flags),
                 ))
         # every block config with the most features on, in fp32 (the most registers)
         flags = max(flag_sets, key=lambda f: sum(f.values()))
-        label = "".join(f"{k}={int(v)}," for k, v in flags.items())
+        heaviest = [(flags, bk) for bk in (16, 64, 128)] + [(f, 128) for f in with_silu]
         for bm, w in blocks:
-            for bk in (16, 64, 128):
+            for flags, bk in heaviest:
+                label = "".join(f"{k}={int(v)}," for k, v in flags.items())
                 specs.append(CompileSpec(
                     f"{name}[fp32,{label}BLOCK_M={bm},BLOCK_K={bk},warps={w}]", fn, sig("*fp32"),
-                    dict(flags, BLOCK_K=bk, BLOCK_M=bm), num_warps=w,
+                    dict(off, **flags, BLOCK_K=bk, BLOCK_M=bm), num_warps=w,
                     pruned=pruned(name, bm, w, bk, torch.float32, flags),
                 ))
     # Each compiled as a launch on ResNet shapes specialises it; each kernel's first entry also

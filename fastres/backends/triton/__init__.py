@@ -128,13 +128,12 @@ class TritonBackend:
             # the reduction pass recomputes v from y and stores g = dz·silu'(v); the conv
             # backward then reads g as its dz, with no activation (one more write of an
             # activation-sized tensor than ReLU, whose mask the conv backward forms at load)
-            _, _, scale, _ = bn.running_affine(mean, var, bn_weight, None, eps)
-            beta = (bn_bias.float().contiguous() if bn_bias is not None
-                    else mean.new_zeros(mean.shape))
             g = _alloc.empty(*dz.shape, dtype=dz.dtype, device=dz.device, channels_last=True)
+            affine = (bn_weight if bn_weight is not None else mean.new_ones(mean.shape),
+                      bn_bias if bn_bias is not None else mean.new_zeros(mean.shape))
             sums = bn.reductions(
                 dz, y, None, mean, var, batch_stats=batch_stats, eps=eps, relu=False, dres=g,
-                silu=bn.SiluInput(scale, beta, residual),
+                silu=bn.SiluInput(*affine, residual),
             )
             dz, z, dres = g, None, g if output_mask[5] else None
         elif batch_stats or need_bn or need_db:

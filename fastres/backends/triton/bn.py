@@ -451,17 +451,19 @@ def _bn_bwd_reduce_kernel(
     mean2_ptr,  # (K,) fp32: the mean that normalises y2 (read only if SECOND)
     part_gy2_ptr,  # (P, K) fp32: per-program Σg·(y2 − mean2) (written only if SECOND)
     part_y2_ptr,  # (P, K) fp32: per-program Σ(y2 − mean2) (written only if SECOND and CENTER)
-    act_scale_ptr,  # (K,) fp32: the forward's BN scale γ·invstd (read only if SILU)
-    act_beta_ptr,  # (K,) fp32: the BN bias β (read only if SILU)
+    var_ptr,  # (K,) fp32: the variance that normalised y (read only if SILU)
+    gamma_ptr,  # (K,) any float: BN weight γ (read only if SILU)
+    beta_ptr,  # (K,) any float: BN bias β (read only if SILU)
     res_ptr,  # (M, K) x dtype: the residual added before the SiLU (read only if HAS_RES)
     M,  # rows (pixels)
     K,  # channels
     rows_per_prog,  # program p reduces rows [p·rows_per_prog, (p+1)·rows_per_prog)
+    eps,  # BN epsilon (used only if SILU)
     RELU: tl.constexpr,
     CENTER: tl.constexpr,  # batch statistics: also sum y − mean (see _bn_bwd_sum_kernel)
     WRITE_DRES: tl.constexpr,  # also store g (saves the residual gradient a pass over dz and z)
     SECOND: tl.constexpr,  # also the sums of BN(y2): the projection shortcut's BN sees this g
-    SILU: tl.constexpr,  # g = dz·silu'((y − mean)·act_scale + act_beta (+ res)), stored
+    SILU: tl.constexpr,  # g = dz·silu'((y − mean)·γ·invstd + β (+ res)), stored (WRITE_DRES)
     HAS_RES: tl.constexpr,  # with SILU: the pre-activation includes the residual
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per loop step (autotuned)
@@ -474,9 +476,10 @@ def _bn_bwd_reduce_kernel(
     mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
     if SECOND:
         mean2 = tl.load(mean2_ptr + offs_k, mask=mask_k, other=0.0)
-    if SILU:
-        act_scale = tl.load(act_scale_ptr + offs_k, mask=mask_k, other=0.0)
-        act_beta = tl.load(act_beta_ptr + offs_k, mask=mask_k, other=0.0)
+    if SILU:  # v = (y − mean)·scale + β: _affine of a zero mean gives (scale, β)
+        var = tl.load(var_ptr + offs_k, mask=mask_k, other=1.0)
+        act_scale, act_beta = _affine(tl.zeros_like(var), var, gamma_ptr, beta_ptr, offs_k,
+                                      mask_k, eps, True, True)
     row_begin = pid_p.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
     # elementwise accumulators, reduced over rows once at the end (fewer, better-ordered adds)
@@ -881,11 +884,11 @@ def _rows_per_prog(m: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SiluInput:
-    """What a SiLU's backward recomputes its pre-activation v = (y − mean)·scale + β
-    (+ residual) from, besides the raw y and the mean: the BN scale γ·invstd and bias β ((K,)
-    fp32 each; β zeros without affine) and the residual (like y, or None)."""
+    """What a SiLU's backward recomputes its pre-activation v = (y − mean)·γ·invstd + β
+    (+ residual) from, besides the raw y and the statistics: the BN weight and bias ((K,), any
+    float dtype; ones and zeros without affine) and the residual (like y, or None)."""
 
-    scale: Tensor
+    gamma: Tensor
     beta: Tensor
     residual: Tensor | None
 
@@ -918,7 +921,7 @@ def reductions(
     over dz and z, and the result is ``(sums, sums2)``, each a triple as above (the two Σg are
     the same values, in separate tensors). ``y2`` is like y, with the same statistics mode.
 
-    ``silu`` (with ``relu`` False, ``z`` unread): the output was SiLU of v = (y − mean)·scale
+    ``silu`` (with ``relu`` False, ``z`` unread): the output was SiLU of v = (y − mean)·γ·invstd
     + β (+ residual), and g = dz·silu'(v) from v recomputed here; ``dres`` is then required and
     receives g, rounded to dz's dtype, which the sums are taken from: the conv backward reads it
     as its dz, without activation.
@@ -954,9 +957,10 @@ def reductions(
         dres if dres is not None else dz,  # dummy: never written without WRITE_DRES
         *((y2, mean2, part_gy2, part_y2 if batch_stats else part_gy2) if second is not None
           else (y, mean, part_g, part_g)),  # dummies: never read or written without SECOND
-        *((silu.scale, silu.beta, silu.residual if silu.residual is not None else y)
-          if silu is not None else (mean, mean, y)),  # dummies: never read without SILU
-        m, k, rows, RELU=relu, CENTER=batch_stats, WRITE_DRES=dres is not None,
+        *((var, silu.gamma.contiguous(), silu.beta.contiguous(),
+           silu.residual if silu.residual is not None else y)
+          if silu is not None else (mean, mean, mean, y)),  # dummies: never read without SILU
+        m, k, rows, eps, RELU=relu, CENTER=batch_stats, WRITE_DRES=dres is not None,
         SECOND=second is not None, SILU=silu is not None,
         HAS_RES=silu is not None and silu.residual is not None, BLOCK_K=block_k,
     )
@@ -968,8 +972,8 @@ def reductions(
 
 def _check_silu_input(silu: SiluInput, y: Tensor) -> None:
     k = y.shape[1]
-    for t in (silu.scale, silu.beta):
-        assert t.shape == (k,) and t.dtype == torch.float32 and t.is_contiguous()
+    for t in (silu.gamma, silu.beta):
+        assert t.shape == (k,) and t.is_floating_point()
     if silu.residual is not None:
         assert silu.residual.shape == y.shape and silu.residual.dtype == y.dtype
         _rows(silu.residual)
@@ -1140,8 +1144,8 @@ def compile_specs() -> list[CompileSpec]:
     def reduce_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, part_g_ptr=f32, part_gy_ptr=f32,
                     part_y_ptr=f32, dres_ptr=t, y2_ptr=t, mean2_ptr=f32, part_gy2_ptr=f32,
-                    part_y2_ptr=f32, act_scale_ptr=f32, act_beta_ptr=f32, res_ptr=t, M="i32",
-                    K="i32", rows_per_prog="i32")
+                    part_y2_ptr=f32, var_ptr=f32, gamma_ptr=f32, beta_ptr=f32, res_ptr=t,
+                    M="i32", K="i32", rows_per_prog="i32", eps="fp32")
 
     def dx_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, var_ptr=f32, gamma_ptr=f32,

@@ -372,6 +372,21 @@ def _silu_params(dtypes):
                                id=f"{case.id}-{dtype}")
 
 
+def test_silu_reduction_never_offers_a_tile_that_spills() -> None:
+    """SiLU's backward reduction (y, residual, dz and the sigmoid per element) spills at 32
+    elements per thread (compile check): those tiles are not offered, and the specs say so."""
+    configs = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in bn._REDUCE_BLOCKS]
+    for block_k, silu, dropped in ((128, True, [(32, 4), (64, 8)]), (64, True, []),
+                                   (128, False, [])):
+        kept = bn._prune_bwd_reduce(configs, {}, BLOCK_K=block_k, SECOND=False, SILU=silu)
+        assert [(c.kwargs["BLOCK_M"], c.num_warps) for c in configs if c not in kept] == dropped
+    specs = [s for s in bn.compile_specs() if s.name.startswith("bn_bwd_reduce[")
+             and "SILU=1" in s.name]
+    assert {s.name for s in specs if s.pruned} == {
+        s.name for s in specs if "BLOCK_K=128" in s.name
+        and ("BLOCK_M=32" in s.name or "BLOCK_M=64" in s.name)}
+
+
 @pytest.mark.parametrize("training, grad", MODES)
 @pytest.mark.parametrize("case, dtype", list(_silu_params(DTYPES)))
 def test_grid_interpreter_silu(case: Case, dtype: torch.dtype, training: bool,
@@ -403,7 +418,8 @@ def test_partials_cut_to_the_configuration_that_ran(larger_block_m, case: Case) 
 
 
 # the GEMM kernel and the direct kernel (few channels per group) share the epilogue
-_NONFINITE_CASES = [Case(residual=True), Case(residual=True, groups=8, c=32, k=32)]
+_NONFINITE_CASES = [Case(residual=True), Case(residual=True, groups=8, c=32, k=32),
+                    Case(residual=True, act="silu")]
 
 
 @pytest.mark.parametrize("training, grad", MODES)

@@ -1,5 +1,7 @@
 """ConvBNReLU behaves as nn.Conv2d → nn.BatchNorm2d → ReLU, state and all."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -123,6 +125,45 @@ def test_silu_module_matches_conv_bn_silu(backend: str, residual: bool):
     for name in ("running_mean", "running_var"):
         assert_close_ratio(name, getattr(m.bn, name), getattr(twins[1].bn, name),
                            getattr(twins[0].bn, name))
+
+
+class _SiluStem(nn.Module):
+    """A model's stem as timm builds it with ``act_layer=nn.SiLU``: three children called in
+    turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.SiLU()
+
+    def forward(self, x):
+        return self.act1(self.bn1(self.conv1(x)))
+
+
+def test_stem_folds_silu():
+    from fastres.nn.stem import StemConv2d, fold_stem
+
+    m = _SiluStem()
+    with torch.no_grad():
+        m.bn1.weight.uniform_(0.5, 1.5)
+        m.bn1.bias.normal_()
+    base, ref = copy.deepcopy(m), copy.deepcopy(m).double()
+    fold_stem(m, "conv1", "bn1", "act1")
+    assert type(m.conv1) is StemConv2d and isinstance(m.act1, nn.SiLU)
+    for step, training in enumerate([True, False]):
+        x = torch.randn(2, 3, 15, 13) + step
+        outs = []
+        for mod, dt in ((m, torch.float32), (base, torch.float32), (ref, torch.float64)):
+            mod.train(training)
+            mod.conv1.weight.grad = None
+            with fastres.backends.record_calls() as served:
+                z = mod(x.to(dt))
+                z.square().sum().backward()
+            assert bool(served) == (mod is m)  # only the folded stem runs the fused op
+            outs.append((z, mod.conv1.weight.grad))
+        assert_close_ratio(f"step {step} output", outs[0][0], outs[2][0], outs[1][0])
+        assert_close_ratio(f"step {step} grad", outs[0][1], outs[2][1], outs[1][1])
 
 
 def test_bad_activation_names_raise():

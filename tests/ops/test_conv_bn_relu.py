@@ -34,5 +34,6 @@ def test_running_stats_after_several_steps() -> None:
 
 
 @pytest.mark.parametrize("training, grad", MODES)
-def test_reference_nan_and_inf_as_eager(training: bool, grad: bool) -> None:
-    check_nonfinite(Case(residual=True), torch.float32, training, grad, "reference")
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_reference_nan_and_inf_as_eager(training: bool, grad: bool, act: str) -> None:
+    check_nonfinite(Case(residual=True, act=act), torch.float32, training, grad, "reference")

@@ -415,18 +415,23 @@ def _silu_g(dz_ptr, res_ptr, d, scale, beta, idx, mask, g_ptr, HAS_RES: tl.const
     return tl.where(mask, _cast_out(g, g_ptr).to(tl.float32), 0.0)
 
 
-def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool) -> str | None:
+def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool,
+                   silu: bool = False) -> str | None:
     """Why a _bn_bwd_reduce_kernel tile is not offered: with SECOND (five elementwise fp32
-    accumulators) tiles of 32 elements per thread spill on sm_80 and sm_90 (compile check);
-    None where it is offered."""
-    if second and block_m * block_k >= 32 * 32 * warps:
-        return "32 elements per thread with the second BN's sums spill registers"
+    accumulators) tiles of 32 elements per thread spill on sm_80 and sm_90, with SILU (y, the
+    residual, dz and v's sigmoid per element) on sm_90 and sit at 255 registers on sm_80
+    (compile check); None where it is offered."""
+    if block_m * block_k >= 32 * 32 * warps:
+        if second:
+            return "32 elements per thread with the second BN's sums spill registers"
+        if silu:
+            return "32 elements per thread with SiLU's recomputed pre-activation spill registers"
     return None
 
 
 def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop the tiles that spill for this (launcher-chosen) BLOCK_K and SECOND."""
-    problem = (kwargs["BLOCK_K"], bool(kwargs.get("SECOND")))
+    """Drop the tiles that spill for this (launcher-chosen) BLOCK_K, SECOND and SILU."""
+    problem = (kwargs["BLOCK_K"], bool(kwargs.get("SECOND")), bool(kwargs.get("SILU")))
     kept = [c for c in configs
             if _reduce_spills(c.kwargs["BLOCK_M"], c.num_warps, *problem) is None]
     return kept or configs
@@ -1190,7 +1195,7 @@ def compile_specs() -> list[CompileSpec]:
     def pruned(name: str, bm: int, w: int, bk: int, dtype: torch.dtype,
                flags: dict[str, bool]) -> dict[int, str]:
         if name == "bn_bwd_reduce":
-            why = _reduce_spills(bm, w, bk, flags["SECOND"])
+            why = _reduce_spills(bm, w, bk, flags["SECOND"], flags.get("SILU", False))
             return {cc: why for cc in TARGETS} if why else {}
         if name != "bn_bwd_dx":
             return {}

@@ -139,9 +139,7 @@ def run_fused(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Tensor | None
     use_batch_stats, momentum = bn_momentum(bn)
     group = sync_group(bn)
     if group is not None:  # SyncBatchNorm in training: statistics over the process group
-        if name == "silu":
-            raise NotImplementedError(f"cannot fuse {_SYNC_SILU}")
-        return sync_conv_bn_relu(conv, bn, x, residual, name == "relu", momentum, group)
+        return sync_conv_bn_relu(conv, bn, x, residual, name, momentum, group)
     track = not bn.training or bn.track_running_stats
     return conv_bn_relu(
         x,
@@ -163,10 +161,6 @@ def run_fused(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Tensor | None
     )
 
 
-# The cross-process path (sync_conv_bn) applies ReLU or nothing.
-_SYNC_SILU = "SiLU after a SyncBatchNorm is not fused (its cross-process path applies ReLU only)"
-
-
 def fusable_reason(conv: nn.Module, bn: nn.Module, act: str | None = "relu") -> str | None:
     """None if ``conv`` → ``bn`` (→ activation ``act``) can run as :class:`ConvBNReLU`
     exactly, else why not."""
@@ -176,8 +170,6 @@ def fusable_reason(conv: nn.Module, bn: nn.Module, act: str | None = "relu") -> 
     if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not frozen:
         return (f"{type(bn).__name__} is not a plain nn.BatchNorm2d, nn.SyncBatchNorm or "
                 "FrozenBatchNorm2d")
-    if act == "silu" and type(bn) is nn.SyncBatchNorm:
-        return _SYNC_SILU
     if conv.padding_mode != "zeros":
         return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
     if isinstance(conv.padding, str):

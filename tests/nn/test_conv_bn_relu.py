@@ -166,6 +166,38 @@ def test_stem_folds_silu():
         assert_close_ratio(f"step {step} grad", outs[0][1], outs[2][1], outs[1][1])
 
 
+class _WithResidual(nn.Module):
+    def __init__(self, inner: nn.Module, residual: torch.Tensor | None) -> None:
+        super().__init__()
+        self.inner, self.residual = inner, residual
+
+    def forward(self, x):
+        return self.inner(x, self.residual) if self.residual is not None else self.inner(x)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_silu_saves_y_and_the_residual_not_z(residual: bool):
+    """SiLU's backward recomputes its input from the raw y (and the residual): it saves the
+    residual instead of z. Without a residual that is one activation less than ReLU's (x, y, z)
+    and than eager conv → BN → SiLU (x, y and SiLU's input); with one, as many."""
+    from fastres.benchmark.memory import saved_bytes
+
+    x = torch.randn(4, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    act = 4 * 16 * 10 * 10 * 4  # one fp32 activation
+    r = torch.randn(4, 16, 10, 10).contiguous(memory_format=torch.channels_last)
+    r = r if residual else None
+    saved = {}
+    for name in ("relu", "silu"):
+        m = ConvBNReLU(8, 16, 3, padding=1, act=name).train()
+        saved[name] = saved_bytes(_WithResidual(m, r), x)
+    eager = nn.Sequential(m.conv, m.bn, nn.SiLU()).train()
+    vectors = 2 * 16 * 4  # the fp32 batch mean and variance
+    assert saved["silu"] == x.nbytes + act * (1 + residual) + vectors
+    assert saved["relu"] - saved["silu"] == (0 if residual else act)
+    if not residual:
+        assert saved_bytes(eager, x) - saved["silu"] == act
+
+
 def test_bad_activation_names_raise():
     with pytest.raises(ValueError, match="unsupported activation 'gelu'.*relu, silu or none"):
         ConvBNReLU(4, 8, 3, act="gelu")

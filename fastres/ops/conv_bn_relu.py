@@ -235,8 +235,8 @@ def _bwd_impl(
     """Returns ``(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual)``, empty where not asked.
 
     ``z`` (the output) is given unless ``act`` is SiLU, whose gradient is recomputed from the
-    pre-activation y·scale + shift (+ residual) instead: ``bn_bias`` and ``residual`` are given
-    (where they exist) for SiLU only.
+    pre-activation (y − mean)·γ·invstd + β (+ residual) instead: ``bn_bias`` and ``residual`` are
+    given (where they exist) for SiLU only.
     """
     impl = backends.load(backend)
     backends.record("backward", impl.name, batch_stats=batch_stats, inference=False)
@@ -288,9 +288,9 @@ def _setup_context(ctx, inputs, output):
     stride, padding, dilation, groups, batch_stats, eps, act, _, backend = inputs[8:]
     z, y, mean, var = output
     if act == "silu":
-        # SiLU is not invertible: its gradient needs the pre-activation y·scale + shift
-        # (+ residual), recomputed from the raw y, β and the residual (a block input that is
-        # usually saved anyway, by the block's first conv), instead of z
+        # SiLU is not invertible: its gradient needs the pre-activation bn(y) (+ residual),
+        # recomputed from the raw y, β and the residual (a block input that is usually saved
+        # anyway, by the block's first conv), instead of z
         ctx.save_for_backward(x, weight, y, None, mean, var, bn_weight, bn_bias, residual)
     else:
         ctx.save_for_backward(x, weight, y, z, mean, var, bn_weight, None, None)

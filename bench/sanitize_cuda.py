@@ -78,7 +78,7 @@ def _labelled_cases(backend: str, dev: torch.device, dtype: torch.dtype):
             call = CallInfo(device=dev, dtype=dtype, x_shape=(n, c, h, w),
                             weight_shape=(k, c // groups, r, r),
                             conv=ConvParams((stride, stride), (padding, padding), (1, 1), groups),
-                            batch_stats=training, has_residual=has_res, relu=True)
+                            batch_stats=training, has_residual=has_res, act="relu")
             reason = backends.availability(backend, call)
             if reason is not None:
                 print(f"  skip {label}: {reason}")

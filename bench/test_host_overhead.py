@@ -60,7 +60,7 @@ def layer(system: str, mode: str):
         params = ConvParams(conv.stride, conv.padding, conv.dilation, conv.groups)
         return lambda: impl.forward(
             x, conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, None,
-            conv=params, batch_stats=train, eps=bn.eps, relu=True, save_for_backward=train,
+            conv=params, batch_stats=train, eps=bn.eps, act="relu", save_for_backward=train,
         )[0]
     if system == "eager":
         module = nn.Sequential(conv, bn, nn.ReLU())
@@ -118,7 +118,7 @@ def _call_info(x, conv, train):
         device=x.device, dtype=x.dtype, x_shape=tuple(x.shape),
         weight_shape=tuple(conv.weight.shape),
         conv=ConvParams(conv.stride, conv.padding, conv.dilation, conv.groups),
-        batch_stats=train, has_residual=False, relu=True,
+        batch_stats=train, has_residual=False, act="relu",
     )
 
 

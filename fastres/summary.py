@@ -165,12 +165,12 @@ class _Recorder(TorchDispatchMode):
             self._charge(2 * a.shape[0] * a.shape[1] * b.shape[1])
         elif func is torch.ops.fastres.conv_bn_relu_fwd.default:
             x, w, residual = args[0], args[1], args[7]
-            stride, padding, dilation, groups, batch_stats, _, relu = args[8:15]
+            stride, padding, dilation, groups, batch_stats, _, act = args[8:15]
             conv = ConvParams(tuple(stride), tuple(padding), tuple(dilation), groups)
             row = self._charge(_conv_flops(x.shape, w.shape, conv))
             call = CallInfo(device=self.device, dtype=self.dtype, x_shape=tuple(x.shape),
                             weight_shape=tuple(w.shape), conv=conv, batch_stats=batch_stats,
-                            has_residual=residual is not None, relu=relu)
+                            has_residual=residual is not None, act=act)
             backend = backends.select(call)
             row.fused[f"{backend} {kernel_name(call, backend)}"] += 1
         elif func is torch.ops.fastres.residual_block_fwd.default:
@@ -194,7 +194,7 @@ class _Recorder(TorchDispatchMode):
             row = self._charge(_conv_flops(x_shape, w.shape, conv))
             call = CallInfo(device=self.device, dtype=self.dtype, x_shape=x_shape,
                             weight_shape=tuple(w.shape), conv=conv, batch_stats=batch_stats,
-                            has_residual=False, relu=True)
+                            has_residual=False, act="relu")
             backend = backends.select(call)
             row.fused[f"{backend} {kernel_name(call, backend)}"] += 1
 

@@ -76,10 +76,11 @@ class _TF32Conv2d(torch.autograd.Function):
 def eager_conv_bn_relu(
     x, weight, bn_weight, bn_bias, running_mean, running_var, *, bias=None, training,
     momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, groups=1, residual=None, relu=True,
-    tf32=False,
+    act=None, tf32=False,
 ):
     """Plain PyTorch, the definition of the fused op (batch stats when running stats are None).
 
+    ``act`` ("relu", "silu", "none") overrides ``relu`` as in ``fastres.ops.conv_bn_relu``.
     ``tf32``: fp32 convolutions with TF32 operands (see ``_TF32Conv2d``)."""
     if tf32:
         y = _TF32Conv2d.apply(x, weight, bias, stride, padding, dilation, groups)
@@ -91,7 +92,8 @@ def eager_conv_bn_relu(
     )
     if residual is not None:
         y = y + residual
-    return F.relu(y) if relu else y
+    act = ("relu" if relu else "none") if act is None else act
+    return {"relu": F.relu, "silu": F.silu, "none": lambda t: t}[act](y)
 
 
 def merge_partials(

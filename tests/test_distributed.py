@@ -159,3 +159,57 @@ def test_fused_sync_batchnorm_on_cuda():
     backend = "nccl" if torch.cuda.device_count() >= WORLD and dist.is_nccl_available() \
         else "gloo"
     mp.spawn(sync_bn_worker, args=(free_port(), "cuda", backend), nprocs=WORLD, join=True)
+
+
+def sync_silu_worker(rank: int, port: int) -> None:
+    """ConvBNReLU(act="silu") over a SyncBatchNorm, each rank on its half of one batch, with a
+    residual: the plain conv → BatchNorm2d → + residual → SiLU on the whole batch, in fp32 and
+    float64: outputs, input and residual gradients, summed parameter gradients, running
+    statistics."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)  # the same modules and whole batch on every rank
+        conv, bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.SyncBatchNorm(8)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+        plain = nn.BatchNorm2d(8)
+        plain.load_state_dict(bn.state_dict())
+        x, res = torch.randn(2 * WORLD, 3, 9, 9), torch.randn(2 * WORLD, 8, 9, 9)
+        dz = torch.randn(2 * WORLD, 8, 9, 9)
+        shard = slice(2 * rank, 2 * rank + 2)
+        results = []
+        for dt in (torch.float32, torch.float64):
+            pair = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(plain)).to(dt).train()
+            xs, rs = (t.to(dt, copy=True).requires_grad_() for t in (x, res))
+            z = nn.functional.silu(pair(xs) + rs)
+            z.backward(dz.to(dt))
+            results.append((z[shard], xs.grad[shard], rs.grad[shard], pair))
+        fused = fastres.nn.ConvBNReLU.from_modules(conv, bn, act="silu").train()
+        xs, rs = x[shard].clone().requires_grad_(), res[shard].clone().requires_grad_()
+        with fastres.backends.record_calls() as served:
+            z = fused(xs, rs)
+        assert not served  # the cross-process path, not the single-process op
+        z.backward(dz[shard])
+        for p in (conv.weight, bn.weight, bn.bias):
+            dist.all_reduce(p.grad)  # each rank's gradient is its shard's part of the sum
+        (base_z, base_dx, base_dr, base), (ref_z, ref_dx, ref_dr, ref) = results
+        where = f"rank {rank}"
+        assert_close_ratio(f"{where} output", z, ref_z, base_z)
+        assert_close_ratio(f"{where} x.grad", xs.grad, ref_dx, base_dx)
+        assert_close_ratio(f"{where} residual.grad", rs.grad, ref_dr, base_dr)
+        for name, mine in (("0.weight", conv.weight), ("1.weight", bn.weight),
+                           ("1.bias", bn.bias)):
+            assert_close_ratio(f"{where} {name}.grad", mine.grad, ref.get_parameter(name).grad,
+                               base.get_parameter(name).grad)
+        for name in ("running_mean", "running_var"):
+            assert_close_ratio(f"{where} {name}", getattr(bn, name), getattr(ref[1], name),
+                               getattr(base[1], name))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fused_sync_batchnorm_with_silu_matches_plain_bn_on_the_whole_batch():
+    mp.spawn(sync_silu_worker, args=(free_port(),), nprocs=WORLD, join=True)

@@ -1,6 +1,7 @@
 """The contract every backend implements.
 
-A backend computes the whole fused op ``relu(bn(conv(x)) + residual)`` forward and backward.
+A backend computes the whole fused op ``act(bn(conv(x)) + residual)`` forward and backward, where
+``act`` is ``"relu"``, ``"silu"`` or None (no activation).
 The op layer (:mod:`fastres.ops.conv_bn_relu`) validates arguments, converts layouts and dtypes,
 updates BN running statistics, and picks the backend; a backend only computes.
 
@@ -52,7 +53,11 @@ class CallInfo:
     conv: ConvParams
     batch_stats: bool
     has_residual: bool
-    relu: bool
+    act: str | None  # "relu", "silu" or None
+
+    @property
+    def relu(self) -> bool:
+        return self.act == "relu"
 
 
 class Backend(Protocol):
@@ -75,10 +80,10 @@ class Backend(Protocol):
         conv: ConvParams,
         batch_stats: bool,
         eps: float,
-        relu: bool,
+        act: str | None,
         save_for_backward: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Return ``(z, y, mean, var)``.
+        """Return ``(z, y, mean, var)``: z = act(v), v = bn(y) + residual the pre-activation.
 
         ``y`` is the raw conv output (+bias) when ``save_for_backward``; otherwise an empty tensor
         (eval inference then runs one fused kernel). ``mean``/``var`` are the batch statistics
@@ -91,15 +96,17 @@ class Backend(Protocol):
         x: Tensor,
         weight: Tensor,
         y: Tensor,
-        z: Tensor,
+        z: OptTensor,
         mean: Tensor,
         var: Tensor,
         bn_weight: OptTensor,
         *,
+        bn_bias: OptTensor,
+        residual: OptTensor,
         conv: ConvParams,
         batch_stats: bool,
         eps: float,
-        relu: bool,
+        act: str | None,
         has_bias: bool,
         output_mask: tuple[bool, bool, bool, bool, bool, bool],
     ) -> tuple[OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor]:
@@ -107,7 +114,11 @@ class Backend(Protocol):
 
         ``dz`` is channels_last contiguous. An entry is None where ``output_mask`` is False.
         ``dbn_weight``/``dbn_bias`` are fp32 (the op layer casts them to the parameters' dtype).
-        With batch statistics: g = dz·[z>0]; dβ = Σg; dγ = Σg·ŷ;
+        g = dz·act'(v): dz itself without activation; dz·[z>0] for ReLU (``z`` is the output,
+        given unless ``act`` is SiLU); for SiLU dz·s·(1 + v·(1 − s)), s = sigmoid(v), with
+        v = y·scale + shift (+ residual) recomputed from the raw ``y``, the statistics, γ, β
+        (``bn_bias``) and the ``residual`` (both given for SiLU only; SiLU is not invertible, so
+        z alone cannot give v). With batch statistics: dβ = Σg; dγ = Σg·ŷ;
         dy = γ·invstd·(g − mean(g) − ŷ·mean(g·ŷ)); dresidual = g; then conv dgrad/wgrad of dy.
         With running statistics dy = γ·invstd·g.
         """

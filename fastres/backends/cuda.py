@@ -135,6 +135,9 @@ class CudaBackend:
             return f"the cuda backend supports float32, float16 and bfloat16, not {call.dtype}"
         if why := device_reason(call.device, call.dtype):
             return why
+        if call.act not in (None, "relu"):
+            return (f"the cuda kernels apply ReLU or no activation, not {call.act} "
+                    "(the triton and reference backends fuse SiLU)")
         _, _, reason = plan(call.x_shape, call.weight_shape, call.conv, call.dtype)
         if reason is not None:
             return f"the cuda kernels cannot run this convolution: {reason}"
@@ -164,8 +167,10 @@ class CudaBackend:
 
     def forward(
         self, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *,
-        conv, batch_stats, eps, relu, save_for_backward,
+        conv, batch_stats, eps, act, save_for_backward,
     ):
+        assert act in (None, "relu"), f"cuda backend: activation {act} (see unsupported_reason)"
+        relu = act == "relu"
         k = weight.shape[0]
         if batch_stats:
             y, partials = self._conv(x, weight, bias, conv, stats=True)
@@ -196,8 +201,10 @@ class CudaBackend:
 
     def backward(
         self, dz, x, weight, y, z, mean, var, bn_weight, *,
-        conv, batch_stats, eps, relu, has_bias, output_mask,
+        bn_bias, residual, conv, batch_stats, eps, act, has_bias, output_mask,
     ):
+        assert act in (None, "relu"), f"cuda backend: activation {act} (see unsupported_reason)"
+        relu = act == "relu"
         k = weight.shape[0]
         dy = _alloc.empty_like(y)
         dres = _alloc.empty_like(dz) if output_mask[5] else dz.new_empty(0)
@@ -237,7 +244,7 @@ def _key(call: CallInfo) -> str:
         for v in (
             torch.cuda.get_device_name(call.device), str(call.dtype).split(".")[-1],
             call.x_shape, call.weight_shape, c.stride, c.padding, c.dilation, c.groups,
-            "train" if call.batch_stats else "eval", call.has_residual, call.relu,
+            "train" if call.batch_stats else "eval", call.has_residual, call.act,
         )
     )
 

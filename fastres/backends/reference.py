@@ -68,6 +68,23 @@ def bn_relu_backward(
     return g, dy, dgamma, dbeta
 
 
+_ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
+
+
+def _bn_output(y: Tensor, mean: Tensor, var: Tensor, bn_weight: OptTensor, bn_bias: OptTensor,
+               eps: float) -> Tensor:
+    """bn(y) from the statistics used, computed in fp32 (fp64 for fp64) and rounded to y's
+    dtype, as BatchNorm computes and stores it."""
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    shape = (1, -1, 1, 1)
+    out = (y.to(acc) - mean.to(acc).view(shape)) * torch.rsqrt(var.to(acc) + eps).view(shape)
+    if bn_weight is not None:
+        out = out * bn_weight.to(acc).view(shape)
+    if bn_bias is not None:
+        out = out + bn_bias.to(acc).view(shape)
+    return out.to(y.dtype)
+
+
 class ReferenceBackend:
     name = "reference"
 
@@ -179,7 +196,7 @@ class ReferenceBackend:
 
     def forward(
         self, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *,
-        conv, batch_stats, eps, relu, save_for_backward,
+        conv, batch_stats, eps, act, save_for_backward,
     ):
         y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         y = y.contiguous(memory_format=CL)
@@ -191,8 +208,8 @@ class ReferenceBackend:
             z = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
         if residual is not None:
             z = z + residual
-        if relu:
-            z = F.relu(z)
+        if act is not None:
+            z = _ACTIVATIONS[act](z)
         z = z.contiguous(memory_format=CL)
         if not save_for_backward:
             y = y.new_empty(0)
@@ -200,11 +217,18 @@ class ReferenceBackend:
 
     def backward(
         self, dz, x, weight, y, z, mean, var, bn_weight, *,
-        conv, batch_stats, eps, relu, has_bias, output_mask,
+        bn_bias, residual, conv, batch_stats, eps, act, has_bias, output_mask,
     ):
+        if act == "silu":
+            # as eager autograd: F.silu's backward at its input, the BN output (+ residual) in
+            # y's dtype, here recomputed from the raw y and the statistics
+            pre = _bn_output(y, mean, var, bn_weight, bn_bias, eps)
+            if residual is not None:
+                pre = pre + residual
+            dz = torch.ops.aten.silu_backward(dz, pre)
         g, dy, dgamma, dbeta = bn_relu_backward(
             dz, y, z, mean, var, bn_weight,
-            batch_stats=batch_stats, eps=eps, relu=relu, need_gamma=output_mask[3],
+            batch_stats=batch_stats, eps=eps, relu=act == "relu", need_gamma=output_mask[3],
         )
         dx, dw, db = conv_backward(dy.to(x.dtype), x, weight, conv, has_bias, output_mask)
         return (

@@ -331,7 +331,8 @@ class LayerBench:
             device=device, dtype=dtype, x_shape=(s.n, s.c, s.h, s.w),
             weight_shape=tuple(self.weight.shape),
             conv=fastres_backends.ConvParams(s.stride, s.padding, s.dilation, s.groups),
-            batch_stats=training, has_residual=self.epilogue.residual, relu=self.epilogue.relu,
+            batch_stats=training, has_residual=self.epilogue.residual,
+            act="relu" if self.epilogue.relu else None,
         )
 
     def _step(self, core: Callable) -> Callable[[dict], object]:

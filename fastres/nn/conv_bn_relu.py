@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..ops import conv_bn_relu
+from ..ops.conv_bn_relu import activation
 from .sync_conv_bn import sync_conv_bn_relu, sync_group
 
 Tensor = torch.Tensor
@@ -96,26 +97,6 @@ class ConvBNReLU(nn.Module):
         return f"act={self.act}"
 
 
-# Activations the fused ops apply after the BN (and the residual add); None: none.
-ACTIVATIONS = ("relu", "silu")
-
-
-def activation(relu: bool = True, act: str | None = None) -> str | None:
-    """The activation name from the ``relu`` flag and an optional ``act`` name, which wins:
-    ``"relu"``, ``"silu"``, or None for none (``act="none"`` or ``"identity"`` too)."""
-    if act is None:
-        return "relu" if relu else None
-    if not isinstance(act, str):
-        raise TypeError(f"act must be a str or None, got {type(act).__name__}")
-    name = act.lower()
-    if name in ("none", "identity"):
-        return None
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {act!r}; fastres fuses "
-                         f"{', '.join(ACTIVATIONS)} or none")
-    return name
-
-
 def activation_of(module: nn.Module | None) -> tuple[str | None, str | None]:
     """``(activation name, None)`` for an activation module the fused ops apply exactly
     (``nn.ReLU``, ``nn.SiLU``; None or ``nn.Identity``: no activation), else ``(None, reason)``."""
@@ -149,18 +130,16 @@ def run_fused(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Tensor | None
     the parent's attributes, such as the fused stem's, are served too).
     """
     name = activation(relu, act)
-    if name == "silu":
-        raise NotImplementedError("conv_bn_relu: SiLU is not fused yet")
-    relu = name == "relu"
+    act = name or "none"
     if is_frozen_bn(bn):
         return conv_bn_relu(
             x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bias=conv.bias,
             training=False, eps=bn.eps, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, residual=residual, relu=relu)
+            dilation=conv.dilation, groups=conv.groups, residual=residual, act=act)
     use_batch_stats, momentum = bn_momentum(bn)
     group = sync_group(bn)
     if group is not None:  # SyncBatchNorm in training: statistics over the process group
-        return sync_conv_bn_relu(conv, bn, x, residual, relu, momentum, group)
+        return sync_conv_bn_relu(conv, bn, x, residual, name, momentum, group)
     track = not bn.training or bn.track_running_stats
     return conv_bn_relu(
         x,
@@ -178,7 +157,7 @@ def run_fused(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Tensor | None
         dilation=conv.dilation,
         groups=conv.groups,
         residual=residual,
-        relu=relu,
+        act=act,
     )
 
 
@@ -191,8 +170,6 @@ def fusable_reason(conv: nn.Module, bn: nn.Module, act: str | None = "relu") -> 
     if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not frozen:
         return (f"{type(bn).__name__} is not a plain nn.BatchNorm2d, nn.SyncBatchNorm or "
                 "FrozenBatchNorm2d")
-    if act == "silu":
-        return "SiLU is not fused yet"
     if conv.padding_mode != "zeros":
         return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
     if isinstance(conv.padding, str):

@@ -1,4 +1,4 @@
-"""Conv2d → SyncBatchNorm (+ residual) (→ ReLU) in training across processes.
+"""Conv2d → SyncBatchNorm (+ residual) (→ ReLU or SiLU) in training across processes.
 
 Same function as ``nn.SyncBatchNorm`` after the conv: batch statistics over the whole batch of
 every process in the group, running statistics updated from them, gradients as PyTorch's
@@ -11,7 +11,7 @@ group's sums). Communication is one collective per layer each way:
 * backward: one ``all_reduce`` of the per-channel ``(Σg, Σg·ŷ)``.
 
 Computed with PyTorch operations (the convolution and its backward through ATen, statistics and
-the affine/ReLU epilogue in fp32): the Triton and CUDA kernels of the single-process op do not
+the affine/activation epilogue in fp32): the Triton and CUDA kernels of the single-process op do not
 serve the cross-process case yet. It runs wherever ``torch.distributed`` does, on CPU with gloo
 too (where PyTorch's own SyncBatchNorm refuses to train).
 """
@@ -56,7 +56,7 @@ def _merge(gathered: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 class _SyncConvBNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
-                momentum, eps, stride, padding, dilation, groups, relu, group):
+                momentum, eps, stride, padding, dilation, groups, act, group):
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         yf = y.float()
         k = y.shape[1]
@@ -75,23 +75,34 @@ class _SyncConvBNReLU(torch.autograd.Function):
         z = yf * _per_channel(scale) + _per_channel(shift)
         if residual is not None:
             z = z + residual.float()
-        if relu:
+        if act == "relu":
             z = torch.relu(z)
+        elif act == "silu":
+            z = F.silu(z)
         z = z.to(y.dtype).contiguous(memory_format=CL)
-        ctx.save_for_backward(x, weight, y, z, mean, invstd, count, bn_weight)
+        # SiLU's gradient needs its input, recomputed from y, β and the residual (not from z)
+        saved = (None, bn_bias, residual) if act == "silu" else (z, None, None)
+        ctx.save_for_backward(x, weight, y, mean, invstd, count, bn_weight, *saved)
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.has_bias, ctx.relu, ctx.group = bias is not None, relu, group
+        ctx.has_bias, ctx.act, ctx.group = bias is not None, act, group
         ctx.affine_dtypes = tuple(None if t is None else t.dtype for t in (bn_weight, bn_bias))
         return z
 
     @staticmethod
     def backward(ctx, dz):
-        x, weight, y, z, mean, invstd, count, bn_weight = ctx.saved_tensors
+        x, weight, y, mean, invstd, count, bn_weight, z, bn_bias, residual = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g = dz.float()
-        if ctx.relu:
-            g = g * (z > 0)
         y_hat = (y.float() - _per_channel(mean)) * _per_channel(invstd)
+        if ctx.act == "relu":
+            g = g * (z > 0)
+        elif ctx.act == "silu":
+            v = y_hat if bn_weight is None else y_hat * _per_channel(bn_weight.float())
+            if bn_bias is not None:
+                v = v + _per_channel(bn_bias.float())
+            if residual is not None:
+                v = v + residual.float()
+            g = torch.ops.aten.silu_backward(g, v)
         sum_g, sum_g_yhat = g.sum(CHANNEL_DIMS), (g * y_hat).sum(CHANNEL_DIMS)
         # γ/β gradients from this process' shard only: DDP averages them, as with SyncBatchNorm
         dgamma = sum_g_yhat.to(ctx.affine_dtypes[0]) if needs[3] else None
@@ -114,8 +125,9 @@ class _SyncConvBNReLU(torch.autograd.Function):
 
 
 def sync_conv_bn_relu(conv: nn.Conv2d, bn: nn.SyncBatchNorm, x: Tensor, residual: Tensor | None,
-                      relu: bool, momentum: float | Tensor, group) -> Tensor:
-    """``relu(sync_bn(conv(x)) + residual)`` in training over ``group`` (see the module doc).
+                      act: str | None, momentum: float | Tensor, group) -> Tensor:
+    """``act(sync_bn(conv(x)) + residual)`` in training over ``group`` (see the module doc);
+    ``act`` is ``"relu"``, ``"silu"`` or None.
 
     ``momentum`` is the factor :func:`fastres.nn.conv_bn_relu.bn_momentum` computed (which also
     advanced ``num_batches_tracked``).
@@ -133,7 +145,7 @@ def sync_conv_bn_relu(conv: nn.Conv2d, bn: nn.SyncBatchNorm, x: Tensor, residual
         return _SyncConvBNReLU.apply(
             x, weight, bias, bn.weight, bn.bias, residual,
             bn.running_mean if track else None, bn.running_var if track else None,
-            momentum, bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, relu, group)
+            momentum, bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, act, group)
 
 
 __all__ = ["sync_conv_bn_relu", "sync_group"]

@@ -43,7 +43,7 @@ def time_backend(name: str, call: CallInfo, reps: int = 10) -> float:
             z = conv_bn_relu(
                 x, wt, gamma, beta, rm, rv, training=train, stride=call.conv.stride,
                 padding=call.conv.padding, dilation=call.conv.dilation, groups=call.conv.groups,
-                residual=res, relu=call.relu, backend=name,
+                residual=res, act=call.act or "none", backend=name,
             )
             if train:
                 z.sum().backward()

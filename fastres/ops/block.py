@@ -209,7 +209,7 @@ def _validate(x: Tensor, weights: Sequence[Tensor], norms: Sequence[NormArgs],
 def _call_info(x: Tensor, weight: Tensor, conv: ConvParams, batch_stats: bool) -> CallInfo:
     return CallInfo(device=x.device, dtype=x.dtype, x_shape=tuple(x.shape),
                     weight_shape=tuple(weight.shape), conv=conv, batch_stats=batch_stats,
-                    has_residual=True, relu=True)
+                    has_residual=True, act="relu")
 
 
 def block_backend(x: Tensor, weight: Tensor, conv: ConvParams, *, training: bool,

@@ -1,4 +1,4 @@
-"""``conv_bn_relu``: conv2d → batch_norm → (+ residual) → (ReLU) as one autograd-aware op.
+"""``conv_bn_relu``: conv2d → batch_norm → (+ residual) → (ReLU or SiLU) as one autograd-aware op.
 
 Stack, top to bottom:
 
@@ -26,6 +26,25 @@ T = TypeVar("T")
 CL = torch.channels_last
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)
+
+# Activations the fused op applies after the BN and the residual add (None: none).
+ACTIVATIONS = ("relu", "silu")
+
+
+def activation(relu: bool = True, act: str | None = None) -> str | None:
+    """The activation name from the ``relu`` flag and an optional ``act`` name, which wins:
+    ``"relu"``, ``"silu"``, or None for none (``act="none"`` or ``"identity"`` too)."""
+    if act is None:
+        return "relu" if relu else None
+    if not isinstance(act, str):
+        raise TypeError(f"act must be a str or None, got {type(act).__name__}")
+    name = act.lower()
+    if name in ("none", "identity"):
+        return None
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {act!r}; fastres fuses "
+                         f"{', '.join(ACTIVATIONS)} or none")
+    return name
 
 
 def _pair(name: str, v: int | Sequence[int], minimum: int) -> tuple[int, int]:
@@ -157,7 +176,7 @@ def _fwd_impl(
     groups: int,
     batch_stats: bool,
     eps: float,
-    relu: bool,
+    act: str | None,
     save_for_backward: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -170,7 +189,7 @@ def _fwd_impl(
         return impl.forward(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
             conv=_params(stride, padding, dilation, groups),
-            batch_stats=batch_stats, eps=eps, relu=relu, save_for_backward=save_for_backward,
+            batch_stats=batch_stats, eps=eps, act=act, save_for_backward=save_for_backward,
         )
 
 
@@ -181,7 +200,7 @@ conv_bn_relu_fwd = torch.library.custom_op(
 
 @conv_bn_relu_fwd.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-      dilation, groups, batch_stats, eps, relu, save_for_backward, backend):
+      dilation, groups, batch_stats, eps, act, save_for_backward, backend):
     n, _, h, w = x.shape
     k, _, r, s = weight.shape
     oh, ow = _params(stride, padding, dilation, groups).out_hw(h, w, r, s)
@@ -196,29 +215,36 @@ def _bwd_impl(
     x: Tensor,
     weight: Tensor,
     y: Tensor,
-    z: Tensor,
+    z: Tensor | None,
     mean: Tensor,
     var: Tensor,
     bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    residual: Tensor | None,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
     groups: int,
     batch_stats: bool,
     eps: float,
-    relu: bool,
+    act: str | None,
     has_bias: bool,
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual)``, empty where not asked."""
+    """Returns ``(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual)``, empty where not asked.
+
+    ``z`` (the output) is given unless ``act`` is SiLU, whose gradient is recomputed from the
+    pre-activation (y − mean)·γ·invstd + β (+ residual) instead: ``bn_bias`` and ``residual`` are
+    given (where they exist) for SiLU only.
+    """
     impl = backends.load(backend)
     backends.record("backward", impl.name, batch_stats=batch_stats, inference=False)
     with _on_device_of(dz):
         grads = impl.backward(
             dz, x, weight, y, z, mean, var, bn_weight,
-            conv=_params(stride, padding, dilation, groups),
-            batch_stats=batch_stats, eps=eps, relu=relu, has_bias=has_bias,
+            bn_bias=bn_bias, residual=residual, conv=_params(stride, padding, dilation, groups),
+            batch_stats=batch_stats, eps=eps, act=act, has_bias=has_bias,
             output_mask=tuple(output_mask),
         )
     # custom ops return fresh tensors, never None, with the strides the fake kernel promises
@@ -240,8 +266,8 @@ conv_bn_relu_bwd = torch.library.custom_op(
 
 
 @conv_bn_relu_bwd.register_fake
-def _(dz, x, weight, y, z, mean, var, bn_weight, stride, padding, dilation, groups, batch_stats,
-      eps, relu, has_bias, output_mask, backend):
+def _(dz, x, weight, y, z, mean, var, bn_weight, bn_bias, residual, stride, padding, dilation,
+      groups, batch_stats, eps, act, has_bias, output_mask, backend):
     k = weight.shape[0]
     shapes = [
         lambda: torch.empty_like(x),
@@ -258,14 +284,21 @@ def _(dz, x, weight, y, z, mean, var, bn_weight, stride, padding, dilation, grou
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, bn_weight, bn_bias = inputs[:5]
-    stride, padding, dilation, groups, batch_stats, eps, relu, _, backend = inputs[8:]
+    residual = inputs[7]
+    stride, padding, dilation, groups, batch_stats, eps, act, _, backend = inputs[8:]
     z, y, mean, var = output
-    ctx.save_for_backward(x, weight, y, z, mean, var, bn_weight)
+    if act == "silu":
+        # SiLU is not invertible: its gradient needs the pre-activation bn(y) (+ residual),
+        # recomputed from the raw y, β and the residual (a block input that is usually saved
+        # anyway, by the block's first conv), instead of z
+        ctx.save_for_backward(x, weight, y, None, mean, var, bn_weight, bn_bias, residual)
+    else:
+        ctx.save_for_backward(x, weight, y, z, mean, var, bn_weight, None, None)
     # only z is differentiable (the backward ignores grads of y / mean / var): no zero-filled
     # grads for them, and the running-stats update on mean / var records no graph
     ctx.mark_non_differentiable(y, mean, var)
     ctx.set_materialize_grads(False)
-    ctx.args = (list(stride), list(padding), list(dilation), groups, batch_stats, eps, relu)
+    ctx.args = (list(stride), list(padding), list(dilation), groups, batch_stats, eps, act)
     ctx.has_bias = bias is not None
     ctx.backend = backend
     ctx.bn_dtypes = (
@@ -275,15 +308,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dz, dy_unused, dmean_unused, dvar_unused):
-    x, weight, y, z, mean, var, bn_weight = ctx.saved_tensors
+    x, weight, y, z, mean, var, bn_weight, bn_bias, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
     # inputs: x weight bias bn_weight bn_bias running_mean running_var residual ...
     mask = [needs[0], needs[1], needs[2], needs[3], needs[4], needs[7]]
     if dz is None or not any(mask):
         return (None,) * 17
     dz = dz.contiguous(memory_format=CL)
-    args = (dz, x, weight, y, z, mean, var, bn_weight, *ctx.args, ctx.has_bias, mask, ctx.backend)
-    grads = call_op(conv_bn_relu_bwd, _bwd_impl, args, args[:8])
+    args = (dz, x, weight, y, z, mean, var, bn_weight, bn_bias, residual, *ctx.args,
+            ctx.has_bias, mask, ctx.backend)
+    grads = call_op(conv_bn_relu_bwd, _bwd_impl, args, args[:10])
     dx, dw, db, dgamma, dbeta, dres = (g if m else None for g, m in zip(grads, mask))
     if dgamma is not None:
         dgamma = dgamma.to(ctx.bn_dtypes[0])
@@ -340,9 +374,10 @@ def conv_bn_relu(
     groups: int = 1,
     residual: Tensor | None = None,
     relu: bool = True,
+    act: str | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """Exactly ``relu(batch_norm(conv2d(x, weight, bias)) + residual)``, fused.
+    """Exactly ``act(batch_norm(conv2d(x, weight, bias)) + residual)``, fused.
 
     Same semantics as::
 
@@ -350,6 +385,9 @@ def conv_bn_relu(
         y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
         if residual is not None: y = y + residual
         if relu: y = F.relu(y)
+
+    ``act`` names the activation instead and overrides ``relu`` when given: ``"relu"``,
+    ``"silu"`` (``F.silu``) or ``"none"`` (see :func:`activation`).
 
     except that batch statistics are also used in eval when the running statistics are None (as
     ``nn.BatchNorm2d(track_running_stats=False)`` does), and the result is channels_last. In
@@ -375,9 +413,10 @@ def conv_bn_relu(
             return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
 
         x, weight, bias, residual = cast(x), cast(weight), cast(bias), cast(residual)
+    act = activation(relu, act)
     call, count = _checked(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-        (stride, padding, dilation, groups), bool(training), bool(relu),
+        (stride, padding, dilation, groups), bool(training), act,
     )
     name = backends.select(call, backend)
     x = x.contiguous(memory_format=CL)
@@ -388,7 +427,7 @@ def conv_bn_relu(
     )
     args = (
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-        stride, padding, dilation, groups, call.batch_stats, float(eps), bool(relu), save, name,
+        stride, padding, dilation, groups, call.batch_stats, float(eps), act, save, name,
     )
     if save and not torch.compiler.is_compiling():
         z, _, mean, var = _ConvBNReLUFunction.apply(*args)
@@ -435,27 +474,27 @@ def checked_once(cache: dict, make_key: Callable[[], Hashable], check: Callable[
 
 
 def _checked(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv_args,
-             training: bool, relu: bool) -> tuple[CallInfo, int]:
+             training: bool, act: str | None) -> tuple[CallInfo, int]:
     """Check the arguments once per call signature (:func:`checked_once`): ``(call, N·OH·OW)``.
 
     The key: each tensor's shape, dtype and device (or its absence), the conv parameters,
-    ``training`` and ``relu``. The backend is chosen per call (:func:`fastres.backends.select`,
-    about a microsecond): the setting, the environment and a backend's availability may change
-    between calls.
+    ``training`` and the activation ``act``. The backend is chosen per call
+    (:func:`fastres.backends.select`, about a microsecond): the setting, the environment and a
+    backend's availability may change between calls.
     """
     return checked_once(
         _checked_calls,
         lambda: (
             _meta(x), _meta(weight), _meta(bias), _meta(bn_weight), _meta(bn_bias),
-            _meta(running_mean), _meta(running_var), _meta(residual), conv_args, training, relu,
+            _meta(running_mean), _meta(running_var), _meta(residual), conv_args, training, act,
         ),
         lambda: _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                            residual, conv_args, training, relu),
+                            residual, conv_args, training, act),
     )
 
 
 def _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                conv_args, training: bool, relu: bool) -> tuple[CallInfo, int]:
+                conv_args, training: bool, act: str | None) -> tuple[CallInfo, int]:
     conv = ConvParams(*conv_args)
     n, k, oh, ow = _validate(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, conv
@@ -469,7 +508,7 @@ def _check_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
         )
     call = CallInfo(
         device=x.device, dtype=x.dtype, x_shape=tuple(x.shape), weight_shape=tuple(weight.shape),
-        conv=conv, batch_stats=batch_stats, has_residual=residual is not None, relu=relu,
+        conv=conv, batch_stats=batch_stats, has_residual=residual is not None, act=act,
     )
     return call, count
 
@@ -500,4 +539,6 @@ def update_running_stats(running_means: Sequence[Tensor], running_vars: Sequence
             rv.lerp_(var, m)
 
 
-__all__ = ["BackendUnavailableError", "conv_bn_relu", "update_running_stats"]
+__all__ = [
+    "ACTIVATIONS", "BackendUnavailableError", "activation", "conv_bn_relu", "update_running_stats",
+]

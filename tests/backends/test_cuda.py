@@ -194,7 +194,7 @@ def _call(device: str, dtype=torch.float16, groups=1, c=16, k=16, r=3, padding=1
     return CallInfo(
         device=torch.device(device), dtype=dtype, x_shape=(2, c, 9, 9),
         weight_shape=(k, c // groups, r, r), conv=conv, batch_stats=True, has_residual=False,
-        relu=True,
+        act="relu",
     )
 
 
@@ -208,6 +208,25 @@ def test_unsupported_dtype_reason():
     cuda = _cuda_backend()
     reason = cuda.CudaBackend().unsupported_reason(_call("cuda", dtype=torch.float64))
     assert reason is not None and "float64" in reason
+
+
+def test_silu_refused_with_reason_and_auto_serves_it_elsewhere(monkeypatch):
+    """The CUDA C++ kernels apply ReLU or nothing: SiLU is refused naming it, and ``auto``
+    never sends it there (with triton refusing too, it falls back to reference)."""
+    from fastres.backends import select
+    from fastres.backends.triton import TritonBackend
+
+    cuda = _cuda_backend()
+    relu_call = _call("cuda")
+    silu_call = dataclasses.replace(relu_call, act="silu")
+    assert cuda.CudaBackend().unsupported_reason(relu_call) is None
+    reason = cuda.CudaBackend().unsupported_reason(silu_call)
+    assert reason is not None and "silu" in reason and "triton and reference" in reason
+    with pytest.raises(BackendUnavailableError, match="silu"):
+        select(silu_call, "cuda")
+    monkeypatch.setattr(TritonBackend, "unsupported_reason", lambda self, call: "not here")
+    assert select(relu_call, "auto") == "cuda"
+    assert select(silu_call, "auto") == "reference"
 
 
 def test_unsupported_filter_reason():
@@ -378,7 +397,7 @@ def test_forward_backward_trace_with_fake_cuda_tensors(batch_stats, save, residu
         )
         z, y, mean, var = backend.forward(
             x, w, None, vec, vec, vec, vec, res, conv=conv, batch_stats=batch_stats, eps=1e-5,
-            relu=True, save_for_backward=save,
+            act="relu", save_for_backward=save,
         )
         assert z.shape == (2, 32, 5, 5) and z.dtype == torch.bfloat16 and z.device.type == "cuda"
         assert z.is_contiguous(memory_format=CL)
@@ -388,8 +407,9 @@ def test_forward_backward_trace_with_fake_cuda_tensors(batch_stats, save, residu
             return
         dz = torch.empty_like(z)
         grads = backend.backward(
-            dz, x, w, y, z, mean, var, vec, conv=conv, batch_stats=batch_stats, eps=1e-5,
-            relu=True, has_bias=False, output_mask=(True, True, False, True, True, residual),
+            dz, x, w, y, z, mean, var, vec, bn_bias=None, residual=None, conv=conv,
+            batch_stats=batch_stats, eps=1e-5, act="relu", has_bias=False,
+            output_mask=(True, True, False, True, True, residual),
         )
         dx, dw, db, dgamma, dbeta, dres = grads
         assert dx.shape == x.shape and dw.shape == w.shape and db is None
@@ -442,12 +462,14 @@ def test_grid_traces_with_fake_cuda_tensors(case, dtype, batch_stats):
         for save in (False, True):
             z, y, mean, var = backend.forward(
                 x, w, bias, vec, vec, vec, vec, res, conv=conv, batch_stats=batch_stats,
-                eps=1e-5, relu=case.relu, save_for_backward=save,
+                eps=1e-5, act="relu" if case.relu else None, save_for_backward=save,
             )
             assert z.shape == (case.n, k, oh, ow) and z.is_contiguous(memory_format=CL)
         grads = backend.backward(
-            torch.empty_like(z), x, w, y, z, mean, var, vec, conv=conv, batch_stats=batch_stats,
-            eps=1e-5, relu=case.relu, has_bias=case.bias, output_mask=(True,) * 6,
+            torch.empty_like(z), x, w, y, z, mean, var, vec, bn_bias=None, residual=None,
+            conv=conv,
+            batch_stats=batch_stats, eps=1e-5, act="relu" if case.relu else None,
+            has_bias=case.bias, output_mask=(True,) * 6,
         )
         assert grads[0].shape == x.shape and grads[1].shape == w.shape
         assert (grads[2] is not None) == case.bias

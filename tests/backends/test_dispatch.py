@@ -16,7 +16,7 @@ def _call(device="cpu", dtype=torch.float32):
     return CallInfo(
         device=torch.device(device), dtype=dtype, x_shape=(2, 8, 5, 5), weight_shape=(8, 8, 3, 3),
         conv=ConvParams((1, 1), (1, 1), (1, 1), 1), batch_stats=True, has_residual=False,
-        relu=True,
+        act="relu",
     )
 
 

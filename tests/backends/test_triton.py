@@ -18,7 +18,7 @@ from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, sele
 from fastres.backends.reference import bn_relu_backward
 from fastres.backends.triton import bn, conv
 from tests.numerics import assert_close_ratio, merge_partials
-from tests.ops.cases import CASES, MODES, Case, run_case
+from tests.ops.cases import CASES, MODES, SILU_CASES, Case, run_case
 from tests.ops.nonfinite import check_nonfinite
 
 CL = torch.channels_last
@@ -297,7 +297,7 @@ def test_float64_is_refused_naming_the_dtype() -> None:
     call = CallInfo(
         device=torch.device(DEVICE), dtype=torch.float64, x_shape=(2, 16, 9, 9),
         weight_shape=(16, 16, 3, 3), conv=ConvParams((1, 1), (1, 1), (1, 1), 1),
-        batch_stats=True, has_residual=False, relu=True,
+        batch_stats=True, has_residual=False, act="relu",
     )
     with pytest.raises(BackendUnavailableError, match="float64"):
         select(call, "triton")
@@ -360,6 +360,40 @@ def test_running_stats_after_three_steps() -> None:
     run_case(Case(residual=True, bias=True), torch.float32, True, "triton", steps=3)
 
 
+# SiLU: every case in fp32, two in fp16/bf16 by default (the interpreter is slow); all: slow
+_SILU_HALF_SUBSET = {SILU_CASES[1].id, SILU_CASES[3].id}
+
+
+def _silu_params(dtypes):
+    for dtype in dtypes:
+        for case in SILU_CASES:
+            fast = dtype == torch.float32 or case.id in _SILU_HALF_SUBSET
+            yield pytest.param(case, dtype, marks=() if fast else (pytest.mark.slow,),
+                               id=f"{case.id}-{dtype}")
+
+
+def test_silu_reduction_never_offers_a_tile_that_spills() -> None:
+    """SiLU's backward reduction (y, residual, dz and the sigmoid per element) spills at 32
+    elements per thread (compile check): those tiles are not offered, and the specs say so."""
+    configs = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in bn._REDUCE_BLOCKS]
+    for block_k, silu, dropped in ((128, True, [(32, 4), (64, 8)]), (64, True, []),
+                                   (128, False, [])):
+        kept = bn._prune_bwd_reduce(configs, {}, BLOCK_K=block_k, SECOND=False, SILU=silu)
+        assert [(c.kwargs["BLOCK_M"], c.num_warps) for c in configs if c not in kept] == dropped
+    specs = [s for s in bn.compile_specs() if s.name.startswith("bn_bwd_reduce[")
+             and "SILU=1" in s.name]
+    assert {s.name for s in specs if s.pruned} == {
+        s.name for s in specs if "BLOCK_K=128" in s.name
+        and ("BLOCK_M=32" in s.name or "BLOCK_M=64" in s.name)}
+
+
+@pytest.mark.parametrize("training, grad", MODES)
+@pytest.mark.parametrize("case, dtype", list(_silu_params(DTYPES)))
+def test_grid_interpreter_silu(case: Case, dtype: torch.dtype, training: bool,
+                               grad: bool) -> None:
+    run_triton_case(case, dtype, training, grad)
+
+
 @pytest.fixture
 def larger_block_m():
     """Under the interpreter every kernel has one 16-row configuration, the size the partial
@@ -384,7 +418,8 @@ def test_partials_cut_to_the_configuration_that_ran(larger_block_m, case: Case) 
 
 
 # the GEMM kernel and the direct kernel (few channels per group) share the epilogue
-_NONFINITE_CASES = [Case(residual=True), Case(residual=True, groups=8, c=32, k=32)]
+_NONFINITE_CASES = [Case(residual=True), Case(residual=True, groups=8, c=32, k=32),
+                    Case(residual=True, act="silu")]
 
 
 @pytest.mark.parametrize("training, grad", MODES)
@@ -410,6 +445,14 @@ def test_nan_and_inf_as_eager_cuda(
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_grid_cuda(case: Case, dtype: torch.dtype, training: bool, grad: bool) -> None:
+    run_triton_case(case, dtype, training, grad, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training, grad", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SILU_CASES, ids=lambda c: c.id)
+def test_grid_cuda_silu(case: Case, dtype: torch.dtype, training: bool, grad: bool) -> None:
     run_triton_case(case, dtype, training, grad, device="cuda")
 
 

@@ -274,13 +274,13 @@ def _op_inputs(case: Case, dtype=torch.float32):
     return leaves, dz.to(DEVICE)
 
 
-def _op_backward(case: Case, leaves, dz) -> list[torch.Tensor]:
+def _op_backward(case: Case, leaves, dz, act: str = "relu") -> list[torch.Tensor]:
     x, w, bias, gamma, beta, res = leaves
     for t in leaves:
         t.grad = None
     z = fastres.ops.conv_bn_relu(
         x, w, gamma, beta, None, None, bias=bias, training=True, stride=case.stride,
-        padding=case.padding, groups=case.groups, residual=res, backend="triton",
+        padding=case.padding, groups=case.groups, residual=res, act=act, backend="triton",
     )
     z.backward(dz)
     return [t.grad.clone() for t in leaves]
@@ -326,20 +326,22 @@ class _LaunchCounter:
         return counted
 
 
-def test_kernel_launches_per_layer_backward_are_bounded(monkeypatch) -> None:
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_kernel_launches_per_layer_backward_are_bounded(monkeypatch, act: str) -> None:
     from fastres.backends.triton import MAX_BACKWARD_LAUNCHES
 
     case = Case(c=16, k=16, h=6, w=6)
     leaves, dz = _op_inputs(case)
-    _op_backward(case, leaves, dz)  # warm up (a GPU autotunes on the first call)
+    _op_backward(case, leaves, dz, act)  # warm up (a GPU autotunes on the first call)
     x, w, bias, gamma, beta, res = leaves
     z = fastres.ops.conv_bn_relu(
         x, w, gamma, beta, None, None, bias=bias, training=True, padding=1, residual=res,
-        backend="triton",
+        act=act, backend="triton",
     )
     counter = _LaunchCounter(monkeypatch)
     z.backward(dz)
-    # reductions (2, also writing dres) + dgrad (1) + wgrad and its chunk sum (2)
+    # reductions (2, also writing dres; SiLU: recomputing v and writing g) + dgrad (1) + wgrad
+    # and its chunk sum (2)
     assert counter.count == 5 <= MAX_BACKWARD_LAUNCHES, f"{counter.count} launches"
 
 

@@ -11,6 +11,7 @@ import torch
 import fastres
 from fastres.backends import ConvParams, ServedCall
 from fastres.backends.triton.conv import kernel_for
+from fastres.ops.conv_bn_relu import activation
 from tests.numerics import assert_close_ratio, eager_conv_bn_relu
 
 Pair = int | tuple[int, int]
@@ -37,10 +38,15 @@ class Case:
     running: bool = True
     residual: bool = False
     relu: bool = True
+    act: str | None = None  # an activation name, overriding relu ("silu", ...)
     layout: str = "channels_last"  # or "contiguous" or "sliced"
     # conv outputs centred far from zero (|mean| ≫ std) by an offset input, as in a ResNet after
     # a ReLU; the offset is per dtype (MEAN_OFFSET) so that y stays representable
     mean_offset: bool = False
+
+    @property
+    def activation(self) -> str | None:
+        return activation(self.relu, self.act)
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -92,6 +98,20 @@ CASES = [
     # rectangular kernels, height and width stride / padding / dilation apart
     Case(r=(1, 3), padding=(0, 1), residual=True, h=7, w=8),
     Case(r=(3, 5), stride=(2, 1), padding=(1, 3), dilation=(1, 2), h=11, w=9, groups=2, c=32),
+]
+
+# SiLU in place of ReLU (timm's '*ts' ByobNet models, RegNetZ, CSP variants): the paths whose
+# activation code differs (training's apply pass and g, eval's apply pass, inference's conv
+# epilogue), with and without the residual, through the GEMM, flat-K (stem) and direct kernels
+SILU_CASES = [
+    Case(act="silu"),
+    Case(act="silu", n=1, h=5, w=7, residual=True),
+    Case(act="silu", r=1, padding=0, stride=2, c=32, k=64, bias=True),
+    Case(act="silu", groups=8, c=32, k=32, stride=2, residual=True),
+    Case(act="silu", affine=False, running=False, residual=True),
+    Case(act="silu", r=7, stride=2, padding=3, c=3, h=17, w=15, k=16),  # stem
+    Case(act="silu", mean_offset=True, padding=0, residual=True),
+    Case(act="silu", layout="sliced", c=8, k=24, h=7, w=6),
 ]
 
 # (training, grad): the three paths of every backend: training, eval with autograd (raw y kept
@@ -179,8 +199,8 @@ def _ambiguous_relu_band(inputs, case, dtype, device, call, eager) -> tuple[torc
     """
     inputs = {k: None if v is None else v.clone() for k, v in inputs.items()}  # stats untouched
     with torch.no_grad():
-        pre_ref = call(eager_conv_bn_relu, _prepare(inputs, case, torch.float64, "cpu"), False)
-        pre_base = call(eager, _prepare(inputs, case, dtype, device), False)
+        pre_ref = call(eager_conv_bn_relu, _prepare(inputs, case, torch.float64, "cpu"), "none")
+        pre_base = call(eager, _prepare(inputs, case, dtype, device), "none")
     band = 2 * (pre_base.double().cpu() - pre_ref).abs().max().item()
     band += 4 * torch.finfo(dtype).eps * pre_ref.abs().max().item()
     return pre_ref, band
@@ -200,18 +220,19 @@ def run_case(
         groups=c.groups,
     )
 
-    def call(fn, args, relu=case.relu):
+    def call(fn, args, act=case.activation or "none"):
         a = dict(args)
         return fn(
             a.pop("x"), a.pop("weight"), a.pop("bn_weight"), a.pop("bn_bias"),
-            a.pop("running_mean"), a.pop("running_var"), **a, **kwargs, relu=relu,
+            a.pop("running_mean"), a.pop("running_var"), **a, **kwargs, act=act,
         )
 
     # fp32 on tensor cores (the Triton GEMM kernels on a GPU) is TF32: hold it to a TF32 baseline
     tf32 = (device != "cpu" and dtype == torch.float32 and backend == "triton"
             and kernel_for(case.c // case.groups, case.groups) != "direct")
     eager = functools.partial(eager_conv_bn_relu, tf32=tf32)
-    if case.relu and grad:
+    relu = case.activation == "relu"
+    if relu and grad:
         pre_ref, band = _ambiguous_relu_band(inputs, case, dtype, device, call, eager)
         decided = (pre_ref.abs() > band).double().mean().item()
         assert decided >= 0.5, (
@@ -237,7 +258,7 @@ def run_case(
             if not grad:
                 continue
             dz = torch.randn_like(z_ref)
-            if case.relu:
+            if relu:
                 dz[pre_ref.abs() <= band] = 0.0
             z_ref.backward(dz)
             z_base.backward(dz.to(device=device, dtype=dtype))

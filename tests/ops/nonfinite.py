@@ -1,10 +1,11 @@
 """NaN and Inf through the fused op: the same non-finite elements as eager PyTorch.
 
-``torch.relu`` propagates NaN. A kernel whose ReLU is ``max(v, 0)`` (``fmaxf``, PTX ``max.f32``)
-returns 0 for NaN instead: it hides invalid results, and the NaN poisoning of unwritten outputs
-with them. Every kernel path is fed NaN and ±Inf (in eval through the convolution and the
-residual; in training through the residual only, since a NaN in x makes every batch statistic
-NaN) and must give NaN, +Inf and -Inf exactly where eager does.
+``torch.relu`` propagates NaN (``F.silu``: NaN for NaN and -Inf, +Inf for +Inf). A kernel whose
+ReLU is ``max(v, 0)`` (``fmaxf``, PTX ``max.f32``) returns 0 for NaN instead: it hides invalid
+results, and the NaN poisoning of unwritten outputs with them. Every kernel path is fed NaN and
+±Inf (in eval through the convolution and the residual; in training through the residual only,
+since a NaN in x makes every batch statistic NaN) and must give NaN, +Inf and -Inf exactly where
+eager does.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def check_nonfinite(
     _plant_nonfinite(inputs, training)
     c = case.conv
     kw = dict(training=training, stride=c.stride, padding=c.padding, dilation=c.dilation,
-              groups=c.groups)
+              groups=c.groups, act=case.activation or "none")
 
     def call(fn):
         t = {}

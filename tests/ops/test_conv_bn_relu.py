@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.ops.cases import CASES, MODES, Case, run_case
+from tests.ops.cases import CASES, MODES, SILU_CASES, Case, run_case
 from tests.ops.nonfinite import check_nonfinite
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -22,10 +22,18 @@ def test_reference_backend(case: Case, dtype: torch.dtype, training: bool, grad:
     run_case(case, dtype, training, "reference", grad=grad)
 
 
+@pytest.mark.parametrize("dtype, training, grad", list(_grid()))
+@pytest.mark.parametrize("case", SILU_CASES, ids=lambda c: c.id)
+def test_reference_backend_silu(case: Case, dtype: torch.dtype, training: bool,
+                                grad: bool) -> None:
+    run_case(case, dtype, training, "reference", grad=grad)
+
+
 def test_running_stats_after_several_steps() -> None:
     run_case(Case(residual=True), torch.float32, True, "reference", steps=3)
 
 
 @pytest.mark.parametrize("training, grad", MODES)
-def test_reference_nan_and_inf_as_eager(training: bool, grad: bool) -> None:
-    check_nonfinite(Case(residual=True), torch.float32, training, grad, "reference")
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_reference_nan_and_inf_as_eager(training: bool, grad: bool, act: str) -> None:
+    check_nonfinite(Case(residual=True, act=act), torch.float32, training, grad, "reference")

@@ -10,7 +10,7 @@ from fastres.ops.conv_bn_relu import conv_bn_relu_bwd, conv_bn_relu_fwd
 from tests.numerics import assert_close_ratio, eager_conv_bn_relu
 
 
-def _fwd_args(batch_stats: bool, residual: bool):
+def _fwd_args(batch_stats: bool, residual: bool, act: str | None = "relu"):
     x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
     w = torch.randn(16, 8, 3, 3, requires_grad=True)
     g = (torch.rand(16) + 0.5).requires_grad_()
@@ -18,7 +18,7 @@ def _fwd_args(batch_stats: bool, residual: bool):
     rm, rv = torch.randn(16), torch.rand(16) + 0.5
     res = torch.randn(2, 16, 7, 7).to(memory_format=torch.channels_last) if residual else None
     return (x.requires_grad_(), w, None, g, b, rm, rv, res,
-            [1, 1], [1, 1], [1, 1], 1, batch_stats, 1e-5, True, True, "reference")
+            [1, 1], [1, 1], [1, 1], 1, batch_stats, 1e-5, act, True, "reference")
 
 
 @pytest.mark.parametrize("batch_stats", [True, False])
@@ -27,18 +27,28 @@ def test_opcheck_forward(batch_stats, residual):
     torch.library.opcheck(conv_bn_relu_fwd, _fwd_args(batch_stats, residual))
 
 
-def test_opcheck_backward():
+@pytest.mark.parametrize("act", ["silu", None])
+def test_opcheck_forward_activations(act):
+    torch.library.opcheck(conv_bn_relu_fwd, _fwd_args(True, True, act))
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_opcheck_backward(act):
+    """ReLU's backward reads z; SiLU's reads β and the residual instead (z is None)."""
     x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
     w = torch.randn(16, 8, 3, 3)
+    b = torch.randn(16)
+    res = torch.randn(2, 16, 7, 7).contiguous(memory_format=torch.channels_last)
     z, y, mean, var = conv_bn_relu_fwd(
-        x, w, None, None, None, None, None, None,
-        [1, 1], [1, 1], [1, 1], 1, True, 1e-5, True, True, "reference",
+        x, w, None, None, b, None, None, res,
+        [1, 1], [1, 1], [1, 1], 1, True, 1e-5, act, True, "reference",
     )
     dz = torch.randn_like(z)
+    saved = (None, b, res) if act == "silu" else (z, None, None)
     torch.library.opcheck(
         conv_bn_relu_bwd,
-        (dz, x, w, y, z, mean, var, None, [1, 1], [1, 1], [1, 1], 1, True, 1e-5, True, False,
-         [True, True, False, False, False, True], "reference"),
+        (dz, x, w, y, saved[0], mean, var, None, *saved[1:], [1, 1], [1, 1], [1, 1], 1, True,
+         1e-5, act, False, [True, True, False, False, False, True], "reference"),
     )
 
 

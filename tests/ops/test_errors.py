@@ -65,6 +65,11 @@ def test_valid_call_runs():
             {"padding": 0}, ValueError, "more than 1 value per channel",
         ),
         (lambda a: None, {"backend": "cudnn"}, ValueError, "unknown fastres backend 'cudnn'"),
+        (
+            lambda a: None,
+            {"act": "gelu"}, ValueError, "unsupported activation 'gelu'; fastres fuses relu, silu",
+        ),
+        (lambda a: None, {"act": True}, TypeError, "act must be a str or None, got bool"),
     ],
 )
 def test_bad_input_raises_clear_error(mutate, kw, error, match):
@@ -72,6 +77,14 @@ def test_bad_input_raises_clear_error(mutate, kw, error, match):
     mutate(args)
     with pytest.raises(error, match=match):
         _call(args, **kw)
+
+
+def test_act_overrides_relu():
+    args = _args()
+    silu = _call(args, act="silu", relu=False)
+    assert torch.equal(silu, _call(args, act="SiLU"))
+    assert torch.equal(_call(args, relu=False), _call(args, act="none", relu=True))
+    assert (silu < 0).any()  # SiLU, not ReLU, was applied
 
 
 def test_backend_that_cannot_serve_says_why():

@@ -5,7 +5,7 @@ Forward, batch statistics (training, or eval without running statistics)::
 
     y, p = conv2d_fused(x, w, bias, conv, stats=True)  # raw conv + per-tile (count, mean, M2)
     mean, var, scale, shift = bn.finalize(p.count, p.mean, p.m2, γ, β, eps)  # Chan merge, fp32
-    z = bn.apply(y, scale, shift, residual, relu)
+    z = bn.apply(y, scale, shift, residual, relu)  # or SiLU
 
 Forward, running statistics: scale/shift come from the running statistics; without autograd the
 whole op is one conv kernel with scale/shift, residual and ReLU in its epilogue; with autograd the
@@ -17,6 +17,10 @@ Backward, no dy tensor and no PyTorch convolution (``conv_bwd.py``)::
     dx = conv_bwd.dgrad(dy_operand, w, conv, x.shape)   # 1 launch, dy formed while loading
     dw = conv_bwd.wgrad(dy_operand, x, w, conv)         # 2 launches: chunk partials, fixed sum
     db = conv_bwd.bias_grad(dy_operand, ...)            # from Σg, no pass over dy
+
+With SiLU (not invertible, so no mask from z) the reduction pass recomputes the pre-activation
+v = (y − mean)·scale + β (+ residual) and also stores g = dz·silu'(v); dgrad/wgrad read that g
+as their dz, with no activation.
 
 dγ = Σg·ŷ and dβ = Σg. Only what ``output_mask`` asks for runs: at most 5 Triton launches
 (``MAX_BACKWARD_LAUNCHES``; with running statistics and nothing needing the sums, dres = g comes
@@ -69,23 +73,25 @@ class TritonBackend:
         conv: ConvParams,
         batch_stats: bool,
         eps: float,
-        relu: bool,
+        act: str | None,
         save_for_backward: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        relu, silu = act == "relu", act == "silu"
         if batch_stats:
             y, p = _conv.conv2d_fused(x, weight, bias, conv, stats=True)
             mean, var, scale, shift = bn.finalize(p.count, p.mean, p.m2, bn_weight, bn_bias, eps)
-            z = bn.apply(y, scale, shift, residual, relu)
+            z = bn.apply(y, scale, shift, residual, relu, silu=silu)
         else:
             mean, var, scale, shift = bn.running_affine(
                 running_mean, running_var, bn_weight, bn_bias, eps
             )
             if save_for_backward:
                 y, _ = _conv.conv2d_fused(x, weight, bias, conv)
-                z = bn.apply(y, scale, shift, residual, relu)
+                z = bn.apply(y, scale, shift, residual, relu, silu=silu)
             else:  # inference: one kernel, BN folded into the conv epilogue
                 z, _ = _conv.conv2d_fused(
-                    x, weight, bias, conv, scale=scale, shift=shift, residual=residual, relu=relu
+                    x, weight, bias, conv, scale=scale, shift=shift, residual=residual, relu=relu,
+                    silu=silu,
                 )
                 y = None
         if not save_for_backward:
@@ -98,24 +104,39 @@ class TritonBackend:
         x: Tensor,
         weight: Tensor,
         y: Tensor,
-        z: Tensor,
+        z: OptTensor,
         mean: Tensor,
         var: Tensor,
         bn_weight: OptTensor,
         *,
+        bn_bias: OptTensor,
+        residual: OptTensor,
         conv: ConvParams,
         batch_stats: bool,
         eps: float,
-        relu: bool,
+        act: str | None,
         has_bias: bool,
         output_mask: tuple[bool, bool, bool, bool, bool, bool],
     ) -> tuple[OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor]:
+        relu = act == "relu"
         need_dx, need_dw = output_mask[0], output_mask[1]
         need_db = output_mask[2] and has_bias
         need_bn = output_mask[3] or output_mask[4]
         dres = None
         sums = None
-        if batch_stats or need_bn or need_db:
+        if act == "silu":
+            # the reduction pass recomputes v from y and stores g = dz·silu'(v); the conv
+            # backward then reads g as its dz, with no activation (one more write of an
+            # activation-sized tensor than ReLU, whose mask the conv backward forms at load)
+            g = _alloc.empty(*dz.shape, dtype=dz.dtype, device=dz.device, channels_last=True)
+            affine = (bn_weight if bn_weight is not None else mean.new_ones(mean.shape),
+                      bn_bias if bn_bias is not None else mean.new_zeros(mean.shape))
+            sums = bn.reductions(
+                dz, y, None, mean, var, batch_stats=batch_stats, eps=eps, relu=False, dres=g,
+                silu=bn.SiluInput(*affine, residual),
+            )
+            dz, z, dres = g, None, g if output_mask[5] else None
+        elif batch_stats or need_bn or need_db:
             if output_mask[5]:
                 dres = _alloc.empty(*dz.shape, dtype=dz.dtype, device=dz.device, channels_last=True)
             sums = bn.reductions(

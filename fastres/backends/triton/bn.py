@@ -13,10 +13,11 @@ Kernels, in the order a training step uses them:
 * ``_bn_running_kernel``: the same affine map from the running statistics (eval).
 * ``_bn_stats_kernel``: the same (count, mean, M2) partials of a stored tensor (a BN whose input
   no conv epilogue of ours produced: a pre-activation block's entry BN).
-* ``_bn_apply_kernel``: ``z = relu(y·scale + shift (+ residual))``; with the residual's own
-  affine map, ``relu(y·scale + shift + residual·res_scale + res_shift)`` (the block output with
-  the projection shortcut's BN folded in).
-* ``_bn_bwd_reduce_kernel`` + ``_bn_bwd_sum_kernel``: ``g = dz·[z > 0]``; per-channel Σg and
+* ``_bn_apply_kernel``: ``z = relu(y·scale + shift (+ residual))`` (or SiLU); with the
+  residual's own affine map, ``relu(y·scale + shift + residual·res_scale + res_shift)`` (the
+  block output with the projection shortcut's BN folded in).
+* ``_bn_bwd_reduce_kernel`` + ``_bn_bwd_sum_kernel``: ``g = dz·[z > 0]`` (SiLU: dz·silu'(v), v =
+  (y − mean)·scale + β (+ residual) recomputed, g stored for the conv backward); per-channel Σg and
   Σg·ŷ as per-program partial sums, then a small deterministic reduction (no atomics, no host
   synchronisation); the first also writes ``dresidual = g`` when asked, and the sums of a second
   BN fed by the same g (the projection shortcut's) from the same pass.
@@ -43,6 +44,7 @@ import triton.language as tl
 
 from .. import _alloc
 from . import _tuning
+from ._activation import silu, silu_grad
 from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 
 Tensor = torch.Tensor
@@ -342,7 +344,7 @@ def _sample_scale(branch_scale_ptr, rows, M, HW):
 
 @_tuning.autotune(
     _configs(_ELEMENTWISE_BLOCKS),
-    key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU", "BRANCH_SCALE"],
+    key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU", "SILU", "BRANCH_SCALE"],
 )
 @triton.jit
 def _bn_apply_kernel(
@@ -358,6 +360,7 @@ def _bn_apply_kernel(
     HAS_RES: tl.constexpr,
     RES_AFFINE: tl.constexpr,  # the residual is a raw projection output: normalise it too
     RELU: tl.constexpr,
+    SILU: tl.constexpr,  # SiLU instead of ReLU (never both)
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per tile (autotuned)
     branch_scale_ptr=None,  # (N,) fp32: per-sample scale of y·scale + shift (if BRANCH_SCALE)
@@ -385,6 +388,8 @@ def _bn_apply_kernel(
         z += res
     if RELU:
         z = tl.where(z < 0.0, 0.0, z)  # not maximum(): NaN must propagate as in torch.relu
+    if SILU:
+        z = silu(z)
     tl.store(z_ptr + idx, _cast_out(z, z_ptr), mask=mask)
 
 
@@ -412,18 +417,38 @@ def _grad_g(dz_ptr, z_ptr, idx, mask, RELU: tl.constexpr):
     return g
 
 
-def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool) -> str | None:
+@triton.jit
+def _silu_g(dz_ptr, res_ptr, d, scale, beta, idx, mask, g_ptr, HAS_RES: tl.constexpr):
+    """g = dz·silu'(v), v = d·scale + β (+ residual), d = y − mean: the pre-activation
+    recomputed in fp32 from the raw y (SiLU is not invertible: z alone cannot give it), centred
+    first as BatchNorm computes it (y·scale + shift would cancel when |mean| ≫ std, and v's error
+    enters g through silu''). Returned as fp32 values rounded to g_ptr's dtype, the g the conv
+    backward reads, so that the sums taken from it here match it (as eager's BN backward sums
+    the g SiLU's backward stored); 0 where masked."""
+    v = d * scale + beta
+    if HAS_RES:
+        v += tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(dz_ptr + idx, mask=mask, other=0.0).to(tl.float32) * silu_grad(v)
+    return tl.where(mask, _cast_out(g, g_ptr).to(tl.float32), 0.0)
+
+
+def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool,
+                   silu: bool = False) -> str | None:
     """Why a _bn_bwd_reduce_kernel tile is not offered: with SECOND (five elementwise fp32
-    accumulators) tiles of 32 elements per thread spill on sm_80 and sm_90 (compile check);
-    None where it is offered."""
-    if second and block_m * block_k >= 32 * 32 * warps:
-        return "32 elements per thread with the second BN's sums spill registers"
+    accumulators) tiles of 32 elements per thread spill on sm_80 and sm_90, with SILU (y, the
+    residual, dz and v's sigmoid per element) on sm_90 and sit at 255 registers on sm_80
+    (compile check); None where it is offered."""
+    if block_m * block_k >= 32 * 32 * warps:
+        if second:
+            return "32 elements per thread with the second BN's sums spill registers"
+        if silu:
+            return "32 elements per thread with SiLU's recomputed pre-activation spill registers"
     return None
 
 
 def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop the tiles that spill for this (launcher-chosen) BLOCK_K and SECOND."""
-    problem = (kwargs["BLOCK_K"], bool(kwargs.get("SECOND")))
+    """Drop the tiles that spill for this (launcher-chosen) BLOCK_K, SECOND and SILU."""
+    problem = (kwargs["BLOCK_K"], bool(kwargs.get("SECOND")), bool(kwargs.get("SILU")))
     kept = [c for c in configs
             if _reduce_spills(c.kwargs["BLOCK_M"], c.num_warps, *problem) is None]
     return kept or configs
@@ -431,7 +456,8 @@ def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> li
 
 @_tuning.autotune(
     _configs(_REDUCE_BLOCKS),
-    key=["M", "K", "BLOCK_K", "RELU", "CENTER", "WRITE_DRES", "SECOND", "BRANCH_SCALE"],
+    key=["M", "K", "BLOCK_K", "RELU", "CENTER", "WRITE_DRES", "SECOND", "SILU", "HAS_RES",
+         "BRANCH_SCALE"],
     prune=_prune_bwd_reduce,
 )
 @triton.jit
@@ -448,13 +474,20 @@ def _bn_bwd_reduce_kernel(
     mean2_ptr,  # (K,) fp32: the mean that normalises y2 (read only if SECOND)
     part_gy2_ptr,  # (P, K) fp32: per-program Σg·(y2 − mean2) (written only if SECOND)
     part_y2_ptr,  # (P, K) fp32: per-program Σ(y2 − mean2) (written only if SECOND and CENTER)
+    var_ptr,  # (K,) fp32: the variance that normalised y (read only if SILU)
+    gamma_ptr,  # (K,) any float: BN weight γ (read only if SILU)
+    beta_ptr,  # (K,) any float: BN bias β (read only if SILU)
+    res_ptr,  # (M, K) x dtype: the residual added before the SiLU (read only if HAS_RES)
     M,  # rows (pixels)
     K,  # channels
     rows_per_prog,  # program p reduces rows [p·rows_per_prog, (p+1)·rows_per_prog)
+    eps,  # BN epsilon (used only if SILU)
     RELU: tl.constexpr,
     CENTER: tl.constexpr,  # batch statistics: also sum y − mean (see _bn_bwd_sum_kernel)
     WRITE_DRES: tl.constexpr,  # also store g (saves the residual gradient a pass over dz and z)
     SECOND: tl.constexpr,  # also the sums of BN(y2): the projection shortcut's BN sees this g
+    SILU: tl.constexpr,  # g = dz·silu'((y − mean)·γ·invstd + β (+ res)), stored (WRITE_DRES)
+    HAS_RES: tl.constexpr,  # with SILU: the pre-activation includes the residual
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per loop step (autotuned)
     branch_scale_ptr=None,  # (N,) fp32: per-sample scale of the BN output (if BRANCH_SCALE)
@@ -472,6 +505,10 @@ def _bn_bwd_reduce_kernel(
     mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
     if SECOND:
         mean2 = tl.load(mean2_ptr + offs_k, mask=mask_k, other=0.0)
+    if SILU:  # v = (y − mean)·scale + β: _affine of a zero mean gives (scale, β)
+        var = tl.load(var_ptr + offs_k, mask=mask_k, other=1.0)
+        act_scale, act_beta = _affine(tl.zeros_like(var), var, gamma_ptr, beta_ptr, offs_k,
+                                      mask_k, eps, True, True)
     row_begin = pid_p.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
     # elementwise accumulators, reduced over rows once at the end (fewer, better-ordered adds)
@@ -484,15 +521,20 @@ def _bn_bwd_reduce_kernel(
         offs_m = row_begin + step * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (offs_m < row_end)[:, None] & mask_k[None, :]
         idx = offs_m[:, None] * K + offs_k[None, :]
-        g = _grad_g(dz_ptr, z_ptr, idx, mask, RELU)
+
+        y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        # centred before multiplying: y − mean is exact-ish even when mean ≫ std
+        d = tl.where(mask, y - mean[None, :], 0.0)
+        if SILU:
+            g = _silu_g(dz_ptr, res_ptr, d, act_scale[None, :], act_beta[None, :], idx, mask,
+                        dres_ptr, HAS_RES)
+        else:
+            g = _grad_g(dz_ptr, z_ptr, idx, mask, RELU)
         if WRITE_DRES:
             tl.store(dres_ptr + idx, _cast_out(g, dres_ptr), mask=mask)
         if BRANCH_SCALE:
             g = g * _sample_scale(branch_scale_ptr, offs_m, M, HW)[:, None]
             tl.store(g_branch_ptr + idx, _cast_out(g, g_branch_ptr), mask=mask)
-        y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        # centred before multiplying: y − mean is exact-ish even when mean ≫ std
-        d = tl.where(mask, y - mean[None, :], 0.0)
         acc_g += g
         acc_gy += g * d
         if CENTER:
@@ -820,10 +862,11 @@ def _grid(m: int, k: int, block_k: int):
 
 def apply(
     y: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, relu: bool, *,
-    res_scale: Tensor | None = None, res_shift: Tensor | None = None,
+    res_scale: Tensor | None = None, res_shift: Tensor | None = None, silu: bool = False,
     branch_scale: Tensor | None = None,
 ) -> Tensor:
-    """``relu(y·scale + shift (+ residual))`` in y's dtype, channels_last; fp32 math.
+    """``relu(y·scale + shift (+ residual))`` in y's dtype, channels_last; fp32 math. With
+    ``silu`` (and ``relu`` False) SiLU in place of the ReLU.
 
     With ``res_scale``/``res_shift`` ((K,) fp32, both or neither; needs ``residual``) the
     residual is normalised in the same pass: ``relu(y·scale + shift + residual·res_scale +
@@ -834,6 +877,7 @@ def apply(
     res_affine = res_scale is not None
     assert res_affine == (res_shift is not None), "res_scale and res_shift come together"
     assert residual is not None or not res_affine, "res_scale/res_shift need a residual"
+    assert not (relu and silu), "one activation: ReLU or SiLU"
     if residual is not None:
         assert residual.shape == y.shape and residual.dtype == y.dtype
         _rows(residual)
@@ -843,8 +887,8 @@ def apply(
         y, scale, shift, residual if residual is not None else y,
         res_scale if res_affine else scale, res_shift if res_affine else shift,  # dummies
         z, m, k,
-        HAS_RES=residual is not None, RES_AFFINE=res_affine, RELU=relu, BLOCK_K=block_k,
-        **_branch_args(branch_scale, y, scale),
+        HAS_RES=residual is not None, RES_AFFINE=res_affine, RELU=relu, SILU=silu,
+        BLOCK_K=block_k, **_branch_args(branch_scale, y, scale),
     )
     return z
 
@@ -886,10 +930,21 @@ def _rows_per_prog(m: int) -> int:
     return max(256, triton.cdiv(m, 1024))
 
 
+@dataclasses.dataclass(frozen=True)
+class SiluInput:
+    """What a SiLU's backward recomputes its pre-activation v = (y − mean)·γ·invstd + β
+    (+ residual) from, besides the raw y and the statistics: the BN weight and bias ((K,), any
+    float dtype; ones and zeros without affine) and the residual (like y, or None)."""
+
+    gamma: Tensor
+    beta: Tensor
+    residual: Tensor | None
+
+
 def reductions(
     dz: Tensor,
     y: Tensor,
-    z: Tensor,
+    z: Tensor | None,
     mean: Tensor,
     var: Tensor,
     *,
@@ -899,6 +954,7 @@ def reductions(
     dres: Tensor | None = None,
     rows_per_prog: int | None = None,
     second: tuple[Tensor, Tensor, Tensor] | None = None,
+    silu: SiluInput | None = None,
     branch_scale: Tensor | None = None,
     g_branch: Tensor | None = None,
 ):
@@ -915,11 +971,19 @@ def reductions(
     over dz and z, and the result is ``(sums, sums2)``, each a triple as above (the two Σg are
     the same values, in separate tensors). ``y2`` is like y, with the same statistics mode.
 
+    ``silu`` (with ``relu`` False, ``z`` unread): the output was SiLU of v = (y − mean)·γ·invstd
+    + β (+ residual), and g = dz·silu'(v) from v recomputed here; ``dres`` is then required and
+    receives g, rounded to dz's dtype, which the sums are taken from: the conv backward reads it
+    as its dz, without activation.
     ``branch_scale`` ((N,) fp32, drop path: the output was relu(BN(y)·branch_scale[n] + ...)):
     the sums are of the BN's g, g·branch_scale[n], which is stored into ``g_branch`` (like dz)
     for the dy operand; not with ``second`` (that BN sees the unscaled g).
     """
     m, k = _rows(dz)
+    if silu is not None:
+        assert not relu, "one activation: ReLU or SiLU"
+        assert dres is not None, "SiLU's g is stored for the conv backward: pass dres"
+        _check_silu_input(silu, y)
     _rows(y)
     if second is not None:
         y2, mean2, var2 = second
@@ -951,14 +1015,27 @@ def reductions(
         dres if dres is not None else dz,  # dummy: never written without WRITE_DRES
         *((y2, mean2, part_gy2, part_y2 if batch_stats else part_gy2) if second is not None
           else (y, mean, part_g, part_g)),  # dummies: never read or written without SECOND
-        m, k, rows, RELU=relu, CENTER=batch_stats, WRITE_DRES=dres is not None,
-        SECOND=second is not None, BLOCK_K=block_k,
+        *((var, silu.gamma.contiguous(), silu.beta.contiguous(),
+           silu.residual if silu.residual is not None else y)
+          if silu is not None else (mean, mean, mean, y)),  # dummies: never read without SILU
+        m, k, rows, eps, RELU=relu, CENTER=batch_stats, WRITE_DRES=dres is not None,
+        SECOND=second is not None, SILU=silu is not None,
+        HAS_RES=silu is not None and silu.residual is not None, BLOCK_K=block_k,
         **_branch_args(branch_scale, dz, part_g, g_branch_ptr=g_branch),
     )
     sums = _finish_sums(part_g, part_gy, part_y, var, m, eps, batch_stats)
     if second is None:
         return sums
     return sums, _finish_sums(part_g, part_gy2, part_y2, var2, m, eps, batch_stats)
+
+
+def _check_silu_input(silu: SiluInput, y: Tensor) -> None:
+    k = y.shape[1]
+    for t in (silu.gamma, silu.beta):
+        assert t.shape == (k,) and t.is_floating_point()
+    if silu.residual is not None:
+        assert silu.residual.shape == y.shape and silu.residual.dtype == y.dtype
+        _rows(silu.residual)
 
 
 def _finish_sums(
@@ -1128,7 +1205,8 @@ def compile_specs() -> list[CompileSpec]:
     def reduce_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, part_g_ptr=f32, part_gy_ptr=f32,
                     part_y_ptr=f32, dres_ptr=t, y2_ptr=t, mean2_ptr=f32, part_gy2_ptr=f32,
-                    part_y2_ptr=f32, M="i32", K="i32", rows_per_prog="i32",
+                    part_y2_ptr=f32, var_ptr=f32, gamma_ptr=f32, beta_ptr=f32, res_ptr=t,
+                    M="i32", K="i32", rows_per_prog="i32", eps="fp32",
                     branch_scale_ptr=f32, g_branch_ptr=t, HW="i32")
 
     def dx_sig(t: str) -> dict[str, str]:
@@ -1166,10 +1244,19 @@ def compile_specs() -> list[CompileSpec]:
                  HAS_ADD=True)]),
         ("bn_stats", _bn_stats_kernel, stats_sig, _REDUCE_BLOCKS, [{}]),
     ]
+    # SiLU: off (and out of the names) in the flag sets above; one flag set per kernel with it,
+    # the heaviest it runs with, compiled like those and with every block config at the widest
+    # BLOCK_K (the most elements per thread)
+    silu_off = {"bn_apply": dict(SILU=False), "bn_bwd_reduce": dict(SILU=False, HAS_RES=False)}
+    silu_sets = {
+        "bn_apply": dict(HAS_RES=True, RES_AFFINE=False, RELU=False, SILU=True),
+        "bn_bwd_reduce": dict(RELU=False, CENTER=True, WRITE_DRES=True, SECOND=False, SILU=True,
+                              HAS_RES=True),
+    }
     def pruned(name: str, bm: int, w: int, bk: int, dtype: torch.dtype,
                flags: dict[str, bool]) -> dict[int, str]:
         if name == "bn_bwd_reduce":
-            why = _reduce_spills(bm, w, bk, flags["SECOND"])
+            why = _reduce_spills(bm, w, bk, flags["SECOND"], flags.get("SILU", False))
             return {cc: why for cc in TARGETS} if why else {}
         if name != "bn_bwd_dx":
             return {}
@@ -1178,22 +1265,25 @@ def compile_specs() -> list[CompileSpec]:
     for name, kernel, sig, blocks, flag_sets in tuned:
         fn = kernel.fn  # the @triton.jit function under the autotuner
         bm0, w0 = blocks[0]
+        off = silu_off.get(name, {})
+        with_silu = [silu_sets[name]] if name in silu_sets else []
         for t, ptr in _PTR_TYPES.items():
-            for flags in flag_sets:
+            for flags in flag_sets + with_silu:
                 label = "".join(f"{k}={int(v)}," for k, v in flags.items())
                 specs.append(CompileSpec(
                     f"{name}[{t},{label}BLOCK_M={bm0},BLOCK_K=64]", fn, sig(ptr),
-                    dict(flags, BLOCK_K=64, BLOCK_M=bm0), num_warps=w0,
+                    dict(off, **flags, BLOCK_K=64, BLOCK_M=bm0), num_warps=w0,
                     pruned=pruned(name, bm0, w0, 64, _DTYPES[t], flags),
                 ))
         # every block config with the most features on, in fp32 (the most registers)
         flags = max(flag_sets, key=lambda f: sum(f.values()))
-        label = "".join(f"{k}={int(v)}," for k, v in flags.items())
+        heaviest = [(flags, bk) for bk in (16, 64, 128)] + [(f, 128) for f in with_silu]
         for bm, w in blocks:
-            for bk in (16, 64, 128):
+            for flags, bk in heaviest:
+                label = "".join(f"{k}={int(v)}," for k, v in flags.items())
                 specs.append(CompileSpec(
                     f"{name}[fp32,{label}BLOCK_M={bm},BLOCK_K={bk},warps={w}]", fn, sig("*fp32"),
-                    dict(flags, BLOCK_K=bk, BLOCK_M=bm), num_warps=w,
+                    dict(off, **flags, BLOCK_K=bk, BLOCK_M=bm), num_warps=w,
                     pruned=pruned(name, bm, w, bk, torch.float32, flags),
                 ))
     # Each compiled as a launch on ResNet shapes specialises it; each kernel's first entry also

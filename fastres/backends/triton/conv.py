@@ -71,6 +71,7 @@ import triton.language as tl
 from .. import _alloc, devices
 from ..base import ConvParams
 from . import _tuning
+from ._activation import silu
 from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 
 _INTERPRET = _tuning.INTERPRET
@@ -330,7 +331,7 @@ _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in (*_GEMM_CONFIGS, *_DIRECT_CONFIG
 # the autotuner itself).
 _KEY = [
     "M", "H", "W", "C", "K", "Cg", "Kg", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w",
-    "dil_h", "dil_w", "STATS", "HAS_RES", "IN_AFFINE", "HAS_BIAS", "HAS_AFFINE", "RELU",
+    "dil_h", "dil_w", "STATS", "HAS_RES", "IN_AFFINE", "HAS_BIAS", "HAS_AFFINE", "RELU", "SILU",
 ]
 
 
@@ -433,6 +434,7 @@ def _epilogue(
     HAS_AFFINE: tl.constexpr,
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
+    SILU: tl.constexpr,
     STATS: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -485,6 +487,8 @@ def _epilogue(
         acc += tl.load(res_ptr + o_off, mask=o_mask, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # not maximum(): max.f32 drops NaN on a GPU
+    if SILU:
+        acc = silu(acc)
     if INTERPRET:
         acc = _round_to_output(acc, out_ptr, INTERPRET)
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
@@ -514,6 +518,7 @@ def _conv_gemm_kernel(
     HAS_AFFINE: tl.constexpr,
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
+    SILU: tl.constexpr,  # SiLU instead of ReLU (never both)
     STATS: tl.constexpr,
     IN_AFFINE: tl.constexpr,  # read the input through relu(x·in_scale + in_shift) (_activated)
     FLAT_K: tl.constexpr,  # reduction index runs over R·S·Cg jointly (few input channels)
@@ -647,7 +652,7 @@ def _conv_gemm_kernel(
     _epilogue(
         acc, offs_m, m_ok, g * Kg + offs_n, n_ok, pid_m, M, K,
         bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, count_ptr, mean_ptr, m2_ptr,
-        HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, STATS, INTERPRET, BLOCK_M,
+        HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, SILU, STATS, INTERPRET, BLOCK_M,
     )
 
 
@@ -675,6 +680,7 @@ def _conv_direct_kernel(
     HAS_AFFINE: tl.constexpr,
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
+    SILU: tl.constexpr,  # SiLU instead of ReLU (never both)
     STATS: tl.constexpr,
     IN_AFFINE: tl.constexpr,  # read the input through relu(x·in_scale + in_shift) (_activated)
     INTERPRET: tl.constexpr,  # running in the interpreter: work around its bf16 gaps
@@ -726,7 +732,7 @@ def _conv_direct_kernel(
     _epilogue(
         acc, offs_m, m_ok, offs_k, k_ok, pid_m, M, K,
         bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, count_ptr, mean_ptr, m2_ptr,
-        HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, STATS, INTERPRET, BLOCK_M,
+        HAS_BIAS, HAS_AFFINE, HAS_RES, RELU, SILU, STATS, INTERPRET, BLOCK_M,
     )
 
 
@@ -780,6 +786,7 @@ def conv2d_fused(
     shift: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     relu: bool = False,
+    silu: bool = False,
     stats: bool = False,
     out: torch.Tensor | None = None,
     in_scale: torch.Tensor | None = None,
@@ -790,10 +797,10 @@ def conv2d_fused(
     ``x`` (N, C, H, W) channels_last contiguous, fp32/fp16/bf16; ``weight`` (K, C/groups, R, S)
     same dtype, any layout; ``bias`` (K,) same dtype or None; ``scale``/``shift`` (K,) fp32 or
     None (both or neither); ``residual`` (N, K, OH, OW) channels_last contiguous in x's dtype,
-    added after scale/shift; ReLU last. With ``stats`` also returns :class:`Partials` of the raw
-    output ``conv + bias`` (before scale/shift). ``out`` optionally receives the result (N, K, OH,
-    OW) channels_last contiguous, x's dtype; it must not overlap the inputs. Returns ``(out,
-    partials or None)``, ``out`` channels_last in x's dtype.
+    added after scale/shift; ReLU (or with ``silu`` SiLU) last. With ``stats`` also returns
+    :class:`Partials` of the raw output ``conv + bias`` (before scale/shift). ``out`` optionally
+    receives the result (N, K, OH, OW) channels_last contiguous, x's dtype; it must not overlap
+    the inputs. Returns ``(out, partials or None)``, ``out`` channels_last in x's dtype.
 
     ``in_scale``/``in_shift`` (C,) fp32 (both or neither) add the prologue of block-fused
     training: the convolution reads ``relu(x * in_scale + in_shift)`` in place of ``x`` (x is
@@ -817,6 +824,7 @@ def conv2d_fused(
     oh, ow = conv.out_hw(h, w, r, s)
     assert oh > 0 and ow > 0, f"conv2d_fused: empty output {oh}x{ow}"
     assert (scale is None) == (shift is None), "conv2d_fused: pass both scale and shift or neither"
+    assert not (relu and silu), "conv2d_fused: one activation, ReLU or SiLU"
     assert (in_scale is None) == (in_shift is None), (
         "conv2d_fused: pass both in_scale and in_shift or neither"
     )
@@ -897,6 +905,7 @@ def conv2d_fused(
         HAS_AFFINE=scale is not None,
         HAS_RES=residual is not None,
         RELU=bool(relu),
+        SILU=bool(silu),
         STATS=bool(stats),
         IN_AFFINE=in_scale is not None,
         INTERPRET=_INTERPRET,
@@ -935,16 +944,19 @@ _INT_ARGS = (
 # configuration; the real uses, training (raw output + bias + BN partials), fused eval (bias,
 # folded BN scale/shift, residual, ReLU) and block-fused training (training's epilogue reading
 # its input through the previous BN+ReLU, IN_AFFINE: the prologue), are compiled with each
-# kernel's largest tile.
+# kernel's largest tile, as is fused eval with SiLU in place of ReLU.
 EPILOGUES = {
-    "all": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, STATS=True,
+    "all": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, SILU=False, STATS=True,
                 IN_AFFINE=False),
-    "train": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, STATS=True,
-                  IN_AFFINE=False),
-    "eval": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, STATS=False,
-                 IN_AFFINE=False),
-    "prologue": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, STATS=True,
-                     IN_AFFINE=True),
+    "train": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, SILU=False,
+                  STATS=True, IN_AFFINE=False),
+    "eval": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, SILU=False,
+                 STATS=False, IN_AFFINE=False),
+    "prologue": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, SILU=False,
+                     STATS=True, IN_AFFINE=True),
+    # fused eval with SiLU (timm's '*ts' ByobNet, RegNetZ, CSP models)
+    "evalsilu": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=False, SILU=True,
+                     STATS=False, IN_AFFINE=False),
 }
 
 

@@ -47,7 +47,7 @@ def _sample_call(device, dtype):
 
     return CallInfo(device=torch.device(device), dtype=dtype, x_shape=(32, 64, 56, 56),
                     weight_shape=(64, 64, 3, 3), conv=ConvParams((1, 1), (1, 1), (1, 1), 1),
-                    batch_stats=True, has_residual=False, relu=True)
+                    batch_stats=True, has_residual=False, act="relu")
 
 
 def _info_device():

@@ -208,7 +208,7 @@ def test_bn_configurations_fit_every_class():
 def _call(dtype: torch.dtype = torch.float16, device: str = "cuda") -> CallInfo:
     return CallInfo(device=torch.device(device), dtype=dtype, x_shape=(8, 64, 56, 56),
                     weight_shape=(64, 64, 3, 3), conv=ConvParams((1, 1), (1, 1), (1, 1), 1),
-                    batch_stats=True, has_residual=False, relu=True)
+                    batch_stats=True, has_residual=False, act="relu")
 
 
 @pytest.mark.parametrize("cap", [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)])

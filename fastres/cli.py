@@ -1,5 +1,5 @@
 """The ``fastres`` command: ``fastres bench``, ``fastres info``, ``fastres tune``,
-``fastres summary`` and ``fastres memory``.
+``fastres summary``, ``fastres memory`` and ``fastres coverage``.
 
 ``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, a
 training step of single residual blocks: the block op vs the same block layer by layer, and
@@ -9,7 +9,9 @@ and which backends can run here and why not. ``fastres tune MODEL`` autotunes a 
 shapes once (kept in Triton's disk cache). ``fastres summary MODEL`` prints a model's layer
 table (see :mod:`fastres.summary`). ``fastres memory MODEL`` counts the bytes a training step
 keeps for backward, fastres vs eager, next to the paper traffic model of
-:mod:`fastres.benchmark.traffic`.
+:mod:`fastres.benchmark.traffic`. ``fastres coverage MODEL...`` says how many of a model's convs
+followed by a norm ``fastres.fuse`` fuses, per layer and in block ops, and why not the rest
+(:mod:`fastres.coverage`).
 """
 
 from __future__ import annotations
@@ -436,6 +438,34 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# fastres coverage
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_coverage(args: argparse.Namespace) -> int:
+    import json
+
+    from .coverage import build_model, coverage, coverage_lines
+
+    try:
+        size = tuple(int(v) for v in args.input.split(","))
+    except ValueError:
+        raise SystemExit(f"fastres coverage: --input wants C,H,W, got {args.input!r}") from None
+    results = {}
+    for spec in args.models:
+        try:
+            model = build_model(spec)
+        except (ValueError, RuntimeError, AttributeError, ImportError, TypeError) as e:
+            raise SystemExit(f"fastres coverage: cannot build model {spec!r}: {e}") from e
+        results[spec] = coverage(model, input_size=size)
+        if not args.json:
+            print("\n".join(coverage_lines(spec, results[spec])))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastres", description="Fused conv + BN + ReLU for ResNet-family CNNs.")
@@ -548,6 +578,21 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--tbps", type=float, default=None,
                      help="memory bandwidth in TB/s, for the img/s each design's traffic allows")
     mem.set_defaults(func=cmd_memory)
+
+    cov = sub.add_parser(
+        "coverage", help="how much of a model fastres.fuse fuses, and why not the rest",
+        description="Build each model weights-free, find the convs followed by a norm (one eval "
+                    "forward on a small random input, by data flow), fuse a copy and print: "
+                    "those convs, how many run fused per layer, how many train inside block "
+                    "ops, activations applied after the op, and the reasons for the rest.")
+    cov.add_argument("models", nargs="+", metavar="MODEL",
+                     help="timm:NAME, fastres:NAME or a torchvision name; keyword arguments in "
+                          "brackets and attributes after a dot, e.g. "
+                          "'timm:resnet50d[drop_path_rate=0.1]', "
+                          "fasterrcnn_resnet50_fpn.backbone")
+    cov.add_argument("--input", default="3,64,64", help="C,H,W of the probe input")
+    cov.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cov.set_defaults(func=cmd_coverage)
     return parser
 
 

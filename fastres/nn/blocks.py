@@ -31,6 +31,7 @@ from torch import nn
 
 from ..ops.block import ConvArgs, NormArgs, block_backend, residual_block
 from .conv_bn_relu import ConvBNReLU, bn_momenta, fusable_reason
+from .layout import match_input
 from .sync_conv_bn import sync_group
 
 Tensor = torch.Tensor
@@ -131,7 +132,8 @@ class FusedBlock(nn.Module):
 
     def _run(self, name: str, conv: nn.Module, bn: nn.Module, x: Tensor,
              residual: Tensor | None = None, relu: bool = True) -> Tensor:
-        return conv_bn_act(self._current_view(name, conv, bn), conv, bn, x, residual, relu)
+        out = conv_bn_act(self._current_view(name, conv, bn), conv, bn, x, residual, relu)
+        return match_input(out, x)  # eager's layout when called outside a fused model
 
     def _current_view(self, name: str, conv: nn.Module, bn: nn.Module) -> ConvBNReLU | None:
         """Pair ``name``'s view, rebuilt (or dropped) if a child was replaced since."""
@@ -227,8 +229,9 @@ class FusedBlock(nn.Module):
         shortcut = None if proj is None else ConvArgs(
             proj.weight, proj.stride, proj.padding, proj.dilation, proj.groups)
         entry_norm = preact and len(norms) == len(convs)
-        return residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
-                              entry_norm=entry_norm, training=training, backend=name)
+        return match_input(residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
+                                          entry_norm=entry_norm, training=training,
+                                          backend=name), x)
 
     def _projection(self) -> nn.Module | None:
         """The post-activation projection conv (``downsample`` = exactly conv + BN), None for

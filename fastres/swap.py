@@ -416,7 +416,10 @@ class _Planner:
         if self.is_(m, "timm_v2_other"):
             return self.per_layer(m, path, ["timm resnetv2's post-activation Bottleneck has no "
                                             "fastres block"])
-        if isinstance(m, FusedBlock) and not isinstance(m, FusedPreAct):
+        if isinstance(m, FusedPreAct):  # swapped before
+            self.actions.append(lambda: m.set_fused(True))
+            return True
+        if isinstance(m, FusedBlock):
             self.actions.append(lambda: m.set_fused(True))
             for pair, r in m.fusion_reasons().items():
                 self.reasons.append((path, f"{pair}: {r}"))
@@ -472,8 +475,9 @@ class _Planner:
             conv = conv[-1]
         if stem_link(model, conv_name) is not None:  # fused before
             return
-        r = fusable_reason(_plain_stem_view(conv), _plain_stem_view(bn)) or _relu_reason(
-            _plain_stem_view(act), act_name)
+        act_kind, r = activation_of(_plain_stem_view(act))
+        if r is None:  # the folded activation passes its input through: the op must apply it
+            r = fusable_reason(_plain_stem_view(conv), _plain_stem_view(bn), act_kind)
         if r is not None:
             self.reasons.append((f"{path}.{conv_name}" if path else conv_name, f"stem: {r}"))
             return

@@ -162,7 +162,9 @@ def run_chain(conv: nn.Module, norm: nn.Module, x: Tensor, residual: Any = None,
                               and x.dim() == 4 and residual.shape == (
                                   x.shape[0], conv.out_channels, *_conv_out_hw(conv, x))):
         with_residual = False  # broadcasting or a shape the op does not take: add after it
-    plan = _current_plan(conv, norm, act, with_residual) if isinstance(x, Tensor) else None
+    # an activation after a residual added here comes after that add, not in the op
+    op_act = act if residual is None or with_residual else None
+    plan = _current_plan(conv, norm, op_act, with_residual) if isinstance(x, Tensor) else None
     if plan is None:
         y = norm(conv(x))
         applied = False

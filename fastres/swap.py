@@ -46,6 +46,7 @@ from .nn.conv_bn_relu import ConvBNReLU, activation_of, fusable_reason
 from .nn.graph import (
     GraphFused,
     fuse_traced,
+    guard_inplace,
     has_inner_act,
     is_norm,
     pair_plan,
@@ -194,6 +195,7 @@ class FusedSequential(nn.Sequential):
             if from_run and not isinstance(mods[i], _FUSED_MODULES):
                 wanted = wanted or layout.wanted_format(entry)
                 x = layout.to_format(x, wanted)  # the next child sees eager's layout
+                x = guard_inplace(x, mods[i])
             x = mods[i](x)
             from_run = False
             i += 1

@@ -58,10 +58,11 @@ class Seeded(nn.Module):
 
 def frozen_fpn_backbone() -> nn.Module:
     """fasterrcnn_resnet50_fpn's backbone as torchvision builds it for pretrained weights:
-    FrozenBatchNorm2d everywhere (weights=None alone would give BatchNorm2d)."""
+    FrozenBatchNorm2d everywhere (weights=None alone would give BatchNorm2d); every layer
+    trainable, so that every conv weight has a gradient to compare."""
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 
-    return _resnet_fpn_extractor(torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d), 3)
+    return _resnet_fpn_extractor(torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d), 5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -146,6 +146,16 @@ def _current_plan(conv: nn.Module, norm: nn.Module, outer_act: str | None,
     return plan
 
 
+def guard_inplace(y: Tensor, *consumers: Any) -> Tensor:
+    """``y`` (a fused op's output, which its backward keeps) copied if a consumer would modify
+    it in place while autograd records (an ``inplace=True`` activation or dropout): in PyTorch
+    that consumer follows a BatchNorm, whose backward does not need its output."""
+    if (torch.is_grad_enabled() and isinstance(y, Tensor) and y.requires_grad
+            and any(getattr(c, "inplace", False) for c in consumers)):
+        return y.clone()
+    return y
+
+
 def _conv_out_hw(conv: nn.Conv2d, x: Tensor) -> tuple[int, int]:
     return tuple(
         (x.shape[2 + i] + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
@@ -171,8 +181,9 @@ def run_chain(conv: nn.Module, norm: nn.Module, x: Tensor, residual: Any = None,
     else:
         y = run_fused(conv, plan.norm, x, residual if with_residual else None,
                       act=plan.act or "none")
+        y = layout.match_input(layout.eager_strides(y), x)
         if plan.tail:
-            y = norm.act(norm.drop(y))
+            y = norm.act(norm.drop(guard_inplace(y, norm.drop, norm.act)))
         applied = plan.outer
     if residual is not None and not with_residual:
         y = y + residual
@@ -375,7 +386,7 @@ def plan_graph(module: nn.Module, graph: fx.Graph, *, rewrite: bool) -> GraphPla
         if rewrite:
             fused_nodes.append(_rewrite(graph, consumed, conv_path, norm_path, residual, act))
     if rewrite and fused_nodes:
-        _add_layout_conversions(graph, fused_nodes)
+        _add_layout_conversions(module, graph, fused_nodes)
     return found
 
 
@@ -393,9 +404,25 @@ def _rewrite(graph: fx.Graph, consumed: list[fx.Node], conv_path: str, norm_path
     return fused
 
 
-def _add_layout_conversions(graph: fx.Graph, fused_nodes: list[fx.Node]) -> None:
+class _InPlace:
+    """Stands for a consumer that modifies its input in place (see :func:`guard_inplace`)."""
+
+    inplace = True
+
+
+def _modifies_in_place(module: nn.Module, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(_module(module, node), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("__")
+    return bool(node.kwargs.get("inplace", False))
+
+
+def _add_layout_conversions(module: nn.Module, graph: fx.Graph,
+                            fused_nodes: list[fx.Node]) -> None:
     """A fused output going to anything but another fused run or the module's output gets the
-    layout eager would have there (the module's output is converted by its caller's rule)."""
+    layout eager would have there (the module's output is converted by its caller's rule), and
+    is copied first for a consumer that would modify it in place while autograd records."""
     fused = set(fused_nodes)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     wanted = None
@@ -412,6 +439,12 @@ def _add_layout_conversions(graph: fx.Graph, fused_nodes: list[fx.Node]) -> None
             converted = graph.call_function(layout.to_format, (node, wanted))
         for user in others:
             user.replace_input_with(node, converted)
+        inplace = [u for u in others if _modifies_in_place(module, u)]
+        if inplace:
+            with graph.inserting_after(converted):
+                guarded = graph.call_function(guard_inplace, (converted, _InPlace))
+            for user in inplace:
+                user.replace_input_with(converted, guarded)
 
 
 # ------------------------------------------------------------------------------------------------

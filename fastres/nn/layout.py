@@ -7,12 +7,18 @@ a seed). So:
 
 * :func:`fastres.fuse` registers a forward pre-hook and a forward hook on the root model
   (:func:`add_root_hooks`): the pre-hook notes the input's suggested format for this thread, the
-  hook converts the 4-d tensors of the output back to it. Inside such a root call fused modules
+  hook converts the 4-d tensors of the output back to it (for an NCHW input: channels_last
+  tensors become NCHW; for a channels_last input eager's ops see the same layouts as the fused
+  ones, so nothing changes). Inside such a root call fused modules
   keep channels_last between them (:func:`inside_fused_call`).
-* A fused module called outside a root call (``model.forward_features(x)`` bypasses the root's
-  forward) converts its own outputs with :func:`match_input` to its input's suggested format.
+* Elsewhere each fused op or module follows PyTorch's rule itself (:func:`match_input`): a
+  module called outside a root call (``model.forward_features(x)`` bypasses the root's
+  forward), and every op inside a root call on a channels_last input, where eager's layout can
+  still turn NCHW along the way (an ambiguous 1×1 map: :func:`eager_strides`). On a
+  channels_last input that costs nothing.
 * Inside a fused Sequential or traced block, a fused run whose output goes to a module that is
-  not fused is converted to :func:`wanted_format` first, so that module sees eager's layout.
+  not fused is converted to :func:`wanted_format` first, so that module sees eager's layout
+  (Dropout draws its mask in memory order).
 
 The hooks are module-level functions (they pickle and deep-copy with the model); their ids are
 kept in the root's ``__dict__`` so that :func:`remove_root_hooks` (``unfuse``) finds them.
@@ -49,22 +55,30 @@ def inside_fused_call() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
+def _nchw_root() -> bool:
+    """Inside a fused root call whose input was NCHW: eager's tensors are NCHW everywhere, the
+    fused ones stay channels_last between fused ops and are converted where they leave them."""
+    return inside_fused_call() and _state.formats[-1] == torch.contiguous_format
+
+
 def wanted_format(x: Any) -> torch.memory_format:
-    """The layout eager would have at this point: the root input's suggested format inside a
-    fused root call, else ``x``'s own."""
-    if inside_fused_call():
-        return _state.formats[-1]
-    return suggested_format(x)
+    """The layout eager has where ``x`` enters a module: NCHW inside a root call on an NCHW
+    input, else ``x``'s suggested format (eager's layout can change along the model: an
+    ambiguous 1×1 map makes its consumers NCHW)."""
+    return torch.contiguous_format if _nchw_root() else suggested_format(x)
 
 
 def to_format(out: Any, fmt: torch.memory_format) -> Any:
-    """``out`` (a tensor, or tuples/lists/dicts of them) with every dense 4-d tensor that is in
-    the other layout converted to ``fmt``; anything else unchanged."""
+    """``out`` (a tensor, or tuples/lists/dicts of them) as eager would lay it out where the
+    layout in force is ``fmt``: for contiguous (NCHW), every channels_last 4-d tensor made
+    contiguous (eager never makes one from NCHW inputs; fused ops did); for channels_last,
+    unchanged (eager's ops see the same channels_last tensors as the fused ones make)."""
+    if fmt != torch.contiguous_format:
+        return out
     if isinstance(out, Tensor):
-        if out.dim() != 4 or out.layout != torch.strided or out.is_contiguous(memory_format=fmt):
+        if out.dim() != 4 or out.layout != torch.strided or out.is_contiguous():
             return out
-        other = torch.contiguous_format if fmt == torch.channels_last else torch.channels_last
-        return out.contiguous(memory_format=fmt) if out.is_contiguous(memory_format=other) else out
+        return out.contiguous() if out.is_contiguous(memory_format=torch.channels_last) else out
     if isinstance(out, tuple) and hasattr(out, "_fields"):  # a named tuple
         return type(out)(*(to_format(v, fmt) for v in out))
     if isinstance(out, (tuple, list)):
@@ -78,6 +92,26 @@ def to_format(out: Any, fmt: torch.memory_format) -> Any:
     return out
 
 
+def _dense_strides(shape: torch.Size, fmt: torch.memory_format) -> tuple[int, ...]:
+    _, c, h, w = shape
+    if fmt == torch.channels_last:
+        return (h * w * c, 1, w * c, c)
+    return (c * h * w, h * w, w, 1)
+
+
+def eager_strides(y: Tensor) -> Tensor:
+    """A fused conv → norm (→ act) output ``y`` with the strides eager PyTorch gives it where
+    the two layouts coincide (a dimension of size 1, e.g. a 1×1 pooled map): there the norm's
+    output takes NCHW strides (measured on PyTorch's CPU BatchNorm), and though they address
+    the same memory, strides steer later format choices (``interpolate``, ``torch.cat``).
+    A restride, no copy."""
+    if not (y.dim() == 4 and y.is_contiguous()
+            and y.is_contiguous(memory_format=torch.channels_last)):
+        return y  # an unambiguous layout: the boundary rule (to_format) applies
+    strides = _dense_strides(y.shape, torch.contiguous_format)
+    return y if y.stride() == strides else y.as_strided(y.shape, strides)
+
+
 def first_tensor(args: Any) -> Tensor | None:
     for a in args:
         if isinstance(a, Tensor):
@@ -86,9 +120,10 @@ def first_tensor(args: Any) -> Tensor | None:
 
 
 def match_input(out: Any, x: Any) -> Any:
-    """A fused module's output as eager would lay it out when called on ``x`` outside a fused
-    root call; unchanged inside one (the root converts at its boundary)."""
-    if inside_fused_call():
+    """A fused op's or module's output as eager would lay it out for input ``x`` (PyTorch's
+    rule: the input's suggested format); unchanged inside a root call on an NCHW input (the
+    root and the fused modules' non-fused consumers convert, see the module docstring)."""
+    if _nchw_root():
         return out
     return to_format(out, suggested_format(x))
 

@@ -1,32 +1,40 @@
-"""``fastres.fuse`` / ``fastres.unfuse``: swap fused blocks into existing models, and back.
+"""``fastres.fuse`` / ``fastres.unfuse``: fuse a model's conv → norm (→ activation) runs in
+place, found by structure, and back.
 
-What is swapped (module *instances* are replaced, or change class to a fastres subclass of their
-own type; no third-party class is patched):
+What is fused (module *instances* are replaced, or change class to a subclass of their own type;
+no third-party class is patched):
 
-* torchvision ``ResNet`` (ResNet, ResNeXt, Wide ResNet): every ``BasicBlock``/``Bottleneck`` becomes
+* torchvision / timm ResNet blocks of the textbook shape (``BasicBlock``/``Bottleneck``, timm's
+  when SE, anti-aliasing, drop-block/drop-path are no-ops and the activations ReLU) become
   :class:`fastres.nn.BasicBlock`/:class:`fastres.nn.Bottleneck` holding the very same children
-  (conv/BN modules, and the activations it does not call) under the same names, and the stem's
-  conv1 + bn1 + relu is folded in place (:mod:`fastres.nn.stem`);
-* timm ``ResNet`` (``resnet*``, ``resnext*``, ``wide_resnet*``, ...): the same, when the block's
-  extras are no-ops (no SE/attention, no anti-aliasing, drop-block/drop-path off, ReLU);
-* timm ``ResNetV2`` pre-activation blocks (``resnetv2_*`` with BatchNorm): :class:`FusedPreAct`;
-* any plain ``nn.Sequential`` holding Conv2d → BatchNorm2d (→ ReLU) runs (or Conv2d → timm's
-  BatchNormAct2d with ReLU, as in ``resnetv2_*d`` deep stems) become :class:`FusedSequential`
-  (the same object, its class changed to that subclass);
+  under the same names (one block op in training); timm ``ResNetV2`` pre-activation blocks become
+  :class:`FusedPreAct`; the ResNet stem (a deep stem's last conv too) is folded in place
+  (:mod:`fastres.nn.stem`);
+* a Sequential, or a subclass that keeps Sequential's forward, runs its conv → norm (→ activation)
+  children fused (:class:`FusedSequential` or a generated subclass of its own type);
+* any other module whose forward torch.fx traces with its children as leaves has its chains read
+  from the graph and runs a generated forward (:mod:`fastres.nn.graph`): timm ``ConvNormAct``,
+  ByobNet / RegNet / CSP blocks, SE / ECA / drop-path / anti-aliased ResNet blocks (per layer;
+  the report says why they are not one block op), torchvision RegNet blocks, detection
+  backbones' ``IntermediateLayerGetter``;
 * fastres' own blocks and models: their fused views are rebuilt (e.g. after a BN was replaced).
+
+The fused model returns the memory format eager would (:mod:`fastres.nn.layout`: a forward
+pre-hook and hook on the root, removed by :func:`unfuse`).
 
 Parameters and buffers are shared, never copied (with ``inplace=False`` the model is deep-copied
 first), so an optimizer built on the model before ``fuse(model, inplace=True)`` keeps working.
 Nothing is renamed: ``named_parameters()``, ``named_buffers()``, ``named_modules()`` and
 ``state_dict()`` give the original's names in the original's order, attribute paths such as
 ``model.conv1.weight`` or ``model.layer1[0].bn2.running_mean`` reach the same tensors, and no
-state_dict hook is involved. Only the types of swapped blocks (and of the stem's three modules,
-which become subclasses of their own types) change; :func:`unfuse` gives the original types back.
+state_dict hook is involved. Only types change (to subclasses of their own type, except swapped
+textbook blocks); :func:`unfuse` gives the original types back.
 
-What cannot be fused exactly stays as it was, with the reason: a ``warnings.warn`` lists them,
-:func:`fuse_report` returns them, and ``strict=True`` raises :class:`FuseError` listing them all
-before anything is changed. ``nn.SyncBatchNorm`` pairs are fused: in training across processes
-their statistics are merged over the process group (:mod:`fastres.nn.sync_conv_bn`).
+Every conv followed by a norm that is left unfused is listed with its reason: a
+``warnings.warn`` lists them, :func:`fuse_report` returns them (with the blocks that run layer by
+layer and why), and ``strict=True`` raises :class:`FuseError` listing them all before anything is
+changed. ``nn.SyncBatchNorm`` pairs are fused: in training across processes their statistics are
+merged over the process group (:mod:`fastres.nn.sync_conv_bn`).
 """
 
 from __future__ import annotations

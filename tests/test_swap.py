@@ -415,10 +415,23 @@ def test_sequential_child_replaced_after_fuse():
 
 
 def structure(model: nn.Module) -> list[tuple]:
-    """Every module's path, object, type, plain attributes and hooks: what fuse could change."""
+    """Every module's path, object, type, plain attributes and hooks: what fuse could change
+    (fuse adds one forward pre-hook and one forward hook on the root: the layout rule)."""
     return [(name, id(m), type(m), sorted(m.__dict__), len(m._state_dict_hooks),
-             len(m._load_state_dict_pre_hooks), len(m._forward_hooks))
+             len(m._load_state_dict_pre_hooks), len(m._forward_hooks), len(m._forward_pre_hooks))
             for name, m in model.named_modules()]
+
+
+def test_fuse_adds_only_the_root_layout_hooks():
+    model = FAMILIES["tv-resnet18"]()
+    fused = fuse_quietly(model)
+    hooks = [(n, len(m._forward_hooks), len(m._forward_pre_hooks))
+             for n, m in fused.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooks == [("", 1, 1)]
+    assert fuse_quietly(fused, inplace=True) is fused  # fusing again keeps the one pair
+    assert len(fused._forward_hooks) == len(fused._forward_pre_hooks) == 1
+    fastres.unfuse(fused)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in fused.modules())
 
 
 def test_strict_failure_leaves_the_model_untouched():

@@ -254,3 +254,39 @@ def test_frozen_fpn_backbone_fuses_every_pair_including_the_body_stem():
     result = coverage(model)
     assert result["conv_norm"] == 53 and result["fused_per_layer"] == 53, result
     assert not result["unfused"]
+
+
+class ResidualBlock(nn.Module):
+    """A residual block no class list knows: conv-BN-ReLU, conv-BN, + input, ReLU."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm_a = nn.BatchNorm2d(channels)
+        self.act = nn.ReLU(inplace=True)
+        self.conv_b = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm_b = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm_a(self.conv_a(x)))
+        return torch.relu(self.norm_b(self.conv_b(y)) + x)
+
+
+def test_traced_block_under_compile_fullgraph():
+    from tests.numerics import assert_close_ratio
+
+    original = randomize_bn(nn.Sequential(ResidualBlock(8), nn.Conv2d(8, 4, 1)))
+    fused = fuse_quietly(original)
+    assert [c.residual for c in fused[0].__dict__["_fastres_graph"].chains] == [False, True]
+    compiled = torch.compile(copy.deepcopy(fused), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 12, 12)
+    outs, grads = [], []
+    for m, inp in ((compiled, x), (original, x), (copy.deepcopy(original).double(), x.double())):
+        inp = inp.clone().requires_grad_()
+        y = m(inp)
+        y.sum().backward()
+        outs.append(y)
+        grads.append(inp.grad)
+    assert outs[0].stride() == outs[1].stride()
+    assert_close_ratio("compiled output", outs[0], outs[2], outs[1])
+    assert_close_ratio("compiled input grad", grads[0], grads[2], grads[1])

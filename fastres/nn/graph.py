@@ -135,6 +135,9 @@ def _current_plan(conv: nn.Module, norm: nn.Module, outer_act: str | None,
                   residual: bool) -> PairPlan | None:
     """:func:`pair_plan` for the modules a call gets, remembered per conv (the check runs again
     when the conv's partner, the activation or the residual changed)."""
+    if torch.compiler.is_compiling():  # traced once per graph: no cache (nor lock) needed
+        plan = pair_plan(conv, norm, outer_act, residual)
+        return plan if isinstance(plan, PairPlan) else None
     entry = _checked.get(conv)
     key = (outer_act, residual, type(norm))
     if entry is not None and entry[0]() is norm and entry[1] == key:

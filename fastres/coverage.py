@@ -27,6 +27,7 @@ from torch import nn
 from .nn.blocks import FusedBlock
 from .nn.graph import GraphFused, fused_chains, is_norm
 from .nn.stem import LINK_ATTR, StemConv2d
+from .swap import FusedSequential, fuse, fuse_report
 
 Tensor = torch.Tensor
 
@@ -82,7 +83,7 @@ def fused_convs(model: nn.Module) -> tuple[set[str], set[str], dict[str, str]]:
             if hasattr(m, "block_layout") and m.block_reason() is None:
                 convs, _, proj, _ = m.block_layout()
                 block_op.update(paths[id(c)] for c in (*convs, proj) if c is not None)
-        elif hasattr(m, "_runs") and isinstance(m._runs, dict):  # a FusedSequential
+        elif isinstance(m, FusedSequential):
             for run in m._runs.values():
                 per_layer.add(paths[id(run.conv)])
                 if run.note:
@@ -117,8 +118,6 @@ def coverage(model: nn.Module, fused: nn.Module | None = None, *,
     ``conv_norm`` (convs followed by a norm), ``fused_per_layer``, ``in_block_ops``,
     ``act_outside`` ({why: count}), ``unfused`` ({reason: [conv paths]}; "no reason given" where
     the report has none), ``block_notes`` ({why a block runs layer by layer: count})."""
-    from .swap import fuse, fuse_report
-
     pairs = conv_norm_pairs(model, input_size)
     if fused is None:
         with warnings.catch_warnings():

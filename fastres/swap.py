@@ -308,7 +308,7 @@ class FusedPreAct(FusedBlock):
             else:  # norm applies its own activation
                 h = norm(conv(h))
         h = getattr(self, f"conv{self.n_convs}")(h)
-        return self.drop_path(h) + shortcut
+        return layout.match_input(self.drop_path(h) + shortcut, x)
 
 
 def _bn_act_reason(conv: nn.Module, norm: nn.Module) -> str | None:

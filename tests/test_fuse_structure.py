@@ -163,6 +163,7 @@ LAYOUT_MODELS = {
     "tv-resnet18": lambda: torchvision.models.resnet18(num_classes=4),
     "timm-resnet18d": lambda: timm.create_model("resnet18d", num_classes=4),
     "timm-resnet33ts": lambda: timm.create_model("resnet33ts", num_classes=4),
+    "timm-resnetv2_50": lambda: timm.create_model("resnetv2_50", num_classes=4),
     "fpn-frozen": frozen_fpn_backbone,
 }
 

@@ -291,3 +291,29 @@ def test_traced_block_under_compile_fullgraph():
     assert outs[0].stride() == outs[1].stride()
     assert_close_ratio("compiled output", outs[0], outs[2], outs[1])
     assert_close_ratio("compiled input grad", grads[0], grads[2], grads[1])
+
+
+class DataDependent(nn.Module):
+    """A forward torch.fx cannot trace (control flow on a tensor's value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = -x
+        return self.bn(self.conv(x))
+
+
+def test_untraceable_module_is_left_with_its_reason():
+    model = nn.Sequential(DataDependent(), nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match="cannot be traced"):
+        fused = fastres.fuse(model)
+    assert [p for p, _ in fuse_report(fused)] == ["0"]
+    assert type(fused[0]) is DataDependent and isinstance(fused, FusedSequential)
+    result = coverage(model, input_size=(3, 8, 8))
+    assert result["fused_per_layer"] == 1 and list(result["unfused"].values()) == [["0.conv"]]
+    with pytest.raises(fastres.swap.FuseError, match="0: its conv → norm children"):
+        fastres.fuse(model, strict=True)

@@ -356,6 +356,12 @@ def plan_graph(module: nn.Module, graph: fx.Graph, *, rewrite: bool) -> GraphPla
             conv_path = f"{node.target}.{unit[0]}"
             conv_node = None
         norm_path = norm_node.target if norm_node is not None else f"{node.target}.{unit[1]}"
+        if any(len(n.args) != 1 or n.kwargs for n in (node, norm_node) if n is not None):
+            if conv_node is not None:
+                found.pairs.append((conv_path, norm_path))
+                found.reasons.append((conv_path, "the conv or norm is called with more than "
+                                      "one argument"))
+            continue
         conv_m, norm_m = module.get_submodule(conv_path), module.get_submodule(norm_path)
         if conv_node is not None:
             found.pairs.append((conv_path, norm_path))

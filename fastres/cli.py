@@ -1,5 +1,5 @@
 """The ``fastres`` command: ``fastres bench``, ``fastres info``, ``fastres tune``,
-``fastres summary``, ``fastres memory`` and ``fastres kernels``.
+``fastres summary``, ``fastres memory``, ``fastres kernels`` and ``fastres coverage``.
 
 ``fastres bench`` times fastres against PyTorch eager and ``torch.compile`` (model img/s, a
 training step of single residual blocks: the block op vs the same block layer by layer, and
@@ -12,6 +12,9 @@ keeps for backward, fastres vs eager, next to the paper traffic model of
 :mod:`fastres.benchmark.traffic`. ``fastres kernels MODEL --device sm_XX`` lists the Triton
 compile units a model's training and eval steps launch on a device class, without a GPU, and with
 ``--compile`` compiles them for it (see :mod:`fastres.kernels`).
+:mod:`fastres.benchmark.traffic`. ``fastres coverage MODEL...`` says how many of a model's convs
+followed by a norm ``fastres.fuse`` fuses, per layer and in block ops, and why not the rest
+(:mod:`fastres.coverage`).
 """
 
 from __future__ import annotations
@@ -528,6 +531,31 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(report_json(report), indent=1) + "\n")
     # with --compile, a unit that fails to compile or breaks a rule fails the command
     return 1 if args.compile and not all(unit_clean(u, report.device) for u in report.units) else 0
+# fastres coverage
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_coverage(args: argparse.Namespace) -> int:
+    import json
+
+    from .coverage import build_model, coverage, coverage_lines
+
+    try:
+        size = tuple(int(v) for v in args.input.split(","))
+    except ValueError:
+        raise SystemExit(f"fastres coverage: --input wants C,H,W, got {args.input!r}") from None
+    results = {}
+    for spec in args.models:
+        try:
+            model = build_model(spec)
+        except (ValueError, RuntimeError, AttributeError, ImportError, TypeError) as e:
+            raise SystemExit(f"fastres coverage: cannot build model {spec!r}: {e}") from e
+        results[spec] = coverage(model, input_size=size)
+        if not args.json:
+            print("\n".join(coverage_lines(spec, results[spec])))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -670,6 +698,20 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--jobs", type=int, default=None, help="compile processes (default: cores)")
     kern.add_argument("--json", default=None, metavar="PATH", help="also write the report here")
     kern.set_defaults(func=cmd_kernels)
+    cov = sub.add_parser(
+        "coverage", help="how much of a model fastres.fuse fuses, and why not the rest",
+        description="Build each model weights-free, find the convs followed by a norm (one eval "
+                    "forward on a small random input, by data flow), fuse a copy and print: "
+                    "those convs, how many run fused per layer, how many train inside block "
+                    "ops, activations applied after the op, and the reasons for the rest.")
+    cov.add_argument("models", nargs="+", metavar="MODEL",
+                     help="timm:NAME, fastres:NAME or a torchvision name; keyword arguments in "
+                          "brackets and attributes after a dot, e.g. "
+                          "'timm:resnet50d[drop_path_rate=0.1]', "
+                          "fasterrcnn_resnet50_fpn.backbone")
+    cov.add_argument("--input", default="3,64,64", help="C,H,W of the probe input")
+    cov.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cov.set_defaults(func=cmd_coverage)
     return parser
 
 

@@ -1,32 +1,40 @@
-"""``fastres.fuse`` / ``fastres.unfuse``: swap fused blocks into existing models, and back.
+"""``fastres.fuse`` / ``fastres.unfuse``: fuse a model's conv → norm (→ activation) runs in
+place, found by structure, and back.
 
-What is swapped (module *instances* are replaced, or change class to a fastres subclass of their
-own type; no third-party class is patched):
+What is fused (module *instances* are replaced, or change class to a subclass of their own type;
+no third-party class is patched):
 
-* torchvision ``ResNet`` (ResNet, ResNeXt, Wide ResNet): every ``BasicBlock``/``Bottleneck`` becomes
+* torchvision / timm ResNet blocks of the textbook shape (``BasicBlock``/``Bottleneck``, timm's
+  when SE, anti-aliasing, drop-block/drop-path are no-ops and the activations ReLU) become
   :class:`fastres.nn.BasicBlock`/:class:`fastres.nn.Bottleneck` holding the very same children
-  (conv/BN modules, and the activations it does not call) under the same names, and the stem's
-  conv1 + bn1 + relu is folded in place (:mod:`fastres.nn.stem`);
-* timm ``ResNet`` (``resnet*``, ``resnext*``, ``wide_resnet*``, ...): the same, when the block's
-  extras are no-ops (no SE/attention, no anti-aliasing, drop-block/drop-path off, ReLU);
-* timm ``ResNetV2`` pre-activation blocks (``resnetv2_*`` with BatchNorm): :class:`FusedPreAct`;
-* any plain ``nn.Sequential`` holding Conv2d → BatchNorm2d (→ ReLU) runs (or Conv2d → timm's
-  BatchNormAct2d with ReLU, as in ``resnetv2_*d`` deep stems) become :class:`FusedSequential`
-  (the same object, its class changed to that subclass);
+  under the same names (one block op in training); timm ``ResNetV2`` pre-activation blocks become
+  :class:`FusedPreAct`; the ResNet stem (a deep stem's last conv too) is folded in place
+  (:mod:`fastres.nn.stem`);
+* a Sequential, or a subclass that keeps Sequential's forward, runs its conv → norm (→ activation)
+  children fused (:class:`FusedSequential` or a generated subclass of its own type);
+* any other module whose forward torch.fx traces with its children as leaves has its chains read
+  from the graph and runs a generated forward (:mod:`fastres.nn.graph`): timm ``ConvNormAct``,
+  ByobNet / RegNet / CSP blocks, SE / ECA / drop-path / anti-aliased ResNet blocks (per layer;
+  the report says why they are not one block op), torchvision RegNet blocks, detection
+  backbones' ``IntermediateLayerGetter``;
 * fastres' own blocks and models: their fused views are rebuilt (e.g. after a BN was replaced).
+
+The fused model returns the memory format eager would (:mod:`fastres.nn.layout`: a forward
+pre-hook and hook on the root, removed by :func:`unfuse`).
 
 Parameters and buffers are shared, never copied (with ``inplace=False`` the model is deep-copied
 first), so an optimizer built on the model before ``fuse(model, inplace=True)`` keeps working.
 Nothing is renamed: ``named_parameters()``, ``named_buffers()``, ``named_modules()`` and
 ``state_dict()`` give the original's names in the original's order, attribute paths such as
 ``model.conv1.weight`` or ``model.layer1[0].bn2.running_mean`` reach the same tensors, and no
-state_dict hook is involved. Only the types of swapped blocks (and of the stem's three modules,
-which become subclasses of their own types) change; :func:`unfuse` gives the original types back.
+state_dict hook is involved. Only types change (to subclasses of their own type, except swapped
+textbook blocks); :func:`unfuse` gives the original types back.
 
-What cannot be fused exactly stays as it was, with the reason: a ``warnings.warn`` lists them,
-:func:`fuse_report` returns them, and ``strict=True`` raises :class:`FuseError` listing them all
-before anything is changed. ``nn.SyncBatchNorm`` pairs are fused: in training across processes
-their statistics are merged over the process group (:mod:`fastres.nn.sync_conv_bn`).
+Every conv followed by a norm that is left unfused is listed with its reason: a
+``warnings.warn`` lists them, :func:`fuse_report` returns them (with the blocks that run layer by
+layer and why), and ``strict=True`` raises :class:`FuseError` listing them all before anything is
+changed. ``nn.SyncBatchNorm`` pairs are fused: in training across processes their statistics are
+merged over the process group (:mod:`fastres.nn.sync_conv_bn`).
 """
 
 from __future__ import annotations
@@ -35,13 +43,28 @@ import copy
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from .nn import layout
 from .nn.blocks import BasicBlock, Bottleneck, FusedBlock
-from .nn.conv_bn_relu import ConvBNReLU, fusable_reason
-from .nn.stem import fold_stem, stem_link, unfold_stem
+from .nn.conv_bn_relu import ConvBNReLU, activation_of, fusable_reason
+from .nn.graph import (
+    GraphFused,
+    fuse_traced,
+    guard_inplace,
+    has_inner_act,
+    is_norm,
+    pair_plan,
+    plain_forward_active,
+    plan_graph,
+    run_chain,
+    trace,
+    unfuse_traced,
+)
+from .nn.stem import StemConv2d, fold_stem, stem_link, unfold_stem
 
 Tensor = torch.Tensor
 
@@ -105,13 +128,28 @@ def _noop_reason(m: nn.Module | None, where: str) -> str | None:
     return f"{where} is {type(m).__name__}{detail}, not a no-op"
 
 
-class FusedSequential(nn.Sequential):
-    """``nn.Sequential`` whose Conv2d → BatchNorm2d (→ ReLU) runs execute fused.
+class Run(NamedTuple):
+    """A conv → norm (→ activation) run of a FusedSequential, from child ``start`` on."""
 
-    Same children under the same names as the original Sequential, so the same keys; the
-    :class:`ConvBNReLU` views are kept unregistered (as in :class:`fastres.nn.FusedBlock`),
-    checked against the current children at each call, and found anew if a child was replaced.
+    conv: nn.Module
+    norm: nn.Module
+    act_module: nn.Module | None  # the activation child fused after the norm, if any
+    act: str | None
+    length: int
+    note: str | None = None  # why an activation runs after the op, in PyTorch
+
+
+class FusedSequential(nn.Sequential):
+    """A Sequential (or a subclass that keeps Sequential's forward, as
+    :func:`sequential_type` makes them) whose conv → norm (→ activation) children run fused.
+
+    Same children under the same names, so the same keys; the runs are plain data (no
+    registered module), checked against the current children at each call and found anew if a
+    child was replaced. A run's output going to a child that is not fused gets the layout eager
+    would have there (:mod:`fastres.nn.layout`).
     """
+
+    _fastres_plain: type = nn.Sequential
 
     def __init__(self, *args: nn.Module) -> None:
         super().__init__(*args)
@@ -120,59 +158,93 @@ class FusedSequential(nn.Sequential):
     def rebuild(self) -> list[tuple[str, str]]:
         """Find the runs again; returns ``(child index, reason)`` for conv→norm left unfused."""
         mods = list(self._modules.values())
-        runs: dict[int, tuple[ConvBNReLU, int]] = {}
+        runs: dict[int, Run] = {}
         reasons = []
         i = 0
         while i < len(mods) - 1:
-            conv, bn = mods[i], mods[i + 1]
-            if isinstance(conv, nn.Conv2d) and _looks_like_norm(bn):
-                reason = fusable_reason(conv, bn)
-                if type(bn).__name__ == "BatchNormAct2d":  # timm: BN with its ReLU inside
-                    reason = _bn_act_reason(conv, bn)
-                    if reason is None:
-                        runs[i] = (_bn_act_view(conv, bn), 2)
-                        i += 2
-                        continue
-                elif reason is None:
-                    relu = i + 2 < len(mods) and type(mods[i + 2]) is nn.ReLU
-                    runs[i] = (ConvBNReLU.from_modules(conv, bn, relu=relu), 3 if relu else 2)
-                    i += runs[i][1]
+            conv, norm = mods[i], mods[i + 1]
+            if isinstance(conv, nn.Conv2d) and is_norm(norm):
+                act_module, act = None, None
+                if i + 2 < len(mods) and not has_inner_act(norm):
+                    name, why = activation_of(mods[i + 2])
+                    if name is not None and why is None:
+                        act_module, act = mods[i + 2], name
+                plan = pair_plan(conv, norm, act)
+                if isinstance(plan, str):
+                    reasons.append((str(i), plan))
+                else:
+                    runs[i] = Run(conv, norm, act_module, act, 3 if act else 2, plan.note)
+                    i += runs[i].length
                     continue
-                reasons.append((str(i), reason))
             i += 1
         self._runs = runs
         return reasons
 
     @staticmethod
-    def _is_current(mods: list[nn.Module], i: int, view: ConvBNReLU, n: int) -> bool:
-        return (i + n <= len(mods) and view.conv is mods[i] and view.bn is mods[i + 1]
-                and (n == 2 or type(mods[i + 2]) is nn.ReLU))
+    def _is_current(mods: list[nn.Module], i: int, run: Run) -> bool:
+        return (i + run.length <= len(mods) and run.conv is mods[i] and run.norm is mods[i + 1]
+                and (run.length == 2 or run.act_module is mods[i + 2]))
 
     def forward(self, x: Tensor) -> Tensor:
+        if plain_forward_active():
+            return nn.Sequential.forward(self, x)
         mods = list(self._modules.values())
-        if not all(self._is_current(mods, i, view, n) for i, (view, n) in self._runs.items()):
+        if not all(self._is_current(mods, i, run) for i, run in self._runs.items()):
             self.rebuild()  # a child was replaced (e.g. convert_sync_batchnorm): runs anew
+        entry, wanted, from_run = x, None, False
         i = 0
         while i < len(mods):
             run = self._runs.get(i)
             if run is not None:
-                x = run[0](x)
-                i += run[1]
+                x = run_chain(run.conv, run.norm, x, None, run.act)
+                i += run.length
+                from_run = True
                 continue
+            if from_run and not isinstance(mods[i], _FUSED_MODULES):
+                wanted = wanted or layout.wanted_format(entry)
+                x = layout.to_format(x, wanted)  # the next child sees eager's layout
+                x = guard_inplace(x, mods[i])
             x = mods[i](x)
+            from_run = False
             i += 1
-        return x
+        return layout.match_input(x, entry)
+
+    def __reduce_ex__(self, protocol: int):
+        # a generated subclass is not importable by name: rebuild it from the plain class
+        return _new_sequential, (self._fastres_plain,), self.__dict__
+
+
+_SEQUENTIAL_TYPES: dict[type, type] = {nn.Sequential: FusedSequential}
+
+
+def sequential_type(plain: type) -> type:
+    """The fused subclass of a Sequential type (``FusedSequential`` for ``nn.Sequential``)."""
+    if plain not in _SEQUENTIAL_TYPES:
+        _SEQUENTIAL_TYPES[plain] = type(f"Fused{plain.__name__}", (FusedSequential, plain), {
+            "_fastres_plain": plain, "__module__": __name__,
+            "__doc__": f"{plain.__name__} with its conv → norm runs fused (fastres.fuse)."})
+    return _SEQUENTIAL_TYPES[plain]
+
+
+def _new_sequential(plain: type) -> nn.Module:
+    cls = sequential_type(plain)
+    return cls.__new__(cls)
+
+
+def is_sequential_like(m: nn.Module) -> bool:
+    """A Sequential whose forward is Sequential's: its children in order are its data flow."""
+    return isinstance(m, nn.Sequential) and type(m).forward in (nn.Sequential.forward,
+                                                                FusedSequential.forward)
+
+
+_FUSED_MODULES = (FusedBlock, GraphFused, FusedSequential, StemConv2d)
 
 
 def _fold_sequential(m: nn.Sequential) -> None:
-    # the same object becomes a FusedSequential (a subclass): fuse(inplace=True) on a root
+    # the same object becomes a subclass of its own type: fuse(inplace=True) on a root
     # Sequential returns the model itself, and nothing holding it sees a different object
-    m.__class__ = FusedSequential
+    m.__class__ = sequential_type(getattr(type(m), "_fastres_plain", type(m)))
     m.rebuild()
-
-
-def _looks_like_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._NormBase) or "BatchNorm" in type(m).__name__
 
 
 class FusedPreAct(FusedBlock):
@@ -236,7 +308,7 @@ class FusedPreAct(FusedBlock):
             else:  # norm applies its own activation
                 h = norm(conv(h))
         h = getattr(self, f"conv{self.n_convs}")(h)
-        return self.drop_path(h) + shortcut
+        return layout.match_input(self.drop_path(h) + shortcut, x)
 
 
 def _bn_act_reason(conv: nn.Module, norm: nn.Module) -> str | None:
@@ -301,75 +373,159 @@ def _take_place_of(fused: nn.Module, original: nn.Module) -> nn.Module:
     return fused
 
 
-def _plan_module(parent: nn.Module, name: str, m: nn.Module, path: str, classes,
-                 actions: list[Action], reasons: list[tuple[str, str]]) -> bool:
-    """Plan the swap of ``m`` (child ``name`` of ``parent``). True: do not recurse into it."""
+_NOT_BLOCK_OP = "runs layer by layer: "
 
-    def replace(new_factory: Callable[[], nn.Module]) -> None:
-        def action() -> None:
-            new = new_factory()
-            new.training = m.training  # the flag only: the shared children keep theirs
-            setattr(parent, name, new)
 
-        actions.append(action)
+class _Planner:
+    """What :func:`fuse` will do (``actions``), what it leaves unfused (``reasons``: module
+    path, why) and which blocks it fuses per layer only (``notes``); nothing is changed until
+    the actions run."""
 
-    def refuse(why: list[str]) -> bool:
-        reasons.extend((path, r) for r in why)
-        return True
+    def __init__(self) -> None:
+        self.classes = _optional_classes()
+        self.actions: list[Action] = []
+        self.reasons: list[tuple[str, str]] = []
+        self.notes: list[tuple[str, str]] = []
 
-    if _is(m, classes, "tv_basic") or _is(m, classes, "timm_basic"):
-        extras = [_relu_reason(getattr(m, a, None), a) for a in ("relu", "act1", "act2")]
-        extras += [_noop_reason(getattr(m, a, None), a) for a in ("drop_block", "drop_path")]
-        extras += [_noop_reason(getattr(m, "aa", None), "aa (anti-aliasing)"),
-                   _noop_reason(getattr(m, "se", None), "se (attention)")]
-        why = _block_reasons(m, [("conv1", "bn1"), ("conv2", "bn2")], extras)
-        if why:
-            return refuse(why)
-        replace(lambda: _take_place_of(BasicBlock.from_modules(
-            m.conv1, m.bn1, m.conv2, m.bn2, m.downsample), m))
-        return True
-    if _is(m, classes, "tv_bottleneck") or _is(m, classes, "timm_bottleneck"):
-        extras = [_relu_reason(getattr(m, a, None), a) for a in ("relu", "act1", "act2", "act3")]
-        extras += [_noop_reason(getattr(m, a, None), a) for a in ("drop_block", "drop_path")]
-        extras += [_noop_reason(getattr(m, "aa", None), "aa (anti-aliasing)"),
-                   _noop_reason(getattr(m, "se", None), "se (attention)")]
-        why = _block_reasons(m, [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")], extras)
-        if why:
-            return refuse(why)
-        replace(lambda: _take_place_of(Bottleneck.from_modules(
-            m.conv1, m.bn1, m.conv2, m.bn2, m.conv3, m.bn3, m.downsample), m))
-        return True
-    if _is(m, classes, "timm_preact"):
-        n = 3 if hasattr(m, "conv3") else 2
-        why = [f"conv{i}+norm{i + 1}: {r}" for i in range(1, n)
-               if (r := _bn_act_reason(getattr(m, f"conv{i}"), getattr(m, f"norm{i + 1}")))]
-        r = _noop_reason(m.drop_path, "drop_path")
-        if r:
-            why.append(r)
-        if why:
-            return refuse(why)
-        replace(lambda: _take_place_of(FusedPreAct(m), m))
-        return True
-    if _is(m, classes, "timm_v2_other"):
-        return refuse(["timm resnetv2 post-activation Bottleneck is not swapped"])
-    if isinstance(m, FusedBlock) and not isinstance(m, FusedPreAct):
-        actions.append(lambda: m.set_fused(True))
-        for pair, r in m.fusion_reasons().items():
-            reasons.append((path, f"{pair}: {r}"))
-        # a fastres ResNet: recurse into its stages; a block: done
-        return not isinstance(m, _models_resnet())
-    if type(m) in (nn.Sequential, FusedSequential):
-        probe = FusedSequential.__new__(FusedSequential)
-        nn.Module.__init__(probe)
-        probe._modules = OrderedDict(m._modules)
-        why = probe.rebuild()
-        reasons.extend((path, f"[{i}]: {r}") for i, r in why)
-        if probe._runs:
-            # children first (nested Sequentials), then this one over the possibly new children
-            _plan_children(m, path, classes, actions, reasons)
-            actions.append(lambda: _fold_sequential(m))
+    def is_(self, m: nn.Module, *roles: str) -> bool:
+        return any(_is(m, self.classes, role) for role in roles)
+
+    def module(self, parent: nn.Module, name: str, m: nn.Module, path: str) -> bool:
+        """Plan ``m`` (child ``name`` of ``parent``). True: do not recurse into it."""
+
+        def replace(new_factory: Callable[[], nn.Module]) -> bool:
+            def action() -> None:
+                new = new_factory()
+                new.training = m.training  # the flag only: the shared children keep theirs
+                setattr(parent, name, new)
+
+            self.actions.append(action)
             return True
-    return False
+
+        if self.is_(m, "tv_basic", "timm_basic", "tv_bottleneck", "timm_bottleneck"):
+            basic = self.is_(m, "tv_basic", "timm_basic")
+            n = 2 if basic else 3
+            why = _block_reasons(m, [(f"conv{i}", f"bn{i}") for i in range(1, n + 1)],
+                                 _textbook_extras(m, n))
+            if not why:
+                if basic:
+                    return replace(lambda: _take_place_of(BasicBlock.from_modules(
+                        m.conv1, m.bn1, m.conv2, m.bn2, m.downsample), m))
+                return replace(lambda: _take_place_of(Bottleneck.from_modules(
+                    m.conv1, m.bn1, m.conv2, m.bn2, m.conv3, m.bn3, m.downsample), m))
+            return self.per_layer(m, path, why)
+        if self.is_(m, "timm_preact"):
+            n = 3 if hasattr(m, "conv3") else 2
+            why = [f"conv{i}+norm{i + 1}: {r}" for i in range(1, n)
+                   if (r := _bn_act_reason(getattr(m, f"conv{i}"), getattr(m, f"norm{i + 1}")))]
+            if r := _noop_reason(m.drop_path, "drop_path"):
+                why.append(r)
+            if not why:
+                return replace(lambda: _take_place_of(FusedPreAct(m), m))
+            return self.per_layer(m, path, why)
+        if self.is_(m, "timm_v2_other"):
+            return self.per_layer(m, path, ["timm resnetv2's post-activation Bottleneck has no "
+                                            "fastres block"])
+        if isinstance(m, FusedPreAct):  # swapped before
+            self.actions.append(lambda: m.set_fused(True))
+            return True
+        if isinstance(m, FusedBlock):
+            self.actions.append(lambda: m.set_fused(True))
+            for pair, r in m.fusion_reasons().items():
+                self.reasons.append((path, f"{pair}: {r}"))
+            # a fastres ResNet: recurse into its stages; a block: done
+            return not isinstance(m, _models_resnet())
+        if is_sequential_like(m):
+            probe = FusedSequential.__new__(FusedSequential)
+            nn.Module.__init__(probe)
+            probe._modules = OrderedDict(m._modules)
+            why = probe.rebuild()
+            self.reasons.extend((path, f"[{i}]: {r}") for i, r in why)
+            if probe._runs:
+                # children first (nested Sequentials), then this one over the possibly new
+                # children
+                self.children(m, path)
+                self.actions.append(lambda: _fold_sequential(m))
+                return True
+            return False
+        if self.is_(m, "tv_resnet", "timm_resnet"):
+            return False  # the stem is folded (_plan_stem), the blocks swapped
+        return self.traced(m, path)
+
+    def per_layer(self, m: nn.Module, path: str, why: list[str]) -> bool:
+        """A residual block the block op cannot take: its runs fused by structure."""
+        self.notes.append((path, _NOT_BLOCK_OP + "; ".join(why)))
+        return self.traced(m, path)
+
+    def traced(self, m: nn.Module, path: str) -> bool:
+        """Read ``m``'s chains from its traced forward; its children are planned on their own
+        (False: recurse)."""
+        if not _may_hold_chains(m):
+            return False
+        graph = trace(m)
+        if isinstance(graph, str):
+            direct = list(m.children())
+            if any(isinstance(c, nn.Conv2d) for c in direct) and any(map(is_norm, direct)):
+                self.reasons.append((path, f"its conv → norm children are not fused: {graph}"))
+            return False
+        found = plan_graph(m, graph, rewrite=False)
+        prefix = f"{path}." if path else ""
+        self.reasons.extend((prefix + conv, why) for conv, why in found.reasons)
+        if found.chains:
+            self.actions.append(lambda: fuse_traced(m))
+        return False
+
+    def stem(self, model: nn.Module, path: str) -> None:
+        act_name = "relu" if self.is_(model, "tv_resnet") else "act1"
+        conv, bn, act = (getattr(model, n, None) for n in ("conv1", "bn1", act_name))
+        conv_name = "conv1"
+        if is_sequential_like(conv) and len(conv) and isinstance(conv[-1], nn.Conv2d):
+            # a deep stem (resnet*d): its last conv feeds bn1 across the Sequential's boundary
+            conv_name = f"conv1.{list(conv._modules)[-1]}"
+            conv = conv[-1]
+        if stem_link(model, conv_name) is not None:  # fused before
+            return
+        act_kind, r = activation_of(_plain_stem_view(act))
+        if r is None:  # the folded activation passes its input through: the op must apply it
+            r = fusable_reason(_plain_stem_view(conv), _plain_stem_view(bn), act_kind)
+        if r is not None:
+            self.reasons.append((f"{path}.{conv_name}" if path else conv_name, f"stem: {r}"))
+            return
+        self.actions.append(lambda: fold_stem(model, conv_name, "bn1", act_name))
+
+    def children(self, module: nn.Module, path: str) -> None:
+        for name, child in list(module.named_children()):
+            child_path = f"{path}.{name}" if path else name
+            if self.is_(child, "tv_resnet", "timm_resnet"):
+                self.stem(child, child_path)
+            if not self.module(module, name, child, child_path):
+                self.children(child, child_path)
+
+
+def _textbook_extras(m: nn.Module, n: int) -> list[str]:
+    """Why a torchvision / timm ResNet block is not the block op's shape (its activations,
+    attention, anti-aliasing, drop layers), beyond its conv + BN pairs."""
+    acts = ("relu", *(f"act{i}" for i in range(1, n + 1)))
+    extras = [_relu_reason(getattr(m, a, None), a) for a in acts]
+    extras += [_noop_reason(getattr(m, a, None), a) for a in ("drop_block", "drop_path")]
+    extras += [_noop_reason(getattr(m, "aa", None), "aa (anti-aliasing)"),
+               _noop_reason(getattr(m, "se", None), "se (attention)")]
+    return [r for r in extras if r is not None]
+
+
+def _plain_stem_view(m: nn.Module | None) -> nn.Module | None:
+    from .nn.stem import _plain_view
+
+    return _plain_view(m)
+
+
+def _may_hold_chains(m: nn.Module) -> bool:
+    """Worth tracing: a module with a forward of its own holding a conv somewhere below."""
+    if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._NormBase)) or not m._modules:
+        return False
+    if type(m).forward is nn.Module.forward:  # ModuleList / ModuleDict
+        return False
+    return any(isinstance(c, nn.Conv2d) for c in m.modules())
 
 
 def _models_resnet() -> type:
@@ -378,66 +534,45 @@ def _models_resnet() -> type:
     return ResNet
 
 
-def _plan_stem(model: nn.Module, path: str, classes, actions: list[Action],
-               reasons: list[tuple[str, str]]) -> None:
-    act_name = "relu" if _is(model, classes, "tv_resnet") else "act1"
-    conv, bn, act = (getattr(model, n, None) for n in ("conv1", "bn1", act_name))
-    where = f"{path}.stem" if path else "stem"
-    if stem_link(model, "conv1") is not None:  # fused before
-        return
-    if isinstance(conv, nn.Sequential):
-        reasons.append((where, "deep stem: its last conv is not fused with bn1 (inner runs are)"))
-        return
-    r = fusable_reason(conv, bn) or _relu_reason(act, act_name)
-    if r is not None:
-        reasons.append((where, r))
-        return
-    actions.append(lambda: fold_stem(model, "conv1", "bn1", act_name))
-
-
-def _plan_children(module: nn.Module, path: str, classes, actions, reasons) -> None:
-    for name, child in list(module.named_children()):
-        child_path = f"{path}.{name}" if path else name
-        if _is(child, classes, "tv_resnet") or _is(child, classes, "timm_resnet"):
-            _plan_stem(child, child_path, classes, actions, reasons)
-        if not _plan_module(module, name, child, child_path, classes, actions, reasons):
-            _plan_children(child, child_path, classes, actions, reasons)
-
-
 def _format(reasons: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {path or '<model>'}: {why}" for path, why in reasons)
 
 
+NOTES_ATTR = "_fastres_fuse_notes"
+
+
 def fuse(model: nn.Module, *, inplace: bool = False, strict: bool = False) -> nn.Module:
-    """Swap fused blocks into ``model``; what cannot be fused exactly stays as it was.
+    """Fuse ``model``'s conv → norm (→ activation) runs, found by structure; what cannot be
+    fused exactly stays as it was.
 
     Args:
-        model: a torchvision or timm ResNet-family model, a fastres model, or any module tree
-            with ``nn.Sequential`` Conv2d → BatchNorm2d (→ ReLU) runs.
+        model: any module tree: torchvision / timm ResNet-family models, RegNet, ByobNet, CSP,
+            SE/ECA variants, detection and segmentation backbones, fastres models, Sequentials.
         inplace: modify ``model`` itself (parameters stay the same objects, so existing
             optimizers keep working). Otherwise a deep copy is fused and returned.
-        strict: raise :class:`FuseError` listing every reason if anything is left unfused
-            (nothing is changed then).
+        strict: raise :class:`FuseError` listing every reason if a conv followed by a norm is
+            left unfused (nothing is changed then).
 
     Returns the fused model. The reasons are in :func:`fuse_report` and, if any, a warning.
     """
-    classes = _optional_classes()
     if not inplace:
         model = copy.deepcopy(model)
-    actions: list[Action] = []
-    reasons: list[tuple[str, str]] = []
-    if _is(model, classes, "tv_resnet") or _is(model, classes, "timm_resnet"):
-        _plan_stem(model, "", classes, actions, reasons)
+    planner = _Planner()
+    if planner.is_(model, "tv_resnet", "timm_resnet"):
+        planner.stem(model, "")
     holder = nn.Module()  # lets the root itself be planned (e.g. a root Sequential / block)
     holder.root = model
-    if not _plan_module(holder, "root", model, "", classes, actions, reasons):
-        _plan_children(model, "", classes, actions, reasons)
+    if not planner.module(holder, "root", model, ""):
+        planner.children(model, "")
+    reasons = planner.reasons
     if strict and reasons:
         raise FuseError(f"fastres.fuse(strict=True): cannot fuse exactly:\n{_format(reasons)}")
-    for action in actions:
+    for action in planner.actions:
         action()
     model = holder.root
     model.__dict__[REPORT_ATTR] = list(reasons)
+    model.__dict__[NOTES_ATTR] = list(planner.notes)
+    layout.add_root_hooks(model)
     if reasons:
         warnings.warn(f"fastres.fuse left these unfused:\n{_format(reasons)}", stacklevel=2)
     return model
@@ -454,7 +589,7 @@ def fuse_report(model: nn.Module) -> list[tuple[str, str]]:
              if isinstance(m, FusedBlock) and m.fused and hasattr(m, "block_layout")
              and (why := m.block_reason()) is not None
              and not why.startswith(_NO_LAYOUT)]
-    return list(model.__dict__.get(REPORT_ATTR, [])) + notes
+    return [*model.__dict__.get(REPORT_ATTR, []), *model.__dict__.get(NOTES_ATTR, []), *notes]
 
 
 def unfuse(model: nn.Module) -> nn.Module:
@@ -478,14 +613,17 @@ def unfuse(model: nn.Module) -> nn.Module:
             original.training = m.training
             return original
         if isinstance(m, FusedSequential):
-            m.__class__ = nn.Sequential
+            m.__class__ = m._fastres_plain
             del m.__dict__["_runs"]
+        unfuse_traced(m)
         if isinstance(m, FusedBlock):
             m.set_fused(False)
         return m
 
     model = restore(model)
     model.__dict__.pop(REPORT_ATTR, None)
+    model.__dict__.pop(NOTES_ATTR, None)
+    layout.remove_root_hooks(model)
     return model
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import fastres
+from fastres.coverage import fused_convs
 from fastres.nn import BasicBlock, Bottleneck
 from fastres.nn.stem import FoldedBatchNorm2d, StemConv2d
 from fastres.swap import FusedPreAct, FusedSequential, FuseError, fuse_report
@@ -93,9 +94,11 @@ def test_timm_resnetv2_preact_and_avg_down():
         assert count(fused, FusedPreAct, Bottleneck) > 0
         check_equivalent(original, fused, torch.randn(2, 3, 32, 32), train=False,
                          backward=False)
-    # resnet26d's deep stem: inner conv-bn-relu runs are fused, the last conv+bn1 is reported
-    assert any("deep stem" in why for _, why in fuse_report(fused))
+    # resnet26d's deep stem: the inner conv-bn-relu runs are fused in the Sequential, its last
+    # conv with the model's bn1 and act1 across the Sequential's boundary
+    assert type(fused.conv1[6]) is StemConv2d and type(fused.bn1) is FoldedBatchNorm2d
     assert count(fused, FusedSequential) == 1
+    assert all(why.startswith("runs layer by layer") for _, why in fuse_report(fused))
 
 
 def test_sgd_step_matches_and_optimizer_survives_inplace_fuse():
@@ -163,25 +166,47 @@ def test_plain_sequential_runs(train):
     ))
     fused = fastres.fuse(original)
     assert type(fused) is FusedSequential and type(fused[6]) is FusedSequential
-    assert sorted(fused._runs) == [0, 3] and fused._runs[0][1] == 3 and fused._runs[3][1] == 2
+    assert sorted(fused._runs) == [0, 3]
+    assert fused._runs[0].length == 3 and fused._runs[3].length == 2
     assert list(fused.state_dict()) == list(original.state_dict())
     check_equivalent(original, fused, torch.randn(3, 3, 9, 9), train=train)
 
 
-def test_strict_lists_every_reason_and_changes_nothing():
+def se_resnet18_with_odd_norms() -> nn.Module:
+    """timm resnet18 with SE blocks (fused per layer) and two BatchNorm2d subclasses, which
+    are never fused (a subclass's forward could differ)."""
     model = timm.create_model("resnet18", pretrained=False, num_classes=4,
                               block_args={"attn_layer": "se"})
+    model.layer2[0].bn1 = OddBatchNorm2d(128)
+    model.layer4[1].bn2 = OddBatchNorm2d(512)
+    return model
+
+
+def test_strict_lists_every_reason_and_changes_nothing():
+    model = se_resnet18_with_odd_norms()
     with pytest.raises(FuseError) as err:
         fastres.fuse(model, strict=True, inplace=True)
     message = str(err.value)
-    for path in ("layer1.0", "layer1.1", "layer2.0", "layer4.1"):
-        assert f"{path}: se (attention) is SEModule" in message
+    for path in ("layer2.0.conv1", "layer4.1.conv2"):
+        assert f"{path}: OddBatchNorm2d is not a plain nn.BatchNorm2d" in message
+    assert "SEModule" not in message  # an SE block is fused per layer: nothing to refuse
     assert type(model.conv1) is nn.Conv2d  # nothing was changed
-    with pytest.warns(UserWarning, match="SEModule"):
+    with pytest.warns(UserWarning, match="OddBatchNorm2d"):
         fused = fastres.fuse(model)
-    assert len(fuse_report(fused)) == 8
-    assert count(fused, BasicBlock) == 0  # every SE block stays timm's
+    report = fuse_report(fused)
+    unfused = [r for r in report if not r[1].startswith("runs layer by layer")]
+    assert [p for p, _ in unfused] == ["layer2.0.conv1", "layer4.1.conv2"]
+    notes = [p for p, why in report if "se (attention) is SEModule" in why]
+    assert notes == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    per_layer, _, _ = fused_convs(fused)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+             and not n.endswith(("fc1", "fc2"))]  # SE's own convs are followed by no norm
+    assert sorted(set(convs) - per_layer) == ["layer2.0.conv1", "layer4.1.conv2"]
+    assert count(fused, BasicBlock) == 0  # the SE blocks stay timm's (fused by structure)
     assert type(fused.conv1) is StemConv2d  # the plain stem is still fused
+    x = torch.randn(2, 3, 32, 32)
+    check_equivalent(randomize_bn(model).eval(), fuse_quietly(model).eval(), x, train=False,
+                     backward=False)
 
 
 @pytest.mark.parametrize(("make", "expected"), [
@@ -190,15 +215,25 @@ def test_strict_lists_every_reason_and_changes_nothing():
     (lambda: timm.create_model("resnet18", pretrained=False, aa_layer=nn.AvgPool2d),
      "anti-aliasing"),
 ])
-def test_unfusable_blocks_are_left_with_reason(make, expected):
-    model = make()
+def test_blocks_the_block_op_cannot_take_fuse_per_layer(make, expected):
+    """Drop-path (also active in training), another activation, anti-aliasing: the block stays
+    timm's class as isinstance sees it, its conv + BN pairs run fused by structure, the report
+    says why it is not one block op; eval outputs match."""
+    model = randomize_bn(make())
     fused = fuse_quietly(model)
-    reasons = fuse_report(fused)
-    assert reasons and all(isinstance(p, str) for p, _ in reasons)
-    assert any(expected in why for _, why in reasons), reasons
-    for path, _ in reasons:  # every block with a reason stays as it was
-        if path != "stem":
-            assert type(fused.get_submodule(path)) is type(model.get_submodule(path))
+    notes = [(p, why) for p, why in fuse_report(fused) if why.startswith("runs layer by layer")]
+    assert notes and any(expected in why for _, why in notes), notes
+    per_layer, block_op, _ = fused_convs(fused)
+    for path, _ in notes:
+        block = fused.get_submodule(path)
+        assert isinstance(block, type(model.get_submodule(path))) and type(block) is not type(
+            model.get_submodule(path))
+        assert {f"{path}.conv1", f"{path}.conv2"} <= per_layer
+        assert not {f"{path}.conv1", f"{path}.conv2"} & block_op
+    check_equivalent(model.eval(), fused.eval(), torch.randn(2, 3, 32, 32), train=False,
+                     backward=False)
+    plain = fastres.unfuse(fused)
+    assert [type(m) for m in plain.modules()] == [type(m) for m in model.modules()]
 
 
 def test_drop_path_zero_is_a_noop_and_fuses():
@@ -371,7 +406,7 @@ def test_sequential_child_replaced_after_fuse():
     fused[4], original[4] = OddBatchNorm2d(4), OddBatchNorm2d(4)
     check_equivalent(original.eval(), fused.eval(), torch.randn(2, 3, 9, 9), train=False,
                      backward=False)
-    assert fused._runs[0][0].bn is new and 3 not in fused._runs
+    assert fused._runs[0].norm is new and 3 not in fused._runs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,20 +415,35 @@ def test_sequential_child_replaced_after_fuse():
 
 
 def structure(model: nn.Module) -> list[tuple]:
-    """Every module's path, object, type, plain attributes and hooks: what fuse could change."""
+    """Every module's path, object, type, plain attributes and hooks: what fuse could change
+    (fuse adds one forward pre-hook and one forward hook on the root: the layout rule)."""
     return [(name, id(m), type(m), sorted(m.__dict__), len(m._state_dict_hooks),
-             len(m._load_state_dict_pre_hooks), len(m._forward_hooks))
+             len(m._load_state_dict_pre_hooks), len(m._forward_hooks), len(m._forward_pre_hooks))
             for name, m in model.named_modules()]
 
 
+def test_fuse_adds_only_the_root_layout_hooks():
+    model = FAMILIES["tv-resnet18"]()
+    fused = fuse_quietly(model)
+    hooks = [(n, len(m._forward_hooks), len(m._forward_pre_hooks))
+             for n, m in fused.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooks == [("", 1, 1)]
+    assert fuse_quietly(fused, inplace=True) is fused  # fusing again keeps the one pair
+    assert len(fused._forward_hooks) == len(fused._forward_pre_hooks) == 1
+    fastres.unfuse(fused)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in fused.modules())
+
+
 def test_strict_failure_leaves_the_model_untouched():
-    # fusable stem, fusable Sequential, fusable blocks, and one SE block that cannot be fused
+    # fusable stem, fusable Sequential, fusable blocks, an SE block fused by structure, and one
+    # pair that cannot be fused
     model = timm.create_model("resnet18", num_classes=4)
     model.layer3[1] = timm.create_model("resnet18", block_args={"attn_layer": "se"}).layer3[1]
+    model.layer3[1].bn2 = OddBatchNorm2d(256)
     model.head_seq = nn.Sequential(nn.Conv2d(512, 8, 1), nn.BatchNorm2d(8))
     before = structure(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(FuseError, match=r"layer3\.1: se \(attention\) is SEModule"):
+    with pytest.raises(FuseError, match=r"layer3\.1\.conv2: OddBatchNorm2d is not"):
         fastres.fuse(model, strict=True, inplace=True)
     assert structure(model) == before
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

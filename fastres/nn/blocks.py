@@ -33,6 +33,7 @@ from torch import nn
 
 from ..ops.block import ConvArgs, NormArgs, block_backend, residual_block
 from .conv_bn_relu import ConvBNReLU, bn_momenta, fusable_reason
+from .layout import match_input
 from .sync_conv_bn import sync_group
 
 Tensor = torch.Tensor
@@ -223,7 +224,8 @@ class FusedBlock(nn.Module):
             # the join changed since the views were built (a gate or drop path adopted after
             # from_modules, as fuse does): the pair's ReLU moves after them
             view = self._replace_view(name, conv, bn, relu)
-        return conv_bn_act(view, conv, bn, x, residual, relu)
+        out = conv_bn_act(view, conv, bn, x, residual, relu)
+        return match_input(out, x)  # eager's layout when called outside a fused model
 
     def _current_view(self, name: str, conv: nn.Module, bn: nn.Module) -> ConvBNReLU | None:
         """Pair ``name``'s view, rebuilt (or dropped) if a child was replaced since."""
@@ -336,9 +338,10 @@ class FusedBlock(nn.Module):
             branch_dtype = torch.get_autocast_dtype(x.device.type)  # the dtype eager draws in
         # drawn last, as the unfused block draws after its convs and BNs (which draw nothing)
         scale = drop_path_scale(drop, x.shape[0], branch_dtype, x.device)
-        return residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
-                              entry_norm=entry_norm, training=training, backend=name,
-                              shortcut_input=xs, branch_scale=scale)
+        out = residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
+                             entry_norm=entry_norm, training=training, backend=name,
+                             shortcut_input=xs, branch_scale=scale)
+        return match_input(out, x)  # eager's layout when called outside a fused model
 
     def _projection(self) -> tuple[nn.Module | None, nn.Module | None]:
         """``(projection conv, shortcut pool)`` of a post-activation ``downsample``: exactly

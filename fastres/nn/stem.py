@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .conv_bn_relu import activation_of, fusable_reason, run_fused
+from .layout import match_input
 
 Tensor = torch.Tensor
 
@@ -41,11 +42,19 @@ class StemLink:
         self.names = (conv_name, bn_name, act_name)
 
     def modules(self) -> tuple[nn.Module | None, ...]:
-        return tuple(self.owner._modules.get(name) for name in self.names)
+        return tuple(_child(self.owner, name) for name in self.names)
 
     def intact(self) -> bool:
         """Whether the owner still holds the three linked modules under their names."""
         return all(getattr(m, LINK_ATTR, None) is self for m in self.modules())
+
+
+def _child(owner: nn.Module, path: str) -> nn.Module | None:
+    """``owner``'s module at a dotted ``path`` (a deep stem's last conv: ``conv1.6``), or None."""
+    m: nn.Module | None = owner
+    for part in path.split("."):
+        m = m._modules.get(part) if m is not None else None
+    return m
 
 
 class StemConv2d(nn.Conv2d):
@@ -56,7 +65,7 @@ class StemConv2d(nn.Conv2d):
         if not link.intact() and not _refold(link):
             return super().forward(x)
         link = self.__dict__[LINK_ATTR]
-        return run_fused(self, link.modules()[1], x, act=link.act or "none")
+        return match_input(run_fused(self, link.modules()[1], x, act=link.act or "none"), x)
 
     def extra_repr(self) -> str:
         _, bn_name, act_name = self.__dict__[LINK_ATTR].names
@@ -143,7 +152,7 @@ def _refold(link: StemLink) -> bool:
 
 def stem_link(owner: nn.Module, conv_name: str) -> StemLink | None:
     """The link of the stem fused at ``owner.<conv_name>``, if there is one."""
-    return getattr(owner._modules.get(conv_name), LINK_ATTR, None)
+    return getattr(_child(owner, conv_name), LINK_ATTR, None)
 
 
 def unfold_stem(owner: nn.Module) -> None:

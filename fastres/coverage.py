@@ -81,7 +81,7 @@ def fused_convs(model: nn.Module) -> tuple[set[str], set[str], dict[str, str]]:
         if isinstance(m, FusedBlock) and m.fused:
             per_layer.update(paths[id(v.conv)] for v in m._views.values() if id(v.conv) in paths)
             if hasattr(m, "block_layout") and m.block_reason() is None:
-                convs, _, proj, _ = m.block_layout()
+                convs, _, proj = m.block_layout()[:3]
                 block_op.update(paths[id(c)] for c in (*convs, proj) if c is not None)
         elif isinstance(m, FusedSequential):
             for run in m._runs.values():

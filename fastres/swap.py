@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .nn import layout
-from .nn.blocks import BasicBlock, Bottleneck, FusedBlock
+from .nn.blocks import BasicBlock, Bottleneck, FusedBlock, drop_path_reason
 from .nn.conv_bn_relu import ConvBNReLU, activation_of, fusable_reason
 from .nn.graph import (
     GraphFused,
@@ -503,13 +503,17 @@ class _Planner:
 
 
 def _textbook_extras(m: nn.Module, n: int) -> list[str]:
-    """Why a torchvision / timm ResNet block is not the block op's shape (its activations,
-    attention, anti-aliasing, drop layers), beyond its conv + BN pairs."""
+    """Why a torchvision / timm ResNet block cannot become a fastres block (its activations,
+    anti-aliasing, drop-block), beyond its conv + BN pairs. A channel gate (timm's ``se``) and
+    drop path are taken over with the block: it runs them in timm's order (the block op serves
+    drop path; a gated block trains layer by layer and fuse_report says why)."""
     acts = ("relu", *(f"act{i}" for i in range(1, n + 1)))
     extras = [_relu_reason(getattr(m, a, None), a) for a in acts]
-    extras += [_noop_reason(getattr(m, a, None), a) for a in ("drop_block", "drop_path")]
-    extras += [_noop_reason(getattr(m, "aa", None), "aa (anti-aliasing)"),
-               _noop_reason(getattr(m, "se", None), "se (attention)")]
+    extras.append(_noop_reason(getattr(m, "drop_block", None), "drop_block"))
+    extras.append(_noop_reason(getattr(m, "aa", None), "aa (anti-aliasing)"))
+    drop = getattr(m, "drop_path", None)
+    if drop is not None and type(drop) is not nn.Identity:
+        extras.append(drop_path_reason(drop))
     return [r for r in extras if r is not None]
 
 

@@ -115,7 +115,9 @@ def test_fused_traced_model_pickles_and_deep_copies():
 def test_replaced_child_of_traced_block_runs_as_replaced():
     """The generated forward reaches children through the module: a norm replaced after
     fusing (a subclass the op does not take) runs as itself, the rest stays fused."""
-    original = randomize_bn(timm.create_model("seresnet18", num_classes=4)).eval()
+    # SiLU blocks: not a fastres block's ReLU join, so traced
+    original = randomize_bn(timm.create_model("seresnet18", num_classes=4,
+                                              act_layer=nn.SiLU)).eval()
     fused = fuse_quietly(original)
     block = fused.layer2[1]
     assert isinstance(block, GraphFused)

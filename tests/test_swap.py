@@ -196,13 +196,17 @@ def test_strict_lists_every_reason_and_changes_nothing():
     report = fuse_report(fused)
     unfused = [r for r in report if not r[1].startswith("runs layer by layer")]
     assert [p for p, _ in unfused] == ["layer2.0.conv1", "layer4.1.conv2"]
-    notes = [p for p, why in report if "se (attention) is SEModule" in why]
-    assert notes == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    gated = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)
+             if f"layer{i}.{j}" not in ("layer2.0", "layer4.1")]
+    notes = [p for p, why in report if "channel gating (SEModule)" in why]
+    assert notes == gated  # fastres blocks with the SE gate, trained layer by layer
     per_layer, _, _ = fused_convs(fused)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
              and not n.endswith(("fc1", "fc2"))]  # SE's own convs are followed by no norm
     assert sorted(set(convs) - per_layer) == ["layer2.0.conv1", "layer4.1.conv2"]
-    assert count(fused, BasicBlock) == 0  # the SE blocks stay timm's (fused by structure)
+    # the SE blocks become fastres blocks; the two with an odd norm stay timm's (fused by
+    # structure, their other pairs per layer)
+    assert sorted(n for n, m in fused.named_modules() if isinstance(m, BasicBlock)) == gated
     assert type(fused.conv1) is StemConv2d  # the plain stem is still fused
     x = torch.randn(2, 3, 32, 32)
     check_equivalent(randomize_bn(model).eval(), fuse_quietly(model).eval(), x, train=False,
@@ -210,13 +214,12 @@ def test_strict_lists_every_reason_and_changes_nothing():
 
 
 @pytest.mark.parametrize(("make", "expected"), [
-    (lambda: timm.create_model("resnet18", pretrained=False, drop_path_rate=0.1), "DropPath"),
     (lambda: timm.create_model("resnet18", pretrained=False, act_layer=nn.SiLU), "SiLU"),
     (lambda: timm.create_model("resnet18", pretrained=False, aa_layer=nn.AvgPool2d),
      "anti-aliasing"),
 ])
 def test_blocks_the_block_op_cannot_take_fuse_per_layer(make, expected):
-    """Drop-path (also active in training), another activation, anti-aliasing: the block stays
+    """Another activation, anti-aliasing: the block stays
     timm's class as isinstance sees it, its conv + BN pairs run fused by structure, the report
     says why it is not one block op; eval outputs match."""
     model = randomize_bn(make())
@@ -517,3 +520,14 @@ def test_frozen_batchnorm_pairs_fuse_with_gradients_for_input_and_weight_only():
     assert len(blocks) == 8 and all(not b.unfused_reasons for b in blocks)
     check_equivalent(original, fused, torch.randn(2, 3, 48, 48), train=True)
     assert all(b.grad is None for b in fused.buffers())
+
+
+def test_drop_path_and_avg_down_blocks_become_one_block_op():
+    """timm's ResNet-D with drop path: every block a fastres block whose drop path and avg-pool
+    shortcut the block op serves (their numerics: tests/ops/test_block_modern.py)."""
+    model = timm.create_model("resnet26d", pretrained=False, drop_path_rate=0.1)
+    fused = fuse_quietly(model)
+    blocks = [m for m in fused.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 8 and all(b.block_reason() is None for b in blocks)
+    assert sum(b.block_layout().shortcut_pool is not None for b in blocks) == 3
+    assert not any(why.startswith("runs layer by layer") for _, why in fuse_report(fused))

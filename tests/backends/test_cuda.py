@@ -25,8 +25,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastres
+from fastres.analysis.kernel_report import cuda_rows
 from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, availability
-from fastres.backends.kernel_report import cuda_rows
 from tests.host_sync import op_pass_syncs
 from tests.ops.cases import CASES, MODES, Case, run_case
 from tests.ops.nonfinite import check_nonfinite
@@ -152,7 +152,7 @@ def test_cubins_for_sm80_and_sm90a():
 
 def test_kernels_use_no_local_memory():
     """No register spills or local arrays in any kernel, for either target: the kernel report's
-    rule (fastres.backends.kernel_report), read from the extension's SASS and resource usage."""
+    rule (fastres.analysis.kernel_report), read from the extension's SASS and resource usage."""
     _C()
     rows = cuda_rows()
     assert len(rows) >= 2 * 12, f"expected every kernel for sm_80 and sm_90a, got {len(rows)}"

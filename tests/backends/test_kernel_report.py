@@ -8,12 +8,12 @@ import pytest
 import torch
 import triton
 
-from fastres.backends import kernel_report, sass
+from fastres.analysis import kernel_report, sass
+from fastres.analysis.compile import launch_source
 from fastres.backends.triton import _tuning
 from fastres.backends.triton import bn as tbn
 from fastres.backends.triton import conv as tconv
 from fastres.backends.triton import conv_bwd as tconv_bwd
-from fastres.backends.triton._compile import launch_source
 
 
 def _all_specs():

@@ -1,7 +1,7 @@
 """Every Triton kernel configuration compiles for sm_80 and sm_90 and its machine code is clean.
 
 The CPU tests run the kernels under the interpreter, which accepts code the GPU compiler rejects;
-this runs the kernel report (``python -m fastres.backends.kernel_report``) in a fresh process
+this runs the kernel report (``python -m fastres.analysis.kernel_report``) in a fresh process
 without TRITON_INTERPRET (a GPU is not needed to compile): every configuration compiled as a
 launch on ResNet shapes specialises it, plus unspecialised compiles, and the CUDA extension's
 kernels, checked for spills, lost MMA and lost asynchronous copies. Compiled kernels land in
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastres.backends.triton._compile import MODULES, TARGETS
+from fastres.analysis.compile import MODULES, TARGETS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "bench" / "kernel_report.json"
@@ -35,7 +35,7 @@ def test_every_triton_kernel_compiles_clean_for_sm80_and_sm90(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "fastres.backends.kernel_report", "--out", str(out_json)],
+        [sys.executable, "-m", "fastres.analysis.kernel_report", "--out", str(out_json)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
     )
     out = proc.stdout + proc.stderr
@@ -68,5 +68,5 @@ def test_every_triton_kernel_compiles_clean_for_sm80_and_sm90(tmp_path) -> None:
     committed = json.loads(COMMITTED.read_text())
     assert _spec_keys(committed["triton_kernels"]) == _spec_keys(rows), (
         "bench/kernel_report.json is stale: regenerate it with "
-        "`python -m fastres.backends.kernel_report`"
+        "`python -m fastres.analysis.kernel_report`"
     )

@@ -41,9 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ...analysis.compile import TARGETS, UNSPECIALISED, CompileSpec
 from .. import _alloc
 from . import _tuning
-from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 
 Tensor = torch.Tensor
 
@@ -1006,7 +1006,7 @@ def backward(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (python -m fastres.backends.kernel_report)
+# Ahead-of-time compile specs (python -m fastres.analysis.kernel_report)
 # ---------------------------------------------------------------------------------------------
 
 _PTR_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}  # activation pointers
@@ -1014,7 +1014,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Integer arguments of a ResNet-shaped launch: channel counts and the merge group are multiples
 # of 16, row counts (N·H·W with 7x7 or 14x14 maps) and tile counts not; backward programs cover
-# 256 rows each up to 2^18 rows. A launch specialises on these (_compile.launch_source).
+# 256 rows each up to 2^18 rows. A launch specialises on these (see launch_source).
 _RESNET_INTS = dict(M=3 * 7 * 7, K=256, T=37, P=37, group=_MERGE_GROUP, rows_per_prog=256)
 
 

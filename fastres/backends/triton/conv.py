@@ -68,10 +68,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...analysis.compile import TARGETS, UNSPECIALISED, CompileSpec
 from .. import _alloc
 from ..base import ConvParams
 from . import _tuning
-from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 
 _INTERPRET = _tuning.INTERPRET
 
@@ -145,7 +145,7 @@ else:
 
 
 # Tiles the autotuner never offers for an input dtype on a target, found by the kernel report
-# (python -m fastres.backends.kernel_report, bench/kernel_report.json: every configuration
+# (python -m fastres.analysis.kernel_report, bench/kernel_report.json: every configuration
 # compiled as a launch on the ResNet shape classes of compile_specs specialises it): they spill
 # registers to local memory there. Keyed (kernel: "gemm", "gemm_flat" or "direct"; dtype; tile
 # as in the config lists above, a TMA tile with its True; flags), where flags names the launches
@@ -931,7 +931,7 @@ def _geometry(
 
 
 # Shape classes a ResNet-family launch falls into, by representative arguments: a launch
-# specialises on which integers are 1 and which are multiples of 16 (_compile.launch_source).
+# specialises on which integers are 1 and which are multiples of 16 (see launch_source).
 # Channel counts are multiples of 16; spatial sizes (56, 28, 14, 7) and, for odd batches, the
 # row count M are not. Batch 3 keeps M odd where the spatial size allows.
 SHAPE_CLASSES = {

@@ -58,10 +58,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...analysis.compile import TARGETS, UNSPECIALISED, CompileSpec
 from .. import _alloc
 from ..base import ConvParams
 from . import _tuning
-from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 from .bn import (
     _act_mask,
     _cast_out,
@@ -142,7 +142,7 @@ _CHUNK_ALIGN = 128
 
 
 # Tiles the autotuner never offers for a dtype on a target, found by the kernel report
-# (python -m fastres.backends.kernel_report, bench/kernel_report.json: every configuration
+# (python -m fastres.analysis.kernel_report, bench/kernel_report.json: every configuration
 # compiled as a launch on the ResNet shape classes of compile_specs specialises it), with the
 # reason. Keyed (kernel, dtype, tile as in the config lists above, flags), where flags names the
 # launch flags the entry holds for (_FLAG_SETS: "" every launch; the dgrad epilogue's "join"

@@ -1,9 +1,9 @@
 """Static kernel report: what every GPU kernel compiles to, checked, without a GPU.
 
-    python -m fastres.backends.kernel_report [--out bench/kernel_report.json] [--only TEXT]
+    python -m fastres.analysis.kernel_report [--out bench/kernel_report.json] [--only TEXT]
 
 Compiles every Triton kernel configuration (the ``compile_specs()`` of each module in
-``fastres.backends.triton._compile.MODULES``) for sm_80 and sm_90 with the real compiler, as a
+``fastres.analysis.compile.MODULES``) for sm_80 and sm_90 with the real compiler, as a
 launch specialises it, reads the SASS of each and of every kernel in the CUDA extension
 ``fastres._C``, and for each gives registers, shared memory, local memory and spill stores, the
 MMA instruction (HGMMA / HMMA / none), how global memory reaches shared memory (UTMALDG TMA /
@@ -37,7 +37,7 @@ import traceback
 from typing import Any
 
 from . import sass
-from .triton._compile import MODULES, TARGETS, UNSPECIALISED, launch_source
+from .compile import MODULES, TARGETS, UNSPECIALISED, launch_source
 
 DEFAULT_OUT = os.path.join("bench", "kernel_report.json")
 _MMA = {80: "HMMA", 90: "HGMMA"}  # the tensor-core instruction a kernel must use per target
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     took = time.perf_counter() - start
     cuda = cuda_rows()
     report = {
-        "generated_by": "python -m fastres.backends.kernel_report",
+        "generated_by": "python -m fastres.analysis.kernel_report",
         "triton": importlib.import_module("triton").__version__,
         "targets": [f"sm_{cc}" for cc in TARGETS],
         "triton_kernels": rows,

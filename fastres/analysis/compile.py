@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of Triton kernel configurations, specialised as a real launch is.
 
 Each kernel module listed in ``MODULES`` has a ``compile_specs()`` returning :class:`CompileSpec`
-entries; ``python -m fastres.backends.kernel_report`` compiles every one for every target in
+entries; ``python -m fastres.analysis.kernel_report`` compiles every one for every target in
 ``TARGETS`` with the real compiler (no GPU needed) and reads the machine code.
 
 A launch does not compile the plain kernel. Triton's JIT (``runtime/jit.py``,

@@ -198,7 +198,13 @@ for _key, _ccs in {
 }.items():
     for _cc in _ccs:
         _UNFIT_TILES.setdefault(_key, {})[_cc] = _SPILLS[_key[3]]
-del _key, _ccs, _cc
+# On the 99 KB classes (sm_86 / sm_89, sm_120) the fp32 128x128x64 tiles' pipelined operands
+# take 128 KB of shared memory (kernel report): a 99 KB device cannot launch them.
+for _kname in ("gemm", "gemm_flat"):
+    for _cc in (89, 120):
+        _UNFIT_TILES.setdefault((_kname, torch.float32, (128, 128, 64), ""), {})[_cc] = (
+            "needs more shared memory than the 99 KB per block of sm_89 / sm_120")
+del _key, _ccs, _cc, _kname
 
 # The launches each _UNFIT_TILES flag set stands for, by their integer arguments and constexpr
 # flags; each entry is what spilled when compiled under exactly those (ptxas's register
@@ -410,6 +416,28 @@ def _epilogue(
 ):
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    # The output first, the statistics after: the output's fp32 values are dead once stored,
+    # so the statistics' per-channel vectors never share the registers with them. (Where a
+    # thread holds a whole accumulator row, as Blackwell's tcgen05 accumulator is read back,
+    # the reductions over rows leave BLOCK_N / warps-across-N sums in every thread: with the
+    # output still live that spilled on sm_100.)
+    out = acc
+    if HAS_BIAS:
+        out += bias[None, :]
+    if HAS_AFFINE:
+        scale = tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)
+        shift = tl.load(shift_ptr + offs_k, mask=k_ok, other=0.0)
+        out = out * scale[None, :] + shift[None, :]
+    # int64: M·K passes 2^31 for large batches.
+    o_off = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    o_mask = m_ok[:, None] & k_ok[None, :]
+    if HAS_RES:
+        out += tl.load(res_ptr + o_off, mask=o_mask, other=0.0).to(tl.float32)
+    if RELU:
+        out = tl.where(out < 0.0, 0.0, out)  # not maximum(): max.f32 drops NaN on a GPU
+    if INTERPRET:
+        out = _round_to_output(out, out_ptr, INTERPRET)
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=o_mask)
     if STATS:
         if out_ptr.dtype.element_ty == tl.float32:
             # Statistics of acc + bias, taken on acc and shifted by the bias afterwards (M2
@@ -443,22 +471,6 @@ def _epilogue(
         tl.store(m2_ptr + p_off, t_m2, mask=k_ok)
         # the tile's row count, once per tile: by the program holding output channel 0
         tl.store(count_ptr + pid_m + 0 * offs_k, tl.zeros_like(t_mean) + n_valid, mask=offs_k == 0)
-    if HAS_BIAS:
-        acc += bias[None, :]
-    if HAS_AFFINE:
-        scale = tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)
-        shift = tl.load(shift_ptr + offs_k, mask=k_ok, other=0.0)
-        acc = acc * scale[None, :] + shift[None, :]
-    # int64: M·K passes 2^31 for large batches.
-    o_off = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
-    o_mask = m_ok[:, None] & k_ok[None, :]
-    if HAS_RES:
-        acc += tl.load(res_ptr + o_off, mask=o_mask, other=0.0).to(tl.float32)
-    if RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)  # not maximum(): max.f32 drops NaN on a GPU
-    if INTERPRET:
-        acc = _round_to_output(acc, out_ptr, INTERPRET)
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit

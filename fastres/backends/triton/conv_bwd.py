@@ -155,6 +155,19 @@ _UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...], str], dict[int, str]
     ("wgrad_gemm", torch.float32, (64, 128, 32), ""): {80: _SM80_SMEM},
     ("wgrad_gemm_flat", torch.float32, (64, 128, 32), ""): {80: _SM80_SMEM},
 }
+# On the 99 KB classes (sm_86 / sm_89, sm_120) every fp32 GEMM tile whose pipelined fp32 x and
+# dy tiles take 104-192 KB (kernel report): a 99 KB device cannot launch it. fp32 dgrad keeps
+# 64x64x32 (3 stages), fp32 wgrad 64x32 and, without the prologue, 64x32x64.
+_SMEM_99KB = "needs more shared memory than the 99 KB per block of sm_89 / sm_120"
+for _key in (
+    *(("dgrad_gemm", _tile, "") for _tile in (
+        (128, 128, 32), (128, 64, 32), (64, 128, 32), (64, 64, 64), (128, 32, 32))),
+    *((_k, _tile, "") for _k in ("wgrad_gemm", "wgrad_gemm_flat") for _tile in (
+        (128, 128, 32), (128, 64, 32), (64, 128, 32), (64, 64, 64))),
+    ("wgrad_gemm", (64, 32, 64), "prologue"),
+):
+    for _cc in (89, 120):
+        _UNFIT_TILES.setdefault((_key[0], torch.float32, *_key[1:]), {})[_cc] = _SMEM_99KB
 # ... and the tiles that spill registers (local memory), as compiled for the ResNet shape
 # classes: with the "full" dy flags, and with the block-fusion variants (compiled with every
 # configuration on the first shape class). fp32 operands take twice the registers (and the TF32

@@ -4,12 +4,19 @@ configurations the report found spilling. (The compile itself: test_triton_compi
 
 from __future__ import annotations
 
+import importlib
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import triton
 
 from fastres.analysis import kernel_report, sass
-from fastres.analysis.compile import launch_source
+from fastres.analysis.compile import MODULES, TARGETS, family, launch_source, representative
+from fastres.backends import devices
+
+COMMITTED = Path(__file__).resolve().parents[2] / "bench" / "kernel_report.json"
 from fastres.backends.triton import _tuning
 from fastres.backends.triton import bn as tbn
 from fastres.backends.triton import conv as tconv
@@ -70,6 +77,10 @@ _SASS = """
                 Function : kernel_b
         /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
         /*0010*/                   LDG.E R2, desc[UR4][R2.64] ;
+                Function : kernel_c
+        /*0000*/                   UTMALDG.2D [UR8], [UR14] ;
+        /*0010*/              @UP0 UTCHMMA gdesc[UR16], gdesc[UR18], tmem[UR6], idesc[UR23], UPT ;
+        /*0020*/                   UTCBAR [UR10], URZ ;
 """
 
 
@@ -81,6 +92,8 @@ def test_sass_instruction_census():
     assert (a.mma, a.g2s, a.spill_store_bytes, a.local_bytes) == ("HGMMA", "LDGSTS", 13, 16)
     b = sass._stats(usage, ops["kernel_b"])
     assert (b.mma, b.g2s, b.spill_store_bytes) == ("HMMA", "plain", 0)
+    c = sass._stats(usage, ops["kernel_c"])  # sm_100a: tcgen05 MMA fed by TMA
+    assert (c.mma, c.g2s) == ("UTCHMMA", "UTMALDG")
 
 
 @pytest.mark.parametrize("cc, regs, shared, threads, want", [
@@ -91,6 +104,10 @@ def test_sass_instruction_census():
     (90, 32, 116224, 128, 4 / 64),  # half the SM's shared memory, plus 1 KiB reserved per block
     (90, 32, 0, 64, 32 * 2 / 64),  # the 32-block limit
     (80, 40, 170000, 128, 0.0),  # more shared memory than a block may have
+    (89, 32, 0, 128, 48 / 48),  # 48 warps per SM on sm_89: 12 blocks of 4
+    (89, 32, 100000, 128, 4 / 48),  # 100 KB per SM: one block
+    (120, 32, 102000, 128, 0.0),  # over the 99 KB per block of sm_120 (fits on sm_100)
+    (100, 32, 102000, 128, 8 / 64),  # 228 KB per SM: two blocks
 ])
 def test_occupancy(cc, regs, shared, threads, want):
     assert sass.occupancy(cc, regs, shared, threads) == want
@@ -98,7 +115,7 @@ def test_occupancy(cc, regs, shared, threads, want):
 
 def _row(**kw):
     row = dict(status="ok", module="conv", pruned=None, shape_class="3x3s2", target="sm_90",
-               tensor_cores=True, local_bytes=0, spill_store_bytes=0, occupancy=0.125,
+               tensor_cores=True, local_bytes=0, spill_store_bytes=0, occupancy=0.125, shared=0,
                mma="HGMMA", g2s="LDGSTS", ptx_max_f32=False)
     row.update(kw)
     return row
@@ -108,6 +125,22 @@ def test_rules():
     assert kernel_report.triton_violations(_row()) == []
     assert kernel_report.triton_violations(_row(target="sm_80", mma="HMMA")) == []
     assert kernel_report.triton_violations(_row(g2s="UTMALDG")) == []
+    # each target's own tensor-core instruction (its device class's); sm_100 also takes HMMA
+    for target, good, bad in (("sm_89", ("HMMA",), ("HGMMA", "UTCHMMA", "none")),
+                              ("sm_120", ("HMMA",), ("HGMMA", "UTCHMMA", "none")),
+                              ("sm_100", ("UTCHMMA", "HMMA"), ("HGMMA", "none")),
+                              ("sm_90", ("HGMMA",), ("HMMA", "UTCHMMA"))):
+        for mma in good:
+            assert kernel_report.triton_violations(_row(target=target, mma=mma)) == [], target
+        for mma in bad:
+            assert kernel_report.triton_violations(_row(target=target, mma=mma)), (target, mma)
+    # shared memory against that target's own limit per block (99 KB on sm_89 / sm_120)
+    big = dict(shared=150 * 1024, occupancy=0.0, mma="HMMA")
+    for target in ("sm_89", "sm_120"):
+        found = kernel_report.triton_violations(_row(target=target, **big))
+        assert found == ["150.0 KB of shared memory, over the 99 KB per block of " + target]
+    assert kernel_report.triton_violations(_row(target="sm_80", **{**big, "occupancy": 0.1})) == []
+    assert kernel_report.triton_violations(_row(target="sm_89", pruned="too big", **big)) == []
     for bad in (dict(local_bytes=8, spill_store_bytes=8), dict(occupancy=0.0),
                 dict(mma="HMMA"), dict(mma="none"), dict(g2s="plain"),
                 dict(status="FAILED CompilationError: x")):
@@ -168,3 +201,59 @@ def test_bn_backward_never_offers_a_tile_that_spills_there(monkeypatch):
         kept = tbn._prune_bwd_dx(configs, {"dz_ptr": torch.empty(1, dtype=dtype)}, BLOCK_K=block_k)
         got = [(c.kwargs["BLOCK_M"], c.num_warps) for c in configs if c not in kept]
         assert got == dropped, (cc, dtype, block_k)
+
+
+def test_report_targets_are_the_device_classes_with_tensor_cores():
+    """sm_86 runs sm_80's code path with sm_89's limits: sm_89 stands for both."""
+    assert set(TARGETS) == {t for t in devices.TARGETS if devices.for_target(t).tensor_cores} - {86}
+    for cc in TARGETS:  # the occupancy arithmetic knows each, and the block limit is the class's
+        limit = devices.for_target(cc).smem_per_block
+        assert sass.ARCHS[cc].smem_sm >= sass.smem_limit(cc) == limit
+
+
+def test_representative_specs_are_one_per_family_and_offered_where_any_is():
+    for module in MODULES:
+        specs = importlib.import_module(module).compile_specs()
+        families = {family(s) for s in specs}
+        for cc in TARGETS:
+            chosen = representative(specs, cc)
+            assert sorted({family(specs[i]) for i in chosen}) == sorted(families)
+            assert len(chosen) == len(families) < len(specs)
+            for i in chosen:
+                offered = [s for s in specs if family(s) == family(specs[i])
+                           and s.ints is not None and cc not in s.pruned]
+                # the first configuration a launch without autotuning would try, if any is offered
+                assert specs[i] is (offered[0] if offered else next(
+                    s for s in specs if family(s) == family(specs[i]))), (cc, specs[i].name)
+    names = {family(s) for s in tconv.compile_specs()}
+    assert {"conv_gemm-bfloat16-train", "conv_gemm_flat-float32-prologue",
+            "conv_direct-float16-eval"} <= names
+
+
+def test_committed_report_covers_every_target_without_violations():
+    """CI fails on a violation in a selectable configuration of any target: the committed report
+    (regenerated by hand, all targets; test_triton_compile.py compiles a subset of it again) holds
+    every spec for each fully compiled target and at least the representative ones for the
+    others, each judged by today's rules and pruning tables, and none breaks them."""
+    report = json.loads(COMMITTED.read_text())
+    assert report["targets"] == [f"sm_{cc}" for cc in TARGETS]
+    subset = set(report["representative_targets"])
+    assert subset <= {"sm_89", "sm_100", "sm_120"}  # sm_80 and sm_90 always in full
+    rows = {(r["module"], r["spec"], r["target"]): r for r in report["triton_kernels"]}
+    for module in MODULES:
+        short = module.rsplit(".", 1)[-1]
+        specs = importlib.import_module(module).compile_specs()
+        for cc in TARGETS:
+            target = f"sm_{cc}"
+            want = representative(specs, cc) if target in subset else range(len(specs))
+            for i in want:
+                row = rows.get((short, specs[i].name, target))
+                assert row is not None, f"bench/kernel_report.json lacks {specs[i].name} {target}"
+                # judged with the autotuner's verdict of today (a table entry pruning it or not)
+                now = {**row, "pruned": specs[i].pruned.get(cc)}
+                assert kernel_report.triton_violations(now) == [], (
+                    specs[i].name, target, kernel_report.triton_violations(now))
+    for row in rows.values():
+        assert row["status"] == "ok", (row["spec"], row["target"], row["status"])
+        assert row["violations"] == [], (row["spec"], row["target"], row["violations"])
+    assert not any(r["violations"] for r in report["cuda_kernels"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 import triton
 
+from fastres.analysis.compile import TARGETS
 from fastres.backends.triton import _tuning
 from fastres.backends.triton import conv as tconv
 from tests.backends.test_triton_conv import _check
@@ -114,11 +115,11 @@ def test_compile_specs_hold_the_tma_tiles_for_sm90_only() -> None:
                 assert spec.constexprs["TMA"] is True
                 # the report holds sm_90 to its rules, but where the "all" flag set spills
                 spills = cls == "1x1" and cfg.kwargs["BLOCK_N"] == 128
-                assert set(spec.pruned) == ({80, 90} if spills else {80}), spec.name
+                assert set(spec.pruned) == set(TARGETS) - (set() if spills else {90}), spec.name
         assert not any(n.startswith("conv_gemm-float32-") and "_tma_" in n for n in specs)
     for epi in ("train", "eval", "prologue"):  # the largest TMA tile, held to the rules
         spec = specs[f"conv_gemm-bfloat16-{epi}-128_128_32_tma_w8s3-1x1"]
-        assert set(spec.pruned) == {80}
+        assert set(spec.pruned) == set(TARGETS) - {90}
 
 
 def test_pruner_drops_the_128x128_tma_tiles_on_1x1_with_the_full_epilogue(monkeypatch) -> None:

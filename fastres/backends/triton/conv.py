@@ -151,29 +151,34 @@ else:
 # as in the config lists above, a TMA tile with its True; flags), where flags names the launches
 # the entry holds for (_FLAG_SETS: "" every launch) -> {compute capability: why}. fp32 operands
 # take twice the registers of fp16/bf16 ones, and the flat-K kernel also holds decoded (r, s, c)
-# indices per element; the direct kernel's bf16 tiles spill 24 bytes on sm_90 (ptxas stops at
-# 96 registers there).
+# indices per element. Since the epilogue stores the output before it forms the statistics
+# (2026-12-07), the sm_90 TMA tiles on 1x1 convs and the direct kernel's narrower bf16 tiles no
+# longer spill there, and are offered again.
 _SPILLS = {
     "": "spills registers",
     "prologue": "spills registers with the prologue",
-    "full_1x1": "TMA tile spills with the full epilogue on 1x1 convs",
+    "full": "spills registers with the statistics and the eval epilogue together",
 }
 _UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...], str], dict[int, str]] = {}
 for _key, _ccs in {
-    ("gemm", torch.float32, (128, 128, 32), ""): (90,),
-    ("gemm", torch.float32, (128, 128, 64), ""): (90,),
-    # with the operands rounded to TF32 in registers (see _tf32_rounded)
-    ("gemm", torch.float32, (128, 64, 32), ""): (80,),
+    # (sm_100: tcgen05's accumulator comes back a row per thread, and with the operands rounded
+    # to TF32 in registers, see _tf32_rounded, the fp32 128-row tiles spill 300-520 bytes there)
+    ("gemm", torch.float32, (128, 128, 32), ""): (89, 90, 100, 120),
+    ("gemm", torch.float32, (128, 128, 64), ""): (80, 90, 100),
+    ("gemm", torch.float32, (128, 64, 32), ""): (80, 100),
     ("gemm", torch.float32, (64, 128, 32), ""): (90,),
+    ("gemm", torch.float16, (128, 128, 64), ""): (100,),  # 8 bytes
+    ("gemm", torch.bfloat16, (64, 128, 32), ""): (100,),  # 24 bytes
     ("gemm_flat", torch.float32, (128, 128, 32), ""): (80, 90),
     ("gemm_flat", torch.float32, (128, 128, 64), ""): (80, 90),
-    ("gemm_flat", torch.float32, (128, 64, 32), ""): (80, 90),
-    ("gemm_flat", torch.float32, (128, 32, 32), ""): (80,),
+    ("gemm_flat", torch.float32, (128, 64, 32), ""): (80, 89, 90, 100, 120),
     ("gemm_flat", torch.float16, (128, 128, 64), ""): (90,),
     ("gemm_flat", torch.bfloat16, (128, 128, 64), ""): (90,),
-    ("direct", torch.bfloat16, (64, 64), ""): (90,),
-    ("direct", torch.bfloat16, (128, 32), ""): (90,),
-    ("direct", torch.bfloat16, (256, 16), ""): (90,),
+    ("gemm_flat", torch.float16, (128, 16, 32), ""): (80,),  # 8 bytes
+    ("gemm_flat", torch.bfloat16, (128, 16, 32), ""): (80,),
+    # the direct kernel's bf16 128x64 tile on sm_90: 8 bytes with the statistics and the eval
+    # epilogue together, none with either alone
+    ("direct", torch.bfloat16, (128, 64), "full"): (90,),
     # with the activation prologue (compiled with the training epilogue it serves, every
     # configuration on the kernels' first shape classes): it holds the input tile's per-channel
     # scale and shift and its fp32 activation besides what the plain kernel holds
@@ -191,10 +196,6 @@ for _key, _ccs in {
     ("direct", torch.float16, (128, 32), "prologue"): (80,),
     ("direct", torch.float16, (64, 64), "prologue"): (80,),
     ("direct", torch.float16, (128, 64), "prologue"): (80,),
-    # the 128x128 TMA tiles on 1x1 convs (rows not shifted: the tile goes from shared memory
-    # straight to the tensor cores, another register allocation): 12 bytes at 255 registers
-    **{("gemm", _dt, (128, 128, _bk, True), "full_1x1"): (90,)
-       for _dt in (torch.float16, torch.bfloat16) for _bk in (32, 64)},
 }.items():
     for _cc in _ccs:
         _UNFIT_TILES.setdefault(_key, {})[_cc] = _SPILLS[_key[3]]
@@ -208,13 +209,13 @@ del _key, _ccs, _cc, _kname
 
 # The launches each _UNFIT_TILES flag set stands for, by their integer arguments and constexpr
 # flags; each entry is what spilled when compiled under exactly those (ptxas's register
-# allocation is not monotonic in the code): the 1x1 TMA tiles spill with the statistics and the
-# eval epilogue together (the report's "all" flag set), not with training's statistics or fused
-# eval's scale/shift, residual and ReLU alone, which keep them.
+# allocation is not monotonic in the code): "full" is the statistics and the eval epilogue
+# together (the report's "all" flag set), which a tile may not survive while training's
+# statistics or fused eval's scale/shift, residual and ReLU alone keep it.
 _FLAG_SETS: dict[str, Callable[[Mapping[str, int], Mapping[str, object]], bool]] = {
     "prologue": lambda ints, flags: bool(flags.get("IN_AFFINE")),  # a block's inner convs
-    "full_1x1": lambda ints, flags: (ints.get("R"), ints.get("S")) == (1, 1) and bool(
-        flags.get("STATS")) and bool(flags.get("HAS_AFFINE") or flags.get("HAS_RES")),
+    "full": lambda ints, flags: bool(flags.get("STATS")) and bool(
+        flags.get("HAS_AFFINE") or flags.get("HAS_RES")),
 }
 
 

@@ -266,3 +266,15 @@ def test_committed_report_covers_every_target_without_violations():
         assert row["status"] == "ok", (row["spec"], row["target"], row["status"])
         assert row["violations"] == [], (row["spec"], row["target"], row["violations"])
     assert not any(r["violations"] for r in report["cuda_kernels"])
+
+
+def test_backward_pruner_falls_back_to_a_tile_that_fits(monkeypatch):
+    """fp32 dgrad on sm_120: every tile lacks the 99 KB of shared memory but 64x64x32, which
+    spills 16 bytes there; it is still what runs (a spill is slower, a tile that does not fit
+    cannot launch). sm_89 has it clean."""
+    x = torch.empty(1, dtype=torch.float32)
+    for cc in (120, 89):
+        monkeypatch.setattr(_tuning, "target", lambda t, cc=cc: cc)
+        kept = tconv_bwd._prune_dgrad(tconv_bwd.GPU_DGRAD_GEMM_CONFIGS,
+                                      {"dz_ptr": x, "Cg": 256, "Kg": 256})
+        assert [tuple(c.kwargs.values()) for c in kept] == [(64, 64, 32)], cc

@@ -165,13 +165,14 @@ for _key, _ccs in {
     # to TF32 in registers, see _tf32_rounded, the fp32 128-row tiles spill 300-520 bytes there)
     ("gemm", torch.float32, (128, 128, 32), ""): (89, 90, 100, 120),
     ("gemm", torch.float32, (128, 128, 64), ""): (80, 90, 100),
-    ("gemm", torch.float32, (128, 64, 32), ""): (80, 100),
+    ("gemm", torch.float32, (128, 64, 32), ""): (80, 89, 100, 120),
     ("gemm", torch.float32, (64, 128, 32), ""): (90,),
     ("gemm", torch.float16, (128, 128, 64), ""): (100,),  # 8 bytes
     ("gemm", torch.bfloat16, (64, 128, 32), ""): (100,),  # 24 bytes
     ("gemm_flat", torch.float32, (128, 128, 32), ""): (80, 90),
     ("gemm_flat", torch.float32, (128, 128, 64), ""): (80, 90),
     ("gemm_flat", torch.float32, (128, 64, 32), ""): (80, 89, 90, 100, 120),
+    ("gemm_flat", torch.float32, (64, 64, 32), ""): (89,),  # 8 bytes
     ("gemm_flat", torch.float16, (128, 128, 64), ""): (90,),
     ("gemm_flat", torch.bfloat16, (128, 128, 64), ""): (90,),
     ("gemm_flat", torch.float16, (128, 16, 32), ""): (80,),  # 8 bytes

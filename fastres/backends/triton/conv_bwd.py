@@ -159,6 +159,7 @@ _UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...], str], dict[int, str]
 # dy tiles take 104-192 KB (kernel report): a 99 KB device cannot launch it. fp32 dgrad keeps
 # 64x64x32 (3 stages), fp32 wgrad 64x32 and, without the prologue, 64x32x64.
 _SMEM_99KB = "needs more shared memory than the 99 KB per block of sm_89 / sm_120"
+_NO_ROOM = (_SM80_SMEM, _SMEM_99KB)  # a launch would fail, unlike a spill
 for _key in (
     *(("dgrad_gemm", _tile, "") for _tile in (
         (128, 128, 32), (128, 64, 32), (64, 128, 32), (64, 64, 64), (128, 32, 32))),
@@ -179,22 +180,28 @@ _JOIN_SPILLS = "spills registers with the join epilogue, add and act together (k
 for _key, _ccs in {
     ("dgrad_gemm", torch.float32, (64, 64, 64), ""): (80,),
     ("dgrad_gemm", torch.float16, (128, 32, 32), ""): (80,),  # 16 B on the 1x1 class
-    ("dgrad_gemm", torch.float32, (128, 128, 32), "join"): (80,),
+    ("dgrad_gemm", torch.float32, (128, 128, 32), "join"): (80, 100),  # sm_100: 56 B
     ("dgrad_gemm", torch.float32, (128, 64, 32), "join"): (90,),
     ("dgrad_gemm", torch.float32, (64, 128, 32), "join"): (80, 90),
     ("dgrad_gemm", torch.float16, (128, 64, 32), "join"): (90,),
     ("dgrad_gemm", torch.bfloat16, (128, 64, 32), "join"): (80,),
-    # the direct dgrad: every fp32 tile of 16 elements per thread, and in fp16/bf16 the tiles
-    # of 16 elements per thread with 128 rows or 64 channels
-    ("dgrad_direct", torch.float32, (64, 32), ""): (80, 90),
-    ("dgrad_direct", torch.float32, (128, 32), ""): (80, 90),
-    ("dgrad_direct", torch.float32, (64, 64), ""): (80, 90),
+    # sm_89 (8 B) and sm_120 (16 B) with the full dy flags: the one fp32 dgrad tile within
+    # their 99 KB (the pruner falls back to it, see _pruner)
+    ("dgrad_gemm", torch.float32, (64, 64, 32), ""): (120,),
+    ("wgrad_gemm", torch.float32, (64, 32, 64), ""): (89,),  # 8 B
+    # the direct dgrad: every fp32 tile of 16 elements per thread (sm_89 / sm_120: 64x32
+    # spills 8-16 B, the others hold more per thread), and in fp16/bf16 the tiles of 16
+    # elements per thread with 128 rows or 64 channels
+    ("dgrad_direct", torch.float32, (64, 32), ""): (80, 89, 90, 120),
+    ("dgrad_direct", torch.float32, (128, 32), ""): (80, 89, 90, 120),
+    ("dgrad_direct", torch.float32, (64, 64), ""): (80, 89, 90, 120),
     ("dgrad_direct", torch.float16, (128, 32), ""): (80, 90),
     ("dgrad_direct", torch.float16, (64, 64), ""): (80, 90),
     ("dgrad_direct", torch.bfloat16, (128, 32), ""): (80, 90),
     ("dgrad_direct", torch.bfloat16, (64, 64), ""): (80, 90),
-    # the stem's flat wgrad: every tile wider than 64 x 32 x 32, in every dtype
-    **{("wgrad_gemm_flat", _dt, _tile, ""): (80, 90)
+    # the stem's flat wgrad: every tile wider than 64 x 32 x 32, in every dtype, on every target
+    # (sm_89 / sm_100 / sm_120: 128x64x32 and 64x32x64 spill 250-560 B)
+    **{("wgrad_gemm_flat", _dt, _tile, ""): TARGETS
        for _dt in DTYPES for _tile in ((128, 64, 32), (64, 64, 64), (64, 32, 64))},
 }.items():
     _why = _JOIN_SPILLS if _key[3] == "join" else _SPILLS
@@ -266,9 +273,12 @@ def _pruner(kname: str):
         name = "wgrad_gemm_flat" if kname == "wgrad_gemm" and kwargs.get("FLAT_K") else kname
         dz = nargs.get("dz_ptr")
         dtype, cc = getattr(dz, "dtype", None), _tuning.target(dz)
-        launchable = [c for c in configs if _target_reason(name, c, dtype, cc, kwargs) is None]
+        reasons = {id(c): _target_reason(name, c, dtype, cc, kwargs) for c in configs}
+        launchable = [c for c in configs if reasons[id(c)] is None]
+        # where every tile spills or lacks the shared memory, one that spills but fits
+        fits = [c for c in configs if reasons[id(c)] not in _NO_ROOM]
         return ([c for c in launchable if _unfit(name, c, nargs, dtype, cc, kwargs) is None]
-                or launchable or configs)
+                or launchable or fits or configs)
     prune.__name__ = f"_prune_{kname}"
     return prune
 

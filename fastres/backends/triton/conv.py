@@ -166,7 +166,7 @@ for _key, _ccs in {
     ("gemm", torch.float32, (128, 128, 32), ""): (89, 90, 100, 120),
     ("gemm", torch.float32, (128, 128, 64), ""): (80, 90, 100),
     ("gemm", torch.float32, (128, 64, 32), ""): (80, 89, 100, 120),
-    ("gemm", torch.float32, (64, 128, 32), ""): (90,),
+    ("gemm", torch.float32, (64, 128, 32), ""): (89, 90, 120),  # 16 B on sm_89 / sm_120
     ("gemm", torch.float16, (128, 128, 64), ""): (100,),  # 8 bytes
     ("gemm", torch.bfloat16, (64, 128, 32), ""): (100,),  # 24 bytes
     ("gemm_flat", torch.float32, (128, 128, 32), ""): (80, 90),

@@ -180,8 +180,8 @@ def test_autotuner_never_offers_a_tile_that_spills_there(monkeypatch):
         x = torch.empty(1, dtype=dtype)
         kept = tconv._prune_gemm(tconv.GPU_GEMM_CONFIGS, {**nargs, "x_ptr": x})
         assert tuple(c in kept for c in big) == offered, (cc, dtype)
-        # besides the 128x128 tiles, one more fp32 tile per target spills (TF32 rounding)
-        assert len(kept) >= len(plain) - len(big) - (dtype == torch.float32)
+        # besides the 128x128 tiles, one or two more fp32 tiles per target spill (TF32 rounding)
+        assert len(kept) >= len(plain) - len(big) - 2 * (dtype == torch.float32)
     monkeypatch.setattr(_tuning, "target", lambda x: 90)
     # the direct bf16 128x64 tile spills with the statistics and the eval epilogue together only
     full = dict(STATS=True, HAS_AFFINE=True, HAS_RES=True)
@@ -200,11 +200,13 @@ def test_autotuner_never_offers_a_tile_that_spills_there(monkeypatch):
 
 
 def test_bn_backward_never_offers_a_tile_that_spills_there(monkeypatch):
-    """fp32 tiles of 8 elements per thread spill on sm_80: not offered there, for that BLOCK_K."""
+    """fp32 tiles of 8 elements per thread spill on sm_80 / sm_89: not offered there, for that
+    BLOCK_K; the reduction's fp16/bf16 8-per-thread tile on sm_100 for the flags it spills with."""
     assert tbn._bn_bwd_dx_kernel.prune is tbn._prune_bwd_dx
     configs = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in tbn._ELEMENTWISE_BLOCKS]
     for cc, dtype, block_k, dropped in ((80, torch.float32, 64, [(16, 4)]),
                                         (80, torch.float32, 16, [(64, 4), (128, 8)]),
+                                        (89, torch.float32, 64, [(16, 4)]),
                                         (90, torch.float32, 64, []), (80, torch.bfloat16, 64, [])):
         monkeypatch.setattr(_tuning, "target", lambda x, cc=cc: cc)
         kept = tbn._prune_bwd_dx(configs, {"dz_ptr": torch.empty(1, dtype=dtype)}, BLOCK_K=block_k)
@@ -278,3 +280,15 @@ def test_backward_pruner_falls_back_to_a_tile_that_fits(monkeypatch):
         kept = tconv_bwd._prune_dgrad(tconv_bwd.GPU_DGRAD_GEMM_CONFIGS,
                                       {"dz_ptr": x, "Cg": 256, "Kg": 256})
         assert [tuple(c.kwargs.values()) for c in kept] == [(64, 64, 32)], cc
+
+    configs = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in tbn._REDUCE_BLOCKS]
+    relu_center_dres = dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False)
+    for cc, dtype, flags, dropped in ((100, torch.float16, relu_center_dres, [(16, 4)]),
+                                      (100, torch.float16, dict(RELU=True), []),
+                                      (90, torch.float16, relu_center_dres, []),
+                                      (100, torch.bfloat16, dict(RELU=True), [(16, 4)])):
+        monkeypatch.setattr(_tuning, "target", lambda x, cc=cc: cc)
+        kept = tbn._prune_bwd_reduce(configs, {"dz_ptr": torch.empty(1, dtype=dtype)},
+                                     BLOCK_K=64, **flags)
+        got = [(c.kwargs["BLOCK_M"], c.num_warps) for c in configs if c not in kept]
+        assert got == dropped, (cc, dtype, flags)

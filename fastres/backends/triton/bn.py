@@ -394,18 +394,32 @@ def _grad_g(dz_ptr, z_ptr, idx, mask, RELU: tl.constexpr):
     return g
 
 
-def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool) -> str | None:
+# Flag sets (RELU, CENTER, WRITE_DRES, SECOND) whose 8-elements-per-thread fp16/bf16 tile spills
+# on a target (kernel report: 8-16 B on sm_100; ptxas's allocation is not monotonic in the flags)
+_REDUCE_SPILLS_8 = {
+    (torch.float16, (True, True, True, False)): (100,),
+    (torch.bfloat16, (True, False, False, False)): (100,),
+}
+
+
+def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool,
+                   dtype: torch.dtype | None = None, cc: int | None = None,
+                   flags: tuple[bool, ...] = ()) -> str | None:
     """Why a _bn_bwd_reduce_kernel tile is not offered: with SECOND (five elementwise fp32
-    accumulators) tiles of 32 elements per thread spill on sm_80 and sm_90 (compile check);
-    None where it is offered."""
+    accumulators) tiles of 32 elements per thread spill on sm_80 and sm_90 (compile check), and
+    the _REDUCE_SPILLS_8 tiles on their targets; None where it is offered."""
     if second and block_m * block_k >= 32 * 32 * warps:
         return "32 elements per thread with the second BN's sums spill registers"
+    if block_m * block_k == 8 * 32 * warps and cc in _REDUCE_SPILLS_8.get((dtype, flags), ()):
+        return f"8 elements per thread spill registers with these flags on sm_{cc}"
     return None
 
 
 def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop the tiles that spill for this (launcher-chosen) BLOCK_K and SECOND."""
-    problem = (kwargs["BLOCK_K"], bool(kwargs.get("SECOND")))
+    """Drop the tiles that spill for this (launcher-chosen) BLOCK_K, flags, dtype and target."""
+    dz = nargs.get("dz_ptr")
+    flags = tuple(bool(kwargs.get(f)) for f in ("RELU", "CENTER", "WRITE_DRES", "SECOND"))
+    problem = (kwargs["BLOCK_K"], flags[3], getattr(dz, "dtype", None), _tuning.target(dz), flags)
     kept = [c for c in configs
             if _reduce_spills(c.kwargs["BLOCK_M"], c.num_warps, *problem) is None]
     return kept or configs
@@ -629,10 +643,10 @@ def _dy_from_g(g, y_ptr, idx, mask, a, mean_g, c, mean, delta, BATCH_STATS: tl.c
 
 def _dx_spills(block_m: int, warps: int, block_k: int, dtype: torch.dtype | None,
                cc: int | None) -> str | None:
-    """Why a _bn_bwd_dx_kernel tile is not offered: in fp32 on sm_80, tiles of 8 elements per
-    thread spill 8 bytes (kernel report, heaviest flag set); None where it is offered."""
-    if dtype == torch.float32 and cc == 80 and block_m * block_k == 8 * 32 * warps:
-        return "8 elements per thread spill registers in float32 on sm_80"
+    """Why a _bn_bwd_dx_kernel tile is not offered: in fp32 on sm_80 and sm_89, tiles of 8
+    elements per thread spill 8 bytes (kernel report); None where it is offered."""
+    if dtype == torch.float32 and cc in (80, 89) and block_m * block_k == 8 * 32 * warps:
+        return f"8 elements per thread spill registers in float32 on sm_{cc}"
     return None
 
 
@@ -1106,8 +1120,9 @@ def compile_specs() -> list[CompileSpec]:
     def pruned(name: str, bm: int, w: int, bk: int, dtype: torch.dtype,
                flags: dict[str, bool]) -> dict[int, str]:
         if name == "bn_bwd_reduce":
-            why = _reduce_spills(bm, w, bk, flags["SECOND"])
-            return {cc: why for cc in TARGETS} if why else {}
+            key = tuple(flags[f] for f in ("RELU", "CENTER", "WRITE_DRES", "SECOND"))
+            return {cc: why for cc in TARGETS
+                    if (why := _reduce_spills(bm, w, bk, flags["SECOND"], dtype, cc, key))}
         if name != "bn_bwd_dx":
             return {}
         return {cc: why for cc in TARGETS if (why := _dx_spills(bm, w, bk, dtype, cc))}

@@ -188,6 +188,7 @@ for _key, _ccs in {
     ("gemm_flat", torch.float32, (64, 128, 32), "prologue"): (80, 90),
     ("gemm_flat", torch.float32, (64, 64, 64), "prologue"): (80,),
     ("gemm_flat", torch.float32, (128, 16, 32), "prologue"): (90,),
+    ("gemm_flat", torch.float32, (128, 32, 32), "prologue"): (80, 89, 120),  # 200-536 B
     ("gemm_flat", torch.float16, (128, 64, 32), "prologue"): (80, 90),
     ("gemm_flat", torch.float16, (128, 128, 64), "prologue"): (80,),
     ("gemm_flat", torch.float16, (64, 64, 64), "prologue"): (90,),

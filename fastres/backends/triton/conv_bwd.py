@@ -181,8 +181,8 @@ for _key, _ccs in {
     ("dgrad_gemm", torch.float32, (64, 64, 64), ""): (80,),
     ("dgrad_gemm", torch.float16, (128, 32, 32), ""): (80,),  # 16 B on the 1x1 class
     ("dgrad_gemm", torch.float32, (128, 128, 32), "join"): (80, 100),  # sm_100: 56 B
-    ("dgrad_gemm", torch.float32, (128, 64, 32), "join"): (90,),
-    ("dgrad_gemm", torch.float32, (64, 128, 32), "join"): (80, 90),
+    ("dgrad_gemm", torch.float32, (128, 64, 32), "join"): (90, 100),  # sm_100: 72 B
+    ("dgrad_gemm", torch.float32, (64, 128, 32), "join"): (80, 90, 100),  # sm_100: 40 B
     ("dgrad_gemm", torch.float16, (128, 64, 32), "join"): (90,),
     ("dgrad_gemm", torch.bfloat16, (128, 64, 32), "join"): (80,),
     # sm_89 (8 B) and sm_120 (16 B) with the full dy flags: the one fp32 dgrad tile within

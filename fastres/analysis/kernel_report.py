@@ -1,19 +1,24 @@
 """Static kernel report: what every GPU kernel compiles to, checked, without a GPU.
 
     python -m fastres.analysis.kernel_report [--out bench/kernel_report.json] [--only TEXT]
+        [--targets 80,89,90,100,120] [--representative 89,100,120]
 
 Compiles every Triton kernel configuration (the ``compile_specs()`` of each module in
-``fastres.analysis.compile.MODULES``) for sm_80 and sm_90 with the real compiler, as a
-launch specialises it, reads the SASS of each and of every kernel in the CUDA extension
-``fastres._C``, and for each gives registers, shared memory, local memory and spill stores, the
-MMA instruction (HGMMA / HMMA / none), how global memory reaches shared memory (UTMALDG TMA /
-LDGSTS cp.async / plain loads) and the theoretical occupancy. Writes the JSON to ``--out``,
+``fastres.analysis.compile.MODULES``) for each target of ``compile.TARGETS`` (sm_80, sm_89,
+sm_90, sm_100, sm_120; for the ``--representative`` ones only one per kernel, dtype and flag set:
+``compile.representative``) with the real compiler, as a launch specialises it, reads the SASS
+of each and of every kernel in the CUDA extension ``fastres._C``, and for each gives registers,
+shared memory, local memory and spill stores, the MMA instruction (UTCHMMA / HGMMA / HMMA /
+none), how global memory reaches shared memory (UTMALDG TMA / LDGSTS cp.async / plain loads) and
+the theoretical occupancy. Writes the JSON to ``--out``,
 prints a table, and exits 1 when a kernel fails to compile or breaks a rule:
 
 * a Triton configuration the autotuner may pick (not pruned for that target), compiled for a
-  specialised shape class, must not use local memory (spills), must fit on an SM and, if it is
-  a tensor-core kernel, must use the target's MMA (HGMMA on sm_90, HMMA on sm_80) and an
-  asynchronous global-to-shared copy (cp.async or TMA);
+  specialised shape class, must not use local memory (spills), must need no more shared memory
+  than that target's limit per block (its device class's) and fit on an SM and, if it is a
+  tensor-core kernel, must use the target's MMA (its device class's: HMMA on sm_80 / sm_89 /
+  sm_120, HGMMA on sm_90, UTCHMMA on sm_100, which takes HMMA too) and an asynchronous
+  global-to-shared copy (cp.async or TMA);
 * unspecialised compiles (odd shapes, unaligned pointers) only have to compile;
 * a CUDA C++ kernel must not use local memory;
 * a conv kernel's PTX has no ``max.f32`` (its only float max would be a ReLU as max(v, 0), which

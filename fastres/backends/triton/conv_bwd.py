@@ -187,18 +187,23 @@ for _key, _ccs in {
     ("dgrad_gemm", torch.bfloat16, (128, 64, 32), "join"): (80,),
     # sm_89 (8 B) and sm_120 (16 B) with the full dy flags: the one fp32 dgrad tile within
     # their 99 KB (the pruner falls back to it, see _pruner)
-    ("dgrad_gemm", torch.float32, (64, 64, 32), ""): (120,),
+    ("dgrad_gemm", torch.float32, (64, 64, 32), ""): (100, 120),  # sm_100: 8 B on 1x1
     ("wgrad_gemm", torch.float32, (64, 32, 64), ""): (89,),  # 8 B
+    ("dgrad_gemm", torch.float16, (64, 128, 32), ""): (100,),  # 8 B
+    ("wgrad_gemm", torch.float16, (64, 64, 64), ""): (100,),  # 8 B on 1x1
+    # sm_100: wgrad with the activation prologue in tiles narrower than 128x128 (150-380 B)
+    **{("wgrad_gemm", _dt, _tile, "prologue"): (100,)
+       for _dt in DTYPES for _tile in ((128, 64, 32), (64, 64, 64), (64, 32, 64))},
     # the direct dgrad: every fp32 tile of 16 elements per thread (sm_89 / sm_120: 64x32
     # spills 8-16 B, the others hold more per thread), and in fp16/bf16 the tiles of 16
     # elements per thread with 128 rows or 64 channels
     ("dgrad_direct", torch.float32, (64, 32), ""): (80, 89, 90, 120),
-    ("dgrad_direct", torch.float32, (128, 32), ""): (80, 89, 90, 120),
-    ("dgrad_direct", torch.float32, (64, 64), ""): (80, 89, 90, 120),
-    ("dgrad_direct", torch.float16, (128, 32), ""): (80, 90),
-    ("dgrad_direct", torch.float16, (64, 64), ""): (80, 90),
-    ("dgrad_direct", torch.bfloat16, (128, 32), ""): (80, 90),
-    ("dgrad_direct", torch.bfloat16, (64, 64), ""): (80, 90),
+    ("dgrad_direct", torch.float32, (128, 32), ""): (80, 89, 90, 100, 120),
+    ("dgrad_direct", torch.float32, (64, 64), ""): (80, 89, 90, 100, 120),
+    ("dgrad_direct", torch.float16, (128, 32), ""): (80, 90, 100),
+    ("dgrad_direct", torch.float16, (64, 64), ""): (80, 90, 100),
+    ("dgrad_direct", torch.bfloat16, (128, 32), ""): (80, 90, 100),
+    ("dgrad_direct", torch.bfloat16, (64, 64), ""): (80, 90, 100),
     # the stem's flat wgrad: every tile wider than 64 x 32 x 32, in every dtype, on every target
     # (sm_89 / sm_100 / sm_120: 128x64x32 and 64x32x64 spill 250-560 B)
     **{("wgrad_gemm_flat", _dt, _tile, ""): TARGETS

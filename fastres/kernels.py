@@ -20,7 +20,7 @@ for a CUDA context for the streams of CUDA tensors, and there is none), node by 
 same backward functions; and the optimizer step (plain PyTorch, no Triton) is left out.
 
 With ``--compile`` each unit is compiled for the class's target with the real compiler in a
-process pool (``triton.compile`` as :mod:`fastres.backends.kernel_report` does) and its SASS
+process pool (``triton.compile`` as :mod:`fastres.analysis.kernel_report` does) and its SASS
 read: registers, spills, MMA, asynchronous copies. The sum of the compile times is what the
 first step waits for with autotuning off (Triton compiles a unit when it is first launched, one
 after another in the launching process); the pool's wall time is what a parallel precompile
@@ -118,7 +118,7 @@ def _kernel_name(fn: Any) -> str:
 
 def _tensor_core_kernels() -> set[Any]:
     """The jit functions the kernel report holds to the tensor-core rule (MMA, async copies)."""
-    from .backends.triton._compile import MODULES
+    from .analysis.compile import MODULES
 
     return {s.kernel for m in MODULES for s in importlib.import_module(m).compile_specs()
             if s.tensor_cores}
@@ -135,7 +135,7 @@ class _Recorder:
 
     def _unit(self, fn: Any, args: tuple, kwargs: dict[str, Any], label: str | None,
               candidates: int) -> tuple[tuple, Unit]:
-        from .backends.triton._compile import CompileSpec, launch_source
+        from .analysis.compile import CompileSpec, launch_source
         from .backends.triton._tuning import aligned16
 
         bound = dict(zip(fn.arg_names, args))
@@ -404,8 +404,8 @@ def record(model: nn.Module, device: devices.DeviceClass | int, *, batch: int,
 def _compile_unit(task: tuple[str, str, dict, dict, dict, int, int, bool, int]
                   ) -> tuple[dict[str, Any], float, str]:
     """Compile one unit for target ``cc`` (a worker process): the kernel report's row."""
-    from .backends import kernel_report
-    from .backends.triton._compile import CompileSpec
+    from .analysis import kernel_report
+    from .analysis.compile import CompileSpec
     from .backends.triton._tuning import Tuned
 
     module, name, signature, constexprs, ints, warps, stages, tensor_cores, cc = task
@@ -460,7 +460,7 @@ def compile_units(units: Sequence[Unit], target: int, jobs: int | None = None
 
 
 def _kernel_modules() -> tuple[str, ...]:
-    from .backends.triton._compile import MODULES
+    from .analysis.compile import MODULES
 
     return MODULES
 

@@ -26,8 +26,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastres
+from fastres.analysis.kernel_report import cuda_rows
 from fastres.backends import BackendUnavailableError, CallInfo, ConvParams, availability
-from fastres.backends.kernel_report import cuda_rows
 from tests.host_sync import op_pass_syncs
 from tests.ops.cases import CASES, MODES, Case, run_case
 from tests.ops.nonfinite import check_nonfinite
@@ -165,10 +165,10 @@ def test_library_holds_what_the_build_recorded():
 
 def test_kernels_use_no_local_memory():
     """No register spills or local arrays in any kernel, for either target: the kernel report's
-    rule (fastres.backends.kernel_report), read from the extension's SASS and resource usage."""
+    rule (fastres.analysis.kernel_report), read from the extension's SASS and resource usage."""
     _C()
     targets = [a for a in _cuda_backend().BUILT_ARCHS if a.startswith("sm_")]
-    from fastres.backends import sass
+    from fastres.analysis import sass
 
     unknown = [t for t in targets if int(t[3:].rstrip("af")) not in sass.ARCHS]
     if unknown:

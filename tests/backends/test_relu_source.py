@@ -1,7 +1,7 @@
 """No kernel applies ReLU as ``max(v, 0)``: on a GPU that drops NaN (PTX ``max.f32`` and
 ``fmaxf`` return the non-NaN operand) where ``torch.relu`` propagates it. The interpreter's and
 the host's max differ from the GPU's, so the CPU tests cannot always see it; this reads the
-sources (the kernel report, fastres/backends/kernel_report.py, also reads the compiled conv
+sources (the kernel report, fastres/analysis/kernel_report.py, also reads the compiled conv
 kernels' PTX)."""
 
 from __future__ import annotations

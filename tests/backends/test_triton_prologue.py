@@ -292,5 +292,5 @@ def test_prologue_pruning_drops_the_tiles_that_spill_only_with_it(monkeypatch) -
     nargs = {"Kg": 256, "Cg": 256, "x_ptr": torch.empty(1, dtype=torch.float32)}
     plain = tconv._prune_gemm(tconv.GPU_GEMM_CONFIGS, nargs)
     with_prologue = tconv._prune_gemm(tconv.GPU_GEMM_CONFIGS, nargs, IN_AFFINE=True)
-    assert {tuple(c.kwargs.values()) for c in plain if c not in with_prologue} == {
-        (64, 64, 64), (128, 128, 64)}
+    # (128x128x64 spills on sm_80 with every epilogue since the statistics follow the store)
+    assert {tuple(c.kwargs.values()) for c in plain if c not in with_prologue} == {(64, 64, 64)}

@@ -13,6 +13,7 @@ import pytest
 import torch
 import triton
 
+from fastres.analysis.compile import TARGETS
 from fastres.backends.triton import _tuning
 from fastres.backends.triton import conv as tconv
 from tests.backends.test_triton_conv import _check
@@ -112,23 +113,21 @@ def test_compile_specs_hold_the_tma_tiles_for_sm90_only() -> None:
             for cls in ("1x1", "3x3s1"):
                 spec = specs[f"conv_gemm-{dtype}-all-{tconv._cfg_name(cfg)}-{cls}"]
                 assert spec.constexprs["TMA"] is True
-                # the report holds sm_90 to its rules, but where the "all" flag set spills
-                spills = cls == "1x1" and cfg.kwargs["BLOCK_N"] == 128
-                assert set(spec.pruned) == ({80, 90} if spills else {80}), spec.name
+                # the report holds sm_90 to its rules
+                assert set(spec.pruned) == set(TARGETS) - {90}, spec.name
         assert not any(n.startswith("conv_gemm-float32-") and "_tma_" in n for n in specs)
     for epi in ("train", "eval", "prologue"):  # the largest TMA tile, held to the rules
         spec = specs[f"conv_gemm-bfloat16-{epi}-128_128_32_tma_w8s3-1x1"]
-        assert set(spec.pruned) == {80}
+        assert set(spec.pruned) == set(TARGETS) - {90}
 
 
-def test_pruner_drops_the_128x128_tma_tiles_on_1x1_with_the_full_epilogue(monkeypatch) -> None:
-    """They spill 12 bytes there on sm_90 (the kernel report); training or eval alone keep them,
-    and 3x3 convs keep them with every epilogue."""
+def test_pruner_offers_every_tma_tile_with_every_epilogue(monkeypatch) -> None:
+    """Since the epilogue stores the output before it forms the statistics, the 128x128 tiles
+    no longer spill on sm_90 with the statistics and the eval epilogue together on 1x1 convs
+    (the kernel report): all three TMA tiles are offered, 1x1 and 3x3 alike."""
     wide_1x1 = Case(n=2, c=256, k=256, r=1, padding=0, h=14, w=14)
     full = dict(STATS=True, HAS_AFFINE=True, HAS_RES=True)
-    tiles = lambda cfgs: {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in cfgs}
-    assert tiles(_offered(wide_1x1, torch.bfloat16, 90, monkeypatch, **full)) == {(64, 32)}
-    for flags in (dict(STATS=True), dict(HAS_AFFINE=True, HAS_RES=True)):
+    for flags in (full, dict(STATS=True), dict(HAS_AFFINE=True, HAS_RES=True)):
         assert len(_offered(wide_1x1, torch.bfloat16, 90, monkeypatch, **flags)) == 3
     assert len(_offered(Case(n=2, c=128, k=128, h=28, w=28), torch.bfloat16, 90, monkeypatch,
                         **full)) == 3

@@ -42,10 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...analysis.compile import TARGETS, UNSPECIALISED, CompileSpec
 from .. import _alloc
 from . import _tuning
 from ._activation import silu, silu_grad
-from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 
 Tensor = torch.Tensor
 
@@ -432,23 +432,38 @@ def _silu_g(dz_ptr, res_ptr, d, scale, beta, idx, mask, g_ptr, HAS_RES: tl.const
     return tl.where(mask, _cast_out(g, g_ptr).to(tl.float32), 0.0)
 
 
-def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool,
-                   silu: bool = False) -> str | None:
+# Flag sets (RELU, CENTER, WRITE_DRES, SECOND) whose 8-elements-per-thread fp16/bf16 tile spills
+# on a target (kernel report: 8-16 B on sm_100; ptxas's allocation is not monotonic in the flags)
+_REDUCE_SPILLS_8 = {
+    (torch.float16, (True, True, True, False)): (100,),
+    (torch.bfloat16, (True, False, False, False)): (100,),
+}
+
+
+def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool, silu: bool = False,
+                   dtype: torch.dtype | None = None, cc: int | None = None,
+                   flags: tuple[bool, ...] = ()) -> str | None:
     """Why a _bn_bwd_reduce_kernel tile is not offered: with SECOND (five elementwise fp32
     accumulators) tiles of 32 elements per thread spill on sm_80 and sm_90, with SILU (y, the
     residual, dz and v's sigmoid per element) on sm_90 and sit at 255 registers on sm_80
-    (compile check); None where it is offered."""
+    (compile check), and the _REDUCE_SPILLS_8 tiles on their targets; None where it is
+    offered."""
     if block_m * block_k >= 32 * 32 * warps:
         if second:
             return "32 elements per thread with the second BN's sums spill registers"
         if silu:
             return "32 elements per thread with SiLU's recomputed pre-activation spill registers"
+    if block_m * block_k == 8 * 32 * warps and cc in _REDUCE_SPILLS_8.get((dtype, flags), ()):
+        return f"8 elements per thread spill registers with these flags on sm_{cc}"
     return None
 
 
 def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Drop the tiles that spill for this (launcher-chosen) BLOCK_K, SECOND and SILU."""
-    problem = (kwargs["BLOCK_K"], bool(kwargs.get("SECOND")), bool(kwargs.get("SILU")))
+    """Drop the tiles that spill for this (launcher-chosen) BLOCK_K, flags, dtype and target."""
+    dz = nargs.get("dz_ptr")
+    flags = tuple(bool(kwargs.get(f)) for f in ("RELU", "CENTER", "WRITE_DRES", "SECOND"))
+    problem = (kwargs["BLOCK_K"], flags[3], bool(kwargs.get("SILU")), getattr(dz, "dtype", None),
+               _tuning.target(dz), flags)
     kept = [c for c in configs
             if _reduce_spills(c.kwargs["BLOCK_M"], c.num_warps, *problem) is None]
     return kept or configs
@@ -699,10 +714,10 @@ def _dy_from_g(g, y_ptr, idx, mask, a, mean_g, c, mean, delta, BATCH_STATS: tl.c
 
 def _dx_spills(block_m: int, warps: int, block_k: int, dtype: torch.dtype | None,
                cc: int | None) -> str | None:
-    """Why a _bn_bwd_dx_kernel tile is not offered: in fp32 on sm_80, tiles of 8 elements per
-    thread spill 8 bytes (kernel report, heaviest flag set); None where it is offered."""
-    if dtype == torch.float32 and cc == 80 and block_m * block_k == 8 * 32 * warps:
-        return "8 elements per thread spill registers in float32 on sm_80"
+    """Why a _bn_bwd_dx_kernel tile is not offered: in fp32 on sm_80 and sm_89, tiles of 8
+    elements per thread spill 8 bytes (kernel report); None where it is offered."""
+    if dtype == torch.float32 and cc in (80, 89) and block_m * block_k == 8 * 32 * warps:
+        return f"8 elements per thread spill registers in float32 on sm_{cc}"
     return None
 
 
@@ -1139,7 +1154,7 @@ def backward(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (python -m fastres.backends.kernel_report)
+# Ahead-of-time compile specs (python -m fastres.analysis.kernel_report)
 # ---------------------------------------------------------------------------------------------
 
 _PTR_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}  # activation pointers
@@ -1147,7 +1162,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Integer arguments of a ResNet-shaped launch: channel counts and the merge group are multiples
 # of 16, row counts (N·H·W with 7x7 or 14x14 maps) and tile counts not; backward programs cover
-# 256 rows each up to 2^18 rows. A launch specialises on these (_compile.launch_source).
+# 256 rows each up to 2^18 rows. A launch specialises on these (see launch_source).
 _RESNET_INTS = dict(M=3 * 7 * 7, K=256, T=37, P=37, group=_MERGE_GROUP, rows_per_prog=256,
                     HW=7 * 7)
 
@@ -1256,8 +1271,10 @@ def compile_specs() -> list[CompileSpec]:
     def pruned(name: str, bm: int, w: int, bk: int, dtype: torch.dtype,
                flags: dict[str, bool]) -> dict[int, str]:
         if name == "bn_bwd_reduce":
-            why = _reduce_spills(bm, w, bk, flags["SECOND"], flags.get("SILU", False))
-            return {cc: why for cc in TARGETS} if why else {}
+            key = tuple(flags[f] for f in ("RELU", "CENTER", "WRITE_DRES", "SECOND"))
+            return {cc: why for cc in TARGETS
+                    if (why := _reduce_spills(bm, w, bk, flags["SECOND"], flags.get("SILU", False),
+                                              dtype, cc, key))}
         if name != "bn_bwd_dx":
             return {}
         return {cc: why for cc in TARGETS if (why := _dx_spills(bm, w, bk, dtype, cc))}

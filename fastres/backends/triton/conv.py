@@ -68,11 +68,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ...analysis.compile import TARGETS, UNSPECIALISED, CompileSpec
 from .. import _alloc, devices
 from ..base import ConvParams
 from . import _tuning
 from ._activation import silu
-from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 
 _INTERPRET = _tuning.INTERPRET
 
@@ -146,35 +146,41 @@ else:
 
 
 # Tiles the autotuner never offers for an input dtype on a target, found by the kernel report
-# (python -m fastres.backends.kernel_report, bench/kernel_report.json: every configuration
+# (python -m fastres.analysis.kernel_report, bench/kernel_report.json: every configuration
 # compiled as a launch on the ResNet shape classes of compile_specs specialises it): they spill
 # registers to local memory there. Keyed (kernel: "gemm", "gemm_flat" or "direct"; dtype; tile
 # as in the config lists above, a TMA tile with its True; flags), where flags names the launches
 # the entry holds for (_FLAG_SETS: "" every launch) -> {compute capability: why}. fp32 operands
 # take twice the registers of fp16/bf16 ones, and the flat-K kernel also holds decoded (r, s, c)
-# indices per element; the direct kernel's bf16 tiles spill 24 bytes on sm_90 (ptxas stops at
-# 96 registers there).
+# indices per element. Since the epilogue stores the output before it forms the statistics
+# (2026-12-07), the sm_90 TMA tiles on 1x1 convs and the direct kernel's narrower bf16 tiles no
+# longer spill there, and are offered again.
 _SPILLS = {
     "": "spills registers",
     "prologue": "spills registers with the prologue",
-    "full_1x1": "TMA tile spills with the full epilogue on 1x1 convs",
+    "full": "spills registers with the statistics and the eval epilogue together",
 }
 _UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...], str], dict[int, str]] = {}
 for _key, _ccs in {
-    ("gemm", torch.float32, (128, 128, 32), ""): (90,),
-    ("gemm", torch.float32, (128, 128, 64), ""): (90,),
-    # with the operands rounded to TF32 in registers (see _tf32_rounded)
-    ("gemm", torch.float32, (128, 64, 32), ""): (80,),
-    ("gemm", torch.float32, (64, 128, 32), ""): (90,),
+    # (sm_100: tcgen05's accumulator comes back a row per thread, and with the operands rounded
+    # to TF32 in registers, see _tf32_rounded, the fp32 128-row tiles spill 300-520 bytes there)
+    ("gemm", torch.float32, (128, 128, 32), ""): (89, 90, 100, 120),
+    ("gemm", torch.float32, (128, 128, 64), ""): (80, 90, 100),
+    ("gemm", torch.float32, (128, 64, 32), ""): (80, 89, 100, 120),
+    ("gemm", torch.float32, (64, 128, 32), ""): (89, 90, 120),  # 16 B on sm_89 / sm_120
+    ("gemm", torch.float16, (128, 128, 64), ""): (100,),  # 8 bytes
+    ("gemm", torch.bfloat16, (64, 128, 32), ""): (100,),  # 24 bytes
     ("gemm_flat", torch.float32, (128, 128, 32), ""): (80, 90),
     ("gemm_flat", torch.float32, (128, 128, 64), ""): (80, 90),
-    ("gemm_flat", torch.float32, (128, 64, 32), ""): (80, 90),
-    ("gemm_flat", torch.float32, (128, 32, 32), ""): (80,),
+    ("gemm_flat", torch.float32, (128, 64, 32), ""): (80, 89, 90, 100, 120),
+    ("gemm_flat", torch.float32, (64, 64, 32), ""): (89,),  # 8 bytes
     ("gemm_flat", torch.float16, (128, 128, 64), ""): (90,),
     ("gemm_flat", torch.bfloat16, (128, 128, 64), ""): (90,),
-    ("direct", torch.bfloat16, (64, 64), ""): (90,),
-    ("direct", torch.bfloat16, (128, 32), ""): (90,),
-    ("direct", torch.bfloat16, (256, 16), ""): (90,),
+    ("gemm_flat", torch.float16, (128, 16, 32), ""): (80,),  # 8 bytes
+    ("gemm_flat", torch.bfloat16, (128, 16, 32), ""): (80,),
+    # the direct kernel's bf16 128x64 tile on sm_90: 8 bytes with the statistics and the eval
+    # epilogue together, none with either alone
+    ("direct", torch.bfloat16, (128, 64), "full"): (90,),
     # with the activation prologue (compiled with the training epilogue it serves, every
     # configuration on the kernels' first shape classes): it holds the input tile's per-channel
     # scale and shift and its fp32 activation besides what the plain kernel holds
@@ -183,6 +189,7 @@ for _key, _ccs in {
     ("gemm_flat", torch.float32, (64, 128, 32), "prologue"): (80, 90),
     ("gemm_flat", torch.float32, (64, 64, 64), "prologue"): (80,),
     ("gemm_flat", torch.float32, (128, 16, 32), "prologue"): (90,),
+    ("gemm_flat", torch.float32, (128, 32, 32), "prologue"): (80, 89, 120),  # 200-536 B
     ("gemm_flat", torch.float16, (128, 64, 32), "prologue"): (80, 90),
     ("gemm_flat", torch.float16, (128, 128, 64), "prologue"): (80,),
     ("gemm_flat", torch.float16, (64, 64, 64), "prologue"): (90,),
@@ -192,24 +199,22 @@ for _key, _ccs in {
     ("direct", torch.float16, (128, 32), "prologue"): (80,),
     ("direct", torch.float16, (64, 64), "prologue"): (80,),
     ("direct", torch.float16, (128, 64), "prologue"): (80,),
-    # the 128x128 TMA tiles on 1x1 convs (rows not shifted: the tile goes from shared memory
-    # straight to the tensor cores, another register allocation): 12 bytes at 255 registers
-    **{("gemm", _dt, (128, 128, _bk, True), "full_1x1"): (90,)
-       for _dt in (torch.float16, torch.bfloat16) for _bk in (32, 64)},
 }.items():
     for _cc in _ccs:
         _UNFIT_TILES.setdefault(_key, {})[_cc] = _SPILLS[_key[3]]
+# (Tiles needing more shared memory than a device has per block are dropped by the pruner's
+# estimate against the device's own limit, not listed here: _tuning.smem_reason.)
 del _key, _ccs, _cc
 
 # The launches each _UNFIT_TILES flag set stands for, by their integer arguments and constexpr
 # flags; each entry is what spilled when compiled under exactly those (ptxas's register
-# allocation is not monotonic in the code): the 1x1 TMA tiles spill with the statistics and the
-# eval epilogue together (the report's "all" flag set), not with training's statistics or fused
-# eval's scale/shift, residual and ReLU alone, which keep them.
+# allocation is not monotonic in the code): "full" is the statistics and the eval epilogue
+# together (the report's "all" flag set), which a tile may not survive while training's
+# statistics or fused eval's scale/shift, residual and ReLU alone keep it.
 _FLAG_SETS: dict[str, Callable[[Mapping[str, int], Mapping[str, object]], bool]] = {
     "prologue": lambda ints, flags: bool(flags.get("IN_AFFINE")),  # a block's inner convs
-    "full_1x1": lambda ints, flags: (ints.get("R"), ints.get("S")) == (1, 1) and bool(
-        flags.get("STATS")) and bool(flags.get("HAS_AFFINE") or flags.get("HAS_RES")),
+    "full": lambda ints, flags: bool(flags.get("STATS")) and bool(
+        flags.get("HAS_AFFINE") or flags.get("HAS_RES")),
 }
 
 
@@ -441,6 +446,30 @@ def _epilogue(
 ):
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    # The output first, the statistics after: the output's fp32 values are dead once stored,
+    # so the statistics' per-channel vectors never share the registers with them. (Where a
+    # thread holds a whole accumulator row, as Blackwell's tcgen05 accumulator is read back,
+    # the reductions over rows leave BLOCK_N / warps-across-N sums in every thread: with the
+    # output still live that spilled on sm_100.)
+    out = acc
+    if HAS_BIAS:
+        out += bias[None, :]
+    if HAS_AFFINE:
+        scale = tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)
+        shift = tl.load(shift_ptr + offs_k, mask=k_ok, other=0.0)
+        out = out * scale[None, :] + shift[None, :]
+    # int64: M·K passes 2^31 for large batches.
+    o_off = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    o_mask = m_ok[:, None] & k_ok[None, :]
+    if HAS_RES:
+        out += tl.load(res_ptr + o_off, mask=o_mask, other=0.0).to(tl.float32)
+    if RELU:
+        out = tl.where(out < 0.0, 0.0, out)  # not maximum(): max.f32 drops NaN on a GPU
+    if SILU:
+        out = silu(out)
+    if INTERPRET:
+        out = _round_to_output(out, out_ptr, INTERPRET)
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=o_mask)
     if STATS:
         if out_ptr.dtype.element_ty == tl.float32:
             # Statistics of acc + bias, taken on acc and shifted by the bias afterwards (M2
@@ -474,24 +503,6 @@ def _epilogue(
         tl.store(m2_ptr + p_off, t_m2, mask=k_ok)
         # the tile's row count, once per tile: by the program holding output channel 0
         tl.store(count_ptr + pid_m + 0 * offs_k, tl.zeros_like(t_mean) + n_valid, mask=offs_k == 0)
-    if HAS_BIAS:
-        acc += bias[None, :]
-    if HAS_AFFINE:
-        scale = tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)
-        shift = tl.load(shift_ptr + offs_k, mask=k_ok, other=0.0)
-        acc = acc * scale[None, :] + shift[None, :]
-    # int64: M·K passes 2^31 for large batches.
-    o_off = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
-    o_mask = m_ok[:, None] & k_ok[None, :]
-    if HAS_RES:
-        acc += tl.load(res_ptr + o_off, mask=o_mask, other=0.0).to(tl.float32)
-    if RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)  # not maximum(): max.f32 drops NaN on a GPU
-    if SILU:
-        acc = silu(acc)
-    if INTERPRET:
-        acc = _round_to_output(acc, out_ptr, INTERPRET)
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -972,7 +983,7 @@ def _geometry(
 
 
 # Shape classes a ResNet-family launch falls into, by representative arguments: a launch
-# specialises on which integers are 1 and which are multiples of 16 (_compile.launch_source).
+# specialises on which integers are 1 and which are multiples of 16 (see launch_source).
 # Channel counts are multiples of 16; spatial sizes (56, 28, 14, 7) and, for odd batches, the
 # row count M are not. Batch 3 keeps M odd where the spatial size allows.
 SHAPE_CLASSES = {

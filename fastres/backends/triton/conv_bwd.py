@@ -58,10 +58,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...analysis.compile import TARGETS, UNSPECIALISED, CompileSpec
 from .. import _alloc, devices
 from ..base import ConvParams
 from . import _tuning
-from ._compile import TARGETS, UNSPECIALISED, CompileSpec
 from .bn import (
     _act_mask,
     _cast_out,
@@ -142,7 +142,7 @@ _CHUNK_ALIGN = 128
 
 
 # Tiles the autotuner never offers for a dtype on a target, found by the kernel report
-# (python -m fastres.backends.kernel_report, bench/kernel_report.json: every configuration
+# (python -m fastres.analysis.kernel_report, bench/kernel_report.json: every configuration
 # compiled as a launch on the ResNet shape classes of compile_specs specialises it), with the
 # reason. Keyed (kernel, dtype, tile as in the config lists above, flags), where flags names the
 # launch flags the entry holds for (_FLAG_SETS: "" every launch; the dgrad epilogue's "join"
@@ -155,6 +155,9 @@ _UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...], str], dict[int, str]
     ("wgrad_gemm", torch.float32, (64, 128, 32), ""): {80: _SM80_SMEM},
     ("wgrad_gemm_flat", torch.float32, (64, 128, 32), ""): {80: _SM80_SMEM},
 }
+# (Tiles needing more shared memory than a device has per block, e.g. the fp32 GEMM tiles on the
+# 99 KB classes, are dropped by the pruner's estimate against the device's own limit:
+# _tuning.smem_reason.)
 # ... and the tiles that spill registers (local memory), as compiled for the ResNet shape
 # classes: with the "full" dy flags, and with the block-fusion variants (compiled with every
 # configuration on the first shape class). fp32 operands take twice the registers (and the TF32
@@ -166,22 +169,33 @@ _JOIN_SPILLS = "spills registers with the join epilogue, add and act together (k
 for _key, _ccs in {
     ("dgrad_gemm", torch.float32, (64, 64, 64), ""): (80,),
     ("dgrad_gemm", torch.float16, (128, 32, 32), ""): (80,),  # 16 B on the 1x1 class
-    ("dgrad_gemm", torch.float32, (128, 128, 32), "join"): (80,),
-    ("dgrad_gemm", torch.float32, (128, 64, 32), "join"): (90,),
-    ("dgrad_gemm", torch.float32, (64, 128, 32), "join"): (80, 90),
+    ("dgrad_gemm", torch.float32, (128, 128, 32), "join"): (80, 100),  # sm_100: 56 B
+    ("dgrad_gemm", torch.float32, (128, 64, 32), "join"): (90, 100),  # sm_100: 72 B
+    ("dgrad_gemm", torch.float32, (64, 128, 32), "join"): (80, 90, 100),  # sm_100: 40 B
     ("dgrad_gemm", torch.float16, (128, 64, 32), "join"): (90,),
     ("dgrad_gemm", torch.bfloat16, (128, 64, 32), "join"): (80,),
-    # the direct dgrad: every fp32 tile of 16 elements per thread, and in fp16/bf16 the tiles
-    # of 16 elements per thread with 128 rows or 64 channels
-    ("dgrad_direct", torch.float32, (64, 32), ""): (80, 90),
-    ("dgrad_direct", torch.float32, (128, 32), ""): (80, 90),
-    ("dgrad_direct", torch.float32, (64, 64), ""): (80, 90),
-    ("dgrad_direct", torch.float16, (128, 32), ""): (80, 90),
-    ("dgrad_direct", torch.float16, (64, 64), ""): (80, 90),
-    ("dgrad_direct", torch.bfloat16, (128, 32), ""): (80, 90),
-    ("dgrad_direct", torch.bfloat16, (64, 64), ""): (80, 90),
-    # the stem's flat wgrad: every tile wider than 64 x 32 x 32, in every dtype
-    **{("wgrad_gemm_flat", _dt, _tile, ""): (80, 90)
+    # sm_89 (8 B) and sm_120 (16 B) with the full dy flags: the one fp32 dgrad tile within
+    # their 99 KB (the pruner falls back to it, see _pruner)
+    ("dgrad_gemm", torch.float32, (64, 64, 32), ""): (100, 120),  # sm_100: 8 B on 1x1
+    ("wgrad_gemm", torch.float32, (64, 32, 64), ""): (89,),  # 8 B
+    ("dgrad_gemm", torch.float16, (64, 128, 32), ""): (100,),  # 8 B
+    ("wgrad_gemm", torch.float16, (64, 64, 64), ""): (100,),  # 8 B on 1x1
+    # sm_100: wgrad with the activation prologue in tiles narrower than 128x128 (150-380 B)
+    **{("wgrad_gemm", _dt, _tile, "prologue"): (100,)
+       for _dt in DTYPES for _tile in ((128, 64, 32), (64, 64, 64), (64, 32, 64))},
+    # the direct dgrad: every fp32 tile of 16 elements per thread (sm_89 / sm_120: 64x32
+    # spills 8-16 B, the others hold more per thread), and in fp16/bf16 the tiles of 16
+    # elements per thread with 128 rows or 64 channels
+    ("dgrad_direct", torch.float32, (64, 32), ""): (80, 89, 90, 120),
+    ("dgrad_direct", torch.float32, (128, 32), ""): (80, 89, 90, 100, 120),
+    ("dgrad_direct", torch.float32, (64, 64), ""): (80, 89, 90, 100, 120),
+    ("dgrad_direct", torch.float16, (128, 32), ""): (80, 90, 100),
+    ("dgrad_direct", torch.float16, (64, 64), ""): (80, 90, 100),
+    ("dgrad_direct", torch.bfloat16, (128, 32), ""): (80, 90, 100),
+    ("dgrad_direct", torch.bfloat16, (64, 64), ""): (80, 90, 100),
+    # the stem's flat wgrad: every tile wider than 64 x 32 x 32, in every dtype, on every target
+    # (sm_89 / sm_100 / sm_120: 128x64x32 and 64x32x64 spill 250-560 B)
+    **{("wgrad_gemm_flat", _dt, _tile, ""): TARGETS
        for _dt in DTYPES for _tile in ((128, 64, 32), (64, 64, 64), (64, 32, 64))},
 }.items():
     _why = _JOIN_SPILLS if _key[3] == "join" else _SPILLS

@@ -1,19 +1,24 @@
 """Static kernel report: what every GPU kernel compiles to, checked, without a GPU.
 
-    python -m fastres.backends.kernel_report [--out bench/kernel_report.json] [--only TEXT]
+    python -m fastres.analysis.kernel_report [--out bench/kernel_report.json] [--only TEXT]
+        [--targets 80,89,90,100,120] [--representative 89,100,120]
 
 Compiles every Triton kernel configuration (the ``compile_specs()`` of each module in
-``fastres.backends.triton._compile.MODULES``) for sm_80 and sm_90 with the real compiler, as a
-launch specialises it, reads the SASS of each and of every kernel in the CUDA extension
-``fastres._C``, and for each gives registers, shared memory, local memory and spill stores, the
-MMA instruction (HGMMA / HMMA / none), how global memory reaches shared memory (UTMALDG TMA /
-LDGSTS cp.async / plain loads) and the theoretical occupancy. Writes the JSON to ``--out``,
+``fastres.analysis.compile.MODULES``) for each target of ``compile.TARGETS`` (sm_80, sm_89,
+sm_90, sm_100, sm_120; for the ``--representative`` ones only one per kernel, dtype and flag set:
+``compile.representative``) with the real compiler, as a launch specialises it, reads the SASS
+of each and of every kernel in the CUDA extension ``fastres._C``, and for each gives registers,
+shared memory, local memory and spill stores, the MMA instruction (UTCHMMA / HGMMA / HMMA /
+none), how global memory reaches shared memory (UTMALDG TMA / LDGSTS cp.async / plain loads) and
+the theoretical occupancy. Writes the JSON to ``--out``,
 prints a table, and exits 1 when a kernel fails to compile or breaks a rule:
 
 * a Triton configuration the autotuner may pick (not pruned for that target), compiled for a
-  specialised shape class, must not use local memory (spills), must fit on an SM and, if it is
-  a tensor-core kernel, must use the target's MMA (HGMMA on sm_90, HMMA on sm_80) and an
-  asynchronous global-to-shared copy (cp.async or TMA);
+  specialised shape class, must not use local memory (spills), must need no more shared memory
+  than that target's limit per block (its device class's) and fit on an SM and, if it is a
+  tensor-core kernel, must use the target's MMA (its device class's: HMMA on sm_80 / sm_89 /
+  sm_120, HGMMA on sm_90, UTCHMMA on sm_100, which takes HMMA too) and an asynchronous
+  global-to-shared copy (cp.async or TMA);
 * unspecialised compiles (odd shapes, unaligned pointers) only have to compile;
 * a CUDA C++ kernel must not use local memory;
 * a conv kernel's PTX has no ``max.f32`` (its only float max would be a ReLU as max(v, 0), which
@@ -36,8 +41,9 @@ import time
 import traceback
 from typing import Any
 
-from . import devices, sass
-from .triton._compile import MODULES, TARGETS, UNSPECIALISED, CompileSpec, launch_source
+from ..backends import devices
+from . import sass
+from .compile import MODULES, TARGETS, UNSPECIALISED, CompileSpec, launch_source, representative
 
 DEFAULT_OUT = os.path.join("bench", "kernel_report.json")
 # PTX max.f32 returns the non-NaN operand (max.NaN.f32 would propagate): in modules whose only
@@ -48,6 +54,14 @@ NO_FLOAT_MAX = {"conv"}
 
 def _short(module: str) -> str:
     return module.rsplit(".", 1)[-1]
+
+
+def accepted_mma(cc: int) -> tuple[str, ...]:
+    """The tensor-core instructions a kernel may use on target ``cc``: its device class's
+    (HMMA on sm_80/86/89/120, HGMMA on sm_90, UTCHMMA on sm_100); on sm_100 also HMMA, which
+    Triton emits (mma.sync still runs there) for tiles its tcgen05 lowering does not take."""
+    want = devices.for_target(cc).mma
+    return (want, "HMMA") if want == "UTCHMMA" else (want,)
 
 
 def triton_violations(row: dict[str, Any]) -> list[str]:
@@ -61,12 +75,17 @@ def triton_violations(row: dict[str, Any]) -> list[str]:
         return found
     if row["local_bytes"] or row["spill_store_bytes"]:
         found.append(f"spills ({row['local_bytes']} B local, {row['spill_store_bytes']} B STL)")
-    if row["occupancy"] == 0:
+    cc = int(row["target"].removeprefix("sm_"))
+    limit = sass.smem_limit(cc)
+    if row["shared"] > limit:
+        found.append(f"{row['shared'] / 1024:.1f} KB of shared memory, over the {limit // 1024} KB "
+                     f"per block of sm_{cc}")
+    elif row["occupancy"] == 0:
         found.append("does not fit on an SM")
     if row["tensor_cores"]:
-        want = devices.for_target(int(row["target"].removeprefix("sm_"))).mma
-        if row["mma"] != want:
-            found.append(f"no {want} (got {row['mma']})")
+        want = accepted_mma(cc)
+        if row["mma"] not in want:
+            found.append(f"no {' / '.join(want)} (got {row['mma']})")
         if row["g2s"] == "plain":
             found.append("no asynchronous copy (LDGSTS / UTMALDG)")
     return found
@@ -190,33 +209,49 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON file to write")
     parser.add_argument("--only", default="", help="only Triton specs whose name contains this")
+    parser.add_argument("--targets", default=",".join(map(str, TARGETS)),
+                        help="compute capabilities to compile for, comma-separated")
+    parser.add_argument("--representative", default="",
+                        help="of these targets (comma-separated, among --targets) compile only "
+                             "one spec per kernel, dtype and flag set (compile.representative)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("TRITON_INTERPRET=1 is set: unset it, the report needs the real compiler")
         return 2
 
+    targets = _ints(args.targets)
+    subset = _ints(args.representative)
+    if not set(subset) <= set(targets):
+        parser.error(f"--representative {args.representative}: not among --targets")
+    full = tuple(cc for cc in targets if cc not in subset)
     counts = {}
     tasks = []
     for module in MODULES:
-        specs = [i for i, s in enumerate(importlib.import_module(module).compile_specs())
-                 if args.only in s.name]
-        counts[_short(module)] = len(specs)
-        tasks.extend((module, i, cc) for i in specs for cc in TARGETS)
+        specs = importlib.import_module(module).compile_specs()
+        chosen = [i for i, s in enumerate(specs) if args.only in s.name]
+        counts[_short(module)] = len(chosen)
+        for cc in targets:
+            keep = set(chosen) if cc in full else set(representative(specs, cc)) & set(chosen)
+            tasks.extend((module, i, cc) for i in sorted(keep))
+    tasks.sort(key=lambda task: (task[0], task[1], targets.index(task[2])))
     start = time.perf_counter()
     rows = []
     # Compiling is CPU-bound and independent per spec: one process per core.
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for row, took, trace in pool.map(_compile_row, tasks):
             rows.append(row)
-            print(f"{row['module']:5s} {row['target']} {took:6.2f}s {row['status']}  "
-                  f"{row['spec']}{trace and chr(10) + trace}", flush=True)
+            print(f"{row['module']:5s} {row['target']:6s} {took:6.2f}s {row['status']}  "
+                  f"{row['spec']}  {'; '.join(row['violations'])}{trace and chr(10) + trace}",
+                  flush=True)
     took = time.perf_counter() - start
     cuda = cuda_rows()
     report = {
-        "generated_by": "python -m fastres.backends.kernel_report",
+        "generated_by": "python -m fastres.analysis.kernel_report",
         "triton": importlib.import_module("triton").__version__,
-        "targets": [f"sm_{cc}" for cc in TARGETS],
+        "targets": [f"sm_{cc}" for cc in targets],
+        # targets compiled for a representative subset only (compile.representative)
+        "representative_targets": [f"sm_{cc}" for cc in subset],
         "triton_kernels": rows,
         "cuda_kernels": cuda,
     }
@@ -230,9 +265,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{'; '.join(r['violations'])}")
     total = sum(counts.values())
     detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
-    print(f"compiled {total} specs ({detail}) for {len(TARGETS)} targets in {took:.1f}s; "
-          f"{len(cuda)} CUDA kernels; {len(bad)} violations; wrote {args.out}")
+    names = lambda ccs: ", ".join(f"sm_{cc}" for cc in ccs)
+    some = len(rows) - total * len(full)
+    print(f"compiled {total} specs ({detail}) for {names(full)}"
+          + (f" and {some} representative ones for {names(subset)}" if subset else "")
+          + f" in {took:.1f}s; {len(cuda)} CUDA kernels; {len(bad)} violations; "
+            f"wrote {args.out}")
     return 1 if bad or total == 0 else 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
 
 
 if __name__ == "__main__":

@@ -20,19 +20,27 @@ from collections import Counter
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
-    """Per-SM limits of a compute capability (CUDA occupancy calculator values)."""
+    """Per-SM limits of a compute capability (CUDA programming guide, compute capabilities
+    table). The most shared memory one block may use is the device class's
+    (:func:`fastres.backends.devices.for_target`), read there, not repeated here."""
 
     max_warps: int  # resident warps per SM
     max_blocks: int  # resident blocks per SM
     regs: int  # 32-bit registers per SM
     smem_sm: int  # shared memory per SM usable by blocks, bytes
-    smem_block: int  # most shared memory one block may use, bytes
 
 
-# sm_80: A100; sm_90: H100/H200. Each block also holds 1 KiB of shared memory for the system.
+# By compile target (sm_80: A100; sm_86/89: RTX 30/40, L4; sm_90: H100; sm_100: B200; sm_120:
+# RTX 50). Each block also holds 1 KiB of shared memory for the system.
 ARCHS = {
-    80: Arch(max_warps=64, max_blocks=32, regs=65536, smem_sm=167936, smem_block=166912),
-    90: Arch(max_warps=64, max_blocks=32, regs=65536, smem_sm=233472, smem_block=232448),
+    70: Arch(max_warps=64, max_blocks=32, regs=65536, smem_sm=98304),
+    75: Arch(max_warps=32, max_blocks=16, regs=65536, smem_sm=65536),
+    80: Arch(max_warps=64, max_blocks=32, regs=65536, smem_sm=167936),
+    86: Arch(max_warps=48, max_blocks=16, regs=65536, smem_sm=102400),
+    89: Arch(max_warps=48, max_blocks=24, regs=65536, smem_sm=102400),
+    90: Arch(max_warps=64, max_blocks=32, regs=65536, smem_sm=233472),
+    100: Arch(max_warps=64, max_blocks=32, regs=65536, smem_sm=233472),
+    120: Arch(max_warps=48, max_blocks=32, regs=65536, smem_sm=102400),
 }
 _SMEM_RESERVED = 1024  # per block
 _SMEM_GRANULE = 128
@@ -104,10 +112,14 @@ def _sass_by_function(text: str) -> dict[str, Counter]:
     return out
 
 
+# Tensor-core instructions, newest generation first: tcgen05 (sm_100: UTCHMMA for fp16/bf16/tf32
+# operands, issued with UTCBAR barriers), warpgroup wgmma (sm_90), warp-level mma.sync (sm_80+)
+_MMA_KINDS = ("UTCHMMA", "HGMMA", "HMMA")
+
+
 def _stats(usage: tuple[str, ...], ops: Counter) -> KernelStats:
     _, reg, stack, shared, local = usage
-    # newest generation first: tcgen05 (sm_100), wgmma (sm_90), mma.sync
-    mma = next((kind for kind in ("UTCHMMA", "HGMMA", "HMMA") if ops[kind]), "none")
+    mma = next((kind for kind in _MMA_KINDS if ops[kind]), "none")
     g2s = "UTMALDG" if ops["UTMALDG"] else "LDGSTS" if ops["LDGSTS"] else "plain"
     return KernelStats(
         regs=int(reg), shared_static=int(shared), local_bytes=int(stack) + int(local),
@@ -172,6 +184,14 @@ def short_names(mangled: list[str]) -> dict[str, str]:
     return dict(zip(mangled, short))
 
 
+def smem_limit(cc: int) -> int:
+    """The most shared memory one block may use on target ``cc``, bytes (its device class's
+    opt-in limit)."""
+    from ..backends import devices
+
+    return devices.for_target(cc).smem_per_block
+
+
 def occupancy(cc: int, regs: int, shared: int, threads: int) -> float:
     """Theoretical occupancy (resident warps / most warps per SM) of a kernel using ``regs``
     registers per thread and ``shared`` bytes of shared memory per block of ``threads`` threads;
@@ -181,6 +201,6 @@ def occupancy(cc: int, regs: int, shared: int, threads: int) -> float:
     regs_per_warp = math.ceil(regs * 32 / _REG_GRANULE) * _REG_GRANULE
     by_regs = (arch.regs // regs_per_warp) // warps if regs_per_warp else arch.max_blocks
     smem = math.ceil((shared + _SMEM_RESERVED) / _SMEM_GRANULE) * _SMEM_GRANULE
-    by_smem = arch.smem_sm // smem if shared <= arch.smem_block else 0
+    by_smem = arch.smem_sm // smem if shared <= smem_limit(cc) else 0
     blocks = min(arch.max_blocks, arch.max_warps // warps, by_regs, by_smem)
     return blocks * warps / arch.max_warps

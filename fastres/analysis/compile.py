@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of Triton kernel configurations, specialised as a real launch is.
 
 Each kernel module listed in ``MODULES`` has a ``compile_specs()`` returning :class:`CompileSpec`
-entries; ``python -m fastres.backends.kernel_report`` compiles every one for every target in
+entries; ``python -m fastres.analysis.kernel_report`` compiles every one for every target in
 ``TARGETS`` with the real compiler (no GPU needed) and reads the machine code.
 
 A launch does not compile the plain kernel. Triton's JIT (``runtime/jit.py``,
@@ -16,6 +16,7 @@ here is the code a launch on that shape class runs.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +27,11 @@ MODULES = (
     "fastres.backends.triton.conv_bwd",
 )
 
-TARGETS = (80, 90)  # compute capabilities: A100, H100/H200
+# Compute capabilities the report compiles for: A100; RTX 40 / L4 / L40S (and RTX 30, A6000:
+# sm_86 runs the same code); H100/H200; B200/GB200 (tcgen05); RTX 50. Triton names the last
+# three sm_90a, sm_100a and sm_120a (architecture-specific features on) and assembles sm_100a and
+# sm_120a with the ptxas-blackwell it ships.
+TARGETS = (80, 89, 90, 100, 120)
 
 # The shape-class label of specs compiled without any launch-time specialisation.
 UNSPECIALISED = "unspecialised"
@@ -89,3 +94,36 @@ def launch_source(spec: CompileSpec) -> tuple[dict[str, str], dict[str, Any], di
         if divisible:
             attrs[(spec.kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
+
+
+# A spec's tile ("-128_128_32_w8s3"), or its bracketed tile parameters
+# (",BLOCK_M=16,BLOCK_K=64,warps=4]"), are what its family name leaves out with its shape class.
+_BRACKET_TILE = re.compile(r",BLOCK_M=[^\]]*\]")
+
+
+def family(spec: CompileSpec) -> str:
+    """The kernel, dtype and flag set of a spec, without its tile and shape class:
+    ``conv_gemm-bfloat16-train``, ``dgrad_gemm-float32-join``, ``bn_apply[fp16,HAS_RES=0,...]``.
+    """
+    name = spec.name.removesuffix(f"-{spec.shape_class}")
+    if name.count("-") >= 3:  # kernel-dtype-flags-tile
+        return name.rsplit("-", 1)[0]
+    return _BRACKET_TILE.sub("]", name)
+
+
+def representative(specs: list[CompileSpec], target: int) -> list[int]:
+    """Indices of one spec per :func:`family`: the first specialised one the autotuner offers on
+    ``target`` (configurations are listed in the order a launch without autotuning tries them),
+    else the family's first. The default test suite compiles these for the targets it does not
+    compile in full."""
+    chosen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        key = family(spec)
+        first = chosen.get(key)
+        if first is None or (not _offered(specs[first], target) and _offered(spec, target)):
+            chosen[key] = i
+    return sorted(chosen.values())
+
+
+def _offered(spec: CompileSpec, target: int) -> bool:
+    return spec.ints is not None and target not in spec.pruned

@@ -54,9 +54,11 @@ from .nn.conv_bn_relu import ConvBNReLU, activation_of, fusable_reason
 from .nn.graph import (
     GraphFused,
     fuse_traced,
+    fused_type,
     guard_inplace,
     has_inner_act,
     is_norm,
+    new_fused,
     pair_plan,
     plain_forward_active,
     plan_graph,
@@ -211,24 +213,12 @@ class FusedSequential(nn.Sequential):
 
     def __reduce_ex__(self, protocol: int):
         # a generated subclass is not importable by name: rebuild it from the plain class
-        return _new_sequential, (self._fastres_plain,), self.__dict__
-
-
-_SEQUENTIAL_TYPES: dict[type, type] = {nn.Sequential: FusedSequential}
+        return new_fused, (FusedSequential, self._fastres_plain), self.__dict__
 
 
 def sequential_type(plain: type) -> type:
     """The fused subclass of a Sequential type (``FusedSequential`` for ``nn.Sequential``)."""
-    if plain not in _SEQUENTIAL_TYPES:
-        _SEQUENTIAL_TYPES[plain] = type(f"Fused{plain.__name__}", (FusedSequential, plain), {
-            "_fastres_plain": plain, "__module__": __name__,
-            "__doc__": f"{plain.__name__} with its conv → norm runs fused (fastres.fuse)."})
-    return _SEQUENTIAL_TYPES[plain]
-
-
-def _new_sequential(plain: type) -> nn.Module:
-    cls = sequential_type(plain)
-    return cls.__new__(cls)
+    return fused_type(FusedSequential, plain)
 
 
 def is_sequential_like(m: nn.Module) -> bool:

@@ -480,7 +480,7 @@ class GraphFused(nn.Module):
 
     def __reduce_ex__(self, protocol: int):
         # the generated class is not importable: rebuild it from the plain class
-        return _new_graph_fused, (self._fastres_plain,), self.__dict__
+        return new_fused, (GraphFused, self._fastres_plain), self.__dict__
 
     def extra_repr(self) -> str:
         plan = self.__dict__.get(PLAN_ATTR)
@@ -491,21 +491,32 @@ class GraphFused(nn.Module):
         return f"{base + ', ' if base else ''}fused=[{runs}]"
 
 
-_GRAPH_TYPES: dict[type, type] = {}
+_FUSED_TYPES: dict[tuple[type, type], type] = {}
+
+
+def fused_type(mixin: type, plain: type) -> type:
+    """The generated fused subclass of ``plain`` with ``mixin``'s forward (made once per pair;
+    ``mixin`` itself where ``plain`` is the class it was written for)."""
+    if getattr(mixin, "_fastres_plain", None) is plain:
+        return mixin
+    key = (mixin, plain)
+    if key not in _FUSED_TYPES:
+        _FUSED_TYPES[key] = type(f"Fused{plain.__name__}", (mixin, plain), {
+            "_fastres_plain": plain, "__module__": mixin.__module__,
+            "__doc__": f"{plain.__name__} with its conv → norm runs fused (fastres.fuse)."})
+    return _FUSED_TYPES[key]
+
+
+def new_fused(mixin: type, plain: type) -> nn.Module:
+    """An empty instance of :func:`fused_type` (unpickling: the generated class is not
+    importable by name)."""
+    cls = fused_type(mixin, plain)
+    return cls.__new__(cls)
 
 
 def graph_type(plain: type) -> type:
     """The fused subclass of ``plain`` (made once per class)."""
-    if plain not in _GRAPH_TYPES:
-        _GRAPH_TYPES[plain] = type(f"Fused{plain.__name__}", (GraphFused, plain), {
-            "_fastres_plain": plain, "__module__": __name__,
-            "__doc__": f"{plain.__name__} with its conv → norm runs fused (fastres.fuse)."})
-    return _GRAPH_TYPES[plain]
-
-
-def _new_graph_fused(plain: type) -> nn.Module:
-    cls = graph_type(plain)
-    return cls.__new__(cls)
+    return fused_type(GraphFused, plain)
 
 
 class _Compiled:
@@ -571,6 +582,22 @@ def fused_chains(module: nn.Module) -> list[ChainSpec]:
     return [] if plan is None else list(plan.chains)
 
 
-__all__ = ["ChainSpec", "GraphFused", "GraphPlan", "PairPlan", "fuse_traced", "fused_chains",
-           "graph_type", "has_inner_act", "is_norm", "pair_plan", "plan_graph", "run_chain",
-           "trace", "unfuse_traced", "unit_of"]
+__all__ = [
+    "ChainSpec",
+    "GraphFused",
+    "GraphPlan",
+    "PairPlan",
+    "fuse_traced",
+    "fused_chains",
+    "fused_type",
+    "graph_type",
+    "has_inner_act",
+    "is_norm",
+    "new_fused",
+    "pair_plan",
+    "plan_graph",
+    "run_chain",
+    "trace",
+    "unfuse_traced",
+    "unit_of",
+]

@@ -205,3 +205,26 @@ def test_last_config_is_per_thread():
     other.start()
     other.join()
     assert kernel.last_config is mine
+
+
+@pytest.mark.parametrize("drop_path", [False, True])
+def test_kept_choices_do_not_grow_or_hold_tensors_passed_by_keyword(drop_path):
+    """The BN apply kernel takes its drop-path pointers by keyword (dummies without a drop
+    path): launches of one shape share one kept choice, and no launch's tensor stays alive in
+    it (by identity every launch would be a new entry holding its tensors forever)."""
+    import gc
+    import weakref
+
+    def launch():
+        y = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+        scale, shift = torch.rand(8) + 0.5, torch.randn(8)
+        keep = torch.rand(2) + 0.5 if drop_path else None
+        bn.apply(y, scale, shift, None, True, branch_scale=keep)
+        return weakref.ref(scale)
+
+    launch()
+    kept = len(bn._bn_apply_kernel._chosen)
+    refs = [launch() for _ in range(3)]
+    gc.collect()
+    assert len(bn._bn_apply_kernel._chosen) == kept
+    assert all(r() is None for r in refs)

@@ -312,11 +312,13 @@ def _signature(args: tuple, kwargs: dict[str, Any]) -> tuple:
     argument on each launch (~10 µs of host time), and pruning reads the device's capability.
     The signature holds everything either looks at (the autotuner's key: integer arguments and
     the tensors' dtypes; pruning: integers, dtype, target), so a kept choice is the one they
-    would make again.
+    would make again. Tensors passed by keyword count by dtype and device too: by identity they
+    would make every launch a new signature, and the kept dict would hold them alive.
     """
     return (
         tuple([(a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args]),
-        tuple(kwargs.items()),
+        tuple([(k, (v.dtype, v.device) if isinstance(v, torch.Tensor) else v)
+               for k, v in kwargs.items()]),
     )
 
 

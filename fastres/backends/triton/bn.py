@@ -442,7 +442,7 @@ _REDUCE_SPILLS_8 = {
 
 def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool, silu: bool = False,
                    dtype: torch.dtype | None = None, cc: int | None = None,
-                   flags: tuple[bool, ...] = ()) -> str | None:
+                   flags: tuple[bool, ...] = (), branch_scale: bool = False) -> str | None:
     """Why a _bn_bwd_reduce_kernel tile is not offered: with SECOND (five elementwise fp32
     accumulators) tiles of 32 elements per thread spill on sm_80 and sm_90, with SILU (y, the
     residual, dz and v's sigmoid per element) on sm_90 and sit at 255 registers on sm_80
@@ -453,6 +453,9 @@ def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool, silu: b
             return "32 elements per thread with the second BN's sums spill registers"
         if silu:
             return "32 elements per thread with SiLU's recomputed pre-activation spill registers"
+        if branch_scale:
+            return ("32 elements per thread with the branch scale's g store: not compiled, "
+                    "not offered")
     if block_m * block_k == 8 * 32 * warps and cc in _REDUCE_SPILLS_8.get((dtype, flags), ()):
         return f"8 elements per thread spill registers with these flags on sm_{cc}"
     return None
@@ -463,7 +466,7 @@ def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> li
     dz = nargs.get("dz_ptr")
     flags = tuple(bool(kwargs.get(f)) for f in ("RELU", "CENTER", "WRITE_DRES", "SECOND"))
     problem = (kwargs["BLOCK_K"], flags[3], bool(kwargs.get("SILU")), getattr(dz, "dtype", None),
-               _tuning.target(dz), flags)
+               _tuning.target(dz), flags, bool(kwargs.get("BRANCH_SCALE")))
     kept = [c for c in configs
             if _reduce_spills(c.kwargs["BLOCK_M"], c.num_warps, *problem) is None]
     return kept or configs
@@ -548,8 +551,12 @@ def _bn_bwd_reduce_kernel(
         if WRITE_DRES:
             tl.store(dres_ptr + idx, _cast_out(g, dres_ptr), mask=mask)
         if BRANCH_SCALE:
-            g = g * _sample_scale(branch_scale_ptr, offs_m, M, HW)[:, None]
-            tl.store(g_branch_ptr + idx, _cast_out(g, g_branch_ptr), mask=mask)
+            # the sums are taken from the g dgrad reads (rounded to its dtype), as eager's BN
+            # backward sums the gradient the drop path's backward stored
+            g = _cast_out(g * _sample_scale(branch_scale_ptr, offs_m, M, HW)[:, None],
+                          g_branch_ptr)
+            tl.store(g_branch_ptr + idx, g, mask=mask)
+            g = tl.where(mask, g.to(tl.float32), 0.0)
         acc_g += g
         acc_gy += g * d
         if CENTER:
@@ -910,10 +917,11 @@ def apply(
 
 def _branch_args(branch_scale: Tensor | None, y: Tensor, dummy: Tensor, **out) -> dict:
     """The BRANCH_SCALE keywords of the apply / reduce kernels for a per-sample scale of the
-    BN output of ``y`` (dummy pointers without one: never read)."""
+    BN output of ``y`` (without one, never read: ``dummy`` (fp32) for the scale, ``y`` for the
+    ``out`` pointers, the dtypes the compiled variants declare)."""
     if branch_scale is None:
         return dict(branch_scale_ptr=dummy, HW=1, BRANCH_SCALE=False,
-                    **{k: dummy for k in out})
+                    **{k: y for k in out})
     assert branch_scale.shape == (y.shape[0],) and branch_scale.dtype == torch.float32
     assert branch_scale.is_contiguous()
     assert y.numel() // y.shape[1] < 2**31, "the branch scale's sample index is int32"
@@ -1274,7 +1282,7 @@ def compile_specs() -> list[CompileSpec]:
             key = tuple(flags[f] for f in ("RELU", "CENTER", "WRITE_DRES", "SECOND"))
             return {cc: why for cc in TARGETS
                     if (why := _reduce_spills(bm, w, bk, flags["SECOND"], flags.get("SILU", False),
-                                              dtype, cc, key))}
+                                              dtype, cc, key, flags.get("BRANCH_SCALE", False)))}
         if name != "bn_bwd_dx":
             return {}
         return {cc: why for cc in TARGETS if (why := _dx_spills(bm, w, bk, dtype, cc))}

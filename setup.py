@@ -33,6 +33,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = ("8.0", "8.9", "9.0a", "10.0a", "12.0")
 PTX_FALLBACK = "8.0"
 _ARCH = re.compile(r"^(\d+)\.(\d+)([af]?)(\+PTX)?$")
+# PyTorch's named entries of TORCH_CUDA_ARCH_LIST that can hold code here (sm_80 and newer; the
+# older names give nothing: see cuda_archs)
+_NAMED = {"Ampere": "8.0;8.6+PTX", "Ampere+Tegra": "8.7", "Ada": "8.9+PTX", "Hopper": "9.0+PTX",
+          "Volta": "7.0", "Volta+Tegra": "7.2", "Turing": "7.5", "Pascal": "6.0;6.1",
+          "Maxwell": "5.0;5.2", "Maxwell+Tegra": "5.3", "Kepler": "3.5", "Kepler+Tesla": "3.7"}
+MIN_ARCH = (8, 0)  # the kernels use bf16 tensor-core instructions (wmma bf16: sm_80 and newer)
 
 
 def _nvcc_targets(cuda_home: str) -> set[str] | None:
@@ -53,7 +59,8 @@ def cuda_archs(arch_list: str | None, nvcc_targets: set[str] | None) -> list[str
     or, when that is unset, :data:`DEFAULT_ARCHS` where nvcc supports them plus PTX for
     :data:`PTX_FALLBACK`."""
     if arch_list:
-        entries, explicit = re.split(r"[;,\s]+", arch_list.strip()), True
+        named = [_NAMED.get(e, e) for e in re.split(r"[;,\s]+", arch_list.strip())]
+        entries, explicit = re.split(r"[;,\s]+", ";".join(named)), True
     else:
         entries, explicit = [*DEFAULT_ARCHS, f"{PTX_FALLBACK}+PTX"], False
     codes: list[str] = []
@@ -64,6 +71,11 @@ def cuda_archs(arch_list: str | None, nvcc_targets: set[str] | None) -> list[str
                              "entries like 8.0, 9.0a, 10.0a or 12.0+PTX)")
         major, minor, suffix, ptx = m.groups()
         sm = f"sm_{major}{minor}"
+        if (int(major), int(minor)) < MIN_ARCH:
+            # such devices are served by the reference backend (fastres info says so)
+            _say(f"TORCH_CUDA_ARCH_LIST entry {entry} skipped: the CUDA kernels need sm_80 or "
+                 "newer")
+            continue
         if nvcc_targets is not None and sm not in nvcc_targets:
             if explicit:
                 raise SystemExit(f"fastres: TORCH_CUDA_ARCH_LIST asks for {entry}, which this "

@@ -50,6 +50,13 @@ class DeviceClass:
         return f"sm_{self.target}"
 
     @property
+    def report_target(self) -> int:
+        """The kernel report's target whose pruning tables (tiles that spill) apply here: the
+        class's own, except sm_86, which shares sm_89's register file, 99 KB and mma.sync and
+        is compiled as sm_89 in the report."""
+        return _REPORTED_AS.get(self.target, self.target)
+
+    @property
     def tensor_cores(self) -> bool:
         """Whether the Triton kernels get tensor cores here (sm_80 and later)."""
         return self.mma is not None
@@ -74,6 +81,7 @@ _TABLE: dict[int, tuple[int, str | None, bool, bool, bool]] = {
 }
 
 TARGETS = tuple(sorted(_TABLE))
+_REPORTED_AS = {86: 89}  # see DeviceClass.report_target
 
 
 def target_of(capability: tuple[int, int]) -> int | None:

@@ -416,10 +416,15 @@ def test_torch_cuda_arch_list_is_honoured(setup_py):
     assert setup_py.cuda_archs("8.0;9.0a;10.0a;12.0+PTX", NVCC_13) == [
         "sm_80", "sm_90a", "sm_100a", "sm_120", "compute_120"]
     assert setup_py.cuda_archs("8.0 8.6, 8.0+PTX", NVCC_13) == ["sm_80", "sm_86", "compute_80"]
-    with pytest.raises(SystemExit, match="'Ampere'"):
-        setup_py.cuda_archs("8.0;Ampere", NVCC_13)
+    # PyTorch's names; entries below sm_80 hold nothing (the kernels need bf16 tensor cores):
+    # a common list such as "7.5;8.0;8.6;9.0" still builds
+    assert setup_py.cuda_archs("Ampere;Hopper", NVCC_13) == [
+        "sm_80", "sm_86", "compute_86", "sm_90", "compute_90"]
+    assert setup_py.cuda_archs("7.0;7.5;8.0;8.6;9.0", NVCC_13) == ["sm_80", "sm_86", "sm_90"]
+    with pytest.raises(SystemExit, match="'Amp'"):
+        setup_py.cuda_archs("8.0;Amp", NVCC_13)
     with pytest.raises(SystemExit, match="cannot compile for"):
-        setup_py.cuda_archs("7.0", NVCC_13)
+        setup_py.cuda_archs("8.5", NVCC_13)
     assert setup_py.gencode_flags(["sm_90a", "compute_80"]) == [
         "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=compute_80"]
 
@@ -430,3 +435,16 @@ def test_installed_nvcc_lists_its_targets(setup_py):
         pytest.skip("no CUDA toolkit at /usr/local/cuda")
     targets = setup_py._nvcc_targets(home)
     assert targets and "sm_80" in targets
+
+
+def test_sm86_prunes_as_sm89():
+    """RTX 30 / A10 / A6000 (8.6) and Orin (8.7) take sm_89's spill tables: the kernel report
+    compiles that class as sm_89 (same register file, 99 KB, mma.sync)."""
+    from fastres.backends.triton import _tuning
+
+    x = _fake(torch.float32)
+    for cap, want in (((8, 6), 89), ((8, 7), 89), ((8, 9), 89), ((9, 0), 90), ((8, 0), 80)):
+        with devices.simulate(cap):
+            assert _tuning.target(x) == want, cap
+    cls = devices.make_class((8, 6))
+    assert cls.target == 86 and cls.name == "sm_86" and cls.report_target == 89

@@ -169,11 +169,11 @@ def fitting(configs: Sequence[triton.Config], need: Callable[[triton.Config], in
 
 
 def target(x: torch.Tensor | None) -> int | None:
-    """The compile target whose code runs on a tensor's device (80, 86, 89, 90, 100, 120, 75,
-    70; see :mod:`fastres.backends.devices`); None off CUDA. Keys the configurations pruned
-    because they spill or do not fit there (the kernel report)."""
+    """The kernel-report target of a tensor's device (80, 89, 90, 100, 120, 75, 70; sm_86
+    devices are reported as sm_89: :attr:`DeviceClass.report_target`); None off CUDA. Keys the
+    configurations pruned because they spill or do not fit there (the kernel report)."""
     cls = devices.device_class(x) if x is not None else None
-    return None if cls is None else cls.target
+    return None if cls is None else cls.report_target
 
 
 def smem_limit(x: torch.Tensor | None, cc: int | None) -> int | None:

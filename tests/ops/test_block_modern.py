@@ -170,7 +170,8 @@ def _pre_activation(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return seen[0]
 
 
-def check_case(case: Case, dtype: torch.dtype, backend: str, steps: int = 2) -> None:
+def check_case(case: Case, dtype: torch.dtype, backend: str, steps: int = 2,
+               device: str = "cpu") -> None:
     # In fp16/bf16 an inner activation within rounding of 0 can take either side of its ReLU
     # (the block op recomputes it from fp32 statistics, eager BN rounds first) and then moves
     # the gradients below it by |da|: the exposure of tests/ops/test_block.py, which no
@@ -179,6 +180,9 @@ def check_case(case: Case, dtype: torch.dtype, backend: str, steps: int = 2) -> 
     torch.manual_seed(1)
     block = case.build().to(dtype)
     x = torch.randn(N, case.cin, case.hw, case.hw).to(dtype)
+    # all three on one device: the drop-path draws come from that device's generator (on CUDA
+    # the float64 truth runs there too)
+    block, x = block.to(device), x.to(device)
     truth = copy.deepcopy(block).double()
     baseline = copy.deepcopy(block).to(memory_format=CL)
     fused = fused_block(copy.deepcopy(block))
@@ -186,7 +190,7 @@ def check_case(case: Case, dtype: torch.dtype, backend: str, steps: int = 2) -> 
     x_dev = x.contiguous(memory_format=CL)
     with torch.no_grad():
         out_shape = copy.deepcopy(truth).eval()(x.double()).shape
-    upstream = torch.randn(out_shape).to(dtype).double()
+    upstream = torch.randn(out_shape).to(dtype).double().to(device)
     if dtype != torch.float32:  # outputs within rounding of the final ReLU's 0 (test_block.py)
         pre_ref = _pre_activation(truth, x.double())
         band = 2 * (_pre_activation(baseline, x_dev).double() - pre_ref).abs().max().item()
@@ -210,6 +214,18 @@ def check_case(case: Case, dtype: torch.dtype, backend: str, steps: int = 2) -> 
     for key in want[1]:
         assert_close_ratio(f"{key} after {steps} steps", got[1][key], want[1][key], base[1][key])
     assert_close_ratio("eval output", got[2], want[2], base[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "dtype"), [
+    ("bottleneck-avgdown-droppath-s2", torch.float32),
+    ("bottleneck-avgdown-droppath-s2", torch.bfloat16),
+    ("basic-proj-stochdepth-row", torch.float16),
+    ("resnext-avgdown-stochdepth-batch-s2", torch.float32),
+])
+def test_modern_block_on_cuda(name: str, dtype: torch.dtype) -> None:
+    """The drop-path and shortcut-input kernels on a GPU (compiled, not interpreted)."""
+    check_case(BY_NAME[name], dtype, "triton", device="cuda")
 
 
 def test_the_seed_drops_some_samples_and_keeps_others() -> None:

@@ -1270,7 +1270,9 @@ def compile_specs() -> list[CompileSpec]:
     # SiLU: off (and out of the names) in the flag sets above; one flag set per kernel with it,
     # the heaviest it runs with, compiled like those and with every block config at the widest
     # BLOCK_K (the most elements per thread)
-    silu_off = {"bn_apply": dict(SILU=False), "bn_bwd_reduce": dict(SILU=False, HAS_RES=False)}
+    # (and drop path's BRANCH_SCALE off where a flag set does not name it)
+    silu_off = {"bn_apply": dict(SILU=False, BRANCH_SCALE=False),
+                "bn_bwd_reduce": dict(SILU=False, HAS_RES=False, BRANCH_SCALE=False)}
     silu_sets = {
         "bn_apply": dict(HAS_RES=True, RES_AFFINE=False, RELU=False, SILU=True),
         "bn_bwd_reduce": dict(RELU=False, CENTER=True, WRITE_DRES=True, SECOND=False, SILU=True,

@@ -99,7 +99,9 @@ def test_estimate_is_at_least_what_every_compiled_configuration_takes(estimates)
 def test_estimate_prunes_nothing_the_report_offers(estimates):
     """On each target of the report the estimate keeps every configuration the autotuner
     offers there (pruned: null) within that target's shared memory: no tile that fits is lost."""
+    # (unspecialised rows carry no pruner verdict: they only have to compile)
     over = [(r["spec"], r["target"], est) for r, est in estimates if r["pruned"] is None
+            and r["shape_class"] != "unspecialised"
             and est > devices.for_target(int(r["target"][3:])).smem_per_block]
     assert not over, over[:10]
 

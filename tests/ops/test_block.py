@@ -100,10 +100,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _run_steps(block: nn.Module, x: torch.Tensor, upstream: torch.Tensor, steps: int,
-               backend: str | None):
+               backend: str | None, seed: int | None = None):
     """``steps`` training steps (forward, backward, no update), then an eval forward. Returns
     per step (output, input grad, parameter grads), the running statistics at the end and the
-    eval output."""
+    eval output. ``seed``: each step's forward seeded alike (the same drop-path draws)."""
     results = []
     ctx = fastres.use_backend(backend) if backend else _plain(block)
     with ctx:
@@ -111,6 +111,8 @@ def _run_steps(block: nn.Module, x: torch.Tensor, upstream: torch.Tensor, steps:
         for _ in range(steps):
             block.zero_grad(set_to_none=True)
             inp = x.detach().clone().requires_grad_()
+            if seed is not None:
+                torch.manual_seed(seed)
             out = block(inp)
             out.backward(upstream.to(out.dtype))
             grads = {k: t.grad for k, t in tensors_by_key(block).items()
@@ -124,16 +126,19 @@ def _run_steps(block: nn.Module, x: torch.Tensor, upstream: torch.Tensor, steps:
 
 
 class _plain:
-    """Runs a fastres block as plain PyTorch (its unfused forward) inside the ``with``."""
+    """Runs a fastres block as plain PyTorch (its unfused forward) inside the ``with``; any other
+    module as it is."""
 
     def __init__(self, block: nn.Module) -> None:
-        self.block = block
+        self.block = block if hasattr(block, "set_fused") else None
 
     def __enter__(self):
-        self.block.set_fused(False)
+        if self.block is not None:
+            self.block.set_fused(False)
 
     def __exit__(self, *exc):
-        self.block.set_fused(True)
+        if self.block is not None:
+            self.block.set_fused(True)
 
 
 def _pre_activation(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,9 @@ from fastres.nn.blocks import BlockLayout, drop_path_scale
 from fastres.ops.block import ConvArgs, NormArgs, residual_block
 from tests.backends.test_triton_block import _Launches, _standalone
 from tests.backends.test_triton_conv_bwd import FORBIDDEN
-from tests.models._util import randomize_bn, tensors_by_key
+from tests.models._util import randomize_bn
 from tests.numerics import assert_close_ratio
+from tests.ops.test_block import _run_steps
 
 timm = pytest.importorskip("timm")
 tv_ops = pytest.importorskip("torchvision.ops")
@@ -128,37 +129,6 @@ def _last_relu(block: nn.Module) -> nn.Module:
     return block.act2 if isinstance(block, timm_resnet.BasicBlock) else block.act3
 
 
-def _run_steps(block: nn.Module, x: torch.Tensor, upstream: torch.Tensor, steps: int,
-               backend: str | None):
-    """``steps`` seeded training steps (forward, backward, no update), then an eval forward:
-    per step (output, input grad, parameter grads), running statistics, eval output."""
-    results = []
-    with fastres.use_backend(backend) if backend else _nothing():
-        block.train()
-        for _ in range(steps):
-            block.zero_grad(set_to_none=True)
-            inp = x.detach().clone().requires_grad_()
-            torch.manual_seed(SEED)
-            out = block(inp)
-            out.backward(upstream.to(out.dtype))
-            grads = {k: t.grad for k, t in tensors_by_key(block).items()
-                     if isinstance(t, nn.Parameter)}
-            results.append((out.detach(), inp.grad, grads))
-        block.eval()
-        with torch.no_grad():
-            eval_out = block(x)
-    stats = {k: t.detach().clone() for k, t in block.state_dict().items() if "running" in k}
-    return results, stats, eval_out
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _pre_activation(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The timm block's input to its final ReLU in a seeded training forward (on a copy)."""
     block = copy.deepcopy(block).train()
@@ -197,12 +167,12 @@ def check_case(case: Case, dtype: torch.dtype, backend: str, steps: int = 2,
         band += 4 * torch.finfo(dtype).eps * pre_ref.abs().max().item()
         upstream[pre_ref.abs() <= band] = 0.0
     with fastres.backends.record_calls() as served:
-        got = _run_steps(fused, x_dev, upstream, steps, backend)
+        got = _run_steps(fused, x_dev, upstream, steps, backend, SEED)
     assert [(c.direction, c.op, c.backend) for c in served] == (
         [("forward", "residual_block", backend), ("backward", "residual_block", backend)] * steps
         + [("forward", "residual_block", backend)]), "the block did not run as one block op"
-    want = _run_steps(truth, x.double(), upstream, steps, None)
-    base = _run_steps(baseline, x_dev, upstream, steps, None)
+    want = _run_steps(truth, x.double(), upstream, steps, None, SEED)
+    base = _run_steps(baseline, x_dev, upstream, steps, None, SEED)
     for step, ((o, dx, gs), (o_t, dx_t, gs_t), (o_b, dx_b, gs_b)) in enumerate(
             zip(got[0], want[0], base[0])):
         assert_close_ratio(f"step {step} output", o, o_t, o_b)

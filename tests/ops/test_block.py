@@ -125,6 +125,23 @@ def _run_steps(block: nn.Module, x: torch.Tensor, upstream: torch.Tensor, steps:
     return results, stats, eval_out
 
 
+def compare_steps(got, want, base, steps: int) -> None:
+    """:func:`_run_steps` results of the fused block, the float64 truth and the plain baseline
+    by the error-ratio rule: every step's output, input and parameter gradients, then the
+    running statistics and the eval output."""
+    for step, ((o, dx, gs), (o_t, dx_t, gs_t), (o_b, dx_b, gs_b)) in enumerate(
+            zip(got[0], want[0], base[0])):
+        assert_close_ratio(f"step {step} output", o, o_t, o_b)
+        assert_close_ratio(f"step {step} input grad", dx, dx_t, dx_b)
+        assert set(gs) == set(gs_t)
+        for key in gs_t:
+            assert gs[key] is not None, f"{key}: no gradient"
+            assert_close_ratio(f"step {step} {key}.grad", gs[key], gs_t[key], gs_b[key])
+    for key in want[1]:
+        assert_close_ratio(f"{key} after {steps} steps", got[1][key], want[1][key], base[1][key])
+    assert_close_ratio("eval output", got[2], want[2], base[2])
+
+
 class _plain:
     """Runs a fastres block as plain PyTorch (its unfused forward) inside the ``with``; any other
     module as it is."""
@@ -195,17 +212,7 @@ def check_block(spec: Block, dtype: torch.dtype, backend: str, steps: int = 2,
         + [("forward", "residual_block", backend)]), "the block did not run as one block op"
     want = _run_steps(truth, x.double(), upstream, steps, None)
     base = _run_steps(baseline, x_dev, upstream.to(device), steps, None)
-    for step, ((o, dx, gs), (o_t, dx_t, gs_t), (o_b, dx_b, gs_b)) in enumerate(
-            zip(got[0], want[0], base[0])):
-        assert_close_ratio(f"step {step} output", o, o_t, o_b)
-        assert_close_ratio(f"step {step} input grad", dx, dx_t, dx_b)
-        assert set(gs) == set(gs_t)
-        for key in gs_t:
-            assert gs[key] is not None, f"{key}: no gradient"
-            assert_close_ratio(f"step {step} {key}.grad", gs[key], gs_t[key], gs_b[key])
-    for key in want[1]:
-        assert_close_ratio(f"{key} after {steps} steps", got[1][key], want[1][key], base[1][key])
-    assert_close_ratio("eval output", got[2], want[2], base[2])
+    compare_steps(got, want, base, steps)
     for m_f, m_t in zip(fused.modules(), truth.modules()):
         if isinstance(m_f, nn.BatchNorm2d):
             assert int(m_f.num_batches_tracked) == int(m_t.num_batches_tracked) == steps

@@ -28,8 +28,7 @@ from fastres.ops.block import ConvArgs, NormArgs, residual_block
 from tests.backends.test_triton_block import _Launches, _standalone
 from tests.backends.test_triton_conv_bwd import FORBIDDEN
 from tests.models._util import randomize_bn
-from tests.numerics import assert_close_ratio
-from tests.ops.test_block import _run_steps
+from tests.ops.test_block import _run_steps, compare_steps
 
 timm = pytest.importorskip("timm")
 tv_ops = pytest.importorskip("torchvision.ops")
@@ -173,17 +172,7 @@ def check_case(case: Case, dtype: torch.dtype, backend: str, steps: int = 2,
         + [("forward", "residual_block", backend)]), "the block did not run as one block op"
     want = _run_steps(truth, x.double(), upstream, steps, None, SEED)
     base = _run_steps(baseline, x_dev, upstream, steps, None, SEED)
-    for step, ((o, dx, gs), (o_t, dx_t, gs_t), (o_b, dx_b, gs_b)) in enumerate(
-            zip(got[0], want[0], base[0])):
-        assert_close_ratio(f"step {step} output", o, o_t, o_b)
-        assert_close_ratio(f"step {step} input grad", dx, dx_t, dx_b)
-        assert set(gs) == set(gs_t)
-        for key in gs_t:
-            assert gs[key] is not None, f"{key}: no gradient"
-            assert_close_ratio(f"step {step} {key}.grad", gs[key], gs_t[key], gs_b[key])
-    for key in want[1]:
-        assert_close_ratio(f"{key} after {steps} steps", got[1][key], want[1][key], base[1][key])
-    assert_close_ratio("eval output", got[2], want[2], base[2])
+    compare_steps(got, want, base, steps)
 
 
 @pytest.mark.gpu

@@ -26,6 +26,7 @@ from torch import nn
 
 from .nn.blocks import FusedBlock
 from .nn.graph import GraphFused, fused_chains, is_norm
+from .nn.graph_block import GraphBlock
 from .nn.stem import LINK_ATTR, StemConv2d
 from .swap import FusedSequential, fuse, fuse_report
 
@@ -78,6 +79,9 @@ def fused_convs(model: nn.Module) -> tuple[set[str], set[str], dict[str, str]]:
     act_outside: dict[str, str] = {}
     for path, m in model.named_modules():
         prefix = f"{path}." if path else ""
+        if isinstance(m, GraphBlock) and m.block_reason() is None:
+            convs, _, proj = m.block_layout()[:3]
+            block_op.update(paths[id(c)] for c in (*convs, proj) if c is not None)
         if isinstance(m, FusedBlock) and m.fused:
             per_layer.update(paths[id(v.conv)] for v in m._views.values() if id(v.conv) in paths)
             if hasattr(m, "block_layout") and m.block_reason() is None:

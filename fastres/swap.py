@@ -66,6 +66,7 @@ from .nn.graph import (
     trace,
     unfuse_traced,
 )
+from .nn.graph_block import BlockSpec, GraphBlock, block_spec, fuse_block
 from .nn.stem import StemConv2d, fold_stem, stem_link, unfold_stem
 
 Tensor = torch.Tensor
@@ -445,11 +446,12 @@ class _Planner:
     def per_layer(self, m: nn.Module, path: str, why: list[str]) -> bool:
         """A residual block the block op cannot take: its runs fused by structure."""
         self.notes.append((path, _NOT_BLOCK_OP + "; ".join(why)))
-        return self.traced(m, path)
+        return self.traced(m, path, as_block=False)
 
-    def traced(self, m: nn.Module, path: str) -> bool:
-        """Read ``m``'s chains from its traced forward; its children are planned on their own
-        (False: recurse)."""
+    def traced(self, m: nn.Module, path: str, as_block: bool = True) -> bool:
+        """Read ``m``'s chains from its traced forward, and (``as_block``) whether it is a
+        residual block the block op takes (:mod:`fastres.nn.graph_block`; else the report says
+        why not); its children are planned on their own (False: recurse)."""
         if not _may_hold_chains(m):
             return False
         graph = trace(m)
@@ -461,7 +463,12 @@ class _Planner:
         found = plan_graph(m, graph, rewrite=False)
         prefix = f"{path}." if path else ""
         self.reasons.extend((prefix + conv, why) for conv, why in found.reasons)
-        if found.chains:
+        spec = block_spec(m) if as_block else None
+        if isinstance(spec, str):
+            self.notes.append((path, _NOT_BLOCK_OP + spec))
+        if isinstance(spec, BlockSpec):
+            self.actions.append(lambda: fuse_block(m, spec))
+        elif found.chains:
             self.actions.append(lambda: fuse_traced(m))
         return False
 
@@ -580,7 +587,8 @@ def fuse_report(model: nn.Module) -> list[tuple[str, str]]:
     info`` says so."""
     notes = [(path or type(m).__name__, f"runs layer by layer: {why}")
              for path, m in model.named_modules()
-             if isinstance(m, FusedBlock) and m.fused and hasattr(m, "block_layout")
+             if ((isinstance(m, FusedBlock) and m.fused and hasattr(m, "block_layout"))
+                 or isinstance(m, GraphBlock))
              and (why := m.block_reason()) is not None
              and not why.startswith(_NO_LAYOUT)]
     return [*model.__dict__.get(REPORT_ATTR, []), *model.__dict__.get(NOTES_ATTR, []), *notes]

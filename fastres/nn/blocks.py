@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -171,6 +171,74 @@ def drop_path_scale(module: nn.Module | None, n: int, dtype: torch.dtype,
     return draw if row else draw.expand(n, 1, 1, 1)
 
 
+def layout_reason(layout: BlockLayout,
+                  norm_reason: Callable[[nn.Module], str | None]) -> str | None:
+    """None if the modules of ``layout`` can run as one block op now, else why not: the checks
+    every block op caller makes (plain zero-padded bias-free convs, an avg-pool shortcut before a
+    projection, a drop path the op can draw, the norms ``norm_reason`` accepts, all in one
+    train/eval mode, running statistics in eval, no SyncBatchNorm across processes)."""
+    convs, norms, proj, preact, pool, drop = layout
+    if (pool is not None or drop is not None) and preact:
+        return "a shortcut pool or drop path on a pre-activation block"
+    if pool is not None and (type(pool) is not nn.AvgPool2d or proj is None):
+        return f"the shortcut's {type(pool).__name__} is not an nn.AvgPool2d before " \
+               "a projection conv"
+    reason = drop_path_reason(drop)
+    if reason is None and drop is not None and drop.training != norms[0].training:
+        reason = "the drop path and the BatchNorms are not in the same train/eval mode"
+    if reason is not None:
+        return reason
+    for conv in (*convs, *([proj] if proj is not None else [])):
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(
+                conv.padding, str):
+            return f"{type(conv).__name__} is not a plain zero-padded nn.Conv2d"
+        if conv.bias is not None:
+            return "a convolution has a bias"
+    for bn in norms:
+        reason = norm_reason(bn)
+        if reason is None and bn.training != norms[0].training:
+            reason = "its BatchNorms are not all in the same train/eval mode"
+        if reason is None and not bn.training and bn.running_mean is None:
+            reason = "a BatchNorm without running statistics in eval"
+        if reason is None and sync_group(bn) is not None:
+            reason = "SyncBatchNorm across processes (statistics merged per layer)"
+        if reason is not None:
+            return reason
+    return None
+
+
+def run_block_op(x: Tensor, layout: BlockLayout) -> Tensor | None:
+    """The block of ``layout`` (accepted by :func:`layout_reason`) on ``x`` through the block op
+    (:func:`fastres.ops.residual_block`), training or eval as its BatchNorms are (running
+    statistics and ``num_batches_tracked`` advance as the modules' own forwards would advance
+    them), in eager's layout for ``x``; None if the backend in force has no block kernels."""
+    convs, norms, proj, preact, pool, drop = layout
+    training = norms[0].training
+    args = [ConvArgs(c.weight, c.stride, c.padding, c.dilation, c.groups) for c in convs]
+    name, _ = block_backend(x, args[0].weight, args[0].params(), training=training)
+    if name is None:  # the backend in force has no block kernels
+        return None
+    norm_args = []
+    for bn, momentum in zip(norms, bn_momenta(norms)):  # advances num_batches_tracked
+        track = not bn.training or bn.track_running_stats
+        norm_args.append(NormArgs(
+            bn.weight, bn.bias, bn.running_mean if track else None,
+            bn.running_var if track else None, momentum, bn.eps))
+    shortcut = None if proj is None else ConvArgs(
+        proj.weight, proj.stride, proj.padding, proj.dilation, proj.groups)
+    entry_norm = preact and len(norms) == len(convs)
+    xs = None if pool is None else pool(x)  # ResNet-D: one small PyTorch op, autograd
+    branch_dtype = x.dtype
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        branch_dtype = torch.get_autocast_dtype(x.device.type)  # the dtype eager draws in
+    # drawn last, as the unfused block draws after its convs and BNs (which draw nothing)
+    scale = drop_path_scale(drop, x.shape[0], branch_dtype, x.device)
+    out = residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
+                         entry_norm=entry_norm, training=training, backend=name,
+                         shortcut_input=xs, branch_scale=scale)
+    return match_input(out, x)  # eager's layout when called outside a fused model
+
+
 def _no_op(module: nn.Module | None) -> nn.Module | None:
     return None if type(module) is nn.Identity else module
 
@@ -271,34 +339,8 @@ class FusedBlock(nn.Module):
             layout = BlockLayout.of(self.block_layout())
         except ValueError as e:
             return None, str(e)
-        convs, norms, proj, preact, pool, drop = layout
-        if (pool is not None or drop is not None) and preact:
-            return None, "a shortcut pool or drop path on a pre-activation block"
-        if pool is not None and (type(pool) is not nn.AvgPool2d or proj is None):
-            return None, f"the shortcut's {type(pool).__name__} is not an nn.AvgPool2d before " \
-                         "a projection conv"
-        reason = drop_path_reason(drop)
-        if reason is None and drop is not None and drop.training != norms[0].training:
-            reason = "the drop path and the BatchNorms are not in the same train/eval mode"
-        if reason is not None:
-            return None, reason
-        for conv in (*convs, *([proj] if proj is not None else [])):
-            if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(
-                    conv.padding, str):
-                return None, f"{type(conv).__name__} is not a plain zero-padded nn.Conv2d"
-            if conv.bias is not None:
-                return None, "a convolution has a bias"
-        for bn in norms:
-            reason = self.norm_reason(bn)
-            if reason is None and bn.training != norms[0].training:
-                reason = "its BatchNorms are not all in the same train/eval mode"
-            if reason is None and not bn.training and bn.running_mean is None:
-                reason = "a BatchNorm without running statistics in eval"
-            if reason is None and sync_group(bn) is not None:
-                reason = "SyncBatchNorm across processes (statistics merged per layer)"
-            if reason is not None:
-                return None, reason
-        return layout, None
+        reason = layout_reason(layout, self.norm_reason)
+        return (None, reason) if reason is not None else (layout, None)
 
     def norm_reason(self, bn: nn.Module) -> str | None:
         """None if ``bn`` normalises exactly as the block op's BatchNorm (+ the ReLU the
@@ -317,31 +359,7 @@ class FusedBlock(nn.Module):
         layout, _ = self._block_plan()
         if not isinstance(x, Tensor) or layout is None:
             return None
-        convs, norms, proj, preact, pool, drop = layout
-        training = norms[0].training
-        args = [ConvArgs(c.weight, c.stride, c.padding, c.dilation, c.groups) for c in convs]
-        name, _ = block_backend(x, args[0].weight, args[0].params(), training=training)
-        if name is None:  # the backend in force has no block kernels
-            return None
-        norm_args = []
-        for bn, momentum in zip(norms, bn_momenta(norms)):  # advances num_batches_tracked
-            track = not bn.training or bn.track_running_stats
-            norm_args.append(NormArgs(
-                bn.weight, bn.bias, bn.running_mean if track else None,
-                bn.running_var if track else None, momentum, bn.eps))
-        shortcut = None if proj is None else ConvArgs(
-            proj.weight, proj.stride, proj.padding, proj.dilation, proj.groups)
-        entry_norm = preact and len(norms) == len(convs)
-        xs = None if pool is None else pool(x)  # ResNet-D: one small PyTorch op, autograd
-        branch_dtype = x.dtype
-        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
-            branch_dtype = torch.get_autocast_dtype(x.device.type)  # the dtype eager draws in
-        # drawn last, as the unfused block draws after its convs and BNs (which draw nothing)
-        scale = drop_path_scale(drop, x.shape[0], branch_dtype, x.device)
-        out = residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
-                             entry_norm=entry_norm, training=training, backend=name,
-                             shortcut_input=xs, branch_scale=scale)
-        return match_input(out, x)  # eager's layout when called outside a fused model
+        return run_block_op(x, layout)
 
     def _projection(self) -> tuple[nn.Module | None, nn.Module | None]:
         """``(projection conv, shortcut pool)`` of a post-activation ``downsample``: exactly
@@ -689,4 +707,6 @@ __all__ = [
     "drop_path_scale",
     "forced_layer_by_layer",
     "layer_by_layer",
+    "layout_reason",
+    "run_block_op",
 ]

@@ -216,15 +216,16 @@ class _ChildrenAsLeaves(fx.Tracer):
         return True
 
 
-def trace(module: nn.Module) -> fx.Graph | str:
-    """The module's forward as a graph over its children, or why it cannot be traced. A fused
-    module is traced as its plain class (the class is swapped back for the trace)."""
+def trace(module: nn.Module, tracer: type[fx.Tracer] = _ChildrenAsLeaves) -> fx.Graph | str:
+    """The module's forward as a graph over its children (``tracer`` decides which modules
+    stay one node), or why it cannot be traced. A fused module is traced as its plain class
+    (the class is swapped back for the trace; fused modules inside run their plain forward)."""
     cls = type(module)
     plain = getattr(cls, "_fastres_plain", cls)
     _tracing.depth = getattr(_tracing, "depth", 0) + 1
     try:
         module.__class__ = plain
-        return _ChildrenAsLeaves().trace(module)
+        return tracer().trace(module)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return f"its forward cannot be traced by torch.fx ({type(e).__name__}: {first[:120]})"
@@ -472,7 +473,7 @@ class GraphFused(nn.Module):
         if plain_forward_active():
             return self._fastres_plain.forward(self, *args, **kwargs)
         code = _code(self)
-        if code is None:  # nothing to fuse any more (e.g. the module was changed since)
+        if code is None:  # nothing to fuse per layer (a block with no chains of its own)
             out = self._fastres_plain.forward(self, *args, **kwargs)
         else:
             out = code(self, *args, **kwargs)
@@ -520,24 +521,27 @@ def graph_type(plain: type) -> type:
 
 
 class _Compiled:
-    """The generated forward of one module (never pickled or deep-copied: made again)."""
+    """The generated forward of one module (never pickled or deep-copied: made again).
+    ``fn`` None: nothing to fuse (the plain forward runs); ``stale``: to be made again."""
 
-    def __init__(self, fn: Any) -> None:
+    def __init__(self, fn: Any, stale: bool = False) -> None:
         self.fn = fn
+        self.stale = stale
 
     def __reduce__(self):
-        return _Compiled, (None,)
+        return _Compiled, (None, True)
 
     def __deepcopy__(self, memo: dict) -> _Compiled:
         return _Compiled(self.fn)  # code reaches its modules through ``self``: shareable
 
 
 CODE_ATTR = "_fastres_graph_code"
+BLOCK_ATTR = "_fastres_block"  # a traced residual block's BlockSpec (fastres.nn.graph_block)
 
 
 def _code(module: nn.Module) -> Any:
     holder = module.__dict__.get(CODE_ATTR)
-    if holder is None or holder.fn is None:
+    if holder is None or holder.stale:
         fn, plan = compile_module(module)
         module.__dict__[PLAN_ATTR] = plan
         holder = module.__dict__[CODE_ATTR] = _Compiled(fn)
@@ -573,6 +577,7 @@ def unfuse_traced(module: nn.Module) -> bool:
     module.__class__ = module._fastres_plain
     module.__dict__.pop(PLAN_ATTR, None)
     module.__dict__.pop(CODE_ATTR, None)
+    module.__dict__.pop(BLOCK_ATTR, None)
     return True
 
 

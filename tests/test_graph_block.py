@@ -1,0 +1,235 @@
+"""Residual blocks found by structure (fastres.nn.graph_block): torchvision's RegNetX block, timm's
+RegNet Bottleneck and ByobNet blocks with ReLU train and infer as one block op, on the reference
+and triton backends, against float64 by the error-ratio rule; everything else keeps its per-layer
+fusion and the report names the structural limit."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastres
+from fastres.nn.graph import GraphFused
+from fastres.nn.graph_block import GraphBlock, read_block
+from fastres.swap import fuse_report
+from tests.models._util import check_equivalent, randomize_bn
+from tests.ops.test_block import _run_steps, _shift_bn, compare_steps
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+CL = torch.channels_last
+
+
+def fuse_quietly(model: nn.Module, **kw) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fastres.fuse(model, **kw)
+
+
+def tv_regnet_block(width_in: int, width_out: int, stride: int, group_width: int,
+                    se_ratio: float | None = None, act: type = nn.ReLU) -> nn.Module:
+    """torchvision's RegNet ``ResBottleneckBlock`` (RegNetX; with ``se_ratio`` RegNetY)."""
+    from torchvision.models.regnet import ResBottleneckBlock
+
+    return ResBottleneckBlock(width_in, width_out, stride, nn.BatchNorm2d, act,
+                              group_width=group_width, se_ratio=se_ratio)
+
+
+def timm_regnet_block(in_chs: int, out_chs: int, stride: int, group_size: int,
+                      drop_path_rate: float = 0.0) -> nn.Module:
+    """timm's RegNet ``Bottleneck`` without SE (RegNetX): ConvNormAct with BatchNormAct2d."""
+    from timm.models.regnet import Bottleneck
+
+    return Bottleneck(in_chs, out_chs, stride, group_size=group_size, se_ratio=0.0,
+                      drop_path_rate=drop_path_rate)
+
+
+def timm_byob_basic(in_chs: int, out_chs: int, stride: int) -> nn.Module:
+    """timm ByobNet ``BasicBlock`` with ReLU (gernet's) and the avg-pool shortcut."""
+    from timm.models.byobnet import BasicBlock, LayerFn
+
+    return BasicBlock(in_chs, out_chs, stride=stride, downsample="avg", layers=LayerFn())
+
+
+# (block, input channels, size, seeded: its drop path draws per step)
+CASES = {
+    "tv-regnetx-proj-s2": (lambda: tv_regnet_block(8, 16, 2, 4), 8, 7, False),
+    "tv-regnetx-identity": (lambda: tv_regnet_block(16, 16, 1, 8), 16, 5, False),
+    "timm-regnetx-proj-s2-drop-path": (lambda: timm_regnet_block(8, 16, 2, 4, 0.3), 8, 7, True),
+    "timm-byob-basic-avgpool-s2": (lambda: timm_byob_basic(8, 12, 2), 8, 8, False),
+}
+
+
+def _build(name: str) -> tuple[nn.Module, int, int, bool]:
+    make, cin, hw, seeded = CASES[name]
+    return _shift_bn(randomize_bn(make())), cin, hw, seeded
+
+
+def _served(block: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
+    with fastres.backends.record_calls() as calls:
+        block(x.clone().requires_grad_()).sum().backward()
+    return [(c.direction, c.op) for c in calls]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_block_trains_and_infers_as_one_block_op(name: str, backend: str) -> None:
+    """Two training steps (output, input and parameter gradients), the running statistics and
+    an eval forward of the fused block through the block op, against float64 and plain PyTorch
+    in float32; parameter names unchanged; one block op per forward and per backward."""
+    original, cin, hw, seeded = _build(name)
+    fused = fuse_quietly(original)
+    assert isinstance(fused, GraphBlock) and isinstance(fused, type(original))
+    assert fused.block_reason() is None and fuse_report(fused) == []
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in original.named_parameters()]
+    assert list(fused.state_dict()) == list(original.state_dict())
+    n = 3 if seeded else 2  # drop path: three samples, so a draw can drop one and keep another
+    x = torch.randn(n, cin, hw, hw).contiguous(memory_format=CL)
+    truth = copy.deepcopy(original).double()
+    baseline = copy.deepcopy(original).to(memory_format=CL)
+    upstream = torch.randn(truth.eval()(x.double()).shape, dtype=torch.float64)
+    seed = 11 if seeded else None
+    steps = 2
+    with fastres.backends.record_calls() as served:
+        got = _run_steps(fused, x, upstream, steps, backend, seed)
+    assert [(c.direction, c.op, c.backend) for c in served] == (
+        [("forward", "residual_block", backend), ("backward", "residual_block", backend)] * steps
+        + [("forward", "residual_block", backend)]), "the block did not run as one block op"
+    want = _run_steps(truth, x.double(), upstream, steps, None, seed)
+    base = _run_steps(baseline, x, upstream, steps, None, seed)
+    compare_steps(got, want, base, steps)
+    for m_f, m_o in zip(fused.modules(), truth.modules()):
+        if isinstance(m_f, nn.BatchNorm2d):
+            assert int(m_f.num_batches_tracked) == int(m_o.num_batches_tracked) == steps
+
+
+def test_regnet_x_model_blocks_are_block_ops_and_unfuse_restores() -> None:
+    """Every block of a torchvision RegNetX is one block op (22 forward, 22 backward), the
+    stem per layer; unfuse gives back the plain classes and strict fusing does not raise."""
+    model = randomize_bn(torchvision.models.regnet_x_400mf(num_classes=4))
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    fused = fastres.fuse(model, strict=True)
+    blocks = [m for m in fused.modules() if isinstance(m, GraphBlock)]
+    assert len(blocks) == 22 and all(b.block_reason() is None for b in blocks)
+    served = _served(fused, torch.randn(2, 3, 32, 32))
+    assert served.count(("forward", "residual_block")) == 22
+    assert served.count(("backward", "residual_block")) == 22
+    assert served.count(("forward", "conv_bn_relu")) == 1  # the stem
+    fastres.unfuse(fused)
+    assert [(n, type(m)) for n, m in fused.named_modules()] == before
+
+
+def test_layer_by_layer_and_a_replaced_child_fall_back_to_per_layer_fusion() -> None:
+    original, cin, hw, _ = _build("tv-regnetx-proj-s2")
+    fused = fuse_quietly(original)
+    x = torch.randn(2, cin, hw, hw)
+    with fastres.nn.layer_by_layer():
+        served = _served(copy.deepcopy(fused), x)  # a copy: its running statistics advance
+    assert ("forward", "residual_block") not in served and ("forward", "conv_bn_relu") in served
+    # the ReLU between conv b and conv c becomes a SiLU: the block op cannot take it any more
+    for m in (original, fused):
+        m.f.b[2] = nn.SiLU()
+    assert "f.b.2 is a SiLU now" in fused.block_reason()
+    assert any("f.b.2 is a SiLU now" in why for _, why in fuse_report(fused))
+    assert ("forward", "residual_block") not in _served(copy.deepcopy(fused), x)
+    check_equivalent(original, fused, x, train=False, backward=False)
+    check_equivalent(original, fused, x, train=True)
+
+
+def test_fused_block_deep_copies_and_pickles_as_a_block() -> None:
+    original, cin, hw, _ = _build("timm-byob-basic-avgpool-s2")
+    fused = fuse_quietly(original).eval()
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    x = torch.randn(2, cin, hw, hw)
+    with torch.no_grad():
+        expected = fused(x)
+        for twin in (copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
+            assert type(twin) is type(fused) and twin.block_reason() is None
+            assert torch.equal(twin(x), expected)
+    fastres.unfuse(fused)
+    assert type(fused) is type(original) and not isinstance(fused, GraphFused)
+
+
+# ------------------------------------------------------------------------------------------------
+# What is not one block op, and why
+# ------------------------------------------------------------------------------------------------
+
+
+class NoResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class SplitBlock(nn.Module):
+    """Half the channels through two convs, added to the other half (CSP-style split)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(a)))))
+        return F.relu(y + b)
+
+
+class InnerShortcut(nn.Module):
+    """The shortcut is the first conv's activation, not the block input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + h)
+
+
+LIMITS = {
+    "RegNetY SE": (lambda: tv_regnet_block(8, 16, 2, 4, se_ratio=0.25),
+                   "channel gate between convs (RegNetY SE) is not in the block op: "
+                   "f.se (SqueezeExcitation)"),
+    "timm RegNetY SE": (lambda: timm.models.regnet.Bottleneck(8, 16, 2, group_size=4),
+                        "channel gate between convs (RegNetY SE) is not in the block op: "
+                        "se (SEModule)"),
+    "SiLU": (lambda: tv_regnet_block(8, 16, 2, 4, act=nn.SiLU),
+             "SiLU activation in a block (block op is ReLU only)"),
+    "no add": (NoResidual, "no residual add"),
+    "split": (SplitBlock, "a split of the tensor"),
+    "inner shortcut": (InnerShortcut, "ReLU activation before the residual add"),
+}
+
+
+@pytest.mark.parametrize("name", list(LIMITS))
+def test_report_names_the_structural_limit_and_per_layer_fusion_stays(name: str) -> None:
+    make, why = LIMITS[name]
+    original = _shift_bn(randomize_bn(make()))
+    assert why in read_block(original)
+    holder = nn.Sequential(original)  # fused as a child: the report names its path
+    fused = fuse_quietly(holder)
+    notes = [(p, w) for p, w in fuse_report(fused) if w.startswith("runs layer by layer")]
+    assert len(notes) == 1 and notes[0][0] == "0" and why in notes[0][1], notes
+    assert not isinstance(fused[0], GraphBlock)
+    cin = next(m for m in original.modules() if isinstance(m, nn.Conv2d)).in_channels
+    x = torch.randn(2, cin * (2 if name == "split" else 1), 6, 6)
+    with fastres.backends.record_calls() as calls:
+        copy.deepcopy(fused)(x)  # a copy: its running statistics advance
+    assert not any(c.op == "residual_block" for c in calls)
+    assert any(c.op == "conv_bn_relu" for c in calls)  # still fused per layer
+    check_equivalent(holder, fused, x, train=False, backward=False)

@@ -308,6 +308,9 @@ class _Reader:
         self.x = inputs[0]
         output = next(n for n in self.nodes if n.op == "output")
         if not any(map(_is_add, self.nodes)):
+            if any(n.op == "call_function" and n.target in (torch.cat, torch.concat)
+                   for n in self.nodes):
+                return "no residual add (parallel branches joined by concatenation)"
             return "no residual add"
         end = self.back(output.args[0])
         if not isinstance(end, fx.Node):

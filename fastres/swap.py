@@ -14,9 +14,10 @@ no third-party class is patched):
   children fused (:class:`FusedSequential` or a generated subclass of its own type);
 * any other module whose forward torch.fx traces with its children as leaves has its chains read
   from the graph and runs a generated forward (:mod:`fastres.nn.graph`): timm ``ConvNormAct``,
-  ByobNet / RegNet / CSP blocks, SE / ECA / drop-path / anti-aliased ResNet blocks (per layer;
-  the report says why they are not one block op), torchvision RegNet blocks, detection
-  backbones' ``IntermediateLayerGetter``;
+  ByobNet / RegNet / CSP blocks, SE / ECA / drop-path / anti-aliased ResNet blocks, torchvision
+  RegNet blocks, detection backbones' ``IntermediateLayerGetter``; one whose graph is a residual
+  block the block op takes (RegNetX, ByobNet with ReLU) runs as one block op
+  (:mod:`fastres.nn.graph_block`), any other block per layer, and the report says why;
 * fastres' own blocks and models: their fused views are rebuilt (e.g. after a BN was replaced).
 
 The fused model returns the memory format eager would (:mod:`fastres.nn.layout`: a forward

@@ -143,6 +143,19 @@ def test_layer_by_layer_and_a_replaced_child_fall_back_to_per_layer_fusion() -> 
     check_equivalent(original, fused, x, train=True)
 
 
+def test_sync_batchnorm_conversion_keeps_the_block_op() -> None:
+    """convert_sync_batchnorm after fusing replaces the norms: one process, still one block op
+    (as for the fastres blocks), the same numbers as the converted eager block."""
+    original, cin, hw, _ = _build("tv-regnetx-proj-s2")
+    fused = nn.SyncBatchNorm.convert_sync_batchnorm(fuse_quietly(original))
+    original = nn.SyncBatchNorm.convert_sync_batchnorm(original)
+    assert isinstance(fused.f.b[1], nn.SyncBatchNorm) and fused.block_reason() is None
+    x = torch.randn(2, cin, hw, hw)
+    assert _served(copy.deepcopy(fused), x) == [("forward", "residual_block"),
+                                                ("backward", "residual_block")]
+    check_equivalent(original, fused, x, train=True)
+
+
 def test_fused_block_deep_copies_and_pickles_as_a_block() -> None:
     original, cin, hw, _ = _build("timm-byob-basic-avgpool-s2")
     fused = fuse_quietly(original).eval()

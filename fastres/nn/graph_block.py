@@ -422,9 +422,11 @@ class GraphBlock(GraphFused):
         spec: BlockSpec | None = self.__dict__.get(BLOCK_ATTR)
         if spec is None:
             raise ValueError("no block-op layout")
+        norm_paths = set(spec.norms)
         for path, kind in spec.calls:
             m = self.get_submodule(path)
-            if type(m) is not kind:
+            # a norm may be replaced by another the op takes (convert_sync_batchnorm)
+            if type(m) is not kind and not (path in norm_paths and is_norm(m)):
                 raise ValueError(f"{path} is a {type(m).__name__} now (a {kind.__name__} when "
                                  "the block was fused)")
         for path in spec.no_ops:
@@ -433,9 +435,14 @@ class GraphBlock(GraphFused):
         get = self.get_submodule
         norms = [get(p) for p in spec.norms]
         for bn, inner in zip(norms, spec.inner_acts):
-            if _is_norm_act(bn) and not (_is_noop(bn.drop) and type(bn.act) is (
-                    nn.ReLU if inner else nn.Identity)):
-                raise ValueError(f"the activation or drop inside {type(bn).__name__} changed")
+            # the ReLU a BatchNormAct2d applied must still be there, and no other activation
+            if _is_norm_act(bn):
+                same = type(bn.act) is (nn.ReLU if inner else nn.Identity) and _is_noop(bn.drop)
+            else:
+                same = not inner
+            if not same:
+                raise ValueError(f"the activation or drop of the norm {type(bn).__name__} is "
+                                 "not the one the block was fused with")
         return BlockLayout([get(p) for p in spec.convs], norms,
                            None if spec.projection is None else get(spec.projection), False,
                            None if spec.pool is None else get(spec.pool),

@@ -229,6 +229,11 @@ def test_dropout_after_a_fused_sequential_run_matches_eager_under_a_seed():
 
 NUMERICS = {
     "tv-regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(num_classes=4),
+    # RegNetX / ByobNet ReLU blocks train as block ops (read by structure)
+    "tv-regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(num_classes=4),
+    "timm-regnetx_002-drop_path": lambda: Seeded(timm.create_model(
+        "regnetx_002", num_classes=4, drop_path_rate=0.1)),
+    "timm-gernet_s": lambda: timm.create_model("gernet_s", num_classes=4),
     "timm-resnet33ts": lambda: timm.create_model("resnet33ts", num_classes=4),
     "timm-seresnext26d_32x4d": lambda: timm.create_model("seresnext26d_32x4d", num_classes=4),
     "timm-resnet50d-drop_path": lambda: Seeded(timm.create_model(
@@ -238,6 +243,10 @@ NUMERICS = {
 }
 
 
+BLOCK_OP_NUMERICS = ("tv-regnet_x_400mf", "timm-regnetx_002-drop_path", "timm-gernet_s",
+                     "timm-resnet50d-drop_path")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(NUMERICS))
 def test_numerics_eval_and_train_against_float64(name):
@@ -245,8 +254,10 @@ def test_numerics_eval_and_train_against_float64(name):
     fused = fuse_quietly(original)
     assert [n for n, _ in fused.named_parameters()] == [n for n, _ in original.named_parameters()]
     assert list(fused.state_dict()) == list(original.state_dict())
-    per_layer, _, _ = fused_convs(fused)
+    per_layer, block_op, _ = fused_convs(fused)
     assert per_layer  # something is fused
+    if name in BLOCK_OP_NUMERICS:  # the step below trains their blocks through the block op
+        assert len(block_op) >= 0.9 * len(per_layer), (len(block_op), len(per_layer))
     x = torch.randn(2, 3, 64, 64)
     check_equivalent(original, fused, x, train=False, backward=False)
     if name == "fpn-frozen":  # FrozenBatchNorm2d: no running statistics, a fixed affine

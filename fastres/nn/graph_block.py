@@ -221,13 +221,14 @@ class _Reader:
             return f"a constant ({node!r}) on a path to the residual add"
         if node is self.x:
             return "the block input reaches the residual add without the conv → norm chain"
-        where = "between convs" if path.convs else "before the residual add"
         if _is_mul(node) and len(node.all_input_nodes) == 2:
             a, b = node.all_input_nodes
-            if a in _ancestors(b) or b in _ancestors(a):
-                example = " (RegNetY SE)" if path.convs else ""
-                return f"channel gate {where}{example} is not in the block op: " \
-                       f"{self.describe(node)}"
+            if a in _ancestors(b) or b in _ancestors(a):  # x · f(x)
+                where = "between convs (RegNetY SE)" if path.convs else "before the residual add"
+                return f"channel gate {where} is not in the block op: {self.describe(node)}"
+        # paths are read backwards: the last conv read is the one after ``node``
+        where = f"before the conv {path.convs[-1].target}" if path.convs else \
+            "before the residual add"
         if self.activation(node) is not None:
             name = self.activation(node)[0]
             return f"{name} activation {where} where the block op has none: {self.describe(node)}"
@@ -414,6 +415,14 @@ class GraphBlock(GraphFused):
 
     def __reduce_ex__(self, protocol: int):
         return new_fused, (GraphBlock, self._fastres_plain), self.__dict__
+
+    def extra_repr(self) -> str:
+        spec = self.__dict__.get(BLOCK_ATTR)
+        base = super().extra_repr()
+        if spec is None:
+            return base
+        shortcut = f", shortcut={spec.projection}" if spec.projection else ""
+        return f"{base + ', ' if base else ''}block_op=[{', '.join(spec.convs)}{shortcut}]"
 
     def block_layout(self) -> BlockLayout:
         """The block's modules in the block op's roles, or ``ValueError(reason)`` if its

@@ -295,6 +295,7 @@ def test_traced_block_under_compile_fullgraph():
     original = randomize_bn(nn.Sequential(ResidualBlock(8), nn.Conv2d(8, 4, 1)))
     fused = fuse_quietly(original)
     assert [c.residual for c in fused[0].__dict__["_fastres_graph"].chains] == [False, True]
+    assert fused[0].block_reason() is None  # read by structure: the compiled step's block op
     compiled = torch.compile(copy.deepcopy(fused), fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 8, 12, 12)
     outs, grads = [], []

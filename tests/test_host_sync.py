@@ -57,3 +57,21 @@ def test_block_with_mixed_momenta_makes_no_host_sync() -> None:
             block(x).sum().backward()
     assert block.block_reason() is None  # the block op served it
     assert not syncs, syncs
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_block_found_by_structure_makes_no_host_sync(backend: str) -> None:
+    """torchvision's RegNetX block, read by structure, through the block op: the checks that
+    the block still has its shape at each call stay on the host side."""
+    from torchvision.models.regnet import ResBottleneckBlock
+
+    block = fastres.fuse(ResBottleneckBlock(8, 16, 2, torch.nn.BatchNorm2d, torch.nn.ReLU, 4))
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    with fastres.use_backend(backend), count_host_syncs() as syncs:
+        for _ in range(2):
+            block(x).sum().backward()
+        block.eval()
+        with torch.no_grad():
+            block(x)
+    assert block.block_reason() is None  # the block op served it
+    assert not syncs, syncs

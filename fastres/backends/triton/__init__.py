@@ -32,10 +32,13 @@ Importing this package needs no GPU; kernels compile on first launch.
 
 from __future__ import annotations
 
+import torch
+
 from .. import _alloc, devices
 from ..base import CallInfo, ConvParams, OptTensor, Tensor
 from . import _tuning, block, bn, conv_bwd
 from . import conv as _conv
+from . import sync as _sync
 
 # Triton kernel launches of one backward, at most (see the module docstring).
 MAX_BACKWARD_LAUNCHES = 5
@@ -75,8 +78,17 @@ class TritonBackend:
         eps: float,
         act: str | None,
         save_for_backward: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        group: str | None = None,
+    ) -> tuple[Tensor, ...]:
+        """With ``group`` (SyncBatchNorm, batch statistics), the statistics are the process
+        group's (see ``sync.py``) and a fifth result is their count (1,) fp32."""
         relu, silu = act == "relu", act == "silu"
+        if group is not None:
+            y, p = _conv.conv2d_fused(x, weight, bias, conv, stats=True)
+            mean, var, scale, shift, count = _sync.finalize(
+                p.count, p.mean, p.m2, bn_weight, bn_bias, eps, group)
+            z = bn.apply(y, scale, shift, residual, relu, silu=silu)
+            return z, y if save_for_backward else x.new_empty(0), mean, var, count
         if batch_stats:
             y, p = _conv.conv2d_fused(x, weight, bias, conv, stats=True)
             mean, var, scale, shift = bn.finalize(p.count, p.mean, p.m2, bn_weight, bn_bias, eps)
@@ -117,7 +129,10 @@ class TritonBackend:
         act: str | None,
         has_bias: bool,
         output_mask: tuple[bool, bool, bool, bool, bool, bool],
+        group: str | None = None,
     ) -> tuple[OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor]:
+        """With ``group`` (SyncBatchNorm), dy takes the process group's sums (one all-reduce);
+        dγ and dβ stay this process' own, as PyTorch's SyncBatchNorm gives them."""
         relu = act == "relu"
         need_dx, need_dw = output_mask[0], output_mask[1]
         need_db = output_mask[2] and has_bias
@@ -147,12 +162,19 @@ class TritonBackend:
                 dz, y, z, mean, var, bn_weight, batch_stats=False, eps=eps, relu=relu,
                 need_dy=False, need_stats_grad=False, need_dres=True,
             )
+        count = dz.numel() // dz.shape[1]
+        dy_sums = sums if group is None else _sync.synced_sums(sums, count, group)
         op = conv_bwd.DyOperand(
-            dz, z if relu else None, y, mean, var, bn_weight, sums, batch_stats, eps
+            dz, z if relu else None, y, mean, var, bn_weight, dy_sums, batch_stats, eps
         )
         dx = conv_bwd.dgrad(op, weight, conv, x.shape) if need_dx else None
         dw = conv_bwd.wgrad(op, x, weight, conv) if need_dw else None
-        db = conv_bwd.bias_grad(op, dz.numel() // dz.shape[1], weight.dtype) if need_db else None
+        db = None
+        if need_db and group is None:
+            db = conv_bwd.bias_grad(op, count, weight.dtype)
+        elif need_db:  # this shard's Σdy = a·(Σg − count·mean_g), mean_g the group's
+            a = torch.rsqrt(var + eps) * (1.0 if bn_weight is None else bn_weight.float())
+            db = (a * (sums[0] - dy_sums[0])).to(weight.dtype)
         return (
             dx, dw, db,
             sums[1] if output_mask[3] else None,

@@ -63,11 +63,11 @@ def bn_relu_backward(
         dgamma = (g * yhat).sum(dims)
     if batch_stats:
         count = g.numel() // g.shape[1]
-        sum_g, sum_gyhat = dbeta, dgamma
-        if group is not None:
-            sum_g, sum_gyhat = _sync.reduce_sums(dbeta, dgamma, count, group)
+        sum_g, sum_gyhat, total = dbeta, dgamma, count
+        if group is not None:  # the whole batch's sums; dγ, dβ stay this process' share
+            (sum_g, sum_gyhat), total = _sync.reduce_sums((dbeta, dgamma), count, group)
         dy = gamma * invstd * (
-            g - (sum_g / count).view(1, -1, 1, 1) - yhat * (sum_gyhat / count).view(1, -1, 1, 1)
+            g - (sum_g / total).view(1, -1, 1, 1) - yhat * (sum_gyhat / total).view(1, -1, 1, 1)
         )
     else:
         dy = gamma * invstd * g
@@ -97,18 +97,25 @@ class ReferenceBackend:
     def block_forward(
         self, x, weights, bn_weights, bn_biases, running_means, running_vars, *,
         block, batch_stats, save_for_backward, shortcut_input=None, branch_scale=None,
+        group=None,
     ):
+        """``(out, saved, means, vars)``, and with ``group`` (SyncBatchNorm over that process
+        group) each BN's count over the group ((1,) fp32) fifth."""
+        counts: list[Tensor] = []
         with torch.no_grad():
             out, ys, means, variances = block_eager(
                 x, weights, bn_weights, bn_biases, running_means, running_vars, block,
                 batch_stats, shortcut_input=shortcut_input, branch_scale=branch_scale,
+                group=group, counts=counts,
             )
         keep = [] if not save_for_backward else ys[:-1] if block.preact else ys
+        if group is not None:
+            return out, keep, means, variances, counts
         return out, keep, means, variances
 
     def block_backward(
         self, dout, x, out, weights, saved, means, variances, bn_weights, bn_biases, *,
-        block, batch_stats, output_mask, shortcut_input=None, branch_scale=None,
+        block, batch_stats, output_mask, shortcut_input=None, branch_scale=None, group=None,
     ):
         """The chain rule through the block, layer by layer (``bn_relu_backward`` and PyTorch's
         convolution backward), the activations recomputed from the saved raw outputs.
@@ -137,7 +144,7 @@ class ReferenceBackend:
             """(g, dy) of BN i + ReLU, its parameter grads recorded."""
             g, dy, dgs[i], dbs[i] = bn_relu_backward(
                 dz, y, z, means[i], variances[i], bn_weights[i], batch_stats=batch_stats,
-                eps=block.eps[i], relu=True, need_gamma=need_g[i],
+                eps=block.eps[i], relu=True, need_gamma=need_g[i], group=group,
             )
             return g, dy.to(y.dtype)
 
@@ -277,12 +284,16 @@ def block_eager(
     *,
     shortcut_input: OptTensor = None,
     branch_scale: OptTensor = None,
+    group: str | None = None,
+    counts: list[Tensor] | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """The block of :class:`BlockParams` in plain PyTorch (differentiable): ``(out, raw conv
     outputs conv_1 .. conv_L (, conv_s), means, vars)``. Running statistics are read in eval and
     never written (the op layer updates them). Post-activation only: ``shortcut_input`` is
     what the projection conv reads instead of x; ``branch_scale`` (N,) multiplies the last BN's
-    output per sample before the shortcut is added (stochastic depth)."""
+    output per sample before the shortcut is added (stochastic depth). ``group``: batch
+    statistics over that process group (SyncBatchNorm, not differentiable: the backward is
+    ``block_backward``'s), each BN's count over the group appended to ``counts``."""
     means: list[Tensor] = []
     variances: list[Tensor] = []
 
@@ -293,7 +304,12 @@ def block_eager(
 
     def norm(t: Tensor) -> Tensor:
         i = len(means)
-        if batch_stats:
+        if batch_stats and group is not None:
+            mean, var, count = sync_batch_stats(t, group)
+            z = _bn_output(t, mean, var, bn_weights[i], bn_biases[i], block.eps[i])
+            mean, var = mean.float(), var.float()
+            counts.append(count.float())
+        elif batch_stats:
             var, mean = torch.var_mean(t.detach().float(), dim=(0, 2, 3), correction=0)
             z = F.batch_norm(t, None, None, bn_weights[i], bn_biases[i], True, 0.0, block.eps[i])
         else:

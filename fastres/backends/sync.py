@@ -9,8 +9,9 @@ A BatchNorm synchronised over a process group needs, per step, exactly two colle
   formula in that order (the backend's finalize) gives every process bitwise the same statistics;
   shards may have different sizes (the counts travel with the triples, as tensors: no host sync).
 * backward, :func:`reduce_sums`: one ``all_reduce`` of the per-channel ``(Σg, Σg·ŷ)`` of this
-  process with its value count appended, so that the dy formula's means over the whole batch
-  come out without anything saved from the forward.
+  process (the Triton backend adds Σ(y − mean), see ``triton/sync.py``) with its value count
+  appended, so that the dy formula's means over the whole batch come out without anything
+  saved from the forward.
 
 The process group travels by its c10d name (``ProcessGroup.group_name``): a process group can not
 be an argument of a ``torch.library`` custom op, a string can, and c10d resolves the name of
@@ -18,6 +19,8 @@ every group it created (:func:`process_group`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,21 +76,17 @@ def chan_merge(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tens
     return count, mean, m2
 
 
-def reduce_sums(sum_g: Tensor, sum_gyhat: Tensor, count: int,
-                group: str) -> tuple[Tensor, Tensor]:
-    """The backward sums for dy over the whole batch, from this process' ``(Σg, Σg·ŷ)`` (K,)
-    over its ``count`` values per channel: one ``all_reduce`` of ``[Σg, Σg·ŷ, count]``.
-
-    Returned scaled by ``count / total count``, so that the dy formula, which divides them by
-    this process' own count (mean_g = Σg/M), gets the means over the whole batch: the kernels
-    take them unchanged. The caller keeps its own (local) sums for dγ and dβ (each process'
-    share, summed by DDP as for PyTorch's SyncBatchNorm)."""
-    k = sum_g.numel()
-    packed = torch.cat([sum_g.reshape(k), sum_gyhat.reshape(k).to(sum_g.dtype),
-                        sum_g.new_full((1,), float(count))])
+def reduce_sums(sums: Sequence[Tensor], count: int, group: str) -> tuple[list[Tensor], Tensor]:
+    """The per-channel backward ``sums`` ((K,) each, e.g. Σg and Σg·ŷ) of this process over
+    its ``count`` values per channel, summed over the process group: ``(sums, total count
+    (1,))``. One ``all_reduce`` of ``[*sums, count]``. (Callers keep their own sums for dγ and
+    dβ: each process' share, summed by DDP, as with PyTorch's SyncBatchNorm.)"""
+    k = sums[0].numel()
+    dtype = sums[0].dtype
+    packed = torch.cat([*(t.reshape(k).to(dtype) for t in sums),
+                        sums[0].new_full((1,), float(count), dtype=dtype)])
     dist.all_reduce(packed, group=process_group(group))
-    share = count / packed[2 * k:]
-    return packed[:k] * share, packed[k:2 * k] * share
+    return [packed[i * k:(i + 1) * k] for i in range(len(sums))], packed[len(sums) * k:]
 
 
 __all__ = ["chan_merge", "gather_triples", "group_name", "process_group", "reduce_sums"]

@@ -294,10 +294,12 @@ class FusedBlock(nn.Module):
                 reason = "its BatchNorms are not all in the same train/eval mode"
             if reason is None and not bn.training and bn.running_mean is None:
                 reason = "a BatchNorm without running statistics in eval"
-            if reason is None and sync_group(bn) is not None:
-                reason = "SyncBatchNorm across processes (statistics merged per layer)"
             if reason is not None:
                 return None, reason
+        if len({id(sync_group(bn)) for bn in norms}) > 1:
+            # the block op takes one process group for all its BatchNorms
+            return None, "its BatchNorms synchronise over different process groups (or some " \
+                         "are not SyncBatchNorm): each pair fuses with its own"
         return layout, None
 
     def norm_reason(self, bn: nn.Module) -> str | None:
@@ -340,7 +342,8 @@ class FusedBlock(nn.Module):
         scale = drop_path_scale(drop, x.shape[0], branch_dtype, x.device)
         out = residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
                              entry_norm=entry_norm, training=training, backend=name,
-                             shortcut_input=xs, branch_scale=scale)
+                             shortcut_input=xs, branch_scale=scale,
+                             process_group=sync_group(norms[0]))
         return match_input(out, x)  # eager's layout when called outside a fused model
 
     def _projection(self) -> tuple[nn.Module | None, nn.Module | None]:

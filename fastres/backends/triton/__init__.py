@@ -163,7 +163,9 @@ class TritonBackend:
                 need_dy=False, need_stats_grad=False, need_dres=True,
             )
         count = dz.numel() // dz.shape[1]
-        dy_sums = sums if group is None else _sync.synced_sums(sums, count, group)
+        dy_sums = sums
+        if group is not None:  # the group's sums for dy; this shard's for dγ, dβ
+            dy_sums, sums = _sync.synced_sums(sums, count, var, eps, group)
         op = conv_bwd.DyOperand(
             dz, z if relu else None, y, mean, var, bn_weight, dy_sums, batch_stats, eps
         )

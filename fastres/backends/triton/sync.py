@@ -5,8 +5,8 @@ Forward: the per-tile ``(count, mean, M2)`` partials are merged to one per-chann
 ``bn._bn_merge_kernel`` (one group of all tiles), written straight into the buffer that crosses
 processes; the gathered triples, one per process, are then exactly the partials
 :func:`bn.finalize` merges (Chan's formula in rank order), so the rest of the op runs as in one
-process. Backward: each BN's ``(Σg, Σg·ŷ)``, right after a reduction kernel or a dgrad epilogue
-produced them, are all-reduced before the dy operand reads them.
+process. Backward: each BN's ``(Σg, Σg·ŷ)`` (and Σ(y − mean)), right after a reduction kernel or
+a dgrad epilogue produced them, are all-reduced before the dy operand reads them.
 """
 
 from __future__ import annotations
@@ -45,13 +45,28 @@ def finalize(count: Tensor, mean: Tensor, m2: Tensor, bn_weight: Tensor | None,
     return (*stats, counts.sum(0, keepdim=True))
 
 
-def synced_sums(sums: tuple, count: int, group: str) -> tuple:
-    """``(Σg, Σg·ŷ, δ)`` with the first two over the whole batch, in the form the dy kernels
-    read (see :func:`fastres.backends.sync.reduce_sums`); δ, the centring correction of this
-    process' stored y, stays local (each process' Σ(y − mean − δ) is 0, so is the whole
-    batch's)."""
-    sum_g, sum_gyhat = _sync.reduce_sums(sums[0], sums[1], count, group)
-    return (sum_g, sum_gyhat, *sums[2:])
+def synced_sums(sums: tuple, count: int, var: Tensor, eps: float,
+                group: str) -> tuple[tuple, tuple]:
+    """``(dy sums, own sums)`` from this process' ``(Σg, Σg·ŷ, δ)`` of :func:`bn.reductions` (or
+    a dgrad epilogue) over its ``count`` values per channel: one all_reduce.
+
+    δ (the mean of the stored y minus the BN mean, a rounding correction in one process) is a
+    shard's offset from the whole batch's mean here, so it is undone first: the exchanged sums
+    are Σg, Σg·(y − mean)·invstd and Σ(y − mean), and δ becomes the whole batch's. The dy sums
+    are the whole batch's, scaled by count / total count, the form the dy kernels read (they
+    divide by this process' count); the own sums (Σg, Σg·ŷ: dβ, dγ) are this shard's, centred
+    with the whole batch's δ, as PyTorch's SyncBatchNorm gives them.
+    """
+    sum_g, sum_gyhat, delta = sums
+    invstd = torch.rsqrt(var + eps)
+    raw_gy = sum_gyhat + delta * sum_g * invstd  # Σg·(y − mean)·invstd of this shard
+    (all_g, all_gy, all_y), total = _sync.reduce_sums((sum_g, raw_gy, delta * count), count,
+                                                      group)
+    all_delta = all_y / total
+    share = count / total
+    dy_sums = (all_g * share, (all_gy - all_delta * all_g * invstd) * share, all_delta)
+    own = (sum_g, raw_gy - all_delta * sum_g * invstd, all_delta)
+    return dy_sums, own
 
 
 __all__ = ["finalize", "local_triple", "synced_sums"]

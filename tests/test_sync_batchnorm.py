@@ -117,7 +117,8 @@ def plain_run(model: nn.Module, x: torch.Tensor, dz: torch.Tensor):
     return out.detach(), x.grad, grads
 
 
-def sync_worker(rank: int, world: int, port: int, case: str, backend: str) -> None:
+def sync_worker(rank: int, world: int, port: int, case: str, backend: str,
+                dtype: torch.dtype = torch.float32) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
@@ -126,8 +127,9 @@ def sync_worker(rank: int, world: int, port: int, case: str, backend: str) -> No
         begin = sum(sizes[:rank])
         shard = slice(begin, begin + sizes[rank])
         plain, cin, hw = build(case)
-        fused = make_fused(plain, case)
-        base, ref = copy.deepcopy(plain).train(), copy.deepcopy(plain).double().train()
+        fused = make_fused(plain, case).to(dtype)
+        base = copy.deepcopy(plain).to(dtype).train()
+        ref = copy.deepcopy(plain).double().train()
         n_bn = len(norms_of(plain))
         op = "conv_bn_relu" if case == "layer" else "residual_block"
         for step in range(STEPS):
@@ -137,21 +139,21 @@ def sync_worker(rank: int, world: int, port: int, case: str, backend: str) -> No
             with torch.no_grad():
                 out_shape = plain.eval()(x[:1]).shape[1:]
             dz = torch.randn(sum(sizes), *out_shape, generator=g)
-            base_out, base_dx, base_grads = plain_run(base, x, dz)
+            base_out, base_dx, base_grads = plain_run(base, x.to(dtype), dz)
             ref_out, ref_dx, ref_grads = plain_run(ref, x.double(), dz)
-            xs = x[shard].clone().requires_grad_()
+            xs = x[shard].to(dtype).requires_grad_()
             with fastres.use_backend(backend), fastres.backends.record_calls() as served, \
                     CountCollectives() as forward_calls:
                 out = fused(xs)
             with fastres.use_backend(backend), fastres.backends.record_calls() as served_bwd, \
                     CountCollectives() as backward_calls:
-                out.backward(dz[shard].contiguous(memory_format=CL))
+                out.backward(dz[shard].to(dtype).contiguous(memory_format=CL))
             assert [(c.op, c.backend) for c in served + served_bwd] == \
                 [(op, backend)] * 2, served + served_bwd
             assert forward_calls == Counter(all_gather_single=n_bn) or \
                 forward_calls == Counter(all_gather_into_tensor=n_bn), forward_calls
             assert backward_calls == Counter(all_reduce=n_bn), backward_calls
-            where = f"{case} {backend} world {world} rank {rank} step {step}"
+            where = f"{case} {backend} {dtype} world {world} rank {rank} step {step}"
             assert_close_ratio(f"{where} output", out, ref_out[shard], base_out[shard])
             assert_close_ratio(f"{where} x.grad", xs.grad, ref_dx[shard], base_dx[shard])
             for name, p in fused.named_parameters():
@@ -160,12 +162,15 @@ def sync_worker(rank: int, world: int, port: int, case: str, backend: str) -> No
                 p.grad = None
                 assert_close_ratio(f"{where} {name}.grad", grad, ref_grads[name],
                                    base_grads[name])
-        # running statistics after both steps
+        # running statistics after both steps, bitwise the same on every rank (rank order)
         for mine, b, r in zip(norms_of(fused), norms_of(base), norms_of(ref), strict=True):
             assert int(mine.num_batches_tracked) == STEPS
             for name in ("running_mean", "running_var"):
                 assert_close_ratio(f"{case} {backend} rank {rank} {name}", getattr(mine, name),
                                    getattr(r, name), getattr(b, name))
+                everywhere = [torch.empty_like(getattr(mine, name)) for _ in range(world)]
+                dist.all_gather(everywhere, getattr(mine, name))
+                assert all(torch.equal(t, everywhere[0]) for t in everywhere), name
     finally:
         dist.destroy_process_group()
 
@@ -176,6 +181,14 @@ def sync_worker(rank: int, world: int, port: int, case: str, backend: str) -> No
 def test_fused_sync_batchnorm_matches_the_whole_batch(world: int, case: str,
                                                       backend: str) -> None:
     mp.spawn(sync_worker, args=(world, free_port(), case, backend), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("case", ["layer", "post-proj"])
+def test_fused_sync_batchnorm_in_fp16(case: str) -> None:
+    """fp16 activations and parameters (the stored y rounded to fp16, statistics in fp32),
+    against plain fp16 BN on the whole batch."""
+    mp.spawn(sync_worker, args=(2, free_port(), case, "triton", torch.float16), nprocs=2,
+             join=True)
 
 
 def profiler_worker(rank: int, world: int, port: int) -> None:
@@ -200,6 +213,14 @@ def profiler_worker(rank: int, world: int, port: int) -> None:
         hit = sorted(n for n in names if any(f in n for f in FORBIDDEN))
         assert not hit, f"PyTorch ran {hit}"
         assert x.grad is not None and torch.isfinite(x.grad).all()
+        # one block op takes one process group: a block whose BNs do not share it runs its
+        # pairs fused one by one (each with its own group), and says why
+        block = model[0]
+        block.bn2 = nn.BatchNorm2d(6)
+        assert "different process groups" in block.block_reason()
+        with pytest.raises(TypeError, match="ProcessGroup"):
+            fastres.ops.conv_bn_relu(x.detach(), block.conv1.weight, None, None, None, None,
+                                     training=True, padding=1, process_group=object())
     finally:
         dist.destroy_process_group()
 

@@ -227,3 +227,56 @@ def profiler_worker(rank: int, world: int, port: int) -> None:
 
 def test_fused_sync_batchnorm_step_runs_no_pytorch_conv_or_bn() -> None:
     mp.spawn(profiler_worker, args=(2, free_port()), nprocs=2, join=True)
+
+
+def custom_op_worker(rank: int, world: int, port: int) -> None:
+    """The ops with a process group name: opcheck (schema, fake kernels, autograd registration)
+    and ``torch.compile(fullgraph=True)`` of a SyncBatchNorm pair, forward and backward, giving
+    the eager result."""
+    from fastres.backends.sync import group_name
+    from fastres.ops.conv_bn_relu import conv_bn_relu_bwd, conv_bn_relu_fwd
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(rank)
+        group = group_name(None)
+        x = torch.randn(2 + rank, 4, 5, 5).contiguous(memory_format=CL).requires_grad_()
+        w = torch.randn(6, 4, 3, 3, requires_grad=True)
+        gamma, beta = (torch.rand(6) + 0.5).requires_grad_(), torch.randn(6, requires_grad=True)
+        fwd = (x, w, None, gamma, beta, None, None, None, [1, 1], [1, 1], [1, 1], 1, True, 1e-5,
+               "relu", True, "reference", group)
+        torch.library.opcheck(conv_bn_relu_fwd, fwd)
+        z, y, mean, var, count = (t.detach() for t in conv_bn_relu_fwd(*fwd))
+        assert count.tolist() == [float(sum(2 + r for r in range(world)) * 25)]
+        torch.library.opcheck(conv_bn_relu_bwd, (
+            torch.randn_like(z), x.detach(), w.detach(), y, z, mean, var, gamma.detach(), None,
+            None, [1, 1], [1, 1], [1, 1], 1, True, 1e-5, "relu", False,
+            [True, True, False, True, True, False], "reference", group))
+
+        torch.manual_seed(0)
+        pair = ConvBNReLU(4, 6, 3, padding=1)
+        pair.bn = nn.SyncBatchNorm(6)
+        pair = ConvBNReLU.from_modules(pair.conv, pair.bn).train()
+        twin = copy.deepcopy(pair)
+        torch._dynamo.reset()
+        compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+        results = []
+        for module in (pair, compiled):
+            xs = x.detach().clone().requires_grad_()
+            with fastres.use_backend("reference"):
+                out = module(xs)
+                out.square().sum().backward()
+            results.append((out, xs.grad))
+        (eager_out, eager_dx), (compiled_out, compiled_dx) = results
+        torch.testing.assert_close(compiled_out, eager_out)
+        torch.testing.assert_close(compiled_dx, eager_dx)
+        for name in ("running_mean", "running_var"):
+            torch.testing.assert_close(getattr(twin.bn, name), getattr(pair.bn, name))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ops_with_a_process_group_pass_opcheck_and_compile() -> None:
+    mp.spawn(custom_op_worker, args=(2, free_port()), nprocs=2, join=True)

@@ -231,8 +231,8 @@ def test_fused_sync_batchnorm_step_runs_no_pytorch_conv_or_bn() -> None:
 
 def custom_op_worker(rank: int, world: int, port: int) -> None:
     """The ops with a process group name: opcheck (schema, fake kernels, autograd registration)
-    and ``torch.compile(fullgraph=True)`` of a SyncBatchNorm pair, forward and backward, giving
-    the eager result."""
+    and ``torch.compile(fullgraph=True)`` of a SyncBatchNorm pair and block, forward and
+    backward, giving the eager result (reference backend)."""
     from fastres.backends.sync import group_name
     from fastres.ops.conv_bn_relu import conv_bn_relu_bwd, conv_bn_relu_fwd
 
@@ -255,25 +255,35 @@ def custom_op_worker(rank: int, world: int, port: int) -> None:
             None, [1, 1], [1, 1], [1, 1], 1, True, 1e-5, "relu", False,
             [True, True, False, True, True, False], "reference", group))
 
+        from fastres.ops.block import residual_block_fwd
+
+        w4 = [torch.randn(4, 4, 3, 3, requires_grad=True) for _ in range(2)]
+        gammas = [(torch.rand(4) + 0.5).requires_grad_() for _ in range(2)]
+        betas = [torch.randn(4, requires_grad=True) for _ in range(2)]
+        torch.library.opcheck(residual_block_fwd, (
+            x, w4, gammas, betas, [torch.zeros(4)] * 2, [torch.ones(4)] * 2, [1] * 14, False,
+            False, False, [1e-5, 1e-5], True, True, "reference", None, None, group))
+
         torch.manual_seed(0)
-        pair = ConvBNReLU(4, 6, 3, padding=1)
-        pair.bn = nn.SyncBatchNorm(6)
-        pair = ConvBNReLU.from_modules(pair.conv, pair.bn).train()
-        twin = copy.deepcopy(pair)
-        torch._dynamo.reset()
-        compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
-        results = []
-        for module in (pair, compiled):
-            xs = x.detach().clone().requires_grad_()
-            with fastres.use_backend("reference"):
-                out = module(xs)
-                out.square().sum().backward()
-            results.append((out, xs.grad))
-        (eager_out, eager_dx), (compiled_out, compiled_dx) = results
-        torch.testing.assert_close(compiled_out, eager_out)
-        torch.testing.assert_close(compiled_dx, eager_dx)
-        for name in ("running_mean", "running_var"):
-            torch.testing.assert_close(getattr(twin.bn, name), getattr(pair.bn, name))
+        pair = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.SyncBatchNorm(6))
+        pair = ConvBNReLU.from_modules(*pair).train()
+        block = make_fused(BasicBlock(4, 6, downsample=True), "post-proj")
+        for fused in (pair, block):
+            twin = copy.deepcopy(fused)
+            torch._dynamo.reset()
+            compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+            results = []
+            for module in (fused, compiled):
+                xs = x.detach().clone().requires_grad_()
+                with fastres.use_backend("reference"):
+                    out = module(xs)
+                    out.square().sum().backward()
+                results.append((out, xs.grad))
+            (eager_out, eager_dx), (compiled_out, compiled_dx) = results
+            torch.testing.assert_close(compiled_out, eager_out)
+            torch.testing.assert_close(compiled_dx, eager_dx)
+            for mine, theirs in zip(norms_of(twin), norms_of(fused), strict=True):
+                torch.testing.assert_close(mine.running_var, theirs.running_var)
     finally:
         dist.destroy_process_group()
 

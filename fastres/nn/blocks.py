@@ -180,7 +180,7 @@ class FusedBlock(nn.Module):
 
     Subclasses list their pairs in :meth:`fusion_pairs`. ``fused=False`` (see :meth:`set_fused`,
     used by :func:`fastres.unfuse`) runs every pair in plain PyTorch. ``unfused_reasons`` says
-    why a pair that should be fused is not (e.g. its BN is a ``SyncBatchNorm``).
+    why a pair that should be fused is not (e.g. its BN is a BatchNorm subclass).
     """
 
     fused: bool

@@ -83,15 +83,15 @@ class TritonBackend:
         """With ``group`` (SyncBatchNorm, batch statistics), the statistics are the process
         group's (see ``sync.py``) and a fifth result is their count (1,) fp32."""
         relu, silu = act == "relu", act == "silu"
-        if group is not None:
-            y, p = _conv.conv2d_fused(x, weight, bias, conv, stats=True)
-            mean, var, scale, shift, count = _sync.finalize(
-                p.count, p.mean, p.m2, bn_weight, bn_bias, eps, group)
-            z = bn.apply(y, scale, shift, residual, relu, silu=silu)
-            return z, y if save_for_backward else x.new_empty(0), mean, var, count
+        count = None
         if batch_stats:
             y, p = _conv.conv2d_fused(x, weight, bias, conv, stats=True)
-            mean, var, scale, shift = bn.finalize(p.count, p.mean, p.m2, bn_weight, bn_bias, eps)
+            if group is None:
+                stats = bn.finalize(p.count, p.mean, p.m2, bn_weight, bn_bias, eps)
+            else:  # the statistics exchange between the partials and the finalize
+                *stats, count = _sync.finalize(p.count, p.mean, p.m2, bn_weight, bn_bias, eps,
+                                               group)
+            mean, var, scale, shift = stats
             z = bn.apply(y, scale, shift, residual, relu, silu=silu)
         else:
             mean, var, scale, shift = bn.running_affine(
@@ -108,7 +108,7 @@ class TritonBackend:
                 y = None
         if not save_for_backward:
             y = x.new_empty(0)
-        return z, y, mean, var
+        return (z, y, mean, var) if count is None else (z, y, mean, var, count)
 
     def backward(
         self,

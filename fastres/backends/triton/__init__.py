@@ -27,6 +27,10 @@ dγ = Σg·ŷ and dβ = Σg. Only what ``output_mask`` asks for runs: at most 5 
 from ``bn.backward``'s one element-wise pass instead) plus a few element-wise torch ops on (K,)
 vectors for the bias grad.
 
+SyncBatchNorm (``group``, the c10d name of a process group; ``sync.py``): the partials are merged
+to one per-channel triple, one all_gather exchanges the triples and ``bn.finalize`` merges them;
+backward, the reduction pass's (Σg, Σg·ŷ) are all-reduced once before dgrad/wgrad read them.
+
 Importing this package needs no GPU; kernels compile on first launch.
 """
 

@@ -54,6 +54,7 @@ class CallInfo:
     batch_stats: bool
     has_residual: bool
     act: str | None  # "relu", "silu" or None
+    sync: bool = False  # SyncBatchNorm: batch statistics over a process group
 
     @property
     def relu(self) -> bool:

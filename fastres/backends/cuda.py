@@ -138,6 +138,9 @@ class CudaBackend:
         if call.act not in (None, "relu"):
             return (f"the cuda kernels apply ReLU or no activation, not {call.act} "
                     "(the triton and reference backends fuse SiLU)")
+        if call.sync:
+            return ("the cuda kernels do not exchange statistics across processes "
+                    "(SyncBatchNorm: the triton and reference backends do)")
         _, _, reason = plan(call.x_shape, call.weight_shape, call.conv, call.dtype)
         if reason is not None:
             return f"the cuda kernels cannot run this convolution: {reason}"

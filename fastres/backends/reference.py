@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import sync as _sync
 from .base import BlockParams, CallInfo, ConvParams, OptTensor, Tensor
 
 CL = torch.channels_last
@@ -45,8 +46,10 @@ def bn_relu_backward(
     eps: float,
     relu: bool,
     need_gamma: bool,
+    group: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """fp32 dReLU + dBN: returns ``(g, dy, dgamma, dbeta)`` (g is the grad of the residual)."""
+    """fp32 dReLU + dBN: returns ``(g, dy, dgamma, dbeta)`` (g is the grad of the residual).
+    With ``group`` (SyncBatchNorm) dy takes the process group's sums; dγ, dβ stay local."""
     dims = (0, 2, 3)
     g = dz.to(torch.float32, copy=True)  # fresh: g is returned as the residual's grad
     if relu:
@@ -60,8 +63,11 @@ def bn_relu_backward(
         dgamma = (g * yhat).sum(dims)
     if batch_stats:
         count = g.numel() // g.shape[1]
+        sum_g, sum_gyhat, total = dbeta, dgamma, count
+        if group is not None:  # the whole batch's sums; dγ, dβ stay this process' share
+            (sum_g, sum_gyhat), total = _sync.reduce_sums((dbeta, dgamma), count, group)
         dy = gamma * invstd * (
-            g - (dbeta / count).view(1, -1, 1, 1) - yhat * (dgamma / count).view(1, -1, 1, 1)
+            g - (sum_g / total).view(1, -1, 1, 1) - yhat * (sum_gyhat / total).view(1, -1, 1, 1)
         )
     else:
         dy = gamma * invstd * g
@@ -91,18 +97,25 @@ class ReferenceBackend:
     def block_forward(
         self, x, weights, bn_weights, bn_biases, running_means, running_vars, *,
         block, batch_stats, save_for_backward, shortcut_input=None, branch_scale=None,
+        group=None,
     ):
+        """``(out, saved, means, vars)``, and with ``group`` (SyncBatchNorm over that process
+        group) each BN's count over the group ((1,) fp32) fifth."""
+        counts: list[Tensor] = []
         with torch.no_grad():
             out, ys, means, variances = block_eager(
                 x, weights, bn_weights, bn_biases, running_means, running_vars, block,
                 batch_stats, shortcut_input=shortcut_input, branch_scale=branch_scale,
+                group=group, counts=counts,
             )
         keep = [] if not save_for_backward else ys[:-1] if block.preact else ys
+        if group is not None:
+            return out, keep, means, variances, counts
         return out, keep, means, variances
 
     def block_backward(
         self, dout, x, out, weights, saved, means, variances, bn_weights, bn_biases, *,
-        block, batch_stats, output_mask, shortcut_input=None, branch_scale=None,
+        block, batch_stats, output_mask, shortcut_input=None, branch_scale=None, group=None,
     ):
         """The chain rule through the block, layer by layer (``bn_relu_backward`` and PyTorch's
         convolution backward), the activations recomputed from the saved raw outputs.
@@ -131,7 +144,7 @@ class ReferenceBackend:
             """(g, dy) of BN i + ReLU, its parameter grads recorded."""
             g, dy, dgs[i], dbs[i] = bn_relu_backward(
                 dz, y, z, means[i], variances[i], bn_weights[i], batch_stats=batch_stats,
-                eps=block.eps[i], relu=True, need_gamma=need_g[i],
+                eps=block.eps[i], relu=True, need_gamma=need_g[i], group=group,
             )
             return g, dy.to(y.dtype)
 
@@ -196,11 +209,18 @@ class ReferenceBackend:
 
     def forward(
         self, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *,
-        conv, batch_stats, eps, act, save_for_backward,
+        conv, batch_stats, eps, act, save_for_backward, group=None,
     ):
+        """``(z, y, mean, var)``; with ``group`` (SyncBatchNorm) the statistics are the process
+        group's and a fifth result is their count (1,) fp32."""
         y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         y = y.contiguous(memory_format=CL)
-        if batch_stats:
+        count = None
+        if group is not None:
+            mean, var, count = sync_batch_stats(y, group)
+            z = _bn_output(y, mean, var, bn_weight, bn_bias, eps)
+            mean, var, count = mean.float(), var.float(), count.float()
+        elif batch_stats:
             var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
             z = F.batch_norm(y, None, None, bn_weight, bn_bias, True, 0.0, eps)
         else:
@@ -213,11 +233,11 @@ class ReferenceBackend:
         z = z.contiguous(memory_format=CL)
         if not save_for_backward:
             y = y.new_empty(0)
-        return z, y, mean, var
+        return (z, y, mean, var) if count is None else (z, y, mean, var, count)
 
     def backward(
         self, dz, x, weight, y, z, mean, var, bn_weight, *,
-        bn_bias, residual, conv, batch_stats, eps, act, has_bias, output_mask,
+        bn_bias, residual, conv, batch_stats, eps, act, has_bias, output_mask, group=None,
     ):
         if act == "silu":
             # as eager autograd: F.silu's backward at its input, the BN output (+ residual) in
@@ -229,6 +249,7 @@ class ReferenceBackend:
         g, dy, dgamma, dbeta = bn_relu_backward(
             dz, y, z, mean, var, bn_weight,
             batch_stats=batch_stats, eps=eps, relu=act == "relu", need_gamma=output_mask[3],
+            group=group,
         )
         dx, dw, db = conv_backward(dy.to(x.dtype), x, weight, conv, has_bias, output_mask)
         return (
@@ -237,6 +258,18 @@ class ReferenceBackend:
             dbeta if output_mask[4] else None,
             g.to(dz.dtype) if output_mask[5] else None,
         )
+
+
+def sync_batch_stats(t: Tensor, group: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, biased var, count (1,))`` per channel of ``t`` over the whole batch of the
+    process group, in fp32 (fp64 for fp64): this process' triple, one all_gather, Chan's merge
+    in rank order (:mod:`fastres.backends.sync`)."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    var, mean = torch.var_mean(t.detach().to(acc), dim=(0, 2, 3), correction=0)
+    n = t.numel() // t.shape[1]
+    packed = torch.cat([mean.new_full((1,), float(n)), mean, var * n])
+    count, mean, m2 = _sync.chan_merge(*_sync.gather_triples(packed, group))
+    return mean, m2 / count, count
 
 
 def block_eager(
@@ -251,12 +284,16 @@ def block_eager(
     *,
     shortcut_input: OptTensor = None,
     branch_scale: OptTensor = None,
+    group: str | None = None,
+    counts: list[Tensor] | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """The block of :class:`BlockParams` in plain PyTorch (differentiable): ``(out, raw conv
     outputs conv_1 .. conv_L (, conv_s), means, vars)``. Running statistics are read in eval and
     never written (the op layer updates them). Post-activation only: ``shortcut_input`` is
     what the projection conv reads instead of x; ``branch_scale`` (N,) multiplies the last BN's
-    output per sample before the shortcut is added (stochastic depth)."""
+    output per sample before the shortcut is added (stochastic depth). ``group``: batch
+    statistics over that process group (SyncBatchNorm, not differentiable: the backward is
+    ``block_backward``'s), each BN's count over the group appended to ``counts``."""
     means: list[Tensor] = []
     variances: list[Tensor] = []
 
@@ -267,7 +304,12 @@ def block_eager(
 
     def norm(t: Tensor) -> Tensor:
         i = len(means)
-        if batch_stats:
+        if batch_stats and group is not None:
+            mean, var, count = sync_batch_stats(t, group)
+            z = _bn_output(t, mean, var, bn_weights[i], bn_biases[i], block.eps[i])
+            mean, var = mean.float(), var.float()
+            counts.append(count.float())
+        elif batch_stats:
             var, mean = torch.var_mean(t.detach().float(), dim=(0, 2, 3), correction=0)
             z = F.batch_norm(t, None, None, bn_weights[i], bn_biases[i], True, 0.0, block.eps[i])
         else:

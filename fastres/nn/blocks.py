@@ -176,7 +176,7 @@ def layout_reason(layout: BlockLayout,
     """None if the modules of ``layout`` can run as one block op now, else why not: the checks
     every block op caller makes (plain zero-padded bias-free convs, an avg-pool shortcut before a
     projection, a drop path the op can draw, the norms ``norm_reason`` accepts, all in one
-    train/eval mode, running statistics in eval, no SyncBatchNorm across processes)."""
+    train/eval mode, running statistics in eval, one process group for all SyncBatchNorms)."""
     convs, norms, proj, preact, pool, drop = layout
     if (pool is not None or drop is not None) and preact:
         return "a shortcut pool or drop path on a pre-activation block"
@@ -200,10 +200,12 @@ def layout_reason(layout: BlockLayout,
             reason = "its BatchNorms are not all in the same train/eval mode"
         if reason is None and not bn.training and bn.running_mean is None:
             reason = "a BatchNorm without running statistics in eval"
-        if reason is None and sync_group(bn) is not None:
-            reason = "SyncBatchNorm across processes (statistics merged per layer)"
         if reason is not None:
             return reason
+    if len({id(sync_group(bn)) for bn in norms}) > 1:
+        # the block op takes one process group for all its BatchNorms
+        return "its BatchNorms synchronise over different process groups (or some are not " \
+               "SyncBatchNorm): each pair fuses with its own"
     return None
 
 
@@ -235,7 +237,8 @@ def run_block_op(x: Tensor, layout: BlockLayout) -> Tensor | None:
     scale = drop_path_scale(drop, x.shape[0], branch_dtype, x.device)
     out = residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
                          entry_norm=entry_norm, training=training, backend=name,
-                         shortcut_input=xs, branch_scale=scale)
+                         shortcut_input=xs, branch_scale=scale,
+                         process_group=sync_group(norms[0]))
     return match_input(out, x)  # eager's layout when called outside a fused model
 
 
@@ -248,7 +251,7 @@ class FusedBlock(nn.Module):
 
     Subclasses list their pairs in :meth:`fusion_pairs`. ``fused=False`` (see :meth:`set_fused`,
     used by :func:`fastres.unfuse`) runs every pair in plain PyTorch. ``unfused_reasons`` says
-    why a pair that should be fused is not (e.g. its BN is a ``SyncBatchNorm``).
+    why a pair that should be fused is not (e.g. its BN is a BatchNorm subclass).
     """
 
     fused: bool

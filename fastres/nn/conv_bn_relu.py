@@ -7,7 +7,7 @@ from torch import nn
 
 from ..ops import conv_bn_relu
 from ..ops.conv_bn_relu import activation
-from .sync_conv_bn import sync_conv_bn_relu, sync_group
+from .sync_conv_bn import sync_group
 
 Tensor = torch.Tensor
 
@@ -123,8 +123,8 @@ def run_fused(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Tensor | None
     FrozenBatchNorm2d is a fixed affine: its buffers normalise, in training too, and get no
     gradient). ``act`` as in :func:`activation` (default: ReLU if ``relu``). A
     ``SyncBatchNorm`` that synchronises in this call (training, a process group of more than
-    one) goes through :func:`fastres.nn.sync_conv_bn.sync_conv_bn_relu`; otherwise it is
-    BatchNorm, as in PyTorch.
+    one) takes its statistics over that process group (``process_group=`` of the op: one
+    all_gather forward, one all_reduce backward); otherwise it is BatchNorm, as in PyTorch.
 
     The modules must satisfy :func:`fusable_reason` up to their exact type (subclasses that keep
     the parent's attributes, such as the fused stem's, are served too).
@@ -137,9 +137,6 @@ def run_fused(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Tensor | None
             training=False, eps=bn.eps, stride=conv.stride, padding=conv.padding,
             dilation=conv.dilation, groups=conv.groups, residual=residual, act=act)
     use_batch_stats, momentum = bn_momentum(bn)
-    group = sync_group(bn)
-    if group is not None:  # SyncBatchNorm in training: statistics over the process group
-        return sync_conv_bn_relu(conv, bn, x, residual, name, momentum, group)
     track = not bn.training or bn.track_running_stats
     return conv_bn_relu(
         x,
@@ -158,6 +155,7 @@ def run_fused(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Tensor | None
         groups=conv.groups,
         residual=residual,
         act=act,
+        process_group=sync_group(bn),  # SyncBatchNorm in training: over the process group
     )
 
 

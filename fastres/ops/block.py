@@ -27,6 +27,7 @@ the backend's ``block_forward`` / ``block_backward``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -36,6 +37,7 @@ import torch
 from .. import backends
 from ..backends import BackendUnavailableError, CallInfo, ConvParams
 from ..backends.base import BlockParams
+from ..backends.sync import group_name
 from .conv_bn_relu import (
     FLOAT_DTYPES,
     _meta,
@@ -251,21 +253,27 @@ def _fwd_impl(
     backend: str,
     shortcut_input: Tensor | None,
     branch_scale: Tensor | None,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    """Returns ``(out, saved, means, vars)``: ``saved`` the raw conv outputs backward reads
-    (see ``_saved_convs``), ``means``/``vars`` fp32 per BatchNorm (biased batch variance, or
-    copies of the running statistics). ``shortcut_input``: the projection conv's input (None:
-    x); ``branch_scale``: (N,) fp32 per-sample scale of the residual branch (None: none)."""
+    group: str | None = None,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """Returns ``(out, saved, means, vars, counts)``: ``saved`` the raw conv outputs backward
+    reads (see ``_saved_convs``), ``means``/``vars`` fp32 per BatchNorm (biased batch variance,
+    or copies of the running statistics). ``shortcut_input``: the projection conv's input
+    (None: x); ``branch_scale``: (N,) fp32 per-sample scale of the residual branch (None:
+    none). ``group``: the c10d name of the process group every BatchNorm of the block takes its
+    batch statistics over (SyncBatchNorm, :mod:`fastres.backends.sync`); ``counts`` then holds
+    each BatchNorm's number of values per channel over the group, (1,) fp32 (else empty)."""
     impl = backends.load(backend)
     backends.record("forward", impl.name, batch_stats=batch_stats,
                     inference=not save_for_backward, op="residual_block")
     block = _block(convs, shortcut, preact, entry_norm, eps)
+    sync = {} if group is None else {"group": group}  # backends without SyncBN never see it
     with _on_device_of(x):
-        return impl.block_forward(
+        out = impl.block_forward(
             x, weights, bn_weights, bn_biases, running_means, running_vars, block=block,
             batch_stats=batch_stats, save_for_backward=save_for_backward,
-            shortcut_input=shortcut_input, branch_scale=branch_scale,
+            shortcut_input=shortcut_input, branch_scale=branch_scale, **sync,
         )
+    return out if group is not None else (*out, [])
 
 
 residual_block_fwd = torch.library.custom_op(
@@ -284,7 +292,8 @@ def _saved_convs(block: BlockParams) -> list[int]:
 
 @residual_block_fwd.register_fake
 def _(x, weights, bn_weights, bn_biases, running_means, running_vars, convs, shortcut, preact,
-      entry_norm, eps, batch_stats, save_for_backward, backend, shortcut_input, branch_scale):
+      entry_norm, eps, batch_stats, save_for_backward, backend, shortcut_input, branch_scale,
+      group=None):
     block = _block(convs, shortcut, preact, entry_norm, eps)
     shapes = _shapes(x.shape, weights, block,
                      None if shortcut_input is None else shortcut_input.shape)
@@ -293,7 +302,8 @@ def _(x, weights, bn_weights, bn_biases, running_means, running_vars, convs, sho
     saved = [new(shapes[i]) for i in _saved_convs(block)] if save_for_backward else []
     ks = _norm_channels(block, x.shape[1], weights)
     stat = lambda k: x.new_empty((k,), dtype=torch.float32)
-    return out, saved, [stat(k) for k in ks], [stat(k) for k in ks]
+    counts = [] if group is None else [stat(1) for _ in ks]
+    return out, saved, [stat(k) for k in ks], [stat(k) for k in ks], counts
 
 
 def _bwd_impl(
@@ -316,19 +326,22 @@ def _bwd_impl(
     backend: str,
     shortcut_input: Tensor | None,
     branch_scale: Tensor | None,
+    group: str | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], Tensor]:
     """Returns ``(dx, dweights, dbn_weights, dbn_biases, dshortcut_input)`` (fp32 BN grads),
     empty tensors where ``output_mask`` (x — and shortcut_input with it —, each weight, each BN
-    weight, each BN bias) is False or there is no shortcut_input."""
+    weight, each BN bias) is False or there is no shortcut_input. With ``group`` (SyncBatchNorm)
+    the BN backward takes the group's sums; the BN parameters' gradients are this process'."""
     impl = backends.load(backend)
     backends.record("backward", impl.name, batch_stats=batch_stats, inference=False,
                     op="residual_block")
     block = _block(convs, shortcut, preact, entry_norm, eps)
+    sync = {} if group is None else {"group": group}
     with _on_device_of(dout):
         dx, dws, dgs, dbs, dxs = impl.block_backward(
             dout, x, out, weights, saved, means, variances, bn_weights, bn_biases,
             block=block, batch_stats=batch_stats, output_mask=tuple(output_mask),
-            shortcut_input=shortcut_input, branch_scale=branch_scale,
+            shortcut_input=shortcut_input, branch_scale=branch_scale, **sync,
         )
     empty = dout.new_empty(0)
     fresh = lambda t, like: empty if t is None else _strided_like(t, like)
@@ -359,7 +372,8 @@ def _masks(output_mask, n_w: int, n_bn: int):
 
 @residual_block_bwd.register_fake
 def _(dout, x, out, weights, saved, means, variances, bn_weights, bn_biases, convs, shortcut,
-      preact, entry_norm, eps, batch_stats, output_mask, backend, shortcut_input, branch_scale):
+      preact, entry_norm, eps, batch_stats, output_mask, backend, shortcut_input, branch_scale,
+      group=None):
     m_x, m_w, m_g, m_b = _masks(output_mask, len(weights), len(means))
     empty = lambda: dout.new_empty(0)
     return (
@@ -373,15 +387,15 @@ def _(dout, x, out, weights, saved, means, variances, bn_weights, bn_biases, con
 
 def _setup_context(ctx, inputs, output):
     (x, weights, bn_weights, bn_biases, _, _, convs, shortcut, preact, entry_norm, eps,
-     batch_stats, _, backend, shortcut_input, branch_scale) = inputs
-    out, saved, means, variances = output
+     batch_stats, _, backend, shortcut_input, branch_scale, group) = inputs
+    out, saved, means, variances, _ = output
     n_w, n_bn = len(weights), len(bn_weights)
     # the output is saved only where backward reads it (the final ReLU's mask)
     ctx.save_for_backward(x, None if preact else out, shortcut_input, branch_scale, *weights,
                           *saved, *means, *variances, *bn_weights, *bn_biases)
     ctx.sizes = (n_w, len(saved), n_bn)
     ctx.args = (list(convs), shortcut, preact, entry_norm, list(eps), batch_stats)
-    ctx.backend = backend
+    ctx.backend, ctx.group = backend, group
     ctx.bn_dtypes = [None if t is None else t.dtype for t in (*bn_weights, *bn_biases)]
 
 
@@ -402,7 +416,8 @@ def _grads(ctx, dout: Tensor, mask: list[bool]):
     if out is None:
         out = dout.new_empty(0)
     args = (dout, x, out, list(weights), list(saved), list(means), list(variances),
-            list(bn_weights), list(bn_biases), *ctx.args, mask, ctx.backend, xs, branch_scale)
+            list(bn_weights), list(bn_biases), *ctx.args, mask, ctx.backend, xs, branch_scale,
+            ctx.group)
     tensors = (dout, x, out, xs, branch_scale, *weights, *saved, *means, *variances,
                *bn_weights, *bn_biases)
     dx, dws, dgs, dbs, dxs = call_op(residual_block_bwd, _bwd_impl, args, tensors)
@@ -416,7 +431,7 @@ def _grads(ctx, dout: Tensor, mask: list[bool]):
     )
 
 
-def _backward(ctx, dout, dsaved_unused, dmeans_unused, dvars_unused):
+def _backward(ctx, dout, dsaved_unused, dmeans_unused, dvars_unused, dcounts_unused):
     n_w, _, n_bn = ctx.sizes
     _, _, _, _, *rest = ctx.saved_tensors
     weights, bn_params = rest[:n_w], rest[len(rest) - 2 * n_bn:]
@@ -426,7 +441,7 @@ def _backward(ctx, dout, dsaved_unused, dmeans_unused, dvars_unused):
              for i, t in enumerate(bn_params)]
     dx, dws, dgs, dbs, dxs = _grads(ctx, dout, mask)
     # the running statistics, the branch scale and the non-tensor arguments get no gradient
-    return dx, dws, dgs, dbs, [None] * n_bn, [None] * n_bn, *(None,) * 8, dxs, None
+    return dx, dws, dgs, dbs, [None] * n_bn, [None] * n_bn, *(None,) * 8, dxs, None, None
 
 
 residual_block_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -445,15 +460,15 @@ class _BlockFunction(torch.autograd.Function):
     def forward(ctx, rest, x, xs, *params):
         n_w = len(params) - 2 * len(rest[0])
         n_bn = len(rest[0])
-        branch_scale = rest[-1]
+        branch_scale, group = rest[-2:]
         inputs = (x, list(params[:n_w]), list(params[n_w:n_w + n_bn]),
-                  list(params[n_w + n_bn:]), *rest[:-1], xs, branch_scale)
+                  list(params[n_w + n_bn:]), *rest[:-2], xs, branch_scale, group)
         output = call_op(residual_block_fwd, _fwd_impl, inputs, (x, xs, branch_scale, *params))
         _setup_context(ctx, inputs, output)
-        out, _, means, variances = output
-        ctx.mark_non_differentiable(*means, *variances)
+        out, _, means, variances, counts = output
+        ctx.mark_non_differentiable(*means, *variances, *counts)
         ctx.set_materialize_grads(False)
-        return (out, *means, *variances)
+        return (out, *means, *variances, *counts)
 
     @staticmethod
     def backward(ctx, dout, *unused):
@@ -479,6 +494,7 @@ def residual_block(
     backend: str | None = None,
     shortcut_input: Tensor | None = None,
     branch_scale: Tensor | None = None,
+    process_group: object | None = None,
 ) -> Tensor:
     """A residual block as one fused op; same function as the eager block (see
     :class:`fastres.backends.base.BlockParams` for the two structures and the order of
@@ -495,6 +511,11 @@ def residual_block(
       the join pass, ``out = relu(bn_L(y_L)·branch_scale[n] + shortcut)``: stochastic depth, the
       caller's draw (see :func:`fastres.nn.blocks.drop_path_scale`). A constant (no gradient);
       training only (drop path is the identity in eval: pass None).
+
+    ``process_group`` (a ``torch.distributed`` process group or its c10d name; training only):
+    every BatchNorm of the block is ``nn.SyncBatchNorm`` over that group, as in
+    :func:`fastres.ops.conv_bn_relu`: one all_gather per BatchNorm forward, one all_reduce per
+    BatchNorm backward, running statistics from the whole batch; triton and reference backends.
 
     Raises :class:`BackendUnavailableError` if the backend in force has no block kernels (see
     :func:`block_backend`; fastres's modules check first and run layer by layer instead).
@@ -524,6 +545,10 @@ def residual_block(
         lambda: _check_block(x, weights, all_convs, norms, shortcut is not None, preact,
                              entry_norm, batch_stats, xs),
     )
+    group = None
+    if batch_stats and process_group is not None:
+        group = process_group if isinstance(process_group, str) else group_name(process_group)
+        call = dataclasses.replace(call, sync=True)
     name, why = _block_backend(call, backend)
     if name is None:
         raise BackendUnavailableError(f"residual_block: {why}")
@@ -539,15 +564,18 @@ def residual_block(
             flat, shortcut is not None, block.preact, block.entry_norm,
             list(block.eps), batch_stats, save, name)
     if save and not torch.compiler.is_compiling():
-        out, *stats = _BlockFunction.apply((*rest, branch_scale), x, xs, *weights, *gammas,
-                                           *betas)
-        means, variances = stats[:len(norms)], stats[len(norms):]
+        out, *stats = _BlockFunction.apply((*rest, branch_scale, group), x, xs, *weights,
+                                           *gammas, *betas)
+        n_bn = len(norms)
+        means, variances, counts = stats[:n_bn], stats[n_bn:2 * n_bn], stats[2 * n_bn:]
     else:
-        args = (x, weights, gammas, betas, *rest, xs, branch_scale)
-        out, _, means, variances = call_op(residual_block_fwd, _fwd_impl, args,
-                                           (x, xs, branch_scale, *weights, *gammas, *betas))
+        args = (x, weights, gammas, betas, *rest, xs, branch_scale, group)
+        out, _, means, variances, counts = call_op(
+            residual_block_fwd, _fwd_impl, args, (x, xs, branch_scale, *weights, *gammas, *betas))
     if batch_stats:
         tracked = [i for i, n in enumerate(norms) if n.running_mean is not None]
+        if group is not None:  # Bessel's factor of the group's whole batch, kept on the device
+            bessel = [c / (c - 1) for c in counts]
         if tracked:
             unbiased = torch._foreach_mul([variances[i] for i in tracked],
                                           [bessel[i] for i in tracked])

@@ -12,6 +12,7 @@ Stack, top to bottom:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
@@ -19,6 +20,7 @@ import torch
 
 from .. import backends
 from ..backends import BackendUnavailableError, CallInfo, ConvParams
+from ..backends.sync import group_name
 from .direct import call_op
 
 Tensor = torch.Tensor
@@ -179,18 +181,25 @@ def _fwd_impl(
     act: str | None,
     save_for_backward: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(z, y, mean, var)``; see :class:`fastres.backends.base.Backend`."""
+    group: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(z, y, mean, var, count)``; see :class:`fastres.backends.base.Backend`.
+    ``group``: the c10d name of the process group a SyncBatchNorm's batch statistics are taken
+    over (:mod:`fastres.backends.sync`); ``count`` is then their number of values per channel,
+    (1,) fp32, for the running variance's Bessel factor (empty without ``group``)."""
     impl = backends.load(backend)
     backends.record(
         "forward", impl.name, batch_stats=batch_stats, inference=not save_for_backward
     )
+    sync = {} if group is None else {"group": group}  # backends without SyncBN never see it
     with _on_device_of(x):
-        return impl.forward(
+        out = impl.forward(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
             conv=_params(stride, padding, dilation, groups),
             batch_stats=batch_stats, eps=eps, act=act, save_for_backward=save_for_backward,
+            **sync,
         )
+    return out if group is not None else (*out, x.new_empty(0, dtype=torch.float32))
 
 
 conv_bn_relu_fwd = torch.library.custom_op(
@@ -200,14 +209,15 @@ conv_bn_relu_fwd = torch.library.custom_op(
 
 @conv_bn_relu_fwd.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-      dilation, groups, batch_stats, eps, act, save_for_backward, backend):
+      dilation, groups, batch_stats, eps, act, save_for_backward, backend, group=None):
     n, _, h, w = x.shape
     k, _, r, s = weight.shape
     oh, ow = _params(stride, padding, dilation, groups).out_hw(h, w, r, s)
     z = torch.empty((n, k, oh, ow), dtype=x.dtype, device=x.device, memory_format=CL)
     y = torch.empty_like(z) if save_for_backward else x.new_empty(0)
     stat = x.new_empty((k,), dtype=torch.float32)
-    return z, y, stat, torch.empty_like(stat)
+    count = x.new_empty((0 if group is None else 1,), dtype=torch.float32)
+    return z, y, stat, torch.empty_like(stat), count
 
 
 def _bwd_impl(
@@ -231,21 +241,24 @@ def _bwd_impl(
     has_bias: bool,
     output_mask: list[bool],
     backend: str,
+    group: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual)``, empty where not asked.
 
     ``z`` (the output) is given unless ``act`` is SiLU, whose gradient is recomputed from the
     pre-activation (y − mean)·γ·invstd + β (+ residual) instead: ``bn_bias`` and ``residual`` are
-    given (where they exist) for SiLU only.
+    given (where they exist) for SiLU only. With ``group`` (SyncBatchNorm) dy takes the process
+    group's sums; dbn_weight and dbn_bias are this process' share.
     """
     impl = backends.load(backend)
     backends.record("backward", impl.name, batch_stats=batch_stats, inference=False)
+    sync = {} if group is None else {"group": group}
     with _on_device_of(dz):
         grads = impl.backward(
             dz, x, weight, y, z, mean, var, bn_weight,
             bn_bias=bn_bias, residual=residual, conv=_params(stride, padding, dilation, groups),
             batch_stats=batch_stats, eps=eps, act=act, has_bias=has_bias,
-            output_mask=tuple(output_mask),
+            output_mask=tuple(output_mask), **sync,
         )
     # custom ops return fresh tensors, never None, with the strides the fake kernel promises
     likes = (x, weight, None, None, None, dz)
@@ -267,7 +280,7 @@ conv_bn_relu_bwd = torch.library.custom_op(
 
 @conv_bn_relu_bwd.register_fake
 def _(dz, x, weight, y, z, mean, var, bn_weight, bn_bias, residual, stride, padding, dilation,
-      groups, batch_stats, eps, act, has_bias, output_mask, backend):
+      groups, batch_stats, eps, act, has_bias, output_mask, backend, group=None):
     k = weight.shape[0]
     shapes = [
         lambda: torch.empty_like(x),
@@ -285,8 +298,8 @@ def _(dz, x, weight, y, z, mean, var, bn_weight, bn_bias, residual, stride, padd
 def _setup_context(ctx, inputs, output):
     x, weight, bias, bn_weight, bn_bias = inputs[:5]
     residual = inputs[7]
-    stride, padding, dilation, groups, batch_stats, eps, act, _, backend = inputs[8:]
-    z, y, mean, var = output
+    stride, padding, dilation, groups, batch_stats, eps, act, _, backend, group = inputs[8:]
+    z, y, mean, var, count = output
     if act == "silu":
         # SiLU is not invertible: its gradient needs the pre-activation bn(y) (+ residual),
         # recomputed from the raw y, β and the residual (a block input that is usually saved
@@ -296,34 +309,34 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(x, weight, y, z, mean, var, bn_weight, None, None)
     # only z is differentiable (the backward ignores grads of y / mean / var): no zero-filled
     # grads for them, and the running-stats update on mean / var records no graph
-    ctx.mark_non_differentiable(y, mean, var)
+    ctx.mark_non_differentiable(y, mean, var, count)
     ctx.set_materialize_grads(False)
     ctx.args = (list(stride), list(padding), list(dilation), groups, batch_stats, eps, act)
     ctx.has_bias = bias is not None
-    ctx.backend = backend
+    ctx.backend, ctx.group = backend, group
     ctx.bn_dtypes = (
         None if bn_weight is None else bn_weight.dtype,
         None if bn_bias is None else bn_bias.dtype,
     )
 
 
-def _backward(ctx, dz, dy_unused, dmean_unused, dvar_unused):
+def _backward(ctx, dz, dy_unused, dmean_unused, dvar_unused, dcount_unused):
     x, weight, y, z, mean, var, bn_weight, bn_bias, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
     # inputs: x weight bias bn_weight bn_bias running_mean running_var residual ...
     mask = [needs[0], needs[1], needs[2], needs[3], needs[4], needs[7]]
     if dz is None or not any(mask):
-        return (None,) * 17
+        return (None,) * 18
     dz = dz.contiguous(memory_format=CL)
     args = (dz, x, weight, y, z, mean, var, bn_weight, bn_bias, residual, *ctx.args,
-            ctx.has_bias, mask, ctx.backend)
+            ctx.has_bias, mask, ctx.backend, ctx.group)
     grads = call_op(conv_bn_relu_bwd, _bwd_impl, args, args[:10])
     dx, dw, db, dgamma, dbeta, dres = (g if m else None for g, m in zip(grads, mask))
     if dgamma is not None:
         dgamma = dgamma.to(ctx.bn_dtypes[0])
     if dbeta is not None:
         dbeta = dbeta.to(ctx.bn_dtypes[1])
-    return (dx, dw, db, dgamma, dbeta, None, None, dres) + (None,) * 9
+    return (dx, dw, db, dgamma, dbeta, None, None, dres) + (None,) * 10
 
 
 conv_bn_relu_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -376,6 +389,7 @@ def conv_bn_relu(
     relu: bool = True,
     act: str | None = None,
     backend: str | None = None,
+    process_group: object | None = None,
 ) -> Tensor:
     """Exactly ``act(batch_norm(conv2d(x, weight, bias)) + residual)``, fused.
 
@@ -395,6 +409,13 @@ def conv_bn_relu(
     ``momentum`` may be a 0-d tensor (e.g. 1 / num_batches_tracked for a cumulative average,
     kept on the device so that no step waits for the GPU).
     ``backend`` overrides the backend in force (see :func:`fastres.set_backend`).
+
+    ``process_group`` (a ``torch.distributed`` process group or its c10d name; used in training
+    only): ``nn.SyncBatchNorm``'s function. The batch statistics are those of the whole batch
+    of every process in the group (shards of any size), the running statistics are updated from
+    them (Bessel's factor of the whole batch), and the input gradient takes the group's sums;
+    the BN parameters' gradients are this process' share (DDP sums/averages them). One
+    collective each way (:mod:`fastres.backends.sync`), on the triton and reference backends.
     """
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"conv_bn_relu: groups must be a positive int, got {groups!r}")
@@ -418,6 +439,10 @@ def conv_bn_relu(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
         (stride, padding, dilation, groups), bool(training), act,
     )
+    group = None
+    if training and process_group is not None:
+        group = process_group if isinstance(process_group, str) else group_name(process_group)
+        call = dataclasses.replace(call, sync=True)
     name = backends.select(call, backend)
     x = x.contiguous(memory_format=CL)
     if residual is not None:
@@ -427,13 +452,15 @@ def conv_bn_relu(
     )
     args = (
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-        stride, padding, dilation, groups, call.batch_stats, float(eps), act, save, name,
+        stride, padding, dilation, groups, call.batch_stats, float(eps), act, save, name, group,
     )
     if save and not torch.compiler.is_compiling():
-        z, _, mean, var = _ConvBNReLUFunction.apply(*args)
+        z, _, mean, var, group_count = _ConvBNReLUFunction.apply(*args)
     else:
-        z, _, mean, var = call_op(conv_bn_relu_fwd, _fwd_impl, args, args[:8])
+        z, _, mean, var, group_count = call_op(conv_bn_relu_fwd, _fwd_impl, args, args[:8])
     if training and running_mean is not None:
+        if group is not None:  # the whole batch's count, a tensor: no host sync
+            count = group_count
         update_running_stats([running_mean], [running_var], [mean],
                              [var * (count / (count - 1))], [momentum])
     return z

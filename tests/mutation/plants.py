@@ -30,8 +30,8 @@ PLANTS = [
           "    name = backends.select(call, backend)\n", '    name = "reference"\n',
           (TRITON_GRID, "-k", "grid_interpreter_fp32 and default-train")),
     Plant("ConvBNReLU ignores use_backend", "fastres/nn/conv_bn_relu.py",
-          "        act=act,\n    )",
-          '        act=act,\n        backend="reference",\n    )',
+          "        act=act,\n        process_group=",
+          '        act=act,\n        backend="reference",\n        process_group=',
           ("tests/test_served_backend.py", "-k", "module_follows")),
     Plant("auto skips the availability check", "fastres/backends/__init__.py",
           "            if availability(candidate, call) is None:\n                return candidate",
@@ -137,4 +137,11 @@ PLANTS = [
           'key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU", "SILU", "BRANCH_SCALE"]',
           'key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "SILU", "BRANCH_SCALE"]',
           ("tests/backends/test_triton_tuning.py", "-k", "every_flag")),
+    # SyncBatchNorm through the kernels (issue 20)
+    Plant("SyncBN backward keeps the shard's centring δ", "fastres/backends/triton/sync.py",
+          "    all_delta = all_y / total\n", "    all_delta = delta\n",
+          ("tests/test_sync_batchnorm.py", "-k", "2-layer-triton")),
+    Plant("SyncBN block running variance with the shard's count", "fastres/ops/block.py",
+          "            bessel = [c / (c - 1) for c in counts]\n", "            pass\n",
+          ("tests/test_sync_batchnorm.py", "-k", "2-post-proj-reference")),
 ]

@@ -39,7 +39,7 @@ def test_opcheck_backward(act):
     w = torch.randn(16, 8, 3, 3)
     b = torch.randn(16)
     res = torch.randn(2, 16, 7, 7).contiguous(memory_format=torch.channels_last)
-    z, y, mean, var = conv_bn_relu_fwd(
+    z, y, mean, var, _ = conv_bn_relu_fwd(
         x, w, None, None, b, None, None, res,
         [1, 1], [1, 1], [1, 1], 1, True, 1e-5, act, True, "reference",
     )

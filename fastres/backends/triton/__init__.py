@@ -27,15 +27,22 @@ dγ = Σg·ŷ and dβ = Σg. Only what ``output_mask`` asks for runs: at most 5 
 from ``bn.backward``'s one element-wise pass instead) plus a few element-wise torch ops on (K,)
 vectors for the bias grad.
 
+SyncBatchNorm (``group``, the c10d name of a process group; ``sync.py``): the partials are merged
+to one per-channel triple, one all_gather exchanges the triples and ``bn.finalize`` merges them;
+backward, the reduction pass's (Σg, Σg·ŷ) are all-reduced once before dgrad/wgrad read them.
+
 Importing this package needs no GPU; kernels compile on first launch.
 """
 
 from __future__ import annotations
 
+import torch
+
 from .. import _alloc, devices
 from ..base import CallInfo, ConvParams, OptTensor, Tensor
 from . import _tuning, block, bn, conv_bwd
 from . import conv as _conv
+from . import sync as _sync
 
 # Triton kernel launches of one backward, at most (see the module docstring).
 MAX_BACKWARD_LAUNCHES = 5
@@ -75,11 +82,20 @@ class TritonBackend:
         eps: float,
         act: str | None,
         save_for_backward: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        group: str | None = None,
+    ) -> tuple[Tensor, ...]:
+        """With ``group`` (SyncBatchNorm, batch statistics), the statistics are the process
+        group's (see ``sync.py``) and a fifth result is their count (1,) fp32."""
         relu, silu = act == "relu", act == "silu"
+        count = None
         if batch_stats:
             y, p = _conv.conv2d_fused(x, weight, bias, conv, stats=True)
-            mean, var, scale, shift = bn.finalize(p.count, p.mean, p.m2, bn_weight, bn_bias, eps)
+            if group is None:
+                stats = bn.finalize(p.count, p.mean, p.m2, bn_weight, bn_bias, eps)
+            else:  # the statistics exchange between the partials and the finalize
+                *stats, count = _sync.finalize(p.count, p.mean, p.m2, bn_weight, bn_bias, eps,
+                                               group)
+            mean, var, scale, shift = stats
             z = bn.apply(y, scale, shift, residual, relu, silu=silu)
         else:
             mean, var, scale, shift = bn.running_affine(
@@ -96,7 +112,7 @@ class TritonBackend:
                 y = None
         if not save_for_backward:
             y = x.new_empty(0)
-        return z, y, mean, var
+        return (z, y, mean, var) if count is None else (z, y, mean, var, count)
 
     def backward(
         self,
@@ -117,7 +133,10 @@ class TritonBackend:
         act: str | None,
         has_bias: bool,
         output_mask: tuple[bool, bool, bool, bool, bool, bool],
+        group: str | None = None,
     ) -> tuple[OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor]:
+        """With ``group`` (SyncBatchNorm), dy takes the process group's sums (one all-reduce);
+        dγ and dβ stay this process' own, as PyTorch's SyncBatchNorm gives them."""
         relu = act == "relu"
         need_dx, need_dw = output_mask[0], output_mask[1]
         need_db = output_mask[2] and has_bias
@@ -147,12 +166,21 @@ class TritonBackend:
                 dz, y, z, mean, var, bn_weight, batch_stats=False, eps=eps, relu=relu,
                 need_dy=False, need_stats_grad=False, need_dres=True,
             )
+        count = dz.numel() // dz.shape[1]
+        dy_sums = sums
+        if group is not None:  # the group's sums for dy; this shard's for dγ, dβ
+            dy_sums, sums = _sync.synced_sums(sums, count, var, eps, group)
         op = conv_bwd.DyOperand(
-            dz, z if relu else None, y, mean, var, bn_weight, sums, batch_stats, eps
+            dz, z if relu else None, y, mean, var, bn_weight, dy_sums, batch_stats, eps
         )
         dx = conv_bwd.dgrad(op, weight, conv, x.shape) if need_dx else None
         dw = conv_bwd.wgrad(op, x, weight, conv) if need_dw else None
-        db = conv_bwd.bias_grad(op, dz.numel() // dz.shape[1], weight.dtype) if need_db else None
+        db = None
+        if need_db and group is None:
+            db = conv_bwd.bias_grad(op, count, weight.dtype)
+        elif need_db:  # this shard's Σdy = a·(Σg − count·mean_g), mean_g the group's
+            a = torch.rsqrt(var + eps) * (1.0 if bn_weight is None else bn_weight.float())
+            db = (a * (sums[0] - dy_sums[0])).to(weight.dtype)
         return (
             dx, dw, db,
             sums[1] if output_mask[3] else None,

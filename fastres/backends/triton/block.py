@@ -39,21 +39,41 @@ from .. import _alloc
 from ..base import BlockParams, OptTensor, Tensor
 from . import bn, conv_bwd
 from . import conv as _conv
+from . import sync as _sync
 
 
 class _Norms:
     """Per-BatchNorm parameters and the (mean, var, scale, shift) of this call, by index."""
 
-    def __init__(self, gammas, betas, eps) -> None:
+    def __init__(self, gammas, betas, eps, group: str | None = None) -> None:
         self.gammas, self.betas = gammas, betas
         self.eps = eps
+        # SyncBatchNorm: the c10d name of the process group every BN of the block syncs over
+        self.group = group
+        self.count: dict[int, Tensor] = {}  # with group: values per channel of the whole batch
+        self.local_sums: dict[int, tuple] = {}  # with group: this process' (Σg, Σg·ŷ, δ)
         self.mean: dict[int, Tensor] = {}
         self.var: dict[int, Tensor] = {}
         self.scale: dict[int, Tensor] = {}
         self.shift: dict[int, Tensor] = {}
 
     def from_partials(self, i: int, count: Tensor, mean: Tensor, m2: Tensor) -> None:
+        if self.group is not None:  # the process group's statistics: one all_gather
+            *stats, self.count[i] = _sync.finalize(count, mean, m2, self.gammas[i],
+                                                   self.betas[i], self.eps[i], self.group)
+            self._keep(i, *stats)
+            return
         self._keep(i, *bn.finalize(count, mean, m2, self.gammas[i], self.betas[i], self.eps[i]))
+
+    def exchange(self, i: int, sums: tuple, y: Tensor) -> tuple:
+        """BN i's backward sums as its dy operand reads them: with a process group, this
+        process' sums (over the values of ``y``, its input) are kept for dγ, dβ and the
+        group's returned (one all_reduce); else ``sums`` itself."""
+        if self.group is None:
+            return sums
+        dy_sums, self.local_sums[i] = _sync.synced_sums(
+            sums, y.numel() // y.shape[1], self.var[i], self.eps[i], self.group)
+        return dy_sums
 
     def from_stats(self, i: int, mean: Tensor, var: Tensor) -> None:
         """The affine map of given statistics (running ones in eval, saved ones in backward)."""
@@ -81,9 +101,11 @@ class _Norms:
 def block_forward(
     x: Tensor, weights, bn_weights, bn_biases, running_means, running_vars, *,
     block: BlockParams, batch_stats: bool, save_for_backward: bool,
-    shortcut_input: OptTensor = None, branch_scale: OptTensor = None,
+    shortcut_input: OptTensor = None, branch_scale: OptTensor = None, group: str | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    norms = _Norms(bn_weights, bn_biases, block.eps)
+    """``(out, saved, means, vars)``, and with ``group`` (SyncBatchNorm: every BN's statistics
+    over that process group) a fifth, each BN's count over the group ((1,) fp32)."""
+    norms = _Norms(bn_weights, bn_biases, block.eps, group)
     xs = x if shortcut_input is None else shortcut_input
     if not batch_stats:
         for i in range(block.num_norms):
@@ -132,7 +154,10 @@ def block_forward(
             out = bn.apply(ys[last], norms.scale[last], norms.shift[last], ys[n], True,
                            res_scale=norms.scale[n], res_shift=norms.shift[n],
                            branch_scale=branch_scale)
-    return out, ys if save_for_backward else [], _listed(norms.mean), _listed(norms.var)
+    stats = _listed(norms.mean), _listed(norms.var)
+    if group is not None:
+        stats = (*stats, _listed(norms.count))
+    return out, ys if save_for_backward else [], *stats
 
 
 def _listed(d: dict[int, Tensor]) -> list[Tensor]:
@@ -176,13 +201,15 @@ def _no_norm_operand(dz: Tensor) -> conv_bwd.DyOperand:
 def block_backward(
     dout: Tensor, x: Tensor, out: Tensor, weights, saved, means, variances, bn_weights,
     bn_biases, *, block: BlockParams, batch_stats: bool, output_mask,
-    shortcut_input: OptTensor = None, branch_scale: OptTensor = None,
+    shortcut_input: OptTensor = None, branch_scale: OptTensor = None, group: str | None = None,
 ) -> tuple[OptTensor, list[OptTensor], list[OptTensor], list[OptTensor], OptTensor]:
     """``(dx, dweights, dbn_weights, dbn_biases, dshortcut_input)``; the last only with
-    ``shortcut_input`` (then dx has no shortcut term) and ``need_dx``."""
+    ``shortcut_input`` (then dx has no shortcut term) and ``need_dx``. With ``group``
+    (SyncBatchNorm) each BN's sums are all-reduced as soon as they exist (:meth:`_Norms
+    .exchange`); its dγ, dβ are this process' own."""
     n_w, n_bn = len(weights), len(bn_weights)
     need_dx, need_w = output_mask[0], output_mask[1:1 + n_w]
-    norms = _Norms(bn_weights, bn_biases, block.eps)
+    norms = _Norms(bn_weights, bn_biases, block.eps, group)
     for i in range(n_bn):
         norms.from_stats(i, means[i], variances[i])
     sums: dict[int, tuple] = {}
@@ -204,6 +231,7 @@ def block_backward(
             return conv_bwd.dgrad(op, weights[i], params[i], inp.shape, add=add)
         g, sums[act] = conv_bwd.dgrad(op, weights[i], params[i], inp.shape, add=add,
                                       act=norms.act(act, inp, batch_stats))
+        sums[act] = norms.exchange(act, sums[act], inp)
         return g
 
     dx = dxs = None
@@ -252,6 +280,9 @@ def block_backward(
                                                                 norms.var[n]))
         else:
             sums[last], sums_s = reduce(ys[last], last, **scaled), reduce(ys[n], n)
+        sums[last] = norms.exchange(last, sums[last], ys[last])
+        if sums_s is not None:
+            sums_s = norms.exchange(n, sums_s, ys[n])
         if g_last is None:
             op = norms.operand(last, dout, out, ys[last], sums[last], batch_stats)
         else:
@@ -268,6 +299,7 @@ def block_backward(
             if shortcut_input is not None:  # its own gradient (the caller's pooling takes it)
                 dxs, add = add, None
         dx = back(op, 0, x, None, add=add, need_input=need_dx)
+    sums.update(norms.local_sums)  # dγ, dβ: this process' own sums
     dgs = [sums[i][1] if i in sums and m else None
            for i, m in enumerate(output_mask[1 + n_w:1 + n_w + n_bn])]
     dbs = [sums[i][0] if i in sums and m else None

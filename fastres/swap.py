@@ -360,6 +360,8 @@ def _take_place_of(fused: nn.Module, original: nn.Module) -> nn.Module:
     fused._modules = OrderedDict(original._modules)
     # kept out of the module tree (no keys, no double .to()): unfuse hands it back
     fused.__dict__["_fastres_original"] = original
+    if isinstance(fused, FusedBlock):  # adopted children (a gate, a drop path) change the join
+        fused.set_fused(fused.fused)
     return fused
 
 

@@ -137,4 +137,13 @@ PLANTS = [
           'key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU", "SILU", "BRANCH_SCALE"]',
           'key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "SILU", "BRANCH_SCALE"]',
           ("tests/backends/test_triton_tuning.py", "-k", "every_flag")),
+    # the channel gate in the block op (issue 18, point 4): its pooled-mean gradient
+    Plant("triton gated block drops the gate's pooled-mean gradient",
+          "fastres/backends/triton/block.py",
+          "branch_add=(dpooled / hw).contiguous()", "branch_add=(0 * dpooled).contiguous()",
+          ("tests/ops/test_block_gate.py", "-k", "triton and bottleneck-se-identity-float32")),
+    Plant("reference gated block forgets the drop path in dgate", "fastres/backends/reference.py",
+          "    dpooled = gate.backward((dz_gate * a).sum((2, 3)))",
+          "    dpooled = gate.backward((dz * a).sum((2, 3)))",
+          ("tests/ops/test_block_gate.py", "-k", "reference and droppath-s2-float32")),
 ]

@@ -1418,8 +1418,9 @@ def compile_specs() -> list[CompileSpec]:
                     dict(off, **flags, BLOCK_K=64, BLOCK_M=bm0), num_warps=w0,
                     pruned=pruned(name, bm0, w0, 64, _DTYPES[t], flags),
                 ))
-        # every block config with the most features on, in fp32 (the most registers)
-        flags = max(flag_sets, key=lambda f: sum(f.values()))
+        # every block config with the most features on, in fp32 (the most registers); a gate's
+        # BRANCH_ADD not counted: its tiles are those of drop path's BRANCH_SCALE (pruned alike)
+        flags = max(flag_sets, key=lambda f: sum(f.values()) - f.get("BRANCH_ADD", False))
         heaviest = [(flags, bk) for bk in (16, 64, 128)] + [(f, 128) for f in with_silu]
         for bm, w in blocks:
             for flags, bk in heaviest:

@@ -70,6 +70,11 @@ class _Norms:
     def _keep(self, i: int, mean, var, scale, shift) -> None:
         self.mean[i], self.var[i], self.scale[i], self.shift[i] = mean, var, scale, shift
 
+    def beta(self, i: int) -> Tensor:
+        """bn_i's bias as (K,) fp32 (zeros without affine)."""
+        beta = self.betas[i]
+        return torch.zeros_like(self.mean[i]) if beta is None else beta.float()
+
     def affine(self, i: int | None) -> dict[str, Tensor | None]:
         """Prologue arguments of a conv whose input is relu(bn_i(·)) (none for i None)."""
         if i is None:
@@ -149,11 +154,11 @@ def block_forward(
 def _gated_scale(gate: ChannelGate, y: Tensor, norms: _Norms, i: int,
                  branch_scale: OptTensor) -> Tensor:
     """The join's (N, K) branch scale gate·branch_scale[n], the gate run on the spatial means
-    of bn_i(y): scale·mean_hw(y) + shift, mean_hw(y) = mean + Σ_hw (y − mean)/HW."""
+    of bn_i(y) = (y − mean)·scale + β: β + scale·Σ_hw (y − mean)/HW (centred: no cancellation
+    where |mean| ≫ std)."""
     sum_d, _ = bn.sample_sums(y, norms.mean[i])
     hw = y.shape[2] * y.shape[3]
-    scale = norms.scale[i]
-    pooled = (sum_d / hw) * scale + (norms.mean[i] * scale + norms.shift[i])
+    pooled = (sum_d / hw) * norms.scale[i] + norms.beta(i)
     values = gate.forward(pooled)
     return values.contiguous() if branch_scale is None else values * branch_scale[:, None]
 
@@ -162,10 +167,9 @@ def _gate_backward(gate: ChannelGate, dout: Tensor, out: Tensor, y: Tensor, norm
                    i: int, branch_scale: OptTensor) -> dict[str, Tensor]:
     """The reductions' keywords for the last BN of a gated block: its (N, K) scale gate·
     branch_scale[n] and the additive dpooled/HW, dpooled from the gate's backward of dgate =
-    branch_scale[n]·Σ_hw dz·a, a = bn_i(y) = (y − mean)·scale + (mean·scale + shift)."""
+    branch_scale[n]·Σ_hw dz·a, a = bn_i(y) = (y − mean)·scale + β."""
     sum_gd, sum_g = bn.sample_sums(y, norms.mean[i], dout, out)
-    scale = norms.scale[i]
-    dgate = sum_gd * scale + sum_g * (norms.mean[i] * scale + norms.shift[i])
+    dgate = sum_gd * norms.scale[i] + sum_g * norms.beta(i)
     values = gate.values
     if branch_scale is not None:
         dgate = dgate * branch_scale[:, None]

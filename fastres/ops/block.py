@@ -519,6 +519,8 @@ class _GateCall:
 
     def backward(self, dgate: Tensor) -> Tensor:
         assert self._out is not None and self.record, "the gate's forward recorded no graph"
+        if not self._out.requires_grad:  # a constant gate: nothing flows back through it
+            return torch.zeros_like(dgate)
         wanted = [i for i, p in enumerate(self.params) if p.requires_grad]
         grads = torch.autograd.grad(
             self._out, [self._leaf, *(self.params[i] for i in wanted)],

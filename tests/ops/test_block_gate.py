@@ -222,6 +222,22 @@ def test_op_gate_params_take_gradients(backend: str) -> None:
     torch.testing.assert_close(dw.double(), dw_want.double(), rtol=1e-4, atol=1e-4)
 
 
+def test_a_constant_gate_scales_the_branch() -> None:
+    """A gate that ignores its input and has no parameters (no graph to differentiate): the
+    branch is scaled, the gradients are those of the scaled block."""
+    x, convs, norms = _op_args()
+    x.requires_grad_()
+    half = lambda p: torch.full_like(p, 0.5)
+    out = residual_block(x.contiguous(memory_format=CL), convs, norms, training=True,
+                         backend="reference", gate=half)
+    (dx,) = torch.autograd.grad(out.square().sum(), x)
+    want = residual_block(x.contiguous(memory_format=CL), convs, norms, training=True,
+                          backend="reference", branch_scale=torch.full((2,), 0.5))
+    (dx_want,) = torch.autograd.grad(want.square().sum(), x)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(dx, dx_want)
+
+
 def test_gated_block_under_torch_compile_runs_layer_by_layer() -> None:
     """The gate is Python the custom op cannot carry: a compiled model runs the gated block
     per layer (its pairs still fused), with eager's output."""

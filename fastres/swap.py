@@ -362,6 +362,8 @@ def _take_place_of(fused: nn.Module, original: nn.Module) -> nn.Module:
     fused._modules = OrderedDict(original._modules)
     # kept out of the module tree (no keys, no double .to()): unfuse hands it back
     fused.__dict__["_fastres_original"] = original
+    if isinstance(fused, FusedBlock):  # adopted children (a gate, a drop path) change the join
+        fused.set_fused(fused.fused)
     return fused
 
 
@@ -504,7 +506,8 @@ def _textbook_extras(m: nn.Module, n: int) -> list[str]:
     """Why a torchvision / timm ResNet block cannot become a fastres block (its activations,
     anti-aliasing, drop-block), beyond its conv + BN pairs. A channel gate (timm's ``se``) and
     drop path are taken over with the block: it runs them in timm's order (the block op serves
-    drop path; a gated block trains layer by layer and fuse_report says why)."""
+    both; a gate that is not of the form x * f(mean(x)) trains layer by layer and fuse_report
+    says why)."""
     acts = ("relu", *(f"act{i}" for i in range(1, n + 1)))
     extras = [_relu_reason(getattr(m, a, None), a) for a in acts]
     extras.append(_noop_reason(getattr(m, "drop_block", None), "drop_block"))

@@ -144,9 +144,10 @@ class BlockParams:
     (with ``entry_norm``) then ``bn_1 .. bn_{L-1}``. Convolutions: ``conv_1 .. conv_L`` then
     ``conv_s`` with a projection. No convolution has a bias.
 
-    Post-activation blocks take two more (tensor) inputs beside this structure: a shortcut input
-    the projection conv reads instead of x (ResNet-D's average-pooled x), and a per-sample
-    branch scale (stochastic depth), ``out = relu(bn_L(y_L)·scale[n] + shortcut)``.
+    Post-activation blocks take more inputs beside this structure: a shortcut input the
+    projection conv reads instead of x (ResNet-D's average-pooled x), a per-sample branch scale
+    (stochastic depth) and a channel gate (:class:`ChannelGate`, SE/ECA), ``out =
+    relu(bn_L(y_L)·gate[n, k]·scale[n] + shortcut)``.
     """
 
     convs: tuple[ConvParams, ...]  # main branch conv_1 .. conv_L
@@ -164,3 +165,24 @@ class BlockParams:
         if self.preact:
             return len(self.convs) - 1 + int(self.entry_norm)
         return len(self.convs) + int(self.shortcut is not None)
+
+
+class ChannelGate(Protocol):
+    """A channel gate of a post-activation block (SE, ECA), computed by the caller between the
+    backend's phases: ``gate[n, k] = G(pooled)`` with ``pooled[n, k]`` the spatial mean of the
+    last BN's output ``a = bn_L(y_L)``, and ``out = relu(a·gate[n, k]·scale[n] + shortcut)``.
+
+    Forward, the backend calls :meth:`forward` once with ``pooled``; backward, it reads
+    :attr:`values` (what forward returned) and calls :meth:`backward` once with ``dgate[n, k] =
+    scale[n]·Σ_hw dz·a`` (dz the output's gradient through the final ReLU), getting
+    ``dpooled``; the last BN's gradient is then ``dz·gate·scale + dpooled/(H·W)``. Tensors are
+    (N, K) in the block's accumulation dtype (fp32; fp64 for fp64 blocks on ``reference``).
+    """
+
+    values: Tensor | None
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """``gate`` (N, K) of ``pooled`` (N, K)."""
+
+    def backward(self, dgate: Tensor) -> Tensor:
+        """``dpooled`` (N, K) of ``dgate`` (N, K)."""

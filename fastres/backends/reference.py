@@ -97,7 +97,7 @@ class ReferenceBackend:
     def block_forward(
         self, x, weights, bn_weights, bn_biases, running_means, running_vars, *,
         block, batch_stats, save_for_backward, shortcut_input=None, branch_scale=None,
-        group=None,
+        group=None, gate=None,
     ):
         """``(out, saved, means, vars)``, and with ``group`` (SyncBatchNorm over that process
         group) each BN's count over the group ((1,) fp32) fifth."""
@@ -106,7 +106,7 @@ class ReferenceBackend:
             out, ys, means, variances = block_eager(
                 x, weights, bn_weights, bn_biases, running_means, running_vars, block,
                 batch_stats, shortcut_input=shortcut_input, branch_scale=branch_scale,
-                group=group, counts=counts,
+                group=group, counts=counts, gate=None if gate is None else gate.forward,
             )
         keep = [] if not save_for_backward else ys[:-1] if block.preact else ys
         if group is not None:
@@ -116,6 +116,7 @@ class ReferenceBackend:
     def block_backward(
         self, dout, x, out, weights, saved, means, variances, bn_weights, bn_biases, *,
         block, batch_stats, output_mask, shortcut_input=None, branch_scale=None, group=None,
+        gate=None,
     ):
         """The chain rule through the block, layer by layer (``bn_relu_backward`` and PyTorch's
         convolution backward), the activations recomputed from the saved raw outputs.
@@ -175,11 +176,16 @@ class ReferenceBackend:
                 dx = dx + dout
         else:
             inputs = [x] + [act(saved[i], i) for i in range(n - 1)]
-            dbranch = dout  # drop path: the last BN's g is the output's g times scale[n]
-            if branch_scale is not None:
-                acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
-                dbranch = dout.to(acc) * branch_scale.to(acc).view(-1, 1, 1, 1)
-            _, dy = dbn(dbranch, saved[n - 1], out, n - 1)
+            if gate is not None:
+                dy = _gated_last_dy(dout, out, saved[n - 1], means[n - 1], variances[n - 1],
+                                    bn_weights[n - 1], bn_biases[n - 1], block.eps[n - 1],
+                                    batch_stats, branch_scale, gate, dgs, dbs, n - 1, group)
+            else:
+                dbranch = dout  # drop path: the last BN's g is the output's g times scale[n]
+                if branch_scale is not None:
+                    acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
+                    dbranch = dout.to(acc) * branch_scale.to(acc).view(-1, 1, 1, 1)
+                _, dy = dbn(dbranch, saved[n - 1], out, n - 1)
             for i in range(n - 1, 0, -1):
                 da = dconv(dy, inputs[i], i)
                 _, dy = dbn(da, saved[i - 1], inputs[i], i - 1)
@@ -272,6 +278,31 @@ def sync_batch_stats(t: Tensor, group: str) -> tuple[Tensor, Tensor, Tensor]:
     return mean, m2 / count, count
 
 
+def _gated_last_dy(dout: Tensor, out: Tensor, y: Tensor, mean: Tensor, var: Tensor,
+                   bn_weight: OptTensor, bn_bias: OptTensor, eps: float, batch_stats: bool,
+                   branch_scale: OptTensor, gate, dgs: list, dbs: list, i: int,
+                   group: str | None = None) -> Tensor:
+    """dy of the last conv of a gated block, ``out = relu(a·gate[n, k]·scale[n] + shortcut)``,
+    a = bn(y): dz = dout·[out > 0]; dgate = scale·Σ_hw dz·a; dpooled from the gate's own
+    backward; the BN sees g = dz·gate·scale + dpooled/(H·W). Records bn i's parameter grads."""
+    acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
+    n, k, h, w = dout.shape
+    dz = dout.to(acc) * (out > 0)
+    a = _bn_output(y, mean, var, bn_weight, bn_bias, eps).to(acc)
+    scale = gate.values.to(acc).view(n, k, 1, 1)
+    if branch_scale is not None:
+        scale = scale * branch_scale.to(acc).view(-1, 1, 1, 1)
+        dz_gate = dz * branch_scale.to(acc).view(-1, 1, 1, 1)
+    else:
+        dz_gate = dz
+    dpooled = gate.backward((dz_gate * a).sum((2, 3)))
+    g = dz * scale + (dpooled.to(acc) / (h * w)).view(n, k, 1, 1)
+    _, dy, dgs[i], dbs[i] = bn_relu_backward(g, y, g, mean, var, bn_weight,
+                                             batch_stats=batch_stats, eps=eps, relu=False,
+                                             need_gamma=True, group=group)
+    return dy.to(y.dtype)
+
+
 def block_eager(
     x: Tensor,
     weights: list[Tensor],
@@ -286,14 +317,17 @@ def block_eager(
     branch_scale: OptTensor = None,
     group: str | None = None,
     counts: list[Tensor] | None = None,
+    gate=None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """The block of :class:`BlockParams` in plain PyTorch (differentiable): ``(out, raw conv
     outputs conv_1 .. conv_L (, conv_s), means, vars)``. Running statistics are read in eval and
     never written (the op layer updates them). Post-activation only: ``shortcut_input`` is
     what the projection conv reads instead of x; ``branch_scale`` (N,) multiplies the last BN's
-    output per sample before the shortcut is added (stochastic depth). ``group``: batch
-    statistics over that process group (SyncBatchNorm, not differentiable: the backward is
-    ``block_backward``'s), each BN's count over the group appended to ``counts``."""
+    output per sample before the shortcut is added (stochastic depth); ``gate`` (a callable,
+    :meth:`ChannelGate.forward`) maps the per-(sample, channel) spatial mean of the last BN's
+    output, (N, K) in fp32 (fp64 for fp64), to the gate it is multiplied by before that.
+    ``group``: batch statistics over that process group (SyncBatchNorm, not differentiable: the
+    backward is ``block_backward``'s), each BN's count over the group appended to ``counts``."""
     means: list[Tensor] = []
     variances: list[Tensor] = []
 
@@ -332,6 +366,10 @@ def block_eager(
         out = ys[-1] + short
     else:
         last = norm(ys[-1])
+        if gate is not None:
+            acc = torch.float64 if last.dtype == torch.float64 else torch.float32
+            values = gate(last.to(acc).mean((2, 3)))
+            last = last * values.to(last.dtype).view(*values.shape, 1, 1)
         if branch_scale is not None:
             last = last * branch_scale.to(last.dtype).view(-1, 1, 1, 1)
         if block.shortcut is not None:

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..ops.block import ConvArgs, NormArgs, block_backend, residual_block
 from .conv_bn_relu import ConvBNReLU, bn_momenta, fusable_reason
+from .gate import gate_function, gate_reason
 from .layout import match_input
 from .sync_conv_bn import sync_group
 
@@ -108,6 +109,9 @@ class BlockLayout(NamedTuple):
     - ``drop_path``: post-activation only, stochastic depth on the residual branch, applied to
       the last BN's output before the shortcut is added: timm ``DropPath`` or torchvision
       ``StochasticDepth`` (its draw: :func:`drop_path_scale`). None (or ``nn.Identity``): none.
+    - ``gate``: post-activation only, a channel gate applied to the last BN's output before the
+      drop path (timm's ``se`` child: ``SEModule``, ``EcaModule``, ...; any module of the form
+      ``x * f(mean(x, (2, 3)))``, see :mod:`fastres.nn.gate`). None (or ``nn.Identity``): none.
     """
 
     convs: list[nn.Module]
@@ -116,6 +120,7 @@ class BlockLayout(NamedTuple):
     preact: bool
     shortcut_pool: nn.Module | None = None
     drop_path: nn.Module | None = None
+    gate: nn.Module | None = None
 
     @classmethod
     def of(cls, layout: tuple) -> BlockLayout:
@@ -175,11 +180,14 @@ def layout_reason(layout: BlockLayout,
                   norm_reason: Callable[[nn.Module], str | None]) -> str | None:
     """None if the modules of ``layout`` can run as one block op now, else why not: the checks
     every block op caller makes (plain zero-padded bias-free convs, an avg-pool shortcut before a
-    projection, a drop path the op can draw, the norms ``norm_reason`` accepts, all in one
-    train/eval mode, running statistics in eval, one process group for all SyncBatchNorms)."""
-    convs, norms, proj, preact, pool, drop = layout
-    if (pool is not None or drop is not None) and preact:
-        return "a shortcut pool or drop path on a pre-activation block"
+    projection, a drop path the op can draw, a gate of the form ``x * f(mean(x))``, the norms
+    ``norm_reason`` accepts, all in one train/eval mode, running statistics in eval, one process
+    group for all SyncBatchNorms)."""
+    convs, norms, proj, preact, pool, drop, gate = layout
+    if (pool is not None or drop is not None or gate is not None) and preact:
+        return "a shortcut pool, drop path or gate on a pre-activation block"
+    if gate is not None and (reason := gate_reason(gate)) is not None:
+        return reason
     if pool is not None and (type(pool) is not nn.AvgPool2d or proj is None):
         return f"the shortcut's {type(pool).__name__} is not an nn.AvgPool2d before " \
                "a projection conv"
@@ -214,7 +222,9 @@ def run_block_op(x: Tensor, layout: BlockLayout) -> Tensor | None:
     (:func:`fastres.ops.residual_block`), training or eval as its BatchNorms are (running
     statistics and ``num_batches_tracked`` advance as the modules' own forwards would advance
     them), in eager's layout for ``x``; None if the backend in force has no block kernels."""
-    convs, norms, proj, preact, pool, drop = layout
+    convs, norms, proj, preact, pool, drop, gate = layout
+    if gate is not None and torch.compiler.is_compiling():
+        return None  # a gate is Python the block op's custom op cannot carry: per layer
     training = norms[0].training
     args = [ConvArgs(c.weight, c.stride, c.padding, c.dilation, c.groups) for c in convs]
     name, _ = block_backend(x, args[0].weight, args[0].params(), training=training)
@@ -235,10 +245,12 @@ def run_block_op(x: Tensor, layout: BlockLayout) -> Tensor | None:
         branch_dtype = torch.get_autocast_dtype(x.device.type)  # the dtype eager draws in
     # drawn last, as the unfused block draws after its convs and BNs (which draw nothing)
     scale = drop_path_scale(drop, x.shape[0], branch_dtype, x.device)
+    gate_args = {} if gate is None else dict(gate=gate_function(gate),
+                                             gate_params=list(gate.parameters()))
     out = residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
                          entry_norm=entry_norm, training=training, backend=name,
                          shortcut_input=xs, branch_scale=scale,
-                         process_group=sync_group(norms[0]))
+                         process_group=sync_group(norms[0]), **gate_args)
     return match_input(out, x)  # eager's layout when called outside a fused model
 
 
@@ -359,6 +371,8 @@ class FusedBlock(nn.Module):
             return None
         for name, (conv, bn, _) in self.fusion_pairs().items():  # children replaced since?
             self._current_view(name, conv, bn)
+        if self._gate() is not None and torch.compiler.is_compiling():
+            return None  # a gate is Python the block op's custom op cannot carry: per layer
         layout, _ = self._block_plan()
         if not isinstance(x, Tensor) or layout is None:
             return None
@@ -389,11 +403,6 @@ class FusedBlock(nn.Module):
     def _plain_join(self) -> bool:
         """The last pair joins as ``relu(bn(conv(h)) + identity)``: no gate, no drop path."""
         return self._gate() is None and self._drop_path() is None
-
-    def _check_gate(self) -> None:
-        if self._gate() is not None:
-            raise ValueError(f"channel gating ({type(self._gate()).__name__}) before the "
-                             "residual add is not served by the block op")
 
     def _join(self, name: str, conv: nn.Module, bn: nn.Module, h: Tensor,
               identity: Tensor) -> Tensor:
@@ -474,10 +483,10 @@ class BasicBlock(FusedBlock):
                 **self._downsample_pair()}
 
     def block_layout(self) -> BlockLayout:
-        self._check_gate()
         proj, pool = self._projection()
         norms = [self.bn1, self.bn2] + ([self.downsample[-1]] if proj is not None else [])
-        return BlockLayout([self.conv1, self.conv2], norms, proj, False, pool, self._drop_path())
+        return BlockLayout([self.conv1, self.conv2], norms, proj, False, pool, self._drop_path(),
+                           self._gate())
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._block_call(x)
@@ -541,12 +550,11 @@ class Bottleneck(FusedBlock):
                 **self._downsample_pair()}
 
     def block_layout(self) -> BlockLayout:
-        self._check_gate()
         proj, pool = self._projection()
         norms = [self.bn1, self.bn2, self.bn3]
         norms += [self.downsample[-1]] if proj is not None else []
         return BlockLayout([self.conv1, self.conv2, self.conv3], norms, proj, False, pool,
-                           self._drop_path())
+                           self._drop_path(), self._gate())
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._block_call(x)

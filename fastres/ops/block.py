@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 
 from .. import backends
 from ..backends import BackendUnavailableError, CallInfo, ConvParams
-from ..backends.base import BlockParams
+from ..backends.base import BlockParams, ChannelGate
 from ..backends.sync import group_name
 from .conv_bn_relu import (
     FLOAT_DTYPES,
@@ -262,6 +262,15 @@ def _fwd_impl(
     none). ``group``: the c10d name of the process group every BatchNorm of the block takes its
     batch statistics over (SyncBatchNorm, :mod:`fastres.backends.sync`); ``counts`` then holds
     each BatchNorm's number of values per channel over the group, (1,) fp32 (else empty)."""
+    return _forward(x, weights, bn_weights, bn_biases, running_means, running_vars, convs,
+                    shortcut, preact, entry_norm, eps, batch_stats, save_for_backward, backend,
+                    shortcut_input, branch_scale, group, None)
+
+
+def _forward(x, weights, bn_weights, bn_biases, running_means, running_vars, convs, shortcut,
+             preact, entry_norm, eps, batch_stats, save_for_backward, backend, shortcut_input,
+             branch_scale, group: str | None, gate: ChannelGate | None):
+    """``_fwd_impl`` with a channel gate (eager calls only: a gate is Python code)."""
     impl = backends.load(backend)
     backends.record("forward", impl.name, batch_stats=batch_stats,
                     inference=not save_for_backward, op="residual_block")
@@ -272,6 +281,7 @@ def _fwd_impl(
             x, weights, bn_weights, bn_biases, running_means, running_vars, block=block,
             batch_stats=batch_stats, save_for_backward=save_for_backward,
             shortcut_input=shortcut_input, branch_scale=branch_scale, **sync,
+            **({} if gate is None else dict(gate=gate)),
         )
     return out if group is not None else (*out, [])
 
@@ -332,6 +342,15 @@ def _bwd_impl(
     empty tensors where ``output_mask`` (x — and shortcut_input with it —, each weight, each BN
     weight, each BN bias) is False or there is no shortcut_input. With ``group`` (SyncBatchNorm)
     the BN backward takes the group's sums; the BN parameters' gradients are this process'."""
+    return _backward_call(dout, x, out, weights, saved, means, variances, bn_weights, bn_biases,
+                          convs, shortcut, preact, entry_norm, eps, batch_stats, output_mask,
+                          backend, shortcut_input, branch_scale, group, None)
+
+
+def _backward_call(dout, x, out, weights, saved, means, variances, bn_weights, bn_biases, convs,
+                   shortcut, preact, entry_norm, eps, batch_stats, output_mask, backend,
+                   shortcut_input, branch_scale, group: str | None, gate: ChannelGate | None):
+    """``_bwd_impl`` with a channel gate (eager calls only: a gate is Python code)."""
     impl = backends.load(backend)
     backends.record("backward", impl.name, batch_stats=batch_stats, inference=False,
                     op="residual_block")
@@ -342,6 +361,7 @@ def _bwd_impl(
             dout, x, out, weights, saved, means, variances, bn_weights, bn_biases,
             block=block, batch_stats=batch_stats, output_mask=tuple(output_mask),
             shortcut_input=shortcut_input, branch_scale=branch_scale, **sync,
+            **({} if gate is None else dict(gate=gate)),
         )
     empty = dout.new_empty(0)
     fresh = lambda t, like: empty if t is None else _strided_like(t, like)
@@ -399,10 +419,11 @@ def _setup_context(ctx, inputs, output):
     ctx.bn_dtypes = [None if t is None else t.dtype for t in (*bn_weights, *bn_biases)]
 
 
-def _grads(ctx, dout: Tensor, mask: list[bool]):
+def _grads(ctx, dout: Tensor, mask: list[bool], gate: ChannelGate | None = None):
     """``(dx, dweights, dbn_weights, dbn_biases, dshortcut_input)`` for ``mask`` (x and
     shortcut_input, each weight, each BN weight, each BN bias), None where not asked; BN grads
-    in their parameters' dtypes."""
+    in their parameters' dtypes. With ``gate`` the backend is called directly (its backward
+    runs the gate's)."""
     n_w, n_saved, n_bn = ctx.sizes
     x, out, xs, branch_scale, *rest = ctx.saved_tensors
     weights, rest = rest[:n_w], rest[n_w:]
@@ -420,7 +441,10 @@ def _grads(ctx, dout: Tensor, mask: list[bool]):
             ctx.group)
     tensors = (dout, x, out, xs, branch_scale, *weights, *saved, *means, *variances,
                *bn_weights, *bn_biases)
-    dx, dws, dgs, dbs, dxs = call_op(residual_block_bwd, _bwd_impl, args, tensors)
+    if gate is None:
+        dx, dws, dgs, dbs, dxs = call_op(residual_block_bwd, _bwd_impl, args, tensors)
+    else:
+        dx, dws, dgs, dbs, dxs = _backward_call(*args, gate)
     dts = ctx.bn_dtypes
     return (
         dx if m_x else None,
@@ -477,6 +501,89 @@ class _BlockFunction(torch.autograd.Function):
         return None, dx if needs[1] else None, dxs, *dws, *dgs, *dbs
 
 
+class _GateCall:
+    """The :class:`~fastres.backends.base.ChannelGate` of one gated block call: the caller's
+    ``gate`` (pooled (N, K, 1, 1) in x's dtype, as eager's ``a.mean((2, 3), keepdim=True)`` →
+    gate (N, K, 1, 1) or (N, K)) run under autograd on a detached leaf in forward, and
+    ``torch.autograd.grad`` through that small graph in backward, which also gives the gate's
+    parameter grads (:attr:`param_grads`)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], params: Sequence[Tensor],
+                 dtype: torch.dtype, record: bool) -> None:
+        self.fn, self.params, self.dtype, self.record = fn, list(params), dtype, record
+        self.values: Tensor | None = None
+        self.param_grads: list[Tensor | None] = [None] * len(self.params)
+        self._leaf: Tensor | None = None
+        self._out: Tensor | None = None
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        n, k = pooled.shape
+        with torch.set_grad_enabled(self.record):
+            leaf = pooled.detach().to(self.dtype).view(n, k, 1, 1).requires_grad_(self.record)
+            out = self.fn(leaf)
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            raise TypeError(f"residual_block: the gate must return a float Tensor, got "
+                            f"{type(out).__name__ if not isinstance(out, Tensor) else out.dtype}")
+        if tuple(out.shape) not in ((n, k, 1, 1), (n, k)):
+            raise ValueError(f"residual_block: the gate must return shape ({n}, {k}, 1, 1) or "
+                             f"({n}, {k}) (one value per sample and channel), got "
+                             f"{tuple(out.shape)}")
+        self._leaf, self._out = leaf, out
+        self.values = out.detach().reshape(n, k).to(pooled.dtype)
+        return self.values
+
+    def backward(self, dgate: Tensor) -> Tensor:
+        assert self._out is not None and self.record, "the gate's forward recorded no graph"
+        if not self._out.requires_grad:  # a constant gate: nothing flows back through it
+            return torch.zeros_like(dgate)
+        wanted = [i for i, p in enumerate(self.params) if p.requires_grad]
+        grads = torch.autograd.grad(
+            self._out, [self._leaf, *(self.params[i] for i in wanted)],
+            dgate.reshape(self._out.shape).to(self._out.dtype), allow_unused=True)
+        for i, g in zip(wanted, grads[1:]):
+            self.param_grads[i] = g
+        self._leaf = self._out = None  # the gate's graph is freed with its grads taken
+        dpooled = grads[0]
+        if dpooled is None:  # a gate that ignores its input
+            return torch.zeros_like(dgate)
+        return dpooled.reshape(dgate.shape).to(dgate.dtype)
+
+
+class _GatedBlockFunction(torch.autograd.Function):
+    """The block op with a channel gate: as :class:`_BlockFunction`, with the gate's
+    parameters after the BN parameters and the backend called directly (a gate is a Python
+    callable, which the custom ops cannot carry: gated calls are eager only)."""
+
+    @staticmethod
+    def forward(ctx, rest, x, xs, *params):
+        *rest, branch_scale, group, gate = rest
+        n_bn, n_gate = len(rest[0]), len(gate.params)
+        n_w = len(params) - 2 * n_bn - n_gate
+        inputs = (x, list(params[:n_w]), list(params[n_w:n_w + n_bn]),
+                  list(params[n_w + n_bn:n_w + 2 * n_bn]), *rest, xs, branch_scale, group)
+        output = _forward(*inputs, gate)
+        _setup_context(ctx, inputs, output)
+        ctx.gate = gate
+        out, _, means, variances, counts = output
+        ctx.mark_non_differentiable(*means, *variances, *counts)
+        ctx.set_materialize_grads(False)
+        return (out, *means, *variances, *counts)
+
+    @staticmethod
+    def backward(ctx, dout, *unused):
+        needs = ctx.needs_input_grad
+        gate = ctx.gate
+        n_gate = len(gate.params)
+        mask = [needs[1] or needs[2], *needs[3:len(needs) - n_gate]]
+        if dout is not None and not any(mask):
+            mask[0] = True  # the gate's parameters need the pass even when nothing else does
+        dx, dws, dgs, dbs, dxs = _grads(ctx, dout, mask, gate=gate)
+        ctx.gate = None
+        grads = gate.param_grads if dout is not None else [None] * n_gate
+        return (None, dx if needs[1] else None, dxs if needs[2] else None, *dws, *dgs, *dbs,
+                *(g if needs[len(needs) - n_gate + i] else None for i, g in enumerate(grads)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Public functional op
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +602,8 @@ def residual_block(
     shortcut_input: Tensor | None = None,
     branch_scale: Tensor | None = None,
     process_group: object | None = None,
+    gate: Callable[[Tensor], Tensor] | None = None,
+    gate_params: Sequence[Tensor] = (),
 ) -> Tensor:
     """A residual block as one fused op; same function as the eager block (see
     :class:`fastres.backends.base.BlockParams` for the two structures and the order of
@@ -511,6 +620,13 @@ def residual_block(
       the join pass, ``out = relu(bn_L(y_L)·branch_scale[n] + shortcut)``: stochastic depth, the
       caller's draw (see :func:`fastres.nn.blocks.drop_path_scale`). A constant (no gradient);
       training only (drop path is the identity in eval: pass None).
+    - ``gate``: a channel gate (SE, ECA) before the drop path and the add, ``out =
+      relu(a·gate(pooled)·branch_scale[n] + shortcut)`` with a = bn_L(y_L) and ``pooled =
+      a.mean((2, 3), keepdim=True)`` (N, K, 1, 1) in x's dtype; ``gate`` returns (N, K, 1, 1)
+      or (N, K) and runs in PyTorch autograd (forward once; backward through
+      ``torch.autograd.grad``); ``gate_params``: the tensors it uses that take gradients (the
+      gate module's parameters), which get them like any other input. Eager only: under
+      ``torch.compile`` a gated call raises (fastres's blocks then run layer by layer).
 
     ``process_group`` (a ``torch.distributed`` process group or its c10d name; training only):
     every BatchNorm of the block is ``nn.SyncBatchNorm`` over that group, as in
@@ -533,6 +649,9 @@ def residual_block(
     batch_stats = bool(training)
     if branch_scale is not None:
         branch_scale = _branch_scale(branch_scale, x, preact, batch_stats)
+    gate_params = list(gate_params)
+    if gate is not None:
+        _check_gate(gate, gate_params, preact)
     block, bessel, flat, call = checked_once(
         _checked_blocks,
         lambda: (
@@ -557,15 +676,21 @@ def residual_block(
         xs = xs.contiguous(memory_format=CL)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
-        for t in (x, xs, *weights, *(n.weight for n in norms), *(n.bias for n in norms))
+        for t in (x, xs, *weights, *(n.weight for n in norms), *(n.bias for n in norms),
+                  *gate_params)
     )
     gammas, betas = [n.weight for n in norms], [n.bias for n in norms]
     rest = ([n.running_mean for n in norms], [n.running_var for n in norms],
             flat, shortcut is not None, block.preact, block.entry_norm,
             list(block.eps), batch_stats, save, name)
-    if save and not torch.compiler.is_compiling():
+    if gate is not None:
+        call_gate = _GateCall(gate, gate_params, x.dtype, save)
+        out, *stats = _GatedBlockFunction.apply((*rest, branch_scale, group, call_gate), x, xs,
+                                                *weights, *gammas, *betas, *gate_params)
+    elif save and not torch.compiler.is_compiling():
         out, *stats = _BlockFunction.apply((*rest, branch_scale, group), x, xs, *weights,
                                            *gammas, *betas)
+    if gate is not None or (save and not torch.compiler.is_compiling()):
         n_bn = len(norms)
         means, variances, counts = stats[:n_bn], stats[n_bn:2 * n_bn], stats[2 * n_bn:]
     else:
@@ -609,6 +734,21 @@ def _branch_scale(scale, x: Tensor, preact: bool, batch_stats: bool) -> Tensor:
     if scale.device != x.device:
         fail(f"is on {scale.device} but x is on {x.device}")
     return scale.reshape(n).to(torch.float32).contiguous()
+
+
+def _check_gate(gate, gate_params: list, preact: bool) -> None:
+    def fail(msg: str, exc=ValueError):
+        raise exc(f"residual_block: {msg}")
+
+    if not callable(gate):
+        fail(f"gate must be callable (pooled -> gate), got {type(gate).__name__}", TypeError)
+    if preact:
+        fail("a gate is supported on post-activation blocks only")
+    if torch.compiler.is_compiling():
+        fail("a gated block is eager only (the gate is a Python callable the custom op cannot "
+             "carry); under torch.compile run the block layer by layer", RuntimeError)
+    if not all(isinstance(p, Tensor) for p in gate_params):
+        fail("gate_params must be Tensors (the gate's parameters)", TypeError)
 
 
 def _check_block(x, weights, all_convs, norms, has_shortcut: bool, preact: bool,

@@ -60,7 +60,7 @@ def test_unspecialised_specs_compile_the_plain_signature():
     kernels = {s.kernel for s in plain}
     # conv gemm and direct; every BN kernel; dgrad gemm and direct, wgrad gemm and direct, the
     # wgrad chunk sum
-    assert len(kernels) == 2 + 9 + 5
+    assert len(kernels) == 2 + 10 + 5
     for spec in plain:
         assert launch_source(spec) == (spec.signature, spec.constexprs, {})
 

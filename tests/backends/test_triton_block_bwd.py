@@ -492,3 +492,110 @@ def test_many_partial_rows_are_summed_in_two_levels(batch_stats: bool) -> None:
             scale = r.abs().max().item() + 1.0
             assert (a.double().cpu() - r).abs().max() < 1e-4 * scale, name
             assert (b.double().cpu() - r).abs().max() < 1e-4 * scale, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel gate (SE/ECA): per-(sample, channel) branch scale, its additive gradient, and the
+# per-sample sums
+# ---------------------------------------------------------------------------------------------
+
+
+def _gate_scale(n: int, k: int, transposed: bool) -> torch.Tensor:
+    """An (N, K) fp32 gate·keep: some samples dropped, the rest a gate in (0, 2); with
+    ``transposed`` a non-contiguous view (strides (1, N)), which the kernels index by strides."""
+    s = (torch.rand(n, k) * 2) * (_keep(n).cpu().view(-1, 1) > 0)
+    if transposed:
+        s = s.t().contiguous().t()
+    return s.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("res_affine, k, transposed", [(True, 7, False), (False, 130, True)])
+def test_apply_with_gate_scale(dtype: torch.dtype, res_affine: bool, k: int,
+                               transposed: bool) -> None:
+    """relu((y·scale + shift)·s[n, k] + shortcut) with an (N, K) scale of any strides."""
+    y = _nhwc(3, k, 5, 7, offset=0.5).to(DEVICE, dtype)
+    res = _nhwc(3, k, 5, 7, offset=-0.5).to(DEVICE, dtype)
+    scale, shift, res_scale, res_shift = (
+        (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE),
+        (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE),
+    )
+    s = _gate_scale(3, k, transposed)
+    aff = dict(res_scale=res_scale, res_shift=res_shift) if res_affine else {}
+    z = bn.apply(y, scale, shift, res, True, branch_scale=s, **aff)
+
+    def compute(y, sc, b, r, rs, rb, s):
+        short = r * _v(rs) + _v(rb) if res_affine else r
+        return ((y * _v(sc) + _v(b)) * s[:, :, None, None] + short).relu()
+
+    c64 = lambda t: t.double().cpu()
+    ref = compute(*(c64(t) for t in (y, scale, shift, res, res_scale, res_shift, s)))
+    base = compute(y, scale, shift, res, res_scale, res_shift, s).to(dtype)
+    assert_close_ratio("z", z, ref, base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch_stats, k, rows_per_prog", [(True, 7, None), (True, 40, 16),
+                                                           (False, 130, 32)])
+def test_reductions_with_gate_scale_and_add(dtype: torch.dtype, batch_stats: bool, k: int,
+                                            rows_per_prog: int | None) -> None:
+    """The last BN of a gated block sees g·s[n, k] + t[n, k] (t = dpooled/HW): stored in the
+    dtype (g_branch) and its sums taken of that stored g; dres stays the output's g; programs
+    whose rows straddle samples."""
+    n = 3
+    y64 = _nhwc(n, k, 9, 7, offset=0.5)
+    y = y64.to(DEVICE, dtype)
+    z = torch.randn(y.shape, dtype=torch.float64).relu().to(DEVICE, dtype)
+    z = z.contiguous(memory_format=CL)
+    dz = torch.randn(y.shape, dtype=torch.float64).to(DEVICE, dtype).contiguous(memory_format=CL)
+    if batch_stats:
+        var, mean = (s.float().to(DEVICE) for s in torch.var_mean(y64, dim=DIMS, correction=0))
+    else:
+        var, mean = (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE)
+    s = _gate_scale(n, k, transposed=k == 40)
+    # dpooled/HW, constant over a sample's pixels; 0 for a dropped sample (its dgate is 0)
+    t = (torch.randn(n, k) * 0.1).to(DEVICE) * (s != 0)
+    g_branch, dres = (torch.empty_like(dz).fill_(float("nan")) for _ in range(2))
+    sums = bn.reductions(dz, y, z, mean, var, batch_stats=batch_stats, eps=EPS, relu=True,
+                         rows_per_prog=rows_per_prog, dres=dres, branch_scale=s,
+                         g_branch=g_branch, branch_add=t)
+    g = dz.float() * (z > 0)
+    torch.testing.assert_close(dres, g.to(dtype), rtol=0, atol=0)
+    gb = g * s[:, :, None, None] + t[:, :, None, None]
+    torch.testing.assert_close(g_branch.float(), gb.to(dtype).float(), rtol=2e-6, atol=1e-6)
+    c64 = lambda v: v.double().cpu()
+    gb64 = c64(g_branch)  # the sums are of the g dgrad reads, as stored
+    ref = _sums(gb64, c64(y), c64(mean), c64(var), batch_stats)
+    base = _sums(g_branch.float(), y.float(), mean, var, batch_stats)
+    d = (c64(y) - _v(c64(mean))).abs()
+    terms = (gb64.abs().sum(DIMS), (gb64.abs() * d).sum(DIMS) * torch.rsqrt(c64(var) + EPS),
+             d.mean(DIMS))
+    for name, a, r, b, tm in zip(("Σg", "Σg·ŷ", "δ"), sums, ref, base, terms):
+        assert (a is None) == (r is None), name
+        if r is not None:
+            _assert_sum_close(name, a, r, b, tm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, k, h, w", [(3, 7, 5, 7), (2, 130, 9, 8), (1, 16, 1, 1)])
+def test_sample_sums(dtype: torch.dtype, n: int, k: int, h: int, w: int) -> None:
+    """Per-(sample, channel) Σ_hw (y − mean) and, with the output's gradient, Σ_hw g·(y − mean)
+    and Σ_hw g (g = dz·[z > 0]), against float64 sums of the stored values."""
+    y = _nhwc(n, k, h, w, offset=3.0).to(DEVICE, dtype)
+    mean = y.float().mean(DIMS).to(DEVICE)
+    z = torch.randn(y.shape).relu().to(DEVICE, dtype).contiguous(memory_format=CL)
+    dz = torch.randn(y.shape).to(DEVICE, dtype).contiguous(memory_format=CL)
+    sum_d, none = bn.sample_sums(y, mean)
+    sum_gd, sum_g = bn.sample_sums(y, mean, dz, z)
+    assert none is None and sum_d.shape == sum_gd.shape == sum_g.shape == (n, k)
+    c64 = lambda t: t.double().cpu()
+    d64 = c64(y) - _v(c64(mean))
+    g64 = c64(dz) * (c64(z) > 0)
+    d32 = y.float() - _v(mean)
+    g32 = dz.float() * (z > 0)
+    for name, out, ref, base, terms in (
+            ("Σ(y − mean)", sum_d, d64.sum((2, 3)), d32.sum((2, 3)), d64.abs().sum((2, 3))),
+            ("Σg·(y − mean)", sum_gd, (g64 * d64).sum((2, 3)), (g32 * d32).sum((2, 3)),
+             (g64 * d64).abs().sum((2, 3))),
+            ("Σg", sum_g, g64.sum((2, 3)), g32.sum((2, 3)), g64.abs().sum((2, 3)))):
+        _assert_sum_close(name, out, ref, base, terms)

@@ -144,4 +144,13 @@ PLANTS = [
     Plant("SyncBN block running variance with the shard's count", "fastres/ops/block.py",
           "            bessel = [c / (c - 1) for c in counts]\n", "            pass\n",
           ("tests/test_sync_batchnorm.py", "-k", "2-post-proj-reference")),
+    # the channel gate in the block op (issue 18, point 4): its pooled-mean gradient
+    Plant("triton gated block drops the gate's pooled-mean gradient",
+          "fastres/backends/triton/block.py",
+          "branch_add=(dpooled / hw).contiguous()", "branch_add=(0 * dpooled).contiguous()",
+          ("tests/ops/test_block_gate.py", "-k", "triton and bottleneck-se-identity-float32")),
+    Plant("reference gated block forgets the drop path in dgate", "fastres/backends/reference.py",
+          "    dpooled = gate.backward((dz_gate * a).sum((2, 3)))",
+          "    dpooled = gate.backward((dz * a).sum((2, 3)))",
+          ("tests/ops/test_block_gate.py", "-k", "reference and droppath-s2-float32")),
 ]

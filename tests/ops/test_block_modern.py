@@ -92,10 +92,10 @@ def fused_block(timm_block: nn.Module) -> nn.Module:
         fused = Bottleneck.from_modules(m.conv1, m.bn1, m.conv2, m.bn2, m.conv3, m.bn3,
                                         m.downsample, drop_path=m.drop_path)
     # adopted after from_modules built the views, as fuse does: an adopted ``se`` (not passed
-    # to from_modules) changes the join under existing views
+    # to from_modules) changes the join, and the views are rebuilt for it
     fused._modules = collections.OrderedDict(m._modules)
     fused.training = m.training
-    return fused
+    return fused.set_fused(True)  # as fuse: the views follow the adopted join
 
 
 CASES = [
@@ -429,20 +429,20 @@ def test_resnet26d_with_drop_path_trains_as_block_ops_like_eager() -> None:
 
 
 @pytest.mark.parametrize("drop_path_rate", [0.0, 0.2])
-def test_se_block_runs_layer_by_layer_with_its_gate(drop_path_rate: float) -> None:
+def test_se_block_layer_by_layer_applies_its_gate(drop_path_rate: float) -> None:
     """timm seresnext26d_32x4d's stride-2 block (SE gate, avg-pool shortcut), with and without
-    a drop path: the block op does not serve the gate, so the block says why and runs per
-    layer, the gate (and the drop path) between the last BN and the add, as eager under the
-    same seed (the gate is adopted after the views were built, as fuse adopts children)."""
+    a drop path, inside ``layer_by_layer()``: the gate (and the drop path) between the last BN
+    and the add, as eager under the same seed (the block op path: tests/ops/test_block_gate.py)."""
     model = timm.create_model("seresnext26d_32x4d", pretrained=False, num_classes=5,
                               drop_path_rate=drop_path_rate)
     eager = randomize_bn(model.layer2[0]).train()
     fused = fused_block(copy.deepcopy(eager))
-    assert "channel gating (SEModule)" in fused.block_reason()
+    assert fused.block_reason() is None
     x = torch.randn(2, eager.conv1.in_channels, 9, 9).contiguous(memory_format=CL)
     torch.manual_seed(SEED)
     want = eager(x)
-    with fastres.use_backend("reference"), fastres.backends.record_calls() as served:
+    with fastres.use_backend("reference"), fastres.backends.record_calls() as served, \
+            fastres.nn.layer_by_layer():
         torch.manual_seed(SEED)
         got = fused(x)
     assert {c.op for c in served} == {"conv_bn_relu"}

@@ -29,6 +29,14 @@ average-pooled in PyTorch for ResNet-D; its gradient comes back separately) and 
 ((N,) fp32, stochastic depth: ``out = relu(bn_L(y_L)·scale[n] + shortcut)``), applied in the
 join pass; backward's join pass then also stores the last BN's g (g·scale[n]) for the dy operand,
 and a projection BN's sums take a pass of their own (its g is not scaled).
+
+A channel gate (SE/ECA, :class:`~fastres.backends.base.ChannelGate`) is that branch scale per
+(sample, channel): forward, ``pooled = scale_L·mean_hw(y_L) + shift_L`` (BN is a per-channel
+affine) from one per-sample sums pass over y_L (an extra read of y_L; the last conv's epilogue
+could write these partials), the gate's own graph in PyTorch, then the join pass with the (N, K)
+scale gate·scale[n]. Backward, one per-sample sums pass over dout, out, y_L gives dgate =
+scale[n]·Σ_hw dz·a; the gate's backward gives dpooled, and the join's reduction pass stores the
+last BN's g = dz·gate·scale[n] + dpooled/HW (its sums taken of that g).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from .. import _alloc
-from ..base import BlockParams, OptTensor, Tensor
+from ..base import BlockParams, ChannelGate, OptTensor, Tensor
 from . import bn, conv_bwd
 from . import conv as _conv
 from . import sync as _sync
@@ -82,6 +90,11 @@ class _Norms:
     def _keep(self, i: int, mean, var, scale, shift) -> None:
         self.mean[i], self.var[i], self.scale[i], self.shift[i] = mean, var, scale, shift
 
+    def beta(self, i: int) -> Tensor:
+        """bn_i's bias as (K,) fp32 (zeros without affine)."""
+        beta = self.betas[i]
+        return torch.zeros_like(self.mean[i]) if beta is None else beta.float()
+
     def affine(self, i: int | None) -> dict[str, Tensor | None]:
         """Prologue arguments of a conv whose input is relu(bn_i(·)) (none for i None)."""
         if i is None:
@@ -102,6 +115,7 @@ def block_forward(
     x: Tensor, weights, bn_weights, bn_biases, running_means, running_vars, *,
     block: BlockParams, batch_stats: bool, save_for_backward: bool,
     shortcut_input: OptTensor = None, branch_scale: OptTensor = None, group: str | None = None,
+    gate: ChannelGate | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """``(out, saved, means, vars)``, and with ``group`` (SyncBatchNorm: every BN's statistics
     over that process group) a fifth, each BN's count over the group ((1,) fp32)."""
@@ -110,7 +124,7 @@ def block_forward(
     if not batch_stats:
         for i in range(block.num_norms):
             norms.from_stats(i, running_means[i], running_vars[i])
-        if not save_for_backward and branch_scale is None:
+        if not save_for_backward and branch_scale is None and gate is None:
             out = _inference(x, weights, norms, block, xs)
             return out, [], _listed(norms.mean), _listed(norms.var)
     params = block.all_convs
@@ -146,6 +160,8 @@ def block_forward(
             ys.append(inp)
             prologue = i
         last = n - 1
+        if gate is not None:
+            branch_scale = _gated_scale(gate, ys[last], norms, last, branch_scale)
         if block.shortcut is None:
             out = bn.apply(ys[last], norms.scale[last], norms.shift[last], x, True,
                            branch_scale=branch_scale)
@@ -158,6 +174,34 @@ def block_forward(
     if group is not None:
         stats = (*stats, _listed(norms.count))
     return out, ys if save_for_backward else [], *stats
+
+
+def _gated_scale(gate: ChannelGate, y: Tensor, norms: _Norms, i: int,
+                 branch_scale: OptTensor) -> Tensor:
+    """The join's (N, K) branch scale gate·branch_scale[n], the gate run on the spatial means
+    of bn_i(y) = (y − mean)·scale + β: β + scale·Σ_hw (y − mean)/HW (centred: no cancellation
+    where |mean| ≫ std)."""
+    sum_d, _ = bn.sample_sums(y, norms.mean[i])
+    hw = y.shape[2] * y.shape[3]
+    pooled = (sum_d / hw) * norms.scale[i] + norms.beta(i)
+    values = gate.forward(pooled)
+    return values.contiguous() if branch_scale is None else values * branch_scale[:, None]
+
+
+def _gate_backward(gate: ChannelGate, dout: Tensor, out: Tensor, y: Tensor, norms: _Norms,
+                   i: int, branch_scale: OptTensor) -> dict[str, Tensor]:
+    """The reductions' keywords for the last BN of a gated block: its (N, K) scale gate·
+    branch_scale[n] and the additive dpooled/HW, dpooled from the gate's backward of dgate =
+    branch_scale[n]·Σ_hw dz·a, a = bn_i(y) = (y − mean)·scale + β."""
+    sum_gd, sum_g = bn.sample_sums(y, norms.mean[i], dout, out)
+    dgate = sum_gd * norms.scale[i] + sum_g * norms.beta(i)
+    values = gate.values
+    if branch_scale is not None:
+        dgate = dgate * branch_scale[:, None]
+        values = values * branch_scale[:, None]
+    dpooled = gate.backward(dgate)
+    hw = y.shape[2] * y.shape[3]
+    return dict(branch_scale=values.contiguous(), branch_add=(dpooled / hw).contiguous())
 
 
 def _listed(d: dict[int, Tensor]) -> list[Tensor]:
@@ -202,6 +246,7 @@ def block_backward(
     dout: Tensor, x: Tensor, out: Tensor, weights, saved, means, variances, bn_weights,
     bn_biases, *, block: BlockParams, batch_stats: bool, output_mask,
     shortcut_input: OptTensor = None, branch_scale: OptTensor = None, group: str | None = None,
+    gate: ChannelGate | None = None,
 ) -> tuple[OptTensor, list[OptTensor], list[OptTensor], list[OptTensor], OptTensor]:
     """``(dx, dweights, dbn_weights, dbn_biases, dshortcut_input)``; the last only with
     ``shortcut_input`` (then dx has no shortcut term) and ``need_dx``. With ``group``
@@ -264,17 +309,20 @@ def block_backward(
         new_like_dout = lambda: _alloc.empty(*dout.shape, dtype=dout.dtype, device=dout.device,
                                              channels_last=True)
         dres = new_like_dout() if identity and need_dx else None
-        # drop path: the last BN's g is g·scale[n], stored by the join pass for its dy operand
-        g_last = None if branch_scale is None else new_like_dout()
+        # drop path, gate: the last BN's g is g·scale[n(, k)] (+ the gate's dpooled/HW), stored
+        # by the join pass for its dy operand
+        g_last = None if branch_scale is None and gate is None else new_like_dout()
         def reduce(y: Tensor, i: int, **kw):
             return bn.reductions(dout, y, out, norms.mean[i], norms.var[i],
                                  batch_stats=batch_stats, eps=block.eps[i], relu=True, **kw)
 
         scaled = dict(branch_scale=branch_scale, g_branch=g_last)
+        if gate is not None:
+            scaled.update(_gate_backward(gate, dout, out, ys[last], norms, last, branch_scale))
         sums_s = None
         if identity:
             sums[last] = reduce(ys[last], last, dres=dres, **scaled)
-        elif block.eps[n] == block.eps[last] and branch_scale is None:
+        elif block.eps[n] == block.eps[last] and g_last is None:
             # both BNs' sums from one pass over dout, out
             sums[last], sums_s = reduce(ys[last], last, second=(ys[n], norms.mean[n],
                                                                 norms.var[n]))

@@ -333,13 +333,16 @@ def _tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _sample_scale(branch_scale_ptr, rows, M, HW):
-    """The per-sample branch scale (drop path) of the int64 ``rows`` (pixels), fp32. The
-    division in int32 (rows < M < 2^31, checked by the launcher): an int64 division is a
-    subroutine call whose register saves go to local memory (sm_80 compile)."""
+def _sample_scale(branch_scale_ptr, rows, offs_k, mask_k, M, HW, stride_n, stride_k):
+    """The per-(sample, channel) branch scale of the int64 ``rows`` (pixels) and channels
+    ``offs_k``, fp32 (BLOCK_M, BLOCK_K): element (n, k) at ``n·stride_n + k·stride_k`` (drop
+    path: strides (1, 0); a channel gate times it: (K, 1)). The division in int32 (rows < M <
+    2^31, checked by the launcher): an int64 division is a subroutine call whose register saves
+    go to local memory (sm_80 compile)."""
     mask = rows < M
     sample = tl.where(mask, rows, 0).to(tl.int32) // HW
-    return tl.load(branch_scale_ptr + sample, mask=mask, other=0.0)
+    idx = sample[:, None] * stride_n + offs_k[None, :] * stride_k
+    return tl.load(branch_scale_ptr + idx, mask=mask[:, None] & mask_k[None, :], other=0.0)
 
 
 @_tuning.autotune(
@@ -363,14 +366,16 @@ def _bn_apply_kernel(
     SILU: tl.constexpr,  # SiLU instead of ReLU (never both)
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per tile (autotuned)
-    branch_scale_ptr=None,  # (N,) fp32: per-sample scale of y·scale + shift (if BRANCH_SCALE)
+    branch_scale_ptr=None,  # (N, K) fp32: scale of y·scale + shift (if BRANCH_SCALE)
     HW=1,  # rows per sample (H·W): row m belongs to sample m // HW
-    BRANCH_SCALE: tl.constexpr = False,  # stochastic depth: scale the branch per sample
+    BRANCH_SCALE: tl.constexpr = False,  # drop path, channel gate: scale the branch
+    bs_stride_n=1,  # the branch scale's strides (drop path: (1, 0))
+    bs_stride_k=0,
 ):
     """``z = relu(y·scale + shift + residual·res_scale + res_shift)``: with RES_AFFINE the
     projection shortcut's BN is folded into the block's output pass ("dual scale-bias-add-relu"),
     so the normalised shortcut is never stored. With BRANCH_SCALE the normalised y is multiplied
-    by its sample's scale before the residual add (drop path)."""
+    by its (sample, channel)'s scale before the residual add (drop path, channel gate)."""
     idx, offs_k, mask_k, mask = _tile(M, K, BLOCK_M, BLOCK_K)
     scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
     shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
@@ -378,7 +383,8 @@ def _bn_apply_kernel(
     z = y * scale[None, :] + shift[None, :]
     if BRANCH_SCALE:
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # as _tile's
-        z *= _sample_scale(branch_scale_ptr, rows, M, HW)[:, None]
+        z *= _sample_scale(branch_scale_ptr, rows, offs_k, mask_k, M, HW, bs_stride_n,
+                           bs_stride_k)
     if HAS_RES:
         res = tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         if RES_AFFINE:
@@ -475,7 +481,7 @@ def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> li
 @_tuning.autotune(
     _configs(_REDUCE_BLOCKS),
     key=["M", "K", "BLOCK_K", "RELU", "CENTER", "WRITE_DRES", "SECOND", "SILU", "HAS_RES",
-         "BRANCH_SCALE"],
+         "BRANCH_SCALE", "BRANCH_ADD"],
     prune=_prune_bwd_reduce,
 )
 @triton.jit
@@ -508,15 +514,20 @@ def _bn_bwd_reduce_kernel(
     HAS_RES: tl.constexpr,  # with SILU: the pre-activation includes the residual
     BLOCK_K: tl.constexpr,  # channels per tile (launcher's choice)
     BLOCK_M: tl.constexpr,  # rows per loop step (autotuned)
-    branch_scale_ptr=None,  # (N,) fp32: per-sample scale of the BN output (if BRANCH_SCALE)
-    g_branch_ptr=None,  # (M, K) x dtype out: the BN's g, g·scale[sample] (if BRANCH_SCALE)
+    branch_scale_ptr=None,  # (N, K) fp32: scale of the BN output (if BRANCH_SCALE)
+    g_branch_ptr=None,  # (M, K) x dtype out: the BN's g, g·scale[n, k] (if BRANCH_SCALE)
     HW=1,  # rows per sample (H·W)
-    BRANCH_SCALE: tl.constexpr = False,  # drop path: the BN sees g·scale[sample], not g
+    BRANCH_SCALE: tl.constexpr = False,  # drop path, gate: the BN sees g·scale[n, k], not g
+    bs_stride_n=1,  # the branch scale's strides (drop path: (1, 0))
+    bs_stride_k=0,
+    branch_add_ptr=None,  # (N, K) fp32 contiguous: added to the BN's g (if BRANCH_ADD)
+    BRANCH_ADD: tl.constexpr = False,  # a gate: g·scale[n, k] + dpooled[n, k]/HW
 ):
     """Per-program partial sums; rows_per_prog is fixed by the launcher, not by the autotuned
     BLOCK_M, so the partial buffers have the same shape whichever config runs. With
-    BRANCH_SCALE the sums are of the BN's own g (the output's g times the sample's scale),
-    which is also stored: dres, when written, stays the output's g (the shortcut's)."""
+    BRANCH_SCALE the sums are of the BN's own g (the output's g times the (sample, channel)'s
+    scale, plus with BRANCH_ADD the gate's pooled-mean gradient), which is also stored: dres,
+    when written, stays the output's g (the shortcut's)."""
     pid_p = tl.program_id(0)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
@@ -553,8 +564,11 @@ def _bn_bwd_reduce_kernel(
         if BRANCH_SCALE:
             # the sums are taken from the g dgrad reads (rounded to its dtype), as eager's BN
             # backward sums the gradient the drop path's backward stored
-            g = _cast_out(g * _sample_scale(branch_scale_ptr, offs_m, M, HW)[:, None],
-                          g_branch_ptr)
+            g = g * _sample_scale(branch_scale_ptr, offs_m, offs_k, mask_k, M, HW, bs_stride_n,
+                                  bs_stride_k)
+            if BRANCH_ADD:
+                g += _sample_scale(branch_add_ptr, offs_m, offs_k, mask_k, M, HW, K, 1)
+            g = _cast_out(g, g_branch_ptr)
             tl.store(g_branch_ptr + idx, g, mask=mask)
             g = tl.where(mask, g.to(tl.float32), 0.0)
         acc_g += g
@@ -576,6 +590,49 @@ def _bn_bwd_reduce_kernel(
         tl.store(part_gy2_ptr + out, tl.sum(acc_gy2, axis=0), mask=mask_k)
         if CENTER:
             tl.store(part_y2_ptr + out, tl.sum(acc_y2, axis=0), mask=mask_k)
+
+
+@triton.jit
+def _sample_sums_kernel(
+    y_ptr,  # (M, K) x dtype: raw conv output, M = N·HW rows
+    mean_ptr,  # (K,) fp32: the mean that normalises y
+    dz_ptr,  # (M, K) x dtype: gradient of the block output (read only if GRAD)
+    z_ptr,  # (M, K) x dtype: the block output, for the ReLU mask (read only if GRAD)
+    sum_a_ptr,  # (N, K) fp32 out: Σ_hw (y − mean), or with GRAD Σ_hw g·(y − mean)
+    sum_g_ptr,  # (N, K) fp32 out: Σ_hw g (written only if GRAD)
+    HW,  # rows per sample
+    K,  # channels
+    GRAD: tl.constexpr,  # g = dz·[z > 0]
+    BLOCK_M: tl.constexpr,  # rows per loop step
+    BLOCK_K: tl.constexpr,  # channels per program
+):
+    """Per-(sample, channel) spatial sums for a channel gate: forward the sample's mean of y
+    (Σ_hw (y − mean), centred as BatchNorm computes), backward the gate's gradient (Σ_hw g·(y −
+    mean) and Σ_hw g). One program per (sample, channel block) looping over the sample's pixels
+    in a fixed order: deterministic, no atomics."""
+    n = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    first = n.to(tl.int64) * HW
+    for r0 in range(0, HW, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        mask = (rows < HW)[:, None] & mask_k[None, :]
+        idx = (first + rows)[:, None] * K + offs_k[None, :]
+        y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, y - mean[None, :], 0.0)
+        if GRAD:
+            g = _grad_g(dz_ptr, z_ptr, idx, mask, True)
+            acc_a += g * d
+            acc_g += g
+        else:
+            acc_a += d
+    out = n.to(tl.int64) * K + offs_k
+    tl.store(sum_a_ptr + out, tl.sum(acc_a, axis=0), mask=mask_k)
+    if GRAD:
+        tl.store(sum_g_ptr + out, tl.sum(acc_g, axis=0), mask=mask_k)
 
 
 @triton.jit
@@ -893,7 +950,8 @@ def apply(
     With ``res_scale``/``res_shift`` ((K,) fp32, both or neither; needs ``residual``) the
     residual is normalised in the same pass: ``relu(y·scale + shift + residual·res_scale +
     res_shift)``, the block output with the projection shortcut's BN folded in.
-    ``branch_scale`` ((N,) fp32, drop path): ``relu((y·scale + shift)·branch_scale[n] + ...)``.
+    ``branch_scale`` (fp32; (N,) drop path, or (N, K) any strides, a channel gate times it):
+    ``relu((y·scale + shift)·branch_scale[n(, k)] + ...)``.
     """
     m, k = _rows(y)
     res_affine = res_scale is not None
@@ -916,17 +974,51 @@ def apply(
 
 
 def _branch_args(branch_scale: Tensor | None, y: Tensor, dummy: Tensor, **out) -> dict:
-    """The BRANCH_SCALE keywords of the apply / reduce kernels for a per-sample scale of the
-    BN output of ``y`` (without one, never read: ``dummy`` (fp32) for the scale, ``y`` for the
-    ``out`` pointers, the dtypes the compiled variants declare)."""
+    """The BRANCH_SCALE keywords of the apply / reduce kernels for a per-sample (N,) or
+    per-(sample, channel) (N, K) scale of the BN output of ``y`` (without one, never read:
+    ``dummy`` (fp32) for the scale, ``y`` for the ``out`` pointers, the dtypes the compiled
+    variants declare)."""
     if branch_scale is None:
-        return dict(branch_scale_ptr=dummy, HW=1, BRANCH_SCALE=False,
-                    **{k: y for k in out})
-    assert branch_scale.shape == (y.shape[0],) and branch_scale.dtype == torch.float32
-    assert branch_scale.is_contiguous()
+        return dict(branch_scale_ptr=dummy, HW=1, BRANCH_SCALE=False, bs_stride_n=1,
+                    bs_stride_k=0, **{k: y for k in out})
+    n, k = y.shape[:2]
+    assert branch_scale.dtype == torch.float32
+    if branch_scale.dim() == 1:
+        assert branch_scale.shape == (n,) and branch_scale.is_contiguous()
+        strides = (1, 0)
+    else:
+        assert branch_scale.shape == (n, k), (tuple(branch_scale.shape), (n, k))
+        strides = branch_scale.stride()
     assert y.numel() // y.shape[1] < 2**31, "the branch scale's sample index is int32"
+    assert n * k < 2**31, "the branch scale's index is int32"
     return dict(branch_scale_ptr=branch_scale, HW=y.shape[2] * y.shape[3], BRANCH_SCALE=True,
-                **out)
+                bs_stride_n=strides[0], bs_stride_k=strides[1], **out)
+
+
+_SAMPLE_SUMS_BLOCK_M = 32
+
+
+def sample_sums(y: Tensor, mean: Tensor, dz: Tensor | None = None,
+                z: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Per-(sample, channel) spatial sums of an NHWC ``y`` centred on ``mean`` ((K,) fp32), for
+    a channel gate: ``(Σ_hw (y − mean), None)``, or with ``dz`` and ``z`` (the block output's
+    gradient and the output, for its ReLU mask) ``(Σ_hw g·(y − mean), Σ_hw g)``, g = dz·[z >
+    0]; (N, K) fp32 each."""
+    m, k = _rows(y)
+    grad = dz is not None
+    if grad:
+        assert dz.shape == y.shape and z is not None and z.shape == y.shape
+        _rows(dz), _rows(z)
+    n = y.shape[0]
+    block_k = _block_k(k)
+    sum_a = _alloc.empty(n, k, dtype=torch.float32, device=y.device)
+    sum_g = _alloc.empty(n, k, dtype=torch.float32, device=y.device) if grad else None
+    _sample_sums_kernel[(n, triton.cdiv(k, block_k))](
+        y, mean, dz if grad else y, z if grad else y,  # dummies: never read without GRAD
+        sum_a, sum_g if grad else sum_a, m // n, k,
+        GRAD=grad, BLOCK_M=_SAMPLE_SUMS_BLOCK_M, BLOCK_K=block_k,
+    )
+    return sum_a, sum_g
 
 
 def batch_stats(x: Tensor, *, rows_per_prog: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -980,6 +1072,7 @@ def reductions(
     silu: SiluInput | None = None,
     branch_scale: Tensor | None = None,
     g_branch: Tensor | None = None,
+    branch_add: Tensor | None = None,
 ):
     """The per-channel sums of the backward: ``(Σg, Σg·ŷ, δ)``, (K,) fp32 each.
 
@@ -1000,7 +1093,10 @@ def reductions(
     as its dz, without activation.
     ``branch_scale`` ((N,) fp32, drop path: the output was relu(BN(y)·branch_scale[n] + ...)):
     the sums are of the BN's g, g·branch_scale[n], which is stored into ``g_branch`` (like dz)
-    for the dy operand; not with ``second`` (that BN sees the unscaled g).
+    for the dy operand; not with ``second`` (that BN sees the unscaled g). A (N, K)
+    ``branch_scale`` (any strides) scales per (sample, channel): a channel gate (times the drop
+    path's scale), whose pooled-mean gradient ``branch_add`` ((N, K) fp32, dpooled/(H·W); needs
+    ``branch_scale``) is added to that g in the same pass: g·branch_scale[n, k] + branch_add[n, k].
     """
     m, k = _rows(dz)
     if silu is not None:
@@ -1023,6 +1119,10 @@ def reductions(
     if g_branch is not None:
         assert g_branch.shape == dz.shape and g_branch.dtype == dz.dtype
         _rows(g_branch)
+    if branch_add is not None:
+        assert branch_scale is not None, "branch_add is added to the scaled g: pass branch_scale"
+        assert branch_add.shape == (dz.shape[0], k) and branch_add.dtype == torch.float32
+        branch_add = branch_add.contiguous()
     block_k = _block_k(k)
     rows = rows_per_prog or _rows_per_prog(m)
     p = triton.cdiv(m, rows)
@@ -1045,6 +1145,8 @@ def reductions(
         SECOND=second is not None, SILU=silu is not None,
         HAS_RES=silu is not None and silu.residual is not None, BLOCK_K=block_k,
         **_branch_args(branch_scale, dz, part_g, g_branch_ptr=g_branch),
+        branch_add_ptr=branch_add if branch_add is not None else part_g,  # dummy: never read
+        BRANCH_ADD=branch_add is not None,
     )
     sums = _finish_sums(part_g, part_gy, part_y, var, m, eps, batch_stats)
     if second is None:
@@ -1172,7 +1274,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # of 16, row counts (N·H·W with 7x7 or 14x14 maps) and tile counts not; backward programs cover
 # 256 rows each up to 2^18 rows. A launch specialises on these (see launch_source).
 _RESNET_INTS = dict(M=3 * 7 * 7, K=256, T=37, P=37, group=_MERGE_GROUP, rows_per_prog=256,
-                    HW=7 * 7)
+                    HW=7 * 7, bs_stride_n=256, bs_stride_k=1)
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -1205,6 +1307,15 @@ def compile_specs() -> list[CompileSpec]:
                  out_var_ptr=f32, scale_ptr=f32, shift_ptr=f32, K="i32", eps="fp32"),
             dict(HAS_GAMMA=has_gamma, HAS_BETA=has_gamma, BLOCK_K=_BLOCK_K_STATS),
         ))
+    for t, ptr in _PTR_TYPES.items():
+        for grad in (False, True):
+            for bk in (16, 128):
+                specs.append(CompileSpec(
+                    f"sample_sums[{t},grad={grad},BLOCK_K={bk}]", _sample_sums_kernel,
+                    dict(y_ptr=ptr, mean_ptr=f32, dz_ptr=ptr, z_ptr=ptr, sum_a_ptr=f32,
+                         sum_g_ptr=f32, HW="i32", K="i32"),
+                    dict(GRAD=grad, BLOCK_M=_SAMPLE_SUMS_BLOCK_M, BLOCK_K=bk),
+                ))
     for center in (False, True):
         specs.append(CompileSpec(
             f"bn_bwd_group_sum[center={center}]", _bn_bwd_group_sum_kernel,
@@ -1223,14 +1334,15 @@ def compile_specs() -> list[CompileSpec]:
     def apply_sig(t: str) -> dict[str, str]:
         return dict(y_ptr=t, scale_ptr=f32, shift_ptr=f32, res_ptr=t, res_scale_ptr=f32,
                     res_shift_ptr=f32, z_ptr=t, M="i32", K="i32", branch_scale_ptr=f32,
-                    HW="i32")
+                    HW="i32", bs_stride_n="i32", bs_stride_k="i32")
 
     def reduce_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, part_g_ptr=f32, part_gy_ptr=f32,
                     part_y_ptr=f32, dres_ptr=t, y2_ptr=t, mean2_ptr=f32, part_gy2_ptr=f32,
                     part_y2_ptr=f32, var_ptr=f32, gamma_ptr=f32, beta_ptr=f32, res_ptr=t,
                     M="i32", K="i32", rows_per_prog="i32", eps="fp32",
-                    branch_scale_ptr=f32, g_branch_ptr=t, HW="i32")
+                    branch_scale_ptr=f32, g_branch_ptr=t, HW="i32", bs_stride_n="i32",
+                    bs_stride_k="i32", branch_add_ptr=f32)
 
     def dx_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, var_ptr=f32, gamma_ptr=f32,
@@ -1255,7 +1367,10 @@ def compile_specs() -> list[CompileSpec]:
          + [dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False, BRANCH_SCALE=False),
             dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=True, BRANCH_SCALE=False),
             # drop path (never with SECOND: the shortcut BN's sums come from their own pass)
-            dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False, BRANCH_SCALE=True)]),
+            dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False, BRANCH_SCALE=True),
+            # a channel gate: its pooled-mean gradient added to the scaled g
+            dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False, BRANCH_SCALE=True,
+                 BRANCH_ADD=True)]),
         ("bn_bwd_dx", _bn_bwd_dx_kernel, dx_sig, _ELEMENTWISE_BLOCKS,
          [dict(RELU=u, BATCH_STATS=b, HAS_GAMMA=True, WRITE_DY=True, WRITE_DRES=d, HAS_ADD=False)
           for u in (False, True) for b in (False, True) for d in (False, True)]
@@ -1272,7 +1387,8 @@ def compile_specs() -> list[CompileSpec]:
     # BLOCK_K (the most elements per thread)
     # (and drop path's BRANCH_SCALE off where a flag set does not name it)
     silu_off = {"bn_apply": dict(SILU=False, BRANCH_SCALE=False),
-                "bn_bwd_reduce": dict(SILU=False, HAS_RES=False, BRANCH_SCALE=False)}
+                "bn_bwd_reduce": dict(SILU=False, HAS_RES=False, BRANCH_SCALE=False,
+                                      BRANCH_ADD=False)}
     silu_sets = {
         "bn_apply": dict(HAS_RES=True, RES_AFFINE=False, RELU=False, SILU=True),
         "bn_bwd_reduce": dict(RELU=False, CENTER=True, WRITE_DRES=True, SECOND=False, SILU=True,
@@ -1302,8 +1418,9 @@ def compile_specs() -> list[CompileSpec]:
                     dict(off, **flags, BLOCK_K=64, BLOCK_M=bm0), num_warps=w0,
                     pruned=pruned(name, bm0, w0, 64, _DTYPES[t], flags),
                 ))
-        # every block config with the most features on, in fp32 (the most registers)
-        flags = max(flag_sets, key=lambda f: sum(f.values()))
+        # every block config with the most features on, in fp32 (the most registers); a gate's
+        # BRANCH_ADD not counted: its tiles are those of drop path's BRANCH_SCALE (pruned alike)
+        flags = max(flag_sets, key=lambda f: sum(f.values()) - f.get("BRANCH_ADD", False))
         heaviest = [(flags, bk) for bk in (16, 64, 128)] + [(f, 128) for f in with_silu]
         for bm, w in blocks:
             for flags, bk in heaviest:
@@ -1326,5 +1443,5 @@ def compile_specs() -> list[CompileSpec]:
 
 __all__ = [
     "apply", "backward", "batch_stats", "compile_specs", "finalize", "reductions",
-    "running_affine",
+    "running_affine", "sample_sums",
 ]

@@ -1,0 +1,359 @@
+"""The block op with a channel gate (SE, ECA) before the residual add (issue 18), on timm's
+own SE/ECA blocks.
+
+Each case is a timm ``Bottleneck`` / ``BasicBlock`` with an attention child ``se`` (timm's
+``SEModule`` or ``EcaModule``; ``attn_layer=``), served by fastres's block adopting the timm
+block's children (:func:`tests.ops.test_block_modern.fused_block`, as ``fastres.fuse`` swaps a
+block in), run three ways: the block op on the backend under test, the timm block in float64 (the
+truth) and in the test's dtype (the baseline of the error-ratio rule); forward, every gradient
+(input, convs, BNs, the gate's own parameters) and the running statistics, over two steps, then
+eval. The gate's draws are its own module's (fc1 with bias, ReLU, fc2, sigmoid; ECA's conv1d).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from fastres.nn.gate import gate_function, gate_reason
+from fastres.ops.block import ConvArgs, NormArgs, residual_block
+from tests.models._util import randomize_bn
+from tests.ops.test_block import _run_steps, compare_steps
+from tests.ops.test_block_modern import SEED, _pre_activation, fused_block
+
+timm = pytest.importorskip("timm")
+tv_ops = pytest.importorskip("torchvision.ops")
+from timm.layers import DropPath, EcaModule, EffectiveSEModule, SEModule
+from timm.models import resnet as timm_resnet
+
+CL = torch.channels_last
+N = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class GateCase:
+    name: str
+    cin: int
+    planes: int
+    attn: str = "se"  # timm attn_layer: "se", "eca"
+    stride: int = 1
+    basic: bool = False
+    avg_down: bool = False
+    drop: bool = False  # timm DropPath(0.4)
+    cardinality: int = 1
+    base_width: int = 64
+    hw: int = 5
+
+    def build(self) -> nn.Module:
+        cls = timm_resnet.BasicBlock if self.basic else timm_resnet.Bottleneck
+        out = self.planes * cls.expansion
+        downsample = None
+        if self.stride != 1 or self.cin != out:
+            make = timm_resnet.downsample_avg if self.avg_down else timm_resnet.downsample_conv
+            downsample = make(self.cin, out, 1, stride=self.stride)
+        kw = {} if self.basic else dict(cardinality=self.cardinality, base_width=self.base_width)
+        block = cls(self.cin, self.planes, self.stride, downsample=downsample,
+                    attn_layer=self.attn, drop_path=DropPath(0.4) if self.drop else None, **kw)
+        randomize_bn(block)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for m in block.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    sign = torch.where(torch.rand(m.num_features, generator=g) < 0.5, -1.0, 1.0)
+                    m.bias.copy_(sign * (0.5 + torch.rand(m.num_features, generator=g)))
+            for p in block.se.parameters():  # a gate that varies over samples and channels
+                p.mul_(3.0)
+        return block
+
+
+CASES = [
+    GateCase("bottleneck-se-identity", 16, 4),
+    GateCase("bottleneck-se-avgdown-droppath-s2", 8, 4, stride=2, avg_down=True, drop=True,
+             hw=6),
+    GateCase("basic-eca-proj", 8, 16, attn="eca", basic=True),
+    GateCase("resnext-eca-avgdown-s2-droppath", 16, 4, attn="eca", stride=2, avg_down=True,
+             drop=True, cardinality=2, base_width=32, hw=6),
+]
+BY_NAME = {c.name: c for c in CASES}
+QUICK_LOW = {("bottleneck-se-avgdown-droppath-s2", torch.bfloat16)}
+
+
+def _grid() -> list:
+    params = []
+    for backend in ("reference", "triton"):
+        for case in CASES:
+            for dtype in (torch.float32, torch.bfloat16):
+                quick = dtype == torch.float32 or (case.name, dtype) in QUICK_LOW
+                params.append(pytest.param(
+                    backend, case, dtype, marks=() if quick else (pytest.mark.slow,),
+                    id=f"{backend}-{case.name}-{str(dtype)[6:]}"))
+    return params
+
+
+def check_case(case: GateCase, dtype: torch.dtype, backend: str, steps: int = 2) -> None:
+    torch.manual_seed(1)
+    block = case.build().to(dtype)
+    x = torch.randn(N, case.cin, case.hw, case.hw).to(dtype)
+    truth = copy.deepcopy(block).double()
+    baseline = copy.deepcopy(block).to(memory_format=CL)
+    fused = fused_block(copy.deepcopy(block))
+    assert fused.block_reason() is None, fused.block_reason()
+    x_dev = x.contiguous(memory_format=CL)
+    with torch.no_grad():
+        out_shape = copy.deepcopy(truth).eval()(x.double()).shape
+    upstream = torch.randn(out_shape).to(dtype).double()
+    if dtype != torch.float32:  # outputs within rounding of the final ReLU's 0 (test_block.py)
+        pre_ref = _pre_activation(truth, x.double())
+        band = 2 * (_pre_activation(baseline, x_dev).double() - pre_ref).abs().max().item()
+        band += 4 * torch.finfo(dtype).eps * pre_ref.abs().max().item()
+        upstream[pre_ref.abs() <= band] = 0.0
+    with fastres.backends.record_calls() as served:
+        got = _run_steps(fused, x_dev, upstream, steps, backend, SEED)
+    assert [(c.direction, c.op, c.backend) for c in served] == (
+        [("forward", "residual_block", backend), ("backward", "residual_block", backend)] * steps
+        + [("forward", "residual_block", backend)]), "the block did not run as one block op"
+    want = _run_steps(truth, x.double(), upstream, steps, None, SEED)
+    base = _run_steps(baseline, x_dev, upstream, steps, None, SEED)
+    assert any(k.startswith("se.") for k in want[0][0][2]), "the gate has no parameters"
+    compare_steps(got, want, base, steps)
+
+
+@pytest.mark.parametrize(("backend", "case", "dtype"), _grid())
+def test_gated_block_matches_timm_block(backend: str, case: GateCase, dtype: torch.dtype) -> None:
+    check_case(case, dtype, backend)
+
+
+@pytest.mark.parametrize("module", [
+    SEModule(16), SEModule(16, gate_layer="hard_sigmoid"), EcaModule(16), EffectiveSEModule(16),
+    tv_ops.SqueezeExcitation(16, 4),
+], ids=["se", "se-hardsigmoid", "eca", "effective-se", "tv-squeeze-excitation"])
+def test_gate_function_is_the_modules_own_gate(module: nn.Module) -> None:
+    """x * f(mean(x)) is the module's output exactly, and f's parameters are the module's."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 5, 4)
+    assert gate_reason(module) is None
+    f = gate_function(module)
+    gate = f(x.mean((2, 3), keepdim=True))
+    assert gate.shape == (3, 16, 1, 1)
+    assert torch.equal(x * gate, module(x))
+    gate.sum().backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def test_modules_that_are_not_channel_gates_get_a_reason() -> None:
+    from timm.layers.cbam import CbamModule
+
+    assert "amax" in gate_reason(SEModule(16, add_maxpool=True))
+    assert "does not end in x * gate" in gate_reason(CbamModule(16))
+
+    class UsesHeight(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x.mean((2, 3), keepdim=True) * x.shape[2])
+
+    assert "uses its input" in gate_reason(UsesHeight())
+
+    class SpatialGate(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x.mean(1, keepdim=True))
+
+    assert "uses its input" in gate_reason(SpatialGate())
+
+
+def test_gated_block_with_a_foreign_attention_runs_layer_by_layer() -> None:
+    from timm.layers.cbam import CbamModule
+
+    block = fused_block(BY_NAME["bottleneck-se-identity"].build())
+    block.se = CbamModule(16)
+    assert "CbamModule does not end in x * gate" in block.block_reason()
+    x = torch.randn(N, 16, 5, 5)
+    with fastres.use_backend("reference"), fastres.backends.record_calls() as served:
+        out = block(x)
+    assert {c.op for c in served} == {"conv_bn_relu"}
+    assert out.shape == (N, 16, 5, 5)
+
+
+def _op_args(k: int = 8):
+    w1, w2 = torch.randn(k, k, 3, 3), torch.randn(k, k, 3, 3)
+    convs = [ConvArgs(w1, padding=1), ConvArgs(w2, padding=1)]
+    norms = [NormArgs(None, None, torch.zeros(k), torch.ones(k)) for _ in range(2)]
+    return torch.randn(2, k, 5, 5), convs, norms
+
+
+def test_op_errors_name_the_problem() -> None:
+    x, convs, norms = _op_args()
+    with pytest.raises(ValueError, match=r"the gate must return shape \(2, 8, 1, 1\)"):
+        residual_block(x, convs, norms, training=True, backend="reference",
+                       gate=lambda p: p.mean(1, keepdim=True))
+    with pytest.raises(TypeError, match="gate must return a float Tensor"):
+        residual_block(x, convs, norms, training=True, backend="reference",
+                       gate=lambda p: (p > 0))
+    with pytest.raises(TypeError, match="gate must be callable"):
+        residual_block(x, convs, norms, training=True, gate=3)
+    with pytest.raises(ValueError, match="gate is supported on post-activation blocks only"):
+        residual_block(x, convs, norms[:1], training=True, preact=True, gate=torch.sigmoid)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_op_gate_params_take_gradients(backend: str) -> None:
+    """A gate given as a plain callable with its parameter passed in gate_params: its gradient
+    is eager's (fp32, x·σ(w·pooled) before the add), also when nothing else needs one."""
+    torch.manual_seed(3)
+    x, convs, norms = _op_args()
+    w = torch.randn(8, 1, 1, requires_grad=True)
+    gate = lambda p: torch.sigmoid(p * w.to(p.dtype))
+
+    def eager(x):
+        conv = lambda t, i: nn.functional.conv2d(t, convs[i].weight.to(t.dtype), padding=1)
+        bn = lambda t: nn.functional.batch_norm(t, None, None, training=True)
+        a = bn(conv(nn.functional.relu(bn(conv(x, 0))), 1))
+        return nn.functional.relu(a * gate(a.mean((2, 3), keepdim=True)) + x)
+
+    want = eager(x.double())
+    (dw_want,) = torch.autograd.grad(want.square().sum(), w)
+    out = residual_block(x.contiguous(memory_format=CL), convs, norms, training=True,
+                         backend=backend, gate=gate, gate_params=[w])
+    (dw,) = torch.autograd.grad(out.square().sum(), w)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dw.double(), dw_want.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_constant_gate_scales_the_branch() -> None:
+    """A gate that ignores its input and has no parameters (no graph to differentiate): the
+    branch is scaled, the gradients are those of the scaled block."""
+    x, convs, norms = _op_args()
+    x.requires_grad_()
+    half = lambda p: torch.full_like(p, 0.5)
+    out = residual_block(x.contiguous(memory_format=CL), convs, norms, training=True,
+                         backend="reference", gate=half)
+    (dx,) = torch.autograd.grad(out.square().sum(), x)
+    want = residual_block(x.contiguous(memory_format=CL), convs, norms, training=True,
+                          backend="reference", branch_scale=torch.full((2,), 0.5))
+    (dx_want,) = torch.autograd.grad(want.square().sum(), x)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(dx, dx_want)
+
+
+def test_gated_block_under_torch_compile_runs_layer_by_layer() -> None:
+    """The gate is Python the custom op cannot carry: a compiled model runs the gated block
+    per layer (its pairs still fused), with eager's output."""
+    case = BY_NAME["bottleneck-se-identity"]
+    eager = case.build().train()
+    fused = fused_block(copy.deepcopy(eager))
+    x = torch.randn(N, case.cin, case.hw, case.hw, requires_grad=True)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with fastres.use_backend("reference"):
+        out = compiled(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, eager(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["seresnext26d_32x4d", "ecaresnet26t"])
+def test_gated_model_trains_as_block_ops_like_eager(name: str) -> None:
+    """timm SE / ECA ResNets with drop_path_rate=0.2 through ``fastres.fuse``, every residual
+    block one block op with its gate: two seeded SGD steps in float64 (the maths of a whole
+    model, DESIGN §4) give eager's loss, every gradient (the gates' included) and the running
+    statistics; parameter names are timm's."""
+    eager = randomize_bn(timm.create_model(name, pretrained=False, num_classes=5,
+                                           drop_path_rate=0.2)).double().train()
+    fused = fastres.fuse(copy.deepcopy(eager))
+    assert [k for k, _ in fused.named_parameters()] == [k for k, _ in eager.named_parameters()]
+    blocks = [m for m in fused.modules() if isinstance(m, fastres.nn.FusedBlock)
+              and getattr(m, "se", None) is not None]
+    assert len(blocks) == 8 and all(b.block_reason() is None for b in blocks)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    runs = []
+    for m in (fused, eager):
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        steps = []
+        with fastres.use_backend("reference"), fastres.backends.record_calls() as served:
+            for step in range(2):
+                opt.zero_grad()
+                torch.manual_seed(SEED + step)
+                loss = nn.functional.cross_entropy(m(x), target)
+                loss.backward()
+                steps.append((loss.detach(), {k: p.grad.clone()
+                                              for k, p in m.named_parameters()}))
+                opt.step()
+        runs.append((steps, {k: t.detach() for k, t in m.state_dict().items()}, served))
+    (steps_f, state_f, served_f), (steps_e, state_e, _) = runs
+    assert [c.op for c in served_f].count("residual_block") == 2 * 2 * 8
+
+    def close(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+        # the block op keeps BN statistics in fp32 (DESIGN §3), also for float64 blocks
+        err = (got - want).abs().max().item()
+        assert err <= 1e-4 * want.abs().max().item() + 1e-12, f"{what}: {err:.3e}"
+
+    for step, ((lf, gf), (le, ge)) in enumerate(zip(steps_f, steps_e)):
+        close(f"step {step} loss", lf, le)
+        assert any(".se." in k for k in ge)
+        for k in ge:
+            close(f"step {step} {k}.grad", gf[k], ge[k])
+    for k in state_e:
+        close(k, state_f[k].double(), state_e[k].double())
+
+
+def test_op_with_a_gate_under_torch_compile_says_it_is_eager_only() -> None:
+    """The op itself refuses a gate while dynamo traces (the gate is a Python callable the
+    custom op cannot carry), naming why; fastres's blocks do not call it so (above)."""
+    x, convs, norms = _op_args()
+
+    def gated(x):
+        return residual_block(x, convs, norms, training=True, backend="reference",
+                              gate=torch.sigmoid)
+
+    with pytest.raises(Exception, match="a gated block is eager only"):
+        torch.compile(gated, backend="aot_eager", fullgraph=True)(x)
+
+
+def test_gated_training_step_runs_only_the_gates_own_pytorch_ops(monkeypatch) -> None:
+    """Triton backend, seen by the profiler: the block's convs and BNs run in its kernels; the
+    only PyTorch convolutions are the SE gate's two 1×1 convs on (N, K, 1, 1) (forward and
+    backward). Launches: forward one per-sample sums pass and the join pass; backward the
+    per-sample sums of the gate's gradient and the join's reduction pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tests.backends.test_triton_block import _Launches, _standalone
+
+    case = BY_NAME["bottleneck-se-identity"]
+    fused = fused_block(case.build()).train()
+    x = torch.randn(N, case.cin, case.hw, case.hw).contiguous(memory_format=CL)
+    x.requires_grad_()
+    hooked = []  # what DDP's gradient hooks see: the gate's grads accumulate like any other
+    for name, p in fused.se.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: hooked.append(name))
+    launches = _Launches(monkeypatch)
+    with fastres.use_backend("triton"), profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fused(x)
+        forward = launches.take()
+        out.float().square().mean().backward()
+        backward = launches.take()
+    events = [e.name for e in prof.events()]
+    assert not [n for n in events if "batch_norm" in n]
+    assert events.count("aten::convolution") == 2  # fc1, fc2 of the gate
+    assert events.count("aten::convolution_backward") == 2
+    assert forward["_sample_sums_kernel"] == 1 and backward["_sample_sums_kernel"] == 1
+    assert _standalone(forward) == {"_bn_apply_kernel": 1}, forward
+    assert _standalone(backward) == {"_bn_bwd_reduce_kernel": 1}, backward
+    assert sorted(hooked) == sorted(n for n, _ in fused.se.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["bottleneck-se-identity", "resnext-eca-avgdown-s2-droppath"])
+def test_saved_bytes_no_worse_than_eager(name: str) -> None:
+    from fastres.benchmark.memory import saved_bytes
+
+    case = BY_NAME[name]
+    eager = case.build().train()
+    fused = fused_block(copy.deepcopy(eager))
+    x = torch.randn(N, case.cin, case.hw, case.hw).contiguous(memory_format=CL)
+    torch.manual_seed(SEED)
+    with fastres.use_backend("reference"):
+        fused_bytes = saved_bytes(fused, x)
+    torch.manual_seed(SEED)
+    eager_bytes = saved_bytes(eager, x)
+    assert fused_bytes < eager_bytes, (fused_bytes, eager_bytes)

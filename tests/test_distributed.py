@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import socket
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -113,8 +114,19 @@ def sync_bn_worker(rank: int, port: int, device: str = "cpu", backend: str = "gl
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # nothing may be left unfused
                 fused = make().train().to(device)
-            out = fused(x[shard])
-            nn.functional.cross_entropy(out, target[shard]).backward()
+            with fastres.backends.record_calls() as served:
+                out = fused(x[shard])
+                nn.functional.cross_entropy(out, target[shard]).backward()
+            # the fused path, not a layer-by-layer fallback: the stem's conv_bn_relu and one
+            # residual_block per block, forward and backward, on the fused kernels on CUDA
+            fused_backend = "triton" if device == "cuda" else "reference"
+            n_blocks = sum(isinstance(m, BasicBlock) for m in fused.modules())
+            expected = Counter({("conv_bn_relu", "forward"): 1, ("conv_bn_relu", "backward"): 1,
+                                ("residual_block", "forward"): n_blocks,
+                                ("residual_block", "backward"): n_blocks})
+            assert n_blocks == 4 and Counter((c.op, c.direction) for c in served) == expected, \
+                (name, served)
+            assert {c.backend for c in served} == {fused_backend}, (name, served)
             assert type(fused.bn1) is FoldedSyncBatchNorm, name
             assert all(type(v.bn) is nn.SyncBatchNorm
                        for m in fused.modules() if isinstance(m, FusedBlock)

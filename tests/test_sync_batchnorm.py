@@ -290,3 +290,39 @@ def custom_op_worker(rank: int, world: int, port: int) -> None:
 
 def test_ops_with_a_process_group_pass_opcheck_and_compile() -> None:
     mp.spawn(custom_op_worker, args=(2, free_port()), nprocs=2, join=True)
+
+
+def test_local_triple_merges_many_tiles_in_two_levels() -> None:
+    """The forward exchange's local merge of more tiles than the finalize merges in one level
+    (a stem BN has thousands): the triple equals the float64 merge of the same partials, by the
+    error-ratio rule against PyTorch's fp32 merge. Tiles of unequal size, one empty, channel
+    means far from 0 (mean ≫ spread, where a naive E[y²] − E[y]² merge loses its digits)."""
+    from fastres.backends.triton import bn
+    from fastres.backends.triton.sync import local_triple
+    from tests.numerics import merge_partials
+
+    tiles, k = 1100, 5
+    assert tiles > bn._MERGE_THRESHOLD  # the two-level path
+    g = torch.Generator().manual_seed(3)
+    count = torch.randint(1, 65, (tiles,), generator=g).double()
+    count[7] = 0.0  # a tile with no rows: its slots hold garbage that must not count
+    mean = 40.0 + torch.randn(k, dtype=torch.float64) * 5 \
+        + torch.randn(tiles, k, generator=g, dtype=torch.float64) * 0.3
+    m2 = count[:, None] * (torch.rand(tiles, k, generator=g, dtype=torch.float64) + 0.1)
+    mean[7], m2[7] = 1e6, 1e6
+
+    def triple(mu: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        total = n.sum(0, keepdim=True)
+        return torch.cat([total, mu, var * total])
+
+    c32, mean32, m2_32 = count.float(), mean.float(), m2.float()
+    rows = count > 0  # the references leave the empty tile out; the kernel must ignore it
+    # the truth and the baseline see the fp32-rounded partials the kernel reads
+    truth = triple(*merge_partials(c32[rows].double(), mean32[rows].double(),
+                                   m2_32[rows].double()), count)
+    plain = triple(*merge_partials(c32[rows], mean32[rows], m2_32[rows]), c32)
+    got = local_triple(c32, mean32, m2_32)
+    assert got.dtype == torch.float32 and got.shape == (1 + 2 * k,)
+    assert got[0].item() == count.sum().item()
+    assert_close_ratio("local triple mean", got[1:1 + k], truth[1:1 + k], plain[1:1 + k])
+    assert_close_ratio("local triple M2", got[1 + k:], truth[1 + k:], plain[1 + k:])

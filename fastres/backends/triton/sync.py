@@ -2,8 +2,8 @@
 per-tile partials and the finalize, and the backward sums' exchange (:mod:`..sync`).
 
 Forward: the per-tile ``(count, mean, M2)`` partials are merged to one per-channel triple by
-``bn._bn_merge_kernel`` (one group of all tiles), written straight into the buffer that crosses
-processes; the gathered triples, one per process, are then exactly the partials
+:func:`bn.finalize` (the one merge path, two-level for many tiles) and packed into the buffer
+that crosses processes; the gathered triples, one per process, are then exactly the partials
 :func:`bn.finalize` merges (Chan's formula in rank order), so the rest of the op runs as in one
 process. Backward: each BN's ``(Σg, Σg·ŷ)`` (and Σ(y − mean)), right after a reduction kernel or
 a dgrad epilogue produced them, are all-reduced before the dy operand reads them.
@@ -12,9 +12,7 @@ a dgrad epilogue produced them, are all-reduced before the dy operand reads them
 from __future__ import annotations
 
 import torch
-import triton
 
-from .. import _alloc
 from .. import sync as _sync
 from . import bn
 
@@ -23,16 +21,12 @@ Tensor = torch.Tensor
 
 def local_triple(count: Tensor, mean: Tensor, m2: Tensor) -> Tensor:
     """``[count, mean (K), M2 (K)]`` fp32 of this process' whole batch from per-tile partials
-    (count (T,), mean/M2 (T, K)), one merge launch."""
-    t, k = mean.shape
-    mean = mean.contiguous()
-    packed = _alloc.empty(1 + 2 * k, dtype=torch.float32, device=mean.device)
-    bn._bn_merge_kernel[(1, triton.cdiv(k, bn._BLOCK_K_STATS))](
-        count.contiguous(), mean, m2.contiguous(), packed[:1], packed[1:1 + k], packed[1 + k:],
-        t, k, t, BLOCK_T=bn._BLOCK_T, BLOCK_K=bn._BLOCK_K_STATS,
-    )
-    packed[1:1 + k] += mean[0]  # the merge writes means relative to tile 0's
-    return packed
+    (count (T,), mean/M2 (T, K)): merged by :func:`bn.finalize` without the affine map (in two
+    levels above ``bn._MERGE_THRESHOLD`` tiles, so a stem BN's thousands of tiles are not
+    looped over by a single group), then M2 = var·count (one fp32 rounding)."""
+    batch_mean, var, _, _ = bn.finalize(count, mean, m2, None, None, 0.0, affine=False)
+    total = count.sum(0, keepdim=True)
+    return torch.cat([total, batch_mean, var * total])
 
 
 def finalize(count: Tensor, mean: Tensor, m2: Tensor, bn_weight: Tensor | None,

@@ -61,14 +61,27 @@ def make_inputs(seed: int) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def run_step(inputs: dict[str, torch.Tensor], dtype: torch.dtype, device: str, backend: str,
-             group: object | None) -> dict[str, torch.Tensor]:
-    """One training step of the block op and of the per-layer op: outputs, the gradients of
-    every input that takes one, and the running statistics after the step."""
-    t = {k: v.to(device, dtype, copy=True) for k, v in inputs.items()}  # fresh leaves
+def leaves(inputs: dict[str, torch.Tensor], dtype: torch.dtype,
+           device: str) -> dict[str, torch.Tensor]:
+    """Fresh copies of ``inputs`` in ``dtype`` on ``device``, those that take a gradient as
+    leaves requiring it."""
+    t = {k: v.to(device, dtype, copy=True) for k, v in inputs.items()}
     for k, v in t.items():
         if k.startswith(("x", "w", "gamma", "beta")):
             t[k] = (v.contiguous(memory_format=CL) if v.dim() == 4 else v).requires_grad_()
+    return t
+
+
+def run_step(inputs: dict[str, torch.Tensor], dtype: torch.dtype, device: str, backend: str,
+             group: object | None) -> dict[str, torch.Tensor]:
+    """One training step of the block op and of the per-layer op from fresh ``inputs``."""
+    return step_on(leaves(inputs, dtype, device), backend, group)
+
+
+def step_on(t: dict[str, torch.Tensor], backend: str,
+            group: object | None) -> dict[str, torch.Tensor]:
+    """One training step of the block op and of the per-layer op on the tensors ``t``: outputs,
+    the gradients of every input that takes one, and the running statistics after the step."""
     convs = [ConvArgs(t["w0"]), ConvArgs(t["w1"], padding=1), ConvArgs(t["w2"])]
     norms = [NormArgs(t[f"gamma{i}"], t[f"beta{i}"], t[f"mean{i}"], t[f"var{i}"])
              for i in range(4)]
@@ -122,8 +135,48 @@ def sync_worker(rank: int, init_file: str, comm: str, device: str, kernels: str,
                 # world size 1: only the merge order of the statistics differs from the call
                 # without a group, so its error may not exceed the unsynced call's (ratio rule)
                 assert_close_ratio(f"{comm} {dtype} {name}", got, truth[name], unsynced[name])
+        if device == "cuda":
+            graph_replay_matches_eager(inputs, kernels, dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+
+
+def graph_replay_matches_eager(inputs: dict[str, torch.Tensor], backend: str,
+                               group: object) -> None:
+    """The synced training step (fp32) captured in a CUDA graph and replayed on a new input
+    gives what the eager step gives from the same state. Capture fails on a host
+    synchronisation in the capturing thread (a collective's work waited on by the host, a
+    tensor read into Python), so this proves the NCCL path has none. ("thread_local": NCCL's
+    watchdog thread may query its own events meanwhile, which "global" mode would refuse.)"""
+    t = leaves(inputs, torch.float32, "cuda")
+
+    def clear_grads() -> None:
+        for v in t.values():
+            v.grad = None
+
+    side = torch.cuda.Stream()  # warm-up on a side stream (compilations, lazy allocations)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step_on(t, backend, group)
+            clear_grads()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        static = step_on(t, backend, group)
+    with torch.no_grad():
+        t["x"].copy_(torch.randn_like(t["x"]) + 0.3)
+    state = {k: v.detach().double() for k, v in t.items()}  # running statistics included
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = {k: v.clone() for k, v in static.items()}
+    eager = run_step(state, torch.float32, "cuda", backend, group)
+    assert list(replayed) == list(eager)
+    for name, got in replayed.items():
+        # the same kernels on the same values: equal up to rounding-order differences at most
+        torch.testing.assert_close(got, eager[name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"graph replay {name}: {m}")
 
 
 def spawn_one(tmp_path, *args: object) -> None:

@@ -1,4 +1,5 @@
-"""Fused models under DistributedDataParallel: two CPU processes on the gloo backend."""
+"""Fused models under DistributedDataParallel: two CPU processes on the gloo backend. Where
+torchvision is absent (the GPU machines), the SyncBatchNorm tests use fastres' own ResNet."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-tv = pytest.importorskip("torchvision.models.resnet")  # absent on the GPU machines
-
 import fastres
+from fastres.models.resnet import build_resnet
 from fastres.nn import BasicBlock, FusedBlock
 from fastres.nn.stem import FoldedSyncBatchNorm
 from fastres.swap import fuse_report
@@ -24,6 +24,12 @@ from tests.models._util import randomize_bn
 from tests.numerics import assert_close_ratio
 
 WORLD = 2
+
+try:
+    import torchvision.models.resnet as tv
+except ImportError:  # absent on the GPU machines: fastres' own ResNet stands in where it can
+    tv = None
+needs_torchvision = pytest.mark.skipif(tv is None, reason="needs torchvision")
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -38,6 +44,17 @@ def free_port() -> int:
 def small_resnet() -> nn.Module:
     torch.manual_seed(0)  # identical weights on every rank (DDP also broadcasts rank 0's)
     return randomize_bn(tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=4))
+
+
+def small_fastres_resnet(fused: bool) -> nn.Module:
+    """fastres' ResNet of the same structure (torchvision's modules and keys): every block and
+    the stem fused, or all plain PyTorch layer by layer."""
+    torch.manual_seed(0)
+    model = randomize_bn(build_resnet(BasicBlock, [1, 1, 1, 1], num_classes=4))
+    for m in model.modules():
+        if isinstance(m, FusedBlock):
+            m.set_fused(fused)
+    return model
 
 
 def ddp_step_worker(rank: int, port: int) -> None:
@@ -86,11 +103,24 @@ SYNC_MODELS = {
 }
 
 
-def sync_bn_worker(rank: int, port: int, device: str = "cpu", backend: str = "gloo") -> None:
+def fastres_sync_resnet() -> nn.Module:
+    """fastres' ResNet with SyncBatchNorms, its fused views rebuilt over them."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(small_fastres_resnet(False))
+    for m in model.modules():
+        if isinstance(m, FusedBlock):
+            m.set_fused(True)
+    return model
+
+
+FASTRES_SYNC_MODELS = {"fastres-resnet": fastres_sync_resnet}  # needs no torchvision
+
+
+def sync_bn_worker(rank: int, port: int, device: str = "cpu", backend: str = "gloo",
+                   torchvision: bool = True) -> None:
     """Each rank trains on its half of one batch; the fused SyncBatchNorm model must give the
     plain BN model's result on the whole batch: outputs, averaged gradients, running statistics.
     (DDP refuses SyncBatchNorm in CPU modules, so the gradients are averaged by hand, as DDP
-    would.)"""
+    would.) ``torchvision=False``: fastres' own ResNet instead of a fused torchvision one."""
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -101,7 +131,8 @@ def sync_bn_worker(rank: int, port: int, device: str = "cpu", backend: str = "gl
         x = torch.randn(2 * WORLD, 3, 48, 48, generator=g).to(device)
         target = torch.randint(0, 4, (2 * WORLD,), generator=g).to(device)
         shard = slice(2 * rank, 2 * rank + 2)
-        original = small_resnet().train().to(device)
+        original = (small_resnet() if torchvision else small_fastres_resnet(False))
+        original.train().to(device)
         reference = copy.deepcopy(original).cpu().double()
         original.to(memory_format=torch.channels_last)
         results = []  # (output on this shard, {param: grad}, state_dict) for plain and truth
@@ -110,7 +141,7 @@ def sync_bn_worker(rank: int, port: int, device: str = "cpu", backend: str = "gl
             out = model(inp)
             nn.functional.cross_entropy(out, target.to(out.device)).backward()
             results.append((out[shard], tensors(model)))
-        for name, make in SYNC_MODELS.items():
+        for name, make in (SYNC_MODELS if torchvision else FASTRES_SYNC_MODELS).items():
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # nothing may be left unfused
                 fused = make().train().to(device)
@@ -127,7 +158,8 @@ def sync_bn_worker(rank: int, port: int, device: str = "cpu", backend: str = "gl
             assert n_blocks == 4 and Counter((c.op, c.direction) for c in served) == expected, \
                 (name, served)
             assert {c.backend for c in served} == {fused_backend}, (name, served)
-            assert type(fused.bn1) is FoldedSyncBatchNorm, name
+            assert type(fused.bn1) is (FoldedSyncBatchNorm if torchvision
+                                       else nn.SyncBatchNorm), name
             assert all(type(v.bn) is nn.SyncBatchNorm
                        for m in fused.modules() if isinstance(m, FusedBlock)
                        for v in m._views.values()), name
@@ -156,21 +188,30 @@ def tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.state_dict(keep_vars=True))
 
 
+@needs_torchvision
 def test_ddp_fused_matches_unfused_loss_and_grads():
     mp.spawn(ddp_step_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
+@needs_torchvision
 def test_fused_sync_batchnorm_matches_plain_bn_on_the_whole_batch():
     mp.spawn(sync_bn_worker, args=(free_port(),), nprocs=WORLD, join=True)
+
+
+def test_fused_sync_batchnorm_of_fastres_resnet_matches_plain_bn_on_the_whole_batch():
+    """The same with fastres' own ResNet: what the GPU test runs where torchvision is absent."""
+    mp.spawn(sync_bn_worker, args=(free_port(), "cpu", "gloo", False), nprocs=WORLD, join=True)
 
 
 @pytest.mark.gpu
 def test_fused_sync_batchnorm_on_cuda():
     """NCCL with a GPU per rank; on a one-GPU machine both ranks share it over gloo (NCCL
-    refuses two ranks on one device), which still runs the CUDA path of every collective."""
+    refuses two ranks on one device), which still runs the CUDA path of every collective.
+    fastres' own ResNet where torchvision is absent (the GPU machines)."""
     backend = "nccl" if torch.cuda.device_count() >= WORLD and dist.is_nccl_available() \
         else "gloo"
-    mp.spawn(sync_bn_worker, args=(free_port(), "cuda", backend), nprocs=WORLD, join=True)
+    mp.spawn(sync_bn_worker, args=(free_port(), "cuda", backend, tv is not None), nprocs=WORLD,
+             join=True)
 
 
 def sync_silu_worker(rank: int, port: int) -> None:

@@ -33,6 +33,11 @@ def conv_backward(
     return dx, dw, db
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype BatchNorm statistics and gradients are computed in: fp32, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def bn_relu_backward(
     dz: Tensor,
     y: Tensor,
@@ -46,17 +51,20 @@ def bn_relu_backward(
     relu: bool,
     need_gamma: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """fp32 dReLU + dBN: returns ``(g, dy, dgamma, dbeta)`` (g is the grad of the residual)."""
+    """fp32 (fp64 for fp64) dReLU + dBN: returns ``(g, dy, dgamma, dbeta)`` (g is the grad of
+    the residual)."""
     dims = (0, 2, 3)
-    g = dz.to(torch.float32, copy=True)  # fresh: g is returned as the residual's grad
+    acc = _acc(dz.dtype)
+    g = dz.to(acc, copy=True)  # fresh: g is returned as the residual's grad
     if relu:
         g.mul_(z > 0)
+    mean, var = mean.to(acc), var.to(acc)
     invstd = torch.rsqrt(var + eps).view(1, -1, 1, 1)
-    gamma = 1.0 if bn_weight is None else bn_weight.float().view(1, -1, 1, 1)
+    gamma = 1.0 if bn_weight is None else bn_weight.to(acc).view(1, -1, 1, 1)
     dbeta = g.sum(dims)
     dgamma = None
     if batch_stats or need_gamma:
-        yhat = (y.float() - mean.view(1, -1, 1, 1)) * invstd
+        yhat = (y.to(acc) - mean.view(1, -1, 1, 1)) * invstd
         dgamma = (g * yhat).sum(dims)
     if batch_stats:
         count = g.numel() // g.shape[1]
@@ -201,10 +209,11 @@ class ReferenceBackend:
         y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         y = y.contiguous(memory_format=CL)
         if batch_stats:
-            var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
+            var, mean = torch.var_mean(y.to(_acc(y.dtype)), dim=(0, 2, 3), correction=0)
             z = F.batch_norm(y, None, None, bn_weight, bn_bias, True, 0.0, eps)
         else:
-            mean, var = running_mean.float().clone(), running_var.float().clone()
+            acc = _acc(y.dtype)
+            mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
             z = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
         if residual is not None:
             z = z + residual
@@ -268,10 +277,13 @@ def block_eager(
     def norm(t: Tensor) -> Tensor:
         i = len(means)
         if batch_stats:
-            var, mean = torch.var_mean(t.detach().float(), dim=(0, 2, 3), correction=0)
+            var, mean = torch.var_mean(t.detach().to(_acc(t.dtype)), dim=(0, 2, 3),
+                                       correction=0)
             z = F.batch_norm(t, None, None, bn_weights[i], bn_biases[i], True, 0.0, block.eps[i])
         else:
-            mean, var = running_means[i].float().clone(), running_vars[i].float().clone()
+            acc = _acc(t.dtype)
+            mean = running_means[i].to(acc, copy=True)
+            var = running_vars[i].to(acc, copy=True)
             z = F.batch_norm(t, running_means[i], running_vars[i], bn_weights[i], bn_biases[i],
                              False, 0.0, block.eps[i])
         means.append(mean)

@@ -34,6 +34,11 @@ def conv_backward(
     return dx, dw, db
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype BatchNorm statistics and gradients are computed in: fp32, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def bn_relu_backward(
     dz: Tensor,
     y: Tensor,
@@ -48,18 +53,21 @@ def bn_relu_backward(
     need_gamma: bool,
     group: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """fp32 dReLU + dBN: returns ``(g, dy, dgamma, dbeta)`` (g is the grad of the residual).
-    With ``group`` (SyncBatchNorm) dy takes the process group's sums; dγ, dβ stay local."""
+    """fp32 (fp64 for fp64) dReLU + dBN: returns ``(g, dy, dgamma, dbeta)`` (g is the grad of
+    the residual). With ``group`` (SyncBatchNorm) dy takes the process group's sums; dγ, dβ stay
+    local."""
     dims = (0, 2, 3)
-    g = dz.to(torch.float32, copy=True)  # fresh: g is returned as the residual's grad
+    acc = _acc(dz.dtype)
+    g = dz.to(acc, copy=True)  # fresh: g is returned as the residual's grad
     if relu:
         g.mul_(z > 0)
+    mean, var = mean.to(acc), var.to(acc)
     invstd = torch.rsqrt(var + eps).view(1, -1, 1, 1)
-    gamma = 1.0 if bn_weight is None else bn_weight.float().view(1, -1, 1, 1)
+    gamma = 1.0 if bn_weight is None else bn_weight.to(acc).view(1, -1, 1, 1)
     dbeta = g.sum(dims)
     dgamma = None
     if batch_stats or need_gamma:
-        yhat = (y.float() - mean.view(1, -1, 1, 1)) * invstd
+        yhat = (y.to(acc) - mean.view(1, -1, 1, 1)) * invstd
         dgamma = (g * yhat).sum(dims)
     if batch_stats:
         count = g.numel() // g.shape[1]
@@ -81,7 +89,7 @@ def _bn_output(y: Tensor, mean: Tensor, var: Tensor, bn_weight: OptTensor, bn_bi
                eps: float) -> Tensor:
     """bn(y) from the statistics used, computed in fp32 (fp64 for fp64) and rounded to y's
     dtype, as BatchNorm computes and stores it."""
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    acc = _acc(y.dtype)
     shape = (1, -1, 1, 1)
     out = (y.to(acc) - mean.to(acc).view(shape)) * torch.rsqrt(var.to(acc) + eps).view(shape)
     if bn_weight is not None:
@@ -131,7 +139,7 @@ class ReferenceBackend:
         def act(t: Tensor, i: int) -> Tensor:
             """relu(bn_i(t)) from the saved statistics, computed in fp32 (fp64 for fp64) and
             rounded to t's dtype, as BatchNorm computes and stores it."""
-            acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+            acc = _acc(t.dtype)
             shape = (1, -1, 1, 1)
             scale = torch.rsqrt(variances[i].to(acc) + block.eps[i])
             if bn_weights[i] is not None:
@@ -183,7 +191,7 @@ class ReferenceBackend:
             else:
                 dbranch = dout  # drop path: the last BN's g is the output's g times scale[n]
                 if branch_scale is not None:
-                    acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
+                    acc = _acc(dout.dtype)
                     dbranch = dout.to(acc) * branch_scale.to(acc).view(-1, 1, 1, 1)
                 _, dy = dbn(dbranch, saved[n - 1], out, n - 1)
             for i in range(n - 1, 0, -1):
@@ -225,12 +233,13 @@ class ReferenceBackend:
         if group is not None:
             mean, var, count = sync_batch_stats(y, group)
             z = _bn_output(y, mean, var, bn_weight, bn_bias, eps)
-            mean, var, count = mean.float(), var.float(), count.float()
+            mean, var, count = mean.to(_acc(y.dtype)), var.to(_acc(y.dtype)), count.float()
         elif batch_stats:
-            var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
+            var, mean = torch.var_mean(y.to(_acc(y.dtype)), dim=(0, 2, 3), correction=0)
             z = F.batch_norm(y, None, None, bn_weight, bn_bias, True, 0.0, eps)
         else:
-            mean, var = running_mean.float().clone(), running_var.float().clone()
+            acc = _acc(y.dtype)
+            mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
             z = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
         if residual is not None:
             z = z + residual
@@ -270,7 +279,7 @@ def sync_batch_stats(t: Tensor, group: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(mean, biased var, count (1,))`` per channel of ``t`` over the whole batch of the
     process group, in fp32 (fp64 for fp64): this process' triple, one all_gather, Chan's merge
     in rank order (:mod:`fastres.backends.sync`)."""
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    acc = _acc(t.dtype)
     var, mean = torch.var_mean(t.detach().to(acc), dim=(0, 2, 3), correction=0)
     n = t.numel() // t.shape[1]
     packed = torch.cat([mean.new_full((1,), float(n)), mean, var * n])
@@ -285,7 +294,7 @@ def _gated_last_dy(dout: Tensor, out: Tensor, y: Tensor, mean: Tensor, var: Tens
     """dy of the last conv of a gated block, ``out = relu(a·gate[n, k]·scale[n] + shortcut)``,
     a = bn(y): dz = dout·[out > 0]; dgate = scale·Σ_hw dz·a; dpooled from the gate's own
     backward; the BN sees g = dz·gate·scale + dpooled/(H·W). Records bn i's parameter grads."""
-    acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
+    acc = _acc(dout.dtype)
     n, k, h, w = dout.shape
     dz = dout.to(acc) * (out > 0)
     a = _bn_output(y, mean, var, bn_weight, bn_bias, eps).to(acc)
@@ -341,13 +350,16 @@ def block_eager(
         if batch_stats and group is not None:
             mean, var, count = sync_batch_stats(t, group)
             z = _bn_output(t, mean, var, bn_weights[i], bn_biases[i], block.eps[i])
-            mean, var = mean.float(), var.float()
+            mean, var = mean.to(_acc(t.dtype)), var.to(_acc(t.dtype))
             counts.append(count.float())
         elif batch_stats:
-            var, mean = torch.var_mean(t.detach().float(), dim=(0, 2, 3), correction=0)
+            var, mean = torch.var_mean(t.detach().to(_acc(t.dtype)), dim=(0, 2, 3),
+                                       correction=0)
             z = F.batch_norm(t, None, None, bn_weights[i], bn_biases[i], True, 0.0, block.eps[i])
         else:
-            mean, var = running_means[i].float().clone(), running_vars[i].float().clone()
+            acc = _acc(t.dtype)
+            mean = running_means[i].to(acc, copy=True)
+            var = running_vars[i].to(acc, copy=True)
             z = F.batch_norm(t, running_means[i], running_vars[i], bn_weights[i], bn_biases[i],
                              False, 0.0, block.eps[i])
         means.append(mean)
@@ -367,7 +379,7 @@ def block_eager(
     else:
         last = norm(ys[-1])
         if gate is not None:
-            acc = torch.float64 if last.dtype == torch.float64 else torch.float32
+            acc = _acc(last.dtype)
             values = gate(last.to(acc).mean((2, 3)))
             last = last * values.to(last.dtype).view(*values.shape, 1, 1)
         if branch_scale is not None:

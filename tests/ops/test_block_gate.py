@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -143,6 +145,37 @@ def test_gate_function_is_the_modules_own_gate(module: nn.Module) -> None:
     assert torch.equal(x * gate, module(x))
     gate.sum().backward()
     assert all(p.grad is not None for p in module.parameters())
+
+
+def test_gate_function_runs_the_live_module() -> None:
+    """f is compiled once per module but reads the module as it is now: a child swapped after
+    the first call and eval mode are what the next call computes."""
+    torch.manual_seed(0)
+    module = SEModule(16, act_layer=nn.ReLU)
+    x = torch.randn(3, 16, 5, 4)
+    pooled = x.mean((2, 3), keepdim=True)
+    before = gate_function(module)(pooled)
+    module.fc2 = nn.Conv2d(module.fc2.in_channels, 16, 1)
+    module.bn = nn.BatchNorm2d(module.fc1.out_channels).eval()
+    module.bn.running_mean.normal_()
+    after = gate_function(module)(pooled)
+    assert not torch.allclose(after, before)
+    assert torch.equal(x * after, module(x))
+
+
+def test_a_used_gate_module_is_freed_with_its_block() -> None:
+    """The per-module cache of gate code does not keep its module (nor its block) alive."""
+    case = BY_NAME["bottleneck-se-identity"]
+    block = fused_block(case.build())
+    assert block.block_reason() is None
+    x = torch.randn(N, case.cin, case.hw, case.hw).contiguous(memory_format=CL)
+    with fastres.use_backend("reference"), fastres.backends.record_calls() as served:
+        block(x).square().sum().backward()
+    assert [c.op for c in served] == ["residual_block"] * 2
+    gate_module, block_ref = weakref.ref(block.se), weakref.ref(block)
+    del block, served
+    gc.collect()
+    assert block_ref() is None and gate_module() is None, "the gate module was kept alive"
 
 
 def test_modules_that_are_not_channel_gates_get_a_reason() -> None:

@@ -53,7 +53,8 @@ def collect(group: str) -> list[str]:
 # Model-level tests (whole networks, CUDA graphs, spawned processes): each compiles many kernel
 # variants of its own, so they are spread over the shards and run first in each.
 HEAVY = ("tests/models/", "tests/nn/", "tests/test_swap.py", "tests/test_served_backend.py",
-         "tests/test_distributed.py", "tests/ops/test_block.py::test_block_op_on_cuda")
+         "tests/test_distributed.py", "tests/ops/test_block.py::test_block_op_on_cuda",
+         "tests/ops/test_block_gate.py::test_gated_block_op_on_cuda")
 
 
 def deal(ids: list[str], jobs: int) -> list[list[str]]:

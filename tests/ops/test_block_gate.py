@@ -97,10 +97,16 @@ def _grid() -> list:
     return params
 
 
-def check_case(case: GateCase, dtype: torch.dtype, backend: str, steps: int = 2) -> None:
+def check_case(case: GateCase, dtype: torch.dtype, backend: str, steps: int = 2, n: int = N,
+               device: str = "cpu") -> None:
+    """``steps`` training steps and an eval forward of ``case`` through the block op on
+    ``backend`` against the timm block in float64 (the truth) and in ``dtype`` (the baseline),
+    all three on ``device``: the drop-path draws come from that device's generator, seeded
+    alike for each run (as tests/ops/test_block_modern.py)."""
     torch.manual_seed(1)
     block = case.build().to(dtype)
-    x = torch.randn(N, case.cin, case.hw, case.hw).to(dtype)
+    x = torch.randn(n, case.cin, case.hw, case.hw).to(dtype)
+    block, x = block.to(device), x.to(device)
     truth = copy.deepcopy(block).double()
     baseline = copy.deepcopy(block).to(memory_format=CL)
     fused = fused_block(copy.deepcopy(block))
@@ -108,7 +114,7 @@ def check_case(case: GateCase, dtype: torch.dtype, backend: str, steps: int = 2)
     x_dev = x.contiguous(memory_format=CL)
     with torch.no_grad():
         out_shape = copy.deepcopy(truth).eval()(x.double()).shape
-    upstream = torch.randn(out_shape).to(dtype).double()
+    upstream = torch.randn(out_shape).to(dtype).double().to(device)
     if dtype != torch.float32:  # outputs within rounding of the final ReLU's 0 (test_block.py)
         pre_ref = _pre_activation(truth, x.double())
         band = 2 * (_pre_activation(baseline, x_dev).double() - pre_ref).abs().max().item()
@@ -128,6 +134,25 @@ def check_case(case: GateCase, dtype: torch.dtype, backend: str, steps: int = 2)
 @pytest.mark.parametrize(("backend", "case", "dtype"), _grid())
 def test_gated_block_matches_timm_block(backend: str, case: GateCase, dtype: torch.dtype) -> None:
     check_case(case, dtype, backend)
+
+
+GPU_CASES = [  # ImageNet sizes: tiles of N·H·W rows cross image (gate) boundaries
+    (GateCase("seresnet50-layer1.1", 256, 64, hw=56), torch.bfloat16),
+    (GateCase("ecaresnext-layer3.1-droppath", 1024, 256, attn="eca", drop=True, cardinality=32,
+              base_width=4, hw=14), torch.float16),
+    (GateCase("seresnet50d-layer2.0", 256, 128, stride=2, avg_down=True, hw=56),
+     torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("case", "dtype"), GPU_CASES,
+                         ids=[f"{c.name}-{str(d)[6:]}" for c, d in GPU_CASES])
+def test_gated_block_op_on_cuda(case: GateCase, dtype: torch.dtype) -> None:
+    """SE / ECA blocks at ImageNet sizes on the GPU's compiled Triton kernels: the gate's
+    per-sample sums, (N, K) branch scale and its gradient over real tiles, one training step and
+    an eval forward."""
+    check_case(case, dtype, "triton", steps=1, n=4, device="cuda")
 
 
 @pytest.mark.parametrize("module", [

@@ -280,6 +280,25 @@ def test_op_gate_params_take_gradients(backend: str) -> None:
     torch.testing.assert_close(dw.double(), dw_want.double(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_second_backward_with_retain_graph_repeats_the_first(backend: str) -> None:
+    """retain_graph=True keeps the gate's own graph too: a second backward gives the same input
+    and gate-parameter gradients; a third without it is refused by PyTorch, as for any op."""
+    torch.manual_seed(3)
+    x, convs, norms = _op_args()
+    x = x.contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(8, 1, 1, requires_grad=True)
+    out = residual_block(x, convs, norms, training=True, backend=backend,
+                         gate=lambda p: torch.sigmoid(p * w), gate_params=[w])
+    loss = out.square().sum()
+    first = torch.autograd.grad(loss, [x, w], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, w], retain_graph=False)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert first[1].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(loss, [x, w])
+
+
 def test_a_constant_gate_scales_the_branch() -> None:
     """A gate that ignores its input and has no parameters (no graph to differentiate): the
     branch is scaled, the gradients are those of the scaled block."""

@@ -613,3 +613,22 @@ def test_gate_kernels_cuda(dtype: torch.dtype, k: int, h: int, transposed: bool)
     for rows_per_prog in (None, 64):
         test_reductions_with_gate_scale_and_add(dtype, True, k, rows_per_prog, n=4, h=h, w=h)
     test_reductions_with_gate_scale_and_add(dtype, False, k, None, n=4, h=h, w=h)
+
+
+def test_a_scale_constant_over_channels_is_loaded_per_row() -> None:
+    """A drop path's (N,) scale, or an (N, K) one expanded over channels (k-stride 0), compiles
+    to one load per row (PER_CHANNEL_SCALE off), a gate's to per element; the results agree
+    exactly with the same values given per element."""
+    n, k = 3, 40
+    y = _nhwc(n, k, 5, 7, offset=0.5).to(DEVICE, torch.float32)
+    res = _nhwc(n, k, 5, 7).to(DEVICE, torch.float32)
+    scale, shift = (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE)
+    keep = _keep(n)
+    per_row = [keep, keep[:, None].expand(n, k)]
+    per_element = _gate_scale(n, k, transposed=False)
+    flags = [bn._branch_args(s, y, scale)["PER_CHANNEL_SCALE"] for s in (*per_row, per_element)]
+    assert flags == [False, False, True]
+    want = bn.apply(y, scale, shift, res, True, branch_scale=keep[:, None].repeat(1, k))
+    for s in per_row:
+        torch.testing.assert_close(bn.apply(y, scale, shift, res, True, branch_scale=s), want,
+                                   rtol=0, atol=0)

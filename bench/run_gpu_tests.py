@@ -54,7 +54,8 @@ def collect(group: str) -> list[str]:
 # variants of its own, so they are spread over the shards and run first in each.
 HEAVY = ("tests/models/", "tests/nn/", "tests/test_swap.py", "tests/test_served_backend.py",
          "tests/test_distributed.py", "tests/test_sync_batchnorm_nccl.py",
-         "tests/ops/test_block.py::test_block_op_on_cuda")
+         "tests/ops/test_block.py::test_block_op_on_cuda",
+         "tests/ops/test_block_gate.py::test_gated_block_op_on_cuda")
 
 
 def deal(ids: list[str], jobs: int) -> list[list[str]]:

@@ -7,15 +7,19 @@ written differently (``x.mean((2, 3), keepdim=True)`` or an ``AdaptiveAvgPool2d(
 factor multiplied directly or through ``expand_as(x)``, reshaped through ``x.shape[0]``). The
 module's forward is traced with torch.fx; if x is used only in the pooling, in shape queries and
 in the final multiply, the graph without that multiply is f: run on the pooled values shaped
-(N, K, 1, 1) in place of x (the mean of a 1×1 map is itself, exactly), it gives the factor. It
-runs on the live module (:class:`torch.fx.Interpreter`), so the module's own parameters,
-activations (sigmoid, hard sigmoid, ...), biases and train/eval state are what is computed.
+(N, K, 1, 1) in place of x (the mean of a 1×1 map is itself, exactly), it gives the factor. That
+graph is compiled once per module to Python code taking the module as ``self`` (as
+:class:`torch.fx.GraphModule` does) and run on the live module, so the module's own parameters,
+activations (sigmoid, hard sigmoid, ...), biases and train/eval state are what is computed, even
+after ``.to()`` or a child swapped. The cache holds the code, not the module: a module dropped by
+its owner is freed.
 Modules of another form (CBAM's spatial attention, Gather-Excite, a max-pool beside the mean)
 get a reason and stay layer by layer.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 import weakref
 from collections.abc import Callable
@@ -27,7 +31,10 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-_plans: weakref.WeakKeyDictionary[nn.Module, fx.Graph | str] = weakref.WeakKeyDictionary()
+# f as a function of (module, pooled), or why the module is no channel gate; the values must not
+# reference their keys (a weak-key dictionary would then keep every module alive)
+_GateCode = Callable[[nn.Module, Tensor], Tensor]
+_plans: weakref.WeakKeyDictionary[nn.Module, _GateCode | str] = weakref.WeakKeyDictionary()
 _SPATIAL = ({2, 3}, {-2, -1})
 
 
@@ -43,18 +50,18 @@ def gate_function(module: nn.Module) -> Callable[[Tensor], Tensor]:
     plan = _plan(module)
     if isinstance(plan, str):
         raise ValueError(plan)
-    return lambda pooled: fx.Interpreter(module, graph=plan).run(pooled)
+    return functools.partial(plan, module)
 
 
-def _plan(module: nn.Module) -> fx.Graph | str:
+def _plan(module: nn.Module) -> _GateCode | str:
     plan = _plans.get(module)
     if plan is None:
         plan = _plans[module] = _extract(module)
     return plan
 
 
-def _extract(module: nn.Module) -> fx.Graph | str:
-    """The graph of f (see the module docstring), or the reason there is none."""
+def _extract(module: nn.Module) -> _GateCode | str:
+    """The code of f (see the module docstring), or the reason there is none."""
     name = type(module).__name__
     try:
         graph = fx.symbolic_trace(module).graph
@@ -79,12 +86,15 @@ def _extract(module: nn.Module) -> fx.Graph | str:
                 "through its spatial mean and the final multiply")
     if _depends_on(factor, {result}):
         return f"{name}'s gate depends on its own output"
-    gate_graph = fx.Graph(owning_module=module)
+    gate_graph = fx.Graph(owning_module=module)  # (dead-code elimination asks it what is pure)
     values: dict[fx.Node, fx.Node] = {}
     gate_graph.graph_copy(graph, values)
     gate_graph.output(values[factor])
     gate_graph.eliminate_dead_code()
-    return gate_graph
+    code = gate_graph.python_code(root_module="self")  # submodules read as self.<target>
+    scope = dict(code.globals)  # the cached code keeps neither the graph nor the module
+    exec(compile(code.src, f"<channel gate {name}>", "exec"), scope)
+    return scope["forward"]
 
 
 def _factor_of(result, x: fx.Node) -> fx.Node | None:

@@ -506,7 +506,9 @@ class _GateCall:
     ``gate`` (pooled (N, K, 1, 1) in x's dtype, as eager's ``a.mean((2, 3), keepdim=True)`` →
     gate (N, K, 1, 1) or (N, K)) run under autograd on a detached leaf in forward, and
     ``torch.autograd.grad`` through that small graph in backward, which also gives the gate's
-    parameter grads (:attr:`param_grads`)."""
+    parameter grads (:attr:`param_grads`). The graph is kept (retained) as long as the block's
+    autograd node, so that a second backward (``retain_graph=True``) can run it again: it is
+    N·K-sized, and PyTorch refuses a second backward without retain_graph before reaching it."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor], params: Sequence[Tensor],
                  dtype: torch.dtype, record: bool) -> None:
@@ -539,10 +541,10 @@ class _GateCall:
         wanted = [i for i, p in enumerate(self.params) if p.requires_grad]
         grads = torch.autograd.grad(
             self._out, [self._leaf, *(self.params[i] for i in wanted)],
-            dgate.reshape(self._out.shape).to(self._out.dtype), allow_unused=True)
+            dgate.reshape(self._out.shape).to(self._out.dtype), allow_unused=True,
+            retain_graph=True)
         for i, g in zip(wanted, grads[1:]):
             self.param_grads[i] = g
-        self._leaf = self._out = None  # the gate's graph is freed with its grads taken
         dpooled = grads[0]
         if dpooled is None:  # a gate that ignores its input
             return torch.zeros_like(dgate)
@@ -578,7 +580,6 @@ class _GatedBlockFunction(torch.autograd.Function):
         if dout is not None and not any(mask):
             mask[0] = True  # the gate's parameters need the pass even when nothing else does
         dx, dws, dgs, dbs, dxs = _grads(ctx, dout, mask, gate=gate)
-        ctx.gate = None
         grads = gate.param_grads if dout is not None else [None] * n_gate
         return (None, dx if needs[1] else None, dxs if needs[2] else None, *dws, *dgs, *dbs,
                 *(g if needs[len(needs) - n_gate + i] else None for i, g in enumerate(grads)))

@@ -511,16 +511,16 @@ def _gate_scale(n: int, k: int, transposed: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("res_affine, k, transposed", [(True, 7, False), (False, 130, True)])
-def test_apply_with_gate_scale(dtype: torch.dtype, res_affine: bool, k: int,
-                               transposed: bool) -> None:
+def test_apply_with_gate_scale(dtype: torch.dtype, res_affine: bool, k: int, transposed: bool,
+                               n: int = 3, h: int = 5, w: int = 7) -> None:
     """relu((y·scale + shift)·s[n, k] + shortcut) with an (N, K) scale of any strides."""
-    y = _nhwc(3, k, 5, 7, offset=0.5).to(DEVICE, dtype)
-    res = _nhwc(3, k, 5, 7, offset=-0.5).to(DEVICE, dtype)
+    y = _nhwc(n, k, h, w, offset=0.5).to(DEVICE, dtype)
+    res = _nhwc(n, k, h, w, offset=-0.5).to(DEVICE, dtype)
     scale, shift, res_scale, res_shift = (
         (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE),
         (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE),
     )
-    s = _gate_scale(3, k, transposed)
+    s = _gate_scale(n, k, transposed)
     aff = dict(res_scale=res_scale, res_shift=res_shift) if res_affine else {}
     z = bn.apply(y, scale, shift, res, True, branch_scale=s, **aff)
 
@@ -538,12 +538,12 @@ def test_apply_with_gate_scale(dtype: torch.dtype, res_affine: bool, k: int,
 @pytest.mark.parametrize("batch_stats, k, rows_per_prog", [(True, 7, None), (True, 40, 16),
                                                            (False, 130, 32)])
 def test_reductions_with_gate_scale_and_add(dtype: torch.dtype, batch_stats: bool, k: int,
-                                            rows_per_prog: int | None) -> None:
+                                            rows_per_prog: int | None, n: int = 3, h: int = 9,
+                                            w: int = 7) -> None:
     """The last BN of a gated block sees g·s[n, k] + t[n, k] (t = dpooled/HW): stored in the
     dtype (g_branch) and its sums taken of that stored g; dres stays the output's g; programs
     whose rows straddle samples."""
-    n = 3
-    y64 = _nhwc(n, k, 9, 7, offset=0.5)
+    y64 = _nhwc(n, k, h, w, offset=0.5)
     y = y64.to(DEVICE, dtype)
     z = torch.randn(y.shape, dtype=torch.float64).relu().to(DEVICE, dtype)
     z = z.contiguous(memory_format=CL)
@@ -599,3 +599,36 @@ def test_sample_sums(dtype: torch.dtype, n: int, k: int, h: int, w: int) -> None
              (g64 * d64).abs().sum((2, 3))),
             ("Σg", sum_g, g64.sum((2, 3)), g32.sum((2, 3)), g64.abs().sum((2, 3)))):
         _assert_sum_close(name, out, ref, base, terms)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k, h, transposed", [(256, 56, False), (1024, 14, True)])
+def test_gate_kernels_cuda(dtype: torch.dtype, k: int, h: int, transposed: bool) -> None:
+    """The gate's kernels compiled, at ImageNet sizes (n=4: tiles of rows cross images): the
+    per-sample sums, the (N, K) branch scale in the join pass, and in the last BN's
+    reductions with the pooled gradient added (one- and two-level)."""
+    test_sample_sums(dtype, 4, k, h, h)
+    test_apply_with_gate_scale(dtype, True, k, transposed, n=4, h=h, w=h)
+    for rows_per_prog in (None, 64):
+        test_reductions_with_gate_scale_and_add(dtype, True, k, rows_per_prog, n=4, h=h, w=h)
+    test_reductions_with_gate_scale_and_add(dtype, False, k, None, n=4, h=h, w=h)
+
+
+def test_a_scale_constant_over_channels_is_loaded_per_row() -> None:
+    """A drop path's (N,) scale, or an (N, K) one expanded over channels (k-stride 0), compiles
+    to one load per row (PER_CHANNEL_SCALE off), a gate's to per element; the results agree
+    exactly with the same values given per element."""
+    n, k = 3, 40
+    y = _nhwc(n, k, 5, 7, offset=0.5).to(DEVICE, torch.float32)
+    res = _nhwc(n, k, 5, 7).to(DEVICE, torch.float32)
+    scale, shift = (torch.rand(k) + 0.5).to(DEVICE), torch.randn(k).to(DEVICE)
+    keep = _keep(n)
+    per_row = [keep, keep[:, None].expand(n, k)]
+    per_element = _gate_scale(n, k, transposed=False)
+    flags = [bn._branch_args(s, y, scale)["PER_CHANNEL_SCALE"] for s in (*per_row, per_element)]
+    assert flags == [False, False, True]
+    want = bn.apply(y, scale, shift, res, True, branch_scale=keep[:, None].repeat(1, k))
+    for s in per_row:
+        torch.testing.assert_close(bn.apply(y, scale, shift, res, True, branch_scale=s), want,
+                                   rtol=0, atol=0)

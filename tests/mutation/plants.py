@@ -134,8 +134,8 @@ PLANTS = [
           "[bessel[i] for i in tracked]", "[1.0 for i in tracked]",
           ("tests/ops/test_block.py", "-k", "matches_eager_block and reference")),
     Plant("BN apply tiles reused across ReLU and no ReLU", "fastres/backends/triton/bn.py",
-          'key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU", "SILU", "BRANCH_SCALE"]',
-          'key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "SILU", "BRANCH_SCALE"]',
+          'key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU", "SILU", "BRANCH_SCALE",',
+          'key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "SILU", "BRANCH_SCALE",',
           ("tests/backends/test_triton_tuning.py", "-k", "every_flag")),
     # SyncBatchNorm through the kernels (issue 20)
     Plant("SyncBN backward keeps the shard's centring δ", "fastres/backends/triton/sync.py",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -95,10 +97,16 @@ def _grid() -> list:
     return params
 
 
-def check_case(case: GateCase, dtype: torch.dtype, backend: str, steps: int = 2) -> None:
+def check_case(case: GateCase, dtype: torch.dtype, backend: str, steps: int = 2, n: int = N,
+               device: str = "cpu") -> None:
+    """``steps`` training steps and an eval forward of ``case`` through the block op on
+    ``backend`` against the timm block in float64 (the truth) and in ``dtype`` (the baseline),
+    all three on ``device``: the drop-path draws come from that device's generator, seeded
+    alike for each run (as tests/ops/test_block_modern.py)."""
     torch.manual_seed(1)
     block = case.build().to(dtype)
-    x = torch.randn(N, case.cin, case.hw, case.hw).to(dtype)
+    x = torch.randn(n, case.cin, case.hw, case.hw).to(dtype)
+    block, x = block.to(device), x.to(device)
     truth = copy.deepcopy(block).double()
     baseline = copy.deepcopy(block).to(memory_format=CL)
     fused = fused_block(copy.deepcopy(block))
@@ -106,7 +114,7 @@ def check_case(case: GateCase, dtype: torch.dtype, backend: str, steps: int = 2)
     x_dev = x.contiguous(memory_format=CL)
     with torch.no_grad():
         out_shape = copy.deepcopy(truth).eval()(x.double()).shape
-    upstream = torch.randn(out_shape).to(dtype).double()
+    upstream = torch.randn(out_shape).to(dtype).double().to(device)
     if dtype != torch.float32:  # outputs within rounding of the final ReLU's 0 (test_block.py)
         pre_ref = _pre_activation(truth, x.double())
         band = 2 * (_pre_activation(baseline, x_dev).double() - pre_ref).abs().max().item()
@@ -128,6 +136,25 @@ def test_gated_block_matches_timm_block(backend: str, case: GateCase, dtype: tor
     check_case(case, dtype, backend)
 
 
+GPU_CASES = [  # ImageNet sizes: tiles of N·H·W rows cross image (gate) boundaries
+    (GateCase("seresnet50-layer1.1", 256, 64, hw=56), torch.bfloat16),
+    (GateCase("ecaresnext-layer3.1-droppath", 1024, 256, attn="eca", drop=True, cardinality=32,
+              base_width=4, hw=14), torch.float16),
+    (GateCase("seresnet50d-layer2.0", 256, 128, stride=2, avg_down=True, hw=56),
+     torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("case", "dtype"), GPU_CASES,
+                         ids=[f"{c.name}-{str(d)[6:]}" for c, d in GPU_CASES])
+def test_gated_block_op_on_cuda(case: GateCase, dtype: torch.dtype) -> None:
+    """SE / ECA blocks at ImageNet sizes on the GPU's compiled Triton kernels: the gate's
+    per-sample sums, (N, K) branch scale and its gradient over real tiles, one training step and
+    an eval forward."""
+    check_case(case, dtype, "triton", steps=1, n=4, device="cuda")
+
+
 @pytest.mark.parametrize("module", [
     SEModule(16), SEModule(16, gate_layer="hard_sigmoid"), EcaModule(16), EffectiveSEModule(16),
     tv_ops.SqueezeExcitation(16, 4),
@@ -143,6 +170,37 @@ def test_gate_function_is_the_modules_own_gate(module: nn.Module) -> None:
     assert torch.equal(x * gate, module(x))
     gate.sum().backward()
     assert all(p.grad is not None for p in module.parameters())
+
+
+def test_gate_function_runs_the_live_module() -> None:
+    """f is compiled once per module but reads the module as it is now: a child swapped after
+    the first call and eval mode are what the next call computes."""
+    torch.manual_seed(0)
+    module = SEModule(16, act_layer=nn.ReLU)
+    x = torch.randn(3, 16, 5, 4)
+    pooled = x.mean((2, 3), keepdim=True)
+    before = gate_function(module)(pooled)
+    module.fc2 = nn.Conv2d(module.fc2.in_channels, 16, 1)
+    module.bn = nn.BatchNorm2d(module.fc1.out_channels).eval()
+    module.bn.running_mean.normal_()
+    after = gate_function(module)(pooled)
+    assert not torch.allclose(after, before)
+    assert torch.equal(x * after, module(x))
+
+
+def test_a_used_gate_module_is_freed_with_its_block() -> None:
+    """The per-module cache of gate code does not keep its module (nor its block) alive."""
+    case = BY_NAME["bottleneck-se-identity"]
+    block = fused_block(case.build())
+    assert block.block_reason() is None
+    x = torch.randn(N, case.cin, case.hw, case.hw).contiguous(memory_format=CL)
+    with fastres.use_backend("reference"), fastres.backends.record_calls() as served:
+        block(x).square().sum().backward()
+    assert [c.op for c in served] == ["residual_block"] * 2
+    gate_module, block_ref = weakref.ref(block.se), weakref.ref(block)
+    del block, served
+    gc.collect()
+    assert block_ref() is None and gate_module() is None, "the gate module was kept alive"
 
 
 def test_modules_that_are_not_channel_gates_get_a_reason() -> None:
@@ -220,6 +278,25 @@ def test_op_gate_params_take_gradients(backend: str) -> None:
     (dw,) = torch.autograd.grad(out.square().sum(), w)
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dw.double(), dw_want.double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_second_backward_with_retain_graph_repeats_the_first(backend: str) -> None:
+    """retain_graph=True keeps the gate's own graph too: a second backward gives the same input
+    and gate-parameter gradients; a third without it is refused by PyTorch, as for any op."""
+    torch.manual_seed(3)
+    x, convs, norms = _op_args()
+    x = x.contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(8, 1, 1, requires_grad=True)
+    out = residual_block(x, convs, norms, training=True, backend=backend,
+                         gate=lambda p: torch.sigmoid(p * w), gate_params=[w])
+    loss = out.square().sum()
+    first = torch.autograd.grad(loss, [x, w], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, w], retain_graph=False)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert first[1].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(loss, [x, w])
 
 
 def test_a_constant_gate_scales_the_branch() -> None:

@@ -333,21 +333,28 @@ def _tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _sample_scale(branch_scale_ptr, rows, offs_k, mask_k, M, HW, stride_n, stride_k):
+def _sample_scale(branch_scale_ptr, rows, offs_k, mask_k, M, HW, stride_n, stride_k,
+                  PER_CHANNEL: tl.constexpr):
     """The per-(sample, channel) branch scale of the int64 ``rows`` (pixels) and channels
-    ``offs_k``, fp32 (BLOCK_M, BLOCK_K): element (n, k) at ``n·stride_n + k·stride_k`` (drop
-    path: strides (1, 0); a channel gate times it: (K, 1)). The division in int32 (rows < M <
-    2^31, checked by the launcher): an int64 division is a subroutine call whose register saves
-    go to local memory (sm_80 compile)."""
+    ``offs_k``, fp32: element (n, k) at ``n·stride_n + k·stride_k`` (a channel gate times the
+    drop path: (K, 1)), a (BLOCK_M, BLOCK_K) tile. Without PER_CHANNEL the scale is one value
+    per sample (drop path: k-stride 0), loaded once per row, (BLOCK_M, 1). The division in
+    int32 (rows < M < 2^31, checked by the launcher): an int64 division is a subroutine call
+    whose register saves go to local memory (sm_80 compile)."""
     mask = rows < M
     sample = tl.where(mask, rows, 0).to(tl.int32) // HW
-    idx = sample[:, None] * stride_n + offs_k[None, :] * stride_k
-    return tl.load(branch_scale_ptr + idx, mask=mask[:, None] & mask_k[None, :], other=0.0)
+    if PER_CHANNEL:
+        idx = sample[:, None] * stride_n + offs_k[None, :] * stride_k
+        scale = tl.load(branch_scale_ptr + idx, mask=mask[:, None] & mask_k[None, :], other=0.0)
+    else:
+        scale = tl.load(branch_scale_ptr + sample * stride_n, mask=mask, other=0.0)[:, None]
+    return scale
 
 
 @_tuning.autotune(
     _configs(_ELEMENTWISE_BLOCKS),
-    key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU", "SILU", "BRANCH_SCALE"],
+    key=["M", "K", "BLOCK_K", "HAS_RES", "RES_AFFINE", "RELU", "SILU", "BRANCH_SCALE",
+         "PER_CHANNEL_SCALE"],
 )
 @triton.jit
 def _bn_apply_kernel(
@@ -371,6 +378,7 @@ def _bn_apply_kernel(
     BRANCH_SCALE: tl.constexpr = False,  # drop path, channel gate: scale the branch
     bs_stride_n=1,  # the branch scale's strides (drop path: (1, 0))
     bs_stride_k=0,
+    PER_CHANNEL_SCALE: tl.constexpr = False,  # bs_stride_k != 0 (a gate), else one per row
 ):
     """``z = relu(y·scale + shift + residual·res_scale + res_shift)``: with RES_AFFINE the
     projection shortcut's BN is folded into the block's output pass ("dual scale-bias-add-relu"),
@@ -384,7 +392,7 @@ def _bn_apply_kernel(
     if BRANCH_SCALE:
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # as _tile's
         z *= _sample_scale(branch_scale_ptr, rows, offs_k, mask_k, M, HW, bs_stride_n,
-                           bs_stride_k)
+                           bs_stride_k, PER_CHANNEL_SCALE)
     if HAS_RES:
         res = tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         if RES_AFFINE:
@@ -481,7 +489,7 @@ def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> li
 @_tuning.autotune(
     _configs(_REDUCE_BLOCKS),
     key=["M", "K", "BLOCK_K", "RELU", "CENTER", "WRITE_DRES", "SECOND", "SILU", "HAS_RES",
-         "BRANCH_SCALE", "BRANCH_ADD"],
+         "BRANCH_SCALE", "BRANCH_ADD", "PER_CHANNEL_SCALE"],
     prune=_prune_bwd_reduce,
 )
 @triton.jit
@@ -522,6 +530,7 @@ def _bn_bwd_reduce_kernel(
     bs_stride_k=0,
     branch_add_ptr=None,  # (N, K) fp32 contiguous: added to the BN's g (if BRANCH_ADD)
     BRANCH_ADD: tl.constexpr = False,  # a gate: g·scale[n, k] + dpooled[n, k]/HW
+    PER_CHANNEL_SCALE: tl.constexpr = False,  # bs_stride_k != 0 (a gate), else one per row
 ):
     """Per-program partial sums; rows_per_prog is fixed by the launcher, not by the autotuned
     BLOCK_M, so the partial buffers have the same shape whichever config runs. With
@@ -565,9 +574,9 @@ def _bn_bwd_reduce_kernel(
             # the sums are taken from the g dgrad reads (rounded to its dtype), as eager's BN
             # backward sums the gradient the drop path's backward stored
             g = g * _sample_scale(branch_scale_ptr, offs_m, offs_k, mask_k, M, HW, bs_stride_n,
-                                  bs_stride_k)
+                                  bs_stride_k, PER_CHANNEL_SCALE)
             if BRANCH_ADD:
-                g += _sample_scale(branch_add_ptr, offs_m, offs_k, mask_k, M, HW, K, 1)
+                g += _sample_scale(branch_add_ptr, offs_m, offs_k, mask_k, M, HW, K, 1, True)
             g = _cast_out(g, g_branch_ptr)
             tl.store(g_branch_ptr + idx, g, mask=mask)
             g = tl.where(mask, g.to(tl.float32), 0.0)
@@ -977,10 +986,11 @@ def _branch_args(branch_scale: Tensor | None, y: Tensor, dummy: Tensor, **out) -
     """The BRANCH_SCALE keywords of the apply / reduce kernels for a per-sample (N,) or
     per-(sample, channel) (N, K) scale of the BN output of ``y`` (without one, never read:
     ``dummy`` (fp32) for the scale, ``y`` for the ``out`` pointers, the dtypes the compiled
-    variants declare)."""
+    variants declare). A scale constant over channels (k-stride 0: drop path) compiles to one
+    load per row, not per element."""
     if branch_scale is None:
         return dict(branch_scale_ptr=dummy, HW=1, BRANCH_SCALE=False, bs_stride_n=1,
-                    bs_stride_k=0, **{k: y for k in out})
+                    bs_stride_k=0, PER_CHANNEL_SCALE=False, **{k: y for k in out})
     n, k = y.shape[:2]
     assert branch_scale.dtype == torch.float32
     if branch_scale.dim() == 1:
@@ -992,7 +1002,8 @@ def _branch_args(branch_scale: Tensor | None, y: Tensor, dummy: Tensor, **out) -
     assert y.numel() // y.shape[1] < 2**31, "the branch scale's sample index is int32"
     assert n * k < 2**31, "the branch scale's index is int32"
     return dict(branch_scale_ptr=branch_scale, HW=y.shape[2] * y.shape[3], BRANCH_SCALE=True,
-                bs_stride_n=strides[0], bs_stride_k=strides[1], **out)
+                bs_stride_n=strides[0], bs_stride_k=strides[1],
+                PER_CHANNEL_SCALE=strides[1] != 0, **out)
 
 
 _SAMPLE_SUMS_BLOCK_M = 32
@@ -1360,6 +1371,9 @@ def compile_specs() -> list[CompileSpec]:
          [dict(HAS_RES=r, RES_AFFINE=False, RELU=u, BRANCH_SCALE=False)
           for r in (False, True) for u in (False, True)]
          + [dict(HAS_RES=True, RES_AFFINE=True, RELU=True, BRANCH_SCALE=False),
+            # a channel gate (times the drop path), then drop path alone (one scale per row)
+            dict(HAS_RES=True, RES_AFFINE=True, RELU=True, BRANCH_SCALE=True,
+                 PER_CHANNEL_SCALE=True),
             dict(HAS_RES=True, RES_AFFINE=True, RELU=True, BRANCH_SCALE=True)]),
         ("bn_bwd_reduce", _bn_bwd_reduce_kernel, reduce_sig, _REDUCE_BLOCKS,
          [dict(RELU=u, CENTER=c, WRITE_DRES=False, SECOND=False, BRANCH_SCALE=False)
@@ -1370,7 +1384,7 @@ def compile_specs() -> list[CompileSpec]:
             dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False, BRANCH_SCALE=True),
             # a channel gate: its pooled-mean gradient added to the scaled g
             dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False, BRANCH_SCALE=True,
-                 BRANCH_ADD=True)]),
+                 BRANCH_ADD=True, PER_CHANNEL_SCALE=True)]),
         ("bn_bwd_dx", _bn_bwd_dx_kernel, dx_sig, _ELEMENTWISE_BLOCKS,
          [dict(RELU=u, BATCH_STATS=b, HAS_GAMMA=True, WRITE_DY=True, WRITE_DRES=d, HAS_ADD=False)
           for u in (False, True) for b in (False, True) for d in (False, True)]
@@ -1386,9 +1400,9 @@ def compile_specs() -> list[CompileSpec]:
     # the heaviest it runs with, compiled like those and with every block config at the widest
     # BLOCK_K (the most elements per thread)
     # (and drop path's BRANCH_SCALE off where a flag set does not name it)
-    silu_off = {"bn_apply": dict(SILU=False, BRANCH_SCALE=False),
+    silu_off = {"bn_apply": dict(SILU=False, BRANCH_SCALE=False, PER_CHANNEL_SCALE=False),
                 "bn_bwd_reduce": dict(SILU=False, HAS_RES=False, BRANCH_SCALE=False,
-                                      BRANCH_ADD=False)}
+                                      BRANCH_ADD=False, PER_CHANNEL_SCALE=False)}
     silu_sets = {
         "bn_apply": dict(HAS_RES=True, RES_AFFINE=False, RELU=False, SILU=True),
         "bn_bwd_reduce": dict(RELU=False, CENTER=True, WRITE_DRES=True, SECOND=False, SILU=True,
@@ -1419,8 +1433,10 @@ def compile_specs() -> list[CompileSpec]:
                     pruned=pruned(name, bm0, w0, 64, _DTYPES[t], flags),
                 ))
         # every block config with the most features on, in fp32 (the most registers); a gate's
-        # BRANCH_ADD not counted: its tiles are those of drop path's BRANCH_SCALE (pruned alike)
-        flags = max(flag_sets, key=lambda f: sum(f.values()) - f.get("BRANCH_ADD", False))
+        # BRANCH_ADD and PER_CHANNEL_SCALE not counted: its tiles are those of drop path's
+        # BRANCH_SCALE (pruned alike); of equals the first listed (bn_apply: the gate's)
+        flags = max(flag_sets, key=lambda f: sum(f.values()) - f.get("BRANCH_ADD", False)
+                    - f.get("PER_CHANNEL_SCALE", False))
         heaviest = [(flags, bk) for bk in (16, 64, 128)] + [(f, 128) for f in with_silu]
         for bm, w in blocks:
             for flags, bk in heaviest:

@@ -244,7 +244,7 @@ NUMERICS = {
 
 
 BLOCK_OP_NUMERICS = ("tv-regnet_x_400mf", "timm-regnetx_002-drop_path", "timm-gernet_s",
-                     "timm-resnet50d-drop_path")
+                     "timm-resnet50d-drop_path", "timm-seresnext26d_32x4d")
 
 
 @pytest.mark.slow

@@ -247,8 +247,20 @@ BLOCK_OP_NUMERICS = ("tv-regnet_x_400mf", "timm-regnetx_002-drop_path", "timm-ge
                      "timm-resnet50d-drop_path", "timm-seresnext26d_32x4d")
 
 
+# seresnext26d at this input: one ReLU input after layer2.1's residual add is -1.9e-8 in float64
+# and +1.8e-7 in fp32 (its rounding is ~8e-7), so every fp32 implementation that reaches it with
+# the fused model's (equally accurate) upstream rounding takes the other branch: eager fp32 fed the
+# fused model's layer2.1 input shows the same 60x gradient error, and giving the float64 truth
+# that one fp32 decision brings the fused error to rounding level. A model-level artefact, not
+# the block's: its block-level checks (tests/ops/test_block_gate.py) hold. Strict: if it passes,
+# this note is stale.
+FLIPPED_RELU = pytest.mark.xfail(strict=True, reason="one ReLU input within fp32 rounding of 0 "
+                                 "takes the other branch (see the note above)")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(NUMERICS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=FLIPPED_RELU)
+                                  if n == "timm-seresnext26d_32x4d" else n for n in NUMERICS])
 def test_numerics_eval_and_train_against_float64(name):
     original = randomize_bn(NUMERICS[name]())
     fused = fuse_quietly(original)

@@ -1007,6 +1007,9 @@ def _branch_args(branch_scale: Tensor | None, y: Tensor, dummy: Tensor, **out) -
 
 
 _SAMPLE_SUMS_BLOCK_M = 32
+# 8 warps: 16 elements per thread and accumulator at BLOCK_K = 128 (4 warps spill on sm_100 in
+# bf16, and the (N, channel blocks) grid is small at small batches: more threads per program)
+_SAMPLE_SUMS_WARPS = 8
 
 
 def sample_sums(y: Tensor, mean: Tensor, dz: Tensor | None = None,
@@ -1027,7 +1030,7 @@ def sample_sums(y: Tensor, mean: Tensor, dz: Tensor | None = None,
     _sample_sums_kernel[(n, triton.cdiv(k, block_k))](
         y, mean, dz if grad else y, z if grad else y,  # dummies: never read without GRAD
         sum_a, sum_g if grad else sum_a, m // n, k,
-        GRAD=grad, BLOCK_M=_SAMPLE_SUMS_BLOCK_M, BLOCK_K=block_k,
+        GRAD=grad, BLOCK_M=_SAMPLE_SUMS_BLOCK_M, BLOCK_K=block_k, num_warps=_SAMPLE_SUMS_WARPS,
     )
     return sum_a, sum_g
 
@@ -1326,6 +1329,7 @@ def compile_specs() -> list[CompileSpec]:
                     dict(y_ptr=ptr, mean_ptr=f32, dz_ptr=ptr, z_ptr=ptr, sum_a_ptr=f32,
                          sum_g_ptr=f32, HW="i32", K="i32"),
                     dict(GRAD=grad, BLOCK_M=_SAMPLE_SUMS_BLOCK_M, BLOCK_K=bk),
+                    num_warps=_SAMPLE_SUMS_WARPS,
                 ))
     for center in (False, True):
         specs.append(CompileSpec(

@@ -26,7 +26,12 @@ from fastres.nn.gate import gate_function, gate_reason
 from fastres.ops.block import ConvArgs, NormArgs, residual_block
 from tests.models._util import randomize_bn
 from tests.ops.test_block import _run_steps, compare_steps
-from tests.ops.test_block_modern import SEED, _pre_activation, fused_block
+from tests.ops.test_block_modern import (
+    SEED,
+    _pre_activation,
+    compare_float64_steps,
+    fused_block,
+)
 
 timm = pytest.importorskip("timm")
 tv_ops = pytest.importorskip("torchvision.ops")
@@ -342,37 +347,8 @@ def test_gated_model_trains_as_block_ops_like_eager(name: str) -> None:
     blocks = [m for m in fused.modules() if isinstance(m, fastres.nn.FusedBlock)
               and getattr(m, "se", None) is not None]
     assert len(blocks) == 8 and all(b.block_reason() is None for b in blocks)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    target = torch.tensor([1, 3])
-    runs = []
-    for m in (fused, eager):
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-        steps = []
-        with fastres.use_backend("reference"), fastres.backends.record_calls() as served:
-            for step in range(2):
-                opt.zero_grad()
-                torch.manual_seed(SEED + step)
-                loss = nn.functional.cross_entropy(m(x), target)
-                loss.backward()
-                steps.append((loss.detach(), {k: p.grad.clone()
-                                              for k, p in m.named_parameters()}))
-                opt.step()
-        runs.append((steps, {k: t.detach() for k, t in m.state_dict().items()}, served))
-    (steps_f, state_f, served_f), (steps_e, state_e, _) = runs
-    assert [c.op for c in served_f].count("residual_block") == 2 * 2 * 8
-
-    def close(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
-        # the block op keeps BN statistics in fp32 (DESIGN §3), also for float64 blocks
-        err = (got - want).abs().max().item()
-        assert err <= 1e-4 * want.abs().max().item() + 1e-12, f"{what}: {err:.3e}"
-
-    for step, ((lf, gf), (le, ge)) in enumerate(zip(steps_f, steps_e)):
-        close(f"step {step} loss", lf, le)
-        assert any(".se." in k for k in ge)
-        for k in ge:
-            close(f"step {step} {k}.grad", gf[k], ge[k])
-    for k in state_e:
-        close(k, state_f[k].double(), state_e[k].double())
+    grads = compare_float64_steps(fused, eager, blocks=8)
+    assert any(".se." in k for k in grads)
 
 
 def test_op_with_a_gate_under_torch_compile_says_it_is_eager_only() -> None:

@@ -382,6 +382,45 @@ def _fuse_timm_blocks(model: nn.Module) -> int:
     return count
 
 
+def compare_float64_steps(fused: nn.Module, eager: nn.Module, blocks: int,
+                          steps: int = 2) -> dict[str, torch.Tensor]:
+    """``steps`` seeded SGD steps of a float64 model, fused (its ``blocks`` residual blocks one
+    block op each, reference backend) vs eager: the loss, every gradient and the state after
+    them agree to rounding. Returns eager's gradients of the first step."""
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    runs = []
+    for m in (fused, eager):
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        per_step = []
+        with fastres.use_backend("reference"), fastres.backends.record_calls() as served:
+            for step in range(steps):
+                opt.zero_grad()
+                torch.manual_seed(SEED + step)
+                loss = nn.functional.cross_entropy(m(x), target)
+                loss.backward()
+                per_step.append((loss.detach(), {k: p.grad.clone()
+                                                 for k, p in m.named_parameters()}))
+                opt.step()
+        runs.append((per_step, {k: t.detach() for k, t in m.state_dict().items()}, served))
+    (steps_f, state_f, served_f), (steps_e, state_e, _) = runs
+    assert [c.op for c in served_f].count("residual_block") == 2 * steps * blocks
+
+    def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+        # a few 1e-6 of each tensor's scale apart after a step; a sample dropped in one run
+        # and kept in the other would be O(1) apart
+        err = (got - want).abs().max().item()
+        assert err <= 1e-4 * want.abs().max().item() + 1e-12, f"{name}: {err:.3e}"
+
+    for step, ((lf, gf), (le, ge)) in enumerate(zip(steps_f, steps_e)):
+        close(f"step {step} loss", lf, le)
+        for k in ge:
+            close(f"step {step} {k}.grad", gf[k], ge[k])
+    for k in state_e:
+        close(k, state_f[k].double(), state_e[k].double())
+    return steps_e[0][1]
+
+
 def test_resnet26d_with_drop_path_trains_as_block_ops_like_eager() -> None:
     """timm resnet26d (avg-pool shortcuts) with drop_path_rate=0.2, every block one block op:
     two seeded training steps in float64 (the maths of a whole model, DESIGN §4) give eager's
@@ -394,38 +433,7 @@ def test_resnet26d_with_drop_path_trains_as_block_ops_like_eager() -> None:
     blocks = [m for m in fused.modules() if isinstance(m, Bottleneck)]
     assert all(b.block_reason() is None for b in blocks)
     assert sum(b.block_layout().shortcut_pool is not None for b in blocks) == 3  # s2 stages
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    target = torch.tensor([1, 3])
-    runs = []
-    for m in (fused, eager):
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-        steps = []
-        with fastres.use_backend("reference"), fastres.backends.record_calls() as served:
-            for step in range(2):
-                opt.zero_grad()
-                torch.manual_seed(SEED + step)
-                loss = nn.functional.cross_entropy(m(x), target)
-                loss.backward()
-                steps.append((loss.detach(), {k: p.grad.clone()
-                                              for k, p in m.named_parameters()}))
-                opt.step()
-        runs.append((steps, {k: t.detach() for k, t in m.state_dict().items()}, served))
-    (steps_f, state_f, served_f), (steps_e, state_e, _) = runs
-    assert [c.op for c in served_f].count("residual_block") == 2 * 2 * 8
-
-    def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-        # the block op keeps BN statistics in fp32 (DESIGN §3), also for float64 blocks: a
-        # few 1e-6 of each tensor's scale apart after a step (1.4e-6 before any, as without a
-        # drop path); a sample dropped in one run and kept in the other is O(1) apart
-        err = (got - want).abs().max().item()
-        assert err <= 1e-4 * want.abs().max().item() + 1e-12, f"{name}: {err:.3e}"
-
-    for step, ((lf, gf), (le, ge)) in enumerate(zip(steps_f, steps_e)):
-        close(f"step {step} loss", lf, le)
-        for k in ge:
-            close(f"step {step} {k}.grad", gf[k], ge[k])
-    for k in state_e:
-        close(k, state_f[k].double(), state_e[k].double())
+    compare_float64_steps(fused, eager, blocks=8)
 
 
 @pytest.mark.parametrize("drop_path_rate", [0.0, 0.2])

@@ -471,6 +471,16 @@ def _backward(ctx, dout, dsaved_unused, dmeans_unused, dvars_unused, dcounts_unu
 residual_block_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _function_outputs(ctx, inputs, output) -> tuple[Tensor, ...]:
+    """What the block op's ``autograd.Function`` returns for the custom op's ``output``: the
+    block output, then the statistics (no gradient); ``ctx`` set up for backward."""
+    _setup_context(ctx, inputs, output)
+    out, _, means, variances, counts = output
+    ctx.mark_non_differentiable(*means, *variances, *counts)
+    ctx.set_materialize_grads(False)
+    return (out, *means, *variances, *counts)
+
+
 class _BlockFunction(torch.autograd.Function):
     """The block op with the autograd formula registered above, for eager calls (as
     ``conv_bn_relu``'s ``_ConvBNReLUFunction``: ``register_autograd``'s wrapper re-fills the
@@ -488,11 +498,7 @@ class _BlockFunction(torch.autograd.Function):
         inputs = (x, list(params[:n_w]), list(params[n_w:n_w + n_bn]),
                   list(params[n_w + n_bn:]), *rest[:-2], xs, branch_scale, group)
         output = call_op(residual_block_fwd, _fwd_impl, inputs, (x, xs, branch_scale, *params))
-        _setup_context(ctx, inputs, output)
-        out, _, means, variances, counts = output
-        ctx.mark_non_differentiable(*means, *variances, *counts)
-        ctx.set_materialize_grads(False)
-        return (out, *means, *variances, *counts)
+        return _function_outputs(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, dout, *unused):
@@ -564,12 +570,8 @@ class _GatedBlockFunction(torch.autograd.Function):
         inputs = (x, list(params[:n_w]), list(params[n_w:n_w + n_bn]),
                   list(params[n_w + n_bn:n_w + 2 * n_bn]), *rest, xs, branch_scale, group)
         output = _forward(*inputs, gate)
-        _setup_context(ctx, inputs, output)
         ctx.gate = gate
-        out, _, means, variances, counts = output
-        ctx.mark_non_differentiable(*means, *variances, *counts)
-        ctx.set_materialize_grads(False)
-        return (out, *means, *variances, *counts)
+        return _function_outputs(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, dout, *unused):

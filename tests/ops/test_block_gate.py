@@ -25,13 +25,8 @@ import fastres
 from fastres.nn.gate import gate_function, gate_reason
 from fastres.ops.block import ConvArgs, NormArgs, residual_block
 from tests.models._util import randomize_bn
-from tests.ops.test_block import _run_steps, compare_steps
-from tests.ops.test_block_modern import (
-    SEED,
-    _pre_activation,
-    compare_float64_steps,
-    fused_block,
-)
+from tests.ops.test_block_modern import SEED, compare_float64_steps, fused_block
+from tests.ops.test_block_modern import check_case as check_block_case
 
 timm = pytest.importorskip("timm")
 tv_ops = pytest.importorskip("torchvision.ops")
@@ -104,36 +99,10 @@ def _grid() -> list:
 
 def check_case(case: GateCase, dtype: torch.dtype, backend: str, steps: int = 2, n: int = N,
                device: str = "cpu") -> None:
-    """``steps`` training steps and an eval forward of ``case`` through the block op on
-    ``backend`` against the timm block in float64 (the truth) and in ``dtype`` (the baseline),
-    all three on ``device``: the drop-path draws come from that device's generator, seeded
-    alike for each run (as tests/ops/test_block_modern.py)."""
-    torch.manual_seed(1)
-    block = case.build().to(dtype)
-    x = torch.randn(n, case.cin, case.hw, case.hw).to(dtype)
-    block, x = block.to(device), x.to(device)
-    truth = copy.deepcopy(block).double()
-    baseline = copy.deepcopy(block).to(memory_format=CL)
-    fused = fused_block(copy.deepcopy(block))
-    assert fused.block_reason() is None, fused.block_reason()
-    x_dev = x.contiguous(memory_format=CL)
-    with torch.no_grad():
-        out_shape = copy.deepcopy(truth).eval()(x.double()).shape
-    upstream = torch.randn(out_shape).to(dtype).double().to(device)
-    if dtype != torch.float32:  # outputs within rounding of the final ReLU's 0 (test_block.py)
-        pre_ref = _pre_activation(truth, x.double())
-        band = 2 * (_pre_activation(baseline, x_dev).double() - pre_ref).abs().max().item()
-        band += 4 * torch.finfo(dtype).eps * pre_ref.abs().max().item()
-        upstream[pre_ref.abs() <= band] = 0.0
-    with fastres.backends.record_calls() as served:
-        got = _run_steps(fused, x_dev, upstream, steps, backend, SEED)
-    assert [(c.direction, c.op, c.backend) for c in served] == (
-        [("forward", "residual_block", backend), ("backward", "residual_block", backend)] * steps
-        + [("forward", "residual_block", backend)]), "the block did not run as one block op"
-    want = _run_steps(truth, x.double(), upstream, steps, None, SEED)
-    base = _run_steps(baseline, x_dev, upstream, steps, None, SEED)
+    """tests/ops/test_block_modern.py's check of a block through the block op (truth in
+    float64, baseline in ``dtype``, all on ``device``), for a gated block."""
+    want = check_block_case(case, dtype, backend, steps, device=device, n=n)
     assert any(k.startswith("se.") for k in want[0][0][2]), "the gate has no parameters"
-    compare_steps(got, want, base, steps)
 
 
 @pytest.mark.parametrize(("backend", "case", "dtype"), _grid())

@@ -140,7 +140,10 @@ def _pre_activation(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_case(case: Case, dtype: torch.dtype, backend: str, steps: int = 2,
-               device: str = "cpu") -> None:
+               device: str = "cpu", n: int = N) -> list:
+    """``steps`` training steps and an eval forward of ``case`` (anything with ``build()``,
+    ``cin`` and ``hw``) through the block op on ``backend`` against the block in float64 (the
+    truth) and in ``dtype`` (the baseline); returns the truth's steps (``_run_steps``)."""
     # In fp16/bf16 an inner activation within rounding of 0 can take either side of its ReLU
     # (the block op recomputes it from fp32 statistics, eager BN rounds first) and then moves
     # the gradients below it by |da|: the exposure of tests/ops/test_block.py, which no
@@ -148,7 +151,7 @@ def check_case(case: Case, dtype: torch.dtype, backend: str, steps: int = 2,
     # seed 0 the basic-proj case has such an element, with or without the drop path).
     torch.manual_seed(1)
     block = case.build().to(dtype)
-    x = torch.randn(N, case.cin, case.hw, case.hw).to(dtype)
+    x = torch.randn(n, case.cin, case.hw, case.hw).to(dtype)
     # all three on one device: the drop-path draws come from that device's generator (on CUDA
     # the float64 truth runs there too)
     block, x = block.to(device), x.to(device)
@@ -173,6 +176,7 @@ def check_case(case: Case, dtype: torch.dtype, backend: str, steps: int = 2,
     want = _run_steps(truth, x.double(), upstream, steps, None, SEED)
     base = _run_steps(baseline, x_dev, upstream, steps, None, SEED)
     compare_steps(got, want, base, steps)
+    return want
 
 
 @pytest.mark.gpu

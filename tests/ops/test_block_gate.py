@@ -25,13 +25,12 @@ import fastres
 from fastres.nn.gate import gate_function, gate_reason
 from fastres.ops.block import ConvArgs, NormArgs, residual_block
 from tests.models._util import randomize_bn
-from tests.ops.test_block_modern import SEED, compare_float64_steps, fused_block
+from tests.ops.test_block_modern import SEED, compare_float64_steps, fused_block, timm_block
 from tests.ops.test_block_modern import check_case as check_block_case
 
 timm = pytest.importorskip("timm")
 tv_ops = pytest.importorskip("torchvision.ops")
 from timm.layers import DropPath, EcaModule, EffectiveSEModule, SEModule
-from timm.models import resnet as timm_resnet
 
 CL = torch.channels_last
 N = 3
@@ -52,22 +51,9 @@ class GateCase:
     hw: int = 5
 
     def build(self) -> nn.Module:
-        cls = timm_resnet.BasicBlock if self.basic else timm_resnet.Bottleneck
-        out = self.planes * cls.expansion
-        downsample = None
-        if self.stride != 1 or self.cin != out:
-            make = timm_resnet.downsample_avg if self.avg_down else timm_resnet.downsample_conv
-            downsample = make(self.cin, out, 1, stride=self.stride)
-        kw = {} if self.basic else dict(cardinality=self.cardinality, base_width=self.base_width)
-        block = cls(self.cin, self.planes, self.stride, downsample=downsample,
-                    attn_layer=self.attn, drop_path=DropPath(0.4) if self.drop else None, **kw)
-        randomize_bn(block)
-        g = torch.Generator().manual_seed(7)
+        block = timm_block(self, attn_layer=self.attn,
+                           drop_path=DropPath(0.4) if self.drop else None)
         with torch.no_grad():
-            for m in block.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    sign = torch.where(torch.rand(m.num_features, generator=g) < 0.5, -1.0, 1.0)
-                    m.bias.copy_(sign * (0.5 + torch.rand(m.num_features, generator=g)))
             for p in block.se.parameters():  # a gate that varies over samples and channels
                 p.mul_(3.0)
         return block

@@ -28,7 +28,7 @@ from fastres.ops.block import ConvArgs, NormArgs, residual_block
 from tests.backends.test_triton_block import _Launches, _standalone
 from tests.backends.test_triton_conv_bwd import FORBIDDEN
 from tests.models._util import randomize_bn
-from tests.ops.test_block import _run_steps, compare_steps
+from tests.ops.test_block import _run_steps, _shift_bn, compare_steps
 
 timm = pytest.importorskip("timm")
 tv_ops = pytest.importorskip("torchvision.ops")
@@ -62,23 +62,23 @@ class Case:
 
     def build(self) -> nn.Module:
         """The timm block, BN state randomised, β away from 0 (relu(β) ≠ 0 at the border)."""
-        cls = timm_resnet.BasicBlock if self.basic else timm_resnet.Bottleneck
-        out = self.planes * cls.expansion
-        downsample = None
-        if self.stride != 1 or self.cin != out:
-            make = timm_resnet.downsample_avg if self.avg_down else timm_resnet.downsample_conv
-            downsample = make(self.cin, out, 1, stride=self.stride)
-        kw = {} if self.basic else dict(cardinality=self.cardinality, base_width=self.base_width)
-        block = cls(self.cin, self.planes, self.stride, downsample=downsample,
-                    drop_path=self.drop_module(), **kw)
-        randomize_bn(block)
-        g = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for m in block.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    sign = torch.where(torch.rand(m.num_features, generator=g) < 0.5, -1.0, 1.0)
-                    m.bias.copy_(sign * (0.5 + torch.rand(m.num_features, generator=g)))
-        return block
+        return timm_block(self, drop_path=self.drop_module())
+
+
+def timm_block(case, **block_kw) -> nn.Module:
+    """timm's BasicBlock / Bottleneck of ``case`` (basic, cin, planes, stride, avg_down,
+    cardinality, base_width), BN state randomised and β away from 0; ``block_kw`` go to the
+    block (drop_path, attn_layer)."""
+    cls = timm_resnet.BasicBlock if case.basic else timm_resnet.Bottleneck
+    out = case.planes * cls.expansion
+    downsample = None
+    if case.stride != 1 or case.cin != out:
+        make = timm_resnet.downsample_avg if case.avg_down else timm_resnet.downsample_conv
+        downsample = make(case.cin, out, 1, stride=case.stride)
+    if not case.basic:
+        block_kw.update(cardinality=case.cardinality, base_width=case.base_width)
+    block = cls(case.cin, case.planes, case.stride, downsample=downsample, **block_kw)
+    return _shift_bn(randomize_bn(block))
 
 
 def fused_block(timm_block: nn.Module) -> nn.Module:

@@ -20,7 +20,11 @@ Kernels, in the order a training step uses them:
   (y − mean)·scale + β (+ residual) recomputed, g stored for the conv backward); per-channel Σg and
   Σg·ŷ as per-program partial sums, then a small deterministic reduction (no atomics, no host
   synchronisation); the first also writes ``dresidual = g`` when asked, and the sums of a second
-  BN fed by the same g (the projection shortcut's) from the same pass.
+  BN fed by the same g (the projection shortcut's) from the same pass. For a channel gate the g
+  of the gated BN: scaled by the gate, plus its pooled-mean gradient (and, for a gate on a conv's
+  input, times that activation's ReLU mask).
+* ``_sample_sums_kernel``: per-(sample, channel) spatial sums for a channel gate, of y − mean
+  or of an activation relu(y·scale + shift) that is never stored, and their gradient sums.
 * ``_bn_bwd_dx_kernel``: ``dy = γ·invstd·(g − Σg/M − ŷ·Σgŷ/M)`` (batch statistics) or
   ``dy = γ·invstd·g`` (running statistics), and ``dresidual = g``; optionally ``dy + add`` (a
   pre-activation block's entry BN joined with the shortcut gradient). The formula lives in the
@@ -29,7 +33,8 @@ Kernels, in the order a training step uses them:
   centred on the *stored* y (whose fp16/bf16 rounding moves its mean off the fp32 batch mean),
   so Σŷ = 0 and the bias gradient stays ≈ 0 as it must (see ``_bn_bwd_sum_kernel``).
 * ``_act_mask``: the ReLU mask of an activation that is never stored (a fused block's conv input),
-  for conv_bwd's dgrad epilogue, which does the first pass of the layer before's dBN itself.
+  for conv_bwd's dgrad epilogue, which does the first pass of the layer before's dBN itself, and
+  for the gated reduction above.
 
 Running-statistic updates are the op layer's job, not this module's.
 """
@@ -461,7 +466,7 @@ def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool, silu: b
     accumulators) tiles of 32 elements per thread spill on sm_80 and sm_90, with SILU (y, the
     residual, dz and v's sigmoid per element) on sm_90 and sit at 255 registers on sm_80
     (compile check), and the _REDUCE_SPILLS_8 tiles on their targets; None where it is
-    offered."""
+    offered. (ACT_MASK comes with BRANCH_SCALE: its tiles are pruned as the branch scale's.)"""
     if block_m * block_k >= 32 * 32 * warps:
         if second:
             return "32 elements per thread with the second BN's sums spill registers"
@@ -489,7 +494,7 @@ def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> li
 @_tuning.autotune(
     _configs(_REDUCE_BLOCKS),
     key=["M", "K", "BLOCK_K", "RELU", "CENTER", "WRITE_DRES", "SECOND", "SILU", "HAS_RES",
-         "BRANCH_SCALE", "BRANCH_ADD", "PER_CHANNEL_SCALE"],
+         "BRANCH_SCALE", "BRANCH_ADD", "PER_CHANNEL_SCALE", "ACT_MASK"],
     prune=_prune_bwd_reduce,
 )
 @triton.jit
@@ -531,12 +536,18 @@ def _bn_bwd_reduce_kernel(
     branch_add_ptr=None,  # (N, K) fp32 contiguous: added to the BN's g (if BRANCH_ADD)
     BRANCH_ADD: tl.constexpr = False,  # a gate: g·scale[n, k] + dpooled[n, k]/HW
     PER_CHANNEL_SCALE: tl.constexpr = False,  # bs_stride_k != 0 (a gate), else one per row
+    y_scale_ptr=None,  # (K,) fp32: y's own BN map, a = relu(y·scale + shift) (if ACT_MASK)
+    y_shift_ptr=None,  # (K,) fp32
+    ACT_MASK: tl.constexpr = False,  # with BRANCH_SCALE: times a's ReLU mask (see below)
 ):
     """Per-program partial sums; rows_per_prog is fixed by the launcher, not by the autotuned
     BLOCK_M, so the partial buffers have the same shape whichever config runs. With
     BRANCH_SCALE the sums are of the BN's own g (the output's g times the (sample, channel)'s
     scale, plus with BRANCH_ADD the gate's pooled-mean gradient), which is also stored: dres,
-    when written, stays the output's g (the shortcut's)."""
+    when written, stays the output's g (the shortcut's). With ACT_MASK (a gate between a BN +
+    ReLU and the conv reading a = relu(y·scale + shift)·gate: dz is that conv's input gradient)
+    that g is also masked by a's ReLU, ``[y·scale + shift > 0]`` (``_act_mask``), before it is
+    stored and summed: the g of the BN of y."""
     pid_p = tl.program_id(0)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
@@ -547,6 +558,9 @@ def _bn_bwd_reduce_kernel(
         var = tl.load(var_ptr + offs_k, mask=mask_k, other=1.0)
         act_scale, act_beta = _affine(tl.zeros_like(var), var, gamma_ptr, beta_ptr, offs_k,
                                       mask_k, eps, True, True)
+    if ACT_MASK:
+        y_scale = tl.load(y_scale_ptr + offs_k, mask=mask_k, other=0.0)
+        y_shift = tl.load(y_shift_ptr + offs_k, mask=mask_k, other=0.0)
     row_begin = pid_p.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
     # elementwise accumulators, reduced over rows once at the end (fewer, better-ordered adds)
@@ -577,6 +591,8 @@ def _bn_bwd_reduce_kernel(
                                   bs_stride_k, PER_CHANNEL_SCALE)
             if BRANCH_ADD:
                 g += _sample_scale(branch_add_ptr, offs_m, offs_k, mask_k, M, HW, K, 1, True)
+            if ACT_MASK:  # the ReLU of the gated activation, after the gate and its pooling
+                g = tl.where(_act_mask(y, y_scale[None, :], y_shift[None, :]), g, 0.0)
             g = _cast_out(g, g_branch_ptr)
             tl.store(g_branch_ptr + idx, g, mask=mask)
             g = tl.where(mask, g.to(tl.float32), 0.0)
@@ -604,25 +620,35 @@ def _bn_bwd_reduce_kernel(
 @triton.jit
 def _sample_sums_kernel(
     y_ptr,  # (M, K) x dtype: raw conv output, M = N·HW rows
-    mean_ptr,  # (K,) fp32: the mean that normalises y
-    dz_ptr,  # (M, K) x dtype: gradient of the block output (read only if GRAD)
-    z_ptr,  # (M, K) x dtype: the block output, for the ReLU mask (read only if GRAD)
+    mean_ptr,  # (K,) fp32: the mean that normalises y (read only without ACT)
+    dz_ptr,  # (M, K) x dtype: gradient of the block output, with ACT of a (read only if GRAD)
+    z_ptr,  # (M, K) x dtype: the block output, for the ReLU mask (read only if GRAD, not ACT)
     sum_a_ptr,  # (N, K) fp32 out: Σ_hw (y − mean), or with GRAD Σ_hw g·(y − mean)
-    sum_g_ptr,  # (N, K) fp32 out: Σ_hw g (written only if GRAD)
+    sum_g_ptr,  # (N, K) fp32 out: Σ_hw g (written only if GRAD, not ACT)
     HW,  # rows per sample
     K,  # channels
-    GRAD: tl.constexpr,  # g = dz·[z > 0]
+    GRAD: tl.constexpr,  # g = dz·[z > 0] (with ACT: g = dz)
     BLOCK_M: tl.constexpr,  # rows per loop step
     BLOCK_K: tl.constexpr,  # channels per program
+    scale_ptr=None,  # (K,) fp32: with ACT, the sums are of a = relu(y·scale + shift), not y − mean
+    shift_ptr=None,  # (K,) fp32
+    ACT: tl.constexpr = False,  # sum_a gets Σ_hw a, or with GRAD Σ_hw dz·a
 ):
     """Per-(sample, channel) spatial sums for a channel gate: forward the sample's mean of y
     (Σ_hw (y − mean), centred as BatchNorm computes), backward the gate's gradient (Σ_hw g·(y −
-    mean) and Σ_hw g). One program per (sample, channel block) looping over the sample's pixels
-    in a fixed order: deterministic, no atomics."""
+    mean) and Σ_hw g). With ACT the gate scales an activation a = relu(y·scale + shift) that is
+    never stored (a conv's input, between BN + ReLU and the conv): a as the conv's prologue forms
+    it (conv.py ``_activated``: fp32, rounded to y's dtype), summed (Σ_hw a) or weighted by its
+    gradient (Σ_hw dz·a). One program per (sample, channel block) looping over the sample's
+    pixels in a fixed order: deterministic, no atomics."""
     n = tl.program_id(0)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+    if ACT:
+        scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
+        shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
+    else:
+        mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
     acc_a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     first = n.to(tl.int64) * HW
@@ -631,16 +657,21 @@ def _sample_sums_kernel(
         mask = (rows < HW)[:, None] & mask_k[None, :]
         idx = (first + rows)[:, None] * K + offs_k[None, :]
         y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, y - mean[None, :], 0.0)
+        if ACT:
+            a = y * scale[None, :] + shift[None, :]
+            a = tl.where(a < 0.0, 0.0, a)  # not maximum(): max.f32 drops NaN on a GPU
+            d = tl.where(mask, _cast_out(a, y_ptr).to(tl.float32), 0.0)
+        else:
+            d = tl.where(mask, y - mean[None, :], 0.0)
         if GRAD:
-            g = _grad_g(dz_ptr, z_ptr, idx, mask, True)
+            g = _grad_g(dz_ptr, z_ptr, idx, mask, not ACT)
             acc_a += g * d
             acc_g += g
         else:
             acc_a += d
     out = n.to(tl.int64) * K + offs_k
     tl.store(sum_a_ptr + out, tl.sum(acc_a, axis=0), mask=mask_k)
-    if GRAD:
+    if GRAD and not ACT:
         tl.store(sum_g_ptr + out, tl.sum(acc_g, axis=0), mask=mask_k)
 
 
@@ -1018,19 +1049,55 @@ def sample_sums(y: Tensor, mean: Tensor, dz: Tensor | None = None,
     a channel gate: ``(Σ_hw (y − mean), None)``, or with ``dz`` and ``z`` (the block output's
     gradient and the output, for its ReLU mask) ``(Σ_hw g·(y − mean), Σ_hw g)``, g = dz·[z >
     0]; (N, K) fp32 each."""
-    m, k = _rows(y)
-    grad = dz is not None
-    if grad:
+    _rows(y)
+    if dz is not None:
         assert dz.shape == y.shape and z is not None and z.shape == y.shape
         _rows(dz), _rows(z)
+    return _sample_sums(y, dz, mean=mean, z=z)
+
+
+def activation_sums(y: Tensor, scale: Tensor, shift: Tensor,
+                    dz: Tensor | None = None) -> Tensor:
+    """Per-(sample, channel) spatial sums of the activation ``a = relu(y·scale + shift)`` that a
+    conv reads through its prologue (never stored; computed as the prologue does, in fp32 and
+    rounded to y's dtype), for a channel gate on it: ``Σ_hw a`` (the gate's pooled input times
+    H·W), or with ``dz`` (the gradient of the gated input a·gate; y's shape and dtype,
+    channels_last) ``Σ_hw dz·a`` (the gate's gradient); (N, K) fp32. ``y`` is NHWC
+    (channels_last), ``scale``/``shift`` its BN's (K,) fp32 map."""
+    _, k = _rows(y)
+    for name, t in (("scale", scale), ("shift", shift)):
+        assert t.shape == (k,) and t.dtype == torch.float32 and t.is_contiguous(), (
+            f"activation_sums: {name} must be a contiguous ({k},) fp32 tensor, got "
+            f"{tuple(t.shape)} {t.dtype}"
+        )
+    if dz is not None:
+        assert dz.shape == y.shape and dz.dtype == y.dtype, (
+            f"activation_sums: dz must be like y {tuple(y.shape)} {y.dtype}, got "
+            f"{tuple(dz.shape)} {dz.dtype}"
+        )
+        _rows(dz)
+    return _sample_sums(y, dz, act=(scale, shift))[0]
+
+
+def _sample_sums(y: Tensor, dz: Tensor | None, *, mean: Tensor | None = None,
+                 z: Tensor | None = None,
+                 act: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+    """Launch ``_sample_sums_kernel`` on checked arguments: of y − mean, or with ``act`` of
+    relu(y·scale + shift); ``(sum_a, sum_g)``, sum_g None unless dz is given without act."""
+    m, k = _rows(y)
     n = y.shape[0]
+    grad = dz is not None
     block_k = _block_k(k)
     sum_a = _alloc.empty(n, k, dtype=torch.float32, device=y.device)
-    sum_g = _alloc.empty(n, k, dtype=torch.float32, device=y.device) if grad else None
+    sum_g = (_alloc.empty(n, k, dtype=torch.float32, device=y.device)
+             if grad and act is None else None)
+    scale, shift = act if act is not None else (mean, mean)  # dummies: never read without ACT
     _sample_sums_kernel[(n, triton.cdiv(k, block_k))](
-        y, mean, dz if grad else y, z if grad else y,  # dummies: never read without GRAD
-        sum_a, sum_g if grad else sum_a, m // n, k,
-        GRAD=grad, BLOCK_M=_SAMPLE_SUMS_BLOCK_M, BLOCK_K=block_k, num_warps=_SAMPLE_SUMS_WARPS,
+        y, mean if act is None else scale,  # dummy: the mean is never read with ACT
+        dz if grad else y, z if grad and act is None else y,  # dummies: never read
+        sum_a, sum_g if sum_g is not None else sum_a, m // n, k,
+        GRAD=grad, BLOCK_M=_SAMPLE_SUMS_BLOCK_M, BLOCK_K=block_k,
+        scale_ptr=scale, shift_ptr=shift, ACT=act is not None, num_warps=_SAMPLE_SUMS_WARPS,
     )
     return sum_a, sum_g
 
@@ -1087,6 +1154,7 @@ def reductions(
     branch_scale: Tensor | None = None,
     g_branch: Tensor | None = None,
     branch_add: Tensor | None = None,
+    act_mask: tuple[Tensor, Tensor] | None = None,
 ):
     """The per-channel sums of the backward: ``(Σg, Σg·ŷ, δ)``, (K,) fp32 each.
 
@@ -1111,6 +1179,11 @@ def reductions(
     ``branch_scale`` (any strides) scales per (sample, channel): a channel gate (times the drop
     path's scale), whose pooled-mean gradient ``branch_add`` ((N, K) fp32, dpooled/(H·W); needs
     ``branch_scale``) is added to that g in the same pass: g·branch_scale[n, k] + branch_add[n, k].
+    ``act_mask = (scale, shift)`` ((K,) fp32, y's own BN map; needs ``branch_scale``, ``relu``
+    False, no ``second`` or ``silu``): a gate between that BN + ReLU and the next conv, which
+    read a·gate, a = relu(y·scale + shift) never stored; dz is the conv's input gradient, and the
+    BN's g, ``(dz·branch_scale[n, k] + branch_add[n, k])·[y·scale + shift > 0]``, is stored into
+    ``g_branch`` and summed.
     """
     m, k = _rows(dz)
     if silu is not None:
@@ -1137,6 +1210,15 @@ def reductions(
         assert branch_scale is not None, "branch_add is added to the scaled g: pass branch_scale"
         assert branch_add.shape == (dz.shape[0], k) and branch_add.dtype == torch.float32
         branch_add = branch_add.contiguous()
+    if act_mask is not None:
+        assert branch_scale is not None, "act_mask masks the gated g: pass branch_scale (the gate)"
+        assert not relu and silu is None, "act_mask is the activation's ReLU: relu False, no silu"
+        assert second is None, "act_mask: no second BN (the gate's BN is fed by its g alone)"
+        assert len(act_mask) == 2, "act_mask is (scale, shift)"
+        for name, t in zip(("scale", "shift"), act_mask):
+            assert t.shape == (k,) and t.dtype == torch.float32, (
+                f"act_mask {name} must be ({k},) fp32, got {tuple(t.shape)} {t.dtype}")
+        act_mask = tuple(t.contiguous() for t in act_mask)
     block_k = _block_k(k)
     rows = rows_per_prog or _rows_per_prog(m)
     p = triton.cdiv(m, rows)
@@ -1161,6 +1243,9 @@ def reductions(
         **_branch_args(branch_scale, dz, part_g, g_branch_ptr=g_branch),
         branch_add_ptr=branch_add if branch_add is not None else part_g,  # dummy: never read
         BRANCH_ADD=branch_add is not None,
+        y_scale_ptr=act_mask[0] if act_mask is not None else mean,  # dummies: never read
+        y_shift_ptr=act_mask[1] if act_mask is not None else mean,  # without ACT_MASK
+        ACT_MASK=act_mask is not None,
     )
     sums = _finish_sums(part_g, part_gy, part_y, var, m, eps, batch_stats)
     if second is None:
@@ -1321,14 +1406,18 @@ def compile_specs() -> list[CompileSpec]:
                  out_var_ptr=f32, scale_ptr=f32, shift_ptr=f32, K="i32", eps="fp32"),
             dict(HAS_GAMMA=has_gamma, HAS_BETA=has_gamma, BLOCK_K=_BLOCK_K_STATS),
         ))
+    # of y − mean (both BLOCK_K extremes), and of a gated conv input's activation (ACT: the
+    # widest BLOCK_K only, the most elements per thread)
+    sample_sums_tiles = [(False, 16), (False, 128), (True, 128)]
     for t, ptr in _PTR_TYPES.items():
         for grad in (False, True):
-            for bk in (16, 128):
+            for act, bk in sample_sums_tiles:
                 specs.append(CompileSpec(
-                    f"sample_sums[{t},grad={grad},BLOCK_K={bk}]", _sample_sums_kernel,
+                    f"sample_sums[{t},grad={grad},{'act=True,' * act}BLOCK_K={bk}]",
+                    _sample_sums_kernel,
                     dict(y_ptr=ptr, mean_ptr=f32, dz_ptr=ptr, z_ptr=ptr, sum_a_ptr=f32,
-                         sum_g_ptr=f32, HW="i32", K="i32"),
-                    dict(GRAD=grad, BLOCK_M=_SAMPLE_SUMS_BLOCK_M, BLOCK_K=bk),
+                         sum_g_ptr=f32, HW="i32", K="i32", scale_ptr=f32, shift_ptr=f32),
+                    dict(GRAD=grad, ACT=act, BLOCK_M=_SAMPLE_SUMS_BLOCK_M, BLOCK_K=bk),
                     num_warps=_SAMPLE_SUMS_WARPS,
                 ))
     for center in (False, True):
@@ -1357,7 +1446,7 @@ def compile_specs() -> list[CompileSpec]:
                     part_y2_ptr=f32, var_ptr=f32, gamma_ptr=f32, beta_ptr=f32, res_ptr=t,
                     M="i32", K="i32", rows_per_prog="i32", eps="fp32",
                     branch_scale_ptr=f32, g_branch_ptr=t, HW="i32", bs_stride_n="i32",
-                    bs_stride_k="i32", branch_add_ptr=f32)
+                    bs_stride_k="i32", branch_add_ptr=f32, y_scale_ptr=f32, y_shift_ptr=f32)
 
     def dx_sig(t: str) -> dict[str, str]:
         return dict(dz_ptr=t, z_ptr=t, y_ptr=t, mean_ptr=f32, var_ptr=f32, gamma_ptr=f32,
@@ -1388,7 +1477,10 @@ def compile_specs() -> list[CompileSpec]:
             dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False, BRANCH_SCALE=True),
             # a channel gate: its pooled-mean gradient added to the scaled g
             dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False, BRANCH_SCALE=True,
-                 BRANCH_ADD=True, PER_CHANNEL_SCALE=True)]),
+                 BRANCH_ADD=True, PER_CHANNEL_SCALE=True),
+            # a gate on a conv's input: g of the BN before it, times its activation's ReLU mask
+            dict(RELU=False, CENTER=True, WRITE_DRES=False, SECOND=False, BRANCH_SCALE=True,
+                 BRANCH_ADD=True, PER_CHANNEL_SCALE=True, ACT_MASK=True)]),
         ("bn_bwd_dx", _bn_bwd_dx_kernel, dx_sig, _ELEMENTWISE_BLOCKS,
          [dict(RELU=u, BATCH_STATS=b, HAS_GAMMA=True, WRITE_DY=True, WRITE_DRES=d, HAS_ADD=False)
           for u in (False, True) for b in (False, True) for d in (False, True)]
@@ -1406,7 +1498,7 @@ def compile_specs() -> list[CompileSpec]:
     # (and drop path's BRANCH_SCALE off where a flag set does not name it)
     silu_off = {"bn_apply": dict(SILU=False, BRANCH_SCALE=False, PER_CHANNEL_SCALE=False),
                 "bn_bwd_reduce": dict(SILU=False, HAS_RES=False, BRANCH_SCALE=False,
-                                      BRANCH_ADD=False, PER_CHANNEL_SCALE=False)}
+                                      BRANCH_ADD=False, PER_CHANNEL_SCALE=False, ACT_MASK=False)}
     silu_sets = {
         "bn_apply": dict(HAS_RES=True, RES_AFFINE=False, RELU=False, SILU=True),
         "bn_bwd_reduce": dict(RELU=False, CENTER=True, WRITE_DRES=True, SECOND=False, SILU=True,
@@ -1437,10 +1529,10 @@ def compile_specs() -> list[CompileSpec]:
                     pruned=pruned(name, bm0, w0, 64, _DTYPES[t], flags),
                 ))
         # every block config with the most features on, in fp32 (the most registers); a gate's
-        # BRANCH_ADD and PER_CHANNEL_SCALE not counted: its tiles are those of drop path's
-        # BRANCH_SCALE (pruned alike); of equals the first listed (bn_apply: the gate's)
+        # BRANCH_ADD, PER_CHANNEL_SCALE and ACT_MASK not counted: its tiles are those of drop
+        # path's BRANCH_SCALE (pruned alike); of equals the first listed (bn_apply: the gate's)
         flags = max(flag_sets, key=lambda f: sum(f.values()) - f.get("BRANCH_ADD", False)
-                    - f.get("PER_CHANNEL_SCALE", False))
+                    - f.get("PER_CHANNEL_SCALE", False) - f.get("ACT_MASK", False))
         heaviest = [(flags, bk) for bk in (16, 64, 128)] + [(f, 128) for f in with_silu]
         for bm, w in blocks:
             for flags, bk in heaviest:
@@ -1462,6 +1554,6 @@ def compile_specs() -> list[CompileSpec]:
 
 
 __all__ = [
-    "apply", "backward", "batch_stats", "compile_specs", "finalize", "reductions",
-    "running_affine", "sample_sums",
+    "activation_sums", "apply", "backward", "batch_stats", "compile_specs", "finalize",
+    "reductions", "running_affine", "sample_sums",
 ]

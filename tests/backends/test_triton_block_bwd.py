@@ -7,6 +7,9 @@
 * ``bn.reductions(..., second=)``: the sums of two BNs fed by one g, in one pass;
 * ``bn.backward(..., add=)``: a pre-activation block's dBN joined with the shortcut gradient;
 * ``bn.batch_stats``: per-tile (count, mean, M2) of a stored tensor, finalised by bn.finalize.
+* a channel gate: ``bn.sample_sums``, ``bn.activation_sums`` (of a conv input's never-stored
+  activation), the (N, K) branch scale in ``bn.apply``, and ``bn.reductions`` with the gate
+  (``branch_scale``, ``branch_add``, and ``act_mask`` for a gate on a conv's input).
 
 Truth is float64 on the CPU, the base plain PyTorch in the test dtype, compared with the
 error-ratio rule of ``tests.numerics``; outputs are NaN-poisoned (tests/conftest.py).
@@ -601,18 +604,138 @@ def test_sample_sums(dtype: torch.dtype, n: int, k: int, h: int, w: int) -> None
         _assert_sum_close(name, out, ref, base, terms)
 
 
+# A gate on a conv's input (RegNetY's SE between conv b and conv c): the conv reads a·gate[n, k],
+# a = relu(y·scale + shift) never stored. The gate's input sums of a, its gradient sums of dz·a,
+# and the BN of y sees (dz·gate + dpooled/HW)·[y·scale + shift > 0].
+
+
+def _signed_map(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BN's (scale, shift), fp32: some scales negative (γ < 0), shifts of both signs."""
+    sign = torch.where(torch.rand(k) < 0.3, -1.0, 1.0)
+    return ((torch.rand(k) + 0.5) * sign).to(DEVICE), (torch.randn(k) * 0.5).to(DEVICE)
+
+
+def _assert_mask_matters(pre: torch.Tensor) -> None:
+    """The inputs exercise the ReLU: a good share of the pre-activations on either side of 0."""
+    positive = (pre > 0).double().mean().item()
+    assert 0.2 < positive < 0.8, positive
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n, k, h, w", [(3, 7, 5, 7), (2, 130, 3, 4)])
+def test_activation_sums(dtype: torch.dtype, n: int, k: int, h: int, w: int) -> None:
+    """Per-(sample, channel) Σ_hw a and Σ_hw dz·a of a = relu(y·scale + shift) (never stored),
+    against float64; plain PyTorch stores a in the dtype (eager BN + ReLU) and sums in fp32."""
+    y = _nhwc(n, k, h, w, offset=0.5).to(DEVICE, dtype)
+    scale, shift = _signed_map(k)
+    dz = torch.randn(y.shape).to(DEVICE, dtype).contiguous(memory_format=CL)
+    sum_a = bn.activation_sums(y, scale, shift)
+    sum_ga = bn.activation_sums(y, scale, shift, dz)
+    assert sum_a.shape == sum_ga.shape == (n, k) and sum_a.dtype == sum_ga.dtype == torch.float32
+    c64 = lambda t: t.double().cpu()
+    pre64 = c64(y) * _v(c64(scale)) + _v(c64(shift))
+    _assert_mask_matters(pre64)
+    a64 = pre64.relu()
+    a32 = (y.float() * _v(scale) + _v(shift)).relu().to(dtype).float()
+    ga64 = c64(dz) * a64
+    for name, out, ref, base, terms in (
+            ("Σa", sum_a, a64.sum((2, 3)), a32.sum((2, 3)), a64.sum((2, 3))),
+            ("Σdz·a", sum_ga, ga64.sum((2, 3)), (dz.float() * a32).sum((2, 3)),
+             ga64.abs().sum((2, 3)))):
+        _assert_sum_close(name, out, ref, base, terms)
+        # of a as the conv reads it, rounded to the dtype (eager pools the stored a): only the
+        # fp32 summation order differs, far below a bf16 rounding of the terms
+        err = (out.double().cpu() - base.double().cpu()).abs()
+        assert (err <= 4 * torch.finfo(torch.float32).eps * terms).all(), (name, err.max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch_stats, k, rows_per_prog", [(True, 7, None), (True, 40, 16),
+                                                           (False, 130, 32)])
+def test_reductions_with_act_mask(dtype: torch.dtype, batch_stats: bool, k: int,
+                                  rows_per_prog: int | None, n: int = 3, h: int = 9,
+                                  w: int = 7) -> None:
+    """The BN before a gated conv input sees g = (dz·s[n, k] + t[n, k])·[y·scale + shift > 0]
+    (dz: the conv's input gradient, s the gate, t = dpooled/HW): stored in the dtype (g_branch),
+    against float64, masked exactly, and its sums taken of that stored g; programs whose rows
+    straddle samples."""
+    act = _act_input((n, k, h, w), dtype, batch_stats)
+    y, mean, var = act.y, act.mean, act.var
+    dz = torch.randn(y.shape, dtype=torch.float64).to(DEVICE, dtype).contiguous(memory_format=CL)
+    s = _gate_scale(n, k, transposed=k == 40)
+    t = (torch.randn(n, k) * 0.5).to(DEVICE) * (s != 0)  # a dropped sample's dgate is 0
+    g_branch = torch.empty_like(dz).fill_(float("nan"))
+    sums = bn.reductions(dz, y, None, mean, var, batch_stats=batch_stats, eps=EPS, relu=False,
+                         rows_per_prog=rows_per_prog, branch_scale=s, g_branch=g_branch,
+                         branch_add=t, act_mask=(act.scale, act.shift))
+    c64 = lambda v: v.double().cpu()
+    pre64 = c64(y) * _v(c64(act.scale)) + _v(c64(act.shift))
+    _assert_mask_matters(pre64)
+    g64 = (c64(dz) * c64(s)[:, :, None, None] + c64(t)[:, :, None, None]) * (pre64 > 0)
+    mask = _act_mask(act)
+    base_g = ((dz.float() * s[:, :, None, None] + t[:, :, None, None]) * mask).to(dtype)
+    assert_close_ratio("g", g_branch, g64, base_g)
+    torch.testing.assert_close(g_branch.float(), base_g.float(), rtol=2e-6, atol=1e-6)
+    assert (g_branch[~mask] == 0).all(), "g where the activation's ReLU is off"
+    gb64 = c64(g_branch)  # the sums are of the g dgrad reads, as stored
+    ref = _sums(gb64, c64(y), c64(mean), c64(var), batch_stats)
+    base = _sums(g_branch.float(), y.float(), mean, var, batch_stats)
+    d = (c64(y) - _v(c64(mean))).abs()
+    terms = (gb64.abs().sum(DIMS), (gb64.abs() * d).sum(DIMS) * torch.rsqrt(c64(var) + EPS),
+             d.mean(DIMS))
+    for name, a, r, b, tm in zip(("Σg", "Σg·ŷ", "δ"), sums, ref, base, terms):
+        assert (a is None) == (r is None), name
+        if r is not None:
+            _assert_sum_close(name, a, r, b, tm)
+
+
+def test_gate_on_conv_input_rejects_bad_arguments() -> None:
+    """activation_sums and reductions(act_mask=) name what is wrong."""
+    n, k = 2, 8
+    y = _nhwc(n, k, 3, 3).to(DEVICE, torch.float32)
+    scale, shift = _signed_map(k)
+    with pytest.raises(AssertionError, match="scale must be a contiguous"):
+        bn.activation_sums(y, scale[:4], shift)
+    with pytest.raises(AssertionError, match="shift must be a contiguous"):
+        bn.activation_sums(y, scale, shift.half())
+    with pytest.raises(AssertionError, match="dz must be like y"):
+        bn.activation_sums(y, scale, shift, y.bfloat16())
+    with pytest.raises(AssertionError, match="channels_last"):
+        bn.activation_sums(y.contiguous(), scale, shift)
+    dz = torch.randn_like(y)
+    mean, var = torch.zeros(k, device=DEVICE), torch.ones(k, device=DEVICE)
+    gate = torch.rand(n, k, device=DEVICE)
+    kw = dict(batch_stats=True, eps=EPS, act_mask=(scale, shift))
+    gated = dict(branch_scale=gate, g_branch=torch.empty_like(dz))
+    with pytest.raises(AssertionError, match="pass branch_scale"):
+        bn.reductions(dz, y, None, mean, var, relu=False, **kw)
+    with pytest.raises(AssertionError, match="relu False"):
+        bn.reductions(dz, y, dz.relu(), mean, var, relu=True, **kw, **gated)
+    with pytest.raises(AssertionError, match="no second BN"):
+        bn.reductions(dz, y, None, mean, var, relu=False, second=(y, mean, var), **kw,
+                      branch_scale=gate[:, 0].contiguous(), g_branch=torch.empty_like(dz))
+    with pytest.raises(AssertionError, match=r"act_mask shift must be \(8,\) fp32"):
+        bn.reductions(dz, y, None, mean, var, relu=False, batch_stats=True, eps=EPS,
+                      act_mask=(scale, shift[:7]), **gated)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("k, h, transposed", [(256, 56, False), (1024, 14, True)])
 def test_gate_kernels_cuda(dtype: torch.dtype, k: int, h: int, transposed: bool) -> None:
     """The gate's kernels compiled, at ImageNet sizes (n=4: tiles of rows cross images): the
     per-sample sums, the (N, K) branch scale in the join pass, and in the last BN's
-    reductions with the pooled gradient added (one- and two-level)."""
+    reductions with the pooled gradient added (one- and two-level); for a gate on a conv's
+    input, the activation's sums and the masked reductions."""
     test_sample_sums(dtype, 4, k, h, h)
     test_apply_with_gate_scale(dtype, True, k, transposed, n=4, h=h, w=h)
     for rows_per_prog in (None, 64):
         test_reductions_with_gate_scale_and_add(dtype, True, k, rows_per_prog, n=4, h=h, w=h)
     test_reductions_with_gate_scale_and_add(dtype, False, k, None, n=4, h=h, w=h)
+    # a gate on a conv's input: its sums of the activation, the masked g of the BN before it
+    test_activation_sums(dtype, 4, k, h, h)
+    test_reductions_with_act_mask(dtype, True, k, None, n=4, h=h, w=h)
+    test_reductions_with_act_mask(dtype, False, k, 64, n=4, h=h, w=h)
 
 
 def test_a_scale_constant_over_channels_is_loaded_per_row() -> None:

@@ -451,11 +451,14 @@ def _silu_g(dz_ptr, res_ptr, d, scale, beta, idx, mask, g_ptr, HAS_RES: tl.const
     return tl.where(mask, _cast_out(g, g_ptr).to(tl.float32), 0.0)
 
 
-# Flag sets (RELU, CENTER, WRITE_DRES, SECOND) whose 8-elements-per-thread fp16/bf16 tile spills
-# on a target (kernel report: 8-16 B on sm_100; ptxas's allocation is not monotonic in the flags)
+# The flags of _bn_bwd_reduce_kernel that _REDUCE_SPILLS_8 is keyed by, in this order
+_REDUCE_SPILL_FLAGS = ("RELU", "CENTER", "WRITE_DRES", "SECOND", "ACT_MASK")
+# Flag sets whose 8-elements-per-thread fp16/bf16 tile spills on a target (kernel report: 8-16 B
+# on sm_100; ptxas's allocation is not monotonic in the flags)
 _REDUCE_SPILLS_8 = {
-    (torch.float16, (True, True, True, False)): (100,),
-    (torch.bfloat16, (True, False, False, False)): (100,),
+    (torch.float16, (True, True, True, False, False)): (100,),
+    (torch.bfloat16, (True, False, False, False, False)): (100,),
+    (torch.float16, (False, True, False, False, True)): (100,),
 }
 
 
@@ -483,7 +486,7 @@ def _reduce_spills(block_m: int, warps: int, block_k: int, second: bool, silu: b
 def _prune_bwd_reduce(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     """Drop the tiles that spill for this (launcher-chosen) BLOCK_K, flags, dtype and target."""
     dz = nargs.get("dz_ptr")
-    flags = tuple(bool(kwargs.get(f)) for f in ("RELU", "CENTER", "WRITE_DRES", "SECOND"))
+    flags = tuple(bool(kwargs.get(f)) for f in _REDUCE_SPILL_FLAGS)
     problem = (kwargs["BLOCK_K"], flags[3], bool(kwargs.get("SILU")), getattr(dz, "dtype", None),
                _tuning.target(dz), flags, bool(kwargs.get("BRANCH_SCALE")))
     kept = [c for c in configs
@@ -1201,15 +1204,6 @@ def reductions(
     if relu:
         assert z.shape == dz.shape
         _rows(z)
-    assert (branch_scale is None) == (g_branch is None), "branch_scale needs g_branch"
-    assert branch_scale is None or second is None, "the second BN sees the unscaled g"
-    if g_branch is not None:
-        assert g_branch.shape == dz.shape and g_branch.dtype == dz.dtype
-        _rows(g_branch)
-    if branch_add is not None:
-        assert branch_scale is not None, "branch_add is added to the scaled g: pass branch_scale"
-        assert branch_add.shape == (dz.shape[0], k) and branch_add.dtype == torch.float32
-        branch_add = branch_add.contiguous()
     if act_mask is not None:
         assert branch_scale is not None, "act_mask masks the gated g: pass branch_scale (the gate)"
         assert not relu and silu is None, "act_mask is the activation's ReLU: relu False, no silu"
@@ -1219,6 +1213,15 @@ def reductions(
             assert t.shape == (k,) and t.dtype == torch.float32, (
                 f"act_mask {name} must be ({k},) fp32, got {tuple(t.shape)} {t.dtype}")
         act_mask = tuple(t.contiguous() for t in act_mask)
+    assert (branch_scale is None) == (g_branch is None), "branch_scale needs g_branch"
+    assert branch_scale is None or second is None, "the second BN sees the unscaled g"
+    if g_branch is not None:
+        assert g_branch.shape == dz.shape and g_branch.dtype == dz.dtype
+        _rows(g_branch)
+    if branch_add is not None:
+        assert branch_scale is not None, "branch_add is added to the scaled g: pass branch_scale"
+        assert branch_add.shape == (dz.shape[0], k) and branch_add.dtype == torch.float32
+        branch_add = branch_add.contiguous()
     block_k = _block_k(k)
     rows = rows_per_prog or _rows_per_prog(m)
     p = triton.cdiv(m, rows)
@@ -1507,7 +1510,7 @@ def compile_specs() -> list[CompileSpec]:
     def pruned(name: str, bm: int, w: int, bk: int, dtype: torch.dtype,
                flags: dict[str, bool]) -> dict[int, str]:
         if name == "bn_bwd_reduce":
-            key = tuple(flags[f] for f in ("RELU", "CENTER", "WRITE_DRES", "SECOND"))
+            key = tuple(flags.get(f, False) for f in _REDUCE_SPILL_FLAGS)
             return {cc: why for cc in TARGETS
                     if (why := _reduce_spills(bm, w, bk, flags["SECOND"], flags.get("SILU", False),
                                               dtype, cc, key, flags.get("BRANCH_SCALE", False)))}

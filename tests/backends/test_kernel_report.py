@@ -283,10 +283,16 @@ def test_backward_pruner_falls_back_to_a_tile_that_fits(monkeypatch):
 
     configs = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in tbn._REDUCE_BLOCKS]
     relu_center_dres = dict(RELU=True, CENTER=True, WRITE_DRES=True, SECOND=False)
+    gated_input = dict(CENTER=True, BRANCH_SCALE=True, BRANCH_ADD=True, PER_CHANNEL_SCALE=True,
+                       ACT_MASK=True)
     for cc, dtype, flags, dropped in ((100, torch.float16, relu_center_dres, [(16, 4)]),
                                       (100, torch.float16, dict(RELU=True), []),
                                       (90, torch.float16, relu_center_dres, []),
-                                      (100, torch.bfloat16, dict(RELU=True), [(16, 4)])):
+                                      (100, torch.bfloat16, dict(RELU=True), [(16, 4)]),
+                                      # a gate on a conv's input: ACT_MASK keys the table
+                                      (100, torch.float16, gated_input, [(16, 4)]),
+                                      (100, torch.float16, dict(CENTER=True), []),
+                                      (90, torch.float16, gated_input, [])):
         monkeypatch.setattr(_tuning, "target", lambda x, cc=cc: cc)
         kept = tbn._prune_bwd_reduce(configs, {"dz_ptr": torch.empty(1, dtype=dtype)},
                                      BLOCK_K=64, **flags)

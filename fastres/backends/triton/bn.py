@@ -1069,9 +1069,9 @@ def activation_sums(y: Tensor, scale: Tensor, shift: Tensor,
     (channels_last), ``scale``/``shift`` its BN's (K,) fp32 map."""
     _, k = _rows(y)
     for name, t in (("scale", scale), ("shift", shift)):
-        assert t.shape == (k,) and t.dtype == torch.float32 and t.is_contiguous(), (
-            f"activation_sums: {name} must be a contiguous ({k},) fp32 tensor, got "
-            f"{tuple(t.shape)} {t.dtype}"
+        assert t.shape == (k,) and t.dtype == torch.float32, (
+            f"activation_sums: {name} must be a ({k},) fp32 tensor, got {tuple(t.shape)} "
+            f"{t.dtype}"
         )
     if dz is not None:
         assert dz.shape == y.shape and dz.dtype == y.dtype, (
@@ -1079,7 +1079,7 @@ def activation_sums(y: Tensor, scale: Tensor, shift: Tensor,
             f"{tuple(dz.shape)} {dz.dtype}"
         )
         _rows(dz)
-    return _sample_sums(y, dz, act=(scale, shift))[0]
+    return _sample_sums(y, dz, act=(scale.contiguous(), shift.contiguous()))[0]
 
 
 def _sample_sums(y: Tensor, dz: Tensor | None, *, mean: Tensor | None = None,
@@ -1096,7 +1096,7 @@ def _sample_sums(y: Tensor, dz: Tensor | None, *, mean: Tensor | None = None,
              if grad and act is None else None)
     scale, shift = act if act is not None else (mean, mean)  # dummies: never read without ACT
     _sample_sums_kernel[(n, triton.cdiv(k, block_k))](
-        y, mean if act is None else scale,  # dummy: the mean is never read with ACT
+        y, scale if act is not None else mean,  # dummy: the mean is never read with ACT
         dz if grad else y, z if grad and act is None else y,  # dummies: never read
         sum_a, sum_g if sum_g is not None else sum_a, m // n, k,
         GRAD=grad, BLOCK_M=_SAMPLE_SUMS_BLOCK_M, BLOCK_K=block_k,

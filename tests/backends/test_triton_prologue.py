@@ -457,3 +457,24 @@ def test_prologue_pruning_drops_the_tiles_that_spill_only_with_it(monkeypatch) -
     # a gated launch has the prologue on too: the same tiles are dropped
     assert tconv._prune_gemm(tconv.GPU_GEMM_CONFIGS, nargs, IN_AFFINE=True,
                              IN_GATE=True) == with_prologue
+    # the direct kernel's fp32 tiles of 4096 elements spill with the gate alone
+    nargs = {"K": 256, "x_ptr": torch.empty(1, dtype=torch.float32)}
+    with_prologue = tconv._prune_direct(tconv.GPU_DIRECT_CONFIGS, nargs, IN_AFFINE=True)
+    gated = tconv._prune_direct(tconv.GPU_DIRECT_CONFIGS, nargs, IN_AFFINE=True, IN_GATE=True)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in with_prologue
+            if c not in gated} == {(128, 32), (64, 64), (256, 16)}
+
+
+def test_gated_wgrad_counts_the_staged_gate_tile(monkeypatch) -> None:
+    """The gated wgrad stages an fp32 gate tile per pipeline buffer besides x's (kernel
+    report: 192 KB for fp32 128x128x32 on sm_80, over its 163 KB): the estimate counts it, so
+    the pruner drops those tiles for a gated launch on sm_80 and keeps them without the gate."""
+    from fastres.backends.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "target", lambda x: 80)
+    nargs = {"Kg": 256, "Cg": 256, "dz_ptr": torch.empty(1, dtype=torch.float32)}
+    cfgs = conv_bwd.GPU_WGRAD_GEMM_CONFIGS
+    big = next(c for c in cfgs if tuple(c.kwargs.values()) == (128, 128, 32))
+    assert big in conv_bwd._prune_wgrad(cfgs, nargs, IN_AFFINE=True)
+    assert big not in conv_bwd._prune_wgrad(cfgs, nargs, IN_AFFINE=True, IN_GATE=True)
+    assert conv_bwd.smem_bytes("wgrad_gemm", big, torch.float32, 80, gated=True) >= 196608

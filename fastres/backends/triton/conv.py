@@ -161,6 +161,7 @@ _SPILLS = {
     "": "spills registers",
     "prologue": "spills registers with the prologue",
     "full": "spills registers with the statistics and the eval epilogue together",
+    "gate": "spills registers with the gated prologue",
 }
 _UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...], str], dict[int, str]] = {}
 for _key, _ccs in {
@@ -201,6 +202,12 @@ for _key, _ccs in {
     ("direct", torch.float16, (128, 32), "prologue"): (80,),
     ("direct", torch.float16, (64, 64), "prologue"): (80,),
     ("direct", torch.float16, (128, 64), "prologue"): (80,),
+    # with the gated prologue (the largest tiles, compiled with and without the statistics):
+    # the gate is gathered per (pixel, output channel's input channel) element in every step
+    ("direct", torch.float32, (128, 32), "gate"): (80, 90),  # 32 B without the statistics
+    ("direct", torch.float32, (64, 64), "gate"): (80, 90),  # 8-32 B
+    ("direct", torch.float32, (256, 16), "gate"): (80, 90),  # 32 B without the statistics
+    ("direct", torch.float16, (256, 16), "gate"): (80, 90, 100),  # 24-40 B
 }.items():
     for _cc in _ccs:
         _UNFIT_TILES.setdefault(_key, {})[_cc] = _SPILLS[_key[3]]
@@ -215,6 +222,7 @@ del _key, _ccs, _cc
 # statistics or fused eval's scale/shift, residual and ReLU alone keep it.
 _FLAG_SETS: dict[str, Callable[[Mapping[str, int], Mapping[str, object]], bool]] = {
     "prologue": lambda ints, flags: bool(flags.get("IN_AFFINE")),  # a block's inner convs
+    "gate": lambda ints, flags: bool(flags.get("IN_GATE")),  # the conv after a channel gate
     "full": lambda ints, flags: bool(flags.get("STATS")) and bool(
         flags.get("HAS_AFFINE") or flags.get("HAS_RES")),
 }
@@ -234,16 +242,18 @@ _SMEM_MODELS = {
 
 
 def smem_bytes(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
-               cc: int | None) -> int:
+               cc: int | None, gated: bool = False) -> int:
     """Shared memory (bytes, an upper estimate) configuration ``cfg`` of kernel ``kname``
-    ("gemm", "gemm_flat", "direct") takes in ``dtype`` on target ``cc``."""
+    ("gemm", "gemm_flat", "direct") takes in ``dtype`` on target ``cc``; ``gated``: with the
+    gated prologue (IN_GATE)."""
     kw = cfg.kwargs
     if kname == "direct":
         return _tuning.reduction_smem(kw["BLOCK_N"], cfg.num_warps)
     m, n, k = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
     cls = devices.for_target(cc) if cc is not None else None
     size = dtype.itemsize if dtype is not None else 4
-    return _tuning.gemm_smem(_SMEM_MODELS[kname], m * k, k * n, cfg.num_stages, size, cls)
+    gate = _tuning.gate_smem(m * k, cfg.num_stages) if gated else 0
+    return _tuning.gemm_smem(_SMEM_MODELS[kname], m * k, k * n, cfg.num_stages, size, cls) + gate
 
 
 def _flag_sets(ints: Mapping[str, int], flags: Mapping[str, object]) -> tuple[str, ...]:
@@ -306,7 +316,8 @@ def _unfit(
     for fset in _flag_sets(ints, flags or {}):
         if why := _UNFIT_TILES.get((kname, dtype, tile, fset), {}).get(cc):
             return f"{why} in {str(dtype).removeprefix('torch.')} on sm_{cc}"
-    return _tuning.smem_reason(smem_bytes(kname, cfg, dtype, cc), smem_limit, cc)
+    gated = bool((flags or {}).get("IN_GATE"))
+    return _tuning.smem_reason(smem_bytes(kname, cfg, dtype, cc, gated), smem_limit, cc)
 
 
 def _pruner(kname: str):
@@ -322,8 +333,9 @@ def _pruner(kname: str):
         aligned = isinstance(x, torch.Tensor) and _tuning.aligned16(x)
         kept = [c for c in configs
                 if _unfit(name, c, nargs, dtype, cc, kwargs, aligned, limit) is None]
+        gated = bool(kwargs.get("IN_GATE"))
         return kept or _tuning.fitting([c for c in configs if not c.kwargs.get("TMA")],
-                                       lambda c: smem_bytes(name, c, dtype, cc), limit)
+                                       lambda c: smem_bytes(name, c, dtype, cc, gated), limit)
     prune.__name__ = f"_prune_{kname}"
     return prune
 

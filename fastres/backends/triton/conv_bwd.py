@@ -232,11 +232,12 @@ _SMEM_MODELS = {
 
 
 def smem_bytes(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
-               cc: int | None) -> int:
+               cc: int | None, gated: bool = False) -> int:
     """Shared memory (bytes, an upper estimate) configuration ``cfg`` of kernel ``kname``
     ("dgrad_gemm", "dgrad_direct", "wgrad_gemm", "wgrad_gemm_flat", "wgrad_direct") takes in
     ``dtype`` on target ``cc``. The GEMMs' A operand is rows x reduction (dgrad: BLOCK_M x
-    BLOCK_K of dy; wgrad: BLOCK_J x BLOCK_M of x), B reduction x columns."""
+    BLOCK_K of dy; wgrad: BLOCK_J x BLOCK_M of x), B reduction x columns. ``gated``: wgrad with
+    the gated prologue (IN_GATE), whose gate tile is staged like x's."""
     kw = cfg.kwargs
     if kname.endswith("direct"):
         return _tuning.reduction_smem(kw["BLOCK_N"], cfg.num_warps)
@@ -246,8 +247,9 @@ def smem_bytes(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
         rows, cols, depth = kw["BLOCK_J"], kw["BLOCK_N"], kw["BLOCK_M"]
     cls = devices.for_target(cc) if cc is not None else None
     size = dtype.itemsize if dtype is not None else 4
+    gate = _tuning.gate_smem(rows * depth, cfg.num_stages) if gated else 0
     return _tuning.gemm_smem(_SMEM_MODELS[kname], rows * depth, depth * cols, cfg.num_stages,
-                             size, cls)
+                             size, cls) + gate
 
 
 def _flag_sets(flags: dict) -> tuple[str, ...]:
@@ -292,7 +294,8 @@ def _target_reason(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
         why = _UNFIT_TILES.get((kname, dtype, tile, fset), {}).get(cc)
         if why:
             return why
-    return _tuning.smem_reason(smem_bytes(kname, cfg, dtype, cc), smem_limit, cc)
+    gated = bool((flags or {}).get("IN_GATE"))
+    return _tuning.smem_reason(smem_bytes(kname, cfg, dtype, cc, gated), smem_limit, cc)
 
 
 def _pruner(kname: str):
@@ -304,12 +307,14 @@ def _pruner(kname: str):
         name = "wgrad_gemm_flat" if kname == "wgrad_gemm" and kwargs.get("FLAT_K") else kname
         dz = nargs.get("dz_ptr")
         dtype, cc = getattr(dz, "dtype", None), _tuning.target(dz)
+        gated = bool(kwargs.get("IN_GATE"))
         limit = _tuning.smem_limit(dz, cc)
         launchable = [c for c in configs
                       if _target_reason(name, c, dtype, cc, kwargs, limit) is None]
         return ([c for c in launchable if _unfit(name, c, nargs, dtype, cc, kwargs, limit) is None]
                 or launchable
-                or _tuning.fitting(configs, lambda c: smem_bytes(name, c, dtype, cc), limit))
+                or _tuning.fitting(configs, lambda c: smem_bytes(name, c, dtype, cc, gated),
+                                   limit))
     prune.__name__ = f"_prune_{kname}"
     return prune
 

@@ -74,7 +74,8 @@ def _estimates() -> list[tuple[dict, int]]:
         if prefix in _GEMM_KERNELS:
             mod, kname, configs = _GEMM_KERNELS[prefix]
             dtype = getattr(torch, row["spec"].split("-")[1])
-            est = mod.smem_bytes(kname, _spec_config(spec, configs), dtype, cc)
+            est = mod.smem_bytes(kname, _spec_config(spec, configs), dtype, cc,
+                                 gated=bool(spec.constexprs.get("IN_GATE")))
         else:  # BatchNorm kernels and the wgrad chunk sum: a cross-warp reduction at most
             block_k = spec.constexprs.get("BLOCK_K", spec.constexprs.get("BLOCK", 32))
             est = _tuning.reduction_smem(block_k, spec.num_warps)
@@ -147,7 +148,8 @@ def _selected(cap: tuple[int, int]) -> list[tuple[str, str, triton.Config, int]]
                 dtype = getattr(torch, dname)
                 first = prune(configs, {**spec.ints, arg: _fake(dtype)}, **flags)[0]
                 out.append((spec.name, kname, first,
-                            mod.smem_bytes(kname, first, dtype, cls.target)))
+                            mod.smem_bytes(kname, first, dtype, cls.target,
+                                           gated=bool(flags.get("IN_GATE")))))
     return out
 
 

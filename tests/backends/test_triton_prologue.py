@@ -4,9 +4,11 @@ In a fused residual block a convolution's input is the previous conv's raw outpu
 through that conv's BN and ReLU, ``a = relu(y·scale + shift)``, with zero padding applied after
 the activation. ``conv.conv2d_fused(..., in_scale=, in_shift=)`` (forward, every kernel path)
 and ``conv_bwd.wgrad(..., x_scale=, x_shift=)`` (the weight gradient's x operand) form it while
-loading. The truth is the float64 convolution of the float64 activation of the stored y; the
-base (``tests.numerics`` error-ratio rule) is plain PyTorch in the test dtype: the activation
-computed in fp32 and stored in the dtype (as eager BN + ReLU store it), then the convolution.
+loading; with a channel gate between the convs (``in_gate=`` / ``x_gate=``, (N, C) fp32) the
+input is ``relu(y·scale + shift)·gate[n, c]``, gate values of both signs. The truth is the
+float64 convolution of the float64 activation of the stored y; the base (``tests.numerics``
+error-ratio rule) is plain PyTorch in the test dtype: the activation computed in fp32 and stored
+in the dtype (as eager BN + ReLU store it), then the convolution.
 Shifts take both signs and are large enough that relu(shift) is far from 0, so padding applied
 before the activation would show at every border (and a dedicated test checks that it does).
 Outputs are NaN-poisoned (tests/conftest.py).
@@ -59,12 +61,23 @@ def _affine(c: int, positive_shift: bool = False) -> tuple[torch.Tensor, torch.T
     return scale, shift
 
 
-def _activation(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """relu(y·scale + shift) per channel of NCHW ``y``, in y's dtype: exact in float64; for
-    the test dtypes computed in fp32 and stored in the dtype, as eager BN + ReLU store it."""
+def _gate(n: int, c: int) -> torch.Tensor:
+    """A fresh (N, C) fp32 channel gate: sigmoid outputs (a squeeze-excitation gate), a quarter
+    of them negated so that both signs occur (a gate applied before the ReLU would show)."""
+    g = torch.sigmoid(torch.randn(n, c) * 2)
+    return torch.where(torch.rand(n, c) < 0.25, -g, g)
+
+
+def _activation(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(y·scale + shift) (times gate[n, c]) per channel of NCHW ``y``, in y's dtype: exact
+    in float64; for the test dtypes computed in fp32 and stored in the dtype (rounded once), as
+    eager BN + ReLU (and the gate's multiply in fp32) would store it."""
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    a = y.to(acc) * scale.to(acc).view(1, -1, 1, 1) + shift.to(acc).view(1, -1, 1, 1)
-    return F.relu(a).to(y.dtype)
+    a = F.relu(y.to(acc) * scale.to(acc).view(1, -1, 1, 1) + shift.to(acc).view(1, -1, 1, 1))
+    if gate is not None:
+        a = a * gate.to(acc).view(*gate.shape, 1, 1)
+    return a.to(y.dtype)
 
 
 def _conv(a: torch.Tensor, w: torch.Tensor, shape: Case) -> torch.Tensor:
@@ -81,14 +94,21 @@ def _forward_problem(shape: Case, dtype: torch.dtype, positive_shift: bool = Fal
     return y.to(dtype).contiguous(memory_format=CL), w.to(dtype), scale, shift
 
 
-def _check_forward(shape: Case, dtype: torch.dtype, epilogue: str) -> None:
+def _check_forward(shape: Case, dtype: torch.dtype, epilogue: str, gated: bool = False) -> None:
+    """``epilogue``: "train" (raw output and BN partials), "eval" (the whole eval epilogue) or
+    "raw" (raw output alone: a gated block run on running statistics)."""
     assert _alloc.poison_enabled(), "outputs must be NaN-poisoned (tests/conftest.py)"
     y, w, scale, shift = _forward_problem(shape, dtype)
-    raw_ref = _conv(_activation(y.double(), scale, shift), w.double(), shape)
-    raw_base = _conv(_activation(y, scale, shift), w, shape)
-    if epilogue == "train":  # the block's inner convs: raw output + BN partials
-        out, part = tconv.conv2d_fused(y, w, None, shape.conv, stats=True,
-                                       in_scale=scale, in_shift=shift)
+    gate = _gate(shape.n, shape.c) if gated else None
+    prologue = dict(in_scale=scale, in_shift=shift, in_gate=gate)
+    raw_ref = _conv(_activation(y.double(), scale, shift, gate), w.double(), shape)
+    raw_base = _conv(_activation(y, scale, shift, gate), w, shape)
+    if epilogue == "raw":
+        out, part = tconv.conv2d_fused(y, w, None, shape.conv, **prologue)
+        assert part is None and out.dtype == dtype and out.is_contiguous(memory_format=CL)
+        assert_close_ratio(f"{shape.id} {dtype}: raw out", out, raw_ref, raw_base)
+    elif epilogue == "train":  # the block's inner convs: raw output + BN partials
+        out, part = tconv.conv2d_fused(y, w, None, shape.conv, stats=True, **prologue)
         assert out.dtype == dtype and out.is_contiguous(memory_format=CL)
         assert_close_ratio(f"{shape.id} {dtype}: raw out", out, raw_ref, raw_base)
         assert part.count.sum().item() == raw_ref.numel() // shape.k
@@ -105,7 +125,7 @@ def _check_forward(shape: Case, dtype: torch.dtype, epilogue: str) -> None:
             return F.relu(z + r)
 
         out, part = tconv.conv2d_fused(y, w, None, shape.conv, scale=e_scale, shift=e_shift,
-                                       residual=res, relu=True, in_scale=scale, in_shift=shift)
+                                       residual=res, relu=True, **prologue)
         assert part is None
         assert_close_ratio(f"{shape.id} {dtype}: eval out", out, epi(raw_ref, res.double()),
                            epi(raw_base, res))
@@ -148,6 +168,67 @@ def test_padding_is_applied_after_the_activation(name: str) -> None:
     assert_close_ratio(f"{shape.id}: out", out, right, base)
 
 
+# Gated prologue (a squeeze-excitation gate between two convs): tiny images so that the
+# interpreter's 16-row tiles (and wgrad's 32-pixel steps) span several samples, each row needing
+# its own sample's gate.
+GATED_SHAPES = {
+    "1x1": Case(n=3, c=32, k=24, r=1, padding=0, h=3, w=5),  # GEMM: the conv after an SE gate
+    "3x3": Case(n=3, h=3, w=5),  # GEMM per-tap slabs, padded
+    "stem": Case(n=3, c=3, h=3, w=5),  # flat-K GEMM (3 input channels)
+    "g8x4": Case(n=3, c=32, k=32, groups=8, h=3, w=5),  # direct, 4 per group
+}
+GATED = [("1x1", torch.float16), ("3x3", torch.float32), ("3x3", torch.bfloat16),
+         ("stem", torch.bfloat16), ("g8x4", torch.float32), ("g8x4", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name, dtype", GATED, ids=_ids)
+def test_forward_gated_prologue_matches_float64(name: str, dtype: torch.dtype) -> None:
+    _check_forward(GATED_SHAPES[name], dtype, "train", gated=True)
+
+
+@pytest.mark.parametrize("name, dtype", [("1x1", torch.bfloat16), ("g8x4", torch.float16)],
+                         ids=_ids)
+def test_forward_gated_prologue_without_statistics(name: str, dtype: torch.dtype) -> None:
+    _check_forward(GATED_SHAPES[name], dtype, "raw", gated=True)
+
+
+def test_forward_gated_prologue_with_eval_epilogue() -> None:
+    _check_forward(GATED_SHAPES["3x3"], torch.float16, "eval", gated=True)
+
+
+def test_forward_gate_is_per_sample() -> None:
+    """Each output row reads its own sample's gate: the gated conv of a batch equals, sample by
+    sample, the conv of that sample alone with its gate row (bitwise: same kernel, same tile
+    shapes, a sample's rows then start at tile 0)."""
+    shape, dtype = GATED_SHAPES["3x3"], torch.float32
+    y, w, scale, shift = _forward_problem(shape, dtype)
+    gate = _gate(shape.n, shape.c)
+    batch, _ = tconv.conv2d_fused(y, w, None, shape.conv, in_scale=scale, in_shift=shift,
+                                  in_gate=gate)
+    for i in range(shape.n):
+        alone, _ = tconv.conv2d_fused(y[i:i + 1].contiguous(memory_format=CL), w, None,
+                                      shape.conv, in_scale=scale, in_shift=shift,
+                                      in_gate=gate[i:i + 1])
+        assert torch.equal(batch[i:i + 1], alone), f"sample {i}"
+
+
+def test_forward_gate_rejects_bad_input() -> None:
+    shape = GATED_SHAPES["3x3"]
+    y, w, scale, shift = _forward_problem(shape, torch.float32)
+    gate = _gate(shape.n, shape.c)
+    with pytest.raises(AssertionError, match="in_gate needs the prologue"):
+        tconv.conv2d_fused(y, w, None, shape.conv, in_gate=gate)
+    with pytest.raises(AssertionError, match=r"in_gate must have shape \(3, 16\)"):
+        tconv.conv2d_fused(y, w, None, shape.conv, in_scale=scale, in_shift=shift,
+                           in_gate=gate[:, :-1])
+    with pytest.raises(AssertionError, match=r"in_gate must have shape \(3, 16\)"):
+        tconv.conv2d_fused(y, w, None, shape.conv, in_scale=scale, in_shift=shift,
+                           in_gate=gate[0])
+    with pytest.raises(AssertionError, match="in_gate must be torch.float32"):
+        tconv.conv2d_fused(y, w, None, shape.conv, in_scale=scale, in_shift=shift,
+                           in_gate=gate.half())
+
+
 def test_forward_prologue_rejects_bad_vectors() -> None:
     shape = SHAPES["3x3"]
     y, w, scale, shift = _forward_problem(shape, torch.float32)
@@ -175,17 +256,20 @@ WGRAD_SHAPES = {
 WGRAD_SLOW = [(s, d) for s in WGRAD_SHAPES for d in DTYPES if (s, d) not in DEFAULT]
 
 
-def _check_wgrad(shape: Shape, dtype: torch.dtype, positive_shift: bool = False) -> None:
-    """dW of the convolution whose input is relu(x·scale + shift): x is the stored raw y of a
-    previous conv. dy is any stored dy operand (wgrad is linear in it): _problem's."""
+def _check_wgrad(shape: Shape, dtype: torch.dtype, positive_shift: bool = False,
+                 gated: bool = False) -> None:
+    """dW of the convolution whose input is relu(x·scale + shift) (times a channel gate): x is
+    the stored raw y of a previous conv. dy is any stored dy operand (wgrad is linear in it):
+    _problem's."""
     assert _alloc.poison_enabled(), "outputs must be NaN-poisoned (tests/conftest.py)"
     pb = _problem(shape, dtype, "train")
     scale, shift = _affine(shape.c, positive_shift)
+    gate = _gate(shape.n, shape.c) if gated else None
     dw = conv_bwd.wgrad(pb.op, pb.x, pb.weight, shape.conv, rows_per_chunk=64,
-                        x_scale=scale, x_shift=shift)
+                        x_scale=scale, x_shift=shift, x_gate=gate)
     assert dw.dtype == dtype and dw.shape == pb.weight.shape and dw.is_contiguous()
-    a64 = _activation(pb.x.double(), scale, shift)
-    a = _activation(pb.x, scale, shift).contiguous(memory_format=CL)
+    a64 = _activation(pb.x.double(), scale, shift, gate)
+    a = _activation(pb.x, scale, shift, gate).contiguous(memory_format=CL)
     mask = [False, True, False]
     _, dw_ref, _ = _conv_backward(pb.dy_ref, a64, pb.weight64, shape, mask)
     _, dw_base, _ = _conv_backward(pb.dy_base, a, pb.weight, shape, mask)
@@ -212,6 +296,34 @@ def test_wgrad_prologue_matches_float64(name: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("name", ["3x3", "stem", "g2x8"])
 def test_wgrad_padding_is_applied_after_the_activation(name: str) -> None:
     _check_wgrad(WGRAD_SHAPES[name], torch.float16, positive_shift=True)
+
+
+GATED_WGRAD_SHAPES = {  # GATED_SHAPES' convolutions
+    "1x1": Shape(n=3, c=32, k=24, r=1, s=1, padding=(0, 0), h=3, w=5),
+    "3x3": Shape(n=3, h=3, w=5),
+    "stem": Shape(n=3, c=3, h=3, w=5),  # flat wgrad
+    "g8x4": Shape(n=3, c=32, k=32, groups=8, h=3, w=5),  # direct wgrad
+}
+
+
+@pytest.mark.parametrize("name, dtype", GATED, ids=_ids)
+def test_wgrad_gated_prologue_matches_float64(name: str, dtype: torch.dtype) -> None:
+    _check_wgrad(GATED_WGRAD_SHAPES[name], dtype, gated=True)
+
+
+def test_wgrad_gate_rejects_bad_input() -> None:
+    shape = GATED_WGRAD_SHAPES["3x3"]
+    pb = _problem(shape, torch.float32, "train")
+    scale, shift = _affine(shape.c)
+    gate = _gate(shape.n, shape.c)
+    with pytest.raises(AssertionError, match="x_gate needs the prologue"):
+        conv_bwd.wgrad(pb.op, pb.x, pb.weight, shape.conv, x_gate=gate)
+    with pytest.raises(AssertionError, match=r"x_gate must have shape \(3, 16\)"):
+        conv_bwd.wgrad(pb.op, pb.x, pb.weight, shape.conv, x_scale=scale, x_shift=shift,
+                       x_gate=gate.t())
+    with pytest.raises(AssertionError, match="x_gate must be fp32"):
+        conv_bwd.wgrad(pb.op, pb.x, pb.weight, shape.conv, x_scale=scale, x_shift=shift,
+                       x_gate=gate.bfloat16())
 
 
 def test_wgrad_prologue_rejects_bad_vectors() -> None:
@@ -250,7 +362,28 @@ def test_compile_specs_have_prologue_variants() -> None:
             assert got == want, kname
     for s in (*tconv.compile_specs(), *conv_bwd.compile_specs()):
         if "IN_AFFINE" in s.constexprs:
-            assert s.constexprs["IN_AFFINE"] == ("-prologue-" in s.name), s.name
+            gated = "-gate-" in s.name or "-gatenostats-" in s.name
+            assert s.constexprs["IN_AFFINE"] == ("-prologue-" in s.name or gated), s.name
+            assert s.constexprs["IN_GATE"] == gated, s.name
+
+
+def test_compile_specs_have_gated_variants() -> None:
+    """The gated prologue is compiled on the kernels a gated conv (the 1x1 after a squeeze-
+    excitation gate) may run on, per dtype: the forward's GEMM (and its sm_90 TMA tiles) and
+    direct kernel with their largest tile, with and without the statistics; the GEMM wgrad with
+    every configuration. Not the flat-K kernels (the stem) nor the direct wgrad."""
+    names = [s.name for s in (*tconv.compile_specs(), *conv_bwd.compile_specs())]
+    wgrad = len(conv_bwd.GPU_WGRAD_GEMM_CONFIGS)
+    for dname in ("float32", "float16", "bfloat16"):
+        tma = int(dname != "float32")
+        for kname, variant, want in (
+                ("conv_gemm", "gate", 1 + tma), ("conv_gemm", "gatenostats", 1 + tma),
+                ("conv_direct", "gate", 1), ("conv_direct", "gatenostats", 1),
+                ("conv_gemm_flat", "gate", 0), ("conv_gemm_flat", "gatenostats", 0),
+                ("wgrad_gemm", "gate", wgrad), ("wgrad_gemm_flat", "gate", 0),
+                ("wgrad_direct", "gate", 0)):
+            got = sum(n.startswith(f"{kname}-{dname}-{variant}-") for n in names)
+            assert got == want, (kname, dname, variant)
 
 
 @pytest.mark.skipif(not tconv._INTERPRET, reason="bitwise: no FMA contraction")
@@ -277,6 +410,33 @@ def test_prologue_reads_exactly_the_activation_eager_stores(dtype: torch.dtype) 
         assert torch.equal(fused, stored), f"{name} {dtype}: wgrad"
 
 
+@pytest.mark.skipif(not tconv._INTERPRET, reason="bitwise: no FMA contraction")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_gated_prologue_rounds_once(dtype: torch.dtype) -> None:
+    """The gated prologue is relu(y·scale + shift)·gate computed in fp32 and rounded once to the
+    dtype: conv and wgrad through it equal bitwise, in every kernel path, the same kernels run
+    on that activation computed by PyTorch (a rounding after the ReLU and again after the gate
+    would differ)."""
+    for name in ("3x3", "stem", "g8x4"):
+        shape = GATED_SHAPES[name]
+        y, w, scale, shift = _forward_problem(shape, dtype)
+        gate = _gate(shape.n, shape.c)
+        a = _activation(y, scale, shift, gate).contiguous(memory_format=CL)
+        fused, _ = tconv.conv2d_fused(y, w, None, shape.conv, in_scale=scale, in_shift=shift,
+                                      in_gate=gate)
+        stored, _ = tconv.conv2d_fused(a, w, None, shape.conv)
+        assert torch.equal(fused, stored), f"{name} {dtype}: forward"
+
+        wshape = GATED_WGRAD_SHAPES[name]
+        pb = _problem(wshape, dtype, "train")
+        scale, shift = _affine(wshape.c)
+        a = _activation(pb.x, scale, shift, gate).contiguous(memory_format=CL)
+        fused = conv_bwd.wgrad(pb.op, pb.x, pb.weight, wshape.conv, x_scale=scale,
+                               x_shift=shift, x_gate=gate)
+        stored = conv_bwd.wgrad(pb.op, a, pb.weight, wshape.conv)
+        assert torch.equal(fused, stored), f"{name} {dtype}: wgrad"
+
+
 def test_prologue_pruning_drops_the_tiles_that_spill_only_with_it(monkeypatch) -> None:
     """The autotuner reads IN_AFFINE: tiles found spilling with the prologue on (and only then)
     are offered without it and not with it."""
@@ -294,3 +454,27 @@ def test_prologue_pruning_drops_the_tiles_that_spill_only_with_it(monkeypatch) -
     with_prologue = tconv._prune_gemm(tconv.GPU_GEMM_CONFIGS, nargs, IN_AFFINE=True)
     # (128x128x64 spills on sm_80 with every epilogue since the statistics follow the store)
     assert {tuple(c.kwargs.values()) for c in plain if c not in with_prologue} == {(64, 64, 64)}
+    # a gated launch has the prologue on too: the same tiles are dropped
+    assert tconv._prune_gemm(tconv.GPU_GEMM_CONFIGS, nargs, IN_AFFINE=True,
+                             IN_GATE=True) == with_prologue
+    # the direct kernel's fp32 tiles of 4096 elements spill with the gate alone
+    nargs = {"K": 256, "x_ptr": torch.empty(1, dtype=torch.float32)}
+    with_prologue = tconv._prune_direct(tconv.GPU_DIRECT_CONFIGS, nargs, IN_AFFINE=True)
+    gated = tconv._prune_direct(tconv.GPU_DIRECT_CONFIGS, nargs, IN_AFFINE=True, IN_GATE=True)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in with_prologue
+            if c not in gated} == {(128, 32), (64, 64), (256, 16)}
+
+
+def test_gated_wgrad_counts_the_staged_gate_tile(monkeypatch) -> None:
+    """The gated wgrad stages an fp32 gate tile per pipeline buffer besides x's (kernel
+    report: 192 KB for fp32 128x128x32 on sm_80, over its 163 KB): the estimate counts it, so
+    the pruner drops those tiles for a gated launch on sm_80 and keeps them without the gate."""
+    from fastres.backends.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "target", lambda x: 80)
+    nargs = {"Kg": 256, "Cg": 256, "dz_ptr": torch.empty(1, dtype=torch.float32)}
+    cfgs = conv_bwd.GPU_WGRAD_GEMM_CONFIGS
+    big = next(c for c in cfgs if tuple(c.kwargs.values()) == (128, 128, 32))
+    assert big in conv_bwd._prune_wgrad(cfgs, nargs, IN_AFFINE=True)
+    assert big not in conv_bwd._prune_wgrad(cfgs, nargs, IN_AFFINE=True, IN_GATE=True)
+    assert conv_bwd.smem_bytes("wgrad_gemm", big, torch.float32, 80, gated=True) >= 196608

@@ -142,6 +142,14 @@ def gemm_smem(models: tuple[SmemModel, SmemModel], a_elems: int, b_elems: int, s
     return model.bytes(a_elems, b_elems, stages, elem_size)
 
 
+def gate_smem(a_elems: int, stages: int) -> int:
+    """Shared memory the gated prologue adds to a GEMM configuration (IN_GATE, conv's
+    ``_gate``): its fp32 per-(sample, channel) gate, gathered per element of the A tile (the
+    rows of a tile span samples), is staged by the software pipeliner like the A tile itself
+    (kernel report: exactly one fp32 A tile per pipeline buffer more)."""
+    return (max(stages, 2) - 1) * a_elems * 4
+
+
 def reduction_smem(cols: int, num_warps: int) -> int:
     """Shared memory of a kernel whose only staging is a cross-warp reduction of ``cols`` fp32
     values per warp (the direct convolutions, the BatchNorm kernels), barriers included."""

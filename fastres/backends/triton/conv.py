@@ -24,11 +24,13 @@ rows in the padding or a neighbouring image row zeroed after the load (see ``_tm
 
 The prologue (``IN_AFFINE``, block-fused training) reads the input through the previous conv's
 BN and ReLU, ``relu(x·in_scale + in_shift)`` per input channel (``_activated``), so that only
-raw conv outputs are stored between the convs of a residual block. It is computed in fp32 on the
-loaded elements, set to 0 where the load mask is off (zero padding after the activation: a
-padded element is 0, not relu(in_shift)) and rounded to x's dtype: exactly the activation
-PyTorch would have stored. fp32 operands are then rounded to TF32 as usual. conv_bwd's wgrad
-reads x through the same helper.
+raw conv outputs are stored between the convs of a residual block; with ``IN_GATE`` also times a
+per-(sample, channel) gate after the ReLU (a squeeze-excitation gate between two convs: each
+A-tile row reads the gate of its own sample). It is computed in fp32 on the loaded elements, set
+to 0 where the load mask is off (zero padding after the activation: a padded element is 0, not
+relu(in_shift)) and rounded once to x's dtype: exactly the activation PyTorch would have
+stored. fp32 operands are then rounded to TF32 as usual. conv_bwd's wgrad reads x through the
+same helper.
 
 BN partials (:class:`Partials`) are per M tile: each tile of BLOCK_M output rows yields, for
 every channel, the count of valid rows, their mean and M2 (sum of squared deviations from the
@@ -159,6 +161,7 @@ _SPILLS = {
     "": "spills registers",
     "prologue": "spills registers with the prologue",
     "full": "spills registers with the statistics and the eval epilogue together",
+    "gate": "spills registers with the gated prologue",
 }
 _UNFIT_TILES: dict[tuple[str, torch.dtype, tuple[int, ...], str], dict[int, str]] = {}
 for _key, _ccs in {
@@ -199,6 +202,12 @@ for _key, _ccs in {
     ("direct", torch.float16, (128, 32), "prologue"): (80,),
     ("direct", torch.float16, (64, 64), "prologue"): (80,),
     ("direct", torch.float16, (128, 64), "prologue"): (80,),
+    # with the gated prologue (the largest tiles, compiled with and without the statistics):
+    # the gate is gathered per (pixel, output channel's input channel) element in every step
+    ("direct", torch.float32, (128, 32), "gate"): (80, 90),  # 32 B without the statistics
+    ("direct", torch.float32, (64, 64), "gate"): (80, 90),  # 8-32 B
+    ("direct", torch.float32, (256, 16), "gate"): (80, 90),  # 32 B without the statistics
+    ("direct", torch.float16, (256, 16), "gate"): (80, 90, 100),  # 24-40 B
 }.items():
     for _cc in _ccs:
         _UNFIT_TILES.setdefault(_key, {})[_cc] = _SPILLS[_key[3]]
@@ -213,6 +222,7 @@ del _key, _ccs, _cc
 # statistics or fused eval's scale/shift, residual and ReLU alone keep it.
 _FLAG_SETS: dict[str, Callable[[Mapping[str, int], Mapping[str, object]], bool]] = {
     "prologue": lambda ints, flags: bool(flags.get("IN_AFFINE")),  # a block's inner convs
+    "gate": lambda ints, flags: bool(flags.get("IN_GATE")),  # the conv after a channel gate
     "full": lambda ints, flags: bool(flags.get("STATS")) and bool(
         flags.get("HAS_AFFINE") or flags.get("HAS_RES")),
 }
@@ -232,16 +242,18 @@ _SMEM_MODELS = {
 
 
 def smem_bytes(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
-               cc: int | None) -> int:
+               cc: int | None, gated: bool = False) -> int:
     """Shared memory (bytes, an upper estimate) configuration ``cfg`` of kernel ``kname``
-    ("gemm", "gemm_flat", "direct") takes in ``dtype`` on target ``cc``."""
+    ("gemm", "gemm_flat", "direct") takes in ``dtype`` on target ``cc``; ``gated``: with the
+    gated prologue (IN_GATE)."""
     kw = cfg.kwargs
     if kname == "direct":
         return _tuning.reduction_smem(kw["BLOCK_N"], cfg.num_warps)
     m, n, k = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
     cls = devices.for_target(cc) if cc is not None else None
     size = dtype.itemsize if dtype is not None else 4
-    return _tuning.gemm_smem(_SMEM_MODELS[kname], m * k, k * n, cfg.num_stages, size, cls)
+    gate = _tuning.gate_smem(m * k, cfg.num_stages) if gated else 0
+    return _tuning.gemm_smem(_SMEM_MODELS[kname], m * k, k * n, cfg.num_stages, size, cls) + gate
 
 
 def _flag_sets(ints: Mapping[str, int], flags: Mapping[str, object]) -> tuple[str, ...]:
@@ -304,7 +316,8 @@ def _unfit(
     for fset in _flag_sets(ints, flags or {}):
         if why := _UNFIT_TILES.get((kname, dtype, tile, fset), {}).get(cc):
             return f"{why} in {str(dtype).removeprefix('torch.')} on sm_{cc}"
-    return _tuning.smem_reason(smem_bytes(kname, cfg, dtype, cc), smem_limit, cc)
+    gated = bool((flags or {}).get("IN_GATE"))
+    return _tuning.smem_reason(smem_bytes(kname, cfg, dtype, cc, gated), smem_limit, cc)
 
 
 def _pruner(kname: str):
@@ -320,8 +333,9 @@ def _pruner(kname: str):
         aligned = isinstance(x, torch.Tensor) and _tuning.aligned16(x)
         kept = [c for c in configs
                 if _unfit(name, c, nargs, dtype, cc, kwargs, aligned, limit) is None]
+        gated = bool(kwargs.get("IN_GATE"))
         return kept or _tuning.fitting([c for c in configs if not c.kwargs.get("TMA")],
-                                       lambda c: smem_bytes(name, c, dtype, cc), limit)
+                                       lambda c: smem_bytes(name, c, dtype, cc, gated), limit)
     prune.__name__ = f"_prune_{kname}"
     return prune
 
@@ -338,7 +352,8 @@ _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in (*_GEMM_CONFIGS, *_DIRECT_CONFIG
 # the autotuner itself).
 _KEY = [
     "M", "H", "W", "C", "K", "Cg", "Kg", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w",
-    "dil_h", "dil_w", "STATS", "HAS_RES", "IN_AFFINE", "HAS_BIAS", "HAS_AFFINE", "RELU", "SILU",
+    "dil_h", "dil_w", "STATS", "HAS_RES", "IN_AFFINE", "IN_GATE", "HAS_BIAS", "HAS_AFFINE", "RELU",
+    "SILU",
 ]
 
 
@@ -406,23 +421,46 @@ def _activated(
     v,  # loaded input elements (any float dtype; masked-off elements are ignored)
     scale,  # per-channel fp32 scale of the previous BN, broadcastable to v
     shift,  # per-channel fp32 shift, broadcastable to v
+    gate,  # fp32 per-(sample, channel) gate broadcastable to v, or None (no gate)
     mask,  # the load mask of v: False for padding and out-of-image elements
     x_ptr,  # the input pointer: its element type is the dtype to round to
     INTERPRET: tl.constexpr,  # running in the interpreter
 ):
-    """The activation ``relu(v·scale + shift)`` a convolution reads in place of its input when
-    the previous conv's BN+ReLU is fused into this one's load (the prologue), in x's dtype.
+    """The activation ``relu(v·scale + shift)`` (times ``gate``) a convolution reads in place of
+    its input when the previous conv's BN+ReLU (and a channel gate) is fused into this one's load
+    (the prologue), in x's dtype.
 
     Computed in fp32 and rounded once to x's dtype: the activation eager PyTorch would have
-    stored (BN apply computes in fp32). Padding is applied *after* the activation: an element
-    outside the image is 0, as the zero padding of the stored activation is, not relu(shift).
+    stored (BN apply computes in fp32). The gate multiplies after the ReLU (it may be negative).
+    Padding is applied *after* the activation: an element outside the image is 0, as the zero
+    padding of the stored activation is, not relu(shift).
     """
     a = v.to(tl.float32) * scale + shift
     a = tl.where(a < 0.0, 0.0, a)  # not maximum(): max.f32 drops NaN on a GPU
+    if gate is not None:
+        a = a * gate
     a = tl.where(mask, a, 0.0)
     if INTERPRET:  # its fp32 -> bf16 conversion truncates: round first, then convert exactly
         a = _round_to_output(a, x_ptr, INTERPRET)
     return a.to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _gate(
+    gate_ptr,  # (N, C) fp32 per-sample gate, row-major
+    img,  # int64 sample of each element, broadcastable against ch
+    ch,  # absolute input channel of each element
+    C,  # input channels: the gate's row stride
+    mask,  # the elements to read (the rest are padding: 0)
+    IN_GATE: tl.constexpr,  # a gate is passed
+):
+    """The gate operand of :func:`_activated`: ``gate[img, ch]`` as fp32, None without a gate.
+    (A tile's rows may span samples, so the gate is gathered per element; it is N·C floats,
+    cache resident.)"""
+    if IN_GATE:
+        return tl.load(gate_ptr + img * C + ch, mask=mask, other=0.0)
+    else:
+        return None
 
 
 @triton.jit
@@ -512,6 +550,7 @@ def _conv_gemm_kernel(
     x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
     in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
     in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
+    in_gate_ptr,  # (N, C) fp32 per-sample gate after the prologue's ReLU (read only if IN_GATE)
     w_ptr,  # weight packed as (groups, R, S, Cg, Kg) contiguous: per group a (R·S·Cg, Kg) matrix
     bias_ptr,  # (K,) conv bias in x's dtype (read only if HAS_BIAS)
     scale_ptr,  # (K,) fp32 epilogue scale (read only if HAS_AFFINE)
@@ -534,6 +573,7 @@ def _conv_gemm_kernel(
     SILU: tl.constexpr,  # SiLU instead of ReLU (never both)
     STATS: tl.constexpr,
     IN_AFFINE: tl.constexpr,  # read the input through relu(x·in_scale + in_shift) (_activated)
+    IN_GATE: tl.constexpr,  # ... times in_gate[n, c] (only with IN_AFFINE)
     FLAT_K: tl.constexpr,  # reduction index runs over R·S·Cg jointly (few input channels)
     INTERPRET: tl.constexpr,  # running in the interpreter: work around its bf16 gaps
     BLOCK_M: tl.constexpr,  # output rows per program
@@ -595,11 +635,13 @@ def _conv_gemm_kernel(
                 row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 if IN_AFFINE:
                     x_ch = g * Cg + ck  # absolute input channel
+                    a_mask = row_ok[:, None] & ck_ok[None, :]
                     a = _activated(
                         a,
                         tl.load(in_scale_ptr + x_ch, mask=ck_ok, other=0.0)[None, :],
                         tl.load(in_shift_ptr + x_ch, mask=ck_ok, other=0.0)[None, :],
-                        row_ok[:, None] & ck_ok[None, :], x_ptr, INTERPRET,
+                        _gate(in_gate_ptr, img[:, None], x_ch[None, :], C, a_mask, IN_GATE),
+                        a_mask, x_ptr, INTERPRET,
                     )
                 else:
                     a = tl.where(row_ok[:, None], a, 0.0)
@@ -629,6 +671,7 @@ def _conv_gemm_kernel(
                     a,
                     tl.load(in_scale_ptr + x_ch, mask=kk_ok, other=0.0)[None, :],
                     tl.load(in_shift_ptr + x_ch, mask=kk_ok, other=0.0)[None, :],
+                    _gate(in_gate_ptr, img[:, None], x_ch[None, :], C, a_mask, IN_GATE),
                     a_mask, x_ptr, INTERPRET,
                 )
             acc = _dot_weight_rows(acc, a, kk, kk_ok, w_g, offs_n, n_ok, Kg, x_ptr, INTERPRET)
@@ -657,6 +700,7 @@ def _conv_gemm_kernel(
                     a,
                     tl.load(in_scale_ptr + x_ch, mask=ck_ok, other=0.0)[None, :],
                     tl.load(in_shift_ptr + x_ch, mask=ck_ok, other=0.0)[None, :],
+                    _gate(in_gate_ptr, img[:, None], x_ch[None, :], C, a_mask, IN_GATE),
                     a_mask, x_ptr, INTERPRET,
                 )
             acc = _dot_weight_rows(acc, a, rs * Cg + ck, ck_ok, w_g, offs_n, n_ok, Kg, x_ptr,
@@ -674,6 +718,7 @@ def _conv_direct_kernel(
     x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
     in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
     in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
+    in_gate_ptr,  # (N, C) fp32 per-sample gate after the prologue's ReLU (read only if IN_GATE)
     w_ptr,  # weight packed as (R, S, Cg, K) contiguous: per tap and group channel, a K vector
     bias_ptr,  # (K,) conv bias in x's dtype (read only if HAS_BIAS)
     scale_ptr,  # (K,) fp32 epilogue scale (read only if HAS_AFFINE)
@@ -696,6 +741,7 @@ def _conv_direct_kernel(
     SILU: tl.constexpr,  # SiLU instead of ReLU (never both)
     STATS: tl.constexpr,
     IN_AFFINE: tl.constexpr,  # read the input through relu(x·in_scale + in_shift) (_activated)
+    IN_GATE: tl.constexpr,  # ... times in_gate[n, c] (only with IN_AFFINE)
     INTERPRET: tl.constexpr,  # running in the interpreter: work around its bf16 gaps
     BLOCK_M: tl.constexpr,  # output rows per program
     BLOCK_N: tl.constexpr,  # output channels per program (may span several groups)
@@ -737,6 +783,7 @@ def _conv_direct_kernel(
                     xv,
                     tl.load(in_scale_ptr + x_ch, mask=k_ok, other=0.0)[None, :],
                     tl.load(in_shift_ptr + x_ch, mask=k_ok, other=0.0)[None, :],
+                    _gate(in_gate_ptr, img[:, None], x_ch[None, :], C, x_mask, IN_GATE),
                     x_mask, x_ptr, INTERPRET,
                 )
             wv = tl.load(w_rs + ci * K + offs_k, mask=k_ok, other=0.0)
@@ -804,6 +851,7 @@ def conv2d_fused(
     out: torch.Tensor | None = None,
     in_scale: torch.Tensor | None = None,
     in_shift: torch.Tensor | None = None,
+    in_gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Partials | None]:
     """``relu(conv2d(x, weight, bias) * scale + shift + residual)`` in one kernel, NHWC.
 
@@ -819,7 +867,9 @@ def conv2d_fused(
     training: the convolution reads ``relu(x * in_scale + in_shift)`` in place of ``x`` (x is
     then the previous conv's raw output and the pair its BN's folded scale/shift), computed in
     fp32 and rounded to x's dtype as the stored activation would be; zero padding applies after
-    the activation (a padded element is 0, not relu(in_shift)).
+    the activation (a padded element is 0, not relu(in_shift)). ``in_gate`` (N, C) fp32, only
+    with the prologue: the convolution reads ``relu(x * in_scale + in_shift) * in_gate[n, c]``
+    (a channel gate between two convs; any sign), still rounded once to x's dtype.
     """
     cl = torch.channels_last
     assert x.dim() == 4 and weight.dim() == 4, "conv2d_fused: x and weight must be 4-D"
@@ -846,10 +896,22 @@ def conv2d_fused(
     _check_vec("shift", shift, k, torch.float32, x.device)
     _check_vec("in_scale", in_scale, c, torch.float32, x.device)
     _check_vec("in_shift", in_shift, c, torch.float32, x.device)
-    # The kernels index the (K,) and (C,) vectors densely; copies only if a caller passes a
-    # strided view.
-    bias, scale, shift, in_scale, in_shift = (
-        None if t is None else t.contiguous() for t in (bias, scale, shift, in_scale, in_shift)
+    if in_gate is not None:
+        assert in_scale is not None, "conv2d_fused: in_gate needs the prologue (in_scale, in_shift)"
+        assert in_gate.shape == (n, c), (
+            f"conv2d_fused: in_gate must have shape ({n}, {c}), got {tuple(in_gate.shape)}"
+        )
+        assert in_gate.dtype == torch.float32, (
+            f"conv2d_fused: in_gate must be torch.float32, got {in_gate.dtype}"
+        )
+        assert in_gate.device == x.device, (
+            f"conv2d_fused: in_gate is on {in_gate.device}, x on {x.device}"
+        )
+    # The kernels index the (K,), (C,) and (N, C) operands densely; copies only if a caller
+    # passes a strided view.
+    bias, scale, shift, in_scale, in_shift, in_gate = (
+        None if t is None else t.contiguous()
+        for t in (bias, scale, shift, in_scale, in_shift, in_gate)
     )
     if residual is not None:
         assert residual.shape == (n, k, oh, ow), (
@@ -903,6 +965,7 @@ def conv2d_fused(
         x,
         in_scale if in_scale is not None else f32_dummy,
         in_shift if in_shift is not None else f32_dummy,
+        in_gate if in_gate is not None else f32_dummy,
         w_packed,
         bias if bias is not None else out,
         scale if scale is not None else f32_dummy,
@@ -921,6 +984,7 @@ def conv2d_fused(
         SILU=bool(silu),
         STATS=bool(stats),
         IN_AFFINE=in_scale is not None,
+        IN_GATE=in_gate is not None,
         INTERPRET=_INTERPRET,
     )
     if which == "direct":
@@ -957,20 +1021,30 @@ _INT_ARGS = (
 # configuration; the real uses, training (raw output + bias + BN partials), fused eval (bias,
 # folded BN scale/shift, residual, ReLU) and block-fused training (training's epilogue reading
 # its input through the previous BN+ReLU, IN_AFFINE: the prologue), are compiled with each
-# kernel's largest tile, as is fused eval with SiLU in place of ReLU.
+# kernel's largest tile, as is fused eval with SiLU in place of ReLU, and the gated prologue
+# (IN_GATE: a squeeze-excitation gate between two convs), with and without the statistics
+# (training; a gated block run on running statistics), on the kernels a gated conv runs on
+# (_GATED_KERNELS: not the flat-K stem, whose input is no block's activation).
+_NO_GATE = dict(IN_AFFINE=False, IN_GATE=False)
 EPILOGUES = {
     "all": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, SILU=False, STATS=True,
-                IN_AFFINE=False),
+                **_NO_GATE),
     "train": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, SILU=False,
-                  STATS=True, IN_AFFINE=False),
+                  STATS=True, **_NO_GATE),
     "eval": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=True, SILU=False,
-                 STATS=False, IN_AFFINE=False),
+                 STATS=False, **_NO_GATE),
     "prologue": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, SILU=False,
-                     STATS=True, IN_AFFINE=True),
+                     STATS=True, IN_AFFINE=True, IN_GATE=False),
     # fused eval with SiLU (timm's '*ts' ByobNet, RegNetZ, CSP models)
     "evalsilu": dict(HAS_BIAS=True, HAS_AFFINE=True, HAS_RES=True, RELU=False, SILU=True,
-                     STATS=False, IN_AFFINE=False),
+                     STATS=False, **_NO_GATE),
+    "gate": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, SILU=False,
+                 STATS=True, IN_AFFINE=True, IN_GATE=True),
+    "gatenostats": dict(HAS_BIAS=True, HAS_AFFINE=False, HAS_RES=False, RELU=False, SILU=False,
+                        STATS=False, IN_AFFINE=True, IN_GATE=True),
 }
+_GATED_KERNELS = ("gemm", "direct")
+del _NO_GATE
 
 
 def _geometry(
@@ -1005,8 +1079,8 @@ SHAPE_CLASSES = {
 def _signature(dtype: torch.dtype) -> dict[str, str]:
     p = _TL_PTR[dtype]
     sig = {
-        "x_ptr": p, "in_scale_ptr": "*fp32", "in_shift_ptr": "*fp32", "w_ptr": p, "bias_ptr": p,
-        "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+        "x_ptr": p, "in_scale_ptr": "*fp32", "in_shift_ptr": "*fp32", "in_gate_ptr": "*fp32",
+        "w_ptr": p, "bias_ptr": p, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
         "res_ptr": p, "out_ptr": p, "count_ptr": "*fp32", "mean_ptr": "*fp32",
         "m2_ptr": "*fp32",
     }
@@ -1019,8 +1093,8 @@ def compile_specs() -> list[CompileSpec]:
 
     Each configuration is compiled with the "all" epilogue for each of its kernel's ResNet shape
     classes (``SHAPE_CLASSES``); the largest tile offered for the first class also with the
-    "train", "eval" and "prologue" flag sets and, once per kernel and dtype, unspecialised (odd
-    shapes).
+    "train", "eval", "prologue", "evalsilu" and (gemm and direct kernels) "gate" and
+    "gatenostats" flag sets and, once per kernel and dtype, unspecialised (odd shapes).
     Lists the GPU configurations even under the interpreter (they are what runs on a GPU).
     """
     plain = [c for c in GPU_GEMM_CONFIGS if not c.kwargs.get("TMA")]
@@ -1046,7 +1120,8 @@ def compile_specs() -> list[CompileSpec]:
             variants = [  # (epilogue, configuration, shape class)
                 *(("all", cfg, cls) for cfg in cfgs for cls in classes),
                 *((epi, _largest(kname, cfgs, first, dtype, flags), classes[0])
-                  for epi, flags in EPILOGUES.items() if epi != "all"),
+                  for epi, flags in EPILOGUES.items()
+                  if epi != "all" and (kname in _GATED_KERNELS or not flags["IN_GATE"])),
                 *(() if is_tma else ((
                     "all", _largest(kname, cfgs, first, dtype, EPILOGUES["all"]), UNSPECIALISED),)),
             ]

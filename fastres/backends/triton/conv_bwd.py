@@ -37,8 +37,8 @@ Everything is NHWC (channels_last) and accumulates in fp32. Kernels:
 
 Block-fused training (``IN_AFFINE``, both wgrad kernels): x is the previous conv's raw output
 and is read through the forward's activation prologue (``conv._activated``: relu(x·scale +
-shift), zero padding after it, rounded to x's dtype), the activation recomputed at load rather
-than stored.
+shift), zero padding after it, rounded to x's dtype; with ``IN_GATE`` times a per-(sample,
+channel) gate after the ReLU), the activation recomputed at load rather than stored.
 
 Determinism: no atomics; every sum runs in an order fixed by the shapes and the configuration
 (the chunking does not depend on the autotuned tile), so a step is bitwise reproducible for a
@@ -70,7 +70,7 @@ from .bn import (
     _finish_sums,
     _grad_g,
 )
-from .conv import _TL_PTR, DTYPES, SHAPE_CLASSES, _activated, _tf32_rounded, kernel_for
+from .conv import _TL_PTR, DTYPES, SHAPE_CLASSES, _activated, _gate, _tf32_rounded, kernel_for
 
 _INTERPRET = _tuning.INTERPRET
 Tensor = torch.Tensor
@@ -232,11 +232,12 @@ _SMEM_MODELS = {
 
 
 def smem_bytes(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
-               cc: int | None) -> int:
+               cc: int | None, gated: bool = False) -> int:
     """Shared memory (bytes, an upper estimate) configuration ``cfg`` of kernel ``kname``
     ("dgrad_gemm", "dgrad_direct", "wgrad_gemm", "wgrad_gemm_flat", "wgrad_direct") takes in
     ``dtype`` on target ``cc``. The GEMMs' A operand is rows x reduction (dgrad: BLOCK_M x
-    BLOCK_K of dy; wgrad: BLOCK_J x BLOCK_M of x), B reduction x columns."""
+    BLOCK_K of dy; wgrad: BLOCK_J x BLOCK_M of x), B reduction x columns. ``gated``: wgrad with
+    the gated prologue (IN_GATE), whose gate tile is staged like x's."""
     kw = cfg.kwargs
     if kname.endswith("direct"):
         return _tuning.reduction_smem(kw["BLOCK_N"], cfg.num_warps)
@@ -246,8 +247,9 @@ def smem_bytes(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
         rows, cols, depth = kw["BLOCK_J"], kw["BLOCK_N"], kw["BLOCK_M"]
     cls = devices.for_target(cc) if cc is not None else None
     size = dtype.itemsize if dtype is not None else 4
+    gate = _tuning.gate_smem(rows * depth, cfg.num_stages) if gated else 0
     return _tuning.gemm_smem(_SMEM_MODELS[kname], rows * depth, depth * cols, cfg.num_stages,
-                             size, cls)
+                             size, cls) + gate
 
 
 def _flag_sets(flags: dict) -> tuple[str, ...]:
@@ -292,7 +294,8 @@ def _target_reason(kname: str, cfg: triton.Config, dtype: torch.dtype | None,
         why = _UNFIT_TILES.get((kname, dtype, tile, fset), {}).get(cc)
         if why:
             return why
-    return _tuning.smem_reason(smem_bytes(kname, cfg, dtype, cc), smem_limit, cc)
+    gated = bool((flags or {}).get("IN_GATE"))
+    return _tuning.smem_reason(smem_bytes(kname, cfg, dtype, cc, gated), smem_limit, cc)
 
 
 def _pruner(kname: str):
@@ -304,12 +307,14 @@ def _pruner(kname: str):
         name = "wgrad_gemm_flat" if kname == "wgrad_gemm" and kwargs.get("FLAT_K") else kname
         dz = nargs.get("dz_ptr")
         dtype, cc = getattr(dz, "dtype", None), _tuning.target(dz)
+        gated = bool(kwargs.get("IN_GATE"))
         limit = _tuning.smem_limit(dz, cc)
         launchable = [c for c in configs
                       if _target_reason(name, c, dtype, cc, kwargs, limit) is None]
         return ([c for c in launchable if _unfit(name, c, nargs, dtype, cc, kwargs, limit) is None]
                 or launchable
-                or _tuning.fitting(configs, lambda c: smem_bytes(name, c, dtype, cc), limit))
+                or _tuning.fitting(configs, lambda c: smem_bytes(name, c, dtype, cc, gated),
+                                   limit))
     prune.__name__ = f"_prune_{kname}"
     return prune
 
@@ -629,6 +634,7 @@ def _wgrad_gemm_kernel(
     x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
     in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
     in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
+    in_gate_ptr,  # (N, C) fp32 per-sample gate after the prologue's ReLU (read only if IN_GATE)
     part_ptr,  # out: (chunks, groups, R·S·Cg, Kg) fp32 partial dW^T per chunk of output pixels
     M,  # output pixels N·OH·OW (the BN count and the reduction length)
     H, W, C,  # input height, width, channels (all groups)
@@ -642,6 +648,7 @@ def _wgrad_gemm_kernel(
     BATCH_STATS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     IN_AFFINE: tl.constexpr,  # read x through relu(x·in_scale + in_shift) (conv._activated)
+    IN_GATE: tl.constexpr,  # ... times in_gate[n, c] (only with IN_AFFINE)
     FLAT_K: tl.constexpr,  # rows j = (r·S + s)·Cg + c decoded per element (few input channels)
     INTERPRET: tl.constexpr,  # running in the interpreter: fp32 tl.dot operands
     BLOCK_J: tl.constexpr,  # rows of dW^T ((r, s, c) indices) per program
@@ -705,7 +712,9 @@ def _wgrad_gemm_kernel(
             a_off = (((img * H + ih) * W + iw) * C)[None, :] + x_ch[:, None]
         a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
         if IN_AFFINE:
-            a = _activated(a, in_scale, in_shift, a_mask, x_ptr, INTERPRET)
+            # x^T tile: columns are pixels, so the gate's sample runs along axis 1
+            gate = _gate(in_gate_ptr, img[None, :], x_ch[:, None], C, a_mask, IN_GATE)
+            a = _activated(a, in_scale, in_shift, gate, a_mask, x_ptr, INTERPRET)
         idx = (offs_m * K)[:, None] + ch[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
         dy = _dy_from_g(
@@ -734,6 +743,7 @@ def _wgrad_direct_kernel(
     x_ptr,  # input, NHWC contiguous (N, H, W, C) (IN_AFFINE: the previous conv's raw y)
     in_scale_ptr,  # (C,) fp32 prologue scale: relu(x·scale + shift) (read only if IN_AFFINE)
     in_shift_ptr,  # (C,) fp32 prologue shift (read only if IN_AFFINE)
+    in_gate_ptr,  # (N, C) fp32 per-sample gate after the prologue's ReLU (read only if IN_GATE)
     part_ptr,  # out: (chunks, R·S·Cg, K) fp32 partial dW per chunk of output pixels
     M,  # output pixels N·OH·OW (the BN count and the reduction length)
     H, W, C,  # input height, width, channels (all groups)
@@ -747,6 +757,7 @@ def _wgrad_direct_kernel(
     BATCH_STATS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     IN_AFFINE: tl.constexpr,  # read x through relu(x·in_scale + in_shift) (conv._activated)
+    IN_GATE: tl.constexpr,  # ... times in_gate[n, c] (only with IN_AFFINE)
     INTERPRET: tl.constexpr,  # running in the interpreter: its fp32 -> bf16 conversion truncates
     BLOCK_M: tl.constexpr,  # output pixels reduced per step
     BLOCK_N: tl.constexpr,  # output channels per program (may span several groups)
@@ -786,7 +797,8 @@ def _wgrad_direct_kernel(
             other=0.0,
         )
         if IN_AFFINE:
-            xv = _activated(xv, in_scale, in_shift, x_mask, x_ptr, INTERPRET)
+            gate = _gate(in_gate_ptr, img[:, None], x_ch[None, :], C, x_mask, IN_GATE)
+            xv = _activated(xv, in_scale, in_shift, gate, x_mask, x_ptr, INTERPRET)
         idx = (offs_m * K)[:, None] + offs_k[None, :]
         mask = m_ok[:, None] & k_ok[None, :]
         dy = _dy_from_g(
@@ -832,10 +844,10 @@ _dgrad_direct = _tuning.autotune(
     _DIRECT_CONFIGS, _DGRAD_KEY, _prune_direct_dgrad
 )(_dgrad_direct_kernel)
 _wgrad_gemm = _tuning.autotune(
-    _WGRAD_GEMM_CONFIGS, [*_KEY, "rows_per_chunk", "IN_AFFINE"], _prune_wgrad
+    _WGRAD_GEMM_CONFIGS, [*_KEY, "rows_per_chunk", "IN_AFFINE", "IN_GATE"], _prune_wgrad
 )(_wgrad_gemm_kernel)
 _wgrad_direct = _tuning.autotune(
-    _DIRECT_CONFIGS, [*_KEY, "rows_per_chunk", "IN_AFFINE"], _prune_direct_wgrad
+    _DIRECT_CONFIGS, [*_KEY, "rows_per_chunk", "IN_AFFINE", "IN_GATE"], _prune_direct_wgrad
 )(_wgrad_direct_kernel)
 
 
@@ -1001,7 +1013,7 @@ def _weight_tiles(which: str, rsc: int, k: int, kg: int) -> int:
 def wgrad(
     op: DyOperand, x: Tensor, weight: Tensor, conv: ConvParams,
     rows_per_chunk: int | None = None, *,
-    x_scale: Tensor | None = None, x_shift: Tensor | None = None,
+    x_scale: Tensor | None = None, x_shift: Tensor | None = None, x_gate: Tensor | None = None,
 ) -> Tensor:
     """The weight gradient (K, Cg, R, S) contiguous in the weight's dtype, deterministic.
 
@@ -1009,7 +1021,9 @@ def wgrad(
     ``x_scale``/``x_shift`` (C,) fp32 (both or neither): the convolution read its input through
     the prologue ``relu(x * x_scale + x_shift)`` (conv2d_fused's ``in_scale``/``in_shift``), so
     wgrad recomputes that activation while loading x, the same way (rounded to x's dtype, zero
-    padding after the activation), instead of reading a stored activation.
+    padding after the activation), instead of reading a stored activation. ``x_gate`` (N, C)
+    fp32, only with them: the input was ``relu(x * x_scale + x_shift) * x_gate[n, c]``
+    (conv2d_fused's ``in_gate``).
     """
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
@@ -1017,6 +1031,13 @@ def wgrad(
     for name, t in (("x_scale", x_scale), ("x_shift", x_shift)):
         assert t is None or (t.shape == (c,) and t.dtype == torch.float32
                              and t.device == x.device), f"wgrad: {name} must be ({c},) fp32"
+    if x_gate is not None:
+        assert x_scale is not None, "wgrad: x_gate needs the prologue (x_scale, x_shift)"
+        assert x_gate.shape == (n, c), (
+            f"wgrad: x_gate must have shape ({n}, {c}), got {tuple(x_gate.shape)}"
+        )
+        assert x_gate.dtype == torch.float32, f"wgrad: x_gate must be fp32, got {x_gate.dtype}"
+        assert x_gate.device == x.device, f"wgrad: x_gate is on {x_gate.device}, x on {x.device}"
     groups = conv.groups
     kg = k // groups
     _, _, oh, ow = op.dz.shape
@@ -1028,17 +1049,19 @@ def wgrad(
     part = _alloc.empty(chunks, rsc * k, dtype=torch.float32, device=x.device)
     ints = (m, h, w, c, oh, ow, k, cg, kg, r, s, *_geometry(conv), rows)
     in_affine = x_scale is not None
-    placeholder = op.var  # an fp32 tensor on the device, never read without IN_AFFINE
+    in_gate = x_gate is not None
+    placeholder = op.var  # an fp32 tensor on the device, never read without IN_AFFINE / IN_GATE
     x_args = (
         x,
         x_scale.contiguous() if in_affine else placeholder,
         x_shift.contiguous() if in_affine else placeholder,
+        x_gate.contiguous() if in_gate else placeholder,
     )
     if which == "direct":
         grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]), rsc, chunks)
         _wgrad_direct[grid](
             *op.pointers(), *x_args, part, *ints, op.eps, **op.flags(), IN_AFFINE=in_affine,
-            INTERPRET=_INTERPRET,
+            IN_GATE=in_gate, INTERPRET=_INTERPRET,
         )
         group_stride, row_stride = kg, k  # partial layout (chunks, R·S·Cg, K)
     else:
@@ -1051,7 +1074,7 @@ def wgrad(
 
         _wgrad_gemm[grid](
             *op.pointers(), *x_args, part, *ints, op.eps, **op.flags(),
-            IN_AFFINE=in_affine, FLAT_K=flat, INTERPRET=_INTERPRET,
+            IN_AFFINE=in_affine, IN_GATE=in_gate, FLAT_K=flat, INTERPRET=_INTERPRET,
         )
         group_stride, row_stride = rsc * kg, kg  # partial layout (chunks, groups, R·S·Cg, Kg)
     dw = _alloc.empty(k, cg, r, s, dtype=weight.dtype, device=weight.device)
@@ -1110,7 +1133,8 @@ def _signature(dtype: torch.dtype, io: str, extra_ints: tuple[str, ...]) -> dict
                    part_gy_ptr="*fp32", part_y_ptr="*fp32")
         ints = ("M", "NB", "H", "W", "C", "OH", "OW", "K", "Cg", "Kg", "R", "S", *_GEOMETRY)
     else:
-        sig.update(x_ptr=p, in_scale_ptr="*fp32", in_shift_ptr="*fp32", part_ptr="*fp32")
+        sig.update(x_ptr=p, in_scale_ptr="*fp32", in_shift_ptr="*fp32", in_gate_ptr="*fp32",
+                   part_ptr="*fp32")
         ints = ("M", "H", "W", "C", "OH", "OW", "K", "Cg", "Kg", "R", "S", *_GEOMETRY)
     sig.update({a: "i32" for a in (*ints, *extra_ints)})
     sig["eps"] = "fp32"
@@ -1146,19 +1170,26 @@ _KERNELS = (
 )
 
 
+# The wgrad kernel a gated conv (the 1x1 after a squeeze-excitation gate: ungrouped, >= 16
+# input channels) runs on: only it is compiled with the gate.
+_GATED_KERNELS = ("wgrad_gemm",)
+
+
 def _variant_flags(io: str) -> dict[str, dict[str, bool]]:
     """The constexpr flag sets compiled: the dy flags, and the block-fusion variants of
     ``_FLAG_SETS`` (dgrad's epilogue "join": add + act, "act", "add"; wgrad's "prologue": x read
-    through the previous BN+ReLU), every dy feature on."""
+    through the previous BN+ReLU, and "gate": times a per-(sample, channel) gate), every dy
+    feature on."""
     if io == "dgrad":
         return {"full": {**DY_FLAGS["full"], **_NO_JOIN},
                 "running": {**DY_FLAGS["running"], **_NO_JOIN},
                 "join": {**DY_FLAGS["full"], **JOIN_FLAGS},
                 "act": {**DY_FLAGS["full"], **JOIN_FLAGS, "HAS_ADD": False},
                 "add": {**DY_FLAGS["full"], **_NO_JOIN, "HAS_ADD": True}}
-    return {"full": {**DY_FLAGS["full"], "IN_AFFINE": False},
-            "running": {**DY_FLAGS["running"], "IN_AFFINE": False},
-            "prologue": {**DY_FLAGS["full"], "IN_AFFINE": True}}
+    return {"full": {**DY_FLAGS["full"], "IN_AFFINE": False, "IN_GATE": False},
+            "running": {**DY_FLAGS["running"], "IN_AFFINE": False, "IN_GATE": False},
+            "prologue": {**DY_FLAGS["full"], "IN_AFFINE": True, "IN_GATE": False},
+            "gate": {**DY_FLAGS["full"], "IN_AFFINE": True, "IN_GATE": True}}
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -1166,10 +1197,11 @@ def compile_specs() -> list[CompileSpec]:
 
     Each configuration is compiled as a ResNet launch specialises it (``_shape_class``): with the
     "full" dy flags for each of its kernel's shape classes, and with each block-fusion variant
-    (dgrad's epilogue: "join", "act", "add"; wgrad's "prologue", ``IN_AFFINE``: ``_FLAG_SETS``)
-    for the first class, which block-fused training runs on every block (the stem's flat wgrad
-    has no prologue there); the largest tile offered with the "running" dy flags; and once per
-    kernel and dtype unspecialised (odd shapes) with its heaviest flag set. ``pruned`` carries
+    (dgrad's epilogue: "join", "act", "add"; wgrad's "prologue", ``IN_AFFINE``: ``_FLAG_SETS``,
+    and on ``_GATED_KERNELS`` "gate", ``IN_GATE``) for the first class, which block-fused training
+    runs on every block (the stem's flat wgrad has no prologue there); the largest tile offered
+    with the "running" dy flags; and once per kernel and dtype unspecialised (odd shapes) with
+    its heaviest flag set. ``pruned`` carries
     :func:`_unfit`'s verdict for each target, so the report holds every configuration the
     autotuner may pick for those flags to its spill / MMA / async-copy rules. Plus the chunk sum
     for each weight dtype. Lists the GPU configurations even under the interpreter.
@@ -1180,7 +1212,8 @@ def compile_specs() -> list[CompileSpec]:
         for kname, kernel, io, extra_ints, cfgs, extra, classes, tensor_cores in _KERNELS:
             sig = _signature(dtype, io, extra_ints)
             flag_sets = _variant_flags(io)
-            fused = ("join", "act", "add") if io == "dgrad" else ("prologue",)
+            fused = (("join", "act", "add") if io == "dgrad" else
+                     ("prologue", "gate") if kname in _GATED_KERNELS else ("prologue",))
             heavy = fused[0]
             first = _shape_class(classes[0])
             variants = [  # (flag set, configuration, shape class)

@@ -55,7 +55,8 @@ def collect(group: str) -> list[str]:
 HEAVY = ("tests/models/", "tests/nn/", "tests/test_swap.py", "tests/test_served_backend.py",
          "tests/test_distributed.py", "tests/test_sync_batchnorm_nccl.py",
          "tests/ops/test_block.py::test_block_op_on_cuda",
-         "tests/ops/test_block_gate.py::test_gated_block_op_on_cuda")
+         "tests/ops/test_block_gate.py::test_gated_block_op_on_cuda",
+         "tests/test_graph_block.py::test_regnety_block_on_cuda")
 
 
 def deal(ids: list[str], jobs: int) -> list[list[str]]:

@@ -15,6 +15,7 @@ from torch import nn
 import fastres
 from fastres.coverage import coverage, fused_convs
 from fastres.nn.graph import GraphFused, run_chain
+from fastres.nn.graph_block import GraphBlock
 from fastres.nn.layout import HOOKS_ATTR
 from fastres.swap import FusedSequential, fuse_report
 from tests.models._util import check_equivalent, check_sgd_step, randomize_bn
@@ -56,6 +57,17 @@ class Seeded(nn.Module):
         return self.model(x)
 
 
+def no_dropout(model: nn.Module) -> nn.Module:
+    """``model`` with its Dropouts at p = 0: eager CPU Dropout draws a different mask for a
+    float64 or channels_last input than for an NCHW float32 one under the same seed, so a float64
+    truth cannot share the float32 model's mask (the fused model's own mask is eager's: see
+    test_deeplabv3_layout_and_dropout_under_a_seed)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
 def frozen_fpn_backbone() -> nn.Module:
     """fasterrcnn_resnet50_fpn's backbone as torchvision builds it for pretrained weights:
     FrozenBatchNorm2d everywhere (weights=None alone would give BatchNorm2d); every layer
@@ -75,16 +87,14 @@ def test_sequential_subclass_and_traced_block_keep_class_names_and_unfuse():
     before = [(n, type(m)) for n, m in model.named_modules()]
     params = list(model.named_parameters())
     fused = fuse_quietly(model, inplace=True)
-    # every pair fused; each block trains layer by layer, the report says why
-    report = fuse_report(fused)
-    assert len(report) == 16 and all(why.startswith(
-        "runs layer by layer: channel gate between convs (RegNetY SE)") for _, why in report)
+    # every pair fused; each block (its SE gate included) is one block op
+    assert fuse_report(fused) == []
     stem = type(model.stem)
     assert isinstance(fused.stem, torchvision.models.regnet.SimpleStemIN)
     assert isinstance(fused.stem, FusedSequential) and stem.__name__ == "FusedSimpleStemIN"
     block = fused.trunk_output.block1[0]
     assert isinstance(block, torchvision.models.regnet.ResBottleneckBlock)
-    assert isinstance(block, GraphFused)
+    assert isinstance(block, GraphBlock) and block.block_reason() is None
     assert [(n, p) for n, p in fused.named_parameters()] == params
     assert all(a is b for (_, a), (_, b) in zip(fused.named_parameters(), params))
     # the projection (a Conv2dNormActivation without activation) takes f(x) as its residual
@@ -229,7 +239,7 @@ def test_dropout_after_a_fused_sequential_run_matches_eager_under_a_seed():
 
 NUMERICS = {
     "tv-regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(num_classes=4),
-    # RegNetX / ByobNet ReLU blocks train as block ops (read by structure)
+    # RegNetX/Y and ByobNet ReLU blocks train as block ops (read by structure)
     "tv-regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(num_classes=4),
     "timm-regnetx_002-drop_path": lambda: Seeded(timm.create_model(
         "regnetx_002", num_classes=4, drop_path_rate=0.1)),
@@ -240,11 +250,24 @@ NUMERICS = {
         "resnet50d", num_classes=4, drop_path_rate=0.1)),
     "timm-cspresnet50": lambda: timm.create_model("cspresnet50", num_classes=4),
     "fpn-frozen": lambda: Flat(frozen_fpn_backbone()),
+    # the rest of issue 18's acceptance list (resnetrs50: at this size PyTorch's own fp32
+    # gradients are off by up to 2% for most inputs, so its step is checked in float64, in
+    # tests/ops/test_block_gate.py)
+    "timm-regnety_008": lambda: timm.create_model("regnety_008", num_classes=4),
+    "timm-seresnet50": lambda: timm.create_model("seresnet50", num_classes=4),
+    "timm-ecaresnet50d": lambda: timm.create_model("ecaresnet50d", num_classes=4),
+    "timm-resnext50d_32x4d": lambda: timm.create_model("resnext50d_32x4d", num_classes=4),
+    "timm-seresnext26ts": lambda: timm.create_model("seresnext26ts", num_classes=4),
+    "timm-regnetz_005": lambda: timm.create_model("regnetz_005", num_classes=4),
+    "timm-resnetaa50": lambda: timm.create_model("resnetaa50", num_classes=4),
+    "tv-deeplabv3_resnet50": lambda: no_dropout(Flat(
+        torchvision.models.segmentation.deeplabv3_resnet50(
+            weights=None, weights_backbone=None, num_classes=4, aux_loss=False))),
 }
 
 
-BLOCK_OP_NUMERICS = ("tv-regnet_x_400mf", "timm-regnetx_002-drop_path", "timm-gernet_s",
-                     "timm-resnet50d-drop_path", "timm-seresnext26d_32x4d")
+BLOCK_OP_NUMERICS = ("tv-regnet_y_400mf", "tv-regnet_x_400mf", "timm-regnetx_002-drop_path",
+                     "timm-gernet_s", "timm-resnet50d-drop_path", "timm-seresnext26d_32x4d")
 
 
 # seresnext26d at this input: one ReLU input after layer2.1's residual add is -1.9e-8 in float64

@@ -1,7 +1,7 @@
-"""Residual blocks found by structure (fastres.nn.graph_block): torchvision's RegNetX block, timm's
-RegNet Bottleneck and ByobNet blocks with ReLU train and infer as one block op, on the reference
-and triton backends, against float64 by the error-ratio rule; everything else keeps its per-layer
-fusion and the report names the structural limit."""
+"""Residual blocks found by structure (fastres.nn.graph_block): torchvision's RegNetX and RegNetY
+blocks, timm's RegNet Bottleneck (with and without SE) and ByobNet blocks with ReLU train and infer
+as one block op, on the reference and triton backends, against float64 by the error-ratio rule;
+everything else keeps its per-layer fusion and the report names the structural limit."""
 
 from __future__ import annotations
 
@@ -43,11 +43,12 @@ def tv_regnet_block(width_in: int, width_out: int, stride: int, group_width: int
 
 
 def timm_regnet_block(in_chs: int, out_chs: int, stride: int, group_size: int,
-                      drop_path_rate: float = 0.0) -> nn.Module:
-    """timm's RegNet ``Bottleneck`` without SE (RegNetX): ConvNormAct with BatchNormAct2d."""
+                      drop_path_rate: float = 0.0, se_ratio: float = 0.0) -> nn.Module:
+    """timm's RegNet ``Bottleneck``: ConvNormAct with BatchNormAct2d; with ``se_ratio``
+    RegNetY's SEModule between conv2 and conv3."""
     from timm.models.regnet import Bottleneck
 
-    return Bottleneck(in_chs, out_chs, stride, group_size=group_size, se_ratio=0.0,
+    return Bottleneck(in_chs, out_chs, stride, group_size=group_size, se_ratio=se_ratio,
                       drop_path_rate=drop_path_rate)
 
 
@@ -64,12 +65,29 @@ CASES = {
     "tv-regnetx-identity": (lambda: tv_regnet_block(16, 16, 1, 8), 16, 5, False),
     "timm-regnetx-proj-s2-drop-path": (lambda: timm_regnet_block(8, 16, 2, 4, 0.3), 8, 7, True),
     "timm-byob-basic-avgpool-s2": (lambda: timm_byob_basic(8, 12, 2), 8, 8, False),
+    # RegNetY: the SE gate between conv b and conv c, in the block op
+    "tv-regnety-se-proj-s2": (lambda: tv_regnet_block(8, 16, 2, 4, se_ratio=0.25), 8, 7, False),
+    "tv-regnety-se-identity": (lambda: tv_regnet_block(16, 16, 1, 4, se_ratio=0.25), 16, 5,
+                               False),
+    "timm-regnety-se-proj-s2-drop-path": (
+        lambda: timm_regnet_block(8, 16, 2, 4, 0.3, se_ratio=0.25), 8, 7, True),
 }
 
 
 def _build(name: str) -> tuple[nn.Module, int, int, bool]:
     make, cin, hw, seeded = CASES[name]
-    return _shift_bn(randomize_bn(make())), cin, hw, seeded
+    return _gated(_shift_bn(randomize_bn(make()))), cin, hw, seeded
+
+
+def _gated(block: nn.Module) -> nn.Module:
+    """``block`` with its SE's weights scaled up: a gate that varies over samples and channels
+    (at init it is ~0.5 everywhere)."""
+    for m in block.modules():
+        if type(m).__name__ in ("SqueezeExcitation", "SEModule"):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.mul_(3.0)
+    return block
 
 
 def _served(block: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
@@ -84,19 +102,70 @@ def test_block_trains_and_infers_as_one_block_op(name: str, backend: str) -> Non
     """Two training steps (output, input and parameter gradients), the running statistics and
     an eval forward of the fused block through the block op, against float64 and plain PyTorch
     in float32; parameter names unchanged; one block op per forward and per backward."""
-    original, cin, hw, seeded = _build(name)
-    fused = fuse_quietly(original)
+    check_graph_block(*_build(name), backend)
+
+
+# ImageNet sizes (regnet_y_400mf's stage 2 and 3 blocks, timm regnety_008's stage 2 with drop
+# path): N·H·W tiles cross image boundaries, where the gate changes per sample
+GPU_CASES = {
+    "tv-regnety-stage2-proj": (lambda: tv_regnet_block(48, 104, 2, 8, se_ratio=0.25), 48, 56,
+                               False),
+    "tv-regnety-stage3-identity": (lambda: tv_regnet_block(208, 208, 1, 8, se_ratio=0.25), 208,
+                                   14, False),
+    "timm-regnety-stage2-drop-path": (
+        lambda: timm_regnet_block(64, 128, 2, 16, 0.1, se_ratio=0.25), 64, 56, True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "dtype"), [
+    ("tv-regnety-stage2-proj", torch.bfloat16), ("tv-regnety-stage3-identity", torch.float32),
+    ("tv-regnety-stage3-identity", torch.bfloat16),
+    ("timm-regnety-stage2-drop-path", torch.bfloat16)])
+def test_regnety_block_on_cuda(name: str, dtype: torch.dtype) -> None:
+    """RegNetY blocks on the GPU's compiled kernels: the gated conv prologue and wgrad, the
+    activation sums and the gate's reduction over real tiles, one step and an eval forward."""
+    make, cin, hw, seeded = GPU_CASES[name]
+    check_graph_block(_gated(_shift_bn(randomize_bn(make()))), cin, hw, seeded, "triton",
+                      steps=1, dtype=dtype, device="cuda", n=4)
+
+
+def _pre_activation(block: nn.Module, x: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """The block's input to its final ReLU (its last ReLU module; an SE's own comes before it)
+    in a training forward on a copy, seeded as the steps are."""
+    block = copy.deepcopy(block).train()
+    seen = []
+    last = [m for m in block.modules() if isinstance(m, nn.ReLU)][-1]
+    last.register_forward_pre_hook(lambda m, i: seen.append(i[0].clone()))
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        block(x)
+    return seen[0]
+
+
+def check_graph_block(original: nn.Module, cin: int, hw: int, seeded: bool, backend: str,
+                      steps: int = 2, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                      n: int | None = None) -> None:
+    """``steps`` training steps and an eval forward of ``original`` fused (one block op each)
+    against it in float64 (the truth) and in ``dtype`` (the baseline), all on ``device``."""
+    fused = fuse_quietly(copy.deepcopy(original)).to(device, dtype)
     assert isinstance(fused, GraphBlock) and isinstance(fused, type(original))
     assert fused.block_reason() is None and fuse_report(fused) == []
     assert [n for n, _ in fused.named_parameters()] == [n for n, _ in original.named_parameters()]
     assert list(fused.state_dict()) == list(original.state_dict())
-    n = 3 if seeded else 2  # drop path: three samples, so a draw can drop one and keep another
-    x = torch.randn(n, cin, hw, hw).contiguous(memory_format=CL)
-    truth = copy.deepcopy(original).double()
-    baseline = copy.deepcopy(original).to(memory_format=CL)
-    upstream = torch.randn(truth.eval()(x.double()).shape, dtype=torch.float64)
+    # drop path: three samples, so a draw can drop one and keep another
+    n = n or (3 if seeded else 2)
+    x = torch.randn(n, cin, hw, hw).to(device, dtype).contiguous(memory_format=CL)
+    truth = copy.deepcopy(original).to(device).double()
+    baseline = copy.deepcopy(original).to(device, dtype).to(memory_format=CL)
+    upstream = torch.randn(truth.eval()(x.double()).shape, dtype=torch.float64).to(device)
     seed = 11 if seeded else None
-    steps = 2
+    if dtype != torch.float32:  # outputs within rounding of the final ReLU's 0 (test_block.py)
+        pre_ref = _pre_activation(truth, x.double(), seed)
+        band = 2 * (_pre_activation(baseline, x, seed).double() - pre_ref).abs().max().item()
+        band += 4 * torch.finfo(dtype).eps * pre_ref.abs().max().item()
+        upstream[pre_ref.abs() <= band] = 0.0
     with fastres.backends.record_calls() as served:
         got = _run_steps(fused, x, upstream, steps, backend, seed)
     assert [(c.direction, c.op, c.backend) for c in served] == (
@@ -110,20 +179,49 @@ def test_block_trains_and_infers_as_one_block_op(name: str, backend: str) -> Non
             assert int(m_f.num_batches_tracked) == int(m_o.num_batches_tracked) == steps
 
 
-def test_regnet_x_model_blocks_are_block_ops_and_unfuse_restores() -> None:
-    """Every block of a torchvision RegNetX is one block op (22 forward, 22 backward), the
+@pytest.mark.parametrize(("name", "blocks"), [("regnet_x_400mf", 22), ("regnet_y_400mf", 16)])
+def test_regnet_model_blocks_are_block_ops_and_unfuse_restores(name: str, blocks: int) -> None:
+    """Every block of a torchvision RegNetX / RegNetY (its SE included) is one block op, the
     stem per layer; unfuse gives back the plain classes and strict fusing does not raise."""
-    model = randomize_bn(torchvision.models.regnet_x_400mf(num_classes=4))
+    model = randomize_bn(getattr(torchvision.models, name)(num_classes=4))
     before = [(n, type(m)) for n, m in model.named_modules()]
     fused = fastres.fuse(model, strict=True)
-    blocks = [m for m in fused.modules() if isinstance(m, GraphBlock)]
-    assert len(blocks) == 22 and all(b.block_reason() is None for b in blocks)
+    found = [m for m in fused.modules() if isinstance(m, GraphBlock)]
+    assert len(found) == blocks and all(b.block_reason() is None for b in found)
     served = _served(fused, torch.randn(2, 3, 32, 32))
-    assert served.count(("forward", "residual_block")) == 22
-    assert served.count(("backward", "residual_block")) == 22
+    assert served.count(("forward", "residual_block")) == blocks
+    assert served.count(("backward", "residual_block")) == blocks
     assert served.count(("forward", "conv_bn_relu")) == 1  # the stem
     fastres.unfuse(fused)
     assert [(n, type(m)) for n, m in fused.named_modules()] == before
+
+
+def test_regnety_training_step_runs_only_the_gates_own_pytorch_ops(monkeypatch) -> None:
+    """Triton backend, seen by the profiler: a RegNetY block's convs and BNs run in its kernels,
+    the only PyTorch convolutions are the SE gate's fc1 and fc2 on (N, C, 1, 1). Standalone
+    passes: forward the gate's per-sample sums and the join; backward the join's reduction, the
+    gate's gradient sums and the reduction that forms conv b's BN gradient through the gate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tests.backends.test_triton_block import _Launches, _standalone
+
+    original, cin, hw, _ = _build("tv-regnety-se-proj-s2")
+    fused = fuse_quietly(original).train()
+    x = torch.randn(2, cin, hw, hw).contiguous(memory_format=CL).requires_grad_()
+    launches = _Launches(monkeypatch)
+    with fastres.use_backend("triton"), profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fused(x)
+        forward = launches.take()
+        out.square().mean().backward()
+        backward = launches.take()
+    events = [e.name for e in prof.events()]
+    assert not [n for n in events if "batch_norm" in n]
+    assert events.count("aten::convolution") == 2  # fc1, fc2 of the gate
+    assert events.count("aten::convolution_backward") == 2
+    assert forward["_sample_sums_kernel"] == 1 and backward["_sample_sums_kernel"] == 1
+    assert _standalone(forward) == {"_bn_apply_kernel": 1}, forward
+    assert _standalone(backward) == {"_bn_bwd_reduce_kernel": 2}, backward
+    assert all(p.grad is not None for p in fused.f.se.parameters())
 
 
 def test_layer_by_layer_and_a_replaced_child_fall_back_to_per_layer_fusion() -> None:
@@ -215,12 +313,6 @@ class InnerShortcut(nn.Module):
 
 
 LIMITS = {
-    "RegNetY SE": (lambda: tv_regnet_block(8, 16, 2, 4, se_ratio=0.25),
-                   "channel gate between convs (RegNetY SE) is not in the block op: "
-                   "f.se (SqueezeExcitation)"),
-    "timm RegNetY SE": (lambda: timm.models.regnet.Bottleneck(8, 16, 2, group_size=4),
-                        "channel gate between convs (RegNetY SE) is not in the block op: "
-                        "se (SEModule)"),
     "SiLU": (lambda: tv_regnet_block(8, 16, 2, 4, act=nn.SiLU),
              "SiLU activation in a block (block op is ReLU only)"),
     "no add": (NoResidual, "no residual add"),

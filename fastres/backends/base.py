@@ -147,7 +147,7 @@ class BlockParams:
     Post-activation blocks take more inputs beside this structure: a shortcut input the
     projection conv reads instead of x (ResNet-D's average-pooled x), a per-sample branch scale
     (stochastic depth) and a channel gate (:class:`ChannelGate`, SE/ECA), ``out =
-    relu(bn_L(y_L)·gate[n, k]·scale[n] + shortcut)``.
+    relu(bn_L(y_L)·gate[n, k]·scale[n] + shortcut)``, or between two convs (RegNetY).
     """
 
     convs: tuple[ConvParams, ...]  # main branch conv_1 .. conv_L
@@ -170,16 +170,24 @@ class BlockParams:
 class ChannelGate(Protocol):
     """A channel gate of a post-activation block (SE, ECA), computed by the caller between the
     backend's phases: ``gate[n, k] = G(pooled)`` with ``pooled[n, k]`` the spatial mean of the
-    last BN's output ``a = bn_L(y_L)``, and ``out = relu(a·gate[n, k]·scale[n] + shortcut)``.
+    tensor ``a`` it multiplies. Where, :attr:`before_conv` says:
+
+    - None: the last BN's output before the residual add (timm's SE/ECA ResNets), ``a =
+      bn_L(y_L)`` and ``out = relu(a·gate[n, k]·scale[n] + shortcut)``;
+    - i (1 ≤ i < L, 0-based into ``convs``): the input of main-branch conv i (RegNetY's SE
+      between conv b and conv c), ``a = relu(bn(y))`` of the conv before it, which conv i reads
+      as ``a·gate[n, k]``.
 
     Forward, the backend calls :meth:`forward` once with ``pooled``; backward, it reads
     :attr:`values` (what forward returned) and calls :meth:`backward` once with ``dgate[n, k] =
-    scale[n]·Σ_hw dz·a`` (dz the output's gradient through the final ReLU), getting
-    ``dpooled``; the last BN's gradient is then ``dz·gate·scale + dpooled/(H·W)``. Tensors are
-    (N, K) in the block's accumulation dtype (fp32; fp64 for fp64 blocks on ``reference``).
+    Σ_hw da_g·a`` (da_g the gradient of the gated tensor: before the add, ``scale[n]·dz`` with dz
+    the output's gradient through the final ReLU), getting ``dpooled``; ``a``'s gradient is then
+    ``da_g·gate + dpooled/(H·W)``. Tensors are (N, K) in the block's accumulation dtype (fp32;
+    fp64 for fp64 blocks on ``reference``).
     """
 
     values: Tensor | None
+    before_conv: int | None
 
     def forward(self, pooled: Tensor) -> Tensor:
         """``gate`` (N, K) of ``pooled`` (N, K)."""

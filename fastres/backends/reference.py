@@ -115,6 +115,7 @@ class ReferenceBackend:
                 x, weights, bn_weights, bn_biases, running_means, running_vars, block,
                 batch_stats, shortcut_input=shortcut_input, branch_scale=branch_scale,
                 group=group, counts=counts, gate=None if gate is None else gate.forward,
+                gate_before_conv=None if gate is None else gate.before_conv,
             )
         keep = [] if not save_for_backward else ys[:-1] if block.preact else ys
         if group is not None:
@@ -184,7 +185,11 @@ class ReferenceBackend:
                 dx = dx + dout
         else:
             inputs = [x] + [act(saved[i], i) for i in range(n - 1)]
-            if gate is not None:
+            mid = None if gate is None else gate.before_conv  # conv reading a·gate
+            if mid is not None:
+                acc = _acc(dout.dtype)
+                gate_values = gate.values.to(acc)[:, :, None, None]
+            if gate is not None and mid is None:
                 dy = _gated_last_dy(dout, out, saved[n - 1], means[n - 1], variances[n - 1],
                                     bn_weights[n - 1], bn_biases[n - 1], block.eps[n - 1],
                                     batch_stats, branch_scale, gate, dgs, dbs, n - 1, group)
@@ -195,7 +200,16 @@ class ReferenceBackend:
                     dbranch = dout.to(acc) * branch_scale.to(acc).view(-1, 1, 1, 1)
                 _, dy = dbn(dbranch, saved[n - 1], out, n - 1)
             for i in range(n - 1, 0, -1):
-                da = dconv(dy, inputs[i], i)
+                if i == mid:  # a's gradient: da_g·gate + dpooled/HW, dgate = Σ_hw da_g·a
+                    a = inputs[i].to(acc)
+                    # the conv's input as forward formed it (block_eager's gated())
+                    gated = inputs[i] * gate.values.to(x.dtype)[:, :, None, None]
+                    da = dconv(dy, gated, i).to(acc)
+                    dpooled = gate.backward((da * a).sum((2, 3))).to(acc)
+                    hw = a.shape[2] * a.shape[3]
+                    da = da * gate_values + (dpooled / hw)[:, :, None, None]
+                else:
+                    da = dconv(dy, inputs[i], i)
                 _, dy = dbn(da, saved[i - 1], inputs[i], i - 1)
             dx = dconv(dy, x, 0)
             if block.shortcut is not None:
@@ -327,6 +341,7 @@ def block_eager(
     group: str | None = None,
     counts: list[Tensor] | None = None,
     gate=None,
+    gate_before_conv: int | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """The block of :class:`BlockParams` in plain PyTorch (differentiable): ``(out, raw conv
     outputs conv_1 .. conv_L (, conv_s), means, vars)``. Running statistics are read in eval and
@@ -334,7 +349,8 @@ def block_eager(
     what the projection conv reads instead of x; ``branch_scale`` (N,) multiplies the last BN's
     output per sample before the shortcut is added (stochastic depth); ``gate`` (a callable,
     :meth:`ChannelGate.forward`) maps the per-(sample, channel) spatial mean of the last BN's
-    output, (N, K) in fp32 (fp64 for fp64), to the gate it is multiplied by before that.
+    output, (N, K) in fp32 (fp64 for fp64), to the gate it is multiplied by before that, or with
+    ``gate_before_conv`` i, of conv i's input relu(bn(y_{i−1})) (RegNetY), which it then scales.
     ``group``: batch statistics over that process group (SyncBatchNorm, not differentiable: the
     backward is ``block_backward``'s), each BN's count over the group appended to ``counts``."""
     means: list[Tensor] = []
@@ -368,20 +384,24 @@ def block_eager(
 
     n = len(block.convs)
     a0 = F.relu(norm(x)) if block.preact and block.entry_norm else x
+    def gated(t: Tensor) -> Tensor:
+        values = gate(t.to(_acc(t.dtype)).mean((2, 3)))
+        return t * values.to(t.dtype).view(*values.shape, 1, 1)
+
     a, ys = a0, []
     for i in range(n - 1):
         ys.append(conv(a, i))
         a = F.relu(norm(ys[-1]))
+        if gate is not None and gate_before_conv == i + 1:
+            a = gated(a)
     ys.append(conv(a, n - 1))
     if block.preact:
         short = x if block.shortcut is None else conv(a0, n)
         out = ys[-1] + short
     else:
         last = norm(ys[-1])
-        if gate is not None:
-            acc = _acc(last.dtype)
-            values = gate(last.to(acc).mean((2, 3)))
-            last = last * values.to(last.dtype).view(*values.shape, 1, 1)
+        if gate is not None and gate_before_conv is None:
+            last = gated(last)
         if branch_scale is not None:
             last = last * branch_scale.to(last.dtype).view(-1, 1, 1, 1)
         if block.shortcut is not None:

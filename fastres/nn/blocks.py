@@ -112,6 +112,8 @@ class BlockLayout(NamedTuple):
     - ``gate``: post-activation only, a channel gate applied to the last BN's output before the
       drop path (timm's ``se`` child: ``SEModule``, ``EcaModule``, ...; any module of the form
       ``x * f(mean(x, (2, 3)))``, see :mod:`fastres.nn.gate`). None (or ``nn.Identity``): none.
+    - ``gate_before_conv``: i puts ``gate`` on the input of ``convs[i]`` instead, the activation
+      relu(bn(conv_{i−1})) it reads (RegNetY's SE before conv c). None: before the add.
     """
 
     convs: list[nn.Module]
@@ -121,6 +123,7 @@ class BlockLayout(NamedTuple):
     shortcut_pool: nn.Module | None = None
     drop_path: nn.Module | None = None
     gate: nn.Module | None = None
+    gate_before_conv: int | None = None
 
     @classmethod
     def of(cls, layout: tuple) -> BlockLayout:
@@ -183,7 +186,7 @@ def layout_reason(layout: BlockLayout,
     projection, a drop path the op can draw, a gate of the form ``x * f(mean(x))``, the norms
     ``norm_reason`` accepts, all in one train/eval mode, running statistics in eval, one process
     group for all SyncBatchNorms)."""
-    convs, norms, proj, preact, pool, drop, gate = layout
+    convs, norms, proj, preact, pool, drop, gate, _ = layout
     if (pool is not None or drop is not None or gate is not None) and preact:
         return "a shortcut pool, drop path or gate on a pre-activation block"
     if gate is not None and (reason := gate_reason(gate)) is not None:
@@ -222,7 +225,7 @@ def run_block_op(x: Tensor, layout: BlockLayout) -> Tensor | None:
     (:func:`fastres.ops.residual_block`), training or eval as its BatchNorms are (running
     statistics and ``num_batches_tracked`` advance as the modules' own forwards would advance
     them), in eager's layout for ``x``; None if the backend in force has no block kernels."""
-    convs, norms, proj, preact, pool, drop, gate = layout
+    convs, norms, proj, preact, pool, drop, gate, gate_before_conv = layout
     if gate is not None and torch.compiler.is_compiling():
         return None  # a gate is Python the block op's custom op cannot carry: per layer
     training = norms[0].training
@@ -246,7 +249,8 @@ def run_block_op(x: Tensor, layout: BlockLayout) -> Tensor | None:
     # drawn last, as the unfused block draws after its convs and BNs (which draw nothing)
     scale = drop_path_scale(drop, x.shape[0], branch_dtype, x.device)
     gate_args = {} if gate is None else dict(gate=gate_function(gate),
-                                             gate_params=list(gate.parameters()))
+                                             gate_params=list(gate.parameters()),
+                                             gate_before_conv=gate_before_conv)
     out = residual_block(x, args, norm_args, shortcut=shortcut, preact=preact,
                          entry_norm=entry_norm, training=training, backend=name,
                          shortcut_input=xs, branch_scale=scale,

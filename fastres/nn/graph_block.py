@@ -6,21 +6,24 @@ runs as one :func:`fastres.ops.residual_block` call, in training and eval, exact
 :func:`fastres.nn.blocks.layout_reason`, :func:`fastres.nn.blocks.run_block_op`). The shape read
 from the graph, with the block's children inlined down to convs, norms and childless modules:
 
-    x ─┬─ conv_1 → bn_1 → ReLU → … → conv_L → bn_L (→ drop path) ─ (+) ─ ReLU ─ out
-       └─ x itself, or [avg-pool →] conv_s → bn_s ──────────────────┘
+    x ─┬─ conv_1 → bn_1 → ReLU → … → conv_L → bn_L (→ gate) (→ drop path) ─ (+) ─ ReLU ─ out
+       └─ x itself, or [avg-pool →] conv_s → bn_s ─────────────────────────────┘
 
 with ``nn.Identity`` (and probability-0 dropout) calls passing through, ReLU as ``nn.ReLU`` or
 ``F.relu`` / ``torch.relu`` or inside timm's ``BatchNormAct2d``, and nothing else computed:
 torchvision's RegNetX ``ResBottleneckBlock`` (``proj``, ``f.a`` / ``f.b`` / ``f.c``
 ``Conv2dNormActivation``, ``activation``), timm's RegNet ``Bottleneck`` without SE (``conv1``..
 ``conv3`` ``ConvNormAct``, ``downsample``, ``drop_path``) and ByobNet's basic / bottleneck blocks
-with ReLU (``gernet_*``). Each module's exact type and configuration is checked when the block
-runs (plain zero-padded bias-free ``nn.Conv2d``, ``nn.BatchNorm2d``, the same children as when
-fused), else the block runs layer by layer through its generated per-layer forward.
+with ReLU (``gernet_*``). One channel gate (a module of the form ``x * f(mean(x))``,
+:mod:`fastres.nn.gate`) may scale the last norm's output or the ReLU output a conv reads: the
+SE of RegNetY (``f.se`` / ``se`` between conv b and conv c). Each module's exact type and
+configuration is checked when the block runs (plain zero-padded bias-free ``nn.Conv2d``,
+``nn.BatchNorm2d``, the same children as when fused), else the block runs layer by layer through
+its generated per-layer forward.
 
 Any other block (a module holding at least two conv → norm pairs and no smaller such block) gets
-the structural limit named in ``fuse_report``: a channel gate between the convs (RegNetY's SE),
-an activation other than ReLU, no residual add, a split, and so on.
+the structural limit named in ``fuse_report``: an activation other than ReLU, no residual add, a
+split, a gate computed in the block's own forward, and so on.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from .blocks import (
     layout_reason,
     run_block_op,
 )
+from .gate import gate_reason
 from .graph import (
     BLOCK_ATTR,
     CODE_ATTR,
@@ -77,6 +81,8 @@ class BlockSpec:
     inner_acts: tuple[bool, ...]  # per norm: a BatchNormAct2d whose own activation is the ReLU
     calls: tuple[tuple[str, type], ...] = field(default=())  # every module called, its type
     no_ops: tuple[str, ...] = ()  # called modules that must stay no-ops (Identity, p=0 drop)
+    gate: str | None = None  # a channel gate module (SE)
+    gate_before_conv: int | None = None  # None: the gate before the add; i: on conv i's input
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,6 +137,8 @@ class _Path:
     inner: list[bool] = field(default_factory=list)
     pool: fx.Node | None = None
     drop: fx.Node | None = None
+    gate: str | None = None  # the gate module's path
+    gate_read: int = 0  # convs read (from the add back) before the gate
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -169,6 +177,7 @@ class _Reader:
         self.used: set[fx.Node] = set()
         self.no_ops: list[str] = []
         self.x: fx.Node | None = None
+        self.gate_nodes: set[fx.Node] = set()  # a gate's own graph: run by the gate's code
 
     def module(self, node: fx.Node) -> nn.Module | None:
         return _module(self.root, node)
@@ -215,6 +224,39 @@ class _Reader:
             return "ReLU", node.args[0]
         return None
 
+    def gate(self, node: Any, p: _Path) -> fx.Node | str | None:
+        """If ``node`` multiplies a tensor t by a factor computed from t inside one module that
+        is a channel gate (:func:`fastres.nn.gate.gate_reason`): t's node, the gate recorded on
+        ``p`` and its nodes as used; a reason if it is such a product the op cannot take; None
+        if it is none."""
+        if not (isinstance(node, fx.Node) and _is_mul(node)
+                and len(node.all_input_nodes) == 2):
+            return None
+        a, b = node.all_input_nodes
+        t = a if a in _ancestors(b) else b if b in _ancestors(a) else None
+        if t is None:
+            return None
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        if not stack:
+            return f"a channel gate computed in the block's own forward ({self.describe(node)}) " \
+                   "is not in the block op"
+        path = stack[-1][0]
+        own = (_ancestors(node) - _ancestors(t)) - {t}
+        if any(path not in [v[0] for v in (n.meta.get("nn_module_stack") or {}).values()]
+               for n in own):
+            return f"the channel gate {self.describe(node)} reads more than its module computes"
+        if t is self.x:
+            return f"a channel gate on the block input ({self.describe(node)}) is not in the " \
+                   "block op"
+        if p.gate is not None:
+            return f"two channel gates on one path ({p.gate} and {path})"
+        if (why := gate_reason(self.root.get_submodule(path))) is not None:
+            return f"the channel gate {self.describe(node)}: {why}"
+        p.gate, p.gate_read = path, len(p.convs)
+        self.used |= own | {node}
+        self.gate_nodes |= own | {node, t}
+        return self.back(t)
+
     def unexpected(self, node: Any, path: _Path) -> str:
         """Why the block op cannot take what sits at ``node`` on a path to the add."""
         if not isinstance(node, fx.Node):
@@ -223,9 +265,9 @@ class _Reader:
             return "the block input reaches the residual add without the conv → norm chain"
         if _is_mul(node) and len(node.all_input_nodes) == 2:
             a, b = node.all_input_nodes
-            if a in _ancestors(b) or b in _ancestors(a):  # x · f(x)
-                where = "between convs (RegNetY SE)" if path.convs else "before the residual add"
-                return f"channel gate {where} is not in the block op: {self.describe(node)}"
+            if a in _ancestors(b) or b in _ancestors(a):  # x · f(x) where no gate can be
+                return f"a channel gate between a norm and its activation is not in the block " \
+                       f"op: {self.describe(node)}"
         # paths are read backwards: the last conv read is the one after ``node``
         where = f"before the conv {path.convs[-1].target}" if path.convs else \
             "before the residual add"
@@ -249,9 +291,17 @@ class _Reader:
             p.drop = node
             self.used.add(node)
             node = self.back(node.args[0])
+        if (gated := self.gate(node, p)) is not None:  # a gate before the add
+            if isinstance(gated, str):
+                return gated
+            node = gated
         act_needed = False  # after a conv: the norm before it must be followed by a ReLU
         while True:
             explicit = None
+            if act_needed and (gated := self.gate(node, p)) is not None:  # on a conv's input
+                if isinstance(gated, str):
+                    return gated
+                node = gated
             if act_needed and (act := self.activation(node)) is not None:
                 name, source = act
                 if name != "ReLU":
@@ -345,6 +395,8 @@ class _Reader:
             return "a drop path on the shortcut"
         if shortcut.pool is not None and not shortcut.convs:
             return "a pool on an identity shortcut"
+        if shortcut.gate is not None:
+            return f"a channel gate on the shortcut ({shortcut.gate})"
         if (reason := self.leftover()) is not None:
             return reason
         if branch.drop is not None and (why := drop_path_reason(self.module(branch.drop))):
@@ -358,7 +410,8 @@ class _Reader:
             projection=name(shortcut.convs[0] if shortcut.convs else None),
             pool=name(shortcut.pool), drop_path=name(branch.drop),
             inner_acts=(*reversed(branch.inner), *shortcut.inner),
-            calls=calls, no_ops=tuple(self.no_ops))
+            calls=calls, no_ops=tuple(self.no_ops), gate=branch.gate,
+            gate_before_conv=len(branch.convs) - branch.gate_read if branch.gate_read else None)
 
     def leftover(self) -> str | None:
         """Why not, if the graph computes more than the two paths and the join, or reuses an
@@ -368,7 +421,7 @@ class _Reader:
                 continue
             if node not in self.used:
                 return f"it also computes {self.describe(node)}, outside the conv → norm chains"
-            if len(node.users) != 1:
+            if len(node.users) != 1 and node not in self.gate_nodes:
                 return f"{self.describe(node)} feeds {len(node.users)} places (the block op " \
                        "keeps its inner results)"
         return None
@@ -455,7 +508,8 @@ class GraphBlock(GraphFused):
         return BlockLayout([get(p) for p in spec.convs], norms,
                            None if spec.projection is None else get(spec.projection), False,
                            None if spec.pool is None else get(spec.pool),
-                           None if spec.drop_path is None else get(spec.drop_path))
+                           None if spec.drop_path is None else get(spec.drop_path),
+                           None if spec.gate is None else get(spec.gate), spec.gate_before_conv)
 
     def block_reason(self) -> str | None:
         """None if the block runs as one block op now, else why it runs layer by layer."""

@@ -517,8 +517,9 @@ class _GateCall:
     N·K-sized, and PyTorch refuses a second backward without retain_graph before reaching it."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor], params: Sequence[Tensor],
-                 dtype: torch.dtype, record: bool) -> None:
+                 dtype: torch.dtype, record: bool, before_conv: int | None = None) -> None:
         self.fn, self.params, self.dtype, self.record = fn, list(params), dtype, record
+        self.before_conv = before_conv
         self.values: Tensor | None = None
         self.param_grads: list[Tensor | None] = [None] * len(self.params)
         self._leaf: Tensor | None = None
@@ -607,6 +608,7 @@ def residual_block(
     process_group: object | None = None,
     gate: Callable[[Tensor], Tensor] | None = None,
     gate_params: Sequence[Tensor] = (),
+    gate_before_conv: int | None = None,
 ) -> Tensor:
     """A residual block as one fused op; same function as the eager block (see
     :class:`fastres.backends.base.BlockParams` for the two structures and the order of
@@ -630,6 +632,10 @@ def residual_block(
       ``torch.autograd.grad``); ``gate_params``: the tensors it uses that take gradients (the
       gate module's parameters), which get them like any other input. Eager only: under
       ``torch.compile`` a gated call raises (fastres's blocks then run layer by layer).
+    - ``gate_before_conv``: i (1 ≤ i < len(convs)) puts the gate between two convs instead
+      (RegNetY's SE before conv c): conv i reads ``a·gate(a.mean((2, 3), keepdim=True))`` with
+      ``a = relu(bn(y))`` of conv i − 1; the join is then ``relu(bn_L(y_L)·branch_scale[n] +
+      shortcut)``. None (default): the gate before the add, as above.
 
     ``process_group`` (a ``torch.distributed`` process group or its c10d name; training only):
     every BatchNorm of the block is ``nn.SyncBatchNorm`` over that group, as in
@@ -654,7 +660,9 @@ def residual_block(
         branch_scale = _branch_scale(branch_scale, x, preact, batch_stats)
     gate_params = list(gate_params)
     if gate is not None:
-        _check_gate(gate, gate_params, preact)
+        _check_gate(gate, gate_params, preact, gate_before_conv, len(convs))
+    elif gate_before_conv is not None:
+        raise ValueError("residual_block: gate_before_conv without a gate")
     block, bessel, flat, call = checked_once(
         _checked_blocks,
         lambda: (
@@ -687,7 +695,7 @@ def residual_block(
             flat, shortcut is not None, block.preact, block.entry_norm,
             list(block.eps), batch_stats, save, name)
     if gate is not None:
-        call_gate = _GateCall(gate, gate_params, x.dtype, save)
+        call_gate = _GateCall(gate, gate_params, x.dtype, save, gate_before_conv)
         out, *stats = _GatedBlockFunction.apply((*rest, branch_scale, group, call_gate), x, xs,
                                                 *weights, *gammas, *betas, *gate_params)
     elif save and not torch.compiler.is_compiling():
@@ -719,7 +727,9 @@ _checked_blocks: dict[tuple, _CheckedBlock] = {}
 
 
 def _branch_scale(scale, x: Tensor, preact: bool, batch_stats: bool) -> Tensor:
-    """The per-sample branch scale as the kernels take it: (N,) fp32 contiguous."""
+    """The per-sample branch scale as the kernels take it: (N,) fp32 contiguous (fp64 for fp64
+    blocks, which the reference backend computes in fp64: a drop path's 1/keep is not an fp32
+    value)."""
     def fail(msg: str, exc=ValueError):
         raise exc(f"residual_block: branch_scale {msg}")
 
@@ -736,12 +746,19 @@ def _branch_scale(scale, x: Tensor, preact: bool, batch_stats: bool) -> Tensor:
         fail(f"must have shape ({n},) or ({n}, 1, 1, 1), got {tuple(scale.shape)}")
     if scale.device != x.device:
         fail(f"is on {scale.device} but x is on {x.device}")
-    return scale.reshape(n).to(torch.float32).contiguous()
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return scale.reshape(n).to(dtype).contiguous()
 
 
-def _check_gate(gate, gate_params: list, preact: bool) -> None:
+def _check_gate(gate, gate_params: list, preact: bool, before_conv: int | None,
+                num_convs: int) -> None:
     def fail(msg: str, exc=ValueError):
         raise exc(f"residual_block: {msg}")
+
+    if before_conv is not None and (type(before_conv) is not int
+                                    or not 1 <= before_conv < num_convs):
+        fail(f"gate_before_conv must be an int in [1, {num_convs - 1}] (the index of the conv "
+             f"whose input the gate scales), got {before_conv!r}")
 
     if not callable(gate):
         fail(f"gate must be callable (pooled -> gate), got {type(gate).__name__}", TypeError)

@@ -565,7 +565,8 @@ def test_reductions_with_gate_scale_and_add(dtype: torch.dtype, batch_stats: boo
     g = dz.float() * (z > 0)
     torch.testing.assert_close(dres, g.to(dtype), rtol=0, atol=0)
     gb = g * s[:, :, None, None] + t[:, :, None, None]
-    torch.testing.assert_close(g_branch.float(), gb.to(dtype).float(), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(g_branch.float(), gb.to(dtype).float(),
+                               rtol=_rounding_slack(dtype), atol=1e-6)
     c64 = lambda v: v.double().cpu()
     gb64 = c64(g_branch)  # the sums are of the g dgrad reads, as stored
     ref = _sums(gb64, c64(y), c64(mean), c64(var), batch_stats)
@@ -621,6 +622,15 @@ def _assert_mask_matters(pre: torch.Tensor) -> None:
     assert 0.2 < positive < 0.8, positive
 
 
+def _rounding_slack(dtype: torch.dtype, interpreted: float = 2e-6) -> float:
+    """Relative tolerance of a kernel's ``x·s + t`` rounded once to ``dtype`` against PyTorch
+    computing it in fp32: compiled, Triton contracts it into an FMA (``enable_fp_fusion``, its
+    default), one fp32 rounding fewer than eager's, which near a ``dtype`` rounding boundary
+    moves the stored value by one ulp of ``dtype``; the interpreter does not contract
+    (``interpreted``: fp32 summation-order slack only)."""
+    return max(torch.finfo(dtype).eps, interpreted) if DEVICE == "cuda" else interpreted
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n, k, h, w", [(3, 7, 5, 7), (2, 130, 3, 4)])
 def test_activation_sums(dtype: torch.dtype, n: int, k: int, h: int, w: int) -> None:
@@ -646,7 +656,8 @@ def test_activation_sums(dtype: torch.dtype, n: int, k: int, h: int, w: int) -> 
         # of a as the conv reads it, rounded to the dtype (eager pools the stored a): only the
         # fp32 summation order differs, far below a bf16 rounding of the terms
         err = (out.double().cpu() - base.double().cpu()).abs()
-        assert (err <= 4 * torch.finfo(torch.float32).eps * terms).all(), (name, err.max())
+        slack = 4 * torch.finfo(torch.float32).eps + _rounding_slack(dtype, 0.0)
+        assert (err <= slack * terms).all(), (name, err.max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -675,7 +686,8 @@ def test_reductions_with_act_mask(dtype: torch.dtype, batch_stats: bool, k: int,
     mask = _act_mask(act)
     base_g = ((dz.float() * s[:, :, None, None] + t[:, :, None, None]) * mask).to(dtype)
     assert_close_ratio("g", g_branch, g64, base_g)
-    torch.testing.assert_close(g_branch.float(), base_g.float(), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(g_branch.float(), base_g.float(), rtol=_rounding_slack(dtype),
+                               atol=1e-6)
     assert (g_branch[~mask] == 0).all(), "g where the activation's ReLU is off"
     gb64 = c64(g_branch)  # the sums are of the g dgrad reads, as stored
     ref = _sums(gb64, c64(y), c64(mean), c64(var), batch_stats)

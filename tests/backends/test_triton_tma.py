@@ -46,14 +46,17 @@ def test_tma_tile_matches_float64(name: str, dtype: torch.dtype) -> None:
         assert tconv._gemm.last_config is TMA16
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["", "gated"])
 @pytest.mark.parametrize("epilogue", ["train", "eval"])
 @pytest.mark.parametrize("name, dtype", [("3x3", torch.bfloat16), ("1x1", torch.float16),
                                          ("g2x16", torch.bfloat16)], ids=_ids)
-def test_tma_tile_with_the_prologue(name: str, dtype: torch.dtype, epilogue: str) -> None:
+def test_tma_tile_with_the_prologue(name: str, dtype: torch.dtype, epilogue: str,
+                                    gated: bool) -> None:
     """The activation prologue on the TMA tile (loaded, then activated in registers, padding
-    and out-of-image rows zeroed after the activation)."""
+    and out-of-image rows zeroed after the activation), with and without the per-(sample,
+    channel) gate (tiles of rows spanning samples)."""
     with tconv._gemm.forced(TMA16):
-        _check_forward(SHAPES[name], dtype, epilogue)
+        _check_forward(SHAPES[name], dtype, epilogue, gated=gated)
     assert tconv._gemm.last_config is TMA16
 
 

@@ -153,4 +153,13 @@ PLANTS = [
           "    dpooled = gate.backward((dz_gate * a).sum((2, 3)))",
           "    dpooled = gate.backward((dz * a).sum((2, 3)))",
           ("tests/ops/test_block_gate.py", "-k", "reference and droppath-s2-float32")),
+    # RegNetY's gate between conv b and conv c (issue 18)
+    Plant("reference gate between convs drops the pooled-mean gradient",
+          "fastres/backends/reference.py",
+          "da = da * gate_values + (dpooled / hw)[:, :, None, None]", "da = da * gate_values",
+          ("tests/test_graph_block.py", "-k", "reference and tv-regnety-se-identity")),
+    Plant("triton gate between convs loses conv b's ReLU mask", "fastres/backends/triton/block.py",
+          "dpooled / (y.shape[2] * y.shape[3])).contiguous(), act_mask=affine)",
+          "dpooled / (y.shape[2] * y.shape[3])).contiguous(), act_mask=None)",
+          ("tests/test_graph_block.py", "-k", "triton and tv-regnety-se-identity")),
 ]

@@ -214,27 +214,40 @@ def test_op_errors_name_the_problem() -> None:
         residual_block(x, convs, norms, training=True, gate=3)
     with pytest.raises(ValueError, match="gate is supported on post-activation blocks only"):
         residual_block(x, convs, norms[:1], training=True, preact=True, gate=torch.sigmoid)
+    for bad in (0, 2, 1.0):
+        with pytest.raises(ValueError, match=r"gate_before_conv must be an int in \[1, 1\]"):
+            residual_block(x, convs, norms, training=True, gate=torch.sigmoid,
+                           gate_before_conv=bad)
+    with pytest.raises(ValueError, match="gate_before_conv without a gate"):
+        residual_block(x, convs, norms, training=True, gate_before_conv=1)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_op_gate_params_take_gradients(backend: str) -> None:
+@pytest.mark.parametrize("before_conv", [None, 1], ids=["before-add", "between-convs"])
+def test_op_gate_params_take_gradients(backend: str, before_conv: int | None) -> None:
     """A gate given as a plain callable with its parameter passed in gate_params: its gradient
-    is eager's (fp32, x·σ(w·pooled) before the add), also when nothing else needs one."""
+    is eager's (fp32, x·σ(w·pooled) before the add, or on conv 2's input), also when nothing
+    else needs one; the gate's w has both signs, so the gate between convs scales a ReLU output
+    by values of both signs (the op multiplies after the ReLU)."""
     torch.manual_seed(3)
     x, convs, norms = _op_args()
     w = torch.randn(8, 1, 1, requires_grad=True)
-    gate = lambda p: torch.sigmoid(p * w.to(p.dtype))
+    gate = lambda p: torch.tanh(p * w.to(p.dtype)) if before_conv else torch.sigmoid(
+        p * w.to(p.dtype))
+    gated = lambda a: a * gate(a.mean((2, 3), keepdim=True))
 
     def eager(x):
         conv = lambda t, i: nn.functional.conv2d(t, convs[i].weight.to(t.dtype), padding=1)
         bn = lambda t: nn.functional.batch_norm(t, None, None, training=True)
-        a = bn(conv(nn.functional.relu(bn(conv(x, 0))), 1))
-        return nn.functional.relu(a * gate(a.mean((2, 3), keepdim=True)) + x)
+        h = nn.functional.relu(bn(conv(x, 0)))
+        a = bn(conv(gated(h) if before_conv else h, 1))
+        return nn.functional.relu((a if before_conv else gated(a)) + x)
 
     want = eager(x.double())
     (dw_want,) = torch.autograd.grad(want.square().sum(), w)
     out = residual_block(x.contiguous(memory_format=CL), convs, norms, training=True,
-                         backend=backend, gate=gate, gate_params=[w])
+                         backend=backend, gate=gate, gate_params=[w],
+                         gate_before_conv=before_conv)
     (dw,) = torch.autograd.grad(out.square().sum(), w)
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dw.double(), dw_want.double(), rtol=1e-4, atol=1e-4)
@@ -289,8 +302,10 @@ def test_gated_block_under_torch_compile_runs_layer_by_layer() -> None:
     torch.testing.assert_close(out, eager(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["seresnext26d_32x4d", "ecaresnet26t"])
-def test_gated_model_trains_as_block_ops_like_eager(name: str) -> None:
+@pytest.mark.parametrize(("name", "gated"), [
+    ("seresnext26d_32x4d", 8), ("ecaresnet26t", 8),
+    pytest.param("resnetrs50", 16, marks=pytest.mark.slow)])
+def test_gated_model_trains_as_block_ops_like_eager(name: str, gated: int) -> None:
     """timm SE / ECA ResNets with drop_path_rate=0.2 through ``fastres.fuse``, every residual
     block one block op with its gate: two seeded SGD steps in float64 (the maths of a whole
     model, DESIGN §4) give eager's loss, every gradient (the gates' included) and the running
@@ -301,8 +316,8 @@ def test_gated_model_trains_as_block_ops_like_eager(name: str) -> None:
     assert [k for k, _ in fused.named_parameters()] == [k for k, _ in eager.named_parameters()]
     blocks = [m for m in fused.modules() if isinstance(m, fastres.nn.FusedBlock)
               and getattr(m, "se", None) is not None]
-    assert len(blocks) == 8 and all(b.block_reason() is None for b in blocks)
-    grads = compare_float64_steps(fused, eager, blocks=8)
+    assert len(blocks) == gated and all(b.block_reason() is None for b in blocks)
+    grads = compare_float64_steps(fused, eager, blocks=gated)
     assert any(".se." in k for k in grads)
 
 

@@ -37,6 +37,15 @@ could write these partials), the gate's own graph in PyTorch, then the join pass
 scale gate·scale[n]. Backward, one per-sample sums pass over dout, out, y_L gives dgate =
 scale[n]·Σ_hw dz·a; the gate's backward gives dpooled, and the join's reduction pass stores the
 last BN's g = dz·gate·scale[n] + dpooled/HW (its sums taken of that g).
+
+A gate between two convs (RegNetY's SE before conv c, ``ChannelGate.before_conv``) scales what
+conv i reads: forward, ``pooled = mean_hw relu(bn_{i−1}(y_{i−1}))`` from one per-sample sums
+pass over y_{i−1} (``bn.activation_sums``), the gate in PyTorch, then conv i's prologue reads
+``relu(bn_{i−1}(y_{i−1}))·gate[n, c]`` (``in_gate``). Backward, wgrad re-forms that input the
+same way; conv i's dgrad is taken raw (da_g, the gated input's gradient: its epilogue cannot
+apply the gate's backward, which needs all of da_g first), one sums pass gives dgate = Σ_hw
+da_g·a, the gate's backward dpooled, and one reduction pass forms bn_{i−1}'s g = (da_g·gate +
+dpooled/HW)·[a > 0] with its sums (``bn.reductions(act_mask=)``).
 """
 
 from __future__ import annotations
@@ -95,11 +104,13 @@ class _Norms:
         beta = self.betas[i]
         return torch.zeros_like(self.mean[i]) if beta is None else beta.float()
 
-    def affine(self, i: int | None) -> dict[str, Tensor | None]:
-        """Prologue arguments of a conv whose input is relu(bn_i(·)) (none for i None)."""
+    def affine(self, i: int | None, gate: OptTensor = None) -> dict[str, Tensor | None]:
+        """Prologue arguments of a conv whose input is relu(bn_i(·)) (none for i None), times
+        ``gate`` (N, C) per (sample, channel) if given."""
         if i is None:
             return {}
-        return dict(in_scale=self.scale[i], in_shift=self.shift[i])
+        gated = {} if gate is None else dict(in_gate=gate)
+        return dict(in_scale=self.scale[i], in_shift=self.shift[i], **gated)
 
     def act(self, i: int, y: Tensor, batch_stats: bool) -> conv_bwd.ActInput:
         return conv_bwd.ActInput(y, self.scale[i], self.shift[i], self.mean[i], self.var[i],
@@ -131,11 +142,12 @@ def block_forward(
     n = len(block.convs)
 
     def conv(inp: Tensor, i: int, prologue: int | None, norm: int | None,
-             residual: OptTensor = None) -> Tensor:
-        """conv_i of ``inp`` (through bn_prologue + ReLU); its statistics become bn_norm's."""
+             residual: OptTensor = None, in_gate: OptTensor = None) -> Tensor:
+        """conv_i of ``inp`` (through bn_prologue + ReLU, times ``in_gate``); its statistics
+        become bn_norm's."""
         stats = norm is not None and batch_stats
         y, p = _conv.conv2d_fused(inp, weights[i], None, params[i], stats=stats,
-                                  residual=residual, **norms.affine(prologue))
+                                  residual=residual, **norms.affine(prologue, in_gate))
         if stats:
             norms.from_partials(norm, p.count, p.mean, p.m2)
         return y
@@ -154,13 +166,15 @@ def block_forward(
         short = x if block.shortcut is None else conv(x, n, entry, None)
         out = conv(inp, n - 1, prologue, None, residual=short)
     else:
+        mid = None if gate is None else gate.before_conv
         inp, prologue = x, None
         for i in range(n):
-            inp = conv(inp, i, prologue, i)
+            in_gate = None if i != mid else _mid_gate(gate, inp, norms, prologue)
+            inp = conv(inp, i, prologue, i, in_gate=in_gate)
             ys.append(inp)
             prologue = i
         last = n - 1
-        if gate is not None:
+        if gate is not None and mid is None:
             branch_scale = _gated_scale(gate, ys[last], norms, last, branch_scale)
         if block.shortcut is None:
             out = bn.apply(ys[last], norms.scale[last], norms.shift[last], x, True,
@@ -186,6 +200,13 @@ def _gated_scale(gate: ChannelGate, y: Tensor, norms: _Norms, i: int,
     pooled = (sum_d / hw) * norms.scale[i] + norms.beta(i)
     values = gate.forward(pooled)
     return values.contiguous() if branch_scale is None else values * branch_scale[:, None]
+
+
+def _mid_gate(gate: ChannelGate, y: Tensor, norms: _Norms, i: int) -> Tensor:
+    """The (N, C) gate a conv reading a = relu(bn_i(y)) multiplies it by: the gate run on a's
+    spatial means."""
+    sums = bn.activation_sums(y, norms.scale[i], norms.shift[i])
+    return gate.forward(sums / (y.shape[2] * y.shape[3])).contiguous()
 
 
 def _gate_backward(gate: ChannelGate, dout: Tensor, out: Tensor, y: Tensor, norms: _Norms,
@@ -267,6 +288,8 @@ def block_backward(
              add: OptTensor = None, need_input: bool = True):
         """dW of conv_i (its input ``inp`` seen through bn_prologue + ReLU); returns its dgrad:
         with ``act`` (input = relu(bn_act(inp))) the next operand's g, its sums recorded."""
+        if i == mid:
+            return back_gated(op, i, inp, prologue)
         if need_w[i]:
             dws[i] = conv_bwd.wgrad(op, inp, weights[i], params[i],
                                     **_x_affine(norms.affine(prologue)))
@@ -279,6 +302,27 @@ def block_backward(
         sums[act] = norms.exchange(act, sums[act], inp)
         return g
 
+    def back_gated(op, i: int, y: Tensor, k: int) -> Tensor:
+        """``back`` of conv_i reading a·gate, a = relu(bn_k(y)): dW through the gated prologue,
+        then bn_k's g = (da_g·gate + dpooled/HW)·[a > 0] (da_g conv_i's raw dgrad, dpooled the
+        gate's backward of Σ_hw da_g·a), its sums recorded."""
+        values = gate.values
+        if need_w[i]:
+            dws[i] = conv_bwd.wgrad(op, y, weights[i], params[i],
+                                    **_x_affine(norms.affine(k, values)))
+        da = conv_bwd.dgrad(op, weights[i], params[i], y.shape)
+        affine = (norms.scale[k], norms.shift[k])
+        dpooled = gate.backward(bn.activation_sums(y, *affine, dz=da))
+        g = _alloc.empty(*da.shape, dtype=da.dtype, device=da.device, channels_last=True)
+        sums[k] = bn.reductions(
+            da, y, None, norms.mean[k], norms.var[k], batch_stats=batch_stats, eps=block.eps[k],
+            relu=False, branch_scale=values, g_branch=g,
+            branch_add=(dpooled / (y.shape[2] * y.shape[3])).contiguous(), act_mask=affine)
+        sums[k] = norms.exchange(k, sums[k], y)
+        return g
+
+    mid = None if gate is None else gate.before_conv
+    end_gate = gate if mid is None else None
     dx = dxs = None
     if block.preact:
         entry = 0 if block.entry_norm else None
@@ -311,14 +355,15 @@ def block_backward(
         dres = new_like_dout() if identity and need_dx else None
         # drop path, gate: the last BN's g is g·scale[n(, k)] (+ the gate's dpooled/HW), stored
         # by the join pass for its dy operand
-        g_last = None if branch_scale is None and gate is None else new_like_dout()
+        g_last = None if branch_scale is None and end_gate is None else new_like_dout()
         def reduce(y: Tensor, i: int, **kw):
             return bn.reductions(dout, y, out, norms.mean[i], norms.var[i],
                                  batch_stats=batch_stats, eps=block.eps[i], relu=True, **kw)
 
         scaled = dict(branch_scale=branch_scale, g_branch=g_last)
-        if gate is not None:
-            scaled.update(_gate_backward(gate, dout, out, ys[last], norms, last, branch_scale))
+        if end_gate is not None:
+            scaled.update(_gate_backward(end_gate, dout, out, ys[last], norms, last,
+                                         branch_scale))
         sums_s = None
         if identity:
             sums[last] = reduce(ys[last], last, dres=dres, **scaled)

@@ -28,9 +28,10 @@ raw conv outputs are stored between the convs of a residual block; with ``IN_GAT
 per-(sample, channel) gate after the ReLU (a squeeze-excitation gate between two convs: each
 A-tile row reads the gate of its own sample). It is computed in fp32 on the loaded elements, set
 to 0 where the load mask is off (zero padding after the activation: a padded element is 0, not
-relu(in_shift)) and rounded once to x's dtype: exactly the activation PyTorch would have
-stored. fp32 operands are then rounded to TF32 as usual. conv_bwd's wgrad reads x through the
-same helper.
+relu(in_shift)) and rounded once to x's dtype: the activation PyTorch would have stored
+(compiled, x·scale + shift is one FMA where eager rounds the product first: one ulp of x's
+dtype apart near a rounding boundary). fp32 operands are then rounded to TF32 as usual.
+conv_bwd's wgrad reads x through the same helper.
 
 BN partials (:class:`Partials`) are per M tile: each tile of BLOCK_M output rows yields, for
 every channel, the count of valid rows, their mean and M2 (sum of squared deviations from the

@@ -67,7 +67,8 @@ def test_silu_is_applied_in_the_op(name):
 BLOCK_OP_MODELS = ["resnet50", "resnext50_32x4d", "timm:resnet50d", "timm:resnext50d_32x4d",
                    "timm:resnet50d[drop_path_rate=0.1]", "regnet_x_400mf", "timm:regnetx_002",
                    "regnet_y_400mf", "timm:regnety_008", "timm:gernet_s", "timm:seresnet50",
-                   "timm:seresnext26d_32x4d", "timm:ecaresnet50d", "timm:resnetrs50"]
+                   "timm:seresnext26d_32x4d", "timm:ecaresnet50d", "timm:resnetrs50",
+                   "fasterrcnn_resnet50_fpn.backbone (FrozenBatchNorm2d)"]
 
 
 @pytest.mark.slow

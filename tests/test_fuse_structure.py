@@ -306,6 +306,37 @@ def test_frozen_fpn_backbone_fuses_every_pair_including_the_body_stem():
     result = coverage(model)
     assert result["conv_norm"] == 53 and result["fused_per_layer"] == 53, result
     assert not result["unfused"]
+    assert result["in_block_ops"] == 52 and not result["block_notes"], result  # all but the stem
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_frozen_bn_block_trains_as_one_block_op(backend):
+    """A torchvision Bottleneck with FrozenBatchNorm2d (detection fine-tuning) is one block op
+    on the frozen statistics, in training too: two steps (output, input and conv weight
+    gradients; the frozen buffers untouched) and eval against float64 by the error-ratio
+    rule."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from tests.ops.test_block import _run_steps, compare_steps
+
+    original = randomize_bn(torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)).layer1[0]
+    fused = fuse_quietly(original)
+    assert fused.block_reason() is None
+    x = torch.randn(2, 64, 7, 7).contiguous(memory_format=CL)
+    truth = copy.deepcopy(original).double()
+    baseline = copy.deepcopy(original).to(memory_format=CL)
+    upstream = torch.randn(truth(x.double()).shape, dtype=torch.float64)
+    buffers = {k: v.clone() for k, v in fused.named_buffers()}
+    with fastres.backends.record_calls() as served:
+        got = _run_steps(fused, x, upstream, 2, backend, None)
+    assert [(c.direction, c.op) for c in served] == [
+        ("forward", "residual_block"), ("backward", "residual_block")] * 2 + [
+        ("forward", "residual_block")]
+    compare_steps(got, _run_steps(truth, x.double(), upstream, 2, None, None),
+                  _run_steps(baseline, x, upstream, 2, None, None), 2)
+    assert all(torch.equal(v, buffers[k]) for k, v in fused.named_buffers())
+    fused.bn2 = nn.BatchNorm2d(fused.bn2.weight.shape[0])
+    assert "FrozenBatchNorm2d and BatchNorms mixed in one block" in fused.block_reason()
 
 
 class ResidualBlock(nn.Module):

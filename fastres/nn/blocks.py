@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.block import ConvArgs, NormArgs, block_backend, residual_block
-from .conv_bn_relu import ConvBNReLU, bn_momenta, fusable_reason
+from .conv_bn_relu import ConvBNReLU, bn_momenta, fusable_reason, is_frozen_bn
 from .gate import gate_function, gate_reason
 from .layout import match_input
 from .sync_conv_bn import sync_group
@@ -179,6 +179,19 @@ def drop_path_scale(module: nn.Module | None, n: int, dtype: torch.dtype,
     return draw if row else draw.expand(n, 1, 1, 1)
 
 
+def block_norm_reason(bn: nn.Module) -> str | None:
+    """None if the block op takes ``bn`` as one of its norms: ``nn.BatchNorm2d``,
+    ``nn.SyncBatchNorm`` or (a block of them only) torchvision's / timm's FrozenBatchNorm2d, a
+    fixed affine from its buffers (the block then runs on those statistics, in training too,
+    with gradients for the input and the convs), else why not."""
+    if type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        return None
+    if is_frozen_bn(bn) and type(bn).__name__ == "FrozenBatchNorm2d":  # the exact class
+        return None
+    return f"{type(bn).__name__} is not a plain nn.BatchNorm2d, nn.SyncBatchNorm or " \
+           "FrozenBatchNorm2d"
+
+
 def layout_reason(layout: BlockLayout,
                   norm_reason: Callable[[nn.Module], str | None]) -> str | None:
     """None if the modules of ``layout`` can run as one block op now, else why not: the checks
@@ -187,6 +200,12 @@ def layout_reason(layout: BlockLayout,
     ``norm_reason`` accepts, all in one train/eval mode, running statistics in eval, one process
     group for all SyncBatchNorms)."""
     convs, norms, proj, preact, pool, drop, gate, _ = layout
+    frozen = [is_frozen_bn(bn) for bn in norms]
+    if any(frozen) and not all(frozen):
+        return "FrozenBatchNorm2d and BatchNorms mixed in one block"
+    if all(frozen) and drop is not None and type(drop) is not nn.Identity:
+        return "a drop path with FrozenBatchNorm2d (the block op draws drop paths only with " \
+               "batch statistics)"
     if (pool is not None or drop is not None or gate is not None) and preact:
         return "a shortcut pool, drop path or gate on a pre-activation block"
     if gate is not None and (reason := gate_reason(gate)) is not None:
@@ -228,17 +247,22 @@ def run_block_op(x: Tensor, layout: BlockLayout) -> Tensor | None:
     convs, norms, proj, preact, pool, drop, gate, gate_before_conv = layout
     if gate is not None and torch.compiler.is_compiling():
         return None  # a gate is Python the block op's custom op cannot carry: per layer
-    training = norms[0].training
+    frozen = is_frozen_bn(norms[0])  # a fixed affine from its buffers, in training too
+    training = norms[0].training and not frozen
     args = [ConvArgs(c.weight, c.stride, c.padding, c.dilation, c.groups) for c in convs]
     name, _ = block_backend(x, args[0].weight, args[0].params(), training=training)
     if name is None:  # the backend in force has no block kernels
         return None
-    norm_args = []
-    for bn, momentum in zip(norms, bn_momenta(norms)):  # advances num_batches_tracked
-        track = not bn.training or bn.track_running_stats
-        norm_args.append(NormArgs(
-            bn.weight, bn.bias, bn.running_mean if track else None,
-            bn.running_var if track else None, momentum, bn.eps))
+    if frozen:  # its buffers are the running statistics and affine, never updated
+        norm_args = [NormArgs(bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.0, bn.eps)
+                     for bn in norms]
+    else:
+        norm_args = []
+        for bn, momentum in zip(norms, bn_momenta(norms)):  # advances num_batches_tracked
+            track = not bn.training or bn.track_running_stats
+            norm_args.append(NormArgs(
+                bn.weight, bn.bias, bn.running_mean if track else None,
+                bn.running_var if track else None, momentum, bn.eps))
     shortcut = None if proj is None else ConvArgs(
         proj.weight, proj.stride, proj.padding, proj.dilation, proj.groups)
     entry_norm = preact and len(norms) == len(convs)
@@ -364,9 +388,7 @@ class FusedBlock(nn.Module):
     def norm_reason(self, bn: nn.Module) -> str | None:
         """None if ``bn`` normalises exactly as the block op's BatchNorm (+ the ReLU the
         structure puts after it), else why not."""
-        if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-            return f"{type(bn).__name__} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm"
-        return None
+        return block_norm_reason(bn)
 
     def _block_call(self, x: Tensor) -> Tensor | None:
         """The block through the block op, or None if it runs layer by layer (also inside

@@ -38,6 +38,7 @@ from torch import fx, nn
 
 from .blocks import (
     BlockLayout,
+    block_norm_reason,
     drop_path_reason,
     forced_layer_by_layer,
     layout_reason,
@@ -446,10 +447,10 @@ def block_spec(module: nn.Module) -> BlockSpec | str | None:
 
 
 def _block_norm_reason(bn: nn.Module) -> str | None:
-    if type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or _is_norm_act(bn):
+    if _is_norm_act(bn) or block_norm_reason(bn) is None:
         return None
-    return f"{type(bn).__name__} is not a plain nn.BatchNorm2d, nn.SyncBatchNorm or timm's " \
-           "BatchNormAct2d"
+    return f"{type(bn).__name__} is not a plain nn.BatchNorm2d, nn.SyncBatchNorm, " \
+           "FrozenBatchNorm2d or timm's BatchNormAct2d"
 
 
 class GraphBlock(GraphFused):

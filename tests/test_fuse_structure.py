@@ -315,14 +315,16 @@ def test_frozen_bn_block_trains_as_one_block_op(backend):
     on the frozen statistics, in training too: two steps (output, input and conv weight
     gradients; the frozen buffers untouched) and eval against float64 by the error-ratio
     rule."""
+    from torchvision.models.resnet import Bottleneck
     from torchvision.ops import FrozenBatchNorm2d
 
     from tests.ops.test_block import _run_steps, compare_steps
 
-    original = randomize_bn(torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)).layer1[0]
+    projection = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), FrozenBatchNorm2d(16))
+    original = randomize_bn(Bottleneck(8, 4, 2, projection, norm_layer=FrozenBatchNorm2d))
     fused = fuse_quietly(original)
     assert fused.block_reason() is None
-    x = torch.randn(2, 64, 7, 7).contiguous(memory_format=CL)
+    x = torch.randn(2, 8, 7, 7).contiguous(memory_format=CL)
     truth = copy.deepcopy(original).double()
     baseline = copy.deepcopy(original).to(memory_format=CL)
     upstream = torch.randn(truth(x.double()).shape, dtype=torch.float64)

@@ -201,25 +201,13 @@ def test_regnety_training_step_runs_only_the_gates_own_pytorch_ops(monkeypatch) 
     the only PyTorch convolutions are the SE gate's fc1 and fc2 on (N, C, 1, 1). Standalone
     passes: forward the gate's per-sample sums and the join; backward the join's reduction, the
     gate's gradient sums and the reduction that forms conv b's BN gradient through the gate."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from tests.backends.test_triton_block import _Launches, _standalone
+    from tests.backends.test_triton_block import _standalone
+    from tests.ops.test_block_gate import profiled_gated_step
 
     original, cin, hw, _ = _build("tv-regnety-se-proj-s2")
     fused = fuse_quietly(original).train()
     x = torch.randn(2, cin, hw, hw).contiguous(memory_format=CL).requires_grad_()
-    launches = _Launches(monkeypatch)
-    with fastres.use_backend("triton"), profile(activities=[ProfilerActivity.CPU]) as prof:
-        out = fused(x)
-        forward = launches.take()
-        out.square().mean().backward()
-        backward = launches.take()
-    events = [e.name for e in prof.events()]
-    assert not [n for n in events if "batch_norm" in n]
-    assert events.count("aten::convolution") == 2  # fc1, fc2 of the gate
-    assert events.count("aten::convolution_backward") == 2
-    assert forward["_sample_sums_kernel"] == 1 and backward["_sample_sums_kernel"] == 1
-    assert _standalone(forward) == {"_bn_apply_kernel": 1}, forward
+    _, backward = profiled_gated_step(fused, x, monkeypatch)
     assert _standalone(backward) == {"_bn_bwd_reduce_kernel": 2}, backward
     assert all(p.grad is not None for p in fused.f.se.parameters())
 

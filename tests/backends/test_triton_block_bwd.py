@@ -567,17 +567,7 @@ def test_reductions_with_gate_scale_and_add(dtype: torch.dtype, batch_stats: boo
     gb = g * s[:, :, None, None] + t[:, :, None, None]
     torch.testing.assert_close(g_branch.float(), gb.to(dtype).float(),
                                rtol=_rounding_slack(dtype), atol=1e-6)
-    c64 = lambda v: v.double().cpu()
-    gb64 = c64(g_branch)  # the sums are of the g dgrad reads, as stored
-    ref = _sums(gb64, c64(y), c64(mean), c64(var), batch_stats)
-    base = _sums(g_branch.float(), y.float(), mean, var, batch_stats)
-    d = (c64(y) - _v(c64(mean))).abs()
-    terms = (gb64.abs().sum(DIMS), (gb64.abs() * d).sum(DIMS) * torch.rsqrt(c64(var) + EPS),
-             d.mean(DIMS))
-    for name, a, r, b, tm in zip(("Σg", "Σg·ŷ", "δ"), sums, ref, base, terms):
-        assert (a is None) == (r is None), name
-        if r is not None:
-            _assert_sum_close(name, a, r, b, tm)
+    _check_sums_of_stored_g(sums, g_branch, y, mean, var, batch_stats)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -620,6 +610,22 @@ def _assert_mask_matters(pre: torch.Tensor) -> None:
     """The inputs exercise the ReLU: a good share of the pre-activations on either side of 0."""
     positive = (pre > 0).double().mean().item()
     assert 0.2 < positive < 0.8, positive
+
+
+def _check_sums_of_stored_g(sums, g_branch, y, mean, var, batch_stats: bool) -> None:
+    """The reductions' (Σg, Σg·ŷ, δ) are the sums of the g they stored (``g_branch``, what
+    dgrad reads), against float64."""
+    c64 = lambda v: v.double().cpu()
+    gb64 = c64(g_branch)
+    ref = _sums(gb64, c64(y), c64(mean), c64(var), batch_stats)
+    base = _sums(g_branch.float(), y.float(), mean, var, batch_stats)
+    d = (c64(y) - _v(c64(mean))).abs()
+    terms = (gb64.abs().sum(DIMS), (gb64.abs() * d).sum(DIMS) * torch.rsqrt(c64(var) + EPS),
+             d.mean(DIMS))
+    for name, a, r, b, tm in zip(("Σg", "Σg·ŷ", "δ"), sums, ref, base, terms):
+        assert (a is None) == (r is None), name
+        if r is not None:
+            _assert_sum_close(name, a, r, b, tm)
 
 
 def _rounding_slack(dtype: torch.dtype, interpreted: float = 2e-6) -> float:
@@ -689,16 +695,7 @@ def test_reductions_with_act_mask(dtype: torch.dtype, batch_stats: bool, k: int,
     torch.testing.assert_close(g_branch.float(), base_g.float(), rtol=_rounding_slack(dtype),
                                atol=1e-6)
     assert (g_branch[~mask] == 0).all(), "g where the activation's ReLU is off"
-    gb64 = c64(g_branch)  # the sums are of the g dgrad reads, as stored
-    ref = _sums(gb64, c64(y), c64(mean), c64(var), batch_stats)
-    base = _sums(g_branch.float(), y.float(), mean, var, batch_stats)
-    d = (c64(y) - _v(c64(mean))).abs()
-    terms = (gb64.abs().sum(DIMS), (gb64.abs() * d).sum(DIMS) * torch.rsqrt(c64(var) + EPS),
-             d.mean(DIMS))
-    for name, a, r, b, tm in zip(("Σg", "Σg·ŷ", "δ"), sums, ref, base, terms):
-        assert (a is None) == (r is None), name
-        if r is not None:
-            _assert_sum_close(name, a, r, b, tm)
+    _check_sums_of_stored_g(sums, g_branch, y, mean, var, batch_stats)
 
 
 def test_gate_on_conv_input_rejects_bad_arguments() -> None:

@@ -339,9 +339,8 @@ def test_gated_training_step_runs_only_the_gates_own_pytorch_ops(monkeypatch) ->
     only PyTorch convolutions are the SE gate's two 1×1 convs on (N, K, 1, 1) (forward and
     backward). Launches: forward one per-sample sums pass and the join pass; backward the
     per-sample sums of the gate's gradient and the join's reduction pass."""
-    from torch.profiler import ProfilerActivity, profile
 
-    from tests.backends.test_triton_block import _Launches, _standalone
+    from tests.backends.test_triton_block import _standalone
 
     case = BY_NAME["bottleneck-se-identity"]
     fused = fused_block(case.build()).train()
@@ -350,6 +349,20 @@ def test_gated_training_step_runs_only_the_gates_own_pytorch_ops(monkeypatch) ->
     hooked = []  # what DDP's gradient hooks see: the gate's grads accumulate like any other
     for name, p in fused.se.named_parameters():
         p.register_post_accumulate_grad_hook(lambda p, name=name: hooked.append(name))
+    _, backward = profiled_gated_step(fused, x, monkeypatch)
+    assert _standalone(backward) == {"_bn_bwd_reduce_kernel": 1}, backward
+    assert sorted(hooked) == sorted(n for n, _ in fused.se.named_parameters())
+
+
+def profiled_gated_step(fused: nn.Module, x: torch.Tensor, monkeypatch) -> tuple:
+    """A training step of a block with an SE gate on the triton backend, seen by the profiler:
+    its convs and BNs run in fastres's kernels, the only PyTorch convolutions are the gate's fc1
+    and fc2 on (N, C, 1, 1); one per-sample sums pass each way and the join's apply pass.
+    Returns the Triton launches ``(forward, backward)`` (name → count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tests.backends.test_triton_block import _Launches, _standalone
+
     launches = _Launches(monkeypatch)
     with fastres.use_backend("triton"), profile(activities=[ProfilerActivity.CPU]) as prof:
         out = fused(x)
@@ -362,8 +375,7 @@ def test_gated_training_step_runs_only_the_gates_own_pytorch_ops(monkeypatch) ->
     assert events.count("aten::convolution_backward") == 2
     assert forward["_sample_sums_kernel"] == 1 and backward["_sample_sums_kernel"] == 1
     assert _standalone(forward) == {"_bn_apply_kernel": 1}, forward
-    assert _standalone(backward) == {"_bn_bwd_reduce_kernel": 1}, backward
-    assert sorted(hooked) == sorted(n for n, _ in fused.se.named_parameters())
+    return forward, backward
 
 
 @pytest.mark.parametrize("name", ["bottleneck-se-identity", "resnext-eca-avgdown-s2-droppath"])

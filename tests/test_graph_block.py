@@ -212,6 +212,24 @@ def test_regnety_training_step_runs_only_the_gates_own_pytorch_ops(monkeypatch) 
     assert all(p.grad is not None for p in fused.f.se.parameters())
 
 
+@pytest.mark.parametrize("name", ["tv-regnety-se-proj-s2", "timm-regnety-se-proj-s2-drop-path"])
+def test_regnety_block_saves_less_than_eager(name: str) -> None:
+    """The gated block op keeps the raw conv outputs and per-channel statistics for backward
+    (the gate's own (N, C) graph besides), where eager keeps every BN input and output, the
+    ReLU outputs and the gated activation."""
+    from fastres.benchmark.memory import saved_bytes
+
+    original, cin, hw, _ = _build(name)
+    fused = fuse_quietly(original).train()
+    x = torch.randn(2, cin, hw, hw).contiguous(memory_format=CL)
+    torch.manual_seed(11)
+    with fastres.use_backend("reference"):
+        fused_bytes = saved_bytes(fused, x)
+    torch.manual_seed(11)
+    eager_bytes = saved_bytes(original.train(), x)
+    assert fused_bytes < 0.7 * eager_bytes, (fused_bytes, eager_bytes)
+
+
 def test_layer_by_layer_and_a_replaced_child_fall_back_to_per_layer_fusion() -> None:
     original, cin, hw, _ = _build("tv-regnetx-proj-s2")
     fused = fuse_quietly(original)

@@ -317,19 +317,9 @@ def test_reductions_with_branch_scale(dtype: torch.dtype, batch_stats: bool, k: 
     torch.testing.assert_close(dres, g.to(dtype), rtol=0, atol=0)
     gb = g * keep.view(-1, 1, 1, 1)
     torch.testing.assert_close(g_branch, gb.to(dtype), rtol=0, atol=0)
-    c64 = lambda t: t.double().cpu()
     # the sums are of the g dgrad reads, rounded to the dtype (as eager's BN backward sums the
     # gradient the drop path's backward stored)
-    gb64 = c64(gb.to(dtype))
-    ref = _sums(gb64, c64(y), c64(mean), c64(var), batch_stats)
-    base = _sums(gb.to(dtype).float(), y.float(), mean, var, batch_stats)
-    d = (c64(y) - _v(c64(mean))).abs()
-    terms = (gb64.abs().sum(DIMS), (gb64.abs() * d).sum(DIMS) * torch.rsqrt(c64(var) + EPS),
-             d.mean(DIMS))
-    for name, a, r, b, t in zip(("Σg", "Σg·ŷ", "δ"), sums, ref, base, terms):
-        assert (a is None) == (r is None), name
-        if r is not None:
-            _assert_sum_close(name, a, r, b, t)
+    _check_sums_of_stored_g(sums, g_branch, y, mean, var, batch_stats)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -318,7 +318,22 @@ class InnerShortcut(nn.Module):
         return F.relu(self.bn2(self.conv2(h)) + h)
 
 
+class InlineGate(nn.Module):
+    """An SE-style gate written in the block's own forward, not a module the op can call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = h * torch.sigmoid(h.mean((2, 3), keepdim=True))
+        return F.relu(self.bn2(self.conv2(h)) + x)
+
+
 LIMITS = {
+    "inline gate": (InlineGate, "a channel gate computed in the block's own forward"),
     "SiLU": (lambda: tv_regnet_block(8, 16, 2, 4, act=nn.SiLU),
              "SiLU activation in a block (block op is ReLU only)"),
     "no add": (NoResidual, "no residual add"),

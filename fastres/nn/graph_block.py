@@ -422,7 +422,9 @@ class _Reader:
                 continue
             if node not in self.used:
                 return f"it also computes {self.describe(node)}, outside the conv → norm chains"
-            if len(node.users) != 1 and node not in self.gate_nodes:
+            # a gate's nodes (and the tensor it scales) may feed each other, nothing else
+            if len(node.users) != 1 and not (node in self.gate_nodes
+                                             and set(node.users) <= self.gate_nodes):
                 return f"{self.describe(node)} feeds {len(node.users)} places (the block op " \
                        "keeps its inner results)"
         return None

@@ -217,16 +217,12 @@ def test_regnety_block_saves_less_than_eager(name: str) -> None:
     """The gated block op keeps the raw conv outputs and per-channel statistics for backward
     (the gate's own (N, C) graph besides), where eager keeps every BN input and output, the
     ReLU outputs and the gated activation."""
-    from fastres.benchmark.memory import saved_bytes
+    from tests.ops.test_block_modern import seeded_saved_bytes
 
     original, cin, hw, _ = _build(name)
     fused = fuse_quietly(original).train()
     x = torch.randn(2, cin, hw, hw).contiguous(memory_format=CL)
-    torch.manual_seed(11)
-    with fastres.use_backend("reference"):
-        fused_bytes = saved_bytes(fused, x)
-    torch.manual_seed(11)
-    eager_bytes = saved_bytes(original.train(), x)
+    fused_bytes, eager_bytes = seeded_saved_bytes(fused, original.train(), x, "reference")
     assert fused_bytes < 0.7 * eager_bytes, (fused_bytes, eager_bytes)
 
 
@@ -291,13 +287,17 @@ class NoResidual(nn.Module):
         return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
 
 
-class SplitBlock(nn.Module):
-    """Half the channels through two convs, added to the other half (CSP-style split)."""
+class TwoConvs(nn.Module):
+    """Two 4-channel conv + BN pairs; subclasses say how they are joined."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
         self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+
+class SplitBlock(TwoConvs):
+    """Half the channels through two convs, added to the other half (CSP-style split)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=1)
@@ -305,26 +305,16 @@ class SplitBlock(nn.Module):
         return F.relu(y + b)
 
 
-class InnerShortcut(nn.Module):
+class InnerShortcut(TwoConvs):
     """The shortcut is the first conv's activation, not the block input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(h)) + h)
 
 
-class InlineGate(nn.Module):
+class InlineGate(TwoConvs):
     """An SE-style gate written in the block's own forward, not a module the op can call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn1(self.conv1(x)))

@@ -278,13 +278,21 @@ def test_apply_with_branch_scale(dtype: torch.dtype, res_affine: bool, k: int) -
     z = bn.apply(y, scale, shift, res, True, branch_scale=keep, **aff)
     assert z.dtype == dtype and z.is_contiguous(memory_format=CL)
 
-    def compute(y, s, b, r, rs, rb, kp):
+    _check_scaled_apply(z, y, scale, shift, res, res_scale, res_shift, keep, res_affine)
+
+
+def _check_scaled_apply(z, y, scale, shift, res, res_scale, res_shift, branch,
+                        res_affine: bool) -> None:
+    """``z`` is relu((y·scale + shift)·branch + shortcut), ``branch`` (N,) per sample or
+    (N, K) per sample and channel, the shortcut normalised by its own BN with ``res_affine``,
+    against float64."""
+    def compute(y, s, b, r, rs, rb, br):
         short = r * _v(rs) + _v(rb) if res_affine else r
-        return ((y * _v(s) + _v(b)) * kp.view(-1, 1, 1, 1) + short).relu()
+        return ((y * _v(s) + _v(b)) * br.view(br.shape[0], -1, 1, 1) + short).relu()
 
     c64 = lambda t: t.double().cpu()
-    ref = compute(*(c64(t) for t in (y, scale, shift, res, res_scale, res_shift, keep)))
-    base = compute(y, scale, shift, res, res_scale, res_shift, keep).to(dtype)
+    ref = compute(*(c64(t) for t in (y, scale, shift, res, res_scale, res_shift, branch)))
+    base = compute(y, scale, shift, res, res_scale, res_shift, branch).to(z.dtype)
     assert_close_ratio("z", z, ref, base)
 
 
@@ -516,15 +524,7 @@ def test_apply_with_gate_scale(dtype: torch.dtype, res_affine: bool, k: int, tra
     s = _gate_scale(n, k, transposed)
     aff = dict(res_scale=res_scale, res_shift=res_shift) if res_affine else {}
     z = bn.apply(y, scale, shift, res, True, branch_scale=s, **aff)
-
-    def compute(y, sc, b, r, rs, rb, s):
-        short = r * _v(rs) + _v(rb) if res_affine else r
-        return ((y * _v(sc) + _v(b)) * s[:, :, None, None] + short).relu()
-
-    c64 = lambda t: t.double().cpu()
-    ref = compute(*(c64(t) for t in (y, scale, shift, res, res_scale, res_shift, s)))
-    base = compute(y, scale, shift, res, res_scale, res_shift, s).to(dtype)
-    assert_close_ratio("z", z, ref, base)
+    _check_scaled_apply(z, y, scale, shift, res, res_scale, res_shift, s, res_affine)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

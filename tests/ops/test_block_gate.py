@@ -25,8 +25,13 @@ import fastres
 from fastres.nn.gate import gate_function, gate_reason
 from fastres.ops.block import ConvArgs, NormArgs, residual_block
 from tests.models._util import randomize_bn
-from tests.ops.test_block_modern import SEED, compare_float64_steps, fused_block, timm_block
 from tests.ops.test_block_modern import check_case as check_block_case
+from tests.ops.test_block_modern import (
+    compare_float64_steps,
+    fused_block,
+    seeded_saved_bytes,
+    timm_block,
+)
 
 timm = pytest.importorskip("timm")
 tv_ops = pytest.importorskip("torchvision.ops")
@@ -380,15 +385,9 @@ def profiled_gated_step(fused: nn.Module, x: torch.Tensor, monkeypatch) -> tuple
 
 @pytest.mark.parametrize("name", ["bottleneck-se-identity", "resnext-eca-avgdown-s2-droppath"])
 def test_saved_bytes_no_worse_than_eager(name: str) -> None:
-    from fastres.benchmark.memory import saved_bytes
-
     case = BY_NAME[name]
     eager = case.build().train()
     fused = fused_block(copy.deepcopy(eager))
     x = torch.randn(N, case.cin, case.hw, case.hw).contiguous(memory_format=CL)
-    torch.manual_seed(SEED)
-    with fastres.use_backend("reference"):
-        fused_bytes = saved_bytes(fused, x)
-    torch.manual_seed(SEED)
-    eager_bytes = saved_bytes(eager, x)
+    fused_bytes, eager_bytes = seeded_saved_bytes(fused, eager, x, "reference")
     assert fused_bytes < eager_bytes, (fused_bytes, eager_bytes)

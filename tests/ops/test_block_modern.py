@@ -13,6 +13,7 @@ checked to drop some samples and keep others. Outputs are NaN-poisoned (tests/co
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 
@@ -329,11 +330,21 @@ def test_saved_bytes_no_worse_than_eager(name: str) -> None:
     eager = case.build().train()
     fused = fused_block(copy.deepcopy(eager))
     x = torch.randn(N, case.cin, case.hw, case.hw).contiguous(memory_format=CL)
-    torch.manual_seed(SEED)
-    fused_bytes = saved_bytes(fused, x)
-    torch.manual_seed(SEED)
-    eager_bytes = saved_bytes(eager, x)
+    fused_bytes, eager_bytes = seeded_saved_bytes(fused, eager, x)
     assert fused_bytes <= eager_bytes, (fused_bytes, eager_bytes)
+
+
+def seeded_saved_bytes(fused: nn.Module, eager: nn.Module, x: torch.Tensor,
+                       backend: str | None = None) -> tuple[int, int]:
+    """Bytes each keeps for backward (``saved_bytes``) after a forward on ``x``, both seeded
+    alike (the same drop-path draws); ``fused`` on ``backend`` (None: the one in force)."""
+    sizes = []
+    for m in (fused, eager):
+        torch.manual_seed(SEED)
+        on = fastres.use_backend(backend) if backend and m is fused else contextlib.nullcontext()
+        with on:
+            sizes.append(saved_bytes(m, x))
+    return sizes[0], sizes[1]
 
 
 def test_op_errors_name_the_problem() -> None:
